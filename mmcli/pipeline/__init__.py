@@ -1,0 +1,1 @@
+"""Plumbing shared by both stages: ids, manifests, labels, fingerprints, errors, run records."""
