@@ -326,14 +326,18 @@ class FeatureStore(ABC):
             "size_bytes": self.size_bytes(),
         }
 
-    def verify(self, check_values: bool = True) -> list[Problem]:
-        """Every incomplete or corrupt item, table and staging leftover, as a list of problems."""
+    def verify(self, check_values: bool = True, check_sources: bool = True) -> list[Problem]:
+        """Every incomplete or corrupt item, table and staging leftover, as a list of problems.
+
+        With ``check_sources``, an item whose source file is still reachable at its recorded path must match
+        its recorded fingerprint (a changed slide means stale features); unreachable sources are not checked.
+        """
         problems = [Problem(s, "staging data left by an interrupted writer") for s in self._staging_leftovers()]
         for m in self.modalities():
             for e in self.encoders(m):
                 dims: dict[int, str] = {}
                 for key in self.iter_items(m, e, include_incomplete=True):
-                    problems += self._verify_item(key, check_values, dims)
+                    problems += self._verify_item(key, check_values, dims, check_sources)
                 if len(dims) > 1:
                     problems.append(Problem(f"/{m}/{e}", f"items disagree on feature dim: {sorted(dims)}"))
         for t in self._children(TABULAR):
@@ -342,7 +346,9 @@ class FeatureStore(ABC):
                 problems.append(Problem(f"/{TABULAR}/{t}", "incomplete table"))
         return problems
 
-    def _verify_item(self, key: ItemKey, check_values: bool, dims: dict[int, str]) -> list[Problem]:
+    def _verify_item(
+        self, key: ItemKey, check_values: bool, dims: dict[int, str], check_sources: bool = True
+    ) -> list[Problem]:
         where = f"/{key.path}"
         attrs = self._attrs(key.path) or {}
         if attrs.get("complete") is not True:
@@ -362,6 +368,12 @@ class FeatureStore(ABC):
         if check_values and f.size and not np.isfinite(f).all():
             out.append(Problem(where, f"{int((~np.isfinite(f)).sum())} non-finite feature values"))
         dims.setdefault(int(f.shape[1]), where)
+        fp = attrs.get("source_fingerprint")
+        if check_sources and isinstance(fp, dict) and fp.get("path") and Path(fp["path"]).is_file():
+            from mmcli.pipeline.fingerprint import source_fingerprint
+
+            if source_fingerprint(fp["path"]) != fp:
+                out.append(Problem(where, f"source {fp['path']} changed since extraction (stale features)"))
         return out
 
     def repair(self, problems: list[Problem] | None = None, staging_older_than_s: float = 3600.0) -> list[str]:

@@ -222,3 +222,18 @@ def test_concurrent_readers_while_writing(tmp_path: Path, name: str) -> None:
     for seen, errors in results:
         assert errors == []
         assert seen == N_ITEMS
+
+
+def test_verify_detects_changed_source(tmp_path: Path) -> None:
+    from mmcli.pipeline.fingerprint import source_fingerprint
+
+    src = tmp_path / "slide.svs"
+    src.write_bytes(b"original")
+    s = open_store(tmp_path / "s.zarr")
+    s.write_item("wsi", "e", "P1", "a", *_feats(0), {"source_fingerprint": source_fingerprint(src)})
+    assert s.verify() == []
+    src.write_bytes(b"modified!")
+    assert "changed since extraction" in str(s.verify())
+    assert s.verify(check_sources=False) == []
+    src.unlink()  # unreachable sources are not checked
+    assert s.verify() == []
