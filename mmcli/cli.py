@@ -96,6 +96,31 @@ def store_verify(
     raise typer.Exit(1 if problems and not repair else 0)
 
 
+@store_app.command("share")
+def store_share(
+    src: Path = typer.Argument(..., help="Store to share."),
+    dst: Path = typer.Argument(..., help="New store to write (.zarr or .h5)."),
+    pseudonymize: Path | None = typer.Option(
+        None, "--pseudonymize", help="Secret key file (created if absent); ids become HMAC-SHA256 pseudonyms."),
+    labels: Path | None = typer.Option(None, "--labels", help="Labels CSV to pseudonymise alongside."),
+    labels_out: Path | None = typer.Option(None, "--labels-out", help="Where to write those labels."),
+    mapping: Path | None = typer.Option(
+        None, "--mapping", help="Also write patient_id -> pseudonym CSV (keep it private)."),
+) -> None:
+    """Copy a store for sharing: no source paths; with --pseudonymize, no original patient or item ids."""
+    from mmcli.stages.share import share_store
+
+    try:
+        res = share_store(src, dst, pseudonymize, labels, labels_out, mapping)
+    except MmcliError as e:
+        _fail(e)
+    if res["key_created"]:
+        typer.secho(f"created a new secret key in {pseudonymize}: keep it private, it maps the pseudonyms",
+                    fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"shared store {dst}: {res['items']} items, {res['patients']} patients, {res['tables']} tables"
+               + (", ids pseudonymised" if res["pseudonymized"] else ""))
+
+
 # ---- extract --------------------------------------------------------------------------------------------
 # (extract, import and export commands are defined below this line)
 
