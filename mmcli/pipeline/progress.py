@@ -29,11 +29,15 @@ class _Rate(TextColumn):
         from rich.text import Text
 
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f} {self.unit}/s" if speed else "", style="cyan")
+        unit = task.fields.get("unit", self.unit)
+        return Text(f"{speed:.1f} {unit}/s" if speed else "", style="cyan")
 
 
 class CohortProgress:
-    """``with CohortProgress(n, title) as bar: with bar.item(name) as cb: ...; bar.advance(outcome)``."""
+    """``with CohortProgress(n, title) as bar: with bar.item(name) as cb: ...; bar.advance(outcome)``.
+
+    The cohort bar counts items; an item's sub-bar counts ``unit`` (e.g. tiles) with its rate and ETA.
+    """
 
     def __init__(self, total: int, title: str, unit: str = "item", enabled: bool = True) -> None:
         self.enabled = enabled and total > 0
@@ -51,7 +55,7 @@ class CohortProgress:
 
     def __enter__(self) -> CohortProgress:
         self._progress.__enter__()
-        self._task = self._progress.add_task(self._title, total=self.total)
+        self._task = self._progress.add_task(self._title, total=self.total, unit="item")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,428 @@
+"""Frozen image encoders for WSI tiles: ``resnet50_trunc`` (CLAM's) and any timm model as ``timm:NAME``.
+
+Weights, in order of precedence:
+
+1. ``weights=FILE``: safetensors, or ``.pth``/``.pt``/``.bin`` read with ``torch.load(weights_only=True)``.
+2. The Hugging Face cache (``HF_HUB_CACHE`` / ``HF_HOME``) for the model's timm hub id or a
+   ``timm:hf-hub:ORG/NAME`` repo. Nothing is downloaded unless ``HF_HUB_OFFLINE`` is explicitly ``0``.
+3. Nothing available: a loud warning and a seeded random initialisation, recorded as ``pretrained: false``.
+
+An encoder is cheap to create: it resolves its weights (and hashes them) at once, so its ``encoder_id`` is
+known, and builds the network on first use. Inputs are uint8 RGB batches ``(B, H, W, 3)``; normalisation,
+the NHWC->NCHW change and mixed precision happen on the device.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcli.features.encoders.registry import Encoder, register_encoder
+from mmcli.pipeline.fingerprint import file_sha256, make_encoder_id
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESNET50_TRUNC_HUB = "timm/resnet50.tv_in1k"  # torchvision's ImageNet weights, which CLAM uses
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# classifier keys that a checkpoint may carry and a features-only model (num_classes=0) lacks
+HEAD_PREFIXES = ("fc.", "head.", "head_dist.", "classifier.", "last_linear.", "heads.")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+_WARNED: set[str] = set()
+_WARN_LOCK = threading.Lock()
+
+
+# ---- weights ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where an encoder's weights come from: ``file``, ``hf-cache`` or ``random-init``."""
+
+    kind: str
+    path: str | None = None
+    sha256: str | None = None
+    repo: str | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        return self.kind != "random-init"
+
+    def describe(self) -> str:
+        if self.kind == "file":
+            return f"file {self.path}"
+        if self.kind == "hf-cache":
+            return f"Hugging Face cache {self.repo} ({Path(self.path or '').name})"
+        return "random initialisation (no pretrained weights)"
+
+
+def _hf_cache_dir() -> str:
+    """The hub cache as the environment says now (huggingface_hub reads it only at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.path.join(home, "hub")
+
+
+def hf_downloads_allowed() -> bool:
+    """Downloads only when ``HF_HUB_OFFLINE`` is explicitly off: mmcli is offline by default."""
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def hf_file(repo: str, filenames: tuple[str, ...]) -> str | None:
+    """Path of the first of ``filenames`` of ``repo`` in the local HF cache (downloaded first only when
+    :func:`hf_downloads_allowed`), else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = _hf_cache_dir()
+    for name in filenames:
+        hit = try_to_load_from_cache(repo, name, cache_dir=cache)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return hit
+    if hf_downloads_allowed():
+        from huggingface_hub import hf_hub_download
+
+        for name in filenames:
+            try:
+                return hf_hub_download(repo, name, cache_dir=cache)
+            except Exception as e:  # noqa: BLE001 - unreachable hub or missing file: try the next, then give up
+                log.info("download of %s/%s failed: %s", repo, name, e)
+    return None
+
+
+def weights_from_file(path: str | Path) -> WeightsSource:
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        raise FileNotFoundError(2, "weights file not found", str(p))
+    return WeightsSource("file", str(p), file_sha256(p))
+
+
+def load_state_dict(path: str | Path) -> dict[str, Any]:
+    """Tensors of a checkpoint: ``.safetensors``, or any torch file read with ``weights_only=True``
+    (no pickled code is ever run). ``state_dict``/``model`` wrappers and ``module.`` prefixes are removed."""
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(str(path), device="cpu")
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot load weights {path} with torch.load(weights_only=True): {e}. "
+                             "Fix: save a plain state_dict (or use safetensors).") from e
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def apply_state_dict(model: Any, sd: dict[str, Any], source: str, allow_missing: tuple[str, ...] = ()) -> None:
+    """Load ``sd`` into ``model``; classifier keys are ignored, anything else that does not fit is an error."""
+    filt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filt is not None:  # timm's own key/shape adaptation for this family (e.g. ViT position embeddings)
+        try:
+            sd = filt(sd, model)
+        except Exception:  # noqa: BLE001 - filters expect their own checkpoint layouts; fall back to raw keys
+            pass
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"weights {source} do not fit {type(model).__name__}: {e}") from e
+    missing = [k for k in missing if not k.startswith(allow_missing)]
+    unexpected = [k for k in unexpected if not k.startswith(HEAD_PREFIXES)]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights {source} do not fit {type(model).__name__}: {len(missing)} missing key(s) {missing[:3]}, "
+            f"{len(unexpected)} unexpected key(s) {unexpected[:3]}. Fix: pass weights of this architecture."
+        )
+
+
+# ---- device and precision ----------------------------------------------------------------------------
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device. Fix: use --device cpu or auto.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (x86 AVX512-BF16 / AMX, or ARM BF16)."""
+    import torch
+
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/cpuinfo") as fh:
+                for line in fh:
+                    if line.startswith(("flags", "Features")):
+                        flags = set(line.split(":", 1)[1].split())
+                        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+        except OSError:
+            pass
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision != "auto":
+        if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU has no bf16; use --precision fp16 or auto")
+        return precision
+    if device.startswith("cuda"):
+        return "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def _warn_random_init(name: str, seed: int, why: str) -> None:
+    with _WARN_LOCK:
+        if name in _WARNED:
+            return
+        _WARNED.add(name)
+    msg = (f"NO PRETRAINED WEIGHTS for encoder {name!r} ({why}): using a RANDOM initialisation (seed {seed}). "
+           "Features will not carry pretrained image knowledge; items are marked pretrained=false. "
+           "Fix: --weights FILE (safetensors/.pth) or put the model in the Hugging Face cache.")
+    if logging.getLogger().handlers:  # the application logs: one record there
+        log.warning(msg)
+    else:
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]WARNING[/bold red] {msg}")
+
+
+# ---- the encoder -----------------------------------------------------------------------------------------
+@dataclass
+class ImageEncoder(Encoder):
+    """A frozen timm image model. ``truncate_after`` (e.g. ``layer3``) keeps a ResNet up to that stage and
+    average-pools it (CLAM's ``resnet50_trunc``)."""
+
+    name: str
+    arch: str
+    weights: WeightsSource
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    model_args: dict[str, Any] = field(default_factory=dict)
+    truncate_after: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    modality: str = "wsi"
+    _module: Any = field(default=None, init=False, repr=False)
+    _dim: int | None = field(default=None, init=False, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, init=False, repr=False)
+
+    # ---- identity -----------------------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        """Preprocessing and architecture parameters that change the features."""
+        return {"arch": self.arch, "mean": list(self.mean), "std": list(self.std), "model_args": self.model_args,
+                "truncate_after": self.truncate_after,
+                **({"seed": self.seed} if not self.weights.pretrained else {})}
+
+    @property
+    def encoder_id(self) -> str:
+        return make_encoder_id(self.name, self.weights.sha256, self.params())
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "encoder": self.name,
+            "arch": self.arch,
+            "dim": self.dim,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "truncate_after": self.truncate_after,
+            "pretrained": self.weights.pretrained,
+            "weights": self.weights.describe(),
+            "weights_source": self.weights.kind,
+            "weights_sha256": self.weights.sha256,
+            **({"init_seed": self.seed} if not self.weights.pretrained else {}),
+        }
+
+    def runtime(self) -> dict[str, Any]:
+        """How this process runs the encoder (differs between machines, so kept per item)."""
+        _ = self.module  # building resolves device and precision
+        return {"device": self._device, "precision": self._precision, "channels_last": self._channels_last}
+
+    def warn_if_random(self) -> None:
+        """Say loudly (once per process) that this encoder has no pretrained weights."""
+        if not self.weights.pretrained:
+            _warn_random_init(self.name, self.seed, "none given, none in the Hugging Face cache")
+
+    # ---- network --------------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:  # type: ignore[override]
+        if self._dim is None:
+            self._dim = int(self._feature_dim(self.module))
+        return self._dim
+
+    def _feature_dim(self, module: Any) -> int:
+        if self.truncate_after:  # the width of the last kept stage: ask the network itself
+            import torch
+
+            with torch.inference_mode():
+                return int(module(torch.zeros(1, 3, 64, 64, device=self._device)).shape[1])
+        return int(getattr(module, "head_hidden_size", None) or module.num_features)
+
+    @property
+    def module(self) -> Any:
+        with self._lock:
+            if self._module is None:
+                self._module = self._build()
+            return self._module
+
+    def _build(self) -> Any:
+        import timm
+        import torch
+
+        self.warn_if_random()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = timm.create_model(self.arch, pretrained=False, num_classes=0, **self.model_args)
+        if self.weights.pretrained:
+            apply_state_dict(model, load_state_dict(self.weights.path or ""), self.weights.describe(),
+                             self._dropped_stages())
+        if self.truncate_after:
+            model = self._truncate(model)
+        model.eval().requires_grad_(False)
+        self._device = resolve_device(self.device)
+        self._precision = resolve_precision(self.precision, self._device)
+        self._channels_last = self._precision in ("bf16", "fp16")
+        model = model.to(self._device)
+        if self._device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True  # tiles have one fixed size: let cuDNN pick its fastest kernels
+        if self._channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self._amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self._precision)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=self._device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=self._device).view(1, 3, 1, 1)
+        self._scale, self._shift = 1.0 / (255.0 * std), mean / std  # (x/255 - mean)/std in one FMA
+        return model
+
+    def _dropped_stages(self) -> tuple[str, ...]:
+        """Key prefixes of the ResNet stages that truncation drops (a checkpoint may lack them)."""
+        if not self.truncate_after:
+            return ()
+        return tuple(f"{n}." for n in _RESNET_STAGES[_RESNET_STAGES.index(self.truncate_after) + 1:])
+
+    def _truncate(self, model: Any) -> Any:
+        import torch.nn as nn
+
+        keep = _RESNET_STAGES[: _RESNET_STAGES.index(self.truncate_after or "layer3") + 1]
+        stem = [model.conv1, model.bn1, model.act1, model.maxpool]
+        return nn.Sequential(*stem, *[getattr(model, n) for n in keep], nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+
+    # ---- inference ------------------------------------------------------------------------------------------
+    def forward(self, batch: Any) -> Any:
+        """(B, D) float32 CPU tensor for a uint8 RGB batch ``(B, H, W, 3)`` (numpy or tensor, any device)."""
+        import torch
+
+        module = self.module
+        x = torch.as_tensor(batch)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected a (B, H, W, 3) uint8 batch, got shape {tuple(x.shape)}")
+        x = x.to(self._device, non_blocking=True).permute(0, 3, 1, 2).float()  # NHWC memory = channels_last
+        x = x * self._scale - self._shift
+        if not self._channels_last:
+            x = x.contiguous()
+        with torch.inference_mode(), torch.autocast(self._device.split(":")[0], dtype=self._amp or torch.float32,
+                                                    enabled=self._amp is not None):
+            y = module(x)
+        if self._dim is None:
+            self._dim = int(y.shape[1])
+        return y.float().cpu()
+
+    def encode(self, batch: Any) -> np.ndarray:
+        return self.forward(batch).numpy()
+
+
+# ---- factories -------------------------------------------------------------------------------------------
+def _timm_cfg(arch: str) -> Any:
+    from timm.models import get_pretrained_cfg
+
+    try:
+        return get_pretrained_cfg(arch)
+    except Exception:  # noqa: BLE001 - unknown tag: no pretrained config
+        return None
+
+
+def _resolve_weights(name: str, weights: str | Path | None, hub_repo: str | None,
+                     hub_files: tuple[str, ...] = HF_WEIGHT_FILES) -> WeightsSource:
+    if weights:
+        return weights_from_file(weights)
+    if hub_repo:
+        path = hf_file(hub_repo, hub_files)
+        if path:
+            return WeightsSource("hf-cache", path, file_sha256(path), hub_repo)
+    return WeightsSource("random-init")
+
+
+@register_encoder("resnet50_trunc", "wsi")
+def resnet50_trunc(weights: str | Path | None = None, seed: int = 0, device: str = "auto",
+                   precision: str = "auto") -> ImageEncoder:
+    """CLAM's encoder: ResNet-50 up to ``layer3``, average-pooled, 1024-d, ImageNet normalisation.
+
+    Pretrained weights: ``weights`` (a full ResNet-50 state dict, torchvision/timm key names) or
+    ``timm/resnet50.tv_in1k`` from the HF cache."""
+    ws = _resolve_weights("resnet50_trunc", weights, RESNET50_TRUNC_HUB)
+    return ImageEncoder("resnet50_trunc", "resnet50", ws, IMAGENET_MEAN, IMAGENET_STD, truncate_after="layer3",
+                        seed=seed, device=device, precision=precision)
+
+
+@register_encoder("timm:", "wsi")
+def timm_encoder(model_name: str, weights: str | Path | None = None, seed: int = 0, device: str = "auto",
+                 precision: str = "auto") -> ImageEncoder:
+    """Any timm model, pooled features (``num_classes=0``): ``timm:resnet18``, ``timm:vit_small_patch16_224``,
+    ``timm:hf-hub:ORG/NAME`` (config and weights from the local HF cache)."""
+    import timm
+
+    name = f"timm:{model_name}"
+    if model_name.startswith("hf-hub:"):
+        repo = model_name.removeprefix("hf-hub:")
+        cfg_path = hf_file(repo, ("config.json",))
+        if cfg_path is None:
+            raise ValueError(f"{name}: config.json of {repo} is not in the Hugging Face cache ({_hf_cache_dir()}) "
+                             "and downloads are off. Fix: fetch it where the hub is reachable "
+                             "(huggingface-cli download) and copy the cache, or set HF_HUB_OFFLINE=0.")
+        cfg = json.loads(Path(cfg_path).read_text())
+        arch = cfg.get("architecture") or cfg.get("model_name")
+        if not arch:
+            raise ValueError(f"{name}: {cfg_path} names no architecture")
+        pcfg = cfg.get("pretrained_cfg", {})
+        args = {k: v for k, v in cfg.get("model_args", {}).items() if k != "num_classes"}
+        ws = _resolve_weights(name, weights, repo)
+        mean, std = tuple(pcfg.get("mean", IMAGENET_MEAN)), tuple(pcfg.get("std", IMAGENET_STD))
+        return ImageEncoder(name, arch, ws, mean, std, args, seed=seed, device=device, precision=precision)
+    if not timm.is_model(model_name):
+        raise ValueError(f"unknown timm model {model_name!r}. Fix: see timm.list_models(), e.g. timm:resnet18")
+    pcfg = _timm_cfg(model_name)
+    repo = getattr(pcfg, "hf_hub_id", None) if pcfg is not None else None
+    files = (pcfg.hf_hub_filename,) if pcfg is not None and getattr(pcfg, "hf_hub_filename", None) else HF_WEIGHT_FILES
+    ws = _resolve_weights(name, weights, repo, files)
+    mean = tuple(getattr(pcfg, "mean", None) or IMAGENET_MEAN)
+    std = tuple(getattr(pcfg, "std", None) or IMAGENET_STD)
+    return ImageEncoder(name, model_name, ws, mean, std, seed=seed, device=device, precision=precision)

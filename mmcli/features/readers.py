@@ -1,0 +1,443 @@
+"""Whole-slide image readers behind one interface: OpenSlide (default), cuCIM (fast, optional GPU decode)
+and tiffslide (pure Python fallback).
+
+Every reader returns RGB ``uint8`` arrays ``(h, w, 3)`` and takes level-0 pixel coordinates, as OpenSlide does.
+``open_slide(path, "auto")`` picks cuCIM when it is importable, else OpenSlide, and falls back to the next
+reader when one cannot open a file. Microns per pixel come from the vendor metadata, else from the TIFF
+resolution tags (read with tifffile, so every reader reports the same value for the same file).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+READER_NAMES = ("openslide", "cucim", "tiffslide")
+_MPP_RANGE = (0.01, 100.0)  # µm/px; outside it a resolution tag is a placeholder (e.g. 72 dpi), not a scan
+
+
+class SlideError(Exception):
+    """A slide that cannot be opened or read (unsupported format, corrupt file)."""
+
+
+class SlideReader(ABC):
+    """One open slide. Coordinates are level-0 pixels ``(x, y)``; sizes are ``(width, height)`` at ``level``."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # ---- geometry and metadata ------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """``(width, height)`` of every pyramid level, level 0 first."""
+
+    @property
+    @abstractmethod
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Downsample factor of every level relative to level 0."""
+
+    @property
+    @abstractmethod
+    def properties(self) -> dict[str, str]:
+        """Vendor metadata as flat strings."""
+
+    @property
+    def vendor(self) -> str | None:
+        return None
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def mpp(self) -> float | None:
+        """Level-0 microns per pixel (x), or None when the file does not say."""
+        return tiff_mpp(self.path)
+
+    @property
+    def objective_power(self) -> float | None:
+        return None
+
+    # ---- pixels -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB ``(height, width, 3)`` uint8 at ``level`` whose top-left is level-0 pixel ``(x, y)``."""
+
+    def read_regions(self, coords: np.ndarray, level: int, width: int, height: int) -> Iterator[np.ndarray]:
+        """Tiles of one size at ``coords`` (level 0, shape (N, 2)), in order. Readers with a batched API
+        (cuCIM) override this."""
+        for x, y in coords:
+            yield self.read_region(int(x), int(y), level, width, height)
+
+    def best_level(self, downsample: float) -> int:
+        """The lowest-resolution level whose downsample does not exceed ``downsample`` (never upsample
+        from a coarser level)."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * (1 + 1e-3):
+                best = i
+        return best
+
+    def thumbnail(self, downsample: float, strip_pixels: int = 1 << 24) -> tuple[np.ndarray, tuple[float, float]]:
+        """RGB thumbnail about ``downsample`` times smaller than level 0 and its exact scale
+        ``(sx, sy)`` in level-0 pixels per thumbnail pixel.
+
+        Read in horizontal strips from the best level, so memory stays bounded even on a slide whose
+        smallest level is large (OpenSlide's own thumbnail reads a whole level at once).
+        """
+        level = self.best_level(downsample)
+        lw, lh = self.level_dimensions[level]
+        w0, h0 = self.dimensions
+        tw, th = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
+        ds = self.level_downsamples[level]
+        out = np.empty((th, tw, 3), np.uint8)
+        rows_per_strip = max(1, int(max(1, strip_pixels // lw) * th / lh))
+        for ty in range(0, th, rows_per_strip):
+            ty1 = min(th, ty + rows_per_strip)
+            ly0, ly1 = math.floor(ty * lh / th), min(lh, math.ceil(ty1 * lh / th))
+            strip = self.read_region(0, round(ly0 * ds), level, lw, max(1, ly1 - ly0))
+            # map the strip onto exactly the thumbnail rows it covers
+            box = (0.0, ty * lh / th - ly0, float(lw), ty1 * lh / th - ly0)
+            img = Image.fromarray(strip).resize((tw, ty1 - ty), Image.BILINEAR, box=box, reducing_gap=2.0)
+            out[ty:ty1] = np.asarray(img)
+        return out, (w0 / tw, h0 / th)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the file handle."""
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def info(self) -> dict[str, Any]:
+        """JSON-able summary stored with every item."""
+        return {
+            "reader": self.name,
+            "vendor": self.vendor,
+            "level0_size": list(self.dimensions),
+            "level_count": self.level_count,
+            "level_downsamples": [round(float(d), 4) for d in self.level_downsamples],
+            "objective_power": self.objective_power,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+
+def _float(v: object) -> float | None:
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _plausible_mpp(v: float | None) -> float | None:
+    return v if v is not None and _MPP_RANGE[0] < v < _MPP_RANGE[1] else None
+
+
+def tiff_mpp(path: str | Path) -> float | None:
+    """Level-0 µm/px from an Aperio ``MPP`` description or the TIFF resolution tags, or None.
+
+    Resolution tags in centimetres or inches are converted; a tag without unit, or a value outside
+    0.01-100 µm/px (such as the 72 dpi placeholder many writers put there), is treated as unknown.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            desc = page.description or ""
+            if desc.startswith("Aperio"):
+                for part in desc.split("|"):
+                    key, _, value = part.partition("=")
+                    if key.strip() == "MPP":
+                        return _plausible_mpp(_float(value.strip()))
+            tag, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+            if tag is None or unit is None:
+                return None
+            num, den = tag.value
+            per_unit = num / den if den else 0.0
+            um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+            if not per_unit or um_per_unit is None:
+                return None
+            return _plausible_mpp(um_per_unit / per_unit)
+    except Exception:  # noqa: BLE001 - not a TIFF, or unreadable: metadata simply unknown here
+        return None
+
+
+# ---- OpenSlide -----------------------------------------------------------------------------------------
+class OpenSlideReader(SlideReader):
+    """OpenSlide: Aperio, Hamamatsu, Leica, MIRAX, Philips, Sakura, Ventana, generic tiled TIFF and more."""
+
+    name = "openslide"
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        import openslide
+
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideUnsupportedFormatError as e:
+            raise SlideError(f"OpenSlide does not support the format of {path}") from e
+        except openslide.OpenSlideError as e:
+            raise SlideError(f"OpenSlide cannot read {path}: {e}") from e
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(d) for d in self._slide.level_dimensions)  # type: ignore[misc]
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._slide.level_downsamples)
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return dict(self._slide.properties)
+
+    @property
+    def vendor(self) -> str | None:
+        return self._slide.properties.get("openslide.vendor")
+
+    @property
+    def mpp(self) -> float | None:
+        return _plausible_mpp(_float(self._slide.properties.get("openslide.mpp-x"))) or super().mpp
+
+    @property
+    def objective_power(self) -> float | None:
+        return _float(self._slide.properties.get("openslide.objective-power"))
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        import openslide
+
+        try:
+            rgba = np.asarray(self._slide.read_region((x, y), level, (width, height)))
+        except openslide.OpenSlideError as e:
+            raise SlideError(f"OpenSlide failed to read {self.path} at ({x}, {y}) level {level}: {e}") from e
+        return np.ascontiguousarray(rgba[..., :3])
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+# ---- tiffslide -----------------------------------------------------------------------------------------
+class TiffSlideReader(SlideReader):
+    """tiffslide: tifffile + zarr, pure Python; reads SVS, generic and OME pyramidal TIFF."""
+
+    name = "tiffslide"
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        import tiffslide
+
+        try:
+            self._slide = tiffslide.TiffSlide(str(path))
+            _ = self._slide.properties, self._slide.level_dimensions  # parsed lazily: fail here, not later
+        except Exception as e:  # noqa: BLE001 - tiffslide raises many types for unreadable files
+            raise SlideError(f"tiffslide cannot read {path}: {type(e).__name__}: {e}") from e
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)  # type: ignore[misc]
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._slide.level_downsamples)
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self._slide.properties.items() if v is not None}
+
+    @property
+    def vendor(self) -> str | None:
+        return self._slide.properties.get("tiffslide.vendor")
+
+    @property
+    def mpp(self) -> float | None:
+        return _plausible_mpp(_float(self._slide.properties.get("tiffslide.mpp-x"))) or super().mpp
+
+    @property
+    def objective_power(self) -> float | None:
+        return _float(self._slide.properties.get("tiffslide.objective-power"))
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        try:
+            arr = self._slide.read_region((x, y), level, (width, height), as_array=True)
+        except Exception as e:  # noqa: BLE001
+            raise SlideError(f"tiffslide failed to read {self.path} at ({x}, {y}) level {level}: {e}") from e
+        return np.ascontiguousarray(np.asarray(arr)[..., :3])
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+# ---- cuCIM -----------------------------------------------------------------------------------------------
+class CuCIMReader(SlideReader):
+    """cuCIM (RAPIDS): multi-threaded TIFF/SVS decoding on CPU, nvJPEG decoding on GPU with ``device="cuda"``.
+
+    ``read_regions`` uses cuCIM's batched reader (``num_workers`` threads). With ``device="cuda"`` tiles come
+    back as CUDA arrays; :meth:`read_regions` then yields ``torch`` tensors on the GPU (zero copy via DLPack).
+    """
+
+    name = "cucim"
+
+    def __init__(self, path: str | Path, device: str = "cpu", num_workers: int = 4) -> None:
+        super().__init__(path)
+        try:
+            from cucim import CuImage
+        except ImportError as e:  # pragma: no cover - depends on the optional extra
+            raise SlideError("cuCIM is not installed (pip install 'mmcli[cucim]')") from e
+        try:
+            self._img = CuImage(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise SlideError(f"cuCIM cannot read {path}: {type(e).__name__}: {e}") from e
+        self.device = device
+        self.num_workers = num_workers
+        res = self._img.resolutions
+        self._dims = tuple((int(w), int(h)) for w, h in res["level_dimensions"])
+        self._ds = tuple(float(d) for d in res["level_downsamples"])
+        meta = self._img.metadata
+        self._meta: dict[str, Any] = json.loads(meta) if isinstance(meta, str) else dict(meta or {})
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._dims
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._ds
+
+    @property
+    def properties(self) -> dict[str, str]:
+        flat: dict[str, str] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                flat[prefix] = str(obj)
+
+        walk("", self._meta)
+        return flat
+
+    @property
+    def vendor(self) -> str | None:
+        return "aperio" if "aperio" in self._meta else None
+
+    @property
+    def mpp(self) -> float | None:
+        aperio = self._meta.get("aperio", {})
+        return _plausible_mpp(_float(aperio.get("MPP"))) or super().mpp
+
+    @property
+    def objective_power(self) -> float | None:
+        return _float(self._meta.get("aperio", {}).get("AppMag"))
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        try:
+            region = self._img.read_region(location=(x, y), size=(width, height), level=level)
+        except Exception as e:  # noqa: BLE001
+            raise SlideError(f"cuCIM failed to read {self.path} at ({x}, {y}) level {level}: {e}") from e
+        return np.ascontiguousarray(np.asarray(region)[..., :3])
+
+    def read_regions(self, coords: np.ndarray, level: int, width: int, height: int) -> Iterator[Any]:
+        if len(coords) == 0:
+            return
+        locations = [(int(x), int(y)) for x, y in coords]
+        # cuCIM's batched reader: decodes the tiles with its own threads (nvJPEG on the GPU with device="cuda")
+        try:
+            batches = list(self._img.read_region(locations, (width, height), level=level,
+                                                 num_workers=self.num_workers, batch_size=len(locations),
+                                                 device=self.device))
+        except Exception as e:  # noqa: BLE001
+            if self.device != "cuda":
+                raise SlideError(f"cuCIM failed to read {self.path} at level {level}: {e}") from e
+            log.warning("cuCIM GPU decoding failed for %s (%s); decoding on the CPU instead", self.path, e)
+            self.device = "cpu"
+            yield from self.read_regions(coords, level, width, height)
+            return
+        for batch in batches:
+            if self.device == "cuda":
+                import cupy
+                import torch
+
+                arr = torch.from_dlpack(cupy.asarray(batch))
+            else:
+                arr = np.asarray(batch)
+            arr = arr[None] if arr.ndim == 3 else arr
+            yield from (a[..., :3] for a in arr)
+
+    def close(self) -> None:
+        close = getattr(self._img, "close", None)
+        if close is not None:
+            close()
+
+
+# ---- choosing a reader ---------------------------------------------------------------------------------
+READERS: dict[str, Callable[..., SlideReader]] = {
+    "openslide": OpenSlideReader,
+    "cucim": CuCIMReader,
+    "tiffslide": TiffSlideReader,
+}
+
+
+def cucim_available() -> bool:
+    return importlib.util.find_spec("cucim") is not None
+
+
+def reader_order(reader: str = "auto") -> list[str]:
+    """Readers to try, in order: ``auto`` = cuCIM (if importable), OpenSlide, tiffslide."""
+    if reader == "auto":
+        return (["cucim"] if cucim_available() else []) + ["openslide", "tiffslide"]
+    if reader not in READERS:
+        raise ValueError(f"unknown reader {reader!r}; choose auto or one of {list(READERS)}")
+    return [reader]
+
+
+def open_slide(path: str | Path, reader: str = "auto", **kwargs: Any) -> SlideReader:
+    """Open a slide with ``reader`` (``auto``: the first of :func:`reader_order` that can read it).
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`SlideError`, naming every reader's
+    complaint, for an unsupported or corrupt one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(2, "slide not found", str(path))
+    errors: list[str] = []
+    for name in reader_order(reader):
+        try:
+            cls = READERS[name]
+            return cls(path, **kwargs) if name == "cucim" else cls(path)  # only cuCIM takes options
+        except SlideError as e:
+            errors.append(str(e))
+    raise SlideError(f"cannot open slide {path} (unsupported or corrupt): " + "; ".join(errors))
+
+
+def slide_opener(path: str | Path, reader: str, **kwargs: Any) -> Callable[[], SlideReader]:
+    """A zero-argument factory opening ``path`` with one named reader (tile threads each open their own
+    handle with it, which is thread-safe for every backend)."""
+
+    def _open() -> SlideReader:
+        return open_slide(path, reader, **kwargs)
+
+    return _open
