@@ -1,0 +1,308 @@
+"""MRI extraction: NIfTI loading (nibabel), preprocessing and the MRI :class:`ItemExtractor`.
+
+Preprocessing of one volume, in this order (all units millimetres, arrays indexed ``[x, y, z]``):
+
+1. **load** with nibabel (``.nii``, ``.nii.gz``; any format nibabel reads). A 4-D image uses volume
+   ``volume_index`` (default 0, with a warning); trailing singleton axes are dropped; any other rank is refused.
+2. **reorient to RAS** (array axes run towards the patient's Right, Anterior, Superior) by exact axis
+   permutation and flips (``nibabel.as_closest_canonical``: no interpolation).
+3. **anti-alias** axes that will be downsampled (Gaussian, sigma = (factor - 1) / 2 voxels, as scikit-image does).
+4. **resample** to ``spacing`` onto a grid of ``shape`` voxels centred on the volume's centre, i.e. crop or pad
+   (``nibabel.processing.conform``, trilinear by default; padding takes the volume's minimum, i.e. air).
+5. **z-score inside the foreground**: mean and standard deviation over voxels above an Otsu threshold,
+   applied to the whole grid (background ends up negative, the foreground has mean 0 and sd 1).
+
+The encoder gets ``(1, 1, Z, Y, X)`` float32 (slices first). No image data is stored: only the features and
+the provenance (source spacing, orientation, shape, output affine, foreground statistics).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.fingerprint import file_sha256, make_encoder_id
+from mmcli.pipeline.manifest import ManifestRow
+from mmcli.pipeline.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn
+
+DEFAULT_SPACING: tuple[float, float, float] = (1.5, 1.5, 1.5)
+DEFAULT_SHAPE: tuple[int, int, int] = (64, 64, 64)  # 96 mm cube at 1.5 mm: one breast; raise for larger FOVs
+DEFAULT_ENCODER = "r3d18"
+
+
+@dataclass(frozen=True)
+class MriParams:
+    """Preprocessing parameters; every one of them is part of the encoder_id."""
+
+    spacing: tuple[float, float, float] = DEFAULT_SPACING  # mm, RAS axes x, y, z
+    shape: tuple[int, int, int] = DEFAULT_SHAPE  # voxels, RAS axes x, y, z
+    volume_index: int = 0  # which volume of a 4-D image
+    order: int = 1  # spline order of the resampling (1 = trilinear)
+
+    def __post_init__(self) -> None:
+        if len(self.spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in self.spacing):
+            raise InputError(f"spacing must be three positive numbers (mm), got {self.spacing}")
+        if len(self.shape) != 3 or not all(int(s) >= 8 for s in self.shape):
+            raise InputError(f"shape must be three integers >= 8 (voxels), got {self.shape}")
+        if self.volume_index < 0:
+            raise InputError(f"--volume-index must be >= 0, got {self.volume_index}")
+        if self.order not in range(6):
+            raise InputError(f"resampling order must be 0..5, got {self.order}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"spacing_mm": [float(s) for s in d["spacing"]], "shape": [int(s) for s in d["shape"]],
+                "volume_index": int(d["volume_index"]), "order": int(d["order"])}
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
+def load_volume(path: str | Path, volume_index: int | None = None) -> tuple[Any, list[str]]:
+    """A 3-D nibabel image of ``path`` and warnings. Raises :class:`ItemError` naming the file when it is
+    unreadable or of the wrong rank; ``FileNotFoundError`` when it does not exist."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(2, "No such file", str(path))
+    warnings: list[str] = []
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # noqa: BLE001 - nibabel raises many types for bad files
+        raise ItemError(f"{path.name}: not a readable NIfTI/volume file ({type(e).__name__}: {e})") from e
+    if not hasattr(img, "affine") or img.affine is None:
+        raise ItemError(f"{path.name}: image has no spatial affine; cannot place it in RAS space")
+    shape = tuple(int(s) for s in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:  # (X, Y, Z, 1) is a 3-D volume
+        shape = shape[:-1]
+    if len(shape) == 4:
+        n = shape[3]
+        k = 0 if volume_index is None else int(volume_index)
+        if k >= n:
+            raise ItemError(f"{path.name}: --volume-index {k} out of range for a 4-D image with {n} volumes")
+        if volume_index is None:
+            warnings.append(f"{path.name}: 4-D image of shape {shape}; using volume 0 of {n} "
+                            "(choose another with --volume-index)")
+        img = img.slicer[:, :, :, k]
+    elif len(shape) == 3:
+        if len(img.shape) > 3:
+            img = img.slicer[(slice(None),) * 3 + (0,) * (len(img.shape) - 3)]
+    else:
+        raise ItemError(f"{path.name}: wrong rank: a {len(shape)}-D image of shape {tuple(img.shape)}; "
+                        "MRI extraction needs a 3-D volume (or a 4-D series, of which one volume is used)")
+    if min(img.shape[:3]) < 1:
+        raise ItemError(f"{path.name}: empty image of shape {tuple(img.shape)}")
+    return img, warnings
+
+
+def read_data(img: Any, name: str) -> np.ndarray:
+    """Voxel data as float32; a truncated or corrupt file raises :class:`ItemError` naming it."""
+    try:
+        return np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as e:  # noqa: BLE001 - truncated gzip, short files, bad scaling
+        raise ItemError(f"{name}: voxel data cannot be read (corrupt or truncated file: {type(e).__name__}: {e})"
+                        ) from e
+
+
+# ---- preprocessing ------------------------------------------------------------------------------------------
+def preprocess(img: Any, params: MriParams, name: str = "volume") -> tuple[np.ndarray, dict[str, Any], list[str]]:
+    """RAS, resampled, cropped/padded, foreground z-scored volume ``(X, Y, Z)`` float32, its info and warnings."""
+    import nibabel as nib
+    from nibabel.processing import conform
+    from scipy.ndimage import gaussian_filter
+
+    warnings: list[str] = []
+    data = read_data(img, name)
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        warnings.append(f"{name}: {bad} non-finite voxel(s) set to 0")
+        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    if not float(data.max()) > float(data.min()):
+        raise ItemError(f"{name}: constant image (all voxels {float(data.min())}); nothing to encode")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    zooms = nib.affines.voxel_sizes(affine)
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise ItemError(f"{name}: invalid voxel-to-world affine (voxel sizes {zooms.tolist()})")
+    info: dict[str, Any] = {
+        "source_shape": [int(s) for s in data.shape],
+        "source_spacing_mm": [round(float(z), 5) for z in zooms],
+        "source_axcodes": "".join(nib.aff2axcodes(affine)),
+        "source_obliquity_deg": round(float(np.degrees(np.max(nib.affines.obliquity(affine)))), 3),
+    }
+    canon = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    canon_data = np.asarray(canon.dataobj, dtype=np.float32)
+    canon_zooms = nib.affines.voxel_sizes(canon.affine)
+    factors = np.asarray(params.spacing) / canon_zooms
+    sigma = np.maximum(0.0, (factors - 1.0) / 2.0)
+    if np.any(sigma > 0):
+        canon_data = gaussian_filter(canon_data, sigma=sigma, mode="nearest")
+    background = float(canon_data.min())
+    out = conform(nib.Nifti1Image(canon_data, canon.affine), out_shape=params.shape, voxel_size=params.spacing,
+                  order=params.order, cval=background, orientation="RAS")
+    vol = np.asarray(out.dataobj, dtype=np.float32)
+    vol, fg = zscore_foreground(vol)
+    if fg["foreground_sd"] == 0.0:
+        warnings.append(f"{name}: no contrast inside the {params.shape} grid (is --shape too small?); "
+                        "encoded as all zeros")
+    info.update(
+        shape=[int(s) for s in vol.shape], spacing_mm=[float(s) for s in params.spacing],
+        axcodes="".join(nib.aff2axcodes(out.affine)), affine=np.round(out.affine, 5).tolist(), **fg,
+    )
+    return vol, info, warnings
+
+
+def zscore_foreground(vol: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Z-score with mean/sd of the foreground (voxels above Otsu's threshold). A uniform foreground is scaled
+    by the whole grid's sd; a constant grid becomes zeros (reported with ``foreground_sd`` 0)."""
+    from skimage.filters import threshold_otsu
+
+    lo, hi = float(vol.min()), float(vol.max())
+    if not hi > lo:
+        return np.zeros_like(vol, dtype=np.float32), {"foreground_threshold": lo, "foreground_fraction": 1.0,
+                                                      "foreground_mean": lo, "foreground_sd": 0.0}
+    thr = float(threshold_otsu(vol))
+    mask = vol > thr
+    if mask.sum() < max(8, 0.001 * vol.size) or float(vol[mask].std()) == 0.0:
+        mask = vol > lo  # degenerate histogram: everything above the minimum
+    mean, sd = float(vol[mask].mean()), float(vol[mask].std())
+    if sd == 0.0:  # a uniform foreground (phantoms, masks): scale by the whole volume's spread instead
+        sd = float(vol.std())
+    out = ((vol - mean) / sd).astype(np.float32)
+    return out, {"foreground_threshold": round(thr, 5), "foreground_fraction": round(float(mask.mean()), 5),
+                 "foreground_mean": round(mean, 5), "foreground_sd": round(sd, 5)}
+
+
+def to_tensor_layout(vol: np.ndarray) -> np.ndarray:
+    """``(X, Y, Z)`` RAS volume -> ``(1, 1, Z, Y, X)`` contiguous float32 for the 3-D CNN."""
+    return np.ascontiguousarray(vol.transpose(2, 1, 0)[None, None], dtype=np.float32)
+
+
+# ---- encoder id and the extractor ---------------------------------------------------------------------------
+def mri_encoder_id(encoder: str, weights: str | Path | None, params: MriParams, seed: int) -> tuple[str, str | None]:
+    """``(encoder_id, weights_sha256)``: the id covers the encoder, its weights (or the random-init seed) and
+    every preprocessing parameter."""
+    sha = file_sha256(weights) if weights else None
+    extra: dict[str, Any] = dict(params.to_dict())
+    if sha is None:
+        extra["seed"] = int(seed)
+    return make_encoder_id(encoder, sha, extra), sha
+
+
+class MriExtractor(ItemExtractor):
+    """One NIfTI file -> one 512-d feature row (``features`` shape ``(1, D)``, no coords)."""
+
+    modality = "mri"
+
+    def __init__(
+        self,
+        encoder: str = DEFAULT_ENCODER,
+        weights: str | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        spacing: tuple[float, float, float] = DEFAULT_SPACING,
+        shape: tuple[int, int, int] = DEFAULT_SHAPE,
+        volume_index: int | None = None,
+        order: int = 1,
+        seed: int = 0,
+        torch_threads: int | None = None,
+    ) -> None:
+        from mmcli.features.encoders.registry import create_encoder
+
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(int(torch_threads))
+        self.params = MriParams(tuple(spacing), tuple(int(s) for s in shape),  # type: ignore[arg-type]
+                                0 if volume_index is None else int(volume_index), int(order))
+        self.volume_index = volume_index
+        self._id, self.weights_sha256 = mri_encoder_id(encoder, weights, self.params, seed)
+        self.encoder = create_encoder(encoder, weights=weights, device=device, precision=precision, seed=seed)
+        if getattr(self.encoder, "modality", "mri") != "mri":
+            raise InputError(f"encoder {encoder!r} is not a volume encoder")
+
+    @property
+    def encoder_id(self) -> str:
+        return self._id
+
+    def encoder_attrs(self) -> dict[str, Any]:
+        return {**self.encoder.provenance(), "preprocessing": self.params.to_dict()}
+
+    def extract(self, row: ManifestRow, progress: ProgressFn | None = None) -> ItemResult:
+        img, warnings = load_volume(row.path, self.volume_index)
+        if progress:
+            progress(0, 2)
+        vol, info, more = preprocess(img, self.params, Path(row.path).name)
+        if progress:
+            progress(1, 2)
+        feats = self.encoder.encode(to_tensor_layout(vol))
+        if not np.isfinite(feats).all():
+            raise ItemError(f"{Path(row.path).name}: encoder produced non-finite features")
+        if progress:
+            progress(2, 2)
+        info["volume_index"] = self.params.volume_index
+        return ItemResult(feats.astype(np.float32), None, {"mri": info}, warnings + more)
+
+
+def parse_triple(value: str | float | tuple | list | None, kind: type, what: str) -> tuple | None:
+    """``"1.5"`` -> (1.5, 1.5, 1.5); ``"96,96,64"`` / ``(96, 96, 64)`` -> a 3-tuple of ``kind``."""
+    if value is None:
+        return None
+    parts = [p for p in str(value).replace("x", ",").split(",") if p.strip()] if isinstance(value, str) \
+        else list(value) if isinstance(value, (tuple, list)) else [value]
+    try:
+        nums = tuple(float(p) for p in parts)
+        if kind is int and any(n != int(n) for n in nums):
+            raise ValueError("not whole numbers")
+        nums = tuple(kind(n) for n in nums)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"--{what} {value!r}: expected one number or three separated by commas") from e
+    if len(nums) == 1:
+        nums = nums * 3
+    if len(nums) != 3:
+        raise InputError(f"--{what} {value!r}: expected one number or three (x,y,z), got {len(nums)}")
+    return nums
+
+
+def make_spec(
+    encoder: str | None = None,
+    weights: str | Path | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    spacing: str | tuple[float, float, float] | None = None,
+    shape: str | tuple[int, int, int] | None = None,
+    volume_index: int | None = None,
+    order: int = 1,
+    seed: int = 0,
+    torch_threads: int | None = None,
+) -> ExtractorSpec:
+    """Picklable recipe of an :class:`MriExtractor`; the encoder_id is computed without loading the model.
+
+    ``spacing`` (mm) and ``shape`` (voxels) take one number (isotropic) or ``x,y,z`` in RAS order.
+    """
+    from mmcli.features.encoders.registry import resolve
+
+    spacing = parse_triple(spacing, float, "spacing")
+    shape = parse_triple(shape, int, "shape")
+
+    encoder = encoder or DEFAULT_ENCODER
+    try:
+        modality, _, _ = resolve(encoder)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    if modality != "mri":
+        raise InputError(f"encoder {encoder!r} encodes {modality}, not MRI volumes. Fix: use --encoder r3d18.")
+    params = MriParams(tuple(spacing or DEFAULT_SPACING), tuple(int(s) for s in (shape or DEFAULT_SHAPE)),  # type: ignore[arg-type]
+                       0 if volume_index is None else int(volume_index), int(order))
+    weights = str(weights) if weights else None
+    if weights and encoder == DEFAULT_ENCODER:
+        from mmcli.features.encoders.volume import check_r3d18_weights
+
+        check_r3d18_weights(weights)  # a bad file is a usage error (exit 2), not a failure of every item
+    elif weights and not Path(weights).is_file():
+        raise InputError(f"{weights}: weights file not found. Fix: check --weights.")
+    encoder_id, _ = mri_encoder_id(encoder, weights, params, seed)
+    kwargs = dict(encoder=encoder, weights=weights, device=device, precision=precision, spacing=params.spacing,
+                  shape=params.shape, volume_index=volume_index, order=order, seed=seed, torch_threads=torch_threads)
+    return ExtractorSpec("mmcli.features.mri:MriExtractor", kwargs, "mri", encoder_id)

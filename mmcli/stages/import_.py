@@ -1,0 +1,69 @@
+"""``mmcli import``: CLAM / TRIDENT / STAMP tile-feature files into the store, through the shared runner
+(cache, per-item locks, failure isolation, run record, optional dask), so a re-import skips unchanged files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mmcli.features.interop.importer import make_import_spec, match_rows, slide_mpps
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.fingerprint import params_hash
+from mmcli.pipeline.manifest import load_manifest
+from mmcli.pipeline.runner import RunSummary, run_extraction
+
+
+def import_features(
+    fmt: str,
+    source: str | Path,
+    manifest: str | Path,
+    store: str | Path,
+    encoder_id: str | None = None,
+    modality: str = "wsi",
+    mpp: float | None = None,
+    force: bool = False,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Import the feature file of every ``modality`` row of ``manifest`` found under ``source``.
+
+    ``mpp`` is the slides' level-0 µm/px, needed only to turn STAMP's micrometre coords into pixels when the
+    slides themselves are not reachable (their own mpp is used when they are). Rows without a file are
+    reported as missing (exit 1); the rest are imported.
+    """
+    if mpp is not None and not mpp > 0:
+        raise InputError(f"--mpp must be a positive number of µm per level-0 pixel, got {mpp}")
+    m = load_manifest(manifest)
+    rows = sorted(m.for_modality(modality) + m.missing_for(modality), key=lambda r: r.row)
+    if not rows:
+        raise InputError(f"{manifest}: no rows of modality {modality!r}. Fix: list the slides as {modality} rows.")
+    matched = match_rows(rows, Path(source), fmt)
+    if not matched.found:
+        raise InputError(f"no {fmt} feature file under {source} matches a slide of {manifest} (looked for "
+                         f"<slide stem>.h5 and <item_id>.h5, e.g. {matched.missing[0].path.name}). "
+                         "Fix: check --from and --format.")
+    mpp_file = None
+    if fmt == "stamp" and mpp is None:
+        keys = {(r.patient_id, r.item_id) for r in matched.found}
+        table = slide_mpps([r for r in rows if (r.patient_id, r.item_id) in keys])
+        if table:
+            runs = Path(store).with_name(Path(store).name + ".runs")
+            runs.mkdir(parents=True, exist_ok=True)
+            mpp_file = runs / f"import-slide-mpp-{params_hash(table)}.json"
+            mpp_file.write_text(json.dumps(table, sort_keys=True))
+    spec = make_import_spec(fmt, matched.found, encoder_id, modality, mpp_file, mpp)
+    _check_dim(store, modality, spec.encoder_id, int(spec.kwargs["dim"]))
+    return run_extraction(matched.found, spec, store, force=force, scheduler=scheduler, workers=workers,
+                          missing=matched.missing, progress=progress, unit="slide")
+
+
+def _check_dim(store: str | Path, modality: str, encoder_id: str, dim: int) -> None:
+    """Refuse to mix dimensions under one encoder_id (a --encoder-id reused for other features)."""
+    from mmcli.features.store import open_store
+
+    if not Path(store).exists():
+        return
+    have = open_store(store, "r").encoder_attrs(modality, encoder_id).get("dim")
+    if have is not None and int(have) != dim:
+        raise InputError(f"{store}: encoder_id {encoder_id!r} already holds {have}-d features; these files are "
+                         f"{dim}-d (feature dim mismatch). Fix: choose another --encoder-id.")

@@ -1,0 +1,121 @@
+"""``mmcli export`` -> ``mmcli import`` round trips through the CLAM, TRIDENT and STAMP layouts (CLI level)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mmcli.cli import app
+from mmcli.features.store import open_store
+
+EID = "resnet50_trunc-0123456789"
+TILE_ATTRS = {"mpp": 0.5, "patch_size": 224, "patch_size_level0": 448, "slide_mpp": 0.25,
+              "target_magnification": 20.0, "level0_magnification": 40.0, "level": 0}
+ITEMS = [("P1", "slideA", 7), ("P2", "slideB", 5), ("P2", "slideC", 1), ("P3", "slideA", 3)]  # slideA twice
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """A store as ``mmcli extract --modality wsi`` leaves it: float16 features, level-0 coords, tile attrs."""
+    path = tmp_path / "native.zarr"
+    st = open_store(path, "a")
+    st.set_encoder_attrs("wsi", EID, {"encoder": "resnet50_trunc", "dim": 64})
+    rng = np.random.default_rng(3)
+    for pid, item, n in ITEMS:
+        feats = rng.normal(size=(n, 64)).astype(np.float16)
+        coords = rng.integers(0, 100, size=(n, 2)) * 448
+        st.write_item("wsi", EID, pid, item, feats, coords, {"encoder": "resnet50_trunc", "tiles": TILE_ATTRS})
+    return path
+
+
+def _run(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    return res.exit_code, res.output
+
+
+@pytest.mark.parametrize("fmt", ["clam", "trident", "stamp"])
+def test_export_then_import_round_trip(tmp_path: Path, store: Path, fmt: str) -> None:
+    out = tmp_path / f"out_{fmt}"
+    code, text = _run("export", "--format", fmt, "--store", store, "--out", out)
+    assert code == 0, text
+    assert "4 file(s)" in text
+    back = tmp_path / "back.h5"
+    code, text = _run("import", "--format", fmt, "--from", out, "--manifest", out / "manifest.csv", "--store", back,
+                      "--encoder-id", "roundtrip", "--no-progress")
+    assert code == 0, text
+    assert "done 4" in text
+    src, dst = open_store(store, "r"), open_store(back, "r")
+    assert [(k.patient_id, k.item_id) for k in dst.iter_items("wsi", "roundtrip")] == \
+        [(p, i) for p, i, _ in sorted(ITEMS)]
+    for pid, item, _ in ITEMS:
+        a, b = src.read_item("wsi", EID, pid, item), dst.read_item("wsi", "roundtrip", pid, item)
+        np.testing.assert_array_equal(b.features.astype(np.float32), a.features.astype(np.float32))
+        np.testing.assert_array_equal(b.coords, a.coords)
+        assert b.attrs["imported_from"] == fmt and b.attrs["source_encoder"] == "resnet50_trunc"
+        if fmt != "clam":  # CLAM files carry no magnification; TRIDENT and STAMP keep the tile geometry
+            assert b.attrs["mpp"] == pytest.approx(0.5) and b.attrs["patch_size"] == 224
+            assert b.attrs["slide_mpp"] == pytest.approx(0.25)
+        assert b.attrs["patch_size_level0"] == 448
+    # a second import of unchanged files reads nothing
+    code, text = _run("import", "--format", fmt, "--from", out, "--manifest", out / "manifest.csv", "--store", back,
+                      "--encoder-id", "roundtrip", "--no-progress")
+    assert code == 0 and "cached 4" in text
+
+
+def test_exported_files_follow_each_layout(tmp_path: Path, store: Path) -> None:
+    for fmt in ("clam", "trident", "stamp"):
+        assert _run("export", "--format", fmt, "--store", store, "--out", tmp_path / fmt)[0] == 0
+    with h5py.File(tmp_path / "clam" / "h5_files" / "slideB.h5", "r") as h:
+        assert h["features"].dtype == np.float32 and h["features"].shape == (5, 64)
+        assert h["coords"].dtype == np.int64 and h["coords"].attrs["patch_size"] == 448
+        assert h["coords"].attrs["patch_level"] == 0
+    assert (tmp_path / "clam" / "h5_files" / "P1__slideA.h5").exists()  # item id shared by two patients
+    assert (tmp_path / "clam" / "clam_dataset.csv").read_text().splitlines()[1] == "P1,P1__slideA"
+    tri = tmp_path / "trident" / "20x_224px_0px_overlap" / "features_resnet50_trunc" / "slideB.h5"
+    with h5py.File(tri, "r") as h:
+        a = h["coords"].attrs
+        assert (a["patch_size"], a["patch_size_level0"], a["target_magnification"], a["level0_magnification"]) \
+            == (224, 448, 20.0, 40.0)
+        assert a["name"] == "slideB"
+    with h5py.File(tmp_path / "stamp" / "resnet50_trunc" / "slideB.h5", "r") as h:
+        assert h["feats"].dtype == np.float16 and h.attrs["unit"] == "um" and h.attrs["extractor"] == "resnet50_trunc"
+        assert h.attrs["tile_size_um"] == pytest.approx(112.0) and h.attrs["tile_size_px"] == 224
+        src = open_store(store, "r").read_item("wsi", EID, "P2", "slideB")
+        np.testing.assert_allclose(h["coords"][()], src.coords * 0.25)
+
+
+def test_export_errors(tmp_path: Path, store: Path) -> None:
+    code, text = _run("export", "--format", "clam", "--store", tmp_path / "nope.zarr", "--out", tmp_path / "o")
+    assert code == 2 and "no such feature store" in text
+    open_store(store, "a").set_encoder_attrs("wsi", "other-enc", {"encoder": "x"})
+    open_store(store, "a").write_item("wsi", "other-enc", "P1", "s", np.zeros((1, 4), np.float32))
+    code, text = _run("export", "--format", "clam", "--store", store, "--out", tmp_path / "o")
+    assert code == 2 and "--encoder-id" in text
+    code, text = _run("export", "--format", "gigapath", "--store", store, "--out", tmp_path / "o",
+                      "--encoder-id", EID)
+    assert code == 2 and "unknown format" in text
+    # STAMP needs the level-0 mpp for its micrometre coords: an item without it fails, named, exit 1
+    open_store(store, "a").write_item("wsi", "other-enc", "P9", "t", np.zeros((2, 4), np.float32),
+                                      np.zeros((2, 2), np.int64), {"mpp": 0.5, "patch_size": 224})
+    code, text = _run("export", "--format", "stamp", "--store", store, "--out", tmp_path / "s",
+                      "--encoder-id", "other-enc")
+    assert code == 1 and "failed: P9/t" in text and "--mpp" in text
+    code, text = _run("export", "--format", "stamp", "--store", store, "--out", tmp_path / "s",
+                      "--encoder-id", "other-enc", "--mpp", "0.25")
+    assert code == 0, text
+
+
+def test_import_cli_reports_missing_and_usage_errors(tmp_path: Path, store: Path) -> None:
+    out = tmp_path / "out"
+    _run("export", "--format", "clam", "--store", store, "--out", out)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text((out / "manifest.csv").read_text() + "P7,wsi,slides/lost.svs,lost\n")
+    code, text = _run("import", "--format", "clam", "--from", out, "--manifest", manifest, "--store",
+                      tmp_path / "s.zarr", "--no-progress")
+    assert code == 1 and "missing: P7/lost" in text and "done 4" in text
+    code, text = _run("import", "--format", "clam", "--from", out, "--manifest", manifest, "--store",
+                      tmp_path / "s.zarr", "--encoder-id", "../evil", "--no-progress")
+    assert code == 2 and "unsafe --encoder-id" in text
