@@ -1,0 +1,104 @@
+"""Patient-level stratified K-fold cross-validation of a head: out-of-fold predictions and explanations.
+
+Splits: scikit-learn ``StratifiedGroupKFold`` with the patient id as group (a patient's rows never span
+folds), stratified by class (classification) or by the event indicator (survival), shuffled with the seed.
+Each fold builds a fresh head and calls ``fit`` on the training patients only, so every scaler, imputer and
+PCA is fit inside the training fold; each fitted head records the patients its preprocessing saw
+(:attr:`FoldResult.preprocessing_patients`), which the audit compares with the fold's test patients.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from mmcli.heads.base import Head, create_head
+from mmcli.heads.data import Cohort
+from mmcli.heads.targets import Target
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.metrics import FoldPredictions, eval_times
+
+
+def make_splits(target: Target, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train_idx, test_idx) per fold, indices into ``target.patients``."""
+    if folds < 2:
+        raise InputError(f"--folds must be >= 2, got {folds}.")
+    strata = target.strata()
+    values, counts = np.unique(strata, return_counts=True)
+    names = target.classes if target.classes else ["censored", "event"]
+    small = {names[int(v)]: int(c) for v, c in zip(values, counts) if c < folds}
+    if small:
+        what = "class" if target.classes else "event group"
+        raise InputError(f"{target.source}: {what} sizes {small} are smaller than --folds {folds}, so some test "
+                         f"folds would miss them. Fix: lower --folds or add patients.")
+    sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    groups = np.asarray(target.patients)
+    return [(np.asarray(tr), np.asarray(te)) for tr, te in sgkf.split(np.zeros(len(groups)), strata, groups)]
+
+
+@dataclass
+class FoldResult:
+    """One fold: indices, the fitted head, test predictions, metric inputs and explanations."""
+
+    fold: int
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    head: Head
+    pred: np.ndarray  # probabilities (n_test, K) or risk (n_test,)
+    eval: FoldPredictions
+    attention: dict[str, list[np.ndarray | None]] | None = None
+    modality_weights: dict[str, float] | None = None
+    contributions: pd.DataFrame | None = None
+    seconds: float = 0.0
+    preprocessing_patients: dict[str, list[str]] = field(default_factory=dict)
+
+
+def head_params(head: str, target: Target, seed: int, params: dict[str, Any] | None) -> dict[str, Any]:
+    """The head's parameters: the user's, plus task, classes and seed from the run."""
+    params = dict(params or {})
+    fixed = {"task", "n_classes"} & set(params)
+    if fixed:
+        raise InputError(f"parameters {sorted(fixed)} follow from the labels; do not set them.")
+    params.setdefault("seed", seed)
+    return {"task": target.task, "n_classes": target.n_classes, **params}
+
+
+def cross_validate(
+    head: str, cohort: Cohort, target: Target, folds: int = 5, seed: int = 0, params: dict[str, Any] | None = None,
+    explain: bool = True, log: Callable[[str], None] | None = None,
+) -> list[FoldResult]:
+    """Fit a fresh ``head`` per fold on the training patients; predict the test patients."""
+    import time as _time
+
+    if list(cohort.patients) != list(target.patients):
+        raise ValueError("cohort and target must list the same patients in the same order")
+    hp = head_params(head, target, seed, params)
+    results = []
+    for k, (tr, te) in enumerate(make_splits(target, folds, seed)):
+        t0 = _time.perf_counter()
+        h = create_head(head, **hp).fit(cohort.subset(tr), target.y[tr])
+        X_te = cohort.subset(te)
+        pred = h.predict(X_te)
+        if target.task == "survival":
+            y_tr, y_te = target.y[tr], target.y[te]
+            times = eval_times(y_tr["time"], y_tr["event"], y_te["time"])
+            ev = FoldPredictions(time=y_te["time"], event=y_te["event"], risk=pred,
+                                 surv=h.predict_survival(X_te, times, risk=pred), times=times,
+                                 train_time=y_tr["time"], train_event=y_tr["event"])
+        else:
+            ev = FoldPredictions(y=np.asarray(target.y[te]), probs=pred)
+        res = FoldResult(k, tr, te, h, pred, ev,
+                         preprocessing_patients={n: list(p.fitted_patients) for n, p in h.preprocessors_.items()})
+        if explain:
+            res.attention = h.attention(X_te)
+            res.modality_weights = h.modality_weights(X_te)
+            res.contributions = h.contributions(X_te)
+        res.seconds = _time.perf_counter() - t0
+        if log:
+            log(f"fold {k + 1}/{folds}: {len(tr)} train / {len(te)} test patients, {res.seconds:.1f}s")
+        results.append(res)
+    return results

@@ -1,0 +1,192 @@
+"""``fusion_mlp``: per-modality projection -> fusion operator -> MLP, for any number of modalities.
+
+* Bag modalities (WSI tiles): instances standardised in-fold (folded into the first layer), embedded, pooled
+  by gated attention
+  (``pool="attention"``) or a masked mean (``pool="mean"``).
+* Vector modalities and tables: median-imputed and standardised in-fold, embedded (Linear-ReLU-Dropout).
+* Modality-presence flags: a missing modality's embedding is zeroed and the flags are appended to the fused
+  vector, so patients missing a modality are trained on and predicted.
+* Modality dropout: in training, each present modality of a patient is hidden with probability
+  ``modality_dropout`` (at least one always kept), so the model learns to predict from partial data.
+* Fusion operators: see :mod:`mmcli.heads.fusion`; their per-modality weights are reported by
+  :meth:`FusionMLPHead.modality_weights`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmcli.heads.base import register_head
+from mmcli.heads.data import Cohort, pad_bags
+from mmcli.heads.fusion import FUSIONS
+from mmcli.heads.modules import GatedAttention, MeanPool, StandardisedEmbed, mlp_embed
+from mmcli.heads.torch_base import TorchHead
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.preprocess import InstanceScaler, VectorPreprocessor
+
+POOLS = ("attention", "mean")
+
+
+class FusionNet(nn.Module):
+    """Embeddings per modality -> presence mask -> fusion operator -> MLP on [fused; presence]."""
+
+    def __init__(self, kinds: list[str], dims: list[int], hidden: int, attn_dim: int, n_out: int,
+                 dropout: float, fusion: str, pool: str, n_heads: int, bilinear_dim: int) -> None:
+        super().__init__()
+        self.kinds = kinds
+        self.embed = nn.ModuleList([
+            StandardisedEmbed(d, hidden, dropout) if k == "bag" else mlp_embed(d, hidden, dropout)
+            for k, d in zip(kinds, dims)
+        ])
+        self.pools = nn.ModuleList([
+            (GatedAttention(hidden, attn_dim) if pool == "attention" else MeanPool()) if k == "bag" else nn.Identity()
+            for k in kinds
+        ])
+        self.fusion = FUSIONS[fusion](len(kinds), hidden, attn_dim=attn_dim, dropout=dropout, n_heads=n_heads,
+                                      bilinear_dim=bilinear_dim)
+        M = len(kinds)
+        self.head = nn.Sequential(nn.Linear(hidden + M, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(hidden, n_out))
+
+    def forward(self, xs: list[torch.Tensor], masks: list[torch.Tensor | None], present: torch.Tensor,
+                norms: list[tuple[torch.Tensor, torch.Tensor] | None]
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+        """xs: per modality (B, N, D) raw bags or (B, D) preprocessed vectors; masks: (B, N) for bags;
+        present (B, M) float; norms: (mean, scale) of each bag modality's instance scaler."""
+        embs, atts = [], []
+        for m, kind in enumerate(self.kinds):
+            if kind == "bag":
+                norm = norms[m]
+                assert norm is not None
+                z, a = self.pools[m](self.embed[m](xs[m], *norm), masks[m])
+            else:
+                z, a = self.embed[m](xs[m]), None
+            embs.append(z)
+            atts.append(a)
+        E = torch.stack(embs, 1) * present.unsqueeze(-1)
+        fused, w = self.fusion(E, present)
+        return self.head(torch.cat([fused, present], 1)), w, atts
+
+
+@register_head("fusion_mlp")
+class FusionMLPHead(TorchHead):
+    """Multimodal fusion MLP; shared parameters as in :class:`~mmcli.heads.torch_base.TorchHead`, plus:
+
+    Args:
+        fusion: ``concat``, ``gated``, ``attention``, ``cross_attention`` or ``bilinear``.
+        pool: how WSI bags are pooled: ``attention`` (gated) or ``mean``.
+        modality_dropout: probability of hiding a present modality per patient and training step.
+        n_heads: heads of ``cross_attention``.
+        bilinear_dim: low projection size of ``bilinear`` (pairwise Kronecker of (d+1)-vectors).
+    """
+
+    def __init__(
+        self, task: str = "binary", n_classes: int = 2, seed: int = 0, hidden: int = 32, attn_dim: int = 32,
+        dropout: float = 0.25, epochs: int = 40, batch_size: int = 32, lr: float = 1e-3,
+        weight_decay: float = 1e-4, loss: str = "ce", focal_gamma: float = 2.0,
+        class_weight: str | None = "balanced", max_instances: int = 256, n_threads: int = 1, device: str = "cpu",
+        fusion: str = "attention", pool: str = "attention", modality_dropout: float = 0.25, n_heads: int = 2,
+        bilinear_dim: int = 8,
+    ) -> None:
+        super().__init__(task, n_classes, seed, hidden, attn_dim, dropout, epochs, batch_size, lr, weight_decay,
+                         loss, focal_gamma, class_weight, max_instances, n_threads, device)
+        self.fusion, self.pool, self.modality_dropout = fusion, pool, modality_dropout
+        self.n_heads, self.bilinear_dim = n_heads, bilinear_dim
+
+    def _check_modalities(self, X: Cohort) -> None:
+        super()._check_modalities(X)
+        if self.fusion not in FUSIONS:
+            raise InputError(f"unknown fusion {self.fusion!r}. Fix: choose one of {sorted(FUSIONS)}.")
+        if self.pool not in POOLS:
+            raise InputError(f"unknown pool {self.pool!r}. Fix: choose one of {list(POOLS)}.")
+
+    def _fit_preprocessing(self, X: Cohort) -> None:
+        for name, m in X.modalities.items():
+            keep = np.flatnonzero(m.present)
+            if len(keep) == 0:
+                raise InputError(f"modality {name!r}: no training patient has it. Fix: drop it from --modalities.")
+            pids = [X.patients[i] for i in keep]
+            if m.spec.kind == "bag":
+                assert m.bags is not None
+                self.preprocessors_[name] = InstanceScaler(seed=self.seed).fit([m.bags[i] for i in keep], pids)
+            else:
+                assert m.vectors is not None
+                self.preprocessors_[name] = VectorPreprocessor().fit(m.vectors[keep], pids)
+
+    def _build(self) -> nn.Module:
+        return FusionNet([s.kind for s in self.spec_], [s.dim for s in self.spec_], self.hidden, self.attn_dim,
+                         self.n_out, self.dropout, self.fusion, self.pool, self.n_heads, self.bilinear_dim)
+
+    def _inputs(self, X: Cohort, idx: np.ndarray, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for k, spec in enumerate(self.spec_):
+            m, prep = X.modalities[spec.name], self.preprocessors_[spec.name]
+            present = m.present[idx]
+            if spec.kind == "bag":
+                assert m.bags is not None and isinstance(prep, InstanceScaler)
+                bags = [m.bags[i] if ok else None for i, ok in zip(idx, present)]
+                x, mask = pad_bags(bags, spec.dim, self.max_instances if rng else None, rng)
+                out[f"x{k}"] = torch.from_numpy(x)
+                out[f"mask{k}"] = torch.from_numpy(mask)
+                out[f"mean{k}"] = torch.from_numpy(prep.mean_)
+                out[f"scale{k}"] = torch.from_numpy(prep.scale_)
+            else:
+                assert m.vectors is not None and isinstance(prep, VectorPreprocessor)
+                v = np.zeros((len(idx), spec.dim), dtype=np.float32)
+                if present.any():
+                    v[present] = prep.transform(m.vectors[idx[present]])
+                out[f"x{k}"] = torch.from_numpy(v)
+        out["present"] = torch.from_numpy(np.stack([X.modalities[s.name].present[idx] for s in self.spec_], 1)
+                                          .astype(np.float32))
+        return out
+
+    def _forward(self, inputs: dict[str, torch.Tensor], train: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        M = len(self.spec_)
+        present = inputs["present"]
+        if train and self.modality_dropout > 0:
+            keep = (torch.rand(present.shape, device=present.device) >= self.modality_dropout).float() * present
+            present = torch.where(keep.sum(1, keepdim=True) > 0, keep, present)
+        xs = [inputs[f"x{k}"] for k in range(M)]
+        masks = [inputs.get(f"mask{k}") for k in range(M)]
+        norms = [(inputs[f"mean{k}"], inputs[f"scale{k}"]) if f"mean{k}" in inputs else None for k in range(M)]
+        out, w, atts = self.module_(xs, masks, present, norms)
+        if train:
+            return out, {}
+        return out, {"weights": w.double().cpu().numpy(),
+                     "attention": [None if a is None else a.double().cpu().numpy() for a in atts]}
+
+    def modality_weights(self, X: Cohort) -> dict[str, float]:
+        """Mean operator weight of each modality over the patients that have it, normalised to sum 1."""
+        X = self._aligned(X)
+        _, extras, _ = self._run(X)
+        w = np.zeros((len(X), len(self.spec_)))
+        for extra in extras:
+            w[extra["idx"]] = extra["weights"]
+        present = X.presence()
+        means = np.array([w[present[:, m], m].mean() if present[:, m].any() else 0.0 for m in range(w.shape[1])])
+        total = means.sum()
+        return {s.name: float(v / total) if total > 0 else 0.0 for s, v in zip(self.spec_, means)}
+
+    def attention(self, X: Cohort) -> dict[str, list[np.ndarray | None]] | None:
+        """Tile attention of each bag modality (``pool="attention"`` only)."""
+        if self.pool != "attention" or not any(s.kind == "bag" for s in self.spec_):
+            return None
+        X = self._aligned(X)
+        _, extras, _ = self._run(X)
+        out: dict[str, list[np.ndarray | None]] = {}
+        for k, spec in enumerate(self.spec_):
+            if spec.kind != "bag":
+                continue
+            m = X.modalities[spec.name]
+            assert m.bags is not None
+            att: list[np.ndarray | None] = [None] * len(X)
+            for extra in extras:
+                for row, i in enumerate(extra["idx"]):
+                    bag = m.bags[i]
+                    if m.present[i] and bag is not None:
+                        att[i] = extra["attention"][k][row, : len(bag)].copy()
+            out[spec.name] = att
+        return out

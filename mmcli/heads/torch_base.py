@@ -1,0 +1,179 @@
+"""Shared machinery of the torch heads: deterministic training loop, losses, batched inference, safetensors I/O."""
+from __future__ import annotations
+
+import contextlib
+from abc import abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from scipy.special import softmax
+from torch import nn
+
+from mmcli.heads.base import Head
+from mmcli.heads.data import Cohort
+from mmcli.heads.losses import class_weights, cox_ph_loss, focal_loss
+
+WEIGHTS = "weights.safetensors"
+LOSSES = ("ce", "focal")
+
+
+@contextlib.contextmanager
+def torch_env(seed: int | None, n_threads: int) -> Iterator[None]:
+    """Fixed thread count, deterministic algorithms and (when ``seed`` is given) a seeded RNG; restored after."""
+    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(max(1, int(n_threads)))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TorchHead(Head):
+    """Base of torch heads. Training: AdamW for a fixed number of epochs over shuffled mini-batches.
+
+    Args:
+        hidden: embedding size.
+        attn_dim: hidden size of attention networks.
+        dropout: dropout probability.
+        epochs: passes over the training patients (fixed; no inner validation split, which small cohorts
+            cannot afford).
+        batch_size: patients per mini-batch (survival: the Cox risk set is the batch, so keep it >= 16).
+        lr, weight_decay: AdamW settings.
+        loss: ``ce`` (cross-entropy) or ``focal`` (classification; survival always uses the Cox loss).
+        focal_gamma: focal loss focusing parameter.
+        class_weight: ``balanced`` (default) or ``None``.
+        max_instances: per bag and training step, at most this many random instances (all at inference).
+        n_threads: torch CPU threads (1 by default: these models are small, and with more threads than idle
+            cores OpenMP synchronisation makes a step 10x slower; raise it for large bags on idle cores).
+        device: ``cpu``, ``cuda`` or ``auto``.
+    """
+
+    def __init__(
+        self, task: str = "binary", n_classes: int = 2, seed: int = 0, hidden: int = 64, attn_dim: int = 32,
+        dropout: float = 0.25, epochs: int = 30, batch_size: int = 32, lr: float = 1e-3,
+        weight_decay: float = 1e-4, loss: str = "ce", focal_gamma: float = 2.0,
+        class_weight: str | None = "balanced", max_instances: int = 512, n_threads: int = 1, device: str = "cpu",
+    ) -> None:
+        super().__init__(task, n_classes, seed)
+        self.hidden, self.attn_dim, self.dropout = hidden, attn_dim, dropout
+        self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
+        self.loss, self.focal_gamma, self.class_weight = loss, focal_gamma, class_weight
+        self.max_instances, self.n_threads, self.device = max_instances, n_threads, device
+
+    @property
+    def n_out(self) -> int:
+        return 1 if self.is_survival else self.n_classes
+
+    # ---- subclass hooks ---------------------------------------------------------------------------------
+    @abstractmethod
+    def _fit_preprocessing(self, X: Cohort) -> None:
+        """Fit ``self.preprocessors_`` on the training cohort ``X``."""
+
+    @abstractmethod
+    def _build(self) -> nn.Module:
+        """The network for ``self.spec_`` and the parameters."""
+
+    @abstractmethod
+    def _inputs(self, X: Cohort, idx: np.ndarray, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+        """Batch tensors for patients ``idx`` (``rng`` given = training: instance sampling allowed)."""
+
+    @abstractmethod
+    def _forward(self, inputs: dict[str, torch.Tensor], train: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(outputs (B, n_out), extras such as attention)."""
+
+    def _instance_count(self, X: Cohort) -> np.ndarray:
+        """Instances per patient (for length-sorted inference batches); 1 without bags."""
+        n = np.ones(len(X), dtype=np.int64)
+        for m in X.modalities.values():
+            if m.spec.kind == "bag":
+                assert m.bags is not None
+                n += np.array([0 if b is None else len(b) for b in m.bags])
+        return n
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def _fit(self, X: Cohort, y: np.ndarray) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        self._fit_preprocessing(X)
+        dev = resolve_device(self.device)
+        with torch_env(self.seed, self.n_threads):
+            self.module_ = self._build().to(dev)
+            opt = torch.optim.AdamW(self.module_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            rng = np.random.default_rng(self.seed)
+            if self.is_survival:
+                t_all = torch.as_tensor(np.ascontiguousarray(y["time"], dtype=np.float32))
+                e_all = torch.as_tensor(np.ascontiguousarray(y["event"], dtype=np.float32))
+            else:
+                y_all = torch.as_tensor(np.asarray(y), dtype=torch.long)
+                cw = torch.as_tensor(class_weights(np.asarray(y), self.n_classes, self.class_weight)).to(dev)
+            n, bs = len(X), max(2, min(self.batch_size, len(X)))
+            for _ in range(self.epochs):
+                self.module_.train()
+                perm = rng.permutation(n)
+                for start in range(0, n, bs):
+                    idx = perm[start:start + bs]
+                    if len(idx) < 2:  # a lone patient: no risk set, no batch statistics worth a step
+                        continue
+                    inputs = {k: v.to(dev) for k, v in self._inputs(X, idx, rng).items()}
+                    out, _ = self._forward(inputs, train=True)
+                    ti = torch.as_tensor(idx)
+                    if self.is_survival:
+                        loss = cox_ph_loss(out[:, 0], t_all[ti].to(dev), e_all[ti].to(dev))
+                    elif self.loss == "focal":
+                        loss = focal_loss(out, y_all[ti].to(dev), self.focal_gamma, cw)
+                    else:
+                        loss = F.cross_entropy(out, y_all[ti].to(dev), weight=cw)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        self.module_.eval()
+
+    # ---- inference -------------------------------------------------------------------------------------------
+    def _run(self, X: Cohort) -> tuple[np.ndarray, list[dict[str, Any]], np.ndarray]:
+        """Outputs (n, n_out) in patient order, per-batch extras, and the batch order used."""
+        dev = resolve_device(self.device)
+        order = np.argsort(self._instance_count(X), kind="stable")
+        outs = np.zeros((len(X), self.n_out), dtype=np.float64)
+        extras: list[dict[str, Any]] = []
+        bs = max(1, self.batch_size)
+        with torch_env(None, self.n_threads), torch.no_grad():
+            self.module_.eval()
+            for start in range(0, len(X), bs):
+                idx = order[start:start + bs]
+                inputs = {k: v.to(dev) for k, v in self._inputs(X, idx, None).items()}
+                out, extra = self._forward(inputs, train=False)
+                outs[idx] = out.double().cpu().numpy()
+                extra["idx"] = idx
+                extras.append(extra)
+        return outs, extras, order
+
+    def _predict(self, X: Cohort) -> np.ndarray:
+        outs = self._run(X)[0]
+        return outs[:, 0] if self.is_survival else softmax(outs, axis=1)
+
+    # ---- persistence -----------------------------------------------------------------------------------------
+    def _save(self, path: Path) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
+        save_file(state, str(path / WEIGHTS))
+
+    def _load(self, path: Path) -> None:
+        self.module_ = self._build().to(resolve_device(self.device))
+        self.module_.load_state_dict(load_file(str(path / WEIGHTS)))
+        self.module_.eval()
+

@@ -1,0 +1,116 @@
+"""``xgboost``: gradient-boosted trees on pooled features of the chosen modalities.
+
+Features: each modality's per-patient vector (bags mean-pooled over tiles) concatenated; a missing modality
+or value is NaN and handled by xgboost's learnt default directions (no imputation needed, so nothing to fit
+in-fold besides the trees). Objectives: ``binary:logistic``, ``multi:softprob``, ``survival:cox`` (label =
+time, negative for censored, xgboost's convention; the output margin is the log hazard ratio = risk).
+SHAP values come from ``Booster.predict(pred_contribs=True)``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xgboost as xgb
+
+from mmcli.heads.base import Head, register_head
+from mmcli.heads.data import Cohort
+from mmcli.heads.losses import class_weights
+
+MODEL = "model.json"
+
+
+def _safe_names(names: list[str]) -> list[str]:
+    """Feature names xgboost accepts (no '[', ']', '<', ','), made unique again if that created clashes."""
+    safe = [re.sub(r"[\[\]<,]", "_", n) for n in names]
+    if len(set(safe)) < len(safe):
+        safe = [f"{s}#{i}" for i, s in enumerate(safe)]
+    return safe
+
+
+@register_head("xgboost")
+class XGBoostHead(Head):
+    """XGBoost on pooled features.
+
+    Args:
+        n_estimators: boosting rounds.
+        max_depth, learning_rate, subsample, colsample_bytree, min_child_weight, reg_lambda: xgboost's.
+        class_weight: ``balanced`` (sample weights n / (K * count_k)) or ``None``.
+        n_threads: xgboost threads (1 by default: on small cohorts OpenMP synchronisation costs more than it
+            saves, badly so on a busy machine).
+    """
+
+    def __init__(
+        self, task: str = "binary", n_classes: int = 2, seed: int = 0, n_estimators: int = 200, max_depth: int = 3,
+        learning_rate: float = 0.05, subsample: float = 0.8, colsample_bytree: float = 0.5,
+        min_child_weight: float = 1.0, reg_lambda: float = 1.0, class_weight: str | None = "balanced",
+        n_threads: int = 1,
+    ) -> None:
+        super().__init__(task, n_classes, seed)
+        self.n_estimators, self.max_depth, self.learning_rate = n_estimators, max_depth, learning_rate
+        self.subsample, self.colsample_bytree = subsample, colsample_bytree
+        self.min_child_weight, self.reg_lambda = min_child_weight, reg_lambda
+        self.class_weight, self.n_threads = class_weight, n_threads
+
+    def feature_names(self) -> list[str]:
+        return [n for s in self.spec_ for n in s.feature_names()]
+
+    def _matrix(self, X: Cohort) -> np.ndarray:
+        return np.concatenate([X.modalities[s.name].pooled() for s in self.spec_], axis=1).astype(np.float32)
+
+    def _dmatrix(self, X: Cohort, label: np.ndarray | None = None, weight: np.ndarray | None = None) -> xgb.DMatrix:
+        return xgb.DMatrix(self._matrix(X), label=label, weight=weight, missing=np.nan,
+                           feature_names=_safe_names(self.feature_names()), nthread=self.n_threads)
+
+    def _params(self) -> dict[str, object]:
+        p: dict[str, object] = {
+            "max_depth": self.max_depth, "eta": self.learning_rate, "subsample": self.subsample,
+            "colsample_bytree": self.colsample_bytree, "min_child_weight": self.min_child_weight,
+            "lambda": self.reg_lambda, "nthread": self.n_threads, "seed": self.seed, "tree_method": "hist",
+        }
+        if self.task == "survival":
+            p.update(objective="survival:cox", eval_metric="cox-nloglik")
+        elif self.task == "binary":
+            p.update(objective="binary:logistic", eval_metric="logloss")
+        else:
+            p.update(objective="multi:softprob", num_class=self.n_classes, eval_metric="mlogloss")
+        return p
+
+    def _fit(self, X: Cohort, y: np.ndarray) -> None:
+        if self.is_survival:
+            label = np.where(y["event"], y["time"], -y["time"]).astype(np.float64)
+            weight = None
+        else:
+            label = np.asarray(y, dtype=np.float64)
+            weight = class_weights(np.asarray(y), self.n_classes, self.class_weight)[np.asarray(y)]
+        self.booster_ = xgb.train(self._params(), self._dmatrix(X, label, weight), num_boost_round=self.n_estimators)
+
+    def _predict(self, X: Cohort) -> np.ndarray:
+        d = self._dmatrix(X)
+        if self.is_survival:
+            return self.booster_.predict(d, output_margin=True).astype(np.float64)
+        p = self.booster_.predict(d).astype(np.float64)
+        return np.stack([1.0 - p, p], axis=1) if self.task == "binary" else p
+
+    def contributions(self, X: Cohort) -> pd.DataFrame:
+        """SHAP contributions to the output margin (log-odds / log hazard ratio), one column per feature.
+
+        Multiclass: the contributions to the margin of each patient's predicted class. The bias term is
+        left out (it is the same for every patient)."""
+        X = self._aligned(X)
+        d = self._dmatrix(X)
+        c = self.booster_.predict(d, pred_contribs=True)
+        if c.ndim == 3:  # (n, K, F + 1)
+            pred = self.booster_.predict(d).argmax(axis=1)
+            c = c[np.arange(len(pred)), pred]
+        return pd.DataFrame(c[:, :-1], index=pd.Index(X.patients, name="patient_id"), columns=self.feature_names())
+
+    def _save(self, path: Path) -> None:
+        self.booster_.save_model(str(path / MODEL))
+
+    def _load(self, path: Path) -> None:
+        self.booster_ = xgb.Booster()
+        self.booster_.load_model(str(path / MODEL))
+        self.booster_.set_param({"nthread": self.n_threads})

@@ -1,0 +1,172 @@
+"""``mmcli compare RUN_A RUN_B``: is run A better than run B on the same patients?
+
+Both runs' out-of-fold predictions are matched by ``patient_id`` (patients in only one run are counted and
+left out). Differences are always ``A - B``.
+
+* Binary classification: DeLong test for two correlated AUROCs (:func:`mmcli.pipeline.stats.delong_test`).
+* Multiclass: the headline is the **macro one-vs-rest AUROC** difference with a paired bootstrap stratified by
+  class (DeLong covers one binary AUROC, not a macro average); each class's one-vs-rest AUROC is also tested
+  with DeLong (unadjusted p-values, listed per class).
+* Survival: Harrell's c-index difference by paired bootstrap stratified by event status (lifelines
+  ``concordance_index``; higher risk = shorter survival).
+
+Values are computed on the **pooled out-of-fold predictions** of the shared patients (one prediction per
+patient, from the fold model that did not see it), so they can differ slightly from ``metrics.json``, which
+reports the mean over folds.
+
+Runs must have the same task and endpoint (target, or time/event columns), the same classes and the same
+labels on every shared patient; otherwise :class:`InputError` (exit 2).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.stats import auroc_bootstrap, cindex_bootstrap, delong_test
+from mmcli.stages.rundir import CLASSIFICATION, SURVIVAL, Run, load_run
+
+
+def _check_compatible(a: Run, b: Run) -> None:
+    if a.task != b.task:
+        raise InputError(f"cannot compare a {a.task} run ({a.path}) with a {b.task} run ({b.path})")
+    ea, eb = a.endpoint, b.endpoint
+    for key in ea:
+        if ea[key] is not None and eb[key] is not None and ea[key] != eb[key]:
+            raise InputError(f"runs predict different endpoints: {key}={ea[key]!r} in {a.path} "
+                             f"but {key}={eb[key]!r} in {b.path}")
+    if a.task == CLASSIFICATION and sorted(a.classes) != sorted(b.classes):
+        raise InputError(f"runs have different classes: {a.classes} ({a.path}) vs {b.classes} ({b.path})")
+
+
+def _matched(a: Run, b: Run) -> tuple[pd.DataFrame, pd.DataFrame, int, int]:
+    pa, pb = a.require_predictions(), b.require_predictions()
+    ids_a, ids_b = set(pa["patient_id"]), set(pb["patient_id"])
+    shared = sorted(ids_a & ids_b)
+    if not shared:
+        raise InputError(f"no patient appears in both {a.path / 'predictions.csv'} and "
+                         f"{b.path / 'predictions.csv'}: nothing to compare")
+    ia = pa.set_index("patient_id").loc[shared].reset_index()
+    ib = pb.set_index("patient_id").loc[shared].reset_index()
+    return ia, ib, len(ids_a - ids_b), len(ids_b - ids_a)
+
+
+def _check_same_labels(what: str, va: np.ndarray, vb: np.ndarray, ids: pd.Series, a: Run, b: Run) -> None:
+    differ = ~np.isclose(va, vb) if np.issubdtype(va.dtype, np.floating) else va != vb
+    if differ.any():
+        bad = ids[differ].tolist()[:5]
+        raise InputError(f"runs disagree on {what} for {int(differ.sum())} shared patient(s), e.g. {bad} "
+                         f"({a.path} vs {b.path}): were they fitted on the same labels table?")
+
+
+def _subrun(run: Run, pred: pd.DataFrame) -> Run:
+    return Run(run.path, run.config, run.metrics, pred)
+
+
+def _side(run: Run, value: float) -> dict[str, Any]:
+    return {"path": str(run.path), "head": run.head, "modalities": run.modalities, "value": value}
+
+
+def _classification(a: Run, b: Run, pa: pd.DataFrame, pb: pd.DataFrame, n_boot: int, seed: int,
+                    alpha: float) -> dict[str, Any]:
+    ra, rb = _subrun(a, pa), _subrun(b, pb)
+    classes = a.classes
+    ya = ra.class_index()
+    yb = np.array([classes.index(c) for c in b.classes])[rb.class_index()]  # B's class order -> A's
+    _check_same_labels("y_true", ya, yb, pa["patient_id"], a, b)
+    prob_a = ra.prob_matrix()
+    prob_b = pb[["prob_" + c for c in classes]].to_numpy(dtype=float)
+    present = np.unique(ya)
+    if len(present) < 2:
+        raise InputError(f"the {len(ya)} shared patients all have class {classes[present[0]]!r}: AUROC is undefined")
+    if len(classes) == 2:
+        d = delong_test((ya == 1).astype(int), prob_a[:, 1], prob_b[:, 1], alpha=alpha)
+        return {"metric": "auroc", "method": "delong", "positive_class": classes[1],
+                "value_a": d.auc_a, "value_b": d.auc_b, "difference": d.difference, "ci_low": d.ci_low,
+                "ci_high": d.ci_high, "p_value": d.p_value, "se": d.se, "z": d.z}
+    if len(present) < len(classes):
+        missing = [classes[i] for i in range(len(classes)) if i not in present]
+        raise InputError(f"classes {missing} have no shared patient: the macro AUROC is undefined")
+    boot = auroc_bootstrap(ya, prob_a, prob_b, n_boot=n_boot, seed=seed, alpha=alpha)
+    per_class = []
+    for c, name in enumerate(classes):
+        d = delong_test((ya == c).astype(int), prob_a[:, c], prob_b[:, c], alpha=alpha)
+        per_class.append({"class": name, "auc_a": d.auc_a, "auc_b": d.auc_b, "difference": d.difference,
+                          "ci_low": d.ci_low, "ci_high": d.ci_high, "p_value": d.p_value})
+    return {"metric": "auroc_macro_ovr", "method": "paired_bootstrap", "value_a": boot.estimate_a,
+            "value_b": boot.estimate_b, "difference": boot.difference, "ci_low": boot.ci_low,
+            "ci_high": boot.ci_high, "p_value": boot.p_value, "n_boot": n_boot, "n_valid": boot.n_valid,
+            "seed": seed, "per_class": per_class, "per_class_method": "delong_ovr_unadjusted"}
+
+
+def _survival(a: Run, b: Run, pa: pd.DataFrame, pb: pd.DataFrame, n_boot: int, seed: int,
+              alpha: float) -> dict[str, Any]:
+    ids = pa["patient_id"]
+    ta, tb = pa["time"].to_numpy(float), pb["time"].to_numpy(float)
+    ea, eb = pa["event"].to_numpy(int), pb["event"].to_numpy(int)
+    _check_same_labels("time", ta, tb, ids, a, b)
+    _check_same_labels("event", ea, eb, ids, a, b)
+    if ea.sum() == 0:
+        raise InputError(f"none of the {len(ea)} shared patients has an observed event: the c-index is undefined")
+    boot = cindex_bootstrap(ta, ea, pa["risk"].to_numpy(float), pb["risk"].to_numpy(float),
+                            n_boot=n_boot, seed=seed, alpha=alpha)
+    return {"metric": "c_index", "method": "paired_bootstrap", "value_a": boot.estimate_a,
+            "value_b": boot.estimate_b, "difference": boot.difference, "ci_low": boot.ci_low,
+            "ci_high": boot.ci_high, "p_value": boot.p_value, "n_boot": n_boot, "n_valid": boot.n_valid,
+            "seed": seed, "n_events": int(ea.sum())}
+
+
+def compare(run_a: str | Path, run_b: str | Path, *, n_boot: int = 2000, seed: int = 0,
+            alpha: float = 0.05) -> dict[str, Any]:
+    """Compare two run dirs on their shared patients; returns a JSON-able dict (difference = A - B).
+
+    Keys: ``task, metric, method, run_a, run_b`` (path, head, modalities, value), ``n_matched, n_only_a,
+    n_only_b, difference, ci_low, ci_high, p_value, alpha``, plus ``n_boot/seed`` (bootstrap) or ``se/z``
+    (DeLong), ``per_class`` (multiclass), ``n_events`` (survival).
+    """
+    a, b = load_run(run_a), load_run(run_b)
+    _check_compatible(a, b)
+    pa, pb, only_a, only_b = _matched(a, b)
+    fn = _survival if a.task == SURVIVAL else _classification
+    res = fn(a, b, pa, pb, n_boot, seed, alpha)
+    out: dict[str, Any] = {
+        "task": a.task, "metric": res.pop("metric"), "method": res.pop("method"),
+        "run_a": _side(a, res.pop("value_a")), "run_b": _side(b, res.pop("value_b")),
+        "n_matched": len(pa), "n_only_a": only_a, "n_only_b": only_b, "alpha": alpha, "scope": "pooled_oof",
+    }
+    out.update(res)
+    return out
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """A readable plain-text table of :func:`compare`'s result."""
+    conf = round(100 * (1 - result["alpha"]))
+    a, b = result["run_a"], result["run_b"]
+    w = max(10, len(result["metric"]))
+    lines = [
+        f"{result['task']} comparison: {result['metric']} ({result['method'].replace('_', ' ')}), "
+        f"{result['n_matched']} shared patients"
+        + (f" ({result['n_only_a']} only in A, {result['n_only_b']} only in B: left out)"
+           if result["n_only_a"] or result["n_only_b"] else ""),
+        "",
+        f"  {'run':<4} {'head':<16} {'modalities':<32} {result['metric']:>{w}}",
+        f"  {'A':<4} {a['head']:<16} {','.join(a['modalities']) or '-':<32} {a['value']:>{w}.4f}   {a['path']}",
+        f"  {'B':<4} {b['head']:<16} {','.join(b['modalities']) or '-':<32} {b['value']:>{w}.4f}   {b['path']}",
+        "",
+        f"  A - B = {result['difference']:+.4f}   {conf}% CI [{result['ci_low']:+.4f}, {result['ci_high']:+.4f}]"
+        f"   p = {result['p_value']:.4g}",
+    ]
+    if result.get("per_class"):
+        lines += ["", "  per class (one-vs-rest AUROC, DeLong, unadjusted p):",
+                  f"  {'class':<20} {'A':>8} {'B':>8} {'A - B':>8} {'p':>10}"]
+        for r in result["per_class"]:
+            lines.append(f"  {r['class']:<20} {r['auc_a']:>8.4f} {r['auc_b']:>8.4f} {r['difference']:>+8.4f} "
+                         f"{r['p_value']:>10.4g}")
+    lines.append(f"\n  values: pooled out-of-fold {result['metric']} of the shared patients "
+                 "(metrics.json reports the mean over folds)")
+    if result.get("n_boot"):
+        lines.append(f"  bootstrap: {result['n_valid']}/{result['n_boot']} usable resamples, seed {result['seed']}")
+    return "\n".join(lines)

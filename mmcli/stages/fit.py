@@ -1,0 +1,353 @@
+"""``mmcli fit``: cross-validate a head on cached features, write the run directory, refit the final model.
+
+Run directory (``out``)::
+
+    config.json          head, params, task, target / time+event, classes, modalities, encoder_ids, folds, seed,
+                         store, labels, features_sha256, excluded patients, timings, mmcli version, created
+    metrics.json         {"head","task","modalities","folds","n_patients","metrics":{name:{mean,ci_low,ci_high,
+                         per_fold}},"encoder_ids","seed","created"}  (see mmcli.pipeline.metrics)
+    predictions.csv      out-of-fold: patient_id,fold,y_true,y_pred,prob_<class>...  |  patient_id,fold,time,event,risk
+    folds.json           {patient_id: fold}
+    cv_audit.json        per fold: the patients each preprocessing step was fit on, and their overlap with the
+                         fold's test patients (0)
+    model/               final model refit on all patients: config.json, weights, preprocess.{json,safetensors}
+    modality_weights.json  fusion_mlp: {modality: weight}, averaged over folds
+    shap.csv             xgboost: patient_id + one column per feature, out-of-fold SHAP contributions
+    attention.csv        attention_mil and fusion_mlp (pool=attention), out-of-fold tile attention:
+                         patient_id,item_id,index,attention  (several bag modalities: attention.<modality>.csv)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time as _time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mmcli import __version__
+from mmcli.features.store import open_store
+from mmcli.heads.base import create_head, head_class
+from mmcli.heads.cv import FoldResult, cross_validate, head_params
+from mmcli.heads.data import Cohort, Source, load_cohort, resolve_sources
+from mmcli.heads.targets import Target, build_target, read_labels
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.metrics import summarise
+
+OPTIONAL_OUTPUTS = ("modality_weights.json", "shap.csv", "attention.csv", "attention.*.csv")
+
+
+def fit(
+    head: str,
+    store: str | Path,
+    labels: str | Path | pd.DataFrame,
+    out: str | Path,
+    *,
+    target: str | None = None,
+    time: str | None = None,
+    event: str | None = None,
+    modalities: Sequence[str] | None = None,
+    encoders: dict[str, str] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    params: dict[str, Any] | None = None,
+    n_boot: int = 200,
+    drop_unmatched: bool = False,
+    explain: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Cross-validate ``head`` by patient, write the run directory ``out`` and return metrics.json's content.
+
+    Args:
+        head: registered head name (``attention_mil``, ``fusion_mlp``, ``xgboost``, ``cox``).
+        store: feature store path. labels: labels CSV (or a DataFrame with ``patient_id``).
+        target: classification column; or ``time`` (> 0, any unit) + ``event`` (1 = observed, 0 = censored).
+        modalities: store modalities and/or table names; default all of them (attention_mil: ``wsi``).
+        encoders: ``{modality: encoder_id}`` where a modality has features of several encoders.
+        folds, seed: K of the stratified patient-level K-fold, and the seed of splits and models.
+        params: head parameters (e.g. ``{"fusion": "bilinear", "epochs": 20}``).
+        n_boot: bootstrap replicates of the confidence intervals.
+        drop_unmatched: leave out (and record) labelled patients missing from the store, store patients
+            without labels and rows with a missing label, instead of refusing them.
+        explain: also write attention / SHAP / modality weights where the head has them.
+    """
+    say = log or (lambda _msg: None)
+    t_start = time_now = _clock()
+    cls = head_class(head)
+    out = Path(out)
+    store_path = Path(store)
+    fs = open_store(store_path, "r")
+    names = _default_modalities(fs, head) if modalities is None else list(modalities)
+    sources = resolve_sources(fs, names, encoders)
+    table = read_labels(labels)
+    tgt = build_target(table, target=target, time=time, event=event, drop_missing=drop_unmatched)
+    if tgt.task not in cls.tasks:
+        raise InputError(f"head {head!r} supports {list(cls.tasks)}; the labels give a {tgt.task} task. "
+                         "Fix: choose another --head or other label columns.")
+    tgt, excluded = _align(fs, sources, tgt, drop_unmatched)
+    say(f"{len(tgt.patients)} patients, modalities {[s.name for s in sources]}, task {tgt.task}")
+    cohort = load_cohort(fs, sources, tgt.patients)
+    tgt, cohort, no_data = _require_data(head, cohort, tgt)
+    if no_data:
+        excluded["missing_required_modality"] = no_data
+        say(f"left out {len(no_data)} patients without the modality {head} needs: {no_data[:5]}...")
+    t_load = _clock() - time_now
+    say(f"loaded features in {t_load:.1f}s ({len(cohort) / max(t_load, 1e-9):.1f} patients/s)")
+
+    time_now = _clock()
+    results = cross_validate(head, cohort, tgt, folds, seed, params, explain=explain, log=say)
+    t_cv = _clock() - time_now
+    time_now = _clock()
+    metrics = summarise([r.eval for r in results], n_boot=n_boot, seed=seed)
+    t_metrics = _clock() - time_now
+
+    time_now = _clock()
+    final = create_head(head, **head_params(head, tgt, seed, params)).fit(cohort, tgt.y)
+    t_refit = _clock() - time_now
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in OPTIONAL_OUTPUTS:  # from an earlier run into the same folder; they would now mislead
+        for f in out.glob(stale):
+            f.unlink()
+    encoder_ids = {s.name: (s.encoder_id if s.encoder_id else "tabular") for s in sources}
+    created = _time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    modality_names = [s.name for s in sources]
+    run = {
+        "head": head, "params": final.get_params(), "task": tgt.kind, "problem": tgt.task,
+        "target": tgt.target, "time": tgt.time, "event": tgt.event, "classes": tgt.classes,
+        "modalities": modality_names, "encoder_ids": encoder_ids, "folds": folds, "seed": seed,
+        "store": str(store_path.resolve()), "labels": _labels_ref(labels), "features_sha256": cohort.features_sha256,
+        "n_patients": len(tgt.patients), "excluded_patients": {**tgt.dropped, **excluded},
+        "risk_convention": "risk = log hazard ratio; higher = shorter survival" if tgt.task == "survival" else None,
+        "n_boot": n_boot, "mmcli_version": __version__, "created": created,
+    }
+    _save_model(final, out / "model", run)
+    metrics_doc = {"head": head, "task": tgt.kind, "modalities": modality_names, "folds": folds,
+                   "n_patients": len(tgt.patients), "metrics": metrics, "encoder_ids": encoder_ids, "seed": seed,
+                   "created": created}
+    _write_predictions(out / "predictions.csv", results, tgt)
+    _write_json(out / "folds.json", {tgt.patients[i]: r.fold for r in results for i in r.test_idx})
+    _write_json(out / "cv_audit.json", _audit(results, tgt))
+    if explain:
+        _write_explanations(out, results, cohort, tgt)
+    run["timings_s"] = {"load": round(t_load, 3), "cv": round(t_cv, 3), "metrics": round(t_metrics, 3),
+                        "refit": round(t_refit, 3), "total": round(_clock() - t_start, 3)}
+    _write_json(out / "config.json", run)
+    _write_json(out / "metrics.json", metrics_doc)
+    say(f"cross-validation {t_cv:.1f}s, refit {t_refit:.1f}s; wrote {out}")
+    return metrics_doc
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------
+def _clock() -> float:
+    return _time.perf_counter()
+
+
+def _default_modalities(fs: Any, head: str) -> list[str]:
+    mods, tables = list(fs.modalities()), list(fs.tables())
+    if head == "attention_mil":
+        if "wsi" in mods:
+            return ["wsi"]
+        raise InputError(f"{fs.path}: attention_mil needs a bag modality and the store has no 'wsi'. "
+                         f"Fix: pass --modalities with one of {mods}.")
+    return mods + tables
+
+
+def _labels_ref(labels: Any) -> str:
+    return str(Path(labels).resolve()) if isinstance(labels, (str, Path)) else "<DataFrame>"
+
+
+def _align(fs: Any, sources: Sequence[Source], tgt: Target, drop: bool) -> tuple[Target, dict]:
+    """Labelled patients vs patients with any chosen modality: both must match unless ``drop``."""
+    in_store: set[str] = set()
+    for s in sources:
+        if s.encoder_id is not None:
+            in_store |= {k.patient_id for k in fs.iter_items(s.name, s.encoder_id)}
+        else:
+            in_store |= {str(p) for p in fs.read_table(s.name).index}
+    labelled = set(tgt.patients)
+    unknown = sorted(labelled - in_store)
+    unlabelled = sorted(in_store - labelled - set(tgt.dropped.get("missing_label", [])))
+    excluded: dict[str, list[str]] = {}
+    names = [s.name for s in sources]
+    if unknown:
+        if not drop:
+            raise InputError(f"{tgt.source}: {len(unknown)} labelled patient(s) have none of the modalities {names} "
+                             f"in {fs.path}: {unknown[:8]}. Fix: check the ids, extract their features, or pass "
+                             "--drop-unmatched to leave them out.")
+        excluded["not_in_store"] = unknown
+    if unlabelled:
+        if not drop:
+            raise InputError(f"{tgt.source}: {len(unlabelled)} patient(s) in {fs.path} have no row in the labels: "
+                             f"{unlabelled[:8]}. Fix: add their labels, or pass --drop-unmatched to leave them out.")
+        excluded["no_label"] = unlabelled
+    keep = [p for p in sorted(labelled) if p in in_store]
+    if not keep:
+        raise InputError(f"no patient has both a label in {tgt.source} and features in {fs.path}.")
+    return tgt.subset(keep), excluded
+
+
+def _require_data(head: str, cohort: Cohort, tgt: Target) -> tuple[Target, Cohort, list[str]]:
+    """attention_mil needs its bag; other heads need at least one modality (fusion handles the rest)."""
+    pres = cohort.presence()
+    ok = pres.all(axis=1) if head == "attention_mil" else pres.any(axis=1)
+    if ok.all():
+        return tgt, cohort, []
+    idx = np.flatnonzero(ok)
+    dropped = [cohort.patients[i] for i in np.flatnonzero(~ok)]
+    return tgt.subset([cohort.patients[i] for i in idx]), cohort.subset(idx), dropped
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------
+def _write_json(path: Path, doc: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=_json_default, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    df.to_csv(tmp, index=False, float_format="%.8g")
+    os.replace(tmp, path)
+
+
+def _save_model(final: Any, model_dir: Path, run: dict[str, Any]) -> None:
+    """Save into a staging folder, add the run's metadata to its config.json, then swap it in."""
+    stage = model_dir.with_name(f".model.{uuid.uuid4().hex}")
+    final.save(stage)
+    cfg = json.loads((stage / "config.json").read_text())
+    cfg["run"] = {k: run[k] for k in ("task", "problem", "target", "time", "event", "classes", "modalities",
+                                      "encoder_ids", "features_sha256", "seed", "created", "risk_convention")}
+    _write_json(stage / "config.json", cfg)
+    if model_dir.exists():
+        old = model_dir.with_name(f".model-old.{uuid.uuid4().hex}")
+        os.rename(model_dir, old)
+        os.rename(stage, model_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(stage, model_dir)
+
+
+def prediction_frame(patients: Sequence[str], pred: np.ndarray, tgt_task: str, classes: Sequence[str] | None
+                     ) -> pd.DataFrame:
+    """``patient_id`` + ``y_pred, prob_<class>...`` (classification) or ``risk`` (survival)."""
+    df = pd.DataFrame({"patient_id": list(patients)})
+    if tgt_task == "survival":
+        df["risk"] = pred
+        return df
+    assert classes is not None
+    df["y_pred"] = [classes[i] for i in np.asarray(pred).argmax(axis=1)]
+    for k, c in enumerate(classes):
+        df[f"prob_{c}"] = pred[:, k]
+    return df
+
+
+def _write_predictions(path: Path, results: list[FoldResult], tgt: Target) -> None:
+    frames = []
+    for r in results:
+        pids = [tgt.patients[i] for i in r.test_idx]
+        df = prediction_frame(pids, r.pred, tgt.task, tgt.classes)
+        df.insert(1, "fold", r.fold)
+        if tgt.task == "survival":
+            y = tgt.y[r.test_idx]
+            df.insert(2, "time", y["time"])
+            df.insert(3, "event", y["event"].astype(int))
+        else:
+            assert tgt.classes is not None
+            df.insert(2, "y_true", [tgt.classes[c] for c in tgt.y[r.test_idx]])
+        frames.append(df)
+    order = {p: i for i, p in enumerate(tgt.patients)}
+    out = pd.concat(frames, ignore_index=True)
+    out = out.iloc[np.argsort(out["patient_id"].map(order).to_numpy(), kind="stable")]
+    _write_csv(path, out)
+
+
+def _audit(results: list[FoldResult], tgt: Target) -> dict[str, Any]:
+    folds = []
+    for r in results:
+        test = {tgt.patients[i] for i in r.test_idx}
+        folds.append({
+            "fold": r.fold, "n_train": len(r.train_idx), "n_test": len(r.test_idx),
+            "preprocessing_fit_on": r.preprocessing_patients,
+            "overlap_with_test": {n: len(test & set(p)) for n, p in r.preprocessing_patients.items()},
+        })
+    return {"folds": folds}
+
+
+def attention_frame(patients: Sequence[str], cohort_items: Sequence[list[tuple[str, int]]],
+                    attention: Sequence[np.ndarray | None]) -> pd.DataFrame:
+    """Rows ``patient_id,item_id,index,attention``: ``index`` is the row within that item's features."""
+    pid_col, item_col, idx_col, att_col = [], [], [], []
+    for pid, items, att in zip(patients, cohort_items, attention):
+        if att is None:
+            continue
+        for iid, n in items:
+            pid_col.append(np.full(n, pid, dtype=object))
+            item_col.append(np.full(n, iid, dtype=object))
+            idx_col.append(np.arange(n))
+        att_col.append(np.asarray(att, dtype=np.float64))
+    if not att_col:
+        return pd.DataFrame(columns=["patient_id", "item_id", "index", "attention"])
+    return pd.DataFrame({"patient_id": np.concatenate(pid_col), "item_id": np.concatenate(item_col),
+                         "index": np.concatenate(idx_col), "attention": np.concatenate(att_col)})
+
+
+def _write_explanations(out: Path, results: list[FoldResult], cohort: Cohort, tgt: Target) -> None:
+    weights = [r.modality_weights for r in results if r.modality_weights]
+    if weights:
+        _write_json(out / "modality_weights.json",
+                    {m: float(np.mean([w[m] for w in weights])) for m in weights[0]})
+    contrib = [r.contributions for r in results if r.contributions is not None]
+    if contrib:
+        shap = pd.concat(contrib)
+        shap = shap.loc[[p for p in tgt.patients if p in shap.index]].reset_index()
+        _write_csv(out / "shap.csv", shap)
+    frames: dict[str, list[pd.DataFrame]] = {}
+    for r in results:
+        for name, att in (r.attention or {}).items():
+            items = cohort.modalities[name].items
+            assert items is not None
+            frames.setdefault(name, []).append(attention_frame(
+                [tgt.patients[i] for i in r.test_idx], [items[i] for i in r.test_idx], att))
+    for name, fr in frames.items():
+        _write_csv(out / ("attention.csv" if len(frames) == 1 else f"attention.{name}.csv"),
+                   pd.concat(fr, ignore_index=True))
+
+
+# ---- CLI helpers ---------------------------------------------------------------------------------------------
+def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["epochs=20", "fusion=bilinear", "class_weight=null"]`` -> dict; values parsed as JSON, else text."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--param {pair!r}: expected KEY=VALUE, e.g. --param epochs=20.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def parse_encoders(pairs: Sequence[str]) -> dict[str, str]:
+    """``["wsi=resnet50_trunc-abc123"]`` -> ``{"wsi": "resnet50_trunc-abc123"}``."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise InputError(f"--encoder {pair!r}: expected MODALITY=ENCODER_ID, e.g. --encoder wsi=ENCODER_ID.")
+        out[key.strip()] = value.strip()
+    return out

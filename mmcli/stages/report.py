@@ -1,0 +1,260 @@
+"""``mmcli report --run DIR``: a self-contained ``DIR/report.html`` for one run dir.
+
+Self-contained means one file: figures are inline base64 PNGs, the CSS is inline, there is no script and no
+external link, so the report can be mailed or archived as is. Sections: run header; metrics with 95% CIs and
+per-fold values; classification ROC / precision-recall / calibration / confusion matrix, or survival
+Kaplan-Meier curves of out-of-fold risk groups with the log-rank p; fusion modality weights; xgboost SHAP
+summary; attention heatmaps and top tiles. A missing optional artefact gives a section that says it is absent.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcli import __version__
+from mmcli.stages import report_plots as plots
+from mmcli.stages.report_attention import attention_section
+from mmcli.stages.rundir import CLASSIFICATION, Run, load_run, read_csv, read_json
+
+REPORT_NAME = "report.html"
+SHAP_TOP = 20
+_NON_FEATURE = {"patient_id", "fold", "bias", "base_value", "expected_value"}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;line-height:1.4;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}td,th{border:1px solid #ddd;padding:.25em .6em;
+text-align:left;vertical-align:top}th{background:#f4f4f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.absent{color:#8a6d3b;background:#fcf8e3;padding:.4em .7em;border-radius:4px}.note{color:#555;font-size:.9em}
+img{max-width:100%;margin:.3em .5em .3em 0;vertical-align:top}.figs{display:flex;flex-wrap:wrap}
+code{background:#f4f4f6;padding:0 .25em;border-radius:3px}footer{margin-top:2.5em;color:#888;font-size:.85em}
+"""
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _text(v: Any) -> str:
+    """Header cell text: dicts as compact sorted JSON, everything else as ``str``."""
+    return json.dumps(v, sort_keys=True, default=str) if isinstance(v, dict) else str(v)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return _esc(v)
+    return "–" if not np.isfinite(f) else f"{f:.{digits}f}"
+
+
+def _absent(text: str) -> str:
+    return f"<p class='absent'>{text}</p>"
+
+
+def _section(title: str, build: Callable[[], str]) -> str:
+    """One ``<h2>`` section; a failure inside it is shown in place instead of killing the report."""
+    try:
+        body = build()
+    except Exception as e:  # noqa: BLE001 - a broken artefact costs its section, not the report
+        body = _absent(f"this section could not be drawn: {_esc(type(e).__name__)}: {_esc(e)}")
+    return f"<section><h2>{_esc(title)}</h2>\n{body}\n</section>"
+
+
+# ---- sections -----------------------------------------------------------------------------------------
+def _header(run: Run) -> str:
+    cfg, met = run.config, run.metrics or {}
+    rows: list[tuple[str, Any]] = [
+        ("run dir", run.path.resolve()),
+        ("head", run.head),
+        ("head params", cfg.get("params") or cfg.get("head_params")),
+        ("task", run.task),
+    ]
+    if run.task == CLASSIFICATION:
+        rows += [("target", cfg.get("target")), ("classes", ", ".join(run.classes))]
+    else:
+        rows += [("time / event", f"{cfg.get('time')} / {cfg.get('event')} (event 1 = observed)")]
+    enc = run.encoder_ids
+    rows += [
+        ("modalities", ", ".join(run.modalities)),
+        ("encoder ids", "; ".join(f"{m}: {e}" for m, e in enc.items()) if enc else None),
+        ("patients", met.get("n_patients", cfg.get("n_patients",
+                                                   None if run.predictions is None else len(run.predictions)))),
+        ("folds", cfg.get("folds", met.get("folds"))),
+        ("seed", cfg.get("seed", met.get("seed"))),
+        ("store", cfg.get("store") or cfg.get("store_path")),
+        ("labels", cfg.get("labels") or cfg.get("labels_path")),
+        ("features sha256", cfg.get("features_sha256")),
+        ("mmcli version", cfg.get("mmcli_version") or cfg.get("version")),
+        ("created", cfg.get("created", met.get("created"))),
+    ]
+    excluded = {k: len(v) for k, v in (cfg.get("excluded_patients") or {}).items() if v}
+    if excluded:
+        rows.append(("excluded patients", ", ".join(f"{k}: {n}" for k, n in excluded.items())))
+    body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_text(v))}</td></tr>" for k, v in rows
+                   if v not in (None, "", {}, []))
+    return f"<table>{body}</table>"
+
+
+def _metrics_table(run: Run) -> str:
+    if run.metrics is None:
+        return _absent("No <code>metrics.json</code> in this run.")
+    metrics = run.metrics.get("metrics") or {}
+    if not metrics:
+        return _absent("<code>metrics.json</code> holds no metrics.")
+    n_folds = max((len(m.get("per_fold") or []) for m in metrics.values() if isinstance(m, dict)), default=0)
+    head = "".join(f"<th>fold {i + 1}</th>" for i in range(n_folds))
+    out = [f"<table><tr><th>metric</th><th>mean</th><th>95% CI</th>{head}</tr>"]
+    for name, m in metrics.items():
+        if not isinstance(m, dict):
+            out.append(f"<tr><td>{_esc(name)}</td><td class='num'>{_fmt(m)}</td><td></td>"
+                       f"{'<td></td>' * n_folds}</tr>")
+            continue
+        folds = list(m.get("per_fold") or [])
+        cells = "".join(f"<td class='num'>{_fmt(v)}</td>" for v in folds) + "<td></td>" * (n_folds - len(folds))
+        out.append(f"<tr><td>{_esc(name)}</td><td class='num'>{_fmt(m.get('mean'))}</td>"
+                   f"<td class='num'>[{_fmt(m.get('ci_low'))}, {_fmt(m.get('ci_high'))}]</td>{cells}</tr>")
+    out.append("</table><p class='note'>Mean of the per-fold values (each on a held-out fold) with its 95% "
+               "bootstrap confidence interval, as computed by <code>mmcli fit</code>.</p>")
+    return "".join(out)
+
+
+def _classification_figs(run: Run) -> str:
+    pred = run.require_predictions()
+    classes = run.classes
+    y, probs = run.class_index(), run.prob_matrix()
+    if "y_pred" in pred.columns:
+        lookup = {c: i for i, c in enumerate(classes)}
+        y_pred_raw = pred["y_pred"].astype(str)
+        y_pred = (np.array([lookup[v] for v in y_pred_raw]) if y_pred_raw.isin(lookup).all()
+                  else probs.argmax(axis=1))
+    else:
+        y_pred = probs.argmax(axis=1)
+    note = (f"Positive class: <code>{_esc(classes[1])}</code>." if len(classes) == 2
+            else "Multiclass: one curve per class (one-vs-rest).")
+    figs = [plots.img_tag(plots.roc_figure(y, probs, classes), "ROC curve"),
+            plots.img_tag(plots.pr_figure(y, probs, classes), "precision-recall curve"),
+            plots.img_tag(plots.calibration_figure(y, probs, classes), "calibration curve"),
+            plots.img_tag(plots.confusion_figure(y, y_pred, classes), "confusion matrix")]
+    return f"<p class='note'>{len(y)} patients, out-of-fold predictions. {note}</p><div class='figs'>" \
+           + "".join(figs) + "</div>"
+
+
+def _survival_figs(run: Run) -> str:
+    pred = run.require_predictions()
+    time, event = pred["time"].to_numpy(float), pred["event"].to_numpy(int)
+    risk = pred["risk"].to_numpy(float)
+    if event.sum() == 0:
+        return _absent("No observed events among the out-of-fold predictions: Kaplan-Meier groups are "
+                       "not informative.")
+    png, info = plots.km_figure(time, event, risk, time_unit=str(run.config.get("time_unit") or ""))
+    from mmcli.pipeline.stats import concordance
+
+    c_oof = concordance(time, event, risk)
+    cm = ((run.metrics or {}).get("metrics") or {}).get("c_index") or {}
+    rows = "".join(f"<tr><td>{_esc(g)}</td><td class='num'>{n}</td><td class='num'>{e}</td></tr>"
+                   for g, n, e in zip(info["groups"], info["sizes"], info["events"]))
+    p = info["logrank_p"]
+    parts = [
+        f"<p class='note'>Patients split by out-of-fold predicted risk "
+        f"({'tertiles' if len(info['groups']) == 3 else 'median split'}; higher risk = shorter predicted "
+        f"survival). {_esc(info['test'])} p = {_fmt(p, 4) if p is not None else '–'}. "
+        f"Harrell's c-index of the pooled out-of-fold risk: {_fmt(c_oof)}"
+        + (f"; per-fold mean {_fmt(cm.get('mean'))} [95% CI {_fmt(cm.get('ci_low'))}, {_fmt(cm.get('ci_high'))}]"
+           if cm else "") + ".</p>",
+        f"<table><tr><th>group</th><th>patients</th><th>events</th></tr>{rows}</table>",
+        f"<div class='figs'>{plots.img_tag(png, 'Kaplan-Meier curves by risk group')}</div>",
+    ]
+    return "".join(parts)
+
+
+def _predictions_section(run: Run) -> str:
+    if run.predictions is None:
+        return _absent("No <code>predictions.csv</code> in this run: no curves can be drawn.")
+    return _classification_figs(run) if run.task == CLASSIFICATION else _survival_figs(run)
+
+
+def _weights_section(run: Run) -> str:
+    path = run.optional("modality_weights.json")
+    if path is None:
+        return _absent("No <code>modality_weights.json</code> (written by <code>fusion_mlp</code> runs).")
+    raw = read_json(path)
+    if not isinstance(raw, dict) or not raw:
+        return _absent("<code>modality_weights.json</code> is empty or not a {modality: weight} object.")
+    names, means, sds = [], [], []
+    for m, w in raw.items():
+        vals = np.atleast_1d(np.asarray(w, dtype=float)).ravel()
+        names.append(m)
+        means.append(float(vals.mean()))
+        sds.append(float(vals.std(ddof=1)) if len(vals) > 1 else 0.0)
+    errors = sds if any(sds) else None
+    rows = "".join(f"<tr><td>{_esc(n)}</td><td class='num'>{_fmt(v)}</td></tr>" for n, v in zip(names, means))
+    png = plots.bar_figure(names, means, errors=errors, title="Learnt modality weights",
+                           xlabel="weight" + (" (mean ± sd over folds)" if errors else ""))
+    return f"<table><tr><th>modality</th><th>weight</th></tr>{rows}</table>{plots.img_tag(png, 'modality weights')}"
+
+
+def _shap_section(run: Run) -> str:
+    path = run.optional("shap.csv")
+    if path is None:
+        return _absent("No <code>shap.csv</code> (written by <code>xgboost</code> runs).")
+    df = read_csv(path)
+    feats = [c for c in df.columns if c.lower() not in _NON_FEATURE]
+    if not feats or df.empty:
+        return _absent("<code>shap.csv</code> has no feature columns.")
+    vals = df[feats].apply(lambda s: np.abs(s.astype(float))).mean(axis=0)
+    top = vals.sort_values(ascending=False).head(SHAP_TOP)
+    png = plots.bar_figure(list(top.index), top.to_numpy(), title=f"Top {len(top)} features by mean |SHAP|",
+                           xlabel="mean |SHAP value| (out-of-fold, margin units)")
+    return (f"<p class='note'>{len(df)} patients, {len(feats)} features; SHAP values from xgboost "
+            f"<code>pred_contribs</code> on each patient's held-out fold.</p>{plots.img_tag(png, 'SHAP summary')}")
+
+
+def _render(run: Run, attention_patients: int, top_tiles: int) -> str:
+    title = f"mmcli report: {run.head} ({run.task})"
+    sections = [
+        _section("Run", lambda: _header(run)),
+        _section("Metrics", lambda: _metrics_table(run)),
+        _section("Out-of-fold predictions", lambda: _predictions_section(run)),
+        _section("Fusion modality weights", lambda: _weights_section(run)),
+        _section("SHAP summary (xgboost)", lambda: _shap_section(run)),
+        _section("Attention", lambda: attention_section(run, n_patients=attention_patients, top_k=top_tiles)),
+    ]
+    now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n<h1>{_esc(title)}</h1>\n" + "\n".join(sections)
+            + f"\n<footer>Generated by mmcli {_esc(__version__)} on {_esc(now)}.</footer>\n</body></html>\n")
+
+
+def report(run_dir: str | Path, *, out: str | Path | None = None, attention_patients: int = 3,
+           top_tiles: int = 8) -> Path:
+    """Write ``report.html`` for ``run_dir`` (or to ``out``) and return its path.
+
+    ``attention_patients``: how many patients (highest out-of-fold score first) get attention heatmaps;
+    ``top_tiles``: how many highest-attention tiles are shown per slide.
+
+    Raises :class:`~mmcli.pipeline.errors.InputError` only when ``run_dir`` is not a run dir or a required
+    file is malformed; missing optional artefacts become sections that say so.
+    """
+    run = load_run(run_dir)
+    target = Path(out) if out is not None else run.path / REPORT_NAME
+    text = _render(run, attention_patients, top_tiles)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,116 @@
+"""mmcli compare on hand-written run dirs: DeLong (binary), paired bootstrap (multiclass macro AUROC, c-index),
+patient matching, and clear refusals of runs that cannot be compared."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from lifelines.utils import concordance_index
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
+from fake_runs import classification_run, patient_ids, survival_data, survival_run  # noqa: E402
+
+from mmcli.pipeline.errors import InputError  # noqa: E402
+from mmcli.pipeline.stats import delong_test  # noqa: E402
+from mmcli.stages.compare import compare, format_comparison  # noqa: E402
+
+
+def test_binary_runs_use_delong_on_matched_patients(tmp_path: Path) -> None:
+    a = classification_run(tmp_path / "a", signal=2.0, seed=1, head="fusion_mlp")
+    b = classification_run(tmp_path / "b", signal=0.8, seed=2, head="xgboost", modalities=("omics",))
+    pb = pd.read_csv(b / "predictions.csv").iloc[::-1]  # order must not matter
+    pb.iloc[:100].to_csv(b / "predictions.csv", index=False)  # B scored 100 of A's 120 patients
+    res = compare(a, b)
+    json.dumps(res, allow_nan=False)
+    assert (res["task"], res["metric"], res["method"]) == ("classification", "auroc", "delong")
+    assert (res["n_matched"], res["n_only_a"], res["n_only_b"]) == (100, 20, 0)
+    pa = pd.read_csv(a / "predictions.csv").set_index("patient_id")
+    pb = pb.iloc[:100].set_index("patient_id")
+    shared = sorted(pb.index)
+    y = (pa.loc[shared, "y_true"] == "pos").astype(int)
+    ref = delong_test(y, pa.loc[shared, "prob_pos"], pb.loc[shared, "prob_pos"])
+    assert res["run_a"]["value"] == pytest.approx(roc_auc_score(y, pa.loc[shared, "prob_pos"]))
+    assert (res["difference"], res["p_value"], res["ci_low"]) == pytest.approx((ref.difference, ref.p_value,
+                                                                                 ref.ci_low))
+    assert res["difference"] > 0 and res["p_value"] < 0.05 and res["positive_class"] == "pos"
+    assert res["run_a"]["head"] == "fusion_mlp" and res["run_b"]["modalities"] == ["omics"]
+    text = format_comparison(res)
+    assert f"{res['difference']:+.4f}" in text and "delong" in text and "20 only in A" in text
+
+
+def test_run_against_itself_shows_no_difference(tmp_path: Path) -> None:
+    a = classification_run(tmp_path / "a")
+    res = compare(a, a)
+    assert res["difference"] == 0 and res["p_value"] == 1.0
+
+
+def test_multiclass_macro_auroc_bootstrap_and_per_class_delong(tmp_path: Path) -> None:
+    classes = ("LumA", "LumB", "HER2", "TNBC")
+    a = classification_run(tmp_path / "a", classes=classes, n=160, signal=2.5, seed=1)
+    b = classification_run(tmp_path / "b", classes=classes, n=160, signal=1.0, seed=2)
+    res = compare(a, b, n_boot=300, seed=3)
+    assert (res["metric"], res["method"]) == ("auroc_macro_ovr", "paired_bootstrap")
+    pa = pd.read_csv(a / "predictions.csv")
+    probs = pa[[f"prob_{c}" for c in classes]].to_numpy()
+    assert res["run_a"]["value"] == pytest.approx(
+        roc_auc_score(pa["y_true"].map(classes.index), probs, multi_class="ovr", average="macro"))
+    assert res["difference"] > 0 and res["ci_low"] > 0 and res["p_value"] < 0.01
+    assert [r["class"] for r in res["per_class"]] == list(classes)
+    assert compare(a, b, n_boot=300, seed=3) == res  # deterministic for a seed
+    # B listing its classes (and columns) in another order gives the same answer
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["classes"] = list(reversed(classes))
+    (b / "config.json").write_text(json.dumps(cfg))
+    pb = pd.read_csv(b / "predictions.csv")
+    pb[["patient_id", "fold", "y_true", "y_pred"] + [f"prob_{c}" for c in reversed(classes)]].to_csv(
+        b / "predictions.csv", index=False)
+    again = compare(a, b, n_boot=300, seed=3)
+    assert again["difference"] == pytest.approx(res["difference"]) and again["p_value"] == res["p_value"]
+    assert "per class" in format_comparison(res)
+
+
+def test_survival_cindex_paired_bootstrap(tmp_path: Path) -> None:
+    data = survival_data(150)
+    a = survival_run(tmp_path / "a", data=data, noise=0.3, n=150)
+    b = survival_run(tmp_path / "b", data=data, noise=1.5, n=150, head="attention_mil")
+    res = compare(a, b, n_boot=300, seed=0)
+    pa, pb = pd.read_csv(a / "predictions.csv"), pd.read_csv(b / "predictions.csv")
+    assert res["run_a"]["value"] == pytest.approx(concordance_index(pa["time"], -pa["risk"], pa["event"]))
+    assert res["run_b"]["value"] == pytest.approx(concordance_index(pb["time"], -pb["risk"], pb["event"]))
+    assert (res["metric"], res["method"], res["n_events"]) == ("c_index", "paired_bootstrap", int(data[2].sum()))
+    assert res["difference"] > 0 and res["ci_low"] > 0 and res["p_value"] < 0.01
+    assert compare(a, b, n_boot=300, seed=0) == res
+
+
+def test_compare_refuses_runs_that_do_not_match(tmp_path: Path) -> None:
+    cls = classification_run(tmp_path / "cls")
+    surv = survival_run(tmp_path / "surv")
+    with pytest.raises(InputError, match="classification run .* survival run"):
+        compare(cls, surv)
+    other_target = classification_run(tmp_path / "t2", target="grade")
+    with pytest.raises(InputError, match="different endpoints: target='subtype'"):
+        compare(cls, other_target)
+    other_time = survival_run(tmp_path / "s2", time_col="pfs_months")
+    with pytest.raises(InputError, match="different endpoints: time="):
+        compare(surv, other_time)
+    other_classes = classification_run(tmp_path / "c3", classes=("low", "high"))
+    with pytest.raises(InputError, match="different classes"):
+        compare(cls, other_classes)
+    disjoint = classification_run(tmp_path / "c4", ids=[f"X{i}" for i in range(120)])
+    with pytest.raises(InputError, match="no patient appears in both"):
+        compare(cls, disjoint)
+    y = np.zeros(120, int)
+    y[:60] = 1
+    relabelled = classification_run(tmp_path / "c5", y=y, ids=patient_ids(120))
+    with pytest.raises(InputError, match="disagree on y_true"):
+        compare(cls, relabelled)
+    with pytest.raises(InputError, match="not a run directory"):
+        compare(cls, tmp_path / "missing")
+    (surv / "predictions.csv").unlink()
+    with pytest.raises(InputError, match="no predictions.csv"):
+        compare(surv, surv)

@@ -1,0 +1,184 @@
+"""report.html on hand-written run dirs: self-contained, metric values shown, every section degrades gracefully."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from lifelines.statistics import multivariate_logrank_test
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
+from fake_runs import classification_run, survival_run, write_slide  # noqa: E402
+
+from mmcli.features.store import open_store  # noqa: E402
+from mmcli.pipeline.errors import InputError  # noqa: E402
+from mmcli.stages.report import report  # noqa: E402
+from mmcli.stages.report_plots import risk_groups  # noqa: E402
+
+TILE = 128
+
+
+def _assert_self_contained(text: str) -> None:
+    assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+    assert "data:image/png;base64," in text
+    assert not re.search(r"""(src|href)\s*=\s*['"]?\s*(https?:|//|file:)""", text, re.I)
+    assert "<script" not in text.lower() and "<link" not in text.lower() and "@import" not in text
+    for src in re.findall(r"""src=['"]([^'"]*)""", text):
+        assert src.startswith("data:image/png;base64,")
+
+
+def _add_wsi(tmp_path: Path, run: Path, patients: list[str], with_slide: bool = True) -> Path:
+    """A store with one 8x6-tile slide per patient, attention.csv for them, and the store path in config."""
+    store_path = tmp_path / "store.zarr"
+    store = open_store(store_path, "a")
+    slide = write_slide(tmp_path / "slide.tif") if with_slide else tmp_path / "gone.tif"
+    xs, ys = np.meshgrid(np.arange(0, 1024, TILE), np.arange(0, 768, TILE))
+    coords = np.c_[xs.ravel(), ys.ravel()]
+    rows = []
+    for k, pid in enumerate(patients):
+        store.write_item("wsi", "enc-wsi", pid, "slide1", np.zeros((len(coords), 4), np.float32), coords,
+                         {"source_fingerprint": {"path": str(slide)}, "patch_size": TILE, "mpp": 0.5})
+        att = np.random.default_rng(k).random(len(coords))
+        rows += [{"patient_id": pid, "item_id": "slide1", "index": i, "attention": a} for i, a in enumerate(att)]
+    pd.DataFrame(rows).to_csv(run / "attention.csv", index=False)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["store"] = str(store_path)
+    (run / "config.json").write_text(json.dumps(cfg))
+    return store_path
+
+
+def test_binary_report_with_every_artefact(tmp_path: Path) -> None:
+    run = classification_run(tmp_path / "run", head="fusion_mlp", modalities=("wsi", "omics"))
+    (run / "modality_weights.json").write_text(json.dumps({"wsi": 0.7, "omics": 0.3}))
+    shap = pd.DataFrame({"patient_id": ["P0000", "P0001"], "gene_ESR1": [0.5, -0.7], "gene_ERBB2": [0.1, 0.0],
+                         "bias": [3.0, 3.0]})
+    shap.to_csv(run / "shap.csv", index=False)
+    pred = pd.read_csv(run / "predictions.csv")
+    top3 = pred.sort_values("prob_pos", ascending=False)["patient_id"].head(3).tolist()
+    _add_wsi(tmp_path, run, top3 + ["P0100"])
+
+    out = report(run)
+    assert out == run / "report.html"
+    text = out.read_text()
+    _assert_self_contained(text)
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    for m in ("auroc", "f1_macro", "balanced_accuracy"):
+        assert m in text and f"{metrics[m]['mean']:.3f}" in text and f"{metrics[m]['ci_low']:.3f}" in text
+        assert all(f"{v:.3f}" in text for v in metrics[m]["per_fold"])
+    for field in ("fusion_mlp", "classification", "enc-wsi", "enc-omics", "subtype", "Positive class"):
+        assert field in text
+    assert all(alt in text for alt in ("ROC curve", "precision-recall curve", "calibration curve",
+                                       "confusion matrix", "modality weights", "SHAP summary"))
+    assert "0.700" in text and "0.300" in text  # modality weights table
+    for pid in top3:  # the top-3 patients by P(pos) get a heatmap and their top tiles read from the slide
+        assert f"attention heatmap {pid}/slide1" in text and f"top attention tiles {pid}/slide1" in text
+    assert "P0100" not in text
+    assert "absent" not in text.split("<h2>Attention</h2>")[1]
+    assert text.count("data:image/png;base64,") == 6 + 2 * 3
+    one = report(run, out=tmp_path / "one.html", attention_patients=1, top_tiles=2).read_text()
+    assert one.count("alt='attention heatmap") == 1 and f"attention heatmap {top3[0]}/slide1" in one
+    assert not (run / "one.html").exists() and (run / "report.html").exists()
+
+
+def test_multiclass_report_without_optional_artefacts(tmp_path: Path) -> None:
+    run = classification_run(tmp_path / "run", classes=("LumA", "LumB", "HER2", "TNBC"), n=160)
+    text = report(run).read_text()
+    _assert_self_contained(text)
+    assert "one curve per class" in text
+    assert "No <code>modality_weights.json</code>" in text
+    assert "No <code>shap.csv</code>" in text
+    assert "No <code>attention.csv</code>" in text
+    assert text.count("data:image/png;base64,") == 4
+
+
+def test_survival_report_km_and_logrank(tmp_path: Path) -> None:
+    run = survival_run(tmp_path / "run", n=150)
+    text = report(run).read_text()
+    _assert_self_contained(text)
+    pred = pd.read_csv(run / "predictions.csv")
+    groups, names = risk_groups(pred["risk"].to_numpy(), int(pred["event"].sum()))
+    assert len(names) == 3  # 150 patients, ~100 events: tertiles
+    p = multivariate_logrank_test(pred["time"], groups, pred["event"]).p_value
+    assert f"p = {p:.4f}" in text or f"p = {p:.3g}" in text
+    c = json.loads((run / "metrics.json").read_text())["metrics"]["c_index"]["mean"]
+    assert f"{c:.3f}" in text and "tertiles" in text and "os_months / os_event" in text
+    assert "Kaplan-Meier curves by risk group" in text
+    assert "Multiclass" not in text and "ROC curve" not in text
+
+
+def test_small_survival_run_uses_median_split(tmp_path: Path) -> None:
+    text = report(survival_run(tmp_path / "run", n=24)).read_text()
+    assert "median split" in text
+
+
+def test_attention_without_reachable_slide_or_store(tmp_path: Path) -> None:
+    run = classification_run(tmp_path / "run")
+    store = _add_wsi(tmp_path, run, ["P0001"], with_slide=False)
+    text = report(run).read_text()
+    _assert_self_contained(text)
+    assert "slide file not reachable" in text and "attention heatmap P0001/slide1" in text
+    assert "top attention tiles" not in text
+    import shutil
+
+    shutil.rmtree(store)
+    text = report(run).read_text()
+    assert "is not reachable, so tile positions are unknown" in text
+
+
+def test_broken_optional_artefacts_cost_only_their_section(tmp_path: Path) -> None:
+    run = classification_run(tmp_path / "run")
+    (run / "modality_weights.json").write_text("{not json")
+    (run / "shap.csv").write_text("patient_id\nP0000\n")
+    (run / "attention.csv").write_text("patient_id,item\nP0000,x\n")
+    text = report(run).read_text()
+    _assert_self_contained(text)
+    assert "cannot read JSON" in text
+    assert "<code>shap.csv</code> has no feature columns" in text
+    assert "attention.csv could not be read" in text
+    assert "ROC curve" in text
+
+
+def test_missing_predictions_and_bad_run_dirs(tmp_path: Path) -> None:
+    run = survival_run(tmp_path / "run")
+    (run / "predictions.csv").unlink()
+    text = report(run).read_text()
+    assert "No <code>predictions.csv</code>" in text and "c_index" in text
+    with pytest.raises(InputError, match="not a run directory"):
+        report(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a run directory"):
+        report(tmp_path / "empty")
+    bad = classification_run(tmp_path / "bad")
+    pd.read_csv(bad / "predictions.csv").drop(columns="prob_pos").to_csv(bad / "predictions.csv", index=False)
+    with pytest.raises(InputError, match="prob_pos"):
+        report(bad)
+
+
+def test_report_on_a_real_attention_mil_run(tmp_path: Path) -> None:
+    """Integration with `mmcli fit`: its attention.csv indexes the stored tiles the report draws."""
+    fit_stage = pytest.importorskip("mmcli.stages.fit", reason="the fit stage has not landed yet")
+    rng = np.random.default_rng(0)
+    ids = [f"P{i:02d}" for i in range(16)]
+    slide = write_slide(tmp_path / "slide.tif")
+    xs, ys = np.meshgrid(np.arange(0, 1024, TILE), np.arange(0, 768, TILE))
+    coords = np.c_[xs.ravel(), ys.ravel()]
+    store = open_store(tmp_path / "store.zarr", "a")
+    y = np.arange(16) % 2
+    for pid, label in zip(ids, y):
+        feats = rng.normal(size=(len(coords), 6)).astype(np.float32)
+        feats[:4, 0] += 3 * label
+        store.write_item("wsi", "enc-wsi", pid, "slide1", feats, coords,
+                         {"source_fingerprint": {"path": str(slide)}, "patch_size": TILE, "mpp": 0.5})
+    pd.DataFrame({"patient_id": ids, "y": np.where(y == 1, "pos", "neg")}).to_csv(tmp_path / "labels.csv",
+                                                                                  index=False)
+    run = tmp_path / "run"
+    fit_stage.fit("attention_mil", tmp_path / "store.zarr", tmp_path / "labels.csv", run, target="y", folds=2,
+                  params={"epochs": 2}, n_boot=20)
+    text = report(run, attention_patients=2, top_tiles=4).read_text()
+    _assert_self_contained(text)
+    assert "attention_mil" in text and "enc-wsi" in text
+    assert text.count("alt='attention heatmap") == 2 and text.count("alt='top attention tiles") == 2
