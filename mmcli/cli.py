@@ -123,10 +123,337 @@ def store_share(
 
 # ---- extract --------------------------------------------------------------------------------------------
 # (extract, import and export commands are defined below this line)
+@app.command()
+def extract(
+    modality: str = typer.Option(..., "--modality", help="What to extract: wsi (slides), mri, text, tabular."),
+    manifest: Path | None = typer.Option(None, "--manifest", help="Cohort manifest CSV: patient_id,modality,path"
+                                         "[,item_id]; only rows of --modality are extracted."),
+    store: Path = typer.Option(..., "--store", help="Feature store: a .zarr directory (default) or .h5 file; "
+                               "created if missing."),
+    encoder: str | None = typer.Option(None, "--encoder", help="Encoder. wsi: resnet50_trunc (default; CLAM's "
+                                       "1024-d), timm:NAME (any timm model), timm:hf-hub:ORG/NAME (HF cache). "
+                                       "mri: r3d18 (default; 1-channel 3-D ResNet-18, 512-d). text: minilm-l6 "
+                                       "(default; 384-d, bundled), hf:NAME (offline HF cache) or a model folder."),
+    weights: Path | None = typer.Option(None, "--weights", help="Encoder weights: .safetensors, or .pth/.pt "
+                                        "(loaded with weights_only=True). Without weights and without a cached "
+                                        "model: loud warning, seeded random init, pretrained=false."),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda  (default: auto)"),
+    precision: str | None = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16  (default: auto = "
+                                         "fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Inputs per encoder batch  (wsi: 64 tiles; "
+                                        "text: 16 windows)"),
+    workers: int | None = typer.Option(None, "--workers", help="Worker processes of --scheduler local  "
+                                       "(default: one per core)"),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="Run items as dask tasks: 'local' (a "
+                                         "LocalCluster) or a scheduler address such as tcp://HOST:8786. "
+                                         "Default: in this process."),
+    force: bool = typer.Option(False, "--force", help="Re-extract items that are already cached."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bars."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the random init used when no weights exist  "
+                                    "(default: 0)"),
+    mpp: float | None = typer.Option(None, "--mpp", help="wsi: tile resolution in µm/px  (default: 0.5, about 20x)"),
+    patch_size: int | None = typer.Option(None, "--patch-size", help="wsi: tile side in pixels at --mpp  "
+                                          "(default: 224)"),
+    reader: str | None = typer.Option(None, "--reader", help="wsi: auto | openslide | cucim | tiffslide  (default "
+                                      "auto: cuCIM if installed, else OpenSlide; falls back to the next reader)"),
+    default_mpp: float | None = typer.Option(None, "--default-mpp", help="wsi: µm/px to assume for slides "
+                                             "without mpp metadata (without it such slides fail, named)."),
+    min_tissue: float | None = typer.Option(None, "--min-tissue", help="wsi: minimum tissue fraction of a "
+                                            "tile  (default: 0.25)"),
+    tissue_threshold: float | None = typer.Option(None, "--tissue-threshold", help="wsi: HSV saturation "
+                                                  "threshold in 0..1  (default: Otsu, floored at 0.06)"),
+    min_tissue_area: float | None = typer.Option(None, "--min-tissue-area", help="wsi: drop tissue pieces "
+                                                 "smaller than this, in µm²  (default: 20000)"),
+    read_threads: int | None = typer.Option(None, "--read-threads", help="wsi: tile reading/decoding threads "
+                                            "per slide  (default: min(8, cores), at least 2)"),
+    qc: bool | None = typer.Option(None, "--qc/--no-qc", help="wsi: write a QC PNG per slide to "
+                                   "<store>.qc/  (default: on)"),
+    feature_dtype: str | None = typer.Option(None, "--feature-dtype", help="wsi: float16 | float32 stored  "
+                                             "(default: float16)"),
+    torch_threads: int | None = typer.Option(None, "--torch-threads", help="wsi: CPU threads of the encoder "
+                                             "per process  (default: torch's; cores / workers with --scheduler local)"),
+    spacing: str | None = typer.Option(None, "--spacing", help="mri: voxel spacing in mm after resampling, one "
+                                       "number (isotropic) or X,Y,Z in RAS order  (default: 1.5)"),
+    shape: str | None = typer.Option(None, "--shape", help="mri: grid in voxels X,Y,Z (or one number) that the "
+                                     "RAS volume is centre-cropped/padded to  (default: 64,64,64)"),
+    volume_index: int | None = typer.Option(None, "--volume-index", help="mri: volume of a 4-D image to encode  "
+                                            "(default: 0, with a warning)"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="text: window in tokens, special tokens "
+                                          "included  (default: the model's own, 256 for minilm-l6)"),
+    stride: int | None = typer.Option(None, "--stride", help="text: tokens shared by consecutive windows of a "
+                                      "long note  (default: max-tokens / 4)"),
+    pooling: str | None = typer.Option(None, "--pooling", help="text: token pooling per window, mean | cls  "
+                                       "(default: mean); windows are averaged, weighted by their token counts"),
+    table: Path | None = typer.Option(None, "--table", help="tabular: CSV with patient_id + feature columns "
+                                      "(omics, proteomics, clinical); NaN kept, no scaling."),
+    name: str | None = typer.Option(None, "--name", help="tabular: table name in the store (/tabular/NAME)."),
+    id_column: str = typer.Option("patient_id", "--id-column", help="tabular: the patient id column."),
+    categorical: list[str] | None = typer.Option(None, "--categorical", help="tabular: treat this column as "
+                                                 "categorical (repeatable); text columns with <= 20 levels are "
+                                                 "categorical anyway (2 levels -> 0/1, more -> one-hot)."),
+) -> None:
+    """Stage 1: encode every file of one modality of the manifest into the feature store (resumable).
+
+    Cached items (complete, same source fingerprint, same encoder_id) are skipped unless --force. A missing,
+    corrupt or unsupported file is named and skipped; the rest finish and the exit code is 1. Unsafe or
+    duplicate ids stop the run with exit 2 before any work.
+    """
+    from mmcli.stages.extract import extract as run_extract
+    from mmcli.stages.extract import summary_lines
+
+    if modality == "tabular":
+        _extract_table(table, name, store, id_column, categorical, manifest)
+    if manifest is None:
+        _fail(MmcliError(f"--modality {modality} needs --manifest CSV."))
+    options = dict(
+        encoder=encoder, weights=weights, device=device, precision=precision, batch_size=batch_size, seed=seed,
+        mpp=mpp, patch_size=patch_size, reader=reader, default_mpp=default_mpp, min_tissue=min_tissue,
+        tissue_threshold=tissue_threshold, min_tissue_area=min_tissue_area, read_threads=read_threads, qc=qc,
+        feature_dtype=feature_dtype, torch_threads=torch_threads, spacing=spacing, shape=shape,
+        volume_index=volume_index, max_tokens=max_tokens, stride=stride, pooling=pooling,
+    )
+    try:
+        summary = run_extract(modality, manifest, store, force=force, scheduler=scheduler, workers=workers,
+                              progress=not no_progress, **options)
+    except MmcliError as e:
+        _fail(e)
+    if not summary.outcomes:
+        typer.secho(f"warning: {manifest} has no {modality} rows; nothing to do.", fg=typer.colors.YELLOW, err=True)
+    for line in summary_lines(summary):
+        typer.echo(line)
+    raise typer.Exit(summary.exit_code)
+
+
+def _extract_table(table: Path | None, name: str | None, store: Path, id_column: str,
+                   categorical: list[str] | None, manifest: Path | None) -> None:
+    """``extract --modality tabular``: validate, ingest, report; always ends the command."""
+    from mmcli.stages.extract import ingest_table
+
+    if manifest is not None or table is None or not name:
+        _fail(MmcliError("--modality tabular takes --table CSV and --name NAME (not --manifest): "
+                         "mmcli extract --modality tabular --table genes.csv --name genes --store STORE"))
+    try:
+        res = ingest_table(table, name, store, id_column=id_column, categorical=categorical or None)
+    except MmcliError as e:
+        _fail(e)
+    typer.echo(f"tabular/{res.name} -> {res.store}: {res.patients} patients x {res.features} features, "
+               f"{100 * res.missing_fraction:.1f}% missing (kept as NaN)")
+    for col, enc in res.encodings.items():
+        typer.echo(f"  encoded {col} ({enc['type']}): {', '.join(enc['columns'])}")
+    for w in res.warnings:
+        typer.echo(f"  warning: {w}")
+    raise typer.Exit(0)
+
+
+@app.command("import")
+def import_cmd(
+    fmt: str = typer.Option(..., "--format", help="Layout of the files: clam | trident | stamp."),
+    source: Path = typer.Option(..., "--from", help="Folder searched (recursively) for <slide stem>.h5 or "
+                                "<item_id>.h5 of every slide in the manifest, e.g. CLAM's output dir, a TRIDENT "
+                                "job dir, a STAMP output dir."),
+    manifest: Path = typer.Option(..., "--manifest", help="Cohort manifest CSV: maps slides to patients (the "
+                                  "slide files themselves need not exist)."),
+    store: Path = typer.Option(..., "--store", help="Feature store (.zarr or .h5); created if missing."),
+    encoder_id: str | None = typer.Option(None, "--encoder-id", help="Store key of these features  (default: "
+                                          "FORMAT_ENCODER-HASH from the files, e.g. stamp_ctranspath-1a2b3c4d5e)"),
+    modality: str = typer.Option("wsi", "--modality", help="Manifest modality of the slides."),
+    mpp: float | None = typer.Option(None, "--mpp", help="stamp: level-0 µm/px of the slides, to turn STAMP's "
+                                     "micrometre coords into level-0 pixels  (default: read from each slide "
+                                     "when reachable; otherwise coords are dropped with a warning)"),
+    force: bool = typer.Option(False, "--force", help="Re-import files that are already in the store."),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="local | ADDRESS: import as dask tasks."),
+    workers: int | None = typer.Option(None, "--workers", help="Worker processes of --scheduler local."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bars."),
+) -> None:
+    """Import CLAM / TRIDENT / STAMP tile-feature h5 files (features + level-0 coords + provenance)."""
+    from mmcli.stages.extract import summary_lines
+    from mmcli.stages.import_ import import_features
+
+    try:
+        summary = import_features(fmt, source, manifest, store, encoder_id=encoder_id, modality=modality, mpp=mpp,
+                                  force=force, scheduler=scheduler, workers=workers, progress=not no_progress)
+    except MmcliError as e:
+        _fail(e)
+    for line in summary_lines(summary):
+        typer.echo(line)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("export")
+def export_cmd(
+    fmt: str = typer.Option(..., "--format", help="Layout to write: clam (h5_files/), trident "
+                            "(<mag>x_<size>px_0px_overlap/features_<encoder>/) or stamp (<encoder>/)."),
+    store: Path = typer.Option(..., "--store", help="Feature store to read."),
+    out: Path = typer.Option(..., "--out", help="Output folder (also gets manifest.csv for mmcli import)."),
+    modality: str = typer.Option("wsi", "--modality", help="Modality to export."),
+    encoder_id: str | None = typer.Option(None, "--encoder-id", help="Encoder to export  (default: the only one)"),
+    mpp: float | None = typer.Option(None, "--mpp", help="stamp: level-0 µm/px where items do not record it."),
+) -> None:
+    """Export stored tile features as CLAM / TRIDENT / STAMP h5 files, one per slide."""
+    from mmcli.stages.export import export
+
+    try:
+        res = export(fmt, store, out, modality=modality, encoder_id=encoder_id, mpp=mpp)
+    except MmcliError as e:
+        _fail(e)
+    typer.echo(f"{res.format}: {len(res.written)} file(s) of {res.modality}/{res.encoder_id} -> {res.out} "
+               f"(manifest {res.manifest})")
+    for item, reason in res.failed:
+        typer.echo(f"  failed: {item}: {reason}")
+    for w in res.warnings:
+        typer.echo(f"  warning: {w}")
+    raise typer.Exit(res.exit_code)
+
 
 
 # ---- fit / predict / report -------------------------------------------------------------------------------
 # (stage-2 commands are defined below this line)
+def _csv_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+@app.command()
+def fit(
+    head: str = typer.Option(..., "--head", help="attention_mil | fusion_mlp | xgboost | cox"),
+    store: Path = typer.Option(..., "--store", help="Feature store written by `mmcli extract`."),
+    labels: Path = typer.Option(..., "--labels", help="Labels CSV: patient_id + target columns."),
+    out: Path = typer.Option(..., "--out", help="Run folder (config, metrics.json, predictions.csv, model/)."),
+    target: str | None = typer.Option(None, "--target", help="Classification target column (binary or multiclass)."),
+    time: str | None = typer.Option(None, "--time", help="Survival time column (any unit; > 0)."),
+    event: str | None = typer.Option(None, "--event", help="Survival event column: 1 = observed, 0 = censored."),
+    modalities: str | None = typer.Option(None, "--modalities", help="Comma list of store modalities and table "
+                                          "names, e.g. wsi,mri,text,genes  [all the head can use]"),
+    encoder: list[str] = typer.Option([], "--encoder", help="MODALITY=ENCODER_ID where a modality has several "
+                                      "encoders in the store (repeatable)."),
+    fusion: str | None = typer.Option(None, "--fusion", help="fusion_mlp operator: concat | gated | attention | "
+                                      "cross_attention | bilinear  [gated]"),
+    param: list[str] = typer.Option([], "--param", help="Head parameter KEY=VALUE (JSON value), repeatable, "
+                                    "e.g. --param epochs=30 --param loss=focal."),
+    folds: int = typer.Option(5, "--folds", help="Patient-level cross-validation folds."),
+    seed: int = typer.Option(0, "--seed"),
+    n_boot: int = typer.Option(200, "--n-boot", help="Bootstrap resamples for the 95% CIs."),
+    drop_unmatched: bool = typer.Option(False, "--drop-unmatched", help="Drop patients without labels or without "
+                                        "the needed features instead of stopping with an error."),
+) -> None:
+    """Stage 2: cross-validate a head on cached features, then refit on all patients for `predict`."""
+    from mmcli.stages.fit import fit as run_fit
+    from mmcli.stages.fit import parse_encoders, parse_params
+
+    try:
+        params = parse_params(param)
+        if fusion:
+            params["fusion"] = fusion
+        res = run_fit(head, store, labels, out, target=target, time=time, event=event,
+                      modalities=_csv_list(modalities), encoders=parse_encoders(encoder) or None, folds=folds,
+                      seed=seed, params=params or None, n_boot=n_boot, drop_unmatched=drop_unmatched,
+                      log=lambda m: typer.echo(m, err=True))
+    except MmcliError as e:
+        _fail(e)
+    typer.echo(f"{head} ({res['task']}, {res['n_patients']} patients, {res['folds']} folds) -> {out}")
+    for name, m in res["metrics"].items():
+        typer.echo(f"  {name:18s} {m['mean']:.3f}  [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Option(..., "--model", help="Run folder of `mmcli fit` (or its model/ folder)."),
+    store: Path = typer.Option(..., "--store", help="Feature store holding the patients to score."),
+    out: Path = typer.Option(..., "--out", help="Predictions CSV to write."),
+    attention: bool = typer.Option(False, "--attention", help="Also write <out stem>.attention.csv "
+                                   "(patient_id,item_id,index,attention) for attention heads."),
+) -> None:
+    """Score every patient of a store with a fitted model (CPU is fine)."""
+    from mmcli.stages.predict import predict as run_predict
+
+    try:
+        df = run_predict(model, store, out, attention=attention)
+    except MmcliError as e:
+        _fail(e)
+    typer.echo(f"scored {len(df)} patients -> {out}")
+
+
+@app.command()
+def report(
+    run: Path = typer.Option(..., "--run", help="Run folder of `mmcli fit`."),
+    out: Path | None = typer.Option(None, "--out", help="HTML file  [RUN/report.html]"),
+    attention_patients: int = typer.Option(3, "--attention-patients", help="Patients with attention heatmaps."),
+    top_tiles: int = typer.Option(8, "--top-tiles", help="Top-attention tiles shown per patient."),
+) -> None:
+    """Write a self-contained HTML report (metrics with CIs, curves, calibration, KM, attention, SHAP)."""
+    from mmcli.stages.report import report as run_report
+
+    try:
+        path = run_report(run, out=out, attention_patients=attention_patients, top_tiles=top_tiles)
+    except MmcliError as e:
+        _fail(e)
+    typer.echo(str(path))
+
+
+@app.command()
+def compare(
+    run_a: Path = typer.Argument(..., help="First run folder."),
+    run_b: Path = typer.Argument(..., help="Second run folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    n_boot: int = typer.Option(2000, "--n-boot"),
+    seed: int = typer.Option(0, "--seed"),
+    alpha: float = typer.Option(0.05, "--alpha"),
+) -> None:
+    """Is run A better than run B on the same patients? DeLong (AUROC) or paired bootstrap (c-index)."""
+    from mmcli.stages.compare import compare as run_compare
+    from mmcli.stages.compare import format_comparison
+
+    try:
+        res = run_compare(run_a, run_b, n_boot=n_boot, seed=seed, alpha=alpha)
+    except MmcliError as e:
+        _fail(e)
+    typer.echo(json.dumps(res, indent=2, default=str) if as_json else format_comparison(res))
+
+
+@app.command()
+def ablate(
+    store: Path = typer.Option(..., "--store"),
+    labels: Path = typer.Option(..., "--labels"),
+    out: Path = typer.Option(..., "--out", help="Folder: one run per fit, ablation.csv, ablation.png."),
+    target: str | None = typer.Option(None, "--target"),
+    time: str | None = typer.Option(None, "--time"),
+    event: str | None = typer.Option(None, "--event"),
+    modalities: str | None = typer.Option(None, "--modalities", help="Comma list  [all in the store]"),
+    fusions: str = typer.Option("concat,gated,attention,cross_attention,bilinear", "--fusions"),
+    heads: str = typer.Option("fusion_mlp", "--heads"),
+    max_subset_size: int | None = typer.Option(None, "--max-subset-size", help="Every subset up to K modalities "
+                                               "[default: singles, pairs and the full set]"),
+    subsets: str | None = typer.Option(None, "--subsets", help='Exactly these subsets, e.g. "wsi+genes,wsi"'),
+    encoder: list[str] = typer.Option([], "--encoder", help="MODALITY=ENCODER_ID (repeatable)."),
+    param: list[str] = typer.Option([], "--param", help="Head parameter KEY=VALUE (repeatable)."),
+    folds: int = typer.Option(5, "--folds"),
+    seed: int = typer.Option(0, "--seed"),
+    metric: str | None = typer.Option(None, "--metric", help="[auroc for classification, c_index for survival]"),
+    n_boot: int = typer.Option(1000, "--n-boot"),
+    keep_unmatched: bool = typer.Option(False, "--keep-unmatched", help="Stop instead of dropping patients "
+                                        "that lack a subset's modalities."),
+    force: bool = typer.Option(False, "--force", help="Refit runs that already exist."),
+    no_compare: bool = typer.Option(False, "--no-compare", help="Skip best-fused vs best-single test."),
+) -> None:
+    """Fit modality subsets x fusion operators; write a table and a bar chart with CIs."""
+    from mmcli.stages.ablate import ablate as run_ablate
+    from mmcli.stages.ablate import format_ablation, parse_subsets
+    from mmcli.stages.fit import parse_encoders, parse_params
+
+    try:
+        table = run_ablate(
+            store, labels, out, target=target, time=time, event=event, modalities=_csv_list(modalities),
+            fusions=tuple(_csv_list(fusions) or ()), heads=tuple(_csv_list(heads) or ()),
+            encoders=parse_encoders(encoder) or None, folds=folds, seed=seed, params=parse_params(param) or None,
+            max_subset_size=max_subset_size, subsets=parse_subsets(subsets) if subsets else None, metric=metric,
+            force=force, compare_best=not no_compare, n_boot=n_boot, drop_unmatched=not keep_unmatched,
+            echo=typer.echo)
+    except MmcliError as e:
+        _fail(e)
+    typer.echo(format_ablation(table))
+    failed = table["status"].astype(str).str.startswith("failed").any() if "status" in table else False
+    raise typer.Exit(1 if failed else 0)
+
+
 
 
 # ---- demo -----------------------------------------------------------------------------------------------

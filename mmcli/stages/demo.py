@@ -48,7 +48,7 @@ def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5
     t = time.perf_counter()
     cohort = synth(out / "cohort", patients=patients, seed=seed)
     timings["synth"] = time.perf_counter() - t
-    console.print(f"cohort in {cohort.out} ({timings['synth']:.1f}s)")
+    console.print(f"cohort in {cohort.out_dir} ({timings['synth']:.1f}s)")
 
     _step("2/4 extract: every modality into the feature store")
     store = out / "features.zarr"
@@ -90,7 +90,8 @@ def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5
         for head in HEADS:
             task = dict(time="time", event="event") if head == "cox" else dict(target="subtype")
             run_dir = out / "runs" / head
-            results[head] = fit(head, store, cohort.labels, run_dir, folds=folds, seed=seed, **task)
+            results[head] = fit(head, store, cohort.labels, run_dir, folds=folds, seed=seed, drop_unmatched=True,
+                                **task)
             if report is not None:
                 report(run_dir)
         timings["fit"] = time.perf_counter() - t
