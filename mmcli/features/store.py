@@ -10,8 +10,9 @@ Hierarchy (same for both backends)::
         attrs: provenance ..., complete=true  (written last)
     /tabular/<name>/values  (patients x features) float64, attrs: patients, columns, complete=true
 
-Writes are atomic per item. Zarr: the item is written into ``<store>/.staging/<uuid>`` and renamed into place
-(a POSIX directory rename), so a killed writer leaves at most a staging folder that no reader looks at.
+Writes are atomic per item. Zarr: the item is written into ``<store>/.staging/<uuid>.<pid>.<host>`` and renamed
+into place (a POSIX directory rename), so a killed writer leaves at most a staging folder that no reader looks at;
+the owner in its name tells a live writer's staging from a dead one's (cleared by the next run on that host).
 HDF5: the item is written under ``/.staging/<uuid>`` and moved into place under an exclusive ``flock`` on
 ``<file>.lock``; readers hold a shared lock, so concurrent readers never see a half-written item. HDF5 itself is
 not crash-safe (a process killed inside an HDF5 write can damage the file); Zarr is the default for that reason.
@@ -24,6 +25,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -37,6 +39,7 @@ import pandas as pd
 
 from mmcli import __version__
 from mmcli.pipeline.errors import StoreError
+from mmcli.pipeline.faults import fault
 from mmcli.pipeline.ids import check_id
 
 SCHEMA_VERSION = 1
@@ -156,11 +159,12 @@ class FeatureStore(ABC):
 
     @abstractmethod
     def _staging_leftovers(self) -> list[str]:
-        """Staging entries left by killed writers."""
+        """Staging entries not owned by a live writer on this host (left by killed writers)."""
 
     @abstractmethod
     def _clear_staging(self, older_than_s: float) -> int:
-        """Remove staging entries older than ``older_than_s`` seconds; returns how many."""
+        """Remove staging entries of dead writers on this host, and others older than ``older_than_s`` seconds;
+        returns how many."""
 
     @abstractmethod
     def size_bytes(self) -> int:
@@ -390,6 +394,11 @@ class FeatureStore(ABC):
             removed.append(f"/{_STAGING}")
         return removed
 
+    def clear_stale_staging(self) -> int:
+        """Remove staging left by writers on this host that are dead (a run calls this before it starts)."""
+        self._writable()
+        return self._clear_staging(float("inf"))
+
     def close(self) -> None:  # backends open files per operation; kept for a uniform API
         return None
 
@@ -438,7 +447,7 @@ class ZarrStore(FeatureStore):
 
     def _write(self, key_path: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
         zarr = self._zarr
-        stage = self.path / _STAGING / f"{uuid.uuid4().hex}"
+        stage = self.path / _STAGING / _stage_name()
         stage.parent.mkdir(exist_ok=True)
         try:
             g = zarr.open_group(str(stage), mode="w", zarr_format=3)
@@ -448,11 +457,12 @@ class ZarrStore(FeatureStore):
                 if arr.size:
                     z[...] = arr
             g.attrs.update(attrs)
+            fault("store.staged")
             self._ensure_parents(key_path)
             final = self._dir(key_path)
             trash = None
             if final.exists():
-                trash = self.path / _STAGING / f"old-{uuid.uuid4().hex}"
+                trash = self.path / _STAGING / _stage_name("old-")
                 os.rename(final, trash)
             os.rename(stage, final)
             if trash is not None:
@@ -496,7 +506,7 @@ class ZarrStore(FeatureStore):
         d = self._dir(key_path)
         if not d.exists():
             return False
-        trash = self.path / _STAGING / f"del-{uuid.uuid4().hex}"
+        trash = self.path / _STAGING / _stage_name("del-")
         trash.parent.mkdir(exist_ok=True)
         os.rename(d, trash)
         shutil.rmtree(trash, ignore_errors=True)
@@ -504,14 +514,21 @@ class ZarrStore(FeatureStore):
 
     def _staging_leftovers(self) -> list[str]:
         s = self.path / _STAGING
-        return [f"/{_STAGING}/{c.name}" for c in sorted(s.iterdir())] if s.is_dir() else []
+        if not s.is_dir():
+            return []
+        return [f"/{_STAGING}/{c.name}" for c in sorted(s.iterdir()) if _stage_owner(c.name) != "live"]
 
     def _clear_staging(self, older_than_s: float) -> int:
         s = self.path / _STAGING
         n = 0
         if s.is_dir():
             for c in s.iterdir():
-                if time.time() - c.stat().st_mtime >= older_than_s:
+                owner = _stage_owner(c.name)
+                try:
+                    old = time.time() - c.stat().st_mtime >= older_than_s
+                except FileNotFoundError:  # removed by its writer meanwhile
+                    continue
+                if owner == "dead" or (owner == "unknown" and old):
                     shutil.rmtree(c, ignore_errors=True)
                     n += 1
         return n
@@ -521,6 +538,34 @@ class ZarrStore(FeatureStore):
 
 
 _GROUP_META = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+
+
+def _stage_name(kind: str = "") -> str:
+    """``[kind]<uuid>.<pid>.<host>``: unique, and names its writer so leftovers of dead writers can be found."""
+    return f"{kind}{uuid.uuid4().hex}.{os.getpid()}.{socket.gethostname()}"
+
+
+def _stage_owner(name: str) -> str:
+    """``live`` / ``dead``: the staging entry's writer runs on this host / is gone; ``unknown``: another host
+    or an unnamed entry (only its age can tell)."""
+    _, _, rest = name.partition(".")
+    pid, _, host = rest.partition(".")
+    if not pid.isdigit() or host != socket.gethostname():
+        return "unknown"
+    return "live" if pid_alive(int(pid)) else "dead"
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists on this host (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):  # not a valid pid at all
+        return False
+    return True
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -585,6 +630,7 @@ class H5Store(FeatureStore):
                 chunks = (max(1, min(arr.shape[0], 8192)),) + arr.shape[1:] if arr.size else None
                 g.create_dataset(name, data=arr, chunks=chunks, compression="gzip" if arr.size else None)
             g.attrs[self._ATTRS] = json.dumps(attrs)
+            fault("store.staged")
             if key_path in f:
                 del f[key_path]
             parent = key_path.rsplit("/", 1)[0]

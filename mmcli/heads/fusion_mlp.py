@@ -81,6 +81,9 @@ class FusionMLPHead(TorchHead):
         modality_dropout: probability of hiding a present modality per patient and training step.
         n_heads: heads of ``cross_attention``.
         bilinear_dim: low projection size of ``bilinear`` (pairwise Kronecker of (d+1)-vectors).
+        n_components: in-fold PCA size of vector modalities (MRI, text, tables) wider than this; None = no PCA.
+            Encoder outputs have hundreds of dimensions and cohorts often only ~100 patients: projecting the raw
+            vectors lets the net overfit noise dimensions, while a training-fold PCA keeps the dominant ones.
     """
 
     def __init__(
@@ -88,13 +91,13 @@ class FusionMLPHead(TorchHead):
         dropout: float = 0.25, epochs: int = 40, batch_size: int = 32, lr: float = 1e-3,
         weight_decay: float = 1e-4, loss: str = "ce", focal_gamma: float = 2.0,
         class_weight: str | None = "balanced", max_instances: int = 256, n_threads: int = 1, device: str = "cpu",
-        fusion: str = "attention", pool: str = "attention", modality_dropout: float = 0.25, n_heads: int = 2,
-        bilinear_dim: int = 8,
+        fusion: str = "concat", pool: str = "attention", modality_dropout: float = 0.25, n_heads: int = 2,
+        bilinear_dim: int = 8, n_components: int | None = 32,
     ) -> None:
         super().__init__(task, n_classes, seed, hidden, attn_dim, dropout, epochs, batch_size, lr, weight_decay,
                          loss, focal_gamma, class_weight, max_instances, n_threads, device)
         self.fusion, self.pool, self.modality_dropout = fusion, pool, modality_dropout
-        self.n_heads, self.bilinear_dim = n_heads, bilinear_dim
+        self.n_heads, self.bilinear_dim, self.n_components = n_heads, bilinear_dim, n_components
 
     def _check_modalities(self, X: Cohort) -> None:
         super()._check_modalities(X)
@@ -114,10 +117,13 @@ class FusionMLPHead(TorchHead):
                 self.preprocessors_[name] = InstanceScaler(seed=self.seed).fit([m.bags[i] for i in keep], pids)
             else:
                 assert m.vectors is not None
-                self.preprocessors_[name] = VectorPreprocessor().fit(m.vectors[keep], pids)
+                wide = self.n_components is not None and m.spec.dim > self.n_components
+                self.preprocessors_[name] = VectorPreprocessor(self.n_components if wide else None).fit(
+                    m.vectors[keep], pids)
 
     def _build(self) -> nn.Module:
-        return FusionNet([s.kind for s in self.spec_], [s.dim for s in self.spec_], self.hidden, self.attn_dim,
+        dims = [s.dim if s.kind == "bag" else self.preprocessors_[s.name].out_dim for s in self.spec_]
+        return FusionNet([s.kind for s in self.spec_], dims, self.hidden, self.attn_dim,
                          self.n_out, self.dropout, self.fusion, self.pool, self.n_heads, self.bilinear_dim)
 
     def _inputs(self, X: Cohort, idx: np.ndarray, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
@@ -135,7 +141,7 @@ class FusionMLPHead(TorchHead):
                 out[f"scale{k}"] = torch.from_numpy(prep.scale_)
             else:
                 assert m.vectors is not None and isinstance(prep, VectorPreprocessor)
-                v = np.zeros((len(idx), spec.dim), dtype=np.float32)
+                v = np.zeros((len(idx), prep.out_dim), dtype=np.float32)
                 if present.any():
                     v[present] = prep.transform(m.vectors[idx[present]])
                 out[f"x{k}"] = torch.from_numpy(v)

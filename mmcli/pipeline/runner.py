@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
-from mmcli.features.store import open_store
+from mmcli.features.store import open_store, pid_alive
+from mmcli.pipeline.faults import fault
 from mmcli.pipeline.fingerprint import source_fingerprint
 from mmcli.pipeline.manifest import ManifestRow
 
@@ -103,16 +104,6 @@ def lock_dir(store_path: str | Path) -> Path:
     return p.with_name(p.name + ".locks")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextmanager
 def item_lock(store_path: str | Path, modality: str, encoder_id: str, patient_id: str, item_id: str) -> Iterator[bool]:
     """Yield True if this process holds the item's lock, False if a live process holds it.
@@ -132,7 +123,7 @@ def item_lock(store_path: str | Path, modality: str, encoder_id: str, patient_id
                 other = json.loads(path.read_text() or "{}")
             except (OSError, json.JSONDecodeError):
                 other = {}
-            if other.get("host") == me["host"] and not _pid_alive(int(other.get("pid", -1))):
+            if other.get("host") == me["host"] and not pid_alive(int(other.get("pid", -1))):
                 path.unlink(missing_ok=True)
                 continue
             if not other:  # written by a process killed between create and write: stale after a minute
@@ -192,16 +183,19 @@ def process_item(
             if not force and store.is_cached(*key, fingerprint=fp):  # finished by another process meanwhile
                 out.status = "cached"
                 return out
+            fault("item.locked")
             extractor = spec.build()
             if not store.encoder_attrs(spec.modality, spec.encoder_id):
                 store.set_encoder_attrs(spec.modality, spec.encoder_id, extractor.encoder_attrs())
-            result = extractor.extract(row, progress)
+            result = extractor.extract(row, _with_fault_point(progress))
             attrs = {**extractor.encoder_attrs(), **result.attrs, "source_fingerprint": fp,
                      "mmcli_version": __version__}
             if result.warnings:
                 attrs["warnings"] = list(result.warnings)
             store.write_item(*key, result.features, result.coords, attrs)
+            fault("item.written")
             out.status, out.n, out.warnings = "done", int(result.features.shape[0]), list(result.warnings)
+        fault("item.after")
     except FileNotFoundError as e:
         out.status, out.reason = "missing", f"file not found: {e.filename or row.path}"
     except ItemError as e:
@@ -212,6 +206,18 @@ def process_item(
     finally:
         out.seconds = time.perf_counter() - t0
     return out
+
+
+def _with_fault_point(progress: ProgressFn | None) -> ProgressFn:
+    """The extractor's progress callback, with the ``item.progress`` fault point between units of work."""
+
+    def report(done: int, total: int) -> None:
+        if 0 < done < total:
+            fault("item.progress")
+        if progress is not None:
+            progress(done, total)
+
+    return report
 
 
 def _dask_task(spec: ExtractorSpec, row: ManifestRow, store_path: str, force: bool) -> ItemOutcome:
@@ -274,7 +280,7 @@ def run_extraction(
     Rows whose file is missing (``missing``) are reported as such and not attempted.
     """
     store_path = str(store_path)
-    open_store(store_path, "a")  # create / validate before any work
+    open_store(store_path, "a").clear_stale_staging()  # create / validate before any work; drop dead writers' staging
     t0 = time.perf_counter()
     outcomes = [
         ItemOutcome(r.patient_id, r.item_id, str(r.path), r.row, "missing", "file not found") for r in missing or []

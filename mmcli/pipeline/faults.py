@@ -1,0 +1,69 @@
+"""Fault injection for the crash, concurrency and cluster tests: make this process die (or freeze) at a named
+point, the way the OOM killer, a pre-empted cluster job or a lost node would.
+
+``MMCLI_FAULT`` holds comma-separated ``POINT[:N[:ACTION]]`` entries: the N-th time (default 1) this process
+reaches POINT it performs ACTION on itself:
+
+* ``kill`` (default): ``SIGKILL`` -- no cleanup handler, ``finally`` block or atexit hook runs;
+* ``stop``: ``SIGSTOP`` -- the process freezes holding whatever it holds (item lock, open files) until it
+  gets ``SIGCONT``; a test uses it to keep a live writer in the middle of an item.
+
+Points (``POINTS``): where the runner and the store call :func:`fault`. With ``MMCLI_FAULT`` unset (always,
+outside tests) :func:`fault` is one environment lookup. Hand-written because no Python library offers
+process-level fail points that survive into subprocesses and dask workers through the environment.
+
+Example: ``MMCLI_FAULT=store.staged:3 mmcli extract ...`` dies inside the third item write, after the
+arrays are staged and before the item is moved into place.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections import Counter
+
+ENV = "MMCLI_FAULT"
+POINTS = {
+    "item.locked": "runner: the item's lock is held, before its extractor runs",
+    "item.progress": "runner: inside an item, after some but not all of its work (WSI: between tile batches)",
+    "store.staged": "store: an item's arrays and attrs are written to staging, not yet moved into place",
+    "item.written": "runner: the item is complete in the store, its lock not yet released",
+    "item.after": "runner: the item is finished and its lock released (between two items)",
+}
+ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+
+_hits: Counter[str] = Counter()
+_lock = threading.Lock()
+
+
+def parse(spec: str) -> dict[str, tuple[int, str]]:
+    """``"item.after:2,store.staged"`` -> ``{"item.after": (2, "kill"), "store.staged": (1, "kill")}``."""
+    out: dict[str, tuple[int, str]] = {}
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        point, _, rest = entry.partition(":")
+        nth, _, action = rest.partition(":")
+        if point not in POINTS:
+            raise ValueError(f"{ENV}: unknown point {point!r}; points are {sorted(POINTS)}")
+        action = action or "kill"
+        if action not in ACTIONS:
+            raise ValueError(f"{ENV}: unknown action {action!r}; actions are {sorted(ACTIONS)}")
+        n = int(nth or 1)
+        if n < 1:
+            raise ValueError(f"{ENV}: N must be >= 1 in {entry!r}")
+        out[point] = (n, action)
+    return out
+
+
+def fault(point: str) -> None:
+    """Count a visit to ``point`` and act if ``MMCLI_FAULT`` asks for it on this visit; else nothing."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    want = parse(spec).get(point)
+    if want is None:
+        return
+    with _lock:
+        _hits[point] += 1
+        hit = _hits[point] == want[0]
+    if hit:
+        os.kill(os.getpid(), ACTIONS[want[1]])
