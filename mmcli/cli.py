@@ -145,8 +145,9 @@ def extract(
     workers: int | None = typer.Option(None, "--workers", help="Worker processes of --scheduler local  "
                                        "(default: one per core)"),
     scheduler: str | None = typer.Option(None, "--scheduler", help="Run items as dask tasks: 'local' (a "
-                                         "LocalCluster) or a scheduler address such as tcp://HOST:8786. "
-                                         "Default: in this process."),
+                                         "LocalCluster), a scheduler address such as tcp://HOST:8786, or the "
+                                         "JSON file of `dask scheduler --scheduler-file`. Default: in this "
+                                         "process."),
     force: bool = typer.Option(False, "--force", help="Re-extract items that are already cached."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bars."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the random init used when no weights exist  "
@@ -332,8 +333,9 @@ def fit(
     folds: int = typer.Option(5, "--folds", help="Patient-level cross-validation folds."),
     seed: int = typer.Option(0, "--seed"),
     n_boot: int = typer.Option(200, "--n-boot", help="Bootstrap resamples for the 95% CIs."),
-    drop_unmatched: bool = typer.Option(False, "--drop-unmatched", help="Drop patients without labels or without "
-                                        "the needed features instead of stopping with an error."),
+    drop_unmatched: bool = typer.Option(False, "--drop-unmatched", help="Leave out rows with a missing label value "
+                                        "instead of stopping with an error. (Patients only in the labels or only "
+                                        "in the store are always left out, with a note.)"),
 ) -> None:
     """Stage 2: cross-validate a head on cached features, then refit on all patients for `predict`."""
     from mmcli.stages.fit import fit as run_fit
@@ -351,7 +353,12 @@ def fit(
         _fail(e)
     typer.echo(f"{head} ({res['task']}, {res['n_patients']} patients, {res['folds']} folds) -> {out}")
     for name, m in res["metrics"].items():
-        typer.echo(f"  {name:18s} {m['mean']:.3f}  [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+        typer.echo(f"  {name:18s} {_num(m['mean'])}  [{_num(m['ci_low'])}, {_num(m['ci_high'])}]")
+
+
+def _num(v: float | None) -> str:
+    """A metric for the console; None (undefined, e.g. a fold without events) prints as n/a."""
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 @app.command()

@@ -40,7 +40,7 @@ import pandas as pd
 from mmcli import __version__
 from mmcli.pipeline.errors import StoreError
 from mmcli.pipeline.faults import fault
-from mmcli.pipeline.ids import check_id
+from mmcli.pipeline.ids import check_id, id_problem
 
 SCHEMA_VERSION = 1
 TABULAR = "tabular"
@@ -232,17 +232,28 @@ class FeatureStore(ABC):
         """Keys of items, sorted; incomplete ones only when ``include_incomplete``."""
         for m in [modality] if modality else self.modalities():
             for e in [encoder_id] if encoder_id else self.encoders(m):
-                for p in self._children(f"{m}/{e}"):
-                    for i in self._children(f"{m}/{e}/{p}"):
+                for p in self._keys(f"{m}/{e}"):
+                    for i in self._keys(f"{m}/{e}/{p}"):
                         key = ItemKey(m, e, p, i)
                         if include_incomplete or (self._attrs(key.path) or {}).get("complete") is True:
                             yield key
 
+    def _keys(self, key_path: str) -> list[str]:
+        """Child group names, each a safe id. mmcli writes no other names, so another one means the store was
+        changed by hand or crafted: it is refused rather than used as a key, CSV value or file name."""
+        names = self._children(key_path)
+        for n in names:
+            problem = id_problem(n)
+            if problem:
+                raise StoreError(f"{self.path}: entry /{key_path + '/' if key_path else ''}{n}: {problem}; mmcli "
+                                 "never writes such a key. Fix: remove or rename that entry.")
+        return names
+
     def modalities(self) -> list[str]:
-        return [m for m in self._children("") if m != TABULAR]
+        return [m for m in self._keys("") if m != TABULAR]
 
     def encoders(self, modality: str) -> list[str]:
-        return self._children(modality)
+        return self._keys(modality)
 
     def patients(self, modality: str, encoder_id: str) -> list[str]:
         """Patients with at least one complete item for this modality and encoder."""
@@ -289,12 +300,16 @@ class FeatureStore(ABC):
         if not attrs or attrs.get("complete") is not True:
             raise StoreError(f"{self.path}: no table named {name!r} (tables: {self.tables()})")
         arrays, attrs = self._read(f"{TABULAR}/{name}", ("values",))
+        bad = [p for p in attrs["patients"] if id_problem(p)]
+        if bad:
+            raise StoreError(f"{self.path}: table {name!r} lists unsafe patient ids {bad[:3]}; mmcli never writes "
+                             "such ids. Fix: rebuild the table with `mmcli extract --modality tabular`.")
         return pd.DataFrame(
             arrays["values"], index=pd.Index(attrs["patients"], name="patient_id"), columns=attrs["columns"]
         )
 
     def tables(self) -> list[str]:
-        return [t for t in self._children(TABULAR) if (self._attrs(f"{TABULAR}/{t}") or {}).get("complete")]
+        return [t for t in self._keys(TABULAR) if (self._attrs(f"{TABULAR}/{t}") or {}).get("complete")]
 
     # ---- whole-store views ------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -344,7 +359,7 @@ class FeatureStore(ABC):
                     problems += self._verify_item(key, check_values, dims, check_sources)
                 if len(dims) > 1:
                     problems.append(Problem(f"/{m}/{e}", f"items disagree on feature dim: {sorted(dims)}"))
-        for t in self._children(TABULAR):
+        for t in self._keys(TABULAR):
             attrs = self._attrs(f"{TABULAR}/{t}") or {}
             if attrs.get("complete") is not True:
                 problems.append(Problem(f"/{TABULAR}/{t}", "incomplete table"))
@@ -556,7 +571,8 @@ def _stage_owner(name: str) -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """True if a process ``pid`` exists on this host (it may belong to another user)."""
+    """True if a process ``pid`` runs on this host (it may belong to another user). A zombie (dead, not yet
+    reaped by its parent, e.g. a killed dask worker before its nanny notices) counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -565,7 +581,11 @@ def pid_alive(pid: int) -> bool:
         return True
     except (OverflowError, ValueError):  # not a valid pid at all
         return False
-    return True
+    try:  # Linux: field 3 of /proc/<pid>/stat is the state; the name before it may hold spaces and ')'
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

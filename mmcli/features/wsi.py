@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mmcli.features.encoders.image import PRECISIONS, ImageEncoder, resolve_device
+from mmcli.features.encoders.image import PRECISIONS, ImageEncoder, load_state_dict, resolve_device
 from mmcli.features.encoders.registry import create_encoder, resolve
 from mmcli.features.readers import READER_NAMES, SlideError, open_slide, slide_opener
 from mmcli.features.tiling import TilePlan, default_read_threads, iter_tile_batches, plan_tiles
@@ -103,6 +103,11 @@ def make_spec(
         tissue = TissueParams(**{**asdict(tissue), "min_area_um2": float(min_tissue_area)})
     weights = str(Path(weights).expanduser().resolve()) if weights else None
     enc = _build_encoder(encoder, weights, seed, device, precision)
+    if weights:  # a checkpoint that is no plain state dict (e.g. pickled code) stops the run before any slide
+        try:
+            load_state_dict(weights)
+        except Exception as e:  # noqa: BLE001 - torch / safetensors raise many types for bad files
+            raise InputError(f"--weights {weights}: {e}") from e
     enc.warn_if_random()
     tile = {"mpp": float(mpp), "patch_size": int(patch_size), "min_tissue": float(min_tissue),
             "tissue": tissue.to_dict()}

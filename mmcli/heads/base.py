@@ -252,6 +252,8 @@ class BreslowBaseline:
         from sksurv.functions import StepFunction
 
         assert self.times is not None and self.surv is not None
+        if len(times) == 0:  # a fold whose follow-up leaves no evaluation time: no curve to give
+            return np.empty((len(risk), 0), dtype=np.float64)
         s0 = StepFunction(self.times, self.surv)
         t = np.clip(np.asarray(times, dtype=np.float64), 0.0, self.times[-1])
         base = np.atleast_1d(s0(t))

@@ -14,6 +14,10 @@ process-level fail points that survive into subprocesses and dask workers throug
 
 Example: ``MMCLI_FAULT=store.staged:3 mmcli extract ...`` dies inside the third item write, after the
 arrays are staged and before the item is moved into place.
+
+``MMCLI_FAULT_ONCE=FILE`` makes the fault fire at most once over all processes that share the environment: only
+the process that creates FILE (``O_EXCL``; it writes its PID there) acts. A dask nanny restarts a killed worker
+with the same environment; without this its every restart would die again.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import threading
 from collections import Counter
 
 ENV = "MMCLI_FAULT"
+ONCE_ENV = "MMCLI_FAULT_ONCE"
 POINTS = {
     "item.locked": "runner: the item's lock is held, before its extractor runs",
     "item.progress": "runner: inside an item, after some but not all of its work (WSI: between tile batches)",
@@ -65,5 +70,19 @@ def fault(point: str) -> None:
     with _lock:
         _hits[point] += 1
         hit = _hits[point] == want[0]
-    if hit:
+    if hit and _claim_once():
         os.kill(os.getpid(), ACTIONS[want[1]])
+
+
+def _claim_once() -> bool:
+    """True unless ``MMCLI_FAULT_ONCE`` names a file that another (or this) process already created."""
+    token = os.environ.get(ONCE_ENV)
+    if not token:
+        return True
+    try:
+        fd = os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    return True

@@ -7,6 +7,7 @@ user) and ``event`` (1 = observed, 0 = censored).
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 from dataclasses import dataclass
@@ -47,15 +48,22 @@ class Manifest:
 
 
 def read_csv_text(path: Path) -> str:
-    """CSV text with a UTF-8 BOM removed; a clear error for missing or non-UTF-8 files."""
+    """CSV text of UTF-8 (BOM removed) or BOM-marked UTF-16 (Excel's "Unicode text"); a clear error for
+    missing files and other encodings (e.g. Latin-1, which cannot be told apart from other 8-bit codes)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found. Fix: check the path.")
     raw = path.read_bytes()
+    codec = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode(codec)
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}). Fix: save the file as UTF-8 CSV.") from e
+        what = "UTF-16 text with a BOM" if codec == "utf-16" else "UTF-8 text"
+        raise InputError(f"{path}: not valid {what} (byte {e.start}). Fix: save the file as UTF-8 CSV.") from e
+    if "\x00" in text:
+        raise InputError(f"{path}: contains NUL characters (a binary file, or UTF-16 without a BOM). "
+                         "Fix: save the file as UTF-8 CSV.")
+    return text
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -71,7 +79,8 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]
         raise InputError(f"{path}: empty file. Fix: add a header row and one row per item.")
     header_line, header = rows[0]
     if len(set(header)) != len(header):
-        raise InputError(f"{path}: line {header_line}: duplicate column names in header {header}.")
+        raise InputError(f"{path}: line {header_line}: duplicate column names in header {header}. "
+                         "Fix: give every column its own name.")
     out = []
     for line, rec in rows[1:]:
         if len(rec) != len(header):
@@ -98,7 +107,7 @@ def load_manifest(path: str | Path, modalities: set[str] | None = None) -> Manif
             f"{path}: missing column(s) {absent}; header is {header}. "
             "Fix: the manifest needs patient_id,modality,path[,item_id]."
         )
-    base = path.parent
+    base = path.parent.absolute()  # absolute, so dask workers in other folders find the files
     seen: dict[tuple[str, str, str], int] = {}
     rows: list[ManifestRow] = []
     missing: list[ManifestRow] = []
@@ -147,12 +156,15 @@ def load_labels(path: str | Path) -> pd.DataFrame:
     header, records = _read_rows(path)
     if "patient_id" not in header:
         raise InputError(f"{path}: no patient_id column; header is {header}. Fix: add a patient_id column.")
+    if not records:
+        raise InputError(f"{path}: no label rows below the header. Fix: add one row per patient.")
     seen: dict[str, int] = {}
     for line, rec in records:
         pid = rec["patient_id"]
         problem = id_problem(pid)
         if problem:
-            raise InputError(f"{path}: line {line}: unsafe patient_id: {problem}.")
+            raise InputError(f"{path}: line {line}: unsafe patient_id: {problem}. Fix: use the store's patient "
+                             "ids (letters, digits, '.', '_' and '-').")
         if pid in seen:
             raise InputError(
                 f"{path}: line {line}: patient_id {pid!r} repeated (first on line {seen[pid]}). "

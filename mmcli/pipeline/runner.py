@@ -19,7 +19,7 @@ import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from mmcli import __version__
 from mmcli.features.store import open_store, pid_alive
+from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.faults import fault
 from mmcli.pipeline.fingerprint import source_fingerprint
 from mmcli.pipeline.manifest import ManifestRow
@@ -276,7 +277,9 @@ def run_extraction(
     """Run ``spec`` over ``rows`` and write each item to the store.
 
     ``scheduler``: None runs in this process; ``"local"`` starts a dask LocalCluster (``workers`` processes,
-    default: one per core); any other value is a dask scheduler address (``tcp://host:8786``).
+    default: one per core); any other value is a dask scheduler address (``tcp://host:8786``) or scheduler file
+    (see :func:`connect`). A task whose worker dies is rescheduled by dask on another worker (up to
+    ``distributed.scheduler.allowed-failures`` times); the dead worker's item lock is then cleared as stale.
     Rows whose file is missing (``missing``) are reported as such and not attempted.
     """
     store_path = str(store_path)
@@ -302,16 +305,32 @@ def run_extraction(
     return summary
 
 
-def _run_dask(rows, spec, store_path, force, scheduler, workers, bar) -> list[ItemOutcome]:
-    from distributed import Client, LocalCluster, as_completed
+def connect(scheduler: str, workers: int | None = None) -> tuple[Any, Any]:
+    """(client, cluster or None) for ``scheduler``: ``"local"`` (a LocalCluster of ``workers`` processes), a
+    scheduler address (``tcp://host:8786``) or the JSON file that ``dask scheduler --scheduler-file`` wrote."""
+    from distributed import Client, LocalCluster
 
-    cluster = None
     if scheduler == "local":
         n = workers or os.cpu_count() or 1
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(cluster)
-    else:
-        client = Client(scheduler)
+        return Client(cluster), cluster
+    as_file = scheduler.endswith(".json") or "://" not in scheduler and Path(scheduler).is_file()
+    try:
+        client = Client(scheduler_file=scheduler) if as_file else Client(scheduler)
+    except (OSError, TimeoutError, ValueError) as e:
+        raise InputError(f"--scheduler {scheduler}: cannot reach a dask scheduler ({type(e).__name__}: {e}). "
+                         "Fix: start one (`dask scheduler`), check the address (tcp://HOST:PORT) or the "
+                         "scheduler file, or use --scheduler local.") from e
+    return client, None
+
+
+def _run_dask(rows, spec, store_path, force, scheduler, workers, bar) -> list[ItemOutcome]:
+    from distributed import as_completed
+
+    # workers of a remote cluster run in their own working directory: give them absolute paths
+    store_path = os.path.abspath(store_path)
+    rows = [replace(r, path=r.path.absolute()) for r in rows]
+    client, cluster = connect(scheduler, workers)
     try:
         futures = [
             client.submit(_dask_task, spec, row, store_path, force, key=f"mmcli-{spec.encoder_id}-{row.patient_id}"

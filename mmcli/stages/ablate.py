@@ -153,9 +153,10 @@ def _reusable(run_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
 
 def _row(job: Job, run_dir: Path, metric: str, result: dict[str, Any] | None, status: str) -> dict[str, Any]:
     m = ((result or {}).get("metrics") or {}).get(metric) or {}
+    m = {k: np.nan if m.get(k) is None else m[k] for k in ("mean", "ci_low", "ci_high")}  # None: undefined
     return {"subset": "+".join(job.subset), "n_modalities": len(job.subset), "head": job.head,
-            "fusion": job.fusion, "metric": metric, "mean": m.get("mean", np.nan),
-            "ci_low": m.get("ci_low", np.nan), "ci_high": m.get("ci_high", np.nan),
+            "fusion": job.fusion, "metric": metric, "mean": m["mean"],
+            "ci_low": m["ci_low"], "ci_high": m["ci_high"],
             "n_patients": (result or {}).get("n_patients"), "run_dir": str(run_dir), "status": status}
 
 
@@ -240,7 +241,8 @@ def ablate(
         try:
             result = run_fit(head=job.head, store=store, labels=labels, out=run_dir, target=target, time=time,
                              event=event, modalities=list(job.subset), encoders=encoders, folds=folds, seed=seed,
-                             params=job.fit_params(params), n_boot=n_boot, drop_unmatched=drop_unmatched)
+                             params=job.fit_params(params), n_boot=n_boot, drop_unmatched=drop_unmatched,
+                             strict_match=not drop_unmatched)
         except Exception as e:  # noqa: BLE001 - one failing fit is reported, the ablation goes on
             detail = f"{type(e).__name__}: {e}"
             say(f"{prefix}: FAILED {detail}")
@@ -306,12 +308,13 @@ def format_ablation(table: pd.DataFrame) -> str:
     if table.empty:
         return "no fits planned"
     metric = table["metric"].iloc[0]
-    lines = [f"  {'subset':<32} {'fusion':<16} {metric:>8} {'95% CI':>17}  status"]
+    w = max(12, *(len(str(x)) for x in table["subset"]))
+    lines = [f"  {'subset':<{w}} {'fusion':<16} {metric:>8} {'95% CI':>17}  status"]
     for _, r in table.sort_values("mean", ascending=False, na_position="last").iterrows():
         what = r["fusion"] if r["fusion"] != NO_FUSION else r["head"]
         ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if pd.notna(r["ci_low"]) else ""
         val = f"{r['mean']:.3f}" if pd.notna(r["mean"]) else "–"
-        lines.append(f"  {r['subset']:<32} {what:<16} {val:>8} {ci:>17}  {r['status']}")
+        lines.append(f"  {r['subset']:<{w}} {what:<16} {val:>8} {ci:>17}  {r['status']}")
     s = table.attrs.get("summary") or {}
     cmp = s.get("comparison") or {}
     if "difference" in cmp:

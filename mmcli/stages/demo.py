@@ -1,12 +1,18 @@
-"""``mmcli demo``: synth -> extract every modality -> fit every head -> report, then a heads x metrics table.
+"""``mmcli demo``: synth -> extract every modality -> fit every head -> report -> a small pre-specified ablation,
+then a heads x metrics table.
 
 Every step calls the same stage functions as the CLI verbs. A step whose stage is not available says so
 plainly; the demo never fabricates a result.
+
+The ablation is fixed in advance (``ABLATION_SUBSETS``: each single modality, and all modalities together, with
+``concat`` fusion) so that "fusion vs the best single modality" is one planned comparison, not the best of many
+fits; ``mmcli ablate`` runs the full grid.
 """
 from __future__ import annotations
 
 import importlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,7 @@ console = Console(stderr=False)
 HEADS = ("attention_mil", "fusion_mlp", "xgboost", "cox")
 CLASSIFICATION_METRICS = ("auroc", "auprc", "f1_macro", "balanced_accuracy", "brier")
 SURVIVAL_METRICS = ("c_index", "ibs", "td_auc")
+ABLATION_FUSIONS = ("concat",)
 
 
 def _stage(module: str, name: str) -> Any | None:
@@ -40,7 +47,7 @@ def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5
     code = 0
     timings: dict[str, float] = {}
 
-    _step("1/4 synth: synthetic multimodal cohort")
+    _step("1/5 synth: synthetic multimodal cohort")
     synth = _stage("synth", "synth")
     if synth is None:
         console.print("[yellow]skipped: the synth stage is not available in this build[/yellow]")
@@ -50,7 +57,7 @@ def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5
     timings["synth"] = time.perf_counter() - t
     console.print(f"cohort in {cohort.out_dir} ({timings['synth']:.1f}s)")
 
-    _step("2/4 extract: every modality into the feature store")
+    _step("2/5 extract: every modality into the feature store")
     store = out / "features.zarr"
     extract = _stage("extract", "extract")
     extracted: list[str] = []
@@ -78,7 +85,7 @@ def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5
         timings["extract"] = time.perf_counter() - t
         console.print(f"extracted {extracted} in {timings['extract']:.1f}s")
 
-    _step("3/4 fit: every head on the cached features")
+    _step("3/5 fit: every head on the cached features")
     fit = _stage("fit", "fit")
     report = _stage("report", "report")
     results: dict[str, dict[str, Any]] = {}
@@ -98,17 +105,38 @@ def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5
         if report is None:
             console.print("[yellow]skipped reports: the report stage is not available in this build[/yellow]")
 
-    _step("4/4 results")
+    _step("4/5 ablate: each single modality vs all of them fused (pre-specified)")
+    ablation = None
+    ablate = _stage("ablate", "ablate")
+    if ablate is None or len(extracted) < 2:
+        console.print("[yellow]skipped: " + ("the ablate stage is not available in this build" if ablate is None
+                                              else "fewer than two modalities were extracted") + "[/yellow]")
+    else:
+        from mmcli.stages.ablate import format_ablation
+
+        t = time.perf_counter()
+        subsets = [(m,) for m in extracted] + [tuple(extracted)]
+        table = ablate(store, cohort.labels, out / "ablation", target="subtype", subsets=subsets,
+                       fusions=ABLATION_FUSIONS, folds=folds, seed=seed,
+                       echo=lambda line: console.print(line, markup=False, highlight=False))
+        timings["ablate"] = time.perf_counter() - t
+        console.print(format_ablation(table), markup=False, highlight=False)
+        ablation = table.attrs.get("summary")
+
+    _step("5/5 results")
     if results:
         _print_table(results)
         (out / "demo_results.json").write_text(json.dumps(
-            {"results": results, "timings_s": timings, "extracted": extracted}, indent=2, default=str))
+            {"results": results, "ablation": ablation, "timings_s": timings, "extracted": extracted}, indent=2,
+            default=str))
     timings["total"] = time.perf_counter() - t0
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return code
 
 
 def _print_table(results: dict[str, dict[str, Any]]) -> None:
+    # piped output (a log, CI) would be cut at 80 columns; a terminal keeps its own width and wraps cells
+    out = console if console.is_terminal else Console(width=max(console.width, 160), file=sys.stdout)
     table = Table(title="heads x metrics (out-of-fold, mean [95% CI])")
     table.add_column("head")
     table.add_column("task")
@@ -122,4 +150,4 @@ def _print_table(results: dict[str, dict[str, Any]]) -> None:
             v = r.get("metrics", {}).get(m)
             cells.append(f"{v['mean']:.3f} [{v['ci_low']:.2f}, {v['ci_high']:.2f}]" if v else "-")
         table.add_row(head, r.get("task", "?"), *cells)
-    console.print(table)
+    out.print(table)

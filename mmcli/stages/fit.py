@@ -19,6 +19,7 @@ Run directory (``out``)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time as _time
@@ -58,6 +59,7 @@ def fit(
     params: dict[str, Any] | None = None,
     n_boot: int = 200,
     drop_unmatched: bool = False,
+    strict_match: bool = False,
     explain: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -72,8 +74,11 @@ def fit(
         folds, seed: K of the stratified patient-level K-fold, and the seed of splits and models.
         params: head parameters (e.g. ``{"fusion": "bilinear", "epochs": 20}``).
         n_boot: bootstrap replicates of the confidence intervals.
-        drop_unmatched: leave out (and record) labelled patients missing from the store, store patients
-            without labels and rows with a missing label, instead of refusing them.
+        drop_unmatched: leave out (and record) rows with a missing label value instead of refusing them.
+            Labelled patients absent from the store and store patients without labels are always left out
+            with a note (counts and a few ids; all of them in config.json ``excluded_patients``); no overlap
+            at all, or too few patients left for ``folds``, is an error.
+        strict_match: refuse (instead of leaving out) patients that are only in the labels or only in the store.
         explain: also write attention / SHAP / modality weights where the head has them.
     """
     say = log or (lambda _msg: None)
@@ -86,16 +91,18 @@ def fit(
     sources = resolve_sources(fs, names, encoders)
     table = read_labels(labels)
     tgt = build_target(table, target=target, time=time, event=event, drop_missing=drop_unmatched)
+    _check_classes_finite(table, tgt)
     if tgt.task not in cls.tasks:
         raise InputError(f"head {head!r} supports {list(cls.tasks)}; the labels give a {tgt.task} task. "
                          "Fix: choose another --head or other label columns.")
-    tgt, excluded = _align(fs, sources, tgt, drop_unmatched)
+    tgt, excluded = _align(fs, sources, tgt, say, strict_match)
     say(f"{len(tgt.patients)} patients, modalities {[s.name for s in sources]}, task {tgt.task}")
     cohort = load_cohort(fs, sources, tgt.patients)
     tgt, cohort, no_data = _require_data(head, cohort, tgt)
     if no_data:
         excluded["missing_required_modality"] = no_data
         say(f"left out {len(no_data)} patients without the modality {head} needs: {no_data[:5]}...")
+    _check_enough(tgt, folds, excluded)
     t_load = _clock() - time_now
     say(f"loaded features in {t_load:.1f}s ({len(cohort) / max(t_load, 1e-9):.1f} patients/s)")
 
@@ -162,8 +169,10 @@ def _labels_ref(labels: Any) -> str:
     return str(Path(labels).resolve()) if isinstance(labels, (str, Path)) else "<DataFrame>"
 
 
-def _align(fs: Any, sources: Sequence[Source], tgt: Target, drop: bool) -> tuple[Target, dict]:
-    """Labelled patients vs patients with any chosen modality: both must match unless ``drop``."""
+def _align(fs: Any, sources: Sequence[Source], tgt: Target, say: Callable[[str], None], strict: bool = False
+           ) -> tuple[Target, dict]:
+    """Keep the patients that have both a label and any chosen modality; note (and return) the others, or
+    refuse them when ``strict``."""
     in_store: set[str] = set()
     for s in sources:
         if s.encoder_id is not None:
@@ -173,23 +182,75 @@ def _align(fs: Any, sources: Sequence[Source], tgt: Target, drop: bool) -> tuple
     labelled = set(tgt.patients)
     unknown = sorted(labelled - in_store)
     unlabelled = sorted(in_store - labelled - set(tgt.dropped.get("missing_label", [])))
-    excluded: dict[str, list[str]] = {}
     names = [s.name for s in sources]
-    if unknown:
-        if not drop:
-            raise InputError(f"{tgt.source}: {len(unknown)} labelled patient(s) have none of the modalities {names} "
-                             f"in {fs.path}: {unknown[:8]}. Fix: check the ids, extract their features, or pass "
-                             "--drop-unmatched to leave them out.")
-        excluded["not_in_store"] = unknown
-    if unlabelled:
-        if not drop:
-            raise InputError(f"{tgt.source}: {len(unlabelled)} patient(s) in {fs.path} have no row in the labels: "
-                             f"{unlabelled[:8]}. Fix: add their labels, or pass --drop-unmatched to leave them out.")
-        excluded["no_label"] = unlabelled
     keep = [p for p in sorted(labelled) if p in in_store]
     if not keep:
-        raise InputError(f"no patient has both a label in {tgt.source} and features in {fs.path}.")
+        raise InputError(f"{tgt.source}: none of its {len(labelled)} labelled patient(s) (e.g. {sorted(labelled)[:3]}) "
+                         f"has features of {names} in {fs.path} (its patients: e.g. {sorted(in_store)[:3]}). "
+                         "Fix: check that both use the same patient ids, or extract the features first.")
+    if strict and (unknown or unlabelled):
+        raise InputError(f"{tgt.source}: {len(unknown)} labelled patient(s) without features of {names} in "
+                         f"{fs.path} ({_some(unknown)}) and {len(unlabelled)} patient(s) of the store without a "
+                         f"label ({_some(unlabelled)}). Fix: make labels and store cover the same patients.")
+    excluded: dict[str, list[str]] = {}
+    if unknown:
+        excluded["not_in_store"] = unknown
+        say(f"note: left out {len(unknown)} labelled patient(s) of {tgt.source} without features of {names} in "
+            f"{fs.path}: {_some(unknown)}")
+    if unlabelled:
+        excluded["no_label"] = unlabelled
+        say(f"note: left out {len(unlabelled)} patient(s) of {fs.path} without a row in {tgt.source}: "
+            f"{_some(unlabelled)}")
     return tgt.subset(keep), excluded
+
+
+def _some(ids: Sequence[str], n: int = 5) -> str:
+    return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
+def _check_classes_finite(table: pd.DataFrame, tgt: Target) -> None:
+    """A numeric class label must be finite: ``inf`` in a 0/1 column is a broken value, not a class."""
+    if tgt.classes is None:
+        return
+    bad = [c for c in tgt.classes if _nonfinite_number(c)]
+    if bad:
+        lines = table.attrs.get("lines", {})
+        rows = [p for p, c in zip(tgt.patients, np.asarray(tgt.classes)[tgt.y]) if c in bad]
+        where = ", ".join(f"line {lines[p]} ({p})" if p in lines else p for p in rows[:8])
+        raise InputError(f"{tgt.source}: column {tgt.target!r} holds non-finite value(s) {bad} at {where}. "
+                         "Fix: give each patient a real class, or leave the cell empty and pass --drop-unmatched.")
+
+
+def _nonfinite_number(text: str) -> bool:
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _check_enough(tgt: Target, folds: int, excluded: dict[str, list[str]]) -> None:
+    """Every class (survival: the events) needs ``folds`` patients, so each test fold can hold one, and every
+    training fold needs 2 patients."""
+    if folds < 2:
+        raise InputError(f"--folds must be >= 2, got {folds}.")
+    after = " left after leaving out unmatched patients" if excluded else ""
+    if tgt.task == "survival":
+        if len(tgt.patients) < 2 * folds:
+            raise InputError(f"{tgt.source}: {len(tgt.patients)} patient(s){after}; {folds}-fold CV needs at least "
+                             f"{2 * folds} so that every training fold has 2. Fix: lower --folds or add patients.")
+        n_events = int(tgt.y["event"].sum())
+        if n_events < folds:
+            raise InputError(f"{tgt.source}: {n_events} observed event(s) in column {tgt.event!r} among the "
+                             f"{len(tgt.patients)} patients{after}; {folds}-fold CV needs at least {folds}. "
+                             "Fix: lower --folds or add patients with events.")
+        return
+    assert tgt.classes is not None
+    counts = np.bincount(np.asarray(tgt.y, dtype=int), minlength=len(tgt.classes))
+    small = {c: int(n) for c, n in zip(tgt.classes, counts) if n < folds}
+    if small:
+        raise InputError(f"{tgt.source}: class sizes {small} in column {tgt.target!r} among the {len(tgt.patients)} "
+                         f"patients{after} are smaller than --folds {folds}. Fix: lower --folds, add "
+                         "patients, or merge rare classes.")
 
 
 def _require_data(head: str, cohort: Cohort, tgt: Target) -> tuple[Target, Cohort, list[str]]:

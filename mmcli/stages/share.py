@@ -3,13 +3,15 @@ pseudonymised patient and item ids.
 
 What the shared store holds: features, tile coordinates, tables, encoder provenance (names, weights hashes,
 tile parameters) and source file sizes/hashes. What it does not hold: source paths (folder and file names
-often carry names or hospital numbers), note text (never stored by extract) and, with ``--pseudonymize``,
-the original ids. The id mapping is never written into the shared store; the owner keeps the key file and
-can re-derive it, or ask for ``--mapping`` (a CSV to keep private).
+often carry names or hospital numbers), weights/model/QC file locations, absolute paths inside any text
+attribute, note text (never stored by extract) and, with ``--pseudonymize``, the original ids (also where
+they occur inside text, e.g. a warning naming the slide file). The id mapping is never written into the shared
+store; the owner keeps the key file and can re-derive it, or ask for ``--mapping`` (a CSV to keep private).
 """
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +20,35 @@ from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.manifest import load_labels
 from mmcli.pipeline.pseudonym import load_or_create_key, pseudonym
 
-_PATH_KEYS = {"path", "source", "slide_path", "file", "filename"}
+# attrs that hold file locations: source paths, weights files / model folders, QC images
+_PATH_KEYS = {"path", "source", "slide_path", "file", "filename", "weights", "qc_png"}
+_PATH_SUFFIXES = ("_path", "_folder", "_dir", "_file", "_png")
+# an absolute path inside free text (a warning, a description): "/a/b..." or "C:\\a\\b..."
+_ABS_PATH = re.compile(r"(?<![\w.~-])(?:/|[A-Za-z]:\\)[^\s\"'<>|;,]*[/\\][^\s\"'<>|;,]*")
 
 
 def _scrub(value: Any, replace: dict[str, str]) -> Any:
-    """Drop path-like keys and replace original ids inside any string."""
+    """Drop path-like keys, blank absolute paths in text and replace original ids inside any string."""
     if isinstance(value, dict):
-        return {k: _scrub(v, replace) for k, v in value.items() if k not in _PATH_KEYS and not k.endswith("_path")}
+        return {k: _scrub(v, replace) for k, v in value.items()
+                if k not in _PATH_KEYS and not k.endswith(_PATH_SUFFIXES)}
     if isinstance(value, list):
         return [_scrub(v, replace) for v in value]
     if isinstance(value, str):
+        value = _ABS_PATH.sub("<path>", value)
         for old in sorted(replace, key=len, reverse=True):
             value = value.replace(old, replace[old])
         return value
     return value
+
+
+def _source_names(attrs: dict[str, Any], new_item: str) -> dict[str, str]:
+    """The source file's name and stem (they often carry ids, e.g. in warnings) -> the item's pseudonym."""
+    fp = attrs.get("source_fingerprint")
+    if not isinstance(fp, dict) or not isinstance(fp.get("path"), str):
+        return {}
+    src = Path(fp["path"])
+    return {n: new_item for n in (src.name, src.stem) if len(n) >= 3}
 
 
 def share_store(
@@ -69,7 +86,7 @@ def share_store(
     for k in keys:
         item = src_store.read_item(k.modality, k.encoder_id, k.patient_id, k.item_id)
         new_item = iid_of(k.patient_id, k.item_id)
-        replace = {**ids, k.item_id: new_item} if key else {}
+        replace = {**ids, k.item_id: new_item, **_source_names(item.attrs, new_item)} if key else {}
         attrs = _scrub({a: v for a, v in item.attrs.items() if a not in ("complete", "n", "dim")}, replace)
         dst_store.write_item(k.modality, k.encoder_id, ids[k.patient_id], new_item, item.features, item.coords, attrs)
         n_items += 1

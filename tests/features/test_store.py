@@ -237,3 +237,20 @@ def test_verify_detects_changed_source(tmp_path: Path) -> None:
     assert s.verify(check_sources=False) == []
     src.unlink()  # unreachable sources are not checked
     assert s.verify() == []
+
+
+def test_pid_alive_treats_zombies_as_dead() -> None:
+    """A killed process that its parent has not reaped yet (a dask worker before its nanny notices) is dead:
+    its locks and staging are stale."""
+    import os
+    import subprocess
+
+    from mmcli.features.store import pid_alive
+
+    p = subprocess.Popen(["sleep", "0"])
+    deadline = time.monotonic() + 30
+    while pid_alive(p.pid) and time.monotonic() < deadline:  # exited, not reaped: a zombie
+        time.sleep(0.05)
+    assert not pid_alive(p.pid)
+    assert os.waitpid(p.pid, os.WNOHANG)[0] == p.pid  # it was still there to reap, i.e. a zombie
+    assert pid_alive(os.getpid()) and not pid_alive(-5)

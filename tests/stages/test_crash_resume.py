@@ -114,3 +114,17 @@ def test_fault_spec_parsing() -> None:
         with pytest.raises(ValueError):
             parse(bad)
     assert {"item.locked", "item.progress", "store.staged", "item.written", "item.after"} == set(POINTS)
+
+
+def test_fault_once_token_fires_in_one_process_only(tmp_path: Path) -> None:
+    """``MMCLI_FAULT_ONCE``: of several processes with the same fault (a nanny's restarted worker, a second
+    worker), only the first to reach the point dies; it leaves its pid in the token file."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "MMCLI_FAULT": "item.after:1", "MMCLI_FAULT_ONCE": str(tmp_path / "token")}
+    code = "from mmcli.pipeline.faults import fault; fault('item.after'); print('survived')"
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == -signal.SIGKILL and second.returncode == 0 and "survived" in second.stdout
+    assert (tmp_path / "token").read_text().isdigit()

@@ -164,9 +164,12 @@ def _rows(planted, fn):
 @pytest.mark.parametrize("case,match", [
     ("nan_target", r"missing value in column\(s\) \['label'\] at line 4 \(P002\)"),
     ("single_class", r"single class"),
-    ("unknown_patient", r"1 labelled patient\(s\) have none of the modalities .*'Q999'"),
-    ("unlabelled_patient", r"1 patient\(s\) in .* have no row in the labels: \['P011'\]"),
+    ("unknown_patient", r"1 labelled patient\(s\) without features of \['genes'\] .*\(Q999\)"),
+    ("unlabelled_patient", r"1 patient\(s\) of the store without a label \(P011\)"),
     ("no_column", r"no column 'label' for --target"),
+    ("no_overlap", r"none of its 12 labelled patient\(s\) .* has features of \['genes'\]"),
+    ("class_gone", r"class sizes \{'c': 0\} .* left after leaving out unmatched patients"),
+    ("inf_class", r"non-finite value\(s\) \['inf'\] at line 4 \(P002\)"),
 ])
 def test_bad_classification_labels_are_clear_input_errors(small, tmp_path, case, match):
     header = "patient_id,label"
@@ -178,13 +181,35 @@ def test_bad_classification_labels_are_clear_input_errors(small, tmp_path, case,
         rows = _rows(small, lambda i, p: f"{p},{'a' if i % 2 else 'b'}") + ["Q999,a"]
     elif case == "unlabelled_patient":
         rows = _rows(small, lambda i, p: f"{p},{'a' if i % 2 else 'b'}")[:-1]
+    elif case == "no_overlap":
+        rows = _rows(small, lambda i, p: f"X{p},{'a' if i % 2 else 'b'}")
+    elif case == "class_gone":  # the only 'c' patients are not in the store
+        rows = _rows(small, lambda i, p: f"{p},{'a' if i % 2 else 'b'}") + ["Q1,c", "Q2,c"]
+    elif case == "inf_class":
+        rows = _rows(small, lambda i, p: f"{p},{'inf' if i == 2 else i % 2}")
     else:
         header, rows = "patient_id,other", _rows(small, lambda i, p: f"{p},a")
     f = _labels(tmp_path, rows, header)
     with pytest.raises(InputError, match=match) as e:
-        fit("xgboost", small.store, f, tmp_path / "run", target="label", folds=2)
-    assert str(f) in str(e.value) or case in ("unlabelled_patient",)
+        fit("xgboost", small.store, f, tmp_path / "run", target="label", folds=2,
+            strict_match=case in ("unknown_patient", "unlabelled_patient"))
+    assert str(f) in str(e.value) and "Fix" in str(e.value)
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_unmatched_patients_are_left_out_with_a_note(small, tmp_path):
+    """Labels of patients absent from the store, and store patients without labels: a note, then the fit."""
+    rows = _rows(small, lambda i, p: f"{p},{'a' if i % 2 else 'b'}")[:-1] + ["Q999,a", "Q998,b"]
+    f = _labels(tmp_path, rows)
+    notes: list[str] = []
+    fit("xgboost", small.store, f, tmp_path / "run", target="label", folds=2, n_boot=5,
+        params={"n_estimators": 5}, log=notes.append)
+    text = "\n".join(notes)
+    assert f"note: left out 2 labelled patient(s) of {f} without features of ['genes']" in text
+    assert "Q998, Q999" in text and "without a row in" in text and ": P011" in text
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["n_patients"] == 11
+    assert cfg["excluded_patients"] == {"not_in_store": ["Q998", "Q999"], "no_label": ["P011"]}
 
 
 @pytest.mark.parametrize("row2,match", [

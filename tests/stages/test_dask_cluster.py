@@ -1,0 +1,178 @@
+"""Scale-out on a real cluster: ``dask scheduler`` and two ``dask worker`` processes (with nannies) on loopback,
+``mmcli extract --scheduler tcp://127.0.0.1:PORT`` in a subprocess. The store equals an in-process run; a worker
+SIGKILLed in the middle of a slide is restarted by its nanny, dask reruns its task elsewhere, the dead
+process's item lock is cleared as stale (same host, dead pid) and the run still finishes every slide."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from wsi_runs import (  # noqa: E402
+    THREADS,
+    assert_same_items,
+    child_env,
+    extract_cmd,
+    extract_in_process,
+    items,
+    lock_files,
+    record_of,
+    verify_cli,
+    write_cohort,
+)
+
+from mmcli.features.store import pid_alive  # noqa: E402
+
+N = 5
+DASK = str(Path(sys.executable).with_name("dask"))
+# A nanny overrides OMP_NUM_THREADS (and MKL/OpenBLAS) with its own config before it starts the worker process;
+# the whole dict set through the environment keeps the upper-case names (per-key variables would be lower-cased).
+NANNY_ENV = repr({k: str(THREADS) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+
+
+@dataclass
+class Cluster:
+    address: str
+    scheduler_file: Path
+    logs: list[Path]
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+
+def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start ``cmd`` in its own session (so its process group can be killed) in the log's folder."""
+    with open(log, "w") as fh:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=log.parent,
+                                start_new_session=True)
+
+
+def _stop(p: subprocess.Popen) -> None:
+    """SIGKILL the child's whole process group (a nanny and its worker process), then reap it."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@contextmanager
+def cluster(folder: Path, worker_env: dict[str, str], n_workers: int = 2, limit_s: float = 180) -> Iterator[Cluster]:
+    """A scheduler and ``n_workers`` single-threaded workers on 127.0.0.1; everything is killed on exit."""
+    from distributed import Client
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sched_file = folder / "scheduler.json"
+    env = child_env(DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=NANNY_ENV)
+    procs: list[subprocess.Popen] = []
+    logs = [folder / "scheduler.log"]
+    try:
+        procs.append(_spawn([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--scheduler-file",
+                             str(sched_file), "--no-dashboard"], env, logs[0]))
+        deadline = time.monotonic() + limit_s
+        while not sched_file.exists():
+            assert procs[0].poll() is None, logs[0].read_text()
+            assert time.monotonic() < deadline, "scheduler did not start"
+            time.sleep(0.2)
+        for i in range(n_workers):
+            logs.append(folder / f"worker{i}.log")
+            procs.append(_spawn([DASK, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+                                 "--nworkers", "1", "--no-dashboard", "--name", f"w{i}",
+                                 "--local-directory", str(folder / f"w{i}")], {**env, **worker_env}, logs[-1]))
+        with Client(scheduler_file=str(sched_file), timeout="60s") as client:
+            client.wait_for_workers(n_workers, timeout=max(1.0, deadline - time.monotonic()))
+            threads = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
+            address = client.scheduler.address
+        assert set(threads.values()) == {str(THREADS)}, threads
+        yield Cluster(address, sched_file, logs)
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_cohort(tmp_path_factory.mktemp("dask_cluster"), N)
+
+
+@pytest.fixture(scope="module")
+def clean(cohort: Path) -> dict:
+    r = extract_in_process(cohort, cohort.parent / "clean.zarr")
+    assert r.exit_code == 0, r.output
+    return items(cohort.parent / "clean.zarr")
+
+
+def _extract(manifest: Path, store: Path, scheduler: str, cwd: Path, timeout: float = 420
+             ) -> subprocess.CompletedProcess:
+    """``mmcli extract --scheduler`` from another folder than the workers' (relative paths must not matter)."""
+    cmd = extract_cmd(manifest, store, "--scheduler", scheduler, "--torch-threads", str(THREADS))
+    return subprocess.run(cmd, env=child_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cluster_run_equals_in_process_run(cohort: Path, clean: dict, tmp_path: Path) -> None:
+    with cluster(tmp_path / "cluster", {}) as c:
+        run = tmp_path / "job"
+        run.mkdir()
+        manifest = Path(os.path.relpath(cohort, run))  # relative to the client's folder, not the workers'
+        r = _extract(manifest, Path("s.zarr"), c.address, cwd=run)
+        assert r.returncode == 0, r.stdout + r.stderr + c.log_text()
+        store = run / "s.zarr"
+        rec = record_of(r.stdout.replace("run record: ", f"run record: {run}/"))
+        assert (rec["done"], rec["failed"], rec["locked"], rec["scheduler"]) == (N, 0, 0, c.address)
+        assert_same_items(items(store), clean)
+        assert verify_cli(store).exit_code == 0 and lock_files(store) == []
+        assert not (tmp_path / "cluster" / "s.zarr").exists()  # workers (cwd: cluster/) wrote the client's store
+
+        # the scheduler file works as --scheduler too; everything is cached now
+        again = _extract(cohort, store, str(c.scheduler_file), cwd=tmp_path)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert record_of(again.stdout)["cached"] == N
+
+
+def test_worker_killed_mid_slide_is_tolerated(cohort: Path, clean: dict, tmp_path: Path) -> None:
+    """Both workers carry the fault; the token lets exactly one of them die, at its first tile batch."""
+    token = tmp_path / "fault.fired"
+    fault_env = {"MMCLI_FAULT": "item.progress:1", "MMCLI_FAULT_ONCE": str(token)}
+    store = tmp_path / "s.zarr"
+    with cluster(tmp_path / "cluster", fault_env) as c:
+        r = _extract(cohort, store, c.address, cwd=tmp_path)
+        logs = c.log_text()
+    assert r.returncode == 0, r.stdout + r.stderr + logs
+    assert token.is_file(), "no worker reached the fault point"
+    dead = int(token.read_text())
+    assert not pid_alive(dead) and f"Worker process {dead} was killed by signal 9" in logs, logs
+    # it died holding the lock of a slide; the retry (another pid on this host) cleared the lock as stale and
+    # extracted that slide: all done, none failed or left "locked"
+    rec = record_of(r.stdout)
+    assert (rec["done"], rec["failed"], rec["locked"], rec["missing"]) == (N, 0, 0, 0), json.dumps(rec, indent=1)
+    assert lock_files(store) == []
+    ok = verify_cli(store)
+    assert ok.exit_code == 0, ok.stdout
+    assert_same_items(items(store), clean)
+
+
+def test_unreachable_scheduler_is_a_clear_error(cohort: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a free port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = child_env(DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s")
+    cmd = extract_cmd(cohort, tmp_path / "s.zarr", "--scheduler", f"tcp://127.0.0.1:{port}")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"--scheduler tcp://127.0.0.1:{port}: cannot reach a dask scheduler" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
