@@ -165,6 +165,7 @@ def _write_atomic(path: Path, write: Callable[[str], None], suffix: str) -> None
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(stderr=False)
+if not console.is_terminal:  # piped output (a log, CI) would be cut at 80 columns
+    console = Console(stderr=False, width=200)
 
 HEADS = ("attention_mil", "fusion_mlp", "xgboost", "cox")
 CLASSIFICATION_METRICS = ("auroc", "auprc", "f1_macro", "balanced_accuracy", "brier")
@@ -117,7 +118,7 @@ def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5
         t = time.perf_counter()
         subsets = [(m,) for m in extracted] + [tuple(extracted)]
         table = ablate(store, cohort.labels, out / "ablation", target="subtype", subsets=subsets,
-                       fusions=ABLATION_FUSIONS, folds=folds, seed=seed,
+                       fusions=ABLATION_FUSIONS, folds=folds, seed=seed, n_boot=200,
                        echo=lambda line: console.print(line, markup=False, highlight=False))
         timings["ablate"] = time.perf_counter() - t
         console.print(format_ablation(table), markup=False, highlight=False)
@@ -135,8 +136,6 @@ def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5
 
 
 def _print_table(results: dict[str, dict[str, Any]]) -> None:
-    # piped output (a log, CI) would be cut at 80 columns; a terminal keeps its own width and wraps cells
-    out = console if console.is_terminal else Console(width=max(console.width, 160), file=sys.stdout)
     table = Table(title="heads x metrics (out-of-fold, mean [95% CI])")
     table.add_column("head")
     table.add_column("task")
@@ -150,4 +149,4 @@ def _print_table(results: dict[str, dict[str, Any]]) -> None:
             v = r.get("metrics", {}).get(m)
             cells.append(f"{v['mean']:.3f} [{v['ci_low']:.2f}, {v['ci_high']:.2f}]" if v else "-")
         table.add_row(head, r.get("task", "?"), *cells)
-    out.print(table)
+    console.print(table)

@@ -63,6 +63,7 @@ def test_binary_report_with_every_artefact(tmp_path: Path) -> None:
 
     out = report(run)
     assert out == run / "report.html"
+    assert out.stat().st_mode & 0o777 == 0o644  # readable by others, unlike mkstemp's 0600
     text = out.read_text()
     _assert_self_contained(text)
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]
