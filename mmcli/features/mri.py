@@ -26,7 +26,7 @@ import numpy as np
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import file_sha256, make_encoder_id
 from mmcli.pipeline.manifest import ManifestRow
-from mmcli.pipeline.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn
+from mmcli.pipeline.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 
 DEFAULT_SPACING: tuple[float, float, float] = (1.5, 1.5, 1.5)
 DEFAULT_SHAPE: tuple[int, int, int] = (64, 64, 64)  # 96 mm cube at 1.5 mm: one breast; raise for larger FOVs
@@ -210,10 +210,7 @@ class MriExtractor(ItemExtractor):
     ) -> None:
         from mmcli.features.encoders.registry import create_encoder
 
-        if torch_threads:
-            import torch
-
-            torch.set_num_threads(int(torch_threads))
+        set_torch_threads(torch_threads)
         self.params = MriParams(tuple(spacing), tuple(int(s) for s in shape),  # type: ignore[arg-type]
                                 0 if volume_index is None else int(volume_index), int(order))
         self.volume_index = volume_index

@@ -17,7 +17,7 @@ import numpy as np
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import make_encoder_id
 from mmcli.pipeline.manifest import ManifestRow
-from mmcli.pipeline.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn
+from mmcli.pipeline.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 
 DEFAULT_ENCODER = "minilm-l6"
 MAX_NOTE_BYTES = 50 * 1024 * 1024  # a larger ".txt" is almost surely not a clinical note
@@ -90,10 +90,7 @@ class TextExtractor(ItemExtractor):
     ) -> None:
         from mmcli.features.encoders.registry import create_encoder
 
-        if torch_threads:
-            import torch
-
-            torch.set_num_threads(int(torch_threads))
+        set_torch_threads(torch_threads)
         name, _, _ = resolve_text_encoder(encoder)
         self.encoder = create_encoder(name, device=device, precision=precision, max_tokens=max_tokens,
                                       stride=stride, pooling=pooling, batch_size=batch_size)

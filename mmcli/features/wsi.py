@@ -22,7 +22,7 @@ from mmcli.features.tissue import TissueParams, qc_image, save_png_atomic, tissu
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import make_encoder_id
 from mmcli.pipeline.manifest import ManifestRow
-from mmcli.pipeline.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn
+from mmcli.pipeline.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 
 MODALITY = "wsi"
 DEFAULT_ENCODER = "resnet50_trunc"
@@ -136,10 +136,7 @@ class WSIExtractor(ItemExtractor):
                  precision: str, batch_size: int, read_threads: int | None, mpp: float, patch_size: int,
                  reader: str, default_mpp: float | None, min_tissue: float, tissue: dict[str, Any],
                  qc_dir: str | None, feature_dtype: str, torch_threads: int | None, encoder_id: str) -> None:
-        if torch_threads:
-            import torch
-
-            torch.set_num_threads(int(torch_threads))
+        set_torch_threads(torch_threads)
         self.encoder = _build_encoder(encoder, weights, seed, device, precision)
         if self.encoder.weights.sha256 != weights_sha256:  # e.g. a dask worker with another HF cache
             raise ItemError(f"encoder {encoder}: this process resolves weights {self.encoder.weights.describe()} "

@@ -49,6 +49,14 @@ class ItemError(Exception):
     """An expected, explainable failure of one item (corrupt file, wrong rank, empty note...)."""
 
 
+def set_torch_threads(n: int | None) -> None:
+    """Give torch ``n`` CPU threads (``None``/0: leave torch's default), e.g. under a dask nanny's OMP=1."""
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
 class ItemExtractor(ABC):
     """Turns one manifest row into features. Built once per process from an :class:`ExtractorSpec`."""
 
