@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?= -q
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint lint-imports bench clean
 
 install: $(STAMP)
 
@@ -18,10 +18,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mmcli demo --out demo_out
 
-test: $(STAMP)
+test: $(STAMP) lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+# the inner loop: everything but the tests marked slow (CI runs `make test`, all of them)
+test-fast: $(STAMP) lint-imports
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not slow"
+
+# the layer contracts of pyproject.toml [tool.importlinter]: a wrong-way import fails here
+lint-imports: $(STAMP)
+	$(BIN)/lint-imports
+
+lint: $(STAMP) lint-imports
 	$(BIN)/ruff check mmcli tests benchmarks
 
 bench: $(STAMP)

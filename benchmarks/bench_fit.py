@@ -31,7 +31,7 @@ import pandas as pd
 
 def build_store(path: Path, patients: int, tiles: int, dim: int, seed: int) -> pd.DataFrame:
     """Write the synthetic store (skipped when it exists with the same shape); returns the labels."""
-    from mmcli.features.store import open_store
+    from mmcli.pipeline.store import open_store
 
     rng = np.random.default_rng(seed)
     ids = [f"B{i:05d}" for i in range(patients)]
@@ -72,12 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
-    from mmcli.features.store import open_store
     from mmcli.heads import create_head
     from mmcli.heads.cv import cross_validate, head_params
     from mmcli.heads.data import load_cohort, resolve_sources
+    from mmcli.heads.metrics import summarise
     from mmcli.heads.targets import build_target
-    from mmcli.pipeline.metrics import summarise
+    from mmcli.pipeline.store import open_store
 
     tmp = None
     store = args.store

@@ -129,9 +129,9 @@ def bench_mri(args: argparse.Namespace, work: Path) -> dict:
         preprocess,
         to_tensor_layout,
     )
-    from mmcli.features.store import open_store
+    from mmcli.features.runner import process_item
     from mmcli.pipeline.manifest import load_manifest
-    from mmcli.pipeline.runner import process_item
+    from mmcli.pipeline.store import open_store
     from mmcli.stages.extract import extract
 
     d = work / "mri"
@@ -176,8 +176,8 @@ def bench_mri(args: argparse.Namespace, work: Path) -> dict:
 # ---- text -----------------------------------------------------------------------------------------------------
 def write_notes(d: Path, n: int, seed: int = 0) -> Path:
     """``n`` notes of 1 to 16 concatenated synthetic pathology reports (~100-1500 tokens)."""
-    from mmcli.stages.synth_cohort import draw_cohort
-    from mmcli.stages.synth_notes import render_note
+    from mmcli.stages.synth.cohort import draw_cohort
+    from mmcli.stages.synth.notes import render_note
 
     pats = draw_cohort(max(16, n), seed)
     rng = np.random.default_rng(seed)
@@ -205,10 +205,10 @@ def bench_text(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from mmcli.features.encoders.registry import create_encoder
-    from mmcli.features.store import open_store
+    from mmcli.features.runner import process_item
     from mmcli.features.text import make_spec
     from mmcli.pipeline.manifest import load_manifest
-    from mmcli.pipeline.runner import process_item
+    from mmcli.pipeline.store import open_store
     from mmcli.stages.extract import extract
 
     d = work / "text"

@@ -144,7 +144,7 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
 
     from mmcli.features.encoders.registry import create_encoder
     from mmcli.features.readers import open_slide
-    from mmcli.features.store import open_store
+    from mmcli.pipeline.store import open_store
     from mmcli.stages.extract import extract
 
     side = int(np.ceil((np.sqrt(args.tiles) + 2) * args.patch_size / TILE)) + 4  # tissue + 2 glass tiles a side

@@ -51,7 +51,7 @@ def store_info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Modalities, encoders, patients, items, feature dims and size of a store."""
-    from mmcli.features.store import open_store
+    from mmcli.pipeline.store import open_store
 
     try:
         info = open_store(path, "r").info()
@@ -77,7 +77,7 @@ def store_verify(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Check every item (complete flag, shapes, finite values); exit 1 listing each problem."""
-    from mmcli.features.store import open_store
+    from mmcli.pipeline.store import open_store
 
     try:
         store = open_store(path, "a" if repair else "r")

@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 from wsi_runs import OPTS, items, write_cohort  # noqa: E402
 
 from mmcli.cli import app  # noqa: E402
-from mmcli.features.store import open_store  # noqa: E402
 from mmcli.pipeline.errors import InputError  # noqa: E402
 from mmcli.pipeline.ids import id_problem  # noqa: E402
 from mmcli.pipeline.manifest import load_manifest  # noqa: E402
+from mmcli.pipeline.store import open_store  # noqa: E402
 
 STORE_IDS = [f"P{i:02d}" for i in range(12)]
 FOLDS = 2

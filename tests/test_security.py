@@ -28,7 +28,7 @@ from wsi_runs import OPTS, write_cohort  # noqa: E402
 import mmcli  # noqa: E402
 from mmcli.cli import app  # noqa: E402
 from mmcli.features.encoders.image import load_state_dict  # noqa: E402
-from mmcli.features.store import open_store  # noqa: E402
+from mmcli.pipeline.store import open_store  # noqa: E402
 
 PKG = Path(mmcli.__file__).parent
 PICKLING_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve"}

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from mmcli.features.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import file_sha256, make_encoder_id
 from mmcli.pipeline.manifest import ManifestRow
-from mmcli.pipeline.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 
 DEFAULT_SPACING: tuple[float, float, float] = (1.5, 1.5, 1.5)
 DEFAULT_SHAPE: tuple[int, int, int] = (64, 64, 64)  # 96 mm cube at 1.5 mm: one breast; raise for larger FOVs

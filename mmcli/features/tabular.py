@@ -167,7 +167,7 @@ def ingest_table(
     max_levels: int = 20,
 ) -> TableSummary:
     """Validate ``table`` and write it to ``/tabular/<name>`` of ``store`` (NaN kept, categoricals encoded)."""
-    from mmcli.features.store import open_store
+    from mmcli.pipeline.store import open_store
 
     check_id(name, "table --name")
     path = Path(table)

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from mmcli.features.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import make_encoder_id
 from mmcli.pipeline.manifest import ManifestRow
-from mmcli.pipeline.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 
 DEFAULT_ENCODER = "minilm-l6"
 MAX_NOTE_BYTES = 50 * 1024 * 1024  # a larger ".txt" is almost surely not a clinical note

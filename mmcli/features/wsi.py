@@ -17,12 +17,12 @@ import numpy as np
 from mmcli.features.encoders.image import PRECISIONS, ImageEncoder, load_state_dict, resolve_device
 from mmcli.features.encoders.registry import create_encoder, resolve
 from mmcli.features.readers import READER_NAMES, SlideError, open_slide, slide_opener
+from mmcli.features.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 from mmcli.features.tiling import TilePlan, default_read_threads, iter_tile_batches, plan_tiles
 from mmcli.features.tissue import TissueParams, qc_image, save_png_atomic, tissue_mask
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import make_encoder_id
 from mmcli.pipeline.manifest import ManifestRow
-from mmcli.pipeline.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 
 MODALITY = "wsi"
 DEFAULT_ENCODER = "resnet50_trunc"

@@ -1,7 +1,7 @@
 """``attention_mil``: gated attention MIL (Ilse et al. 2018) over one bag modality (WSI tiles).
 
 A patient's slides are concatenated into one bag. Instances are standardised with an in-fold
-:class:`~mmcli.pipeline.preprocess.InstanceScaler` (folded into the first layer), embedded
+:class:`~mmcli.heads.preprocess.InstanceScaler` (folded into the first layer), embedded
 (Linear-ReLU-Dropout), pooled by gated attention
 and classified (or scored for survival with the Cox loss). Bags are padded into masked mini-batches; during
 training each bag contributes at most ``max_instances`` random instances per step.
@@ -17,9 +17,9 @@ from torch import nn
 from mmcli.heads.base import register_head
 from mmcli.heads.data import Cohort, pad_bags
 from mmcli.heads.modules import GatedAttention, StandardisedEmbed
+from mmcli.heads.preprocess import InstanceScaler
 from mmcli.heads.torch_base import TorchHead
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.preprocess import InstanceScaler
 
 
 class ABMIL(nn.Module):

@@ -26,8 +26,8 @@ import pandas as pd
 
 from mmcli import __version__
 from mmcli.heads.data import Cohort, ModalitySpec
+from mmcli.heads.preprocess import InstanceScaler, VectorPreprocessor, load_preprocessors, save_preprocessors
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.preprocess import InstanceScaler, VectorPreprocessor, load_preprocessors, save_preprocessors
 
 TASKS = ("binary", "multiclass", "survival")
 CONFIG = "config.json"

@@ -17,8 +17,8 @@ import pandas as pd
 
 from mmcli.heads.base import Head, register_head
 from mmcli.heads.data import Cohort
+from mmcli.heads.preprocess import VectorPreprocessor
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.preprocess import VectorPreprocessor
 
 COEFS = "cox.json"
 

@@ -18,9 +18,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from mmcli.heads.base import Head, create_head
 from mmcli.heads.data import Cohort
+from mmcli.heads.metrics import FoldPredictions, eval_times
 from mmcli.heads.targets import Target
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.metrics import FoldPredictions, eval_times
 
 
 def make_splits(target: Target, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

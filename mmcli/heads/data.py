@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from mmcli.features.store import FeatureStore
 from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.store import FeatureStore
 
 BAG_MODALITIES = frozenset({"wsi"})
 TABLE_SOURCE = "table"

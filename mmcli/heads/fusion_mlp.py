@@ -23,9 +23,9 @@ from mmcli.heads.base import register_head
 from mmcli.heads.data import Cohort, pad_bags
 from mmcli.heads.fusion import FUSIONS
 from mmcli.heads.modules import GatedAttention, MeanPool, StandardisedEmbed, mlp_embed
+from mmcli.heads.preprocess import InstanceScaler, VectorPreprocessor
 from mmcli.heads.torch_base import TorchHead
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.preprocess import InstanceScaler, VectorPreprocessor
 
 POOLS = ("attention", "mean")
 

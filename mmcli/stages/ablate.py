@@ -216,8 +216,8 @@ def ablate(
     metric = metric or DEFAULT_METRIC[task]
     say = echo or (lambda s: None)
     if modalities is None:
-        from mmcli.features.store import open_store
         from mmcli.heads.data import available_modalities
+        from mmcli.pipeline.store import open_store
 
         modalities = available_modalities(open_store(store, "r"))
     jobs = plan_jobs(enumerate_subsets(modalities, max_subset_size=max_subset_size, subsets=subsets),
@@ -257,7 +257,7 @@ def ablate(
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
     _write_atomic(out / "ablation.csv", lambda p: table.to_csv(p, index=False), ".csv")
-    from mmcli.stages.ablate_plot import ablation_figure
+    from mmcli.stages.report.ablation import ablation_figure
 
     _write_atomic(out / "ablation.png", lambda p: ablation_figure(table, metric).savefig(p, format="png"), ".png")
     summary = summarise(table, compare_best=compare_best, n_boot=n_boot, seed=seed)

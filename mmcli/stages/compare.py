@@ -3,7 +3,7 @@
 Both runs' out-of-fold predictions are matched by ``patient_id`` (patients in only one run are counted and
 left out). Differences are always ``A - B``.
 
-* Binary classification: DeLong test for two correlated AUROCs (:func:`mmcli.pipeline.stats.delong_test`).
+* Binary classification: DeLong test for two correlated AUROCs (:func:`mmcli.heads.stats.delong_test`).
 * Multiclass: the headline is the **macro one-vs-rest AUROC** difference with a paired bootstrap stratified by
   class (DeLong covers one binary AUROC, not a macro average); each class's one-vs-rest AUROC is also tested
   with DeLong (unadjusted p-values, listed per class).
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmcli.heads.stats import auroc_bootstrap, cindex_bootstrap, delong_test
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.stats import auroc_bootstrap, cindex_bootstrap, delong_test
-from mmcli.stages.rundir import CLASSIFICATION, SURVIVAL, Run, load_run
+from mmcli.pipeline.rundir import CLASSIFICATION, SURVIVAL, Run, load_run
 
 
 def _check_compatible(a: Run, b: Run) -> None:

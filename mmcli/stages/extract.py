@@ -1,7 +1,7 @@
 """``mmcli extract``: stage 1 for one modality of a cohort manifest, through the shared runner.
 
 Each manifest modality maps to a ``make_spec`` factory (``"module:callable"``) that validates that modality's
-options and returns an :class:`~mmcli.pipeline.runner.ExtractorSpec`. Adding a modality is one entry in
+options and returns an :class:`~mmcli.features.runner.ExtractorSpec`. Adding a modality is one entry in
 :data:`MODALITY_SPECS` (or :func:`register_modality`), not a branch in the CLI.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mmcli.features.runner import ExtractorSpec, RunSummary, run_extraction
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.manifest import Manifest, load_manifest
-from mmcli.pipeline.runner import ExtractorSpec, RunSummary, run_extraction
 
 MODALITY_SPECS: dict[str, str] = {
     "wsi": "mmcli.features.wsi:make_spec",

@@ -5,7 +5,7 @@ Run directory (``out``)::
     config.json          head, params, task, target / time+event, classes, modalities, encoder_ids, folds, seed,
                          store, labels, features_sha256, excluded patients, timings, mmcli version, created
     metrics.json         {"head","task","modalities","folds","n_patients","metrics":{name:{mean,ci_low,ci_high,
-                         per_fold}},"encoder_ids","seed","created"}  (see mmcli.pipeline.metrics)
+                         per_fold}},"encoder_ids","seed","created"}  (see mmcli.heads.metrics)
     predictions.csv      out-of-fold: patient_id,fold,y_true,y_pred,prob_<class>...  |  patient_id,fold,time,event,risk
     folds.json           {patient_id: fold}
     cv_audit.json        per fold: the patients each preprocessing step was fit on, and their overlap with the
@@ -32,13 +32,13 @@ import numpy as np
 import pandas as pd
 
 from mmcli import __version__
-from mmcli.features.store import open_store
 from mmcli.heads.base import create_head, head_class
 from mmcli.heads.cv import FoldResult, cross_validate, head_params
 from mmcli.heads.data import Cohort, Source, load_cohort, resolve_sources
+from mmcli.heads.metrics import summarise
 from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.metrics import summarise
+from mmcli.pipeline.store import open_store
 
 OPTIONAL_OUTPUTS = ("modality_weights.json", "shap.csv", "attention.csv", "attention.*.csv")
 

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 from mmcli.features.interop.importer import make_import_spec, match_rows, slide_mpps
+from mmcli.features.runner import RunSummary, run_extraction
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import params_hash
 from mmcli.pipeline.manifest import load_manifest
-from mmcli.pipeline.runner import RunSummary, run_extraction
 
 
 def import_features(
@@ -59,7 +59,7 @@ def import_features(
 
 def _check_dim(store: str | Path, modality: str, encoder_id: str, dim: int) -> None:
     """Refuse to mix dimensions under one encoder_id (a --encoder-id reused for other features)."""
-    from mmcli.features.store import open_store
+    from mmcli.pipeline.store import open_store
 
     if not Path(store).exists():
         return

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmcli.features.store import FeatureStore, open_store
 from mmcli.heads.base import load_head, read_model_config
 from mmcli.heads.data import STORE_SOURCE, TABLE_SOURCE, Cohort, ModalitySpec, Source, load_cohort
 from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.store import FeatureStore, open_store
 from mmcli.stages.fit import _write_csv, attention_frame, prediction_frame
 
 

@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mmcli.features.store import open_store
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.manifest import load_labels
 from mmcli.pipeline.pseudonym import load_or_create_key, pseudonym
+from mmcli.pipeline.store import open_store
 
 # attrs that hold file locations: source paths, weights files / model folders, QC images
 _PATH_KEYS = {"path", "source", "slide_path", "file", "filename", "weights", "qc_png"}

@@ -10,9 +10,9 @@ import pytest
 
 from mmcli.features.interop.formats import FORMATS, complete_geometry
 from mmcli.features.interop.importer import match_rows
-from mmcli.features.store import open_store
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.manifest import load_manifest
+from mmcli.pipeline.store import open_store
 from mmcli.stages.import_ import import_features
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))

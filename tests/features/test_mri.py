@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from mmcli.features.mri import MriParams, load_volume, make_spec, preprocess, to_tensor_layout
-from mmcli.features.store import open_store
+from mmcli.features.runner import ItemError, run_extraction
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.manifest import load_manifest
-from mmcli.pipeline.runner import ItemError, run_extraction
+from mmcli.pipeline.store import open_store
 
 SMALL = dict(spacing=(2.0, 2.0, 2.0), shape=(16, 16, 16), device="cpu", precision="fp32")
 

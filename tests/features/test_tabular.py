@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmcli.features.store import open_store
 from mmcli.features.tabular import ingest_table
 from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.store import open_store
 
 PROTEOMICS = """patient_id,ER-alpha,HER2,PTEN,Keratin5
 BRCA-0001,1.25,-0.4,,0.1

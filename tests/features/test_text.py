@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from mmcli.features.encoders.registry import create_encoder
-from mmcli.features.store import open_store
+from mmcli.features.runner import ItemError, run_extraction
 from mmcli.features.text import make_spec, read_note
 from mmcli.pipeline.manifest import load_manifest
-from mmcli.pipeline.runner import ItemError, run_extraction
+from mmcli.pipeline.store import open_store
 
 SECRET = "Zebracorn Quixotic-4711"  # a phrase that must never reach the store
 LONG = ("Clinical history: 54 year old woman with a palpable mass in the left breast. Core biopsy shows invasive "

@@ -11,10 +11,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from slides import inside_ellipse, tissue_image, write_aperio, write_generic  # noqa: E402
 
+from mmcli.features.runner import ItemError  # noqa: E402
 from mmcli.features.wsi import make_spec  # noqa: E402
 from mmcli.pipeline.errors import InputError  # noqa: E402
 from mmcli.pipeline.manifest import ManifestRow  # noqa: E402
-from mmcli.pipeline.runner import ItemError  # noqa: E402
 
 TINY = dict(encoder="timm:test_resnet", patch_size=32, mpp=1.0, batch_size=16, read_threads=2)
 

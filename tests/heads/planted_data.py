@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmcli.features.store import open_store
+from mmcli.pipeline.store import open_store
 
 
 @dataclass

@@ -6,14 +6,14 @@ import pytest
 from planted_data import make_store, shuffled
 from sklearn.metrics import roc_auc_score
 
-from mmcli.features.store import open_store
 from mmcli.heads import create_head, list_heads, load_head
 from mmcli.heads.cv import cross_validate
 from mmcli.heads.data import load_cohort, resolve_sources
 from mmcli.heads.fusion import FUSIONS
+from mmcli.heads.metrics import survival_metrics
 from mmcli.heads.targets import build_target
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.metrics import survival_metrics
+from mmcli.pipeline.store import open_store
 
 FAST = {"attention_mil": {"epochs": 15}, "fusion_mlp": {"epochs": 40}, "xgboost": {"n_estimators": 60}, "cox": {}}
 

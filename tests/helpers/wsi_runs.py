@@ -23,8 +23,8 @@ from slides import tissue_image, write_aperio
 from typer.testing import CliRunner
 
 from mmcli.cli import app
-from mmcli.features.store import open_store
-from mmcli.pipeline.runner import lock_dir
+from mmcli.features.runner import lock_dir
+from mmcli.pipeline.store import open_store
 
 THREADS = 2
 MMCLI = str(Path(sys.executable).with_name("mmcli"))

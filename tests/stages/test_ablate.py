@@ -162,7 +162,7 @@ def test_ablate_refuses_bad_endpoints(tmp_path: Path) -> None:
 def _tiny_store(tmp_path: Path, n: int = 40) -> tuple[Path, Path]:
     """Two tables with complementary planted signal (each sees half of it), a binary label; the last 4
     patients have no clinical row."""
-    from mmcli.features.store import open_store
+    from mmcli.pipeline.store import open_store
 
     rng = np.random.default_rng(0)
     ids = [f"P{i:03d}" for i in range(n)]

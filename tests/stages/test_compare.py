@@ -15,8 +15,8 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
 from fake_runs import classification_run, patient_ids, survival_data, survival_run  # noqa: E402
 
+from mmcli.heads.stats import delong_test  # noqa: E402
 from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.stats import delong_test  # noqa: E402
 from mmcli.stages.compare import compare, format_comparison  # noqa: E402
 
 

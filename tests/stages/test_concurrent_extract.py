@@ -29,7 +29,7 @@ from wsi_runs import (  # noqa: E402
     write_cohort,
 )
 
-from mmcli.pipeline.runner import lock_dir  # noqa: E402
+from mmcli.features.runner import lock_dir  # noqa: E402
 
 N = 5
 ALL = {(f"P{i}", "a") for i in range(N)}

@@ -23,8 +23,8 @@ from wsi_runs import (  # noqa: E402
     write_cohort,
 )
 
-from mmcli.features.store import open_store, pid_alive  # noqa: E402
 from mmcli.pipeline.faults import POINTS, parse  # noqa: E402
+from mmcli.pipeline.store import open_store, pid_alive  # noqa: E402
 
 N = 5
 

@@ -31,7 +31,7 @@ from wsi_runs import (  # noqa: E402
     write_cohort,
 )
 
-from mmcli.features.store import pid_alive  # noqa: E402
+from mmcli.pipeline.store import pid_alive  # noqa: E402
 
 N = 5
 DASK = str(Path(sys.executable).with_name("dask"))

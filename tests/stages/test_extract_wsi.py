@@ -16,8 +16,8 @@ from slides import tissue_image, write_aperio, write_generic  # noqa: E402
 
 from mmcli.cli import app  # noqa: E402
 from mmcli.features.encoders.image import ImageEncoder  # noqa: E402
-from mmcli.features.store import open_store  # noqa: E402
 from mmcli.pipeline.errors import InputError  # noqa: E402
+from mmcli.pipeline.store import open_store  # noqa: E402
 from mmcli.stages.extract import extract  # noqa: E402
 
 OPTS = ["--encoder", "timm:test_resnet", "--patch-size", "32", "--mpp", "1.0", "--batch-size", "16",

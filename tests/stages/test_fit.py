@@ -12,12 +12,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "heads"))
 from planted_data import make_store  # noqa: E402
 
-from mmcli.features.store import open_store  # noqa: E402
 from mmcli.heads.cv import cross_validate  # noqa: E402
 from mmcli.heads.data import load_cohort, resolve_sources  # noqa: E402
+from mmcli.heads.metrics import CLASSIFICATION_METRICS, SURVIVAL_METRICS  # noqa: E402
 from mmcli.heads.targets import build_target  # noqa: E402
 from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.metrics import CLASSIFICATION_METRICS, SURVIVAL_METRICS  # noqa: E402
+from mmcli.pipeline.store import open_store  # noqa: E402
 from mmcli.stages.fit import fit, parse_encoders, parse_params  # noqa: E402
 
 METRIC_KEYS = {"head", "task", "modalities", "folds", "n_patients", "metrics", "encoder_ids", "seed", "created"}

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mmcli.cli import app
-from mmcli.features.store import open_store
+from mmcli.pipeline.store import open_store
 
 EID = "resnet50_trunc-0123456789"
 TILE_ATTRS = {"mpp": 0.5, "patch_size": 224, "patch_size_level0": 448, "slide_mpp": 0.25,

@@ -11,8 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "heads"))
 from planted_data import make_store  # noqa: E402
 
-from mmcli.features.store import open_store  # noqa: E402
 from mmcli.pipeline.errors import InputError  # noqa: E402
+from mmcli.pipeline.store import open_store  # noqa: E402
 from mmcli.stages.fit import fit  # noqa: E402
 from mmcli.stages.predict import predict  # noqa: E402
 

@@ -14,10 +14,10 @@ from lifelines.statistics import multivariate_logrank_test
 sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
 from fake_runs import classification_run, survival_run, write_slide  # noqa: E402
 
-from mmcli.features.store import open_store  # noqa: E402
 from mmcli.pipeline.errors import InputError  # noqa: E402
+from mmcli.pipeline.store import open_store  # noqa: E402
 from mmcli.stages.report import report  # noqa: E402
-from mmcli.stages.report_plots import risk_groups  # noqa: E402
+from mmcli.stages.report.plots import risk_groups  # noqa: E402
 
 TILE = 128
 

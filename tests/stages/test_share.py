@@ -8,9 +8,9 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from mmcli.cli import app
-from mmcli.features.store import open_store
 from mmcli.pipeline.fingerprint import source_fingerprint
 from mmcli.pipeline.pseudonym import pseudonym
+from mmcli.pipeline.store import open_store
 
 
 def _store(tmp_path: Path) -> Path:

@@ -21,8 +21,8 @@ from sklearn.preprocessing import StandardScaler
 
 from mmcli.pipeline.errors import InputError
 from mmcli.stages.synth import MARKER, SynthResult, synth
-from mmcli.stages.synth_cohort import SUBTYPES, draw_cohort
-from mmcli.stages.synth_tables import GENES, PROTEINS, clinical_row, gene_row, protein_row
+from mmcli.stages.synth.cohort import SUBTYPES, draw_cohort
+from mmcli.stages.synth.tables import GENES, PROTEINS, clinical_row, gene_row, protein_row
 
 SEED = 11
 

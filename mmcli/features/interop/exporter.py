@@ -72,7 +72,7 @@ def _name_of(encoder_attrs: dict[str, Any], encoder_id: str) -> str:
 def export_features(fmt: str, store_path: str | Path, out: str | Path, modality: str = "wsi",
                     encoder_id: str | None = None, mpp: float | None = None) -> ExportSummary:
     """Write every complete item of ``modality``/``encoder_id`` in layout ``fmt`` under ``out``."""
-    from mmcli.features.store import open_store
+    from mmcli.pipeline.store import open_store
 
     layout = get_format(fmt)
     store = open_store(store_path, "r")

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from mmcli.features.interop.formats import FormatError, TileFeatures, get_format
+from mmcli.features.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import params_hash
 from mmcli.pipeline.ids import check_id
 from mmcli.pipeline.manifest import ManifestRow
-from mmcli.pipeline.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn
 
 
 @dataclass

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
-from mmcli.features.store import open_store, pid_alive
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.faults import fault
 from mmcli.pipeline.fingerprint import source_fingerprint
 from mmcli.pipeline.manifest import ManifestRow
+from mmcli.pipeline.store import open_store, pid_alive
 
 ProgressFn = Callable[[int, int], None]  # (done, total) units of work inside one item, e.g. tiles
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmcli.stages.synth_cohort import STREAM_NOTE, Patient, patient_rng
+from mmcli.stages.synth.cohort import STREAM_NOTE, Patient, patient_rng
 
 PENDING_RATE = 0.2  # per receptor: result not yet available when the note was written
 KI67_RATE = 0.3  # share of notes that mention Ki-67

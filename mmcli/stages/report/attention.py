@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmcli.stages.report_plots import img_tag as _img
-from mmcli.stages.report_plots import new_figure, to_base64
-from mmcli.stages.rundir import Run, read_csv
+from mmcli.pipeline.rundir import Run, read_csv
+from mmcli.stages.report.plots import img_tag as _img
+from mmcli.stages.report.plots import new_figure, to_base64
 
 THUMB_MAX = 800  # px, longest side of the heatmap thumbnail
 TILE_PX = 160  # px, display size of a top-attention tile
@@ -195,7 +195,7 @@ def attention_section(run: Run, *, n_patients: int = 3, top_k: int = 8) -> str:
         where = run.config.get("store") or run.config.get("store_path") or "(not recorded in config.json)"
         return (f"<p class='absent'>attention.csv has {len(att)} rows, but the feature store "
                 f"<code>{html.escape(str(where))}</code> is not reachable, so tile positions are unknown.</p>")
-    from mmcli.features.store import open_store
+    from mmcli.pipeline.store import open_store
 
     try:
         store = open_store(store_path, "r")

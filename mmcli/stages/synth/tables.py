@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
-from mmcli.stages.synth_cohort import (
+from mmcli.stages.synth.cohort import (
     STREAM_CLINICAL,
     STREAM_GENES,
     STREAM_PROTEOMICS,

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmcli.features.store import open_store
+from mmcli.features.runner import ExtractorSpec, item_lock, lock_dir, run_extraction
 from mmcli.pipeline.manifest import load_manifest
-from mmcli.pipeline.runner import ExtractorSpec, item_lock, lock_dir, run_extraction
+from mmcli.pipeline.store import open_store
 
 FAKE = textwrap.dedent('''
     """A toy extractor: features derived from the file's bytes; 'bad' files raise ItemError."""
     import numpy as np
-    from mmcli.pipeline.runner import ItemExtractor, ItemError, ItemResult
+    from mmcli.features.runner import ItemExtractor, ItemError, ItemResult
 
     CALLS = []
 

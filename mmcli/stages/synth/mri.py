@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from mmcli.stages.synth_cohort import STREAM_MRI, Patient, observe, patient_rng
+from mmcli.stages.synth.cohort import STREAM_MRI, Patient, observe, patient_rng
 
 SHAPE: tuple[int, int, int] = (64, 64, 24)
 MRI_VIEW_SD: dict[str, float] = {"her2": 0.9, "prolif": 1.2, "basal": 1.2, "lum": 1.5}

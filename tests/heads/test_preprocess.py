@@ -7,7 +7,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mmcli.pipeline.preprocess import (
+from mmcli.heads.preprocess import (
     InstanceScaler,
     VectorPreprocessor,
     load_preprocessors,

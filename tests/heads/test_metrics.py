@@ -16,7 +16,7 @@ from sklearn.metrics import (
 from sksurv.metrics import concordance_index_ipcw, cumulative_dynamic_auc, integrated_brier_score
 from sksurv.util import Surv
 
-from mmcli.pipeline.metrics import (
+from mmcli.heads.metrics import (
     CLASSIFICATION_METRICS,
     FoldPredictions,
     classification_metrics,

@@ -8,7 +8,7 @@ from lifelines.utils import concordance_index
 from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
-from mmcli.pipeline.stats import (
+from mmcli.heads.stats import (
     auroc,
     auroc_bootstrap,
     cindex_bootstrap,

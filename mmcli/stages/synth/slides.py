@@ -24,7 +24,7 @@ import tifffile
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
-from mmcli.stages.synth_cohort import STREAM_SLIDES, Patient, observe, patient_rng
+from mmcli.stages.synth.cohort import STREAM_SLIDES, Patient, observe, patient_rng
 
 TILE = 256
 JPEG_QUALITY = 80

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmcli.features.store import H5Store, ZarrStore, open_store
 from mmcli.pipeline.errors import InputError, StoreError
+from mmcli.pipeline.store import H5Store, ZarrStore, open_store
 
 BACKENDS = ["store.zarr", "store.h5"]
 
@@ -245,7 +245,7 @@ def test_pid_alive_treats_zombies_as_dead() -> None:
     import os
     import subprocess
 
-    from mmcli.features.store import pid_alive
+    from mmcli.pipeline.store import pid_alive
 
     p = subprocess.Popen(["sleep", "0"])
     deadline = time.monotonic() + 30

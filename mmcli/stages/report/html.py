@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
-from mmcli.stages import report_plots as plots
-from mmcli.stages.report_attention import attention_section
-from mmcli.stages.rundir import CLASSIFICATION, Run, load_run, read_csv, read_json
+from mmcli.pipeline.rundir import CLASSIFICATION, Run, load_run, read_csv, read_json
+from mmcli.stages.report import plots
+from mmcli.stages.report.attention import attention_section
 
 REPORT_NAME = "report.html"
 SHAP_TOP = 20
@@ -157,7 +157,7 @@ def _survival_figs(run: Run) -> str:
         return _absent("No observed events among the out-of-fold predictions: Kaplan-Meier groups are "
                        "not informative.")
     png, info = plots.km_figure(time, event, risk, time_unit=str(run.config.get("time_unit") or ""))
-    from mmcli.pipeline.stats import concordance
+    from mmcli.heads.stats import concordance
 
     c_oof = concordance(time, event, risk)
     cm = ((run.metrics or {}).get("metrics") or {}).get("c_index") or {}

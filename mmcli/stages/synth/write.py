@@ -41,7 +41,7 @@ Files and conventions:
   exist for everyone.
 
 Planted signal. Each patient has a subtype and four latent axes (luminal/ER, HER2,
-proliferation, basal/immune; see :mod:`mmcli.stages.synth_cohort`). Every modality sees a
+proliferation, basal/immune; see :mod:`mmcli.stages.synth.cohort`). Every modality sees a
 different subset of the axes through its own noise, so each alone is informative but imperfect,
 and their fusion separates the subtypes clearly better than the best single one:
 
@@ -88,11 +88,11 @@ from pathlib import Path
 
 from mmcli import __version__
 from mmcli.pipeline.errors import InputError
-from mmcli.stages.synth_cohort import SUBTYPES, Patient, draw_cohort
-from mmcli.stages.synth_mri import render_mri
-from mmcli.stages.synth_notes import render_note
-from mmcli.stages.synth_slides import plan_slides, render_slide, write_svs
-from mmcli.stages.synth_tables import CLINICAL_COLUMNS, GENES, PROTEINS, clinical_row, gene_row, protein_row
+from mmcli.stages.synth.cohort import SUBTYPES, Patient, draw_cohort
+from mmcli.stages.synth.mri import render_mri
+from mmcli.stages.synth.notes import render_note
+from mmcli.stages.synth.slides import plan_slides, render_slide, write_svs
+from mmcli.stages.synth.tables import CLINICAL_COLUMNS, GENES, PROTEINS, clinical_row, gene_row, protein_row
 
 MARKER = ".mmcli_synth.json"
 FORMAT_VERSION = 1

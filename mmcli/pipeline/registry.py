@@ -1,0 +1,125 @@
+"""One registry idiom for everything mmcli looks up by name (timm-style).
+
+Encoders, heads, fusion operators, slide readers, interop formats, store backends, modalities and
+preprocessors each have one :class:`Registry`. An implementation registers itself with a decorator::
+
+    HEADS = Registry("head", providers=("mmcli.heads.xgboost_head", ...))
+
+    @HEADS.register("xgboost", tasks=("binary", "multiclass", "survival"))
+    class XGBoostHead(Head): ...
+
+Registering costs nothing at start-up: ``providers`` are the modules that hold the implementations, and
+they are imported only when a name is looked up. ``lazy(name, "module")`` ties a name to the one module
+that defines it, so looking up ``xgboost`` imports the xgboost head and not the torch heads.
+``names()`` and ``describe()`` list what is there, so choice lists in help texts and error messages are
+derived from the registry, never copied.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from mmcli.pipeline.errors import InputError
+
+T = TypeVar("T")
+
+
+@dataclass
+class Entry(Generic[T]):
+    """One registered implementation and what the registry knows about it without importing more."""
+
+    name: str
+    obj: T
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Registry(Generic[T]):
+    """Name -> implementation, with lazy imports of the modules that register them.
+
+    Args:
+        kind: what is registered, for messages (``"head"``, ``"encoder"``).
+        providers: modules imported on the first lookup of a name that is not registered yet.
+        flag: the CLI flag that takes these names (``"--head"``), for messages.
+    """
+
+    def __init__(self, kind: str, providers: Iterable[str] = (), flag: str | None = None) -> None:
+        self.kind = kind
+        self.flag = flag or f"--{kind}"
+        self._providers: list[str] = list(providers)
+        self._lazy: dict[str, str] = {}
+        self._entries: dict[str, Entry[T]] = {}
+        self._loaded = False
+
+    # ---- registering ----------------------------------------------------------------------------------------
+    def register(self, name: str, **meta: Any) -> Callable[[T], T]:
+        """Decorator: register ``obj`` under ``name`` with descriptive ``meta`` (e.g. ``modality="wsi"``)."""
+
+        def deco(obj: T) -> T:
+            self.add(name, obj, **meta)
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: T, **meta: Any) -> None:
+        old = self._entries.get(name)
+        if old is not None and old.obj is not obj and _qualname(old.obj) != _qualname(obj):
+            raise ValueError(f"{self.kind} {name!r} registered twice ({_qualname(old.obj)}, {_qualname(obj)})")
+        self._entries[name] = Entry(name, obj, meta)
+
+    def lazy(self, name: str, module: str) -> None:
+        """``name`` is defined in ``module``, imported the first time ``name`` is looked up."""
+        self._lazy[name] = module
+
+    # ---- looking up -------------------------------------------------------------------------------------------
+    def get(self, name: str) -> T:
+        return self.entry(name).obj
+
+    def entry(self, name: str) -> Entry[T]:
+        if name not in self._entries and name in self._lazy:
+            importlib.import_module(self._lazy[name])
+        if name not in self._entries:
+            self._load_all()
+        if name not in self._entries:
+            raise InputError(f"unknown {self.kind} {name!r}. Fix: {self.flag} takes one of {self.names()}.")
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        try:
+            self.entry(name)
+        except InputError:
+            return False
+        return True
+
+    def names(self, **where: Any) -> list[str]:
+        """Registered names, sorted; ``where`` filters on meta (``names(modality="wsi")``)."""
+        self._load_all()
+        return sorted(n for n, e in self._entries.items() if all(e.meta.get(k) == v for k, v in where.items()))
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """``{name: meta + the first docstring line}`` of everything registered."""
+        self._load_all()
+        out = {}
+        for n in self.names():
+            e = self._entries[n]
+            doc = (getattr(e.obj, "__doc__", None) or "").strip().splitlines()
+            out[n] = {**e.meta, "summary": doc[0] if doc else ""}
+        return out
+
+    def _load_all(self) -> None:
+        if self._loaded:
+            return
+        for mod in [*self._providers, *sorted(set(self._lazy.values()))]:
+            try:
+                importlib.import_module(mod)
+            except ModuleNotFoundError as e:
+                if e.name != mod:  # the module exists but one of its dependencies is missing: say so
+                    raise
+        self._loaded = True
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
