@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mmcli.pipeline.errors import InputError
 
-O = TypeVar("O", bound="Options")
+OptT = TypeVar("OptT", bound="Options")
 
 
 def flag_of(field: str, prefix: str = "--") -> str:
@@ -33,7 +33,7 @@ class Options(BaseModel):
     flag_prefix: str = "--"
 
     @classmethod
-    def build(cls: type[O], given: Mapping[str, Any] | None = None, *, context: str = "", **more: Any) -> O:
+    def build(cls: type[OptT], given: Mapping[str, Any] | None = None, *, context: str = "", **more: Any) -> OptT:
         """Validate ``given`` (entries that are ``None`` count as not given); InputError naming the flag."""
         values = {k: v for k, v in {**(given or {}), **more}.items() if v is not None}
         try:
@@ -46,7 +46,7 @@ class Options(BaseModel):
         return json.loads(self.model_dump_json(exclude={"flag_prefix"}))
 
     @classmethod
-    def from_json(cls: type[O], doc: Mapping[str, Any], *, context: str = "") -> O:
+    def from_json(cls: type[OptT], doc: Mapping[str, Any], *, context: str = "") -> OptT:
         """Re-validate what :meth:`to_json` wrote (e.g. a run's config.json after an edit)."""
         return cls.build(dict(doc), context=context)
 
@@ -75,7 +75,8 @@ def explain(e: ValidationError, cls: type[Options], context: str = "") -> str:
             continue
         got = err.get("input")
         accepts = cls.accepts(field) if field in cls.model_fields else ""
-        lines.append(f"{flag.strip()} {got!r}: {err.get('msg', 'invalid')}" + (f" (takes: {accepts})" if accepts else ""))
+        takes = f" (takes: {accepts})" if accepts else ""
+        lines.append(f"{flag.strip()} {got!r}: {err.get('msg', 'invalid')}{takes}")
     head = f"{context}: " if context else ""
     return head + "; ".join(lines)
 
