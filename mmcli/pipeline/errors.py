@@ -18,3 +18,9 @@ class StoreError(MmcliError):
     """The feature store is missing, unreadable or inconsistent."""
 
     exit_code = 2
+
+
+class DiskFullError(MmcliError):
+    """No space left on the device being written (errno ENOSPC); the message names the path."""
+
+    exit_code = 1
