@@ -20,13 +20,11 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from mmcli.pipeline.errors import SlideError
+
 log = logging.getLogger(__name__)
 READER_NAMES = ("openslide", "cucim", "tiffslide")
 _MPP_RANGE = (0.01, 100.0)  # µm/px; outside it a resolution tag is a placeholder (e.g. 72 dpi), not a scan
-
-
-class SlideError(Exception):
-    """A slide that cannot be opened or read (unsupported format, corrupt file)."""
 
 
 class SlideReader(ABC):

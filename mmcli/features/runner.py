@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
-from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.errors import InputError, ItemError
 from mmcli.pipeline.faults import fault
 from mmcli.pipeline.fingerprint import source_fingerprint
 from mmcli.pipeline.manifest import ManifestRow
@@ -43,10 +43,6 @@ class ItemResult:
     coords: np.ndarray | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-
-
-class ItemError(Exception):
-    """An expected, explainable failure of one item (corrupt file, wrong rank, empty note...)."""
 
 
 def set_torch_threads(n: int | None) -> None:

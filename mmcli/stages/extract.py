@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcli.features.runner import ExtractorSpec, RunSummary, run_extraction
-from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.errors import InputError, ModalityNotAvailable
 from mmcli.pipeline.manifest import Manifest, load_manifest
 
 MODALITY_SPECS: dict[str, str] = {
@@ -24,10 +24,6 @@ MODALITY_SPECS: dict[str, str] = {
 }
 # what the progress bar counts inside one item, per modality
 UNITS: dict[str, str] = {"wsi": "tile", "mri": "step", "text": "note"}
-
-
-class ModalityNotAvailable(InputError, NotImplementedError):
-    """No extractor is registered for the requested modality."""
 
 
 def register_modality(modality: str, target: str, unit: str = "item") -> None:

@@ -27,14 +27,11 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
+from mmcli.pipeline.errors import FormatError
 
 # Tile-geometry keys shared with the WSI extractor's item attrs (TRIDENT-like names).
 GEOMETRY_KEYS = ("mpp", "patch_size", "patch_size_level0", "slide_mpp", "target_magnification",
                  "level0_magnification")
-
-
-class FormatError(Exception):
-    """A file that does not follow the layout it is read as (message names the file)."""
 
 
 @dataclass

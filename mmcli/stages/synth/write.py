@@ -87,7 +87,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmcli import __version__
-from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.errors import SynthInputError
 from mmcli.stages.synth.cohort import SUBTYPES, Patient, draw_cohort
 from mmcli.stages.synth.mri import render_mri
 from mmcli.stages.synth.notes import render_note
@@ -102,10 +102,6 @@ MAX_PATIENTS = 100_000
 OUTPUTS: tuple[str, ...] = ("slides", "mri", "notes", "tables", "manifest.csv", "labels.csv", MARKER)
 MANIFEST_COLUMNS: tuple[str, ...] = ("patient_id", "modality", "path", "item_id")
 LABEL_COLUMNS: tuple[str, ...] = ("patient_id", "subtype", "time", "event")
-
-
-class SynthInputError(InputError, ValueError):
-    """Bad arguments to :func:`synth` (a ``ValueError`` too, for Python callers)."""
 
 
 @dataclass(frozen=True)
