@@ -1,33 +1,102 @@
-"""The ``mmcli`` command: parses, validates, calls ``mmcli.stages``. Exit codes: 0 ok, 1 per-item failures,
-2 bad usage or input."""
+"""The ``mmcli`` command: parses, validates, calls ``mmcli.stages``. Exit codes: 0 ok, 1 per-item failures (or a
+full disk), 2 bad usage or input.
+
+Every command goes through :func:`handled`, the one place where errors become exit codes and console lines
+(``error: ...``; an unexpected exception prints one ``internal error: ...`` line and its traceback goes to the
+command's log file) and where the command's logging is set up (:mod:`mmcli.pipeline.log`).
+"""
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import click
 import typer
 
-from mmcli.pipeline.errors import MmcliError
+from mmcli.pipeline.errors import EXIT_ITEM_FAILURES, InputError, MmcliError
+from mmcli.pipeline.log import FILE_ONLY, command_log, get_logger, stamp
 
+# rich_markup_mode=None: plain help, so bracketed text such as "[default: ...]" is shown, not eaten as markup
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="mmcli: multimodal disease prediction as a two-stage feature-caching pipeline "
     "(stage 1 `extract` once, stage 2 `fit` as often as you like).",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-store_app = typer.Typer(no_args_is_help=True, help="Inspect and check a feature store.")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect and check a feature store.", rich_markup_mode=None)
 app.add_typer(store_app, name="store")
+
+LogPath = Callable[[dict[str, Any]], "Path | None"]
 
 
 def _fail(e: MmcliError) -> None:
+    """Print ``error: <message>`` and exit with the error's code (the one place errors are printed)."""
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(e.exit_code)
 
 
+def _say(message: str) -> None:
+    """A result line on stdout, also kept in the command's log file."""
+    typer.echo(message)
+    get_logger().info(message, extra=FILE_ONLY)
+
+
+def _warn(message: str) -> None:
+    """A warning on stderr, also kept in the command's log file."""
+    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+    get_logger().warning(message, extra=FILE_ONLY)
+
+
+def _safe(text: str) -> str:
+    """``text`` usable in a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:40] or "_"
+
+
+def _runs_log(store: Path, what: str) -> Path:
+    """``<store>.runs/<what>-<time>-<pid>.log``, beside the run records of extract and import."""
+    return store.with_name(store.name + ".runs") / f"{what}-{stamp()}.log"
+
+
+def handled(log: LogPath | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Run a command with its log (``log(kwargs)`` -> log file path, or None) and map its errors to exit codes:
+    :class:`MmcliError` -> ``error: ...`` and its ``exit_code``; any other exception -> one ``internal error``
+    line, the traceback in the log file, exit 1. ``typer.Exit`` and click's own exits pass through."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run(**kwargs: Any) -> Any:
+            name = fn.__name__.removesuffix("_cmd").replace("_", " ")
+            with command_log(name, log(kwargs) if log else None) as clog:
+                try:
+                    return fn(**kwargs)
+                except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException) as e:
+                    clog.file_only(f"exit {getattr(e, 'exit_code', 1)}", logging.DEBUG)
+                    raise
+                except MmcliError as e:
+                    clog.file_only(f"error: {e}", logging.ERROR)
+                    _fail(e)
+                except Exception as e:  # noqa: BLE001 - no raw traceback on the console, ever
+                    clog.crash(e)
+                    typer.secho(f"internal error: {type(e).__name__}: {e} (traceback in {clog.crash_log_path()}; "
+                                "please report it)", fg=typer.colors.RED, err=True)
+                    raise typer.Exit(EXIT_ITEM_FAILURES) from None
+
+        return run
+
+    return decorate
+
+
 # ---- synth ----------------------------------------------------------------------------------------------
 @app.command()
+@handled()
 def synth(
     out: Path = typer.Option(..., "--out", help="Output folder for the synthetic cohort."),
     patients: int = typer.Option(120, "--patients", help="Number of patients (>= 8)."),
@@ -36,16 +105,14 @@ def synth(
     """Write a synthetic multimodal breast-cancer cohort (slides, MRI, notes, tables, manifest, labels)."""
     from mmcli.stages.synth import synth as run_synth
 
-    try:
-        res = run_synth(out, patients=patients, seed=seed)
-    except (MmcliError, ValueError) as e:
-        _fail(e if isinstance(e, MmcliError) else MmcliError(str(e)))
-    typer.echo(f"wrote synthetic cohort of {patients} patients to {out}")
-    typer.echo(f"  manifest: {res.manifest}\n  labels:   {res.labels}")
+    res = run_synth(out, patients=patients, seed=seed)
+    _say(f"wrote synthetic cohort of {patients} patients to {out}")
+    _say(f"  manifest: {res.manifest}\n  labels:   {res.labels}")
 
 
 # ---- store ----------------------------------------------------------------------------------------------
 @store_app.command("info")
+@handled()
 def store_info(
     path: Path = typer.Argument(..., help="Store path (.zarr directory or .h5 file)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -53,24 +120,22 @@ def store_info(
     """Modalities, encoders, patients, items, feature dims and size of a store."""
     from mmcli.pipeline.store import open_store
 
-    try:
-        info = open_store(path, "r").info()
-    except MmcliError as e:
-        _fail(e)
+    info = open_store(path, "r").info()
     if as_json:
-        typer.echo(json.dumps(info, indent=2))
+        _say(json.dumps(info, indent=2))
         return
-    typer.echo(f"{info['path']} ({info['backend']}, schema {info['schema_version']}, "
+    _say(f"{info['path']} ({info['backend']}, schema {info['schema_version']}, "
                f"{info['size_bytes'] / 1e6:.1f} MB)")
     for m, encs in info["modalities"].items():
         for e, d in encs.items():
-            typer.echo(f"  {m}/{e}: encoder={d['encoder']} patients={d['patients']} items={d['items']} "
+            _say(f"  {m}/{e}: encoder={d['encoder']} patients={d['patients']} items={d['items']} "
                        f"rows={d['rows']} dims={d['dims']} incomplete={d['incomplete_items']}")
     for t, d in info["tables"].items():
-        typer.echo(f"  tabular/{t}: patients={d['patients']} features={d['features']}")
+        _say(f"  tabular/{t}: patients={d['patients']} features={d['features']}")
 
 
 @store_app.command("verify")
+@handled()
 def store_verify(
     path: Path = typer.Argument(..., help="Store path (.zarr directory or .h5 file)."),
     repair: bool = typer.Option(False, "--repair", help="Remove incomplete/corrupt items so a re-run redoes them."),
@@ -79,24 +144,22 @@ def store_verify(
     """Check every item (complete flag, shapes, finite values); exit 1 listing each problem."""
     from mmcli.pipeline.store import open_store
 
-    try:
-        store = open_store(path, "a" if repair else "r")
-        problems = store.verify()
-        removed = store.repair(problems) if repair and problems else []
-    except MmcliError as e:
-        _fail(e)
+    store = open_store(path, "a" if repair else "r")
+    problems = store.verify()
+    removed = store.repair(problems) if repair and problems else []
     if as_json:
-        typer.echo(json.dumps({"problems": [str(p) for p in problems], "removed": removed}, indent=2))
+        _say(json.dumps({"problems": [str(p) for p in problems], "removed": removed}, indent=2))
     else:
         for p in problems:
-            typer.echo(f"problem: {p}")
+            _say(f"problem: {p}")
         for r in removed:
-            typer.echo(f"removed: {r}")
-        typer.echo(f"{len(problems)} problem(s) in {path}" if problems else f"{path}: ok")
+            _say(f"removed: {r}")
+        _say(f"{len(problems)} problem(s) in {path}" if problems else f"{path}: ok")
     raise typer.Exit(1 if problems and not repair else 0)
 
 
 @store_app.command("share")
+@handled()
 def store_share(
     src: Path = typer.Argument(..., help="Store to share."),
     dst: Path = typer.Argument(..., help="New store to write (.zarr or .h5)."),
@@ -110,20 +173,18 @@ def store_share(
     """Copy a store for sharing: no source paths; with --pseudonymize, no original patient or item ids."""
     from mmcli.stages.share import share_store
 
-    try:
-        res = share_store(src, dst, pseudonymize, labels, labels_out, mapping)
-    except MmcliError as e:
-        _fail(e)
+    res = share_store(src, dst, pseudonymize, labels, labels_out, mapping)
     if res["key_created"]:
         typer.secho(f"created a new secret key in {pseudonymize}: keep it private, it maps the pseudonyms",
                     fg=typer.colors.YELLOW, err=True)
-    typer.echo(f"shared store {dst}: {res['items']} items, {res['patients']} patients, {res['tables']} tables"
+    _say(f"shared store {dst}: {res['items']} items, {res['patients']} patients, {res['tables']} tables"
                + (", ids pseudonymised" if res["pseudonymized"] else ""))
 
 
 # ---- extract --------------------------------------------------------------------------------------------
 # (extract, import and export commands are defined below this line)
 @app.command()
+@handled(log=lambda kw: _runs_log(kw["store"], "extract-" + _safe(kw["modality"])))
 def extract(
     modality: str = typer.Option(..., "--modality", help="What to extract: wsi (slides), mri, text, tabular."),
     manifest: Path | None = typer.Option(None, "--manifest", help="Cohort manifest CSV: patient_id,modality,path"
@@ -205,7 +266,7 @@ def extract(
     if modality == "tabular":
         _extract_table(table, name, store, id_column, categorical, manifest)
     if manifest is None:
-        _fail(MmcliError(f"--modality {modality} needs --manifest CSV."))
+        raise InputError(f"--modality {modality} needs --manifest CSV.")
     options = dict(
         encoder=encoder, weights=weights, device=device, precision=precision, batch_size=batch_size, seed=seed,
         mpp=mpp, patch_size=patch_size, reader=reader, default_mpp=default_mpp, min_tissue=min_tissue,
@@ -213,15 +274,12 @@ def extract(
         feature_dtype=feature_dtype, torch_threads=torch_threads, spacing=spacing, shape=shape,
         volume_index=volume_index, max_tokens=max_tokens, stride=stride, pooling=pooling,
     )
-    try:
-        summary = run_extract(modality, manifest, store, force=force, scheduler=scheduler, workers=workers,
-                              progress=not no_progress, **options)
-    except MmcliError as e:
-        _fail(e)
+    summary = run_extract(modality, manifest, store, force=force, scheduler=scheduler, workers=workers,
+                          progress=not no_progress, **options)
     if not summary.outcomes:
-        typer.secho(f"warning: {manifest} has no {modality} rows; nothing to do.", fg=typer.colors.YELLOW, err=True)
+        _warn(f"{manifest} has no {modality} rows; nothing to do.")
     for line in summary_lines(summary):
-        typer.echo(line)
+        _say(line)
     raise typer.Exit(summary.exit_code)
 
 
@@ -231,22 +289,20 @@ def _extract_table(table: Path | None, name: str | None, store: Path, id_column:
     from mmcli.stages.extract import ingest_table
 
     if manifest is not None or table is None or not name:
-        _fail(MmcliError("--modality tabular takes --table CSV and --name NAME (not --manifest): "
-                         "mmcli extract --modality tabular --table genes.csv --name genes --store STORE"))
-    try:
-        res = ingest_table(table, name, store, id_column=id_column, categorical=categorical or None)
-    except MmcliError as e:
-        _fail(e)
-    typer.echo(f"tabular/{res.name} -> {res.store}: {res.patients} patients x {res.features} features, "
+        raise InputError("--modality tabular takes --table CSV and --name NAME (not --manifest): "
+                         "mmcli extract --modality tabular --table genes.csv --name genes --store STORE")
+    res = ingest_table(table, name, store, id_column=id_column, categorical=categorical or None)
+    _say(f"tabular/{res.name} -> {res.store}: {res.patients} patients x {res.features} features, "
                f"{100 * res.missing_fraction:.1f}% missing (kept as NaN)")
     for col, enc in res.encodings.items():
-        typer.echo(f"  encoded {col} ({enc['type']}): {', '.join(enc['columns'])}")
+        _say(f"  encoded {col} ({enc['type']}): {', '.join(enc['columns'])}")
     for w in res.warnings:
-        typer.echo(f"  warning: {w}")
+        _say(f"  warning: {w}")
     raise typer.Exit(0)
 
 
 @app.command("import")
+@handled(log=lambda kw: _runs_log(kw["store"], "import"))
 def import_cmd(
     fmt: str = typer.Option(..., "--format", help="Layout of the files: clam | trident | stamp."),
     source: Path = typer.Option(..., "--from", help="Folder searched (recursively) for <slide stem>.h5 or "
@@ -270,17 +326,15 @@ def import_cmd(
     from mmcli.stages.extract import summary_lines
     from mmcli.stages.import_ import import_features
 
-    try:
-        summary = import_features(fmt, source, manifest, store, encoder_id=encoder_id, modality=modality, mpp=mpp,
-                                  force=force, scheduler=scheduler, workers=workers, progress=not no_progress)
-    except MmcliError as e:
-        _fail(e)
+    summary = import_features(fmt, source, manifest, store, encoder_id=encoder_id, modality=modality, mpp=mpp,
+                              force=force, scheduler=scheduler, workers=workers, progress=not no_progress)
     for line in summary_lines(summary):
-        typer.echo(line)
+        _say(line)
     raise typer.Exit(summary.exit_code)
 
 
 @app.command("export")
+@handled()
 def export_cmd(
     fmt: str = typer.Option(..., "--format", help="Layout to write: clam (h5_files/), trident "
                             "(<mag>x_<size>px_0px_overlap/features_<encoder>/) or stamp (<encoder>/)."),
@@ -293,16 +347,13 @@ def export_cmd(
     """Export stored tile features as CLAM / TRIDENT / STAMP h5 files, one per slide."""
     from mmcli.stages.export import export
 
-    try:
-        res = export(fmt, store, out, modality=modality, encoder_id=encoder_id, mpp=mpp)
-    except MmcliError as e:
-        _fail(e)
-    typer.echo(f"{res.format}: {len(res.written)} file(s) of {res.modality}/{res.encoder_id} -> {res.out} "
+    res = export(fmt, store, out, modality=modality, encoder_id=encoder_id, mpp=mpp)
+    _say(f"{res.format}: {len(res.written)} file(s) of {res.modality}/{res.encoder_id} -> {res.out} "
                f"(manifest {res.manifest})")
     for item, reason in res.failed:
-        typer.echo(f"  failed: {item}: {reason}")
+        _say(f"  failed: {item}: {reason}")
     for w in res.warnings:
-        typer.echo(f"  warning: {w}")
+        _say(f"  warning: {w}")
     raise typer.Exit(res.exit_code)
 
 
@@ -314,6 +365,7 @@ def _csv_list(text: str | None) -> list[str] | None:
 
 
 @app.command()
+@handled(log=lambda kw: kw["out"] / "fit.log")
 def fit(
     head: str = typer.Option(..., "--head", help="attention_mil | fusion_mlp | xgboost | cox"),
     store: Path = typer.Option(..., "--store", help="Feature store written by `mmcli extract`."),
@@ -323,11 +375,11 @@ def fit(
     time: str | None = typer.Option(None, "--time", help="Survival time column (any unit; > 0)."),
     event: str | None = typer.Option(None, "--event", help="Survival event column: 1 = observed, 0 = censored."),
     modalities: str | None = typer.Option(None, "--modalities", help="Comma list of store modalities and table "
-                                          "names, e.g. wsi,mri,text,genes  [all the head can use]"),
+                                          "names, e.g. wsi,mri,text,genes  (default: all the head can use)"),
     encoder: list[str] = typer.Option([], "--encoder", help="MODALITY=ENCODER_ID where a modality has several "
                                       "encoders in the store (repeatable)."),
     fusion: str | None = typer.Option(None, "--fusion", help="fusion_mlp operator: concat | gated | attention | "
-                                      "cross_attention | bilinear  [gated]"),
+                                      "cross_attention | bilinear  (default: concat)"),
     param: list[str] = typer.Option([], "--param", help="Head parameter KEY=VALUE (JSON value), repeatable, "
                                     "e.g. --param epochs=30 --param loss=focal."),
     folds: int = typer.Option(5, "--folds", help="Patient-level cross-validation folds."),
@@ -341,19 +393,16 @@ def fit(
     from mmcli.stages.fit import fit as run_fit
     from mmcli.stages.fit import parse_encoders, parse_params
 
-    try:
-        params = parse_params(param)
-        if fusion:
-            params["fusion"] = fusion
-        res = run_fit(head, store, labels, out, target=target, time=time, event=event,
-                      modalities=_csv_list(modalities), encoders=parse_encoders(encoder) or None, folds=folds,
-                      seed=seed, params=params or None, n_boot=n_boot, drop_unmatched=drop_unmatched,
-                      log=lambda m: typer.echo(m, err=True))
-    except MmcliError as e:
-        _fail(e)
-    typer.echo(f"{head} ({res['task']}, {res['n_patients']} patients, {res['folds']} folds) -> {out}")
+    params = parse_params(param)
+    if fusion:
+        params["fusion"] = fusion
+    res = run_fit(head, store, labels, out, target=target, time=time, event=event,
+                  modalities=_csv_list(modalities), encoders=parse_encoders(encoder) or None, folds=folds,
+                  seed=seed, params=params or None, n_boot=n_boot, drop_unmatched=drop_unmatched,
+                  log=get_logger().info)
+    _say(f"{head} ({res['task']}, {res['n_patients']} patients, {res['folds']} folds) -> {out}")
     for name, m in res["metrics"].items():
-        typer.echo(f"  {name:18s} {_num(m['mean'])}  [{_num(m['ci_low'])}, {_num(m['ci_high'])}]")
+        _say(f"  {name:18s} {_num(m['mean'])}  [{_num(m['ci_low'])}, {_num(m['ci_high'])}]")
 
 
 def _num(v: float | None) -> str:
@@ -362,6 +411,7 @@ def _num(v: float | None) -> str:
 
 
 @app.command()
+@handled(log=lambda kw: kw["out"].with_name(kw["out"].stem + ".log"))
 def predict(
     model: Path = typer.Option(..., "--model", help="Run folder of `mmcli fit` (or its model/ folder)."),
     store: Path = typer.Option(..., "--store", help="Feature store holding the patients to score."),
@@ -372,31 +422,27 @@ def predict(
     """Score every patient of a store with a fitted model (CPU is fine)."""
     from mmcli.stages.predict import predict as run_predict
 
-    try:
-        df = run_predict(model, store, out, attention=attention)
-    except MmcliError as e:
-        _fail(e)
-    typer.echo(f"scored {len(df)} patients -> {out}")
+    df = run_predict(model, store, out, attention=attention)
+    _say(f"scored {len(df)} patients -> {out}")
 
 
 @app.command()
+@handled(log=lambda kw: (kw["out"].parent if kw["out"] else kw["run"]) / "report.log")
 def report(
     run: Path = typer.Option(..., "--run", help="Run folder of `mmcli fit`."),
-    out: Path | None = typer.Option(None, "--out", help="HTML file  [RUN/report.html]"),
+    out: Path | None = typer.Option(None, "--out", help="HTML file  (default: RUN/report.html)"),
     attention_patients: int = typer.Option(3, "--attention-patients", help="Patients with attention heatmaps."),
     top_tiles: int = typer.Option(8, "--top-tiles", help="Top-attention tiles shown per patient."),
 ) -> None:
     """Write a self-contained HTML report (metrics with CIs, curves, calibration, KM, attention, SHAP)."""
     from mmcli.stages.report import report as run_report
 
-    try:
-        path = run_report(run, out=out, attention_patients=attention_patients, top_tiles=top_tiles)
-    except MmcliError as e:
-        _fail(e)
-    typer.echo(str(path))
+    path = run_report(run, out=out, attention_patients=attention_patients, top_tiles=top_tiles)
+    _say(str(path))
 
 
 @app.command()
+@handled()
 def compare(
     run_a: Path = typer.Argument(..., help="First run folder."),
     run_b: Path = typer.Argument(..., help="Second run folder."),
@@ -409,14 +455,12 @@ def compare(
     from mmcli.stages.compare import compare as run_compare
     from mmcli.stages.compare import format_comparison
 
-    try:
-        res = run_compare(run_a, run_b, n_boot=n_boot, seed=seed, alpha=alpha)
-    except MmcliError as e:
-        _fail(e)
-    typer.echo(json.dumps(res, indent=2, default=str) if as_json else format_comparison(res))
+    res = run_compare(run_a, run_b, n_boot=n_boot, seed=seed, alpha=alpha)
+    _say(json.dumps(res, indent=2, default=str) if as_json else format_comparison(res))
 
 
 @app.command()
+@handled(log=lambda kw: kw["out"] / "ablate.log")
 def ablate(
     store: Path = typer.Option(..., "--store"),
     labels: Path = typer.Option(..., "--labels"),
@@ -424,17 +468,18 @@ def ablate(
     target: str | None = typer.Option(None, "--target"),
     time: str | None = typer.Option(None, "--time"),
     event: str | None = typer.Option(None, "--event"),
-    modalities: str | None = typer.Option(None, "--modalities", help="Comma list  [all in the store]"),
+    modalities: str | None = typer.Option(None, "--modalities", help="Comma list  (default: all in the store)"),
     fusions: str = typer.Option("concat,gated,attention,cross_attention,bilinear", "--fusions"),
     heads: str = typer.Option("fusion_mlp", "--heads"),
     max_subset_size: int | None = typer.Option(None, "--max-subset-size", help="Every subset up to K modalities "
-                                               "[default: singles, pairs and the full set]"),
+                                               "(default: singles, pairs and the full set)"),
     subsets: str | None = typer.Option(None, "--subsets", help='Exactly these subsets, e.g. "wsi+genes,wsi"'),
     encoder: list[str] = typer.Option([], "--encoder", help="MODALITY=ENCODER_ID (repeatable)."),
     param: list[str] = typer.Option([], "--param", help="Head parameter KEY=VALUE (repeatable)."),
     folds: int = typer.Option(5, "--folds"),
     seed: int = typer.Option(0, "--seed"),
-    metric: str | None = typer.Option(None, "--metric", help="[auroc for classification, c_index for survival]"),
+    metric: str | None = typer.Option(None, "--metric", help="Metric of the table  (default: auroc for "
+                                      "classification, c_index for survival)"),
     n_boot: int = typer.Option(1000, "--n-boot"),
     keep_unmatched: bool = typer.Option(False, "--keep-unmatched", help="Stop instead of dropping patients "
                                         "that lack a subset's modalities."),
@@ -446,17 +491,15 @@ def ablate(
     from mmcli.stages.ablate import format_ablation, parse_subsets
     from mmcli.stages.fit import parse_encoders, parse_params
 
-    try:
-        table = run_ablate(
-            store, labels, out, target=target, time=time, event=event, modalities=_csv_list(modalities),
-            fusions=tuple(_csv_list(fusions) or ()), heads=tuple(_csv_list(heads) or ()),
-            encoders=parse_encoders(encoder) or None, folds=folds, seed=seed, params=parse_params(param) or None,
-            max_subset_size=max_subset_size, subsets=parse_subsets(subsets) if subsets else None, metric=metric,
-            force=force, compare_best=not no_compare, n_boot=n_boot, drop_unmatched=not keep_unmatched,
-            echo=typer.echo)
-    except MmcliError as e:
-        _fail(e)
-    typer.echo(format_ablation(table))
+    table = run_ablate(
+        store, labels, out, target=target, time=time, event=event, modalities=_csv_list(modalities),
+        fusions=tuple(_csv_list(fusions) or ()), heads=tuple(_csv_list(heads) or ()),
+        encoders=parse_encoders(encoder) or None, folds=folds, seed=seed, params=parse_params(param) or None,
+        max_subset_size=max_subset_size, subsets=parse_subsets(subsets) if subsets else None, metric=metric,
+        force=force, compare_best=not no_compare, n_boot=n_boot, drop_unmatched=not keep_unmatched,
+        echo=_say)
+    _say(format_ablation(table))
+    _say(f"wrote {out / 'ablation.csv'}, {out / 'ablation.png'} and {out / 'ablation_summary.json'}")
     failed = table["status"].astype(str).str.startswith("failed").any() if "status" in table else False
     raise typer.Exit(1 if failed else 0)
 
@@ -465,6 +508,7 @@ def ablate(
 
 # ---- demo -----------------------------------------------------------------------------------------------
 @app.command()
+@handled(log=lambda kw: kw["out"] / "demo.log")
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for the demo cohort, store and runs."),
     patients: int = typer.Option(120, "--patients", help="Patients in the synthetic cohort."),
@@ -473,10 +517,7 @@ def demo(
     """synth -> extract every modality -> fit every head -> report, then print a heads x metrics table."""
     from mmcli.stages.demo import run_demo
 
-    try:
-        code = run_demo(out, patients=patients, seed=seed)
-    except MmcliError as e:
-        _fail(e)
+    code = run_demo(out, patients=patients, seed=seed)
     raise typer.Exit(code)
 
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -17,7 +18,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from mmcli.pipeline.log import FILE_ONLY, get_logger
+
 console = Console(stderr=True)
+_log = get_logger("progress")
 
 
 class _Rate(TextColumn):
@@ -78,4 +82,7 @@ class CohortProgress:
         self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
         self._progress.advance(self._task)
         if outcome.status in ("failed", "missing"):
-            console.print(f"[red]{outcome.status}[/red] {outcome.patient_id}/{outcome.item_id}: {outcome.reason}")
+            what = escape(f"{outcome.patient_id}/{outcome.item_id}: {outcome.reason}")  # "[Errno 2]" is text
+            console.print(f"[red]{outcome.status}[/red] {what}", highlight=False)
+            _log.warning("%s %s/%s: %s", outcome.status, outcome.patient_id, outcome.item_id, outcome.reason,
+                         extra=FILE_ONLY)  # shown above; the log file keeps it too

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +31,8 @@ import numpy as np
 import pandas as pd
 
 from mmcli.pipeline.errors import InputError, MmcliError
+from mmcli.pipeline.io import atomic_write_with, write_csv, write_json
+from mmcli.pipeline.rundir import read_metrics
 
 FUSIONS: tuple[str, ...] = ("concat", "gated", "attention", "cross_attention", "bilinear")
 FUSION_HEAD = "fusion_mlp"
@@ -145,7 +145,7 @@ def _reusable(run_dir: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The finished fit's metrics when ``run_dir`` holds exactly this job, else None."""
     try:
         if json.loads((run_dir / JOB_FILE).read_text()) == json.loads(json.dumps(spec, default=str)):
-            return json.loads((run_dir / "metrics.json").read_text())
+            return read_metrics(run_dir)
     except (OSError, ValueError):
         pass
     return None
@@ -158,18 +158,6 @@ def _row(job: Job, run_dir: Path, metric: str, result: dict[str, Any] | None, st
             "fusion": job.fusion, "metric": metric, "mean": m["mean"],
             "ci_low": m["ci_low"], "ci_high": m["ci_high"],
             "n_patients": (result or {}).get("n_patients"), "run_dir": str(run_dir), "status": status}
-
-
-def _write_atomic(path: Path, write: Callable[[str], None], suffix: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def ablate(
@@ -251,26 +239,19 @@ def ablate(
                 fh.write(f"== {job.name}\n{traceback.format_exc() if not isinstance(e, MmcliError) else detail}\n")
             rows.append(_row(job, run_dir, metric, None, f"failed: {detail}"))
             continue
-        (run_dir / JOB_FILE).write_text(json.dumps(spec, indent=2, default=str))
+        write_json(run_dir / JOB_FILE, json.loads(json.dumps(spec, default=str)))
         row = _row(job, run_dir, metric, result, "ok")
         say(f"{prefix}: {metric} {row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
-    _write_atomic(out / "ablation.csv", lambda p: table.to_csv(p, index=False), ".csv")
+    write_csv(out / "ablation.csv", table, float_format=None)
     from mmcli.stages.report.ablation import ablation_figure
 
-    _write_atomic(out / "ablation.png", lambda p: ablation_figure(table, metric).savefig(p, format="png"), ".png")
+    atomic_write_with(out / "ablation.png", lambda p: ablation_figure(table, metric).savefig(p, format="png"))
     summary = summarise(table, compare_best=compare_best, n_boot=n_boot, seed=seed)
-    _write_atomic(out / "ablation_summary.json",
-                  lambda p: Path(p).write_text(json.dumps(summary, indent=2, default=_json_default)), ".json")
+    write_json(out / "ablation_summary.json", summary, allow_nan=True)
     table.attrs["summary"] = summary
     return table
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
 
 
 def _best(table: pd.DataFrame) -> dict[str, Any] | None:

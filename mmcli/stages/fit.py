@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time as _time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,9 +35,8 @@ from mmcli.heads.data import Cohort, Source, load_cohort, resolve_sources
 from mmcli.heads.metrics import summarise
 from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.rundir import RunWriter
 from mmcli.pipeline.store import open_store
-
-OPTIONAL_OUTPUTS = ("modality_weights.json", "shap.csv", "attention.csv", "attention.*.csv")
 
 
 def fit(
@@ -117,10 +113,7 @@ def fit(
     final = create_head(head, **head_params(head, tgt, seed, params)).fit(cohort, tgt.y)
     t_refit = _clock() - time_now
 
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in OPTIONAL_OUTPUTS:  # from an earlier run into the same folder; they would now mislead
-        for f in out.glob(stale):
-            f.unlink()
+    writer = RunWriter(out).begin()
     encoder_ids = {s.name: (s.encoder_id if s.encoder_id else "tabular") for s in sources}
     created = _time.strftime("%Y-%m-%dT%H:%M:%S%z")
     modality_names = [s.name for s in sources]
@@ -133,19 +126,18 @@ def fit(
         "risk_convention": "risk = log hazard ratio; higher = shorter survival" if tgt.task == "survival" else None,
         "n_boot": n_boot, "mmcli_version": __version__, "created": created,
     }
-    _save_model(final, out / "model", run)
+    writer.write_model(final.save, run)
     metrics_doc = {"head": head, "task": tgt.kind, "modalities": modality_names, "folds": folds,
                    "n_patients": len(tgt.patients), "metrics": metrics, "encoder_ids": encoder_ids, "seed": seed,
                    "created": created}
-    _write_predictions(out / "predictions.csv", results, tgt)
-    _write_json(out / "folds.json", {tgt.patients[i]: r.fold for r in results for i in r.test_idx})
-    _write_json(out / "cv_audit.json", _audit(results, tgt))
+    writer.write_predictions(_predictions_frame(results, tgt))
+    writer.write_folds({tgt.patients[i]: r.fold for r in results for i in r.test_idx})
+    writer.write_audit(_audit(results, tgt))
     if explain:
-        _write_explanations(out, results, cohort, tgt)
+        _write_explanations(writer, results, cohort, tgt)
     run["timings_s"] = {"load": round(t_load, 3), "cv": round(t_cv, 3), "metrics": round(t_metrics, 3),
                         "refit": round(t_refit, 3), "total": round(_clock() - t_start, 3)}
-    _write_json(out / "config.json", run)
-    _write_json(out / "metrics.json", metrics_doc)
+    writer.finish(run, metrics_doc)
     say(f"cross-validation {t_cv:.1f}s, refit {t_refit:.1f}s; wrote {out}")
     return metrics_doc
 
@@ -264,44 +256,7 @@ def _require_data(head: str, cohort: Cohort, tgt: Target) -> tuple[Target, Cohor
     return tgt.subset([cohort.patients[i] for i in idx]), cohort.subset(idx), dropped
 
 
-# ---- outputs ------------------------------------------------------------------------------------------------
-def _write_json(path: Path, doc: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_json_default, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
-
-
-def _write_csv(path: Path, df: pd.DataFrame) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    df.to_csv(tmp, index=False, float_format="%.8g")
-    os.replace(tmp, path)
-
-
-def _save_model(final: Any, model_dir: Path, run: dict[str, Any]) -> None:
-    """Save into a staging folder, add the run's metadata to its config.json, then swap it in."""
-    stage = model_dir.with_name(f".model.{uuid.uuid4().hex}")
-    final.save(stage)
-    cfg = json.loads((stage / "config.json").read_text())
-    cfg["run"] = {k: run[k] for k in ("task", "problem", "target", "time", "event", "classes", "modalities",
-                                      "encoder_ids", "features_sha256", "seed", "created", "risk_convention")}
-    _write_json(stage / "config.json", cfg)
-    if model_dir.exists():
-        old = model_dir.with_name(f".model-old.{uuid.uuid4().hex}")
-        os.rename(model_dir, old)
-        os.rename(stage, model_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(stage, model_dir)
-
-
+# ---- outputs (written through mmcli.pipeline.rundir.RunWriter) ------------------------------------------
 def prediction_frame(patients: Sequence[str], pred: np.ndarray, tgt_task: str, classes: Sequence[str] | None
                      ) -> pd.DataFrame:
     """``patient_id`` + ``y_pred, prob_<class>...`` (classification) or ``risk`` (survival)."""
@@ -316,7 +271,8 @@ def prediction_frame(patients: Sequence[str], pred: np.ndarray, tgt_task: str, c
     return df
 
 
-def _write_predictions(path: Path, results: list[FoldResult], tgt: Target) -> None:
+def _predictions_frame(results: list[FoldResult], tgt: Target) -> pd.DataFrame:
+    """Out-of-fold predictions.csv rows, in the labels' patient order."""
     frames = []
     for r in results:
         pids = [tgt.patients[i] for i in r.test_idx]
@@ -332,8 +288,7 @@ def _write_predictions(path: Path, results: list[FoldResult], tgt: Target) -> No
         frames.append(df)
     order = {p: i for i, p in enumerate(tgt.patients)}
     out = pd.concat(frames, ignore_index=True)
-    out = out.iloc[np.argsort(out["patient_id"].map(order).to_numpy(), kind="stable")]
-    _write_csv(path, out)
+    return out.iloc[np.argsort(out["patient_id"].map(order).to_numpy(), kind="stable")]
 
 
 def _audit(results: list[FoldResult], tgt: Target) -> dict[str, Any]:
@@ -366,16 +321,14 @@ def attention_frame(patients: Sequence[str], cohort_items: Sequence[list[tuple[s
                          "index": np.concatenate(idx_col), "attention": np.concatenate(att_col)})
 
 
-def _write_explanations(out: Path, results: list[FoldResult], cohort: Cohort, tgt: Target) -> None:
+def _write_explanations(writer: RunWriter, results: list[FoldResult], cohort: Cohort, tgt: Target) -> None:
     weights = [r.modality_weights for r in results if r.modality_weights]
     if weights:
-        _write_json(out / "modality_weights.json",
-                    {m: float(np.mean([w[m] for w in weights])) for m in weights[0]})
+        writer.write_modality_weights({m: float(np.mean([w[m] for w in weights])) for m in weights[0]})
     contrib = [r.contributions for r in results if r.contributions is not None]
     if contrib:
         shap = pd.concat(contrib)
-        shap = shap.loc[[p for p in tgt.patients if p in shap.index]].reset_index()
-        _write_csv(out / "shap.csv", shap)
+        writer.write_shap(shap.loc[[p for p in tgt.patients if p in shap.index]].reset_index())
     frames: dict[str, list[pd.DataFrame]] = {}
     for r in results:
         for name, att in (r.attention or {}).items():
@@ -383,9 +336,8 @@ def _write_explanations(out: Path, results: list[FoldResult], cohort: Cohort, tg
             assert items is not None
             frames.setdefault(name, []).append(attention_frame(
                 [tgt.patients[i] for i in r.test_idx], [items[i] for i in r.test_idx], att))
-    for name, fr in frames.items():
-        _write_csv(out / ("attention.csv" if len(frames) == 1 else f"attention.{name}.csv"),
-                   pd.concat(fr, ignore_index=True))
+    if frames:
+        writer.write_attention({name: pd.concat(fr, ignore_index=True) for name, fr in frames.items()})
 
 
 # ---- CLI helpers ---------------------------------------------------------------------------------------------

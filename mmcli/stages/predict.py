@@ -18,17 +18,10 @@ import pandas as pd
 from mmcli.heads.base import load_head, read_model_config
 from mmcli.heads.data import STORE_SOURCE, TABLE_SOURCE, Cohort, ModalitySpec, Source, load_cohort
 from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.io import write_csv
+from mmcli.pipeline.rundir import resolve_model_dir
 from mmcli.pipeline.store import FeatureStore, open_store
-from mmcli.stages.fit import _write_csv, attention_frame, prediction_frame
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A run directory or its ``model/`` folder -> the model folder."""
-    path = Path(path)
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    read_model_config(path)  # raises a clear error when it is no model folder
-    return path
+from mmcli.stages.fit import attention_frame, prediction_frame
 
 
 def predict(
@@ -44,7 +37,7 @@ def predict(
     model and the store (naming the modality, the expected and the found values).
     """
     mdir = resolve_model_dir(model_dir)
-    config = read_model_config(mdir)
+    config = read_model_config(mdir)  # raises a clear error when it is no model folder
     head = load_head(mdir)
     run = config.get("run", {})
     specs = [ModalitySpec.from_json(s) for s in config["modalities"]]
@@ -65,7 +58,7 @@ def predict(
     df["missing_modalities"] = [";".join(n for n, ok in zip(names, row) if not ok) for row in cohort.presence()]
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    _write_csv(out_csv, df)
+    write_csv(out_csv, df)
     if attention:
         att = head.attention(cohort)
         if not att:
@@ -75,7 +68,7 @@ def predict(
             items = cohort.modalities[name].items
             assert items is not None
             suffix = ".attention.csv" if len(att) == 1 else f".attention.{name}.csv"
-            _write_csv(out_csv.with_name(out_csv.stem + suffix), attention_frame(cohort.patients, items, values))
+            write_csv(out_csv.with_name(out_csv.stem + suffix), attention_frame(cohort.patients, items, values))
     return df
 
 

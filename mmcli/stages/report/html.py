@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
+from mmcli.pipeline.io import atomic_write_text
 from mmcli.pipeline.rundir import CLASSIFICATION, Run, load_run, read_csv, read_json
 from mmcli.stages.report import plots
 from mmcli.stages.report.attention import attention_section
@@ -76,7 +75,7 @@ def _header(run: Run) -> str:
     rows: list[tuple[str, Any]] = [
         ("run dir", run.path.resolve()),
         ("head", run.head),
-        ("head params", cfg.get("params") or cfg.get("head_params")),
+        ("head params", run.params),
         ("task", run.task),
     ]
     if run.task == CLASSIFICATION:
@@ -91,10 +90,11 @@ def _header(run: Run) -> str:
                                                    None if run.predictions is None else len(run.predictions)))),
         ("folds", cfg.get("folds", met.get("folds"))),
         ("seed", cfg.get("seed", met.get("seed"))),
-        ("store", cfg.get("store") or cfg.get("store_path")),
-        ("labels", cfg.get("labels") or cfg.get("labels_path")),
+        ("store", run.store),
+        ("labels", cfg.get("labels")),
+        ("schema version", run.schema_version),
         ("features sha256", cfg.get("features_sha256")),
-        ("mmcli version", cfg.get("mmcli_version") or cfg.get("version")),
+        ("mmcli version", cfg.get("mmcli_version")),
         ("created", cfg.get("created", met.get("created"))),
     ]
     excluded = {k: len(v) for k, v in (cfg.get("excluded_patients") or {}).items() if v}
@@ -156,7 +156,7 @@ def _survival_figs(run: Run) -> str:
     if event.sum() == 0:
         return _absent("No observed events among the out-of-fold predictions: Kaplan-Meier groups are "
                        "not informative.")
-    png, info = plots.km_figure(time, event, risk, time_unit=str(run.config.get("time_unit") or ""))
+    png, info = plots.km_figure(time, event, risk, time_unit=run.time_unit or "")
     from mmcli.heads.stats import concordance
 
     c_oof = concordance(time, event, risk)
@@ -248,14 +248,4 @@ def report(run_dir: str | Path, *, out: str | Path | None = None, attention_pati
     run = load_run(run_dir)
     target = Path(out) if out is not None else run.path / REPORT_NAME
     text = _render(run, attention_patients, top_tiles)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be read by others
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write_text(target, text)

@@ -15,7 +15,6 @@ then the label (LZW) and macro (JPEG) images. ImageDescription in Aperio form wi
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import tifffile
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
+from mmcli.pipeline.io import atomic_path
 from mmcli.stages.synth.cohort import STREAM_SLIDES, Patient, observe, patient_rng
 
 TILE = 256
@@ -224,8 +224,7 @@ def write_svs(path: Path, img: Image.Image, spec: SlideSpec, seed: int, patient_
     ppcm = 1e4 / spec.mpp
     jpeg = {"compression": "jpeg", "compressionargs": {"level": JPEG_QUALITY}, "photometric": "rgb",
             "metadata": None, "software": False}
-    tmp = path.with_name(f".{path.name}.partial")
-    with tifffile.TiffWriter(tmp, bigtiff=False) as tw:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=False) as tw:
         tw.write(np.asarray(img), tile=(TILE, TILE), description=f"{base} JPEG/RGB Q={JPEG_QUALITY}{props}",
                  resolution=(ppcm, ppcm), resolutionunit="CENTIMETER", **jpeg)
         tw.write(np.asarray(thumb), rowsperstrip=64,
@@ -239,4 +238,3 @@ def write_svs(path: Path, img: Image.Image, spec: SlideSpec, seed: int, patient_
         macro = _macro_image(thumb, label)
         tw.write(macro, rowsperstrip=64, subfiletype=9,
                  description=f"{_DESC_HEAD}macro {macro.shape[1]}x{macro.shape[0]}", **jpeg)
-    os.replace(tmp, path)

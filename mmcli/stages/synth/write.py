@@ -74,8 +74,6 @@ of generation or the number of worker threads.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import numbers
@@ -88,6 +86,7 @@ from pathlib import Path
 
 from mmcli import __version__
 from mmcli.pipeline.errors import SynthInputError
+from mmcli.pipeline.io import atomic_write_bytes, write_csv
 from mmcli.stages.synth.cohort import SUBTYPES, Patient, draw_cohort
 from mmcli.stages.synth.mri import render_mri
 from mmcli.stages.synth.notes import render_note
@@ -121,19 +120,11 @@ class SynthResult:
     subtypes: dict[str, int] = field(default_factory=dict)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _write_table(path: Path, header: tuple[str, ...] | list[str], rows: list[list[object]]) -> None:
+    """A CSV of ``rows`` (None / NaN -> empty cell), through the one formula-escaping CSV writer."""
+    import pandas as pd
 
-
-def _csv_bytes(header: tuple[str, ...] | list[str], rows: list[list[object]]) -> bytes:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for row in rows:
-        w.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in row])
-    return buf.getvalue().encode("utf-8")
+    write_csv(path, pd.DataFrame(rows, columns=list(header), dtype=object), float_format=None)
 
 
 def _fmt(values: list[float], digits: int = 3) -> list[object]:
@@ -204,10 +195,10 @@ def _write_patient(out: Path, seed: int, patient: Patient) -> list[list[str]]:
         rows.append([pid, "wsi", f"slides/{spec.slide_id}.svs", spec.slide_id])
     if patient.has_mri:
         for seq, data in render_mri(seed, patient).items():
-            _atomic_write(out / "mri" / f"{pid}_{seq}.nii.gz", data)
+            atomic_write_bytes(out / "mri" / f"{pid}_{seq}.nii.gz", data)
             rows.append([pid, "mri", f"mri/{pid}_{seq}.nii.gz", seq])
     if patient.has_note:
-        _atomic_write(out / "notes" / f"{pid}.txt", render_note(seed, patient).encode("utf-8"))
+        atomic_write_bytes(out / "notes" / f"{pid}.txt", render_note(seed, patient).encode("utf-8"))
         rows.append([pid, "text", f"notes/{pid}.txt", "note"])
     return rows
 
@@ -230,7 +221,7 @@ def synth(out: str | Path, patients: int = 120, seed: int = 0, *, workers: int |
     patients, seed, workers = _check_args(patients, seed, workers)
     out = Path(out).expanduser().resolve()
     _prepare_out(out)
-    _atomic_write(out / MARKER, _marker_bytes(seed, patients, complete=False))
+    atomic_write_bytes(out / MARKER, _marker_bytes(seed, patients, complete=False))
     for sub in ("slides", "mri", "notes", "tables"):
         (out / sub).mkdir(exist_ok=True)
 
@@ -246,17 +237,15 @@ def synth(out: str | Path, patients: int = 120, seed: int = 0, *, workers: int |
 
     tables = {"genes": out / "tables" / "genes.csv", "proteomics": out / "tables" / "proteomics.csv",
               "clinical": out / "tables" / "clinical.csv"}
-    _atomic_write(tables["genes"], _csv_bytes(
-        ["patient_id", *GENES], [[p.patient_id, *_fmt(gene_row(seed, p))] for p in cohort]))
+    _write_table(tables["genes"], ["patient_id", *GENES], [[p.patient_id, *_fmt(gene_row(seed, p))] for p in cohort])
     prot = [[p.patient_id, *_fmt(protein_row(seed, p))] for p in cohort if p.has_proteomics]
-    _atomic_write(tables["proteomics"], _csv_bytes(["patient_id", *PROTEINS], prot))
-    _atomic_write(tables["clinical"], _csv_bytes(
-        ["patient_id", *CLINICAL_COLUMNS], [[p.patient_id, *clinical_row(seed, p)] for p in cohort]))
+    _write_table(tables["proteomics"], ["patient_id", *PROTEINS], prot)
+    _write_table(tables["clinical"], ["patient_id", *CLINICAL_COLUMNS],
+                 [[p.patient_id, *clinical_row(seed, p)] for p in cohort])
     manifest, labels = out / "manifest.csv", out / "labels.csv"
-    _atomic_write(manifest, _csv_bytes(MANIFEST_COLUMNS, manifest_rows))
-    _atomic_write(labels, _csv_bytes(
-        LABEL_COLUMNS, [[p.patient_id, p.subtype, f"{p.time_months:.1f}", p.event] for p in cohort]))
-    _atomic_write(out / MARKER, _marker_bytes(seed, patients, complete=True))
+    _write_table(manifest, MANIFEST_COLUMNS, manifest_rows)
+    _write_table(labels, LABEL_COLUMNS, [[p.patient_id, p.subtype, f"{p.time_months:.1f}", p.event] for p in cohort])
+    atomic_write_bytes(out / MARKER, _marker_bytes(seed, patients, complete=True))
 
     counts = Counter(row[1] for row in manifest_rows)
     subtypes = Counter(p.subtype for p in cohort)
