@@ -77,7 +77,8 @@ def handled(log: LogPath | None = None) -> Callable[[Callable[..., Any]], Callab
             with command_log(name, log(kwargs) if log else None) as clog:
                 try:
                     return fn(**kwargs)
-                except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException) as e:
+                except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort,
+                        click.ClickException) as e:
                     clog.file_only(f"exit {getattr(e, 'exit_code', 1)}", logging.DEBUG)
                     raise
                 except MmcliError as e:
@@ -411,7 +412,7 @@ def _num(v: float | None) -> str:
 
 
 @app.command()
-@handled(log=lambda kw: kw["out"].with_name(kw["out"].stem + ".log"))
+@handled(log=lambda kw: kw["out"].with_name(kw["out"].stem + ".predict.log"))
 def predict(
     model: Path = typer.Option(..., "--model", help="Run folder of `mmcli fit` (or its model/ folder)."),
     store: Path = typer.Option(..., "--store", help="Feature store holding the patients to score."),

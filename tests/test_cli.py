@@ -78,6 +78,17 @@ def test_internal_error_without_an_output_folder_logs_to_the_fallback(tmp_path: 
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_a_command_exit_passes_through(code: int, tmp_path: Path) -> None:
+    def body() -> None:
+        (tmp_path / "out").mkdir(exist_ok=True)
+        raise typer.Exit(code)
+
+    r = CliRunner().invoke(_app(body, tmp_path / "out" / "cmd.log"), ["boom"])
+    assert r.exit_code == code and r.output == ""
+    assert f"exit {code}" in (tmp_path / "out" / "cmd.log").read_text()
+
+
 def test_bad_input_before_any_output_leaves_no_folder_behind(tmp_path: Path) -> None:
     def body() -> None:
         get_logger().info("checking inputs")
@@ -160,7 +171,7 @@ def test_fit_and_predict_escape_formula_labels_and_write_the_fit_log(tmp_path: P
     assert f"prob_{EVIL}" in out.read_text().splitlines()[0]
     df = pd.read_csv(out)
     assert set(df["y_pred"]) <= {f"'{EVIL}", "neg"}
-    assert (tmp_path / "pred" / "scores.log").is_file()
+    assert (tmp_path / "pred" / "scores.predict.log").is_file()
 
 
 def test_failed_fit_writes_no_run_folder(tmp_path: Path) -> None:

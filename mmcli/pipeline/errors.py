@@ -34,8 +34,12 @@ EXIT_INPUT = 2
 
 
 def flag_spelling(flag: str) -> str:
-    """``patch_size`` -> ``--patch-size``; a spelled flag (``--x``, ``--param k``) is kept."""
-    return flag if flag.startswith("-") else "--" + flag.replace("_", "-")
+    """``patch_size`` -> ``--patch-size`` (:func:`mmcli.pipeline.options.flag_of`); a spelled flag is kept."""
+    if flag.startswith("-"):
+        return flag
+    from mmcli.pipeline.options import flag_of  # late: options imports this module (and pydantic)
+
+    return flag_of(flag)
 
 
 class MmcliError(Exception):
