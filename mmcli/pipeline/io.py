@@ -24,6 +24,7 @@ import numpy as np
 from mmcli.pipeline.errors import DiskFullError
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+LONE_SIGNS = ("-", "+")  # a sign alone is no formula (e.g. "-" for "not applicable"): left as written
 
 
 # ---- atomic writes ---------------------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ def jsonable(doc: Any) -> Any:
 # ---- CSV -------------------------------------------------------------------------------------------------------
 def escape_cell(value: Any) -> Any:
     """A text value that a spreadsheet would run as a formula gets a leading ``'``; others pass through."""
-    if isinstance(value, str) and value.startswith(FORMULA_START):
+    if isinstance(value, str) and value.startswith(FORMULA_START) and value not in LONE_SIGNS:
         return "'" + value
     return value
 

@@ -12,13 +12,13 @@ from mmcli.pipeline.errors import DiskFullError
 
 
 def test_csv_escapes_formula_cells_and_headers_but_not_numbers(tmp_path):
-    df = pd.DataFrame({"patient_id": ["=cmd|' /C calc'!A0", "+1", "@x", "\tt", "ok"],
+    df = pd.DataFrame({"patient_id": ["=cmd|' /C calc'!A0", "+1", "@x", "\tt", "-"],
                        "=evil": [-0.5, 0.25, 1.0, 0.0, -1e-9]})
     path = io.write_csv(tmp_path / "p.csv", df)
     back = pd.read_csv(path)
     assert list(back.columns) == ["patient_id", "'=evil"]
     assert back["patient_id"].tolist()[:3] == ["'=cmd|' /C calc'!A0", "'+1", "'@x"]
-    assert back["patient_id"].iloc[4] == "ok"
+    assert back["patient_id"].iloc[4] == "-"  # a lone sign ("not applicable") is no formula
     assert np.allclose(back["'=evil"], df["=evil"])  # negative numbers are numbers, not formulas
 
 
