@@ -179,12 +179,14 @@ def tiff_mpp(path: str | Path) -> float | None:
         return None
 
 
-# ---- the registry: ``auto`` tries the readers by ascending ``auto_rank`` ------------------------------------
+# ---- the registry --------------------------------------------------------------------------------------
+# meta: auto_rank (the order ``auto`` tries readers in), requires (the package a reader needs: ``auto`` skips
+# readers that are not installed), options (whether it takes open_slide's keyword options)
 READERS: Registry[type[SlideReader]] = Registry("reader", flag="--reader")
 
 
 # ---- OpenSlide -----------------------------------------------------------------------------------------
-@READERS.register("openslide", auto_rank=1, options=False)
+@READERS.register("openslide", auto_rank=1, options=False, requires="openslide")
 class OpenSlideReader(SlideReader):
     """OpenSlide: Aperio, Hamamatsu, Leica, MIRAX, Philips, Sakura, Ventana, generic tiled TIFF and more."""
 
@@ -239,7 +241,7 @@ class OpenSlideReader(SlideReader):
 
 
 # ---- tiffslide -----------------------------------------------------------------------------------------
-@READERS.register("tiffslide", auto_rank=2, options=False)
+@READERS.register("tiffslide", auto_rank=2, options=False, requires="tiffslide")
 class TiffSlideReader(SlideReader):
     """tiffslide: tifffile + zarr, pure Python; reads SVS, generic and OME pyramidal TIFF."""
 
@@ -291,7 +293,7 @@ class TiffSlideReader(SlideReader):
 
 
 # ---- cuCIM -----------------------------------------------------------------------------------------------
-@READERS.register("cucim", auto_rank=0, options=True, available=lambda: cucim_available())
+@READERS.register("cucim", auto_rank=0, options=True, requires="cucim")
 class CuCIMReader(SlideReader):
     """cuCIM (RAPIDS): multi-threaded TIFF/SVS decoding on CPU, nvJPEG decoding on GPU with ``device="cuda"``.
 
@@ -395,8 +397,12 @@ class CuCIMReader(SlideReader):
 
 
 # ---- choosing a reader ---------------------------------------------------------------------------------
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def cucim_available() -> bool:
-    return importlib.util.find_spec("cucim") is not None
+    return installed("cucim")
 
 
 # every reader, in the order ``auto`` tries them; ``--reader`` takes these or ``auto``
@@ -405,9 +411,10 @@ READER_CHOICES: tuple[str, ...] = ("auto", *READER_NAMES)
 
 
 def reader_order(reader: str = "auto") -> list[str]:
-    """Readers to try, in order: ``auto`` = cuCIM (when importable), then OpenSlide, then tiffslide."""
+    """Readers to try, in order: ``auto`` = cuCIM (when installed), then OpenSlide, then tiffslide (each when
+    installed); a named reader is tried alone."""
     if reader == "auto":
-        return [n for n in READER_NAMES if READERS.entry(n).meta.get("available", lambda: True)()]
+        return [n for n in READER_NAMES if installed(READERS.entry(n).meta["requires"])]
     if reader not in READER_NAMES:
         raise ValueError(f"unknown reader {reader!r}; choose one of {list(READER_CHOICES)}")
     return [reader]
