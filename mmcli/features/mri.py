@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field, field_validator
 
+from mmcli.features.modalities import ExtractorOptions, coerce, register
 from mmcli.features.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import file_sha256, make_encoder_id
@@ -35,27 +37,80 @@ DEFAULT_ENCODER = "r3d18"
 
 @dataclass(frozen=True)
 class MriParams:
-    """Preprocessing parameters; every one of them is part of the encoder_id."""
+    """Preprocessing parameters; every one of them is part of the encoder_id. Validated by
+    :class:`MriOptions` (the CLI's way in); built directly only by code that knows its values."""
 
     spacing: tuple[float, float, float] = DEFAULT_SPACING  # mm, RAS axes x, y, z
     shape: tuple[int, int, int] = DEFAULT_SHAPE  # voxels, RAS axes x, y, z
     volume_index: int = 0  # which volume of a 4-D image
     order: int = 1  # spline order of the resampling (1 = trilinear)
 
-    def __post_init__(self) -> None:
-        if len(self.spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in self.spacing):
-            raise InputError(f"spacing must be three positive numbers (mm), got {self.spacing}")
-        if len(self.shape) != 3 or not all(int(s) >= 8 for s in self.shape):
-            raise InputError(f"shape must be three integers >= 8 (voxels), got {self.shape}")
-        if self.volume_index < 0:
-            raise InputError(f"--volume-index must be >= 0, got {self.volume_index}")
-        if self.order not in range(6):
-            raise InputError(f"resampling order must be 0..5, got {self.order}")
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         return {"spacing_mm": [float(s) for s in d["spacing"]], "shape": [int(s) for s in d["shape"]],
                 "volume_index": int(d["volume_index"]), "order": int(d["order"])}
+
+
+def parse_triple(value: Any, kind: type, what: str) -> Any:
+    """``"1.5"`` -> (1.5, 1.5, 1.5); ``"96,96,64"`` / ``"96x96x64"`` / ``(96, 96, 64)`` -> a 3-tuple of ``kind``.
+    Anything else is returned as is (for the model to refuse)."""
+    if value is None:
+        return None
+    parts = [p for p in str(value).replace("x", ",").split(",") if p.strip()] if isinstance(value, str) \
+        else list(value) if isinstance(value, (tuple, list)) else [value]
+    try:
+        nums = tuple(float(p) for p in parts)
+        if kind is int and any(n != int(n) for n in nums):
+            raise ValueError("not whole numbers")
+        nums = tuple(kind(n) for n in nums)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"expected one number or three separated by commas for --{what}") from e
+    if len(nums) == 1:
+        nums = nums * 3
+    if len(nums) != 3:
+        raise ValueError(f"expected one number or three (x,y,z) for --{what}, got {len(nums)}")
+    return nums
+
+
+Spacing = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+GridSize = Annotated[int, Field(ge=8)]
+
+
+class MriOptions(ExtractorOptions):
+    """Options of ``extract --modality mri``. Preprocessing, encoder, weights (or the init seed without them)
+    make the ``encoder_id``; device, precision and threads do not."""
+
+    encoder: str = Field(DEFAULT_ENCODER, min_length=1, description="a volume encoder: r3d18")
+    weights: str | None = Field(None, description="encoder weights file: .safetensors, or a torch state dict "
+                                "read with weights_only=True (default: a seeded random init, with a warning)")
+    seed: int = Field(0, description="seed of the random init used when no weights exist, an integer")
+    spacing: tuple[Spacing, Spacing, Spacing] = Field(
+        DEFAULT_SPACING, description="voxel spacing after resampling in mm, one number > 0 (isotropic) or X,Y,Z "
+        "in RAS order")
+    shape: tuple[GridSize, GridSize, GridSize] = Field(
+        DEFAULT_SHAPE, description="grid in voxels that the RAS volume is centre-cropped/padded to, one integer "
+        ">= 8 or X,Y,Z")
+    volume_index: int | None = Field(None, ge=0, description="volume of a 4-D image to encode, an integer >= 0 "
+                                     "(default: 0, with a warning)")
+    order: int = Field(1, ge=0, le=5, description="spline order of the resampling, 0..5 (1 = trilinear)")
+
+    @field_validator("spacing", mode="before")
+    @classmethod
+    def _spacing(cls, v: Any) -> Any:
+        return parse_triple(v, float, "spacing")
+
+    @field_validator("shape", mode="before")
+    @classmethod
+    def _shape(cls, v: Any) -> Any:
+        return parse_triple(v, int, "shape")
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _absolute(cls, v: Any) -> Any:
+        return str(Path(v).expanduser().resolve()) if v else None
+
+    def params(self) -> MriParams:
+        return MriParams(self.spacing, self.shape, self.volume_index or 0, self.order)
 
 
 # ---- loading ------------------------------------------------------------------------------------------------
@@ -191,40 +246,31 @@ def mri_encoder_id(encoder: str, weights: str | Path | None, params: MriParams, 
 
 
 class MriExtractor(ItemExtractor):
-    """One NIfTI file -> one 512-d feature row (``features`` shape ``(1, D)``, no coords)."""
+    """One NIfTI file -> one 512-d feature row (``features`` shape ``(1, D)``, no coords). Built from
+    :func:`make_spec`'s kwargs: the options as JSON, validated again here (e.g. in a dask worker)."""
 
     modality = "mri"
 
-    def __init__(
-        self,
-        encoder: str = DEFAULT_ENCODER,
-        weights: str | None = None,
-        device: str = "auto",
-        precision: str = "auto",
-        spacing: tuple[float, float, float] = DEFAULT_SPACING,
-        shape: tuple[int, int, int] = DEFAULT_SHAPE,
-        volume_index: int | None = None,
-        order: int = 1,
-        seed: int = 0,
-        torch_threads: int | None = None,
-    ) -> None:
+    def __init__(self, options: dict[str, Any]) -> None:
         from mmcli.features.encoders.registry import create_encoder
 
-        set_torch_threads(torch_threads)
-        self.params = MriParams(tuple(spacing), tuple(int(s) for s in shape),  # type: ignore[arg-type]
-                                0 if volume_index is None else int(volume_index), int(order))
-        self.volume_index = volume_index
-        self._id, self.weights_sha256 = mri_encoder_id(encoder, weights, self.params, seed)
-        self.encoder = create_encoder(encoder, weights=weights, device=device, precision=precision, seed=seed)
+        self.options = opts = MriOptions.from_json(options, context="mri extractor options")
+        set_torch_threads(opts.torch_threads)
+        self.params = opts.params()
+        self.volume_index = opts.volume_index
+        self._id, self.weights_sha256 = mri_encoder_id(opts.encoder, opts.weights, self.params, opts.seed)
+        self.encoder = create_encoder(opts.encoder, weights=opts.weights, device=opts.device,
+                                      precision=opts.precision, seed=opts.seed)
         if getattr(self.encoder, "modality", "mri") != "mri":
-            raise InputError(f"encoder {encoder!r} is not a volume encoder")
+            raise InputError(f"encoder {opts.encoder!r} is not a volume encoder")
 
     @property
     def encoder_id(self) -> str:
         return self._id
 
     def encoder_attrs(self) -> dict[str, Any]:
-        return {**self.encoder.provenance(), "preprocessing": self.params.to_dict()}
+        return {**self.encoder.provenance(), "preprocessing": self.params.to_dict(),
+                "options": self.options.to_json()}
 
     def extract(self, row: ManifestRow, progress: ProgressFn | None = None) -> ItemResult:
         img, warnings = load_volume(row.path, self.volume_index)
@@ -242,64 +288,26 @@ class MriExtractor(ItemExtractor):
         return ItemResult(feats.astype(np.float32), None, {"mri": info}, warnings + more)
 
 
-def parse_triple(value: str | float | tuple | list | None, kind: type, what: str) -> tuple | None:
-    """``"1.5"`` -> (1.5, 1.5, 1.5); ``"96,96,64"`` / ``(96, 96, 64)`` -> a 3-tuple of ``kind``."""
-    if value is None:
-        return None
-    parts = [p for p in str(value).replace("x", ",").split(",") if p.strip()] if isinstance(value, str) \
-        else list(value) if isinstance(value, (tuple, list)) else [value]
-    try:
-        nums = tuple(float(p) for p in parts)
-        if kind is int and any(n != int(n) for n in nums):
-            raise ValueError("not whole numbers")
-        nums = tuple(kind(n) for n in nums)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"--{what} {value!r}: expected one number or three separated by commas") from e
-    if len(nums) == 1:
-        nums = nums * 3
-    if len(nums) != 3:
-        raise InputError(f"--{what} {value!r}: expected one number or three (x,y,z), got {len(nums)}")
-    return nums
-
-
-def make_spec(
-    encoder: str | None = None,
-    weights: str | Path | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    spacing: str | tuple[float, float, float] | None = None,
-    shape: str | tuple[int, int, int] | None = None,
-    volume_index: int | None = None,
-    order: int = 1,
-    seed: int = 0,
-    torch_threads: int | None = None,
-) -> ExtractorSpec:
-    """Picklable recipe of an :class:`MriExtractor`; the encoder_id is computed without loading the model.
-
-    ``spacing`` (mm) and ``shape`` (voxels) take one number (isotropic) or ``x,y,z`` in RAS order.
-    """
+@register("mri", options=MriOptions, unit="step")
+def make_spec(store: str | Path | None = None, options: MriOptions | None = None, **given: Any) -> ExtractorSpec:
+    """Picklable recipe of an :class:`MriExtractor` from a :class:`MriOptions` (or its fields as keywords);
+    the encoder_id is computed without loading the model. ``store`` is not needed (no files beside it)."""
     from mmcli.features.encoders.registry import resolve
 
-    spacing = parse_triple(spacing, float, "spacing")
-    shape = parse_triple(shape, int, "shape")
-
-    encoder = encoder or DEFAULT_ENCODER
-    try:
-        modality, _, _ = resolve(encoder)
-    except ValueError as e:
-        raise InputError(str(e)) from e
+    opts: MriOptions = coerce(options, MriOptions, given)
+    modality, _, _ = resolve(opts.encoder)
     if modality != "mri":
-        raise InputError(f"encoder {encoder!r} encodes {modality}, not MRI volumes. Fix: use --encoder r3d18.")
-    params = MriParams(tuple(spacing or DEFAULT_SPACING), tuple(int(s) for s in (shape or DEFAULT_SHAPE)),  # type: ignore[arg-type]
-                       0 if volume_index is None else int(volume_index), int(order))
-    weights = str(weights) if weights else None
-    if weights and encoder == DEFAULT_ENCODER:
+        raise InputError(f"encoder {opts.encoder!r} encodes {modality}, not MRI volumes. Fix: use --encoder r3d18.")
+    if opts.weights and opts.encoder == DEFAULT_ENCODER:
         from mmcli.features.encoders.volume import check_r3d18_weights
 
-        check_r3d18_weights(weights)  # a bad file is a usage error (exit 2), not a failure of every item
-    elif weights and not Path(weights).is_file():
-        raise InputError(f"{weights}: weights file not found. Fix: check --weights.")
-    encoder_id, _ = mri_encoder_id(encoder, weights, params, seed)
-    kwargs = dict(encoder=encoder, weights=weights, device=device, precision=precision, spacing=params.spacing,
-                  shape=params.shape, volume_index=volume_index, order=order, seed=seed, torch_threads=torch_threads)
-    return ExtractorSpec("mmcli.features.mri:MriExtractor", kwargs, "mri", encoder_id)
+        check_r3d18_weights(opts.weights)  # a bad file is a usage error (exit 2), not a failure of every item
+    elif opts.weights and not Path(opts.weights).is_file():
+        raise InputError(f"{opts.weights}: weights file not found. Fix: check --weights.")
+    elif not opts.weights and opts.encoder == DEFAULT_ENCODER:
+        from mmcli.features.encoders.runtime import warn_random_init
+
+        warn_random_init(DEFAULT_ENCODER, opts.seed, "no --weights given",
+                         "--weights FILE (safetensors or a torch state dict of r3d_18).")
+    encoder_id, _ = mri_encoder_id(opts.encoder, opts.weights, opts.params(), opts.seed)
+    return ExtractorSpec("mmcli.features.mri:MriExtractor", {"options": opts.to_json()}, "mri", encoder_id)

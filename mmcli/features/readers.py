@@ -1,10 +1,11 @@
-"""Whole-slide image readers behind one interface: OpenSlide (default), cuCIM (fast, optional GPU decode)
-and tiffslide (pure Python fallback).
+"""Whole-slide image readers behind one interface, in the :data:`READERS` registry: cuCIM (fast, optional GPU
+decode; an optional extra), OpenSlide (every vendor format) and tiffslide (pure Python fallback).
 
 Every reader returns RGB ``uint8`` arrays ``(h, w, 3)`` and takes level-0 pixel coordinates, as OpenSlide does.
-``open_slide(path, "auto")`` picks cuCIM when it is importable, else OpenSlide, and falls back to the next
-reader when one cannot open a file. Microns per pixel come from the vendor metadata, else from the TIFF
-resolution tags (read with tifffile, so every reader reports the same value for the same file).
+The default, ``open_slide(path, "auto")``, tries the readers in their ``auto`` order: cuCIM first when it is
+importable, then OpenSlide, then tiffslide, each one in turn when the one before cannot open the file. Microns
+per pixel come from the vendor metadata, else from the TIFF resolution tags (read with tifffile, so every reader
+reports the same value for the same file).
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from mmcli.features.tiling import choose_level
 from mmcli.pipeline.errors import SlideError
+from mmcli.pipeline.registry import Registry
 
 log = logging.getLogger(__name__)
-READER_NAMES = ("openslide", "cucim", "tiffslide")
 _MPP_RANGE = (0.01, 100.0)  # µm/px; outside it a resolution tag is a placeholder (e.g. 72 dpi), not a scan
 
 
@@ -83,15 +85,6 @@ class SlideReader(ABC):
         for x, y in coords:
             yield self.read_region(int(x), int(y), level, width, height)
 
-    def best_level(self, downsample: float) -> int:
-        """The lowest-resolution level whose downsample does not exceed ``downsample`` (never upsample
-        from a coarser level)."""
-        best = 0
-        for i, d in enumerate(self.level_downsamples):
-            if d <= downsample * (1 + 1e-3):
-                best = i
-        return best
-
     def thumbnail(self, downsample: float, strip_pixels: int = 1 << 24) -> tuple[np.ndarray, tuple[float, float]]:
         """RGB thumbnail about ``downsample`` times smaller than level 0 and its exact scale
         ``(sx, sy)`` in level-0 pixels per thumbnail pixel.
@@ -99,7 +92,7 @@ class SlideReader(ABC):
         Read in horizontal strips from the best level, so memory stays bounded even on a slide whose
         smallest level is large (OpenSlide's own thumbnail reads a whole level at once).
         """
-        level = self.best_level(downsample)
+        level = choose_level(self.level_downsamples, downsample)
         lw, lh = self.level_dimensions[level]
         w0, h0 = self.dimensions
         tw, th = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
@@ -183,7 +176,14 @@ def tiff_mpp(path: str | Path) -> float | None:
         return None
 
 
+# ---- the registry --------------------------------------------------------------------------------------
+# meta: auto_rank (the order ``auto`` tries readers in), requires (the package a reader needs: ``auto`` skips
+# readers that are not installed), options (whether it takes open_slide's keyword options)
+READERS: Registry[type[SlideReader]] = Registry("reader", flag="--reader")
+
+
 # ---- OpenSlide -----------------------------------------------------------------------------------------
+@READERS.register("openslide", auto_rank=1, options=False, requires="openslide")
 class OpenSlideReader(SlideReader):
     """OpenSlide: Aperio, Hamamatsu, Leica, MIRAX, Philips, Sakura, Ventana, generic tiled TIFF and more."""
 
@@ -238,6 +238,7 @@ class OpenSlideReader(SlideReader):
 
 
 # ---- tiffslide -----------------------------------------------------------------------------------------
+@READERS.register("tiffslide", auto_rank=2, options=False, requires="tiffslide")
 class TiffSlideReader(SlideReader):
     """tiffslide: tifffile + zarr, pure Python; reads SVS, generic and OME pyramidal TIFF."""
 
@@ -289,6 +290,7 @@ class TiffSlideReader(SlideReader):
 
 
 # ---- cuCIM -----------------------------------------------------------------------------------------------
+@READERS.register("cucim", auto_rank=0, options=True, requires="cucim")
 class CuCIMReader(SlideReader):
     """cuCIM (RAPIDS): multi-threaded TIFF/SVS decoding on CPU, nvJPEG decoding on GPU with ``device="cuda"``.
 
@@ -392,28 +394,31 @@ class CuCIMReader(SlideReader):
 
 
 # ---- choosing a reader ---------------------------------------------------------------------------------
-READERS: dict[str, Callable[..., SlideReader]] = {
-    "openslide": OpenSlideReader,
-    "cucim": CuCIMReader,
-    "tiffslide": TiffSlideReader,
-}
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def cucim_available() -> bool:
-    return importlib.util.find_spec("cucim") is not None
+    return installed("cucim")
+
+
+# every reader, in the order ``auto`` tries them; ``--reader`` takes these or ``auto``
+READER_NAMES: tuple[str, ...] = tuple(sorted(READERS.names(), key=lambda n: READERS.entry(n).meta["auto_rank"]))
+READER_CHOICES: tuple[str, ...] = ("auto", *READER_NAMES)
 
 
 def reader_order(reader: str = "auto") -> list[str]:
-    """Readers to try, in order: ``auto`` = cuCIM (if importable), OpenSlide, tiffslide."""
+    """Readers to try, in order: ``auto`` = cuCIM (when installed), then OpenSlide, then tiffslide (each when
+    installed); a named reader is tried alone."""
     if reader == "auto":
-        return (["cucim"] if cucim_available() else []) + ["openslide", "tiffslide"]
-    if reader not in READERS:
-        raise ValueError(f"unknown reader {reader!r}; choose auto or one of {list(READERS)}")
+        return [n for n in READER_NAMES if installed(READERS.entry(n).meta["requires"])]
+    if reader not in READER_NAMES:
+        raise ValueError(f"unknown reader {reader!r}; choose one of {list(READER_CHOICES)}")
     return [reader]
 
 
 def open_slide(path: str | Path, reader: str = "auto", **kwargs: Any) -> SlideReader:
-    """Open a slide with ``reader`` (``auto``: the first of :func:`reader_order` that can read it).
+    """Open a slide with ``reader`` (``auto``, the default: the first of :func:`reader_order` that can read it).
 
     Raises ``FileNotFoundError`` for a missing file and :class:`SlideError`, naming every reader's
     complaint, for an unsupported or corrupt one.
@@ -423,9 +428,9 @@ def open_slide(path: str | Path, reader: str = "auto", **kwargs: Any) -> SlideRe
         raise FileNotFoundError(2, "slide not found", str(path))
     errors: list[str] = []
     for name in reader_order(reader):
+        entry = READERS.entry(name)
         try:
-            cls = READERS[name]
-            return cls(path, **kwargs) if name == "cucim" else cls(path)  # only cuCIM takes options
+            return entry.obj(path, **kwargs) if entry.meta["options"] else entry.obj(path)  # only cuCIM takes any
         except SlideError as e:
             errors.append(str(e))
     raise SlideError(f"cannot open slide {path} (unsupported or corrupt): " + "; ".join(errors))

@@ -23,15 +23,26 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import source_fingerprint
 from mmcli.pipeline.ids import check_id, id_problem
 from mmcli.pipeline.manifest import read_csv_text
+from mmcli.pipeline.options import Options
 
 NA_VALUES = ["", "NA", "N/A", "n/a", "na", "NaN", "nan", "NAN", "null", "NULL", "None", "none", "#N/A", "-", "."]
 NEGATIVE = {"negative", "neg", "no", "false", "absent", "0", "-"}
 POSITIVE = {"positive", "pos", "yes", "true", "present", "1", "+"}
+
+
+class TabularOptions(Options):
+    """Options of ``extract --modality tabular`` (recorded in the table's attrs)."""
+
+    id_column: str = Field("patient_id", min_length=1, description="the patient id column, a column name")
+    categorical: tuple[str, ...] = Field((), description="columns to treat as categorical (repeatable), names")
+    max_levels: int = Field(20, ge=2, description="text columns with at most this many levels are categorical, "
+                            "an integer >= 2")
 
 
 @dataclass
@@ -45,10 +56,6 @@ class TableSummary:
     missing_fraction: float
     encodings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return 0
 
 
 def read_table(path: str | Path, id_column: str = "patient_id") -> pd.DataFrame:
@@ -158,21 +165,22 @@ def encode_columns(df: pd.DataFrame, path: Path, max_levels: int = 20, categoric
     return table, encodings
 
 
-def ingest_table(
-    table: str | Path,
-    name: str,
-    store: str | Path,
-    id_column: str = "patient_id",
-    categorical: list[str] | None = None,
-    max_levels: int = 20,
-) -> TableSummary:
-    """Validate ``table`` and write it to ``/tabular/<name>`` of ``store`` (NaN kept, categoricals encoded)."""
+def ingest_table(table: str | Path, name: str, store: str | Path, options: TabularOptions | None = None,
+                 **given: Any) -> TableSummary:
+    """Validate ``table`` and write it to ``/tabular/<name>`` of ``store`` (NaN kept, categoricals encoded).
+
+    ``options``: a :class:`TabularOptions`, or its fields as keywords (``id_column``, ``categorical``,
+    ``max_levels``; ``None`` = the default)."""
     from mmcli.pipeline.store import open_store
 
+    if options is not None and given:
+        raise TypeError("pass either TabularOptions or keyword options, not both")
+    opts = options or TabularOptions.build(given)
+    id_column = opts.id_column
     check_id(name, "table --name")
     path = Path(table)
     raw = read_table(path, id_column)
-    values, encodings = encode_columns(raw, path, max_levels, set(categorical or []))
+    values, encodings = encode_columns(raw, path, opts.max_levels, set(opts.categorical))
     warnings = [f"column {c!r} has no values (all missing)" for c in values.columns if values[c].isna().all()]
     missing = float(values.isna().to_numpy().mean()) if values.size else 0.0
     attrs = {
@@ -180,6 +188,7 @@ def ingest_table(
         "encodings": encodings, "missing_fraction": round(missing, 6),
         "missing_per_column": {c: int(n) for c, n in values.isna().sum().items() if n},
         "note": "raw values: no scaling or imputation at ingest (done in-fold at fit time)",
+        "options": opts.to_json(),
     }
     if warnings:
         attrs["warnings"] = warnings

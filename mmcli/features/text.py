@@ -10,10 +10,13 @@ the embedding and provenance (model, weights hash, window, token and window coun
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
+from mmcli.features.encoders.text import POOLINGS
+from mmcli.features.modalities import ExtractorOptions, coerce, register
 from mmcli.features.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import make_encoder_id
@@ -21,6 +24,27 @@ from mmcli.pipeline.manifest import ManifestRow
 
 DEFAULT_ENCODER = "minilm-l6"
 MAX_NOTE_BYTES = 50 * 1024 * 1024  # a larger ".txt" is almost surely not a clinical note
+
+
+class TextOptions(ExtractorOptions):
+    """Options of ``extract --modality text``. The model, its window, stride and pooling make the
+    ``encoder_id``; device, precision, batch size and threads do not."""
+
+    encoder: str = Field(DEFAULT_ENCODER, min_length=1, description="a text encoder: minilm-l6, hf:NAME (offline "
+                         "Hugging Face cache) or a local model folder")
+    max_tokens: int | None = Field(None, ge=3, description="window in tokens, special tokens included, an integer "
+                                   ">= 3 (default: the model's own, 256 for minilm-l6)")
+    stride: int | None = Field(None, ge=0, description="tokens shared by consecutive windows of a long note, an "
+                               "integer >= 0 and below --max-tokens (default: max-tokens / 4)")
+    pooling: Literal[POOLINGS] = Field(  # type: ignore[valid-type]
+        "mean", description=f"token pooling per window, one of {' | '.join(POOLINGS)}")
+    batch_size: int = Field(16, ge=1, description="windows per encoder batch, an integer >= 1")
+
+    @model_validator(mode="after")
+    def _stride_below_window(self) -> TextOptions:
+        if self.max_tokens is not None and self.stride is not None and self.stride >= self.max_tokens:
+            raise ValueError(f"--stride {self.stride} must be below --max-tokens {self.max_tokens}")
+        return self
 
 
 def read_note(path: str | Path) -> tuple[str, list[str]]:
@@ -44,18 +68,16 @@ def read_note(path: str | Path) -> tuple[str, list[str]]:
 
 
 def resolve_text_encoder(encoder: str | None) -> tuple[str, dict[str, Any], Path]:
-    """``(registry name, factory kwargs, model folder)`` for ``--encoder``: a registered name such as
+    """``(encoder name, factory kwargs, model folder)`` for ``--encoder``: a registered name such as
     ``minilm-l6``, ``hf:NAME_OR_FOLDER``, or a bare local model folder."""
     from mmcli.features.encoders.registry import resolve
     from mmcli.features.encoders.text import bundled_minilm_path, resolve_model_dir
 
     name = encoder or DEFAULT_ENCODER
-    if Path(name).expanduser().is_dir():
-        name = f"hf:{name}"
     try:
-        modality, _, extra = resolve(name)
-    except ValueError as e:
-        raise InputError(f"{e}; or pass hf:NAME / a local model folder") from e
+        modality, _, extra = resolve(name)  # a local folder is routed to hf:
+    except InputError as e:
+        raise InputError(f"{e} Or pass hf:NAME or a local model folder.") from e
     if modality != "text":
         raise InputError(f"encoder {name!r} encodes {modality}, not text. Fix: use --encoder minilm-l6 or hf:NAME.")
     folder = resolve_model_dir(extra["model_name"]) if "model_name" in extra else bundled_minilm_path()
@@ -73,35 +95,28 @@ def text_encoder_id(encoder: str | None, max_tokens: int | None, stride: int | N
 
 
 class TextExtractor(ItemExtractor):
-    """One note -> one embedding row (``(1, dim)``); empty notes are reported, not encoded."""
+    """One note -> one embedding row (``(1, dim)``); empty notes are reported, not encoded. Built from
+    :func:`make_spec`'s kwargs: the options as JSON, validated again here (e.g. in a dask worker)."""
 
     modality = "text"
 
-    def __init__(
-        self,
-        encoder: str | None = None,
-        device: str = "auto",
-        precision: str = "auto",
-        max_tokens: int | None = None,
-        stride: int | None = None,
-        pooling: str = "mean",
-        batch_size: int = 16,
-        torch_threads: int | None = None,
-    ) -> None:
+    def __init__(self, options: dict[str, Any]) -> None:
         from mmcli.features.encoders.registry import create_encoder
 
-        set_torch_threads(torch_threads)
-        name, _, _ = resolve_text_encoder(encoder)
-        self.encoder = create_encoder(name, device=device, precision=precision, max_tokens=max_tokens,
-                                      stride=stride, pooling=pooling, batch_size=batch_size)
-        self._id = text_encoder_id(encoder, max_tokens, stride, pooling)
+        self.options = opts = TextOptions.from_json(options, context="text extractor options")
+        set_torch_threads(opts.torch_threads)
+        name, _, _ = resolve_text_encoder(opts.encoder)
+        self.encoder = create_encoder(name, device=opts.device, precision=opts.precision,
+                                      max_tokens=opts.max_tokens, stride=opts.stride, pooling=opts.pooling,
+                                      batch_size=opts.batch_size)
+        self._id = text_encoder_id(opts.encoder, opts.max_tokens, opts.stride, opts.pooling)
 
     @property
     def encoder_id(self) -> str:
         return self._id
 
     def encoder_attrs(self) -> dict[str, Any]:
-        return self.encoder.provenance()
+        return {**self.encoder.provenance(), "options": self.options.to_json()}
 
     def extract(self, row: ManifestRow, progress: ProgressFn | None = None) -> ItemResult:
         text, warnings = read_note(row.path)
@@ -114,22 +129,10 @@ class TextExtractor(ItemExtractor):
         return ItemResult(vec[None, :].astype(np.float32), None, {"text": stats}, warnings)
 
 
-def make_spec(
-    encoder: str | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    max_tokens: int | None = None,
-    stride: int | None = None,
-    pooling: str = "mean",
-    batch_size: int = 16,
-    torch_threads: int | None = None,
-) -> ExtractorSpec:
-    """Picklable recipe of a :class:`TextExtractor`; resolves the model folder and encoder_id up front."""
-    from mmcli.features.encoders.text import POOLINGS
-
-    if pooling not in POOLINGS:
-        raise InputError(f"unknown --pooling {pooling!r}; choose one of {POOLINGS}")
-    encoder_id = text_encoder_id(encoder, max_tokens, stride, pooling)
-    kwargs = dict(encoder=encoder, device=device, precision=precision, max_tokens=max_tokens, stride=stride,
-                  pooling=pooling, batch_size=batch_size, torch_threads=torch_threads)
-    return ExtractorSpec("mmcli.features.text:TextExtractor", kwargs, "text", encoder_id)
+@register("text", options=TextOptions, unit="note")
+def make_spec(store: str | Path | None = None, options: TextOptions | None = None, **given: Any) -> ExtractorSpec:
+    """Picklable recipe of a :class:`TextExtractor` from a :class:`TextOptions` (or its fields as keywords);
+    resolves the model folder and encoder_id up front. ``store`` is not needed (no files beside it)."""
+    opts: TextOptions = coerce(options, TextOptions, given)
+    encoder_id = text_encoder_id(opts.encoder, opts.max_tokens, opts.stride, opts.pooling)
+    return ExtractorSpec("mmcli.features.text:TextExtractor", {"options": opts.to_json()}, "text", encoder_id)

@@ -63,7 +63,8 @@ class TilePlan:
 
 
 def choose_level(level_downsamples: tuple[float, ...] | list[float], downsample: float) -> int:
-    """Lowest-resolution level whose downsample does not exceed ``downsample`` (0 when upsampling)."""
+    """Lowest-resolution level whose downsample does not exceed ``downsample`` (0 when upsampling): never
+    upsample from a coarser level. The one rule for tile reads, reader thumbnails and the report's tiles."""
     best = 0
     for i, d in enumerate(level_downsamples):
         if d <= downsample * (1 + 1e-3):

@@ -9,14 +9,14 @@ parameters mean the same at every thumbnail resolution.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mmcli.pipeline.io import atomic_write_with
 
 
 @dataclass(frozen=True)
@@ -183,14 +183,4 @@ def qc_image(thumb: np.ndarray, mask: np.ndarray, coords: np.ndarray, tile_level
 
 def save_png_atomic(img: Image.Image, path: str | Path) -> Path:
     """Write a PNG through a temporary file and rename, so a reader never sees half an image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_with(path, lambda tmp: img.save(tmp, format="PNG"))

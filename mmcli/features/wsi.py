@@ -1,22 +1,26 @@
 """WSI extraction: one slide -> tissue mask -> mpp-aware tile plan -> tiles decoded in threads ahead of the
 encoder -> (features, coords) for the store, plus a QC image beside the store.
 
-:func:`make_spec` validates the options and names the store group (``encoder_id``) without loading the
-network; :class:`WSIExtractor` is what the runner builds once per process (each dask worker loads its
-encoder once) and calls per slide.
+:class:`WsiOptions` holds every option with its unit and range; :func:`make_spec` validates them once, names the
+store group (``encoder_id``) without loading the network and carries the options as JSON to
+:class:`WSIExtractor`, which the runner builds once per process (each dask worker loads its encoder once and
+re-validates the options) and calls per slide.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
-from mmcli.features.encoders.image import PRECISIONS, ImageEncoder, load_state_dict, resolve_device
+from mmcli.features.encoders.image import ImageEncoder
 from mmcli.features.encoders.registry import create_encoder, resolve
-from mmcli.features.readers import READER_NAMES, SlideError, open_slide, slide_opener
+from mmcli.features.encoders.runtime import load_state_dict, resolve_device
+from mmcli.features.modalities import ExtractorOptions, coerce, register
+from mmcli.features.readers import READER_CHOICES, SlideError, open_slide, slide_opener
 from mmcli.features.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 from mmcli.features.tiling import TilePlan, default_read_threads, iter_tile_batches, plan_tiles
 from mmcli.features.tissue import TissueParams, qc_image, save_png_atomic, tissue_mask
@@ -30,21 +34,64 @@ FEATURE_DTYPES = ("float16", "float32")
 _FP16_MAX = 65504.0
 
 
+class WsiOptions(ExtractorOptions):
+    """Options of ``extract --modality wsi``. Those that change the features (encoder, weights, seed without
+    weights, mpp, patch size, tissue settings) are part of the ``encoder_id``; the rest are recorded per item."""
+
+    encoder: str = Field(DEFAULT_ENCODER, min_length=1, description="an image encoder: resnet50_trunc, "
+                         "timm:NAME or timm:hf-hub:ORG/NAME")
+    weights: str | None = Field(None, description="encoder weights file: .safetensors, or .pth/.pt read with "
+                                "weights_only=True (default: the Hugging Face cache, else a seeded random init)")
+    seed: int = Field(0, description="seed of the random init used when no weights exist, an integer")
+    batch_size: int = Field(64, ge=1, description="tiles per encoder batch, an integer >= 1")
+    read_threads: int | None = Field(None, ge=1, description="tile reading/decoding threads per slide, an "
+                                     "integer >= 1 (default: min(8, cores), at least 2)")
+    mpp: float = Field(0.5, gt=0, allow_inf_nan=False, description="tile resolution in µm/px, > 0 (0.5 is "
+                       "about 20x, 0.25 about 40x)")
+    patch_size: int = Field(224, ge=8, description="tile side in pixels at --mpp, an integer >= 8")
+    reader: Literal[READER_CHOICES] = Field(  # type: ignore[valid-type]
+        "auto", description=f"slide reader, one of {' | '.join(READER_CHOICES)} (auto: cuCIM when installed, "
+        "then OpenSlide, then tiffslide)")
+    default_mpp: float | None = Field(None, gt=0, allow_inf_nan=False, description="level-0 µm/px assumed for "
+                                      "slides without mpp metadata, > 0 (default: such slides fail, named)")
+    min_tissue: float = Field(0.25, ge=0, le=1, description="minimum tissue fraction of a kept tile, in [0, 1]")
+    tissue_threshold: float | None = Field(None, ge=0, le=1, description="HSV saturation threshold of tissue, in "
+                                           "[0, 1] (default: Otsu, floored at 0.06)")
+    min_tissue_area: float | None = Field(None, ge=0, allow_inf_nan=False, description="tissue pieces smaller "
+                                          "than this are dropped, in µm², >= 0 (default: 20000)")
+    qc: bool = Field(True, description="write a QC PNG per slide to <store>.qc/, true | false")
+    feature_dtype: Literal[FEATURE_DTYPES] = Field(  # type: ignore[valid-type]
+        "float16", description=f"stored feature dtype, one of {' | '.join(FEATURE_DTYPES)}")
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _absolute(cls, v: Any) -> Any:
+        """Absolute, so that dask workers in other folders find the same file."""
+        return str(Path(v).expanduser().resolve()) if v else None
+
+    def tissue_params(self) -> TissueParams:
+        tissue = TissueParams()
+        if self.tissue_threshold is not None:
+            tissue = replace(tissue, saturation_threshold=float(self.tissue_threshold))
+        if self.min_tissue_area is not None:
+            tissue = replace(tissue, min_area_um2=float(self.min_tissue_area))
+        return tissue
+
+
 def qc_dir_for(store: str | Path, encoder_id: str) -> Path:
     """QC images live beside the store: ``<store>.qc/<encoder_id>/<patient_id>/<item_id>.png``."""
     p = Path(store).resolve()
     return p.with_name(p.name + ".qc") / encoder_id
 
 
-def _build_encoder(name: str, weights: str | None, seed: int, device: str, precision: str) -> ImageEncoder:
-    try:
-        modality, _, _ = resolve(name)
-    except ValueError as e:
-        raise InputError(f"--encoder: {e}") from e
+def _build_encoder(opts: WsiOptions) -> ImageEncoder:
+    name = opts.encoder
+    modality, _, _ = resolve(name)
     if modality != MODALITY:
         raise InputError(f"--encoder {name!r} is a {modality} encoder, not an image (wsi) encoder.")
     try:
-        enc = create_encoder(name, weights=weights, seed=seed, device=device, precision=precision)
+        enc = create_encoder(name, weights=opts.weights, seed=opts.seed, device=opts.device,
+                             precision=opts.precision)
     except FileNotFoundError as e:
         raise InputError(f"--weights {e.filename}: file not found.") from e
     except ValueError as e:
@@ -54,101 +101,53 @@ def _build_encoder(name: str, weights: str | None, seed: int, device: str, preci
     return enc
 
 
-def make_spec(
-    store: str | Path,
-    encoder: str = DEFAULT_ENCODER,
-    weights: str | Path | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    batch_size: int = 64,
-    read_threads: int | None = None,
-    mpp: float = 0.5,
-    patch_size: int = 224,
-    reader: str = "auto",
-    default_mpp: float | None = None,
-    min_tissue: float = 0.25,
-    tissue_threshold: float | None = None,
-    min_tissue_area: float | None = None,
-    qc: bool = True,
-    seed: int = 0,
-    feature_dtype: str = "float16",
-    torch_threads: int | None = None,
-) -> ExtractorSpec:
-    """Validate WSI options and return the picklable recipe the runner executes.
+@register(MODALITY, options=WsiOptions, unit="tile")
+def make_spec(store: str | Path, options: WsiOptions | None = None, **given: Any) -> ExtractorSpec:
+    """Validate the WSI options (a :class:`WsiOptions`, or its fields as keywords) and return the picklable
+    recipe the runner executes.
 
-    Units: ``mpp`` and ``default_mpp`` in µm/px (0.5 is about 20x, 0.25 about 40x), ``patch_size`` in pixels
-    at ``mpp``, ``min_tissue`` a fraction of the tile, ``min_tissue_area`` in µm², ``tissue_threshold`` an
-    HSV saturation in [0, 1] (default Otsu). The ``encoder_id`` covers the encoder, its weights and every
-    parameter that changes the features (mpp, patch size, tissue settings); reader, device, precision and
-    ``default_mpp`` are recorded per item instead.
+    The ``encoder_id`` covers the encoder, its weights and every parameter that changes the features (mpp,
+    patch size, tissue settings); reader, device, precision and ``default_mpp`` are recorded per item instead.
     """
-    _check(mpp > 0, f"--mpp must be positive, got {mpp}")
-    _check(patch_size >= 8, f"--patch-size must be at least 8 pixels, got {patch_size}")
-    _check(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}")
-    _check(read_threads is None or read_threads >= 1, f"--read-threads must be at least 1, got {read_threads}")
-    _check(default_mpp is None or default_mpp > 0, f"--default-mpp must be positive, got {default_mpp}")
-    _check(0.0 <= min_tissue <= 1.0, f"--min-tissue is a fraction in [0, 1], got {min_tissue}")
-    _check(tissue_threshold is None or 0.0 <= tissue_threshold <= 1.0,
-           f"--tissue-threshold is a saturation in [0, 1], got {tissue_threshold}")
-    _check(reader in ("auto", *READER_NAMES), f"--reader must be auto or one of {READER_NAMES}, got {reader!r}")
-    _check(precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {precision!r}")
-    _check(device in ("auto", "cpu") or device.startswith("cuda"),
-           f"--device must be auto, cpu or cuda, got {device!r}")
-    _check(feature_dtype in FEATURE_DTYPES, f"--feature-dtype must be one of {FEATURE_DTYPES}")
-    tissue = TissueParams()
-    if tissue_threshold is not None:
-        tissue = TissueParams(**{**asdict(tissue), "saturation_threshold": float(tissue_threshold)})
-    if min_tissue_area is not None:
-        _check(min_tissue_area >= 0, f"--min-tissue-area must be >= 0, got {min_tissue_area}")
-        tissue = TissueParams(**{**asdict(tissue), "min_area_um2": float(min_tissue_area)})
-    weights = str(Path(weights).expanduser().resolve()) if weights else None
-    enc = _build_encoder(encoder, weights, seed, device, precision)
-    if weights:  # a checkpoint that is no plain state dict (e.g. pickled code) stops the run before any slide
+    opts: WsiOptions = coerce(options, WsiOptions, given)
+    enc = _build_encoder(opts)
+    if opts.weights:  # a checkpoint that is no plain state dict (e.g. pickled code) stops the run before any slide
         try:
-            load_state_dict(weights)
+            load_state_dict(opts.weights)
         except Exception as e:  # noqa: BLE001 - torch / safetensors raise many types for bad files
-            raise InputError(f"--weights {weights}: {e}") from e
+            raise InputError(f"--weights {opts.weights}: {e}") from e
     enc.warn_if_random()
-    tile = {"mpp": float(mpp), "patch_size": int(patch_size), "min_tissue": float(min_tissue),
-            "tissue": tissue.to_dict()}
+    tile = {"mpp": float(opts.mpp), "patch_size": int(opts.patch_size), "min_tissue": float(opts.min_tissue),
+            "tissue": opts.tissue_params().to_dict()}
     encoder_id = make_encoder_id(enc.name, enc.weights.sha256, {**enc.params(), **tile})
-    kwargs = dict(
-        encoder=encoder, weights=weights, weights_sha256=enc.weights.sha256, seed=seed, device=device,
-        precision=precision, batch_size=batch_size, read_threads=read_threads, mpp=float(mpp),
-        patch_size=int(patch_size), reader=reader, default_mpp=default_mpp, min_tissue=float(min_tissue),
-        tissue=tissue.to_dict(), qc_dir=str(qc_dir_for(store, encoder_id)) if qc else None,
-        feature_dtype=feature_dtype, torch_threads=torch_threads, encoder_id=encoder_id,
-    )
+    kwargs = dict(options=opts.to_json(), weights_sha256=enc.weights.sha256, encoder_id=encoder_id,
+                  qc_dir=str(qc_dir_for(store, encoder_id)) if opts.qc else None)
     return ExtractorSpec("mmcli.features.wsi:WSIExtractor", kwargs, MODALITY, encoder_id)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise InputError(message)
-
-
 class WSIExtractor(ItemExtractor):
-    """Slide -> (tile features (N, D), level-0 coords (N, 2)). Built from :func:`make_spec`'s kwargs."""
+    """Slide -> (tile features (N, D), level-0 coords (N, 2)). Built from :func:`make_spec`'s kwargs: the
+    options as JSON (validated again here, e.g. in a dask worker) and what the plan resolved."""
 
     modality = MODALITY
 
-    def __init__(self, encoder: str, weights: str | None, weights_sha256: str | None, seed: int, device: str,
-                 precision: str, batch_size: int, read_threads: int | None, mpp: float, patch_size: int,
-                 reader: str, default_mpp: float | None, min_tissue: float, tissue: dict[str, Any],
-                 qc_dir: str | None, feature_dtype: str, torch_threads: int | None, encoder_id: str) -> None:
-        set_torch_threads(torch_threads)
-        self.encoder = _build_encoder(encoder, weights, seed, device, precision)
+    def __init__(self, options: dict[str, Any], weights_sha256: str | None, encoder_id: str,
+                 qc_dir: str | None) -> None:
+        self.options = opts = WsiOptions.from_json(options, context="wsi extractor options")
+        set_torch_threads(opts.torch_threads)
+        self.encoder = _build_encoder(opts)
         if self.encoder.weights.sha256 != weights_sha256:  # e.g. a dask worker with another HF cache
-            raise ItemError(f"encoder {encoder}: this process resolves weights {self.encoder.weights.describe()} "
-                            f"(sha256 {self.encoder.weights.sha256}), but the run was planned with sha256 "
-                            f"{weights_sha256}. Fix: give every worker the same --weights file.")
+            raise ItemError(f"encoder {opts.encoder}: this process resolves weights "
+                            f"{self.encoder.weights.describe()} (sha256 {self.encoder.weights.sha256}), but the "
+                            f"run was planned with sha256 {weights_sha256}. Fix: give every worker the same "
+                            "--weights file.")
         self._encoder_id = encoder_id
-        self.batch_size, self.read_threads = batch_size, read_threads or default_read_threads()
-        self.mpp, self.patch_size, self.min_tissue = mpp, patch_size, min_tissue
-        self.reader, self.default_mpp = reader, default_mpp
-        self.tissue = TissueParams(**tissue)
+        self.batch_size, self.read_threads = opts.batch_size, opts.read_threads or default_read_threads()
+        self.mpp, self.patch_size, self.min_tissue = opts.mpp, opts.patch_size, opts.min_tissue
+        self.reader, self.default_mpp = opts.reader, opts.default_mpp
+        self.tissue = opts.tissue_params()
         self.qc_dir = Path(qc_dir) if qc_dir else None
-        self.feature_dtype = np.dtype(feature_dtype)
+        self.feature_dtype = np.dtype(opts.feature_dtype)
 
     @property
     def encoder_id(self) -> str:
@@ -156,7 +155,8 @@ class WSIExtractor(ItemExtractor):
 
     def encoder_attrs(self) -> dict[str, Any]:
         return {**self.encoder.provenance(), "modality": MODALITY, "mpp": self.mpp, "patch_size": self.patch_size,
-                "min_tissue": self.min_tissue, "tissue_params": self.tissue.to_dict()}
+                "min_tissue": self.min_tissue, "tissue_params": self.tissue.to_dict(),
+                "options": self.options.to_json()}
 
     # ---- one slide -------------------------------------------------------------------------------------------
     def extract(self, row: ManifestRow, progress: ProgressFn | None = None) -> ItemResult:

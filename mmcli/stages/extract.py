@@ -1,43 +1,27 @@
 """``mmcli extract``: stage 1 for one modality of a cohort manifest, through the shared runner.
 
-Each manifest modality maps to a ``make_spec`` factory (``"module:callable"``) that validates that modality's
-options and returns an :class:`~mmcli.features.runner.ExtractorSpec`. Adding a modality is one entry in
-:data:`MODALITY_SPECS` (or :func:`register_modality`), not a branch in the CLI.
+Each modality is an entry of :data:`mmcli.features.modalities.MODALITIES`: a ``make_spec`` factory, a typed
+options model and the unit its progress bar counts. The options the user gave are validated once, against
+that model, before the store is touched. Adding a modality is a module registered there, not a branch here.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mmcli.features.modalities import MODALITIES, Modality
 from mmcli.features.runner import ExtractorSpec, RunSummary, run_extraction
 from mmcli.pipeline.errors import InputError, ModalityNotAvailable
 from mmcli.pipeline.manifest import Manifest, load_manifest
 
-MODALITY_SPECS: dict[str, str] = {
-    "wsi": "mmcli.features.wsi:make_spec",
-    "mri": "mmcli.features.mri:make_spec",
-    "text": "mmcli.features.text:make_spec",
-}
-# what the progress bar counts inside one item, per modality
-UNITS: dict[str, str] = {"wsi": "tile", "mri": "step", "text": "note"}
 
-
-def register_modality(modality: str, target: str, unit: str = "item") -> None:
-    """Register ``target`` (``"module:make_spec"``) as the spec factory of ``modality``."""
-    MODALITY_SPECS[modality] = target
-    UNITS[modality] = unit
-
-
-def spec_factory(modality: str) -> Callable[..., ExtractorSpec]:
-    if modality not in MODALITY_SPECS:
+def modality_of(modality: str) -> Modality:
+    """The registered modality; an unknown one is :class:`ModalityNotAvailable` listing the choices."""
+    if modality not in MODALITIES:
         raise ModalityNotAvailable(
-            f"--modality {modality!r}: no extractor for it in this build; choose one of {sorted(MODALITY_SPECS)}.")
-    mod, _, name = MODALITY_SPECS[modality].partition(":")
-    return getattr(importlib.import_module(mod), name)
+            f"--modality {modality!r}: no extractor for it in this build; choose one of {MODALITIES.names()}.")
+    return MODALITIES.get(modality)
 
 
 def make_spec(modality: str, store: str | Path, **options: Any) -> ExtractorSpec:
@@ -45,16 +29,8 @@ def make_spec(modality: str, store: str | Path, **options: Any) -> ExtractorSpec
 
     An option that this modality does not take is a usage error naming the option.
     """
-    factory = spec_factory(modality)
-    params = inspect.signature(factory).parameters
-    given = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(k for k in given if k not in params)
-    if unknown:
-        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
-        raise InputError(f"{flags} does not apply to --modality {modality}. Fix: remove it.")
-    if "store" in params:
-        given["store"] = str(store)
-    return factory(**given)
+    mod = modality_of(modality)
+    return mod.make_spec(str(store), mod.build_options(options))
 
 
 def extract(
@@ -73,21 +49,22 @@ def extract(
     The whole manifest is validated first (unsafe or duplicate ids stop the run with :class:`InputError`,
     exit 2, before any work). Rows of other modalities are ignored; rows whose file is missing are reported.
     ``scheduler``: None = in this process, ``"local"`` = a dask LocalCluster of ``workers`` processes, or the
-    address of a running dask scheduler. ``options`` go to the modality's ``make_spec``.
+    address of a running dask scheduler. ``options`` are the modality's options (its options model's fields).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub unless the user allows it
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    spec_factory(modality)  # unknown modality: fail before touching the store
+    mod = modality_of(modality)  # unknown modality: fail before touching the store
     if scheduler == "local" and workers is not None and workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
-    if scheduler == "local" and "torch_threads" in inspect.signature(spec_factory(modality)).parameters:
+    opts = mod.build_options(options)
+    if scheduler == "local" and "torch_threads" in mod.options.fields() and options.get("torch_threads") is None:
         # dask starts workers with OMP_NUM_THREADS=1; share the cores between the worker processes instead
         n = workers or os.cpu_count() or 1
-        options.setdefault("torch_threads", max(1, (os.cpu_count() or 1) // n))
-    spec = make_spec(modality, store, **options)
+        opts = mod.options.build({**opts.to_json(), "torch_threads": max(1, (os.cpu_count() or 1) // n)})
+    spec = mod.make_spec(str(store), opts)
     return run_extraction(
         m.for_modality(modality), spec, store, force=force, scheduler=scheduler, workers=workers,
-        missing=m.missing_for(modality), progress=progress, unit=UNITS.get(modality, "item"),
+        missing=m.missing_for(modality), progress=progress, unit=mod.unit,
     )
 
 

@@ -2,13 +2,14 @@
 (cache, per-item locks, failure isolation, run record, optional dask), so a re-import skips unchanged files."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from mmcli.features.interop.formats import FORMATS
 from mmcli.features.interop.importer import make_import_spec, match_rows, slide_mpps
 from mmcli.features.runner import RunSummary, run_extraction
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import params_hash
+from mmcli.pipeline.io import write_json
 from mmcli.pipeline.manifest import load_manifest
 
 
@@ -27,7 +28,7 @@ def import_features(
 ) -> RunSummary:
     """Import the feature file of every ``modality`` row of ``manifest`` found under ``source``.
 
-    ``mpp`` is the slides' level-0 µm/px, needed only to turn STAMP's micrometre coords into pixels when the
+    ``mpp`` is the slides' level-0 µm/px, needed only to turn micrometre coords (STAMP's) into pixels when the
     slides themselves are not reachable (their own mpp is used when they are). Rows without a file are
     reported as missing (exit 1); the rest are imported.
     """
@@ -43,14 +44,12 @@ def import_features(
                          f"<slide stem>.h5 and <item_id>.h5, e.g. {matched.missing[0].path.name}). "
                          "Fix: check --from and --format.")
     mpp_file = None
-    if fmt == "stamp" and mpp is None:
+    if FORMATS.entry(fmt.lower()).meta["coords"] == "um" and mpp is None:
         keys = {(r.patient_id, r.item_id) for r in matched.found}
         table = slide_mpps([r for r in rows if (r.patient_id, r.item_id) in keys])
         if table:
             runs = Path(store).with_name(Path(store).name + ".runs")
-            runs.mkdir(parents=True, exist_ok=True)
-            mpp_file = runs / f"import-slide-mpp-{params_hash(table)}.json"
-            mpp_file.write_text(json.dumps(table, sort_keys=True))
+            mpp_file = write_json(runs / f"import-slide-mpp-{params_hash(table)}.json", table)
     spec = make_import_spec(fmt, matched.found, encoder_id, modality, mpp_file, mpp)
     _check_dim(store, modality, spec.encoder_id, int(spec.kwargs["dim"]))
     return run_extraction(matched.found, spec, store, force=force, scheduler=scheduler, workers=workers,

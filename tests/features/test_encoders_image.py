@@ -13,14 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from mmcli.features.encoders import image as image_mod
-from mmcli.features.encoders.image import (
-    ImageEncoder,
-    cpu_has_bf16,
-    load_state_dict,
-    resolve_device,
-    resolve_precision,
-)
+from mmcli.features.encoders import runtime
+from mmcli.features.encoders.image import ImageEncoder
 from mmcli.features.encoders.registry import create_encoder, list_encoders, resolve
+from mmcli.features.encoders.runtime import cpu_has_bf16, load_state_dict, resolve_device, resolve_precision
 
 TINY = "test_resnet"  # timm's ~0.4M-parameter test ResNet
 
@@ -46,13 +42,17 @@ def test_registry_names() -> None:
 
 def test_random_init_is_loud_seeded_and_recorded(capsys: pytest.CaptureFixture[str],
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    image_mod._WARNED.clear()
+    """The warning now comes from the one ``runtime.warn_random_init`` (its once-per-process memory is cleared
+    there); it is said once per (encoder, seed), which is also checked now."""
+    runtime._WARNED.clear()
     a = create_encoder(f"timm:{TINY}", seed=1, precision="fp32")
     b = create_encoder(f"timm:{TINY}", seed=1, precision="fp32")
     c = create_encoder(f"timm:{TINY}", seed=2, precision="fp32")
     x = _batch()
     fa, fb, fc = a.encode(x), b.encode(x), c.encode(x)
-    assert "NO PRETRAINED WEIGHTS" in capsys.readouterr().err + caplog.text
+    said = capsys.readouterr().err + caplog.text
+    assert "NO PRETRAINED WEIGHTS" in said
+    assert said.count("NO PRETRAINED WEIGHTS for encoder 'timm:test_resnet'") == 2  # seeds 1 and 2, once each
     assert np.array_equal(fa, fb) and not np.allclose(fa, fc)
     assert a.encoder_id == b.encoder_id != c.encoder_id
     prov = a.provenance()
@@ -191,8 +191,9 @@ def test_bad_batch_shape() -> None:
 
 
 def test_hf_offline_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hf_downloads_allowed`` lives in ``encoders.runtime`` now (shared by image and text encoders)."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    assert not image_mod.hf_downloads_allowed()
+    assert not runtime.hf_downloads_allowed()
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    assert image_mod.hf_downloads_allowed()
+    assert runtime.hf_downloads_allowed()
     assert os.environ["HF_HUB_OFFLINE"] == "0"

@@ -74,3 +74,26 @@ def test_bad_window_settings(tiny_bert: Path) -> None:
         create_encoder(f"hf:{tiny_bert}", device="cpu", max_tokens=64, stride=62)
     with pytest.raises(InputError, match="pooling"):
         make_spec(pooling="max")
+
+
+def test_checkpoint_missing_weights_is_said_loudly(tiny_bert: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Weights that transformers has to initialise randomly get the one random-init warning of the image and
+    volume encoders, and the items say pretrained=false."""
+    from safetensors.torch import load_file, save_file
+
+    from mmcli.features.encoders import runtime
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_bert, partial)
+    sd = load_file(str(partial / "model.safetensors"))
+    sd.pop("encoder.layer.1.output.dense.weight")
+    save_file(sd, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    runtime._WARNED.clear()
+    enc = create_encoder(str(partial), device="cpu", precision="fp32")
+    said = capsys.readouterr().err + caplog.text
+    assert said.count("NO PRETRAINED WEIGHTS for encoder 'hf:partial'") == 1
+    assert "encoder.layer.1.output.dense.weight" in said
+    assert enc.provenance()["pretrained"] is False
+    assert create_encoder(str(tiny_bert), device="cpu", precision="fp32").provenance()["pretrained"] is True

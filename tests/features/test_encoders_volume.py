@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mmcli.features.encoders import runtime
 from mmcli.features.encoders.registry import create_encoder, list_encoders
 from mmcli.features.encoders.volume import R3D18Encoder, build_r3d18
 from mmcli.pipeline.errors import InputError
@@ -26,9 +27,16 @@ def test_registered_and_shapes() -> None:
         enc.encode(X[:, 0])
 
 
-def test_random_init_is_loud_seeded_and_reproducible() -> None:
-    with pytest.warns(UserWarning, match="NO PRETRAINED WEIGHTS"):
-        a = R3D18Encoder(device="cpu", precision="fp32", seed=4711)
+def test_random_init_is_loud_seeded_and_reproducible(capsys: pytest.CaptureFixture[str],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Changed with the one random-init warning of ``encoders.runtime``: it was a stderr banner plus a Python
+    ``UserWarning`` (said twice); it is now one message, as for image encoders, so the test checks that it is
+    said, and said exactly once for two encoders with the same seed."""
+    runtime._WARNED.clear()
+    a = R3D18Encoder(device="cpu", precision="fp32", seed=4711)
+    R3D18Encoder(device="cpu", precision="fp32", seed=4711)
+    said = capsys.readouterr().err + caplog.text
+    assert said.count("NO PRETRAINED WEIGHTS for encoder 'r3d18'") == 1 and "seed 4711" in said
     b = R3D18Encoder(device="cpu", precision="fp32", seed=4711, quiet=True)
     c = R3D18Encoder(device="cpu", precision="fp32", seed=4712, quiet=True)
     np.testing.assert_array_equal(a.encode(X), b.encode(X))

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from slides import tissue_image, write_aperio, write_generic  # noqa: E402
 
 from mmcli.features.readers import (  # noqa: E402
+    READER_NAMES,
     READERS,
     SlideError,
     cucim_available,
@@ -99,10 +100,12 @@ def test_open_errors(slides: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_auto_order() -> None:
+    """The reader set is read from the registry (``READERS.names()``; it was a dict before)."""
     order = reader_order("auto")
     assert order[-2:] == ["openslide", "tiffslide"]
     assert (order[0] == "cucim") == cucim_available()
-    assert set(READERS) == {"openslide", "cucim", "tiffslide"}
+    assert set(READERS.names()) == {"openslide", "cucim", "tiffslide"}
+    assert READER_NAMES == ("cucim", "openslide", "tiffslide")  # the order auto tries them in
 
 
 @pytest.mark.skipif(not cucim_available(), reason="cuCIM not installed (optional extra mmcli[cucim])")

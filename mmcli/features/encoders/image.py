@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -26,6 +24,16 @@ from typing import Any
 import numpy as np
 
 from mmcli.features.encoders.registry import Encoder, register_encoder
+from mmcli.features.encoders.runtime import (
+    HF_WEIGHT_FILES,
+    autocast,
+    hf_cache_dir,
+    hf_file,
+    load_state_dict,
+    resolve_device,
+    resolve_precision,
+    warn_random_init,
+)
 from mmcli.pipeline.fingerprint import file_sha256, make_encoder_id
 
 log = logging.getLogger(__name__)
@@ -33,13 +41,9 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNET50_TRUNC_HUB = "timm/resnet50.tv_in1k"  # torchvision's ImageNet weights, which CLAM uses
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # classifier keys that a checkpoint may carry and a features-only model (num_classes=0) lacks
 HEAD_PREFIXES = ("fc.", "head.", "head_dist.", "classifier.", "last_linear.", "heads.")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
-_WARNED: set[str] = set()
-_WARN_LOCK = threading.Lock()
 
 
 # ---- weights ---------------------------------------------------------------------------------------------
@@ -64,69 +68,11 @@ class WeightsSource:
         return "random initialisation (no pretrained weights)"
 
 
-def _hf_cache_dir() -> str:
-    """The hub cache as the environment says now (huggingface_hub reads it only at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return os.path.join(home, "hub")
-
-
-def hf_downloads_allowed() -> bool:
-    """Downloads only when ``HF_HUB_OFFLINE`` is explicitly off: mmcli is offline by default."""
-    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() in ("0", "false", "no", "off")
-
-
-def hf_file(repo: str, filenames: tuple[str, ...]) -> str | None:
-    """Path of the first of ``filenames`` of ``repo`` in the local HF cache (downloaded first only when
-    :func:`hf_downloads_allowed`), else None."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cache = _hf_cache_dir()
-    for name in filenames:
-        hit = try_to_load_from_cache(repo, name, cache_dir=cache)
-        if isinstance(hit, str) and os.path.isfile(hit):
-            return hit
-    if hf_downloads_allowed():
-        from huggingface_hub import hf_hub_download
-
-        for name in filenames:
-            try:
-                return hf_hub_download(repo, name, cache_dir=cache)
-            except Exception as e:  # noqa: BLE001 - unreachable hub or missing file: try the next, then give up
-                log.info("download of %s/%s failed: %s", repo, name, e)
-    return None
-
-
 def weights_from_file(path: str | Path) -> WeightsSource:
     p = Path(path).expanduser().resolve()
     if not p.is_file():
         raise FileNotFoundError(2, "weights file not found", str(p))
     return WeightsSource("file", str(p), file_sha256(p))
-
-
-def load_state_dict(path: str | Path) -> dict[str, Any]:
-    """Tensors of a checkpoint: ``.safetensors``, or any torch file read with ``weights_only=True``
-    (no pickled code is ever run). ``state_dict``/``model`` wrappers and ``module.`` prefixes are removed."""
-    import torch
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd: Any = load_file(str(path), device="cpu")
-    else:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"cannot load weights {path} with torch.load(weights_only=True): {e}. "
-                             "Fix: save a plain state_dict (or use safetensors).") from e
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
-    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def apply_state_dict(model: Any, sd: dict[str, Any], source: str, allow_missing: tuple[str, ...] = ()) -> None:
@@ -148,72 +94,6 @@ def apply_state_dict(model: Any, sd: dict[str, Any], source: str, allow_missing:
             f"weights {source} do not fit {type(model).__name__}: {len(missing)} missing key(s) {missing[:3]}, "
             f"{len(unexpected)} unexpected key(s) {unexpected[:3]}. Fix: pass weights of this architecture."
         )
-
-
-# ---- device and precision ----------------------------------------------------------------------------
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device. Fix: use --device cpu or auto.")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    return device
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (x86 AVX512-BF16 / AMX, or ARM BF16)."""
-    import torch
-
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/cpuinfo") as fh:
-                for line in fh:
-                    if line.startswith(("flags", "Features")):
-                        flags = set(line.split(":", 1)[1].split())
-                        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-        except OSError:
-            pass
-    if platform.machine().lower() in ("arm64", "aarch64"):
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
-    import torch
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    if precision != "auto":
-        if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU has no bf16; use --precision fp16 or auto")
-        return precision
-    if device.startswith("cuda"):
-        return "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
-def _warn_random_init(name: str, seed: int, why: str) -> None:
-    with _WARN_LOCK:
-        if name in _WARNED:
-            return
-        _WARNED.add(name)
-    msg = (f"NO PRETRAINED WEIGHTS for encoder {name!r} ({why}): using a RANDOM initialisation (seed {seed}). "
-           "Features will not carry pretrained image knowledge; items are marked pretrained=false. "
-           "Fix: --weights FILE (safetensors/.pth) or put the model in the Hugging Face cache.")
-    if logging.getLogger().handlers:  # the application logs: one record there
-        log.warning(msg)
-    else:
-        from rich.console import Console
-
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]WARNING[/bold red] {msg}")
 
 
 # ---- the encoder -----------------------------------------------------------------------------------------
@@ -271,7 +151,8 @@ class ImageEncoder(Encoder):
     def warn_if_random(self) -> None:
         """Say loudly (once per process) that this encoder has no pretrained weights."""
         if not self.weights.pretrained:
-            _warn_random_init(self.name, self.seed, "none given, none in the Hugging Face cache")
+            warn_random_init(self.name, self.seed, "none given, none in the Hugging Face cache",
+                             "--weights FILE (safetensors/.pth) or put the model in the Hugging Face cache.")
 
     # ---- network --------------------------------------------------------------------------------------------
     @property
@@ -317,7 +198,6 @@ class ImageEncoder(Encoder):
             torch.backends.cudnn.benchmark = True  # tiles have one fixed size: let cuDNN pick its fastest kernels
         if self._channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self._amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self._precision)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=self._device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=self._device).view(1, 3, 1, 1)
         self._scale, self._shift = 1.0 / (255.0 * std), mean / std  # (x/255 - mean)/std in one FMA
@@ -349,8 +229,7 @@ class ImageEncoder(Encoder):
         x = x * self._scale - self._shift
         if not self._channels_last:
             x = x.contiguous()
-        with torch.inference_mode(), torch.autocast(self._device.split(":")[0], dtype=self._amp or torch.float32,
-                                                    enabled=self._amp is not None):
+        with torch.inference_mode(), autocast(self._device, self._precision):
             y = module(x)
         if self._dim is None:
             self._dim = int(y.shape[1])
@@ -405,7 +284,7 @@ def timm_encoder(model_name: str, weights: str | Path | None = None, seed: int =
         repo = model_name.removeprefix("hf-hub:")
         cfg_path = hf_file(repo, ("config.json",))
         if cfg_path is None:
-            raise ValueError(f"{name}: config.json of {repo} is not in the Hugging Face cache ({_hf_cache_dir()}) "
+            raise ValueError(f"{name}: config.json of {repo} is not in the Hugging Face cache ({hf_cache_dir()}) "
                              "and downloads are off. Fix: fetch it where the hub is reachable "
                              "(huggingface-cli download) and copy the cache, or set HF_HUB_OFFLINE=0.")
         cfg = json.loads(Path(cfg_path).read_text())

@@ -1,25 +1,23 @@
 """One registry for every frozen encoder (timm-style: names that explain themselves and a factory).
 
-Modules that define encoders register a factory under a name; ``create_encoder("resnet50_trunc", ...)``
-builds it. A name with a ``prefix:`` (e.g. ``timm:vit_small_patch16_224``) is routed to the factory
-registered for that prefix with the rest of the name as ``model_name``.
+Modules that define encoders register a factory under a name with :func:`register_encoder`;
+``create_encoder("resnet50_trunc", ...)`` builds it. A name with a ``prefix:`` (``timm:vit_small_patch16_224``,
+``timm:hf-hub:ORG/NAME``, ``hf:NAME``) is routed to the factory registered for that prefix with the rest of the
+name as ``model_name``; a local model folder is a text encoder (``hf:FOLDER``).
+
+Each name is tied to the one module that defines it (:data:`ENCODERS` ``.lazy``), so looking up
+``resnet50_trunc`` imports the image encoders only, never the volume or text ones (nor torch before it is needed).
 """
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-_FACTORIES: dict[str, tuple[str, Callable[..., Encoder]]] = {}
-# Modules imported lazily on first lookup, so that registering does not import torch at CLI start-up.
-_PROVIDERS = (
-    "mmcli.features.encoders.image",
-    "mmcli.features.encoders.volume",
-    "mmcli.features.encoders.text",
-)
+from mmcli.pipeline.registry import Registry
 
 
 class Encoder(ABC):
@@ -43,37 +41,51 @@ class Encoder(ABC):
         """Features of one batch, shape (B, dim)."""
 
 
+ENCODERS: Registry[Callable[..., Encoder]] = Registry("encoder", flag="--encoder")
+# the module that defines each built-in name: looking a name up imports that module only
+BUILTIN: dict[str, str] = {
+    "resnet50_trunc": "mmcli.features.encoders.image",
+    "timm:": "mmcli.features.encoders.image",
+    "r3d18": "mmcli.features.encoders.volume",
+    "minilm-l6": "mmcli.features.encoders.text",
+    "hf:": "mmcli.features.encoders.text",
+}
+for _name, _module in BUILTIN.items():
+    ENCODERS.lazy(_name, _module)
+
+
 def register_encoder(name: str, modality: str) -> Callable[[Callable[..., Encoder]], Callable[..., Encoder]]:
-    """Decorator: register ``factory`` under ``name`` (``prefix:`` names route model names)."""
-
-    def deco(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
-        _FACTORIES[name] = (modality, factory)
-        return factory
-
-    return deco
+    """Decorator: register ``factory`` under ``name`` for ``modality`` (a ``prefix:`` name routes model names)."""
+    return ENCODERS.register(name, modality=modality)
 
 
-def _load_providers() -> None:
-    for mod in _PROVIDERS:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # a provider exists but a dependency of it is missing: say so
-                raise
+def route(name: str) -> tuple[str, dict[str, Any]]:
+    """``(registry name, extra kwargs)`` of an encoder name, without importing anything.
+
+    A registered name is itself; ``PREFIX:MODEL`` goes to ``PREFIX:`` with ``model_name=MODEL``; a local
+    folder goes to ``hf:``. Anything else is returned as is (the lookup then lists the choices).
+    """
+    prefix, sep, model = name.partition(":")
+    family = f"{prefix}:" if sep and model else None
+    if name in BUILTIN:
+        return name, {}
+    if family in BUILTIN:
+        return family, {"model_name": model}
+    if name and Path(name).expanduser().is_dir():
+        return "hf:", {"model_name": name}
+    if name in ENCODERS:  # registered by another module (imports every encoder module to find out)
+        return name, {}
+    if family and family in ENCODERS:
+        return family, {"model_name": model}
+    return name, {}
 
 
 def resolve(name: str) -> tuple[str, Callable[..., Encoder], dict[str, Any]]:
-    """``(modality, factory, extra kwargs)`` for an encoder name; ValueError listing choices if unknown."""
-    _load_providers()
-    if name in _FACTORIES:
-        modality, factory = _FACTORIES[name]
-        return modality, factory, {}
-    if ":" in name:
-        prefix, model = name.split(":", 1)
-        if f"{prefix}:" in _FACTORIES and model:
-            modality, factory = _FACTORIES[f"{prefix}:"]
-            return modality, factory, {"model_name": model}
-    raise ValueError(f"unknown encoder {name!r}; choose one of {list_encoders()}")
+    """``(modality, factory, extra kwargs)`` for an encoder name; an unknown name is an
+    :class:`~mmcli.pipeline.errors.InputError` listing the choices. Imports only the module of that name."""
+    key, extra = route(name)
+    entry = ENCODERS.entry(key)
+    return entry.meta["modality"], entry.obj, extra
 
 
 def create_encoder(name: str, **kwargs: Any) -> Encoder:
@@ -83,5 +95,5 @@ def create_encoder(name: str, **kwargs: Any) -> Encoder:
 
 
 def list_encoders(modality: str | None = None) -> list[str]:
-    _load_providers()
-    return sorted(n for n, (m, _) in _FACTORIES.items() if modality is None or m == modality)
+    """Registered names (``prefix:`` entries stand for families), optionally of one modality."""
+    return ENCODERS.names(**({"modality": modality} if modality else {}))

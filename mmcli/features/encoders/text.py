@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mmcli.features.encoders.registry import Encoder, register_encoder
-from mmcli.features.encoders.volume import autocast, runtime
+from mmcli.features.encoders.runtime import autocast, hf_snapshot, resolve_runtime, warn_random_init
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import make_encoder_id
 
@@ -45,14 +44,6 @@ def bundled_minilm_path() -> Path:
     return path
 
 
-def hf_hub_cache() -> str:
-    """The Hugging Face hub cache as the environment says now (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return os.path.join(home, "hub")
-
-
 def resolve_model_dir(model: str | Path) -> Path:
     """A local folder for ``model``: the folder itself, or its snapshot in the offline Hugging Face cache."""
     p = Path(model).expanduser()
@@ -61,9 +52,7 @@ def resolve_model_dir(model: str | Path) -> Path:
             raise InputError(f"{p}: no config.json; not a transformers model folder.")
         return p.resolve()
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=str(model), local_files_only=True, cache_dir=hf_hub_cache()))
+        return hf_snapshot(str(model))
     except Exception as e:  # noqa: BLE001 - not cached, bad name, hub errors: one clear message
         raise InputError(
             f"text model {str(model)!r} is neither a local folder nor in the offline Hugging Face cache "
@@ -156,14 +145,25 @@ class HFTextEncoder(Encoder):
         hf_logging.disable_progress_bar()
         self.folder = resolve_model_dir(model)
         self.name = name or display_name(model)
-        self.device, self.precision = runtime(device, precision)
+        self.device, self.precision = resolve_runtime(device, precision)
         self.weights_sha256 = model_weights_sha256(self.folder)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report would repeat the one warning said below
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
             config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
-            self.model = AutoModel.from_pretrained(self.folder, local_files_only=True)
+            self.model, loading = AutoModel.from_pretrained(self.folder, local_files_only=True,
+                                                            output_loading_info=True)
         except Exception as e:  # noqa: BLE001 - a broken folder is a usage error
             raise InputError(f"{self.folder}: cannot load a transformers model ({type(e).__name__}: {e})") from e
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        # weights the checkpoint lacks are randomly initialised by transformers (the pooler is never used here)
+        self.missing_weights = sorted(k for k in loading.get("missing_keys", ()) if not k.startswith("pooler."))
+        if self.missing_weights:
+            warn_random_init(self.name, None, f"{len(self.missing_weights)} weight tensor(s) missing from the "
+                             f"checkpoint in {self.folder}, e.g. {self.missing_weights[:2]}",
+                             "pass a complete model folder (save_pretrained of the whole model).")
         if not getattr(self.tokenizer, "is_fast", False):
             raise InputError(f"{self.folder}: needs a fast (Rust) tokenizer for windowed chunking.")
         self.model.eval().requires_grad_(False).to(self.device)
@@ -187,17 +187,25 @@ class HFTextEncoder(Encoder):
     def provenance(self) -> dict[str, Any]:
         return {"encoder": self.name, "dim": self.dim, "model_folder": str(self.folder),
                 "model_type": getattr(self.model.config, "model_type", None),
-                "weights_sha256": self.weights_sha256, "pretrained": True, "precision": self.precision,
+                "weights_sha256": self.weights_sha256, "pretrained": not self.missing_weights,
+                "precision": self.precision,
                 "device": self.device.type, **self.params()}
 
-    def tokenize(self, text: str) -> dict[str, torch.Tensor]:
+    def tokenize(self, text: str) -> dict[str, Any]:
         """Overlapping windows of ``self.window`` tokens (special tokens included), padded to the longest."""
         return self.tokenizer(text, truncation=True, max_length=self.window, stride=self.stride,
                               return_overflowing_tokens=True, padding="longest", return_tensors="pt")
 
-    @torch.inference_mode()
-    def encode_windows(self, enc: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    def encode_windows(self, enc: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Pooled embedding of every window ``(W, dim)`` and its number of tokens ``(W,)``."""
+        import torch
+
+        with torch.inference_mode():
+            return self._encode_windows(enc)
+
+    def _encode_windows(self, enc: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
         inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         outs, counts = [], []
         n = inputs["input_ids"].shape[0]

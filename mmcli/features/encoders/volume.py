@@ -16,8 +16,6 @@ Input tensors are ``(B, 1, Z, Y, X)`` of a RAS volume (slices first), as :mod:`m
 """
 from __future__ import annotations
 
-import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,46 +24,13 @@ import torch
 from torch import nn
 
 from mmcli.features.encoders.registry import Encoder, register_encoder
+from mmcli.features.encoders.runtime import autocast, load_state_dict, resolve_runtime, warn_random_init
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import file_sha256, make_encoder_id
-
-_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_WARNED: set[tuple[str, int]] = set()
-
-
-def runtime(device: str, precision: str) -> tuple[torch.device, str]:
-    """Device and precision, resolved by the same rules as the image encoders (``auto``: fp16 autocast on
-    CUDA, bf16 autocast on CPUs with native bf16, fp32 otherwise); bad values are usage errors."""
-    from mmcli.features.encoders.image import resolve_device, resolve_precision
-
-    try:
-        dev = resolve_device(device)
-        return torch.device(dev), resolve_precision(precision, dev)
-    except ValueError as e:
-        raise InputError(str(e)) from e
-
-
-def autocast(device: torch.device, precision: str) -> Any:
-    """Autocast context for ``precision`` (disabled for fp32)."""
-    return torch.autocast(device.type, dtype=_AMP.get(precision, torch.float32), enabled=precision in _AMP)
-
-
-def warn_random_init(name: str, seed: int) -> None:
-    """Say loudly, once per process: a stderr banner plus a Python ``UserWarning``."""
-    if (name, seed) in _WARNED:
-        return
-    _WARNED.add((name, seed))
-    msg = (f"NO PRETRAINED WEIGHTS for encoder {name!r}: using a RANDOM initialisation (seed {seed}). Features "
-           "are random projections, not learned representations; items are marked pretrained=false. "
-           "Fix: --weights FILE (safetensors or a torch state dict).")
-    print(f"\n!!! WARNING: {msg}\n", file=sys.stderr, flush=True)
-    warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """State dict of ``path`` (safetensors, or torch.load with ``weights_only=True``); errors are usage errors."""
-    from mmcli.features.encoders.image import load_state_dict
-
     if not Path(path).is_file():
         raise InputError(f"{path}: weights file not found. Fix: check --weights.")
     try:
@@ -132,7 +97,7 @@ class R3D18Encoder(Encoder):
         stem_stride: tuple[int, int, int] = (2, 2, 2),
         quiet: bool = False,
     ) -> None:
-        self.device, self.precision = runtime(device, precision)
+        self.device, self.precision = resolve_runtime(device, precision)
         self.seed = int(seed)
         self.stem_stride = tuple(int(s) for s in stem_stride)
         if weights and not Path(weights).is_file():
@@ -145,7 +110,8 @@ class R3D18Encoder(Encoder):
         if weights:
             _, self.notes = adapt_r3d18_state(load_weights(weights), self.model)
         elif not quiet:
-            warn_random_init(self.name, self.seed)
+            warn_random_init(self.name, self.seed, "no --weights given",
+                             "--weights FILE (safetensors or a torch state dict of r3d_18).")
         self.model.eval().requires_grad_(False).to(self.device)
         # channels_last_3d helps oneDNN / cuDNN convolutions under bf16/fp16
         self.channels_last = self.precision != "fp32"

@@ -6,14 +6,20 @@ item id), written atomically. Beside the files: ``manifest.csv`` (``patient_id,m
 """
 from __future__ import annotations
 
-import csv
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmcli.features.interop.formats import GEOMETRY_KEYS, FormatError, TileFeatures, complete_geometry, get_format
+from mmcli.features.interop.formats import (
+    GEOMETRY_KEYS,
+    FormatError,
+    TileFeatures,
+    complete_geometry,
+    get_format,
+    write_rows,
+)
 from mmcli.pipeline.errors import InputError
 
 
@@ -101,14 +107,7 @@ def export_features(fmt: str, store_path: str | Path, out: str | Path, modality:
         rows.append((key.patient_id, modality, rel.as_posix(), key.item_id))
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["patient_id", "modality", "path", "item_id"])
-        w.writerows(rows)
-    if fmt == "clam":
-        with open(out / "clam_dataset.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["case_id", "slide_id"])
-            w.writerows((r[0], Path(r[2]).stem) for r in rows)
+    write_rows(manifest, ["patient_id", "modality", "path", "item_id"], rows)
+    layout.write_index(out, [(pid, Path(path).stem) for pid, _, path, _ in rows])
     summary.manifest = str(manifest)
     return summary

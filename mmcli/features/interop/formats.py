@@ -1,4 +1,5 @@
-"""Tile-feature h5 layouts of CLAM, TRIDENT and STAMP: one reader and one writer per layout, in a registry.
+"""Tile-feature h5 layouts of CLAM, TRIDENT and STAMP: one reader and one writer per layout, in the
+:data:`FORMATS` registry (``--format`` of ``mmcli import`` / ``mmcli export`` takes its names).
 
 - **CLAM** (``h5_files/<slide>.h5``): ``features`` (N, D) float32, ``coords`` (N, 2) level-0 pixels (x, y) of the
   tile's top-left; CLAM's patching step may leave ``patch_size``/``patch_level`` attrs on ``coords``. mmcli's
@@ -17,8 +18,8 @@ Inside mmcli coordinates are level-0 pixels (int64): STAMP's micrometres are div
 """
 from __future__ import annotations
 
-import os
-import uuid
+import csv
+import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ import numpy as np
 
 from mmcli import __version__
 from mmcli.pipeline.errors import FormatError
+from mmcli.pipeline.io import atomic_write_text, atomic_write_with
+from mmcli.pipeline.registry import Registry
 
 # Tile-geometry keys shared with the WSI extractor's item attrs (TRIDENT-like names).
 GEOMETRY_KEYS = ("mpp", "patch_size", "patch_size_level0", "slide_mpp", "target_magnification",
@@ -119,22 +122,29 @@ def _check(path: Path, feats: Any, coords: Any, feat_name: str) -> tuple[np.ndar
     return f, c
 
 
+def write_rows(path: Path, header: list[str], rows: Any) -> None:
+    """A plain CSV, written atomically. Not formula-escaped: these files are read back by tools (mmcli
+    import, CLAM), and their cells are safe ids and relative paths."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
 def write_atomic(path: Path, fill: Any) -> None:
     """Write an h5 file under a temporary name and rename it into place (no half files)."""
     import h5py
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as h5:
             fill(h5)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write_with(path, write)
 
 
 class H5Format(ABC):
-    """One tile-feature layout."""
+    """One tile-feature layout (stateless: :func:`get_format` builds one per lookup)."""
 
     name: str
     features_key: str = "features"
@@ -151,6 +161,9 @@ class H5Format(ABC):
     def relative_dir(self, encoder: str, geometry: dict[str, float]) -> Path:
         """Folder (under the export root) that this layout puts slide files in."""
 
+    def write_index(self, out: Path, slides: list[tuple[str, str]]) -> None:  # noqa: B027 - optional hook
+        """Extra index files this layout's own tools read, from ``(patient_id, slide_id)`` pairs (none here)."""
+
     def has_features(self, path: Path) -> bool:
         import h5py
 
@@ -161,7 +174,13 @@ class H5Format(ABC):
             return False
 
 
+FORMATS: Registry[type[H5Format]] = Registry("format", flag="--format")
+
+
+@FORMATS.register("clam", coords="level-0 px")
 class ClamFormat(H5Format):
+    """CLAM: ``features`` + ``coords`` (level-0 px) per slide under ``h5_files/``."""
+
     name = "clam"
 
     def read(self, path: Path) -> TileFeatures:
@@ -201,8 +220,15 @@ class ClamFormat(H5Format):
     def relative_dir(self, encoder: str, geometry: dict[str, float]) -> Path:
         return Path("h5_files")
 
+    def write_index(self, out: Path, slides: list[tuple[str, str]]) -> None:
+        """``clam_dataset.csv`` (``case_id,slide_id``): CLAM's dataset table; add the label column."""
+        write_rows(out / "clam_dataset.csv", ["case_id", "slide_id"], slides)
 
+
+@FORMATS.register("trident", coords="level-0 px")
 class TridentFormat(ClamFormat):
+    """TRIDENT: CLAM's datasets plus tile geometry attrs on ``coords``, one folder per encoder."""
+
     name = "trident"
 
     def read(self, path: Path) -> TileFeatures:
@@ -235,13 +261,19 @@ class TridentFormat(ClamFormat):
 
         write_atomic(path, fill)
 
+    def write_index(self, out: Path, slides: list[tuple[str, str]]) -> None:
+        """TRIDENT reads no dataset table."""
+
     def relative_dir(self, encoder: str, geometry: dict[str, float]) -> Path:
         mag, ps = geometry.get("target_magnification"), geometry.get("patch_size")
         job = Path(f"{mag:g}x_{int(ps)}px_0px_overlap") if mag and ps else Path(".")
         return job / f"features_{encoder}"
 
 
+@FORMATS.register("stamp", coords="um")
 class StampFormat(H5Format):
+    """STAMP: ``feats`` (float16) + ``coords`` in micrometres, root attrs naming the extractor."""
+
     name = "stamp"
     features_key = "feats"
 
@@ -300,13 +332,6 @@ class StampFormat(H5Format):
         return Path(encoder)
 
 
-FORMATS: dict[str, H5Format] = {f.name: f for f in (ClamFormat(), TridentFormat(), StampFormat())}
-
-
 def get_format(name: str) -> H5Format:
-    from mmcli.pipeline.errors import InputError
-
-    try:
-        return FORMATS[name.lower()]
-    except KeyError:
-        raise InputError(f"unknown format {name!r}; choose one of {sorted(FORMATS)}") from None
+    """The layout called ``name`` (any case); an unknown name is an InputError listing :data:`FORMATS`."""
+    return FORMATS.get(name.lower())()

@@ -3,9 +3,10 @@
 Input: ``attention.csv`` (``patient_id,item_id,index,attention``; ``index`` = row of the tile in that item's
 features), the store named in ``config.json`` (tile ``coords``: level-0 pixel x, y of each tile's top-left, and
 item attrs ``source_fingerprint.path``, ``patch_size``, ``mpp``, maybe ``patch_size_level0``) and, where the
-slide file is reachable, the slide itself (OpenSlide). Without the slide the heatmap is drawn over the tile grid
-alone and the report says why; without the store the section says so. Nothing here raises for a missing or
-unreadable artefact.
+slide file is reachable, the slide itself, opened with the project's readers
+(:func:`mmcli.features.readers.open_slide`, reader ``auto``: cuCIM, OpenSlide or tiffslide). Without the slide
+the heatmap is drawn over the tile grid alone and the report says why; without the store the section says so.
+Nothing here raises for a missing or unreadable artefact.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmcli.features.readers import SlideReader, open_slide
+from mmcli.features.tiling import choose_level
 from mmcli.pipeline.rundir import Run, read_csv
 from mmcli.stages.report.plots import img_tag as _img
 from mmcli.stages.report.plots import new_figure, to_base64
@@ -70,38 +73,29 @@ def _tile_size_level0(attrs: dict[str, Any], coords: np.ndarray, slide_mpp: floa
     return int(ps or 256)
 
 
-def _open_slide(path: str | None) -> tuple[Any, str | None]:
-    """(OpenSlide handle or None, reason when None)."""
+def _open_slide(path: str | None) -> tuple[SlideReader | None, str | None]:
+    """(slide reader or None, reason when None)."""
     if not path:
         return None, "the item records no source slide path"
     if not Path(path).is_file():
         return None, f"slide file not reachable: {path}"
     try:
-        import openslide
-
-        return openslide.OpenSlide(path), None
+        return open_slide(path, "auto"), None
     except Exception as e:  # noqa: BLE001 - any failure to open just means no pixels in the report
         return None, f"slide could not be opened ({type(e).__name__}: {e})"
 
 
-def _slide_mpp(slide: Any) -> float | None:
-    try:
-        return float(slide.properties["openslide.mpp-x"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _heatmap(sa: SlideAttention, size0: int, slide: Any) -> str:
+def _heatmap(sa: SlideAttention, size0: int, slide: SlideReader | None) -> str:
     """Attention percentiles painted over the slide thumbnail (or over the bare tile grid)."""
     pct = _percentiles(sa.attention)
     fig = new_figure(6.0, 4.5)
     ax = fig.subplots()
     if slide is not None:
-        thumb = slide.get_thumbnail((THUMB_MAX, THUMB_MAX)).convert("RGB")
         w0, h0 = slide.dimensions
-        scale = thumb.size[0] / w0
-        heat = np.full((thumb.size[1], thumb.size[0]), np.nan)
-        ax.imshow(np.asarray(thumb))
+        thumb, (sx, _) = slide.thumbnail(max(1.0, max(w0, h0) / THUMB_MAX))
+        scale = 1.0 / sx
+        heat = np.full(thumb.shape[:2], np.nan)
+        ax.imshow(thumb)
     else:
         x_max, y_max = (sa.coords.max(axis=0) + size0).tolist()
         scale = min(1.0, THUMB_MAX / max(x_max, y_max, 1))
@@ -118,13 +112,13 @@ def _heatmap(sa: SlideAttention, size0: int, slide: Any) -> str:
     return to_base64(fig)
 
 
-def _top_tiles(sa: SlideAttention, size0: int, slide: Any, top_k: int) -> str:
+def _top_tiles(sa: SlideAttention, size0: int, slide: SlideReader, top_k: int) -> str:
     """The ``top_k`` highest-attention tiles, read from the slide at the pyramid level nearest their size."""
     from PIL import Image
 
     order = np.argsort(sa.attention)[::-1][:top_k]
     target = int(sa.attrs.get("patch_size") or TILE_PX)
-    level = slide.get_best_level_for_downsample(max(1.0, size0 / target))
+    level = choose_level(slide.level_downsamples, max(1.0, size0 / target))
     ds = float(slide.level_downsamples[level])
     side = max(1, int(round(size0 / ds)))
     cols = min(len(order), 4)
@@ -133,7 +127,7 @@ def _top_tiles(sa: SlideAttention, size0: int, slide: Any, top_k: int) -> str:
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax, i in zip(axes, order):
         x, y = (int(v) for v in sa.coords[i])
-        tile = slide.read_region((x, y), level, (side, side)).convert("RGB")
+        tile = Image.fromarray(slide.read_region(x, y, level, side, side))
         ax.imshow(np.asarray(tile.resize((TILE_PX, TILE_PX), Image.BILINEAR)))
         ax.set_title(f"a={sa.attention[i]:.3g} @({x},{y})", fontsize=7)
         ax.set_axis_off()
@@ -229,7 +223,7 @@ def _slide_block(store: Any, run: Run, pid: str, item: str, rows: pd.DataFrame, 
     slide_path = (it.attrs.get("source_fingerprint") or {}).get("path") or it.attrs.get("source_path")
     slide, why = _open_slide(slide_path)
     try:
-        size0 = _tile_size_level0(sa.attrs, sa.coords, _slide_mpp(slide) if slide is not None else None)
+        size0 = _tile_size_level0(sa.attrs, sa.coords, slide.mpp if slide is not None else None)
         out = [f"<div class='slide'><h4>{label} <small>({html.escape(modality)}, tile {size0} px at level 0)"
                f"</small></h4>"]
         if why:

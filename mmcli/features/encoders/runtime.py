@@ -1,0 +1,201 @@
+"""What every frozen encoder needs to run, in one place: device and precision rules, autocast, checkpoint
+loading, the offline Hugging Face cache and the one loud warning for a randomly initialised encoder.
+
+Image (:mod:`~mmcli.features.encoders.image`), volume (:mod:`~mmcli.features.encoders.volume`) and text
+(:mod:`~mmcli.features.encoders.text`) encoders all use these and none of them imports another. Importing this
+module does not import torch.
+
+Two device helpers with two meanings:
+
+- :func:`resolve_device` answers *which device* (a string, ``"auto"`` resolved); a wrong value is a
+  ``ValueError`` for the caller to phrase;
+- :func:`resolve_runtime` answers *device and precision for torch* (a ``torch.device`` and a precision name);
+  a wrong value is an :class:`~mmcli.pipeline.errors.InputError` (exit 2).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from mmcli.pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # what --device takes
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_WARNED: set[tuple[str, int | None]] = set()
+_WARN_LOCK = threading.Lock()
+
+
+# ---- device and precision ----------------------------------------------------------------------------
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is a ``ValueError``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device. Fix: use --device cpu or auto.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (x86 AVX512-BF16 / AMX, or ARM BF16)."""
+    import torch
+
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/cpuinfo") as fh:
+                for line in fh:
+                    if line.startswith(("flags", "Features")):
+                        flags = set(line.split(":", 1)[1].split())
+                        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+        except OSError:
+            pass
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32. A wrong value is a ``ValueError``."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision != "auto":
+        if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU has no bf16; use --precision fp16 or auto")
+        return precision
+    if device.startswith("cuda"):
+        return "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def resolve_runtime(device: str, precision: str) -> tuple[Any, str]:
+    """``(torch.device, precision)`` by the rules above; a wrong value is an :class:`InputError`."""
+    import torch
+
+    try:
+        dev = resolve_device(device)
+        return torch.device(dev), resolve_precision(precision, dev)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+
+
+def amp_dtype(precision: str) -> Any:
+    """The autocast dtype of ``precision`` (None for fp32)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def autocast(device: Any, precision: str) -> Any:
+    """Autocast context for ``precision`` on ``device`` (a ``torch.device`` or ``"cuda:0"``); off for fp32."""
+    import torch
+
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    dtype = amp_dtype(precision)
+    return torch.autocast(kind, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+def load_state_dict(path: str | Path) -> dict[str, Any]:
+    """Tensors of a checkpoint: ``.safetensors``, or any torch file read with ``weights_only=True``
+    (no pickled code is ever run). ``state_dict``/``model`` wrappers and ``module.`` prefixes are removed."""
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(str(path), device="cpu")
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot load weights {path} with torch.load(weights_only=True): {e}. "
+                             "Fix: save a plain state_dict (or use safetensors).") from e
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+# ---- the Hugging Face cache (offline by default) -------------------------------------------------------
+def hf_cache_dir() -> str:
+    """The hub cache as the environment says now (``HF_HUB_CACHE``, else ``HF_HOME/hub``); huggingface_hub
+    itself reads these only when it is imported."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.path.join(home, "hub")
+
+
+def hf_downloads_allowed() -> bool:
+    """Downloads only when ``HF_HUB_OFFLINE`` is explicitly off: mmcli is offline by default."""
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def hf_file(repo: str, filenames: tuple[str, ...]) -> str | None:
+    """Path of the first of ``filenames`` of ``repo`` in the local HF cache (downloaded first only when
+    :func:`hf_downloads_allowed`), else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = hf_cache_dir()
+    for name in filenames:
+        hit = try_to_load_from_cache(repo, name, cache_dir=cache)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return hit
+    if hf_downloads_allowed():
+        from huggingface_hub import hf_hub_download
+
+        for name in filenames:
+            try:
+                return hf_hub_download(repo, name, cache_dir=cache)
+            except Exception as e:  # noqa: BLE001 - unreachable hub or missing file: try the next, then give up
+                log.info("download of %s/%s failed: %s", repo, name, e)
+    return None
+
+
+def hf_snapshot(repo: str) -> Path:
+    """Local folder of a whole model repo in the offline cache (never downloads); raises when absent."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=repo, local_files_only=True, cache_dir=hf_cache_dir()))
+
+
+# ---- the one random-init warning -----------------------------------------------------------------------
+def warn_random_init(encoder: str, seed: int | None, why: str, fix: str) -> None:
+    """Say loudly, once per process and (encoder, seed), that features come from random weights.
+
+    One message through one channel: a ``WARNING`` record of this module's logger when the application has
+    configured logging (so it lands in the command's log), else a red ``WARNING`` line on stderr.
+    """
+    with _WARN_LOCK:
+        if (encoder, seed) in _WARNED:
+            return
+        _WARNED.add((encoder, seed))
+    init = f"a RANDOM initialisation (seed {seed})" if seed is not None else "RANDOM values for those weights"
+    msg = (f"NO PRETRAINED WEIGHTS for encoder {encoder!r} ({why}): using {init}. Features are random "
+           f"projections, not learned representations; items are marked pretrained=false. Fix: {fix}")
+    if logging.getLogger().handlers or log.handlers:
+        log.warning(msg)
+    else:
+        from rich.console import Console
+        from rich.markup import escape
+
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]WARNING[/bold red] {escape(msg)}", highlight=False)

@@ -1,0 +1,97 @@
+"""The modalities that ``mmcli extract --modality`` knows, as a registry (one per-item extractor each).
+
+A modality module (:mod:`mmcli.features.wsi`, :mod:`~mmcli.features.mri`, :mod:`~mmcli.features.text`) defines
+an options model and a ``make_spec(store, options)`` factory and registers them with :func:`register`::
+
+    @register("wsi", options=WsiOptions, unit="tile")
+    def make_spec(store=None, options=None, **given) -> ExtractorSpec: ...
+
+:data:`MODALITIES` ties each name to its module and imports that module only when the name is looked up; no
+modality module imports torch at import time, so looking ``wsi`` up is cheap. Adding a modality is one module
+with one ``@register`` plus one ``MODALITIES.lazy`` line here.
+
+This module also holds the options every extractor shares (:class:`ExtractorOptions`): device, precision and
+torch threads, with the choices derived from :mod:`mmcli.features.encoders.runtime`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from pydantic import Field
+
+from mmcli.features.encoders.runtime import DEVICE_PATTERN, PRECISIONS
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.options import Options, flag_of
+from mmcli.pipeline.registry import Registry
+
+if TYPE_CHECKING:
+    from mmcli.features.runner import ExtractorSpec
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One registered modality: its spec factory, its options model and what its progress bar counts."""
+
+    name: str
+    make_spec: Callable[..., ExtractorSpec]
+    options: type[Options]
+    unit: str
+
+    def build_options(self, given: Mapping[str, Any]) -> Options:
+        """Validate the options the user gave (``None`` = not given); a flag that this modality does not take
+        is refused by name."""
+        given = {k: v for k, v in given.items() if v is not None}
+        unknown = sorted(set(given) - set(self.options.fields()))
+        if unknown:
+            flags = ", ".join(flag_of(k) for k in unknown)
+            raise InputError(f"{flags} does not apply to --modality {self.name}. Fix: remove it.")
+        return self.options.build(given)
+
+
+MODALITIES: Registry[Modality] = Registry("modality", flag="--modality")
+MODALITIES.lazy("wsi", "mmcli.features.wsi")
+MODALITIES.lazy("mri", "mmcli.features.mri")
+MODALITIES.lazy("text", "mmcli.features.text")
+
+
+def register(name: str, *, options: type[Options], unit: str) -> Callable[[F], F]:
+    """Decorator for a modality's ``make_spec(store, options, **given)``: register it under ``name`` with its
+    options model and the unit its progress bar counts inside one item (``tile``, ``step``, ``note``)."""
+
+    def deco(make_spec: F) -> F:
+        MODALITIES.add(name, Modality(name, make_spec, options, unit), unit=unit)
+        return make_spec
+
+    return deco
+
+
+def get_modality(name: str) -> Modality:
+    return MODALITIES.get(name)
+
+
+# ---- options every extractor shares ------------------------------------------------------------------------
+Precision = Literal[PRECISIONS]  # type: ignore[valid-type]
+
+
+class ExtractorOptions(Options):
+    """Where and how the encoder runs; none of these changes the features' ``encoder_id``."""
+
+    device: str = Field("auto", pattern=DEVICE_PATTERN,
+                        description="auto | cpu | cuda[:N]; auto = CUDA when torch sees a GPU, else CPU")
+    precision: Precision = Field("auto", description=f"one of {' | '.join(PRECISIONS)}; auto = fp16 on CUDA, "
+                                 "bf16 on CPUs with native bf16, else fp32")
+    torch_threads: int | None = Field(None, ge=0, description="CPU threads of the encoder per process, an "
+                                      "integer >= 0 (unset or 0: torch's default)")
+
+
+def coerce(options: Options | Mapping[str, Any] | None, cls: type[Options], given: Mapping[str, Any]) -> Any:
+    """``options`` as a validated ``cls``: a model as is, else built from ``options`` and ``given`` keywords."""
+    if isinstance(options, cls):
+        if given:
+            raise TypeError(f"pass either a {cls.__name__} or keyword options, not both ({sorted(given)})")
+        return options
+    return cls.build({**dict(options or {}), **given})
