@@ -7,9 +7,10 @@ Which subsets (``modalities`` = M names):
 * ``max_subset_size=k``: every subset of 1..k modalities (k >= M: all 2^M - 1);
 * ``subsets=[("wsi", "omics"), ...]``: exactly these.
 
-Each subset with two or more modalities is fitted once per fusion operator (``fusion_mlp``); a single modality
+Each subset with two or more modalities is fitted once per fusion operator by a head that takes a ``fusion``
+parameter (``fusion_mlp``; operators: the fusion registry, :data:`mmcli.heads.fusion.FUSIONS`); a single modality
 is fitted once (fusion label ``single``, fitted with ``concat``: with one modality there is nothing to fuse).
-Heads other than ``fusion_mlp`` fit each subset once (fusion ``-``). Every fit goes through
+Other heads fit each subset once (fusion ``-``). Every fit goes through
 :func:`mmcli.stages.fit.fit` into ``out/<m1+m2+...>__<fusion or head>/``; a fit whose folder already holds the
 same finished job is reused (``force=True`` refits). One failing fit is recorded and the others go on.
 
@@ -21,8 +22,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -33,10 +32,11 @@ import numpy as np
 import pandas as pd
 
 from mmcli.pipeline.errors import InputError, MmcliError
+from mmcli.pipeline.io import atomic_write_text, atomic_write_with, write_json
 
-FUSIONS: tuple[str, ...] = ("concat", "gated", "attention", "cross_attention", "bilinear")
-FUSION_HEAD = "fusion_mlp"
+DEFAULT_HEAD = "fusion_mlp"
 SINGLE = "single"
+SINGLE_FUSION = "concat"  # what a single-modality fit of a fusing head runs with
 NO_FUSION = "-"
 DEFAULT_METRIC = {"classification": "auroc", "survival": "c_index"}
 JOB_FILE = "ablation_job.json"
@@ -55,14 +55,32 @@ class Job:
     fusion: str  # operator name, SINGLE, or NO_FUSION for heads without fusion operators
 
     @property
+    def fuses(self) -> bool:
+        return self.fusion != NO_FUSION
+
+    @property
     def name(self) -> str:
-        return f"{'+'.join(self.subset)}__{self.fusion if self.head == FUSION_HEAD else self.head}"
+        return f"{'+'.join(self.subset)}__{self.fusion if self.fuses else self.head}"
 
     def fit_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
         p = dict(params or {})
-        if self.head == FUSION_HEAD:
-            p["fusion"] = "concat" if self.fusion == SINGLE else self.fusion
+        if self.fuses:
+            p["fusion"] = SINGLE_FUSION if self.fusion == SINGLE else self.fusion
         return p
+
+
+def fusion_names() -> list[str]:
+    """The fusion operators, from the fusion registry (imports the fusion module, hence torch)."""
+    from mmcli.heads.fusion import FUSIONS
+
+    return FUSIONS.names()
+
+
+def takes_fusion(head: str) -> bool:
+    """Whether head ``head`` has a ``fusion`` parameter (from its parameter model, not its name)."""
+    from mmcli.heads import head_class
+
+    return "fusion" in head_class(head).param_names()
 
 
 def run_fit(**kwargs: Any) -> dict[str, Any]:
@@ -116,18 +134,23 @@ def enumerate_subsets(
 
 
 def plan_jobs(
-    subsets: Sequence[tuple[str, ...]], *, heads: Sequence[str] = (FUSION_HEAD,), fusions: Sequence[str] = FUSIONS,
+    subsets: Sequence[tuple[str, ...]], *, heads: Sequence[str] = (DEFAULT_HEAD,),
+    fusions: Sequence[str] | None = None,
 ) -> list[Job]:
-    """Jobs for every subset x head (x fusion operator for ``fusion_mlp`` subsets of 2+ modalities)."""
-    bad = [f for f in fusions if f not in FUSIONS]
+    """Jobs for every subset x head (x fusion operator for subsets of 2+ modalities of a fusing head);
+    ``fusions`` default: every registered operator."""
+    known = fusion_names()
+    fusions = known if fusions is None else list(fusions)
+    bad = [f for f in fusions if f not in known]
     if bad or not fusions:
-        raise InputError(f"unknown fusion operator(s) {bad or '(none given)'}; choose from {list(FUSIONS)}")
+        raise InputError(f"unknown fusion operator(s) {bad or '(none given)'}; choose from {known}")
     if not heads:
         raise InputError("ablation needs at least one head")
+    fusing = {h: takes_fusion(h) for h in dict.fromkeys(heads)}
     jobs = []
     for s in subsets:
         for h in heads:
-            if h != FUSION_HEAD:
+            if not fusing[h]:
                 jobs.append(Job(s, h, NO_FUSION))
             elif len(s) == 1:
                 jobs.append(Job(s, h, SINGLE))
@@ -160,18 +183,6 @@ def _row(job: Job, run_dir: Path, metric: str, result: dict[str, Any] | None, st
             "n_patients": (result or {}).get("n_patients"), "run_dir": str(run_dir), "status": status}
 
 
-def _write_atomic(path: Path, write: Callable[[str], None], suffix: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def ablate(
     store: str | Path,
     labels: str | Path,
@@ -181,8 +192,8 @@ def ablate(
     time: str | None = None,
     event: str | None = None,
     modalities: Sequence[str] | None = None,
-    fusions: Sequence[str] = FUSIONS,
-    heads: Sequence[str] = (FUSION_HEAD,),
+    fusions: Sequence[str] | None = None,
+    heads: Sequence[str] = (DEFAULT_HEAD,),
     encoders: dict[str, str] | None = None,
     folds: int = 5,
     seed: int = 0,
@@ -238,7 +249,7 @@ def ablate(
             rows.append(_row(job, run_dir, metric, cached, "reused"))
             continue
         (run_dir / JOB_FILE).unlink(missing_ok=True)
-        say(f"{prefix}: fitting {job.head}" + (f" ({job.fusion})" if job.head == FUSION_HEAD else ""))
+        say(f"{prefix}: fitting {job.head}" + (f" ({job.fusion})" if job.fuses else ""))
         try:
             result = run_fit(head=job.head, store=store, labels=labels, out=run_dir, target=target, time=time,
                              event=event, modalities=list(job.subset), encoders=encoders, folds=folds, seed=seed,
@@ -251,26 +262,20 @@ def ablate(
                 fh.write(f"== {job.name}\n{traceback.format_exc() if not isinstance(e, MmcliError) else detail}\n")
             rows.append(_row(job, run_dir, metric, None, f"failed: {detail}"))
             continue
-        (run_dir / JOB_FILE).write_text(json.dumps(spec, indent=2, default=str))
+        atomic_write_text(run_dir / JOB_FILE, json.dumps(spec, indent=2, default=str))
         row = _row(job, run_dir, metric, result, "ok")
         say(f"{prefix}: {metric} {row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
-    _write_atomic(out / "ablation.csv", lambda p: table.to_csv(p, index=False), ".csv")
+    # not write_csv: its formula escaping would turn the fusion label "-" into "'-"
+    atomic_write_with(out / "ablation.csv", lambda p: table.to_csv(p, index=False))
     from mmcli.stages.report.ablation import ablation_figure
 
-    _write_atomic(out / "ablation.png", lambda p: ablation_figure(table, metric).savefig(p, format="png"), ".png")
+    atomic_write_with(out / "ablation.png", lambda p: ablation_figure(table, metric).savefig(p, format="png"))
     summary = summarise(table, compare_best=compare_best, n_boot=n_boot, seed=seed)
-    _write_atomic(out / "ablation_summary.json",
-                  lambda p: Path(p).write_text(json.dumps(summary, indent=2, default=_json_default)), ".json")
+    write_json(out / "ablation_summary.json", summary, allow_nan=True)
     table.attrs["summary"] = summary
     return table
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
 
 
 def _best(table: pd.DataFrame) -> dict[str, Any] | None:
