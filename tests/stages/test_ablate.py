@@ -47,6 +47,8 @@ def test_max_subset_size_and_explicit_subsets() -> None:
 
 
 def test_plan_fits_singles_once_and_multimodal_subsets_per_fusion() -> None:
+    """The operator list is the fusion registry's (``ab.fusion_names()``, sorted), no longer a copied tuple."""
+    assert ab.fusion_names() == ["attention", "bilinear", "concat", "cross_attention", "gated"]
     jobs = ab.plan_jobs(ab.enumerate_subsets(["wsi", "genes", "text"]))
     assert len(jobs) == 3 + (3 + 1) * len(ab.fusion_names())
     singles = [j for j in jobs if len(j.subset) == 1]
