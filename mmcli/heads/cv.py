@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmcli.heads.base import RUN_PARAMS, Head, create_head
+from mmcli.heads.base import Head, create_head, head_class
 from mmcli.heads.data import Cohort
 from mmcli.heads.metrics import FoldPredictions, eval_times
 from mmcli.heads.targets import Target
@@ -83,9 +83,7 @@ class FoldResult:
 def head_params(head: str, target: Target, seed: int, params: dict[str, Any] | None) -> dict[str, Any]:
     """The head's parameters: the user's, plus task, classes and seed from the run."""
     params = dict(params or {})
-    fixed = set(RUN_PARAMS) & set(params)
-    if fixed:
-        raise InputError(f"parameters {sorted(fixed)} follow from the labels; do not set them.")
+    head_class(head).check_params(params)
     params.setdefault("seed", seed)
     return {"task": target.task, "n_classes": target.n_classes, **params}
 
