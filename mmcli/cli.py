@@ -394,7 +394,7 @@ def fit(
     from mmcli.stages.fit import fit as run_fit
     from mmcli.stages.fit import parse_encoders, parse_params
 
-    params = parse_params(param)
+    params = parse_params(param, head)
     if fusion:
         params["fusion"] = fusion
     res = run_fit(head, store, labels, out, target=target, time=time, event=event,
@@ -495,7 +495,8 @@ def ablate(
     table = run_ablate(
         store, labels, out, target=target, time=time, event=event, modalities=_csv_list(modalities),
         fusions=tuple(_csv_list(fusions) or ()), heads=tuple(_csv_list(heads) or ()),
-        encoders=parse_encoders(encoder) or None, folds=folds, seed=seed, params=parse_params(param) or None,
+        encoders=parse_encoders(encoder) or None, folds=folds, seed=seed,
+        params=parse_params(param, _csv_list(heads) or ()) or None,
         max_subset_size=max_subset_size, subsets=parse_subsets(subsets) if subsets else None, metric=metric,
         force=force, compare_best=not no_compare, n_boot=n_boot, drop_unmatched=not keep_unmatched,
         echo=_say)

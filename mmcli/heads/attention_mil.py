@@ -18,7 +18,7 @@ from mmcli.heads.base import register_head
 from mmcli.heads.data import Cohort, pad_bags
 from mmcli.heads.modules import GatedAttention, StandardisedEmbed
 from mmcli.heads.preprocess import InstanceScaler
-from mmcli.heads.torch_base import TorchHead
+from mmcli.heads.torch_base import TorchHead, TorchParams
 from mmcli.pipeline.errors import InputError
 
 
@@ -40,16 +40,11 @@ class ABMIL(nn.Module):
 
 @register_head("attention_mil")
 class AttentionMILHead(TorchHead):
-    """Gated attention MIL; see :class:`~mmcli.heads.torch_base.TorchHead` for the shared parameters."""
+    """Gated attention MIL over one bag modality; parameters: :class:`~mmcli.heads.torch_base.TorchParams`."""
 
-    def __init__(
-        self, task: str = "binary", n_classes: int = 2, seed: int = 0, hidden: int = 64, attn_dim: int = 32,
-        dropout: float = 0.25, epochs: int = 30, batch_size: int = 32, lr: float = 1e-3,
-        weight_decay: float = 1e-4, loss: str = "ce", focal_gamma: float = 2.0,
-        class_weight: str | None = "balanced", max_instances: int = 512, n_threads: int = 1, device: str = "cpu",
-    ) -> None:
-        super().__init__(task, n_classes, seed, hidden, attn_dim, dropout, epochs, batch_size, lr, weight_decay,
-                         loss, focal_gamma, class_weight, max_instances, n_threads, device)
+    Params = TorchParams
+    input_kind = "bag"
+    needs_every_modality = True  # a patient without its bag has nothing to attend to
 
     def _check_modalities(self, X: Cohort) -> None:
         kinds = {n: m.spec.kind for n, m in X.modalities.items()}
@@ -83,7 +78,7 @@ class AttentionMILHead(TorchHead):
 
     def attention(self, X: Cohort) -> dict[str, list[np.ndarray | None]]:
         """Each patient's attention over its bag's instances (order: items by item_id, rows in order)."""
-        X = self._aligned(X)
+        X = self.align(X)
         m = X.modalities[self._bag_name]
         assert m.bags is not None
         _, extras, _ = self._run(X)

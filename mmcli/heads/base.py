@@ -14,26 +14,62 @@ Conventions (all heads):
 """
 from __future__ import annotations
 
-import inspect
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, ValidationError
 
 from mmcli import __version__
-from mmcli.heads.data import Cohort, ModalitySpec
+from mmcli.heads.data import BAG_MODALITIES, Cohort, ModalitySpec
 from mmcli.heads.preprocess import InstanceScaler, VectorPreprocessor, load_preprocessors, save_preprocessors
 from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.io import write_json
+from mmcli.pipeline.options import Options, explain
+from mmcli.pipeline.registry import Registry
 
 TASKS = ("binary", "multiclass", "survival")
 CONFIG = "config.json"
+RUN_PARAMS = ("task", "n_classes")  # follow from the labels; a user never sets them
 
 H = TypeVar("H", bound="Head")
-_REGISTRY: dict[str, type[Head]] = {}
+
+HEADS: Registry[type[Head]] = Registry("head", flag="--head")
+# built-in heads: each name imports only its own module (xgboost never pulls in torch)
+for _name, _module in (("attention_mil", "mmcli.heads.attention_mil"), ("cox", "mmcli.heads.cox"),
+                       ("fusion_mlp", "mmcli.heads.fusion_mlp"), ("xgboost", "mmcli.heads.xgboost_head")):
+    HEADS.lazy(_name, _module)
+
+
+class HeadParams(Options):
+    """Parameters every head has; each head subclasses this with its own (``--param KEY=VALUE``)."""
+
+    flag_prefix: str = "--param "
+    task: Literal["binary", "multiclass", "survival"] = Field(
+        "binary", description="binary | multiclass | survival (set from the labels)")
+    n_classes: int = Field(2, ge=0, description="number of classes, >= 2 (set from the labels; 0 for survival)")
+    seed: int = Field(0, ge=0, description="random seed of weights, shuffling and sampling, >= 0")
+
+    @classmethod
+    def validate_params(cls, given: Mapping[str, Any], *, head: str, context: str = "") -> HeadParams:
+        """Validate ``given`` (``None`` is a value here, e.g. ``class_weight=None``); InputError naming the key."""
+        valid = cls.fields()
+        bad = sorted(set(given) - set(valid))
+        where = f"{context}: " if context else ""
+        if bad:
+            raise InputError(f"{where}head {head!r} has no parameter(s) {bad}. Fix: use some of {valid}.")
+        try:
+            return cls.model_validate(dict(given))
+        except ValidationError as e:
+            raise InputError(explain(e, cls, context or f"head {head!r}")) from None
+
+    def values(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.fields()}
 
 
 def survival_target(time: np.ndarray, event: np.ndarray) -> np.ndarray:
@@ -47,29 +83,66 @@ def survival_target(time: np.ndarray, event: np.ndarray) -> np.ndarray:
 class Head(ABC):
     """Base class: validation at the edges, survival baseline, save/load; subclasses do the modelling.
 
-    Args:
-        task: ``binary``, ``multiclass`` or ``survival``.
-        n_classes: number of classes (classification; ignored for survival).
-        seed: random seed (weights init, shuffling, sampling); a fixed seed gives identical results.
+    Parameters are keyword arguments validated by the head's :attr:`Params` model (ranges, choices, units in
+    its field descriptions) and set as attributes (scikit-learn style). Every head has ``task``, ``n_classes``
+    and ``seed`` (see :class:`HeadParams`).
+
+    Policy (class attributes, read by the stages so that no stage branches on a head's name):
+
+    * :attr:`tasks`: the tasks the head supports.
+    * :attr:`input_kind`: ``"bag"`` = the instances of one bag modality (WSI tiles); ``"vector"`` = one vector
+      per patient and modality (bags mean-pooled); ``"mixed"`` = bags as instances and vectors as they are.
+    * :attr:`needs_every_modality`: a patient must have every modality the head uses (else: at least one).
     """
 
     name: ClassVar[str] = ""
+    Params: ClassVar[type[HeadParams]] = HeadParams
     tasks: ClassVar[tuple[str, ...]] = TASKS
+    input_kind: ClassVar[Literal["bag", "vector", "mixed"]] = "vector"
+    needs_every_modality: ClassVar[bool] = False
+    task: str
+    n_classes: int
+    seed: int
 
-    def __init__(self, task: str = "binary", n_classes: int = 2, seed: int = 0) -> None:
-        self.task = task
-        self.n_classes = n_classes
-        self.seed = seed
+    def __init__(self, **params: Any) -> None:
+        for k, v in self.Params.validate_params(params, head=self.name).values().items():
+            setattr(self, k, v)
 
     # ---- parameters (scikit-learn style) ----------------------------------------------------------------
     @classmethod
     def param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        return [p for p, v in sig.parameters.items() if p != "self" and v.kind == kind]
+        return cls.Params.fields()
 
     def get_params(self) -> dict[str, Any]:
         return {p: getattr(self, p) for p in self.param_names()}
+
+    @classmethod
+    def check_params(cls, given: Mapping[str, Any], *, context: str = "") -> None:
+        """Validate user parameters before any work: unknown keys, bad values, and the ones the labels set."""
+        fixed = sorted(set(RUN_PARAMS) & set(given))
+        if fixed:
+            raise InputError(f"parameters {fixed} follow from the labels; do not set them.")
+        cls.Params.validate_params(given, head=cls.name, context=context)
+
+    # ---- policy -----------------------------------------------------------------------------------------
+    @classmethod
+    def default_modalities(cls, modalities: Sequence[str], tables: Sequence[str], where: Any = "the store"
+                           ) -> list[str]:
+        """What the head uses when ``--modalities`` is not given: one bag modality for a bag head, else every
+        store modality and table."""
+        if cls.input_kind != "bag":
+            return [*modalities, *tables]
+        bags = [m for m in modalities if m in BAG_MODALITIES]
+        if not bags:
+            raise InputError(f"{where}: {cls.name} needs a bag modality and the store has none of "
+                             f"{sorted(BAG_MODALITIES)}. Fix: pass --modalities with one of {list(modalities)}.")
+        return bags[:1]
+
+    @classmethod
+    def usable_patients(cls, presence: np.ndarray) -> np.ndarray:
+        """(n,) bool: the patients of a ``(n, M)`` presence matrix the head can fit or score."""
+        presence = np.asarray(presence, dtype=bool)
+        return presence.all(axis=1) if cls.needs_every_modality else presence.any(axis=1)
 
     @property
     def is_survival(self) -> bool:
@@ -92,7 +165,7 @@ class Head(ABC):
 
     def predict(self, X: Cohort) -> np.ndarray:
         """Class probabilities (n, n_classes), or survival risk (n,) (higher = shorter survival)."""
-        return self._predict(self._aligned(X))
+        return self._predict(self.align(X))
 
     def predict_proba(self, X: Cohort) -> np.ndarray:
         if self.is_survival:
@@ -150,25 +223,31 @@ class Head(ABC):
         if self.task != "survival" and self.n_classes < 2:
             raise InputError(f"classification needs >= 2 classes, got {self.n_classes}")
 
-    def _aligned(self, X: Cohort) -> Cohort:
-        """``X`` restricted to the model's modalities, in the model's order; mismatches raise InputError."""
+    def align(self, X: Cohort) -> Cohort:
+        """``X`` restricted to the model's modalities, in the model's order, table columns in the model's order.
+
+        The one model-vs-data compatibility check (``predict`` relies on it): a missing modality, another
+        encoder, another feature dim or missing table columns raise InputError naming the fix.
+        """
         if not hasattr(self, "spec_"):
             raise RuntimeError(f"{type(self).__name__} is not fitted")
+        out = {}
         for spec in self.spec_:
             if spec.name not in X.modalities:
                 raise InputError(f"the model needs modality {spec.name!r}; the data has {X.names}")
-            got = X.modalities[spec.name].spec
+            m = X.modalities[spec.name]
+            got = m.spec
             if got.encoder_id != spec.encoder_id:
                 raise InputError(f"modality {spec.name!r}: the model was fit on encoder_id {spec.encoder_id!r}, "
                                  f"the data comes from {got.encoder_id!r}. Fix: extract with the model's encoder.")
-            if got.dim != spec.dim and X.modalities[spec.name].present.any():
-                raise InputError(f"modality {spec.name!r}: feature dim mismatch, the model expects "
-                                 f"{spec.dim}, found {got.dim}. Fix: use features from the model's encoder.")
             if spec.columns is not None and got.columns is not None and tuple(got.columns) != spec.columns:
-                raise InputError(f"table {spec.name!r}: columns differ from the model's "
-                                 f"(missing {sorted(set(spec.columns) - set(got.columns))[:10]}, "
-                                 f"extra {sorted(set(got.columns) - set(spec.columns))[:10]}).")
-        return X.select([s.name for s in self.spec_])
+                m = _reorder_columns(m, spec)
+            elif got.dim != spec.dim and m.present.any():
+                raise InputError(f"modality {spec.name!r}: feature dim mismatch, the model expects "
+                                 f"{spec.dim}, found {got.dim}. Fix: use features from the model's encoder"
+                                 f"{f' ({spec.encoder_id})' if spec.encoder_id else ''}.")
+            out[spec.name] = m
+        return Cohort(list(X.patients), out, X.features_sha256)
 
     # ---- persistence ------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -186,17 +265,25 @@ class Head(ABC):
             config["baseline"] = self.baseline_.to_json()
         self._save(path)
         save_preprocessors(path, self.preprocessors_)
-        (path / CONFIG).write_text(json.dumps(config, indent=2, default=_json_default))
+        write_json(path / CONFIG, config)
         return path
 
     @classmethod
     def load(cls: type[H], path: str | Path) -> H:
-        """Load a head saved by :meth:`save` (use :func:`load_head` when the head class is not known)."""
+        """Load a head saved by :meth:`save` (use :func:`load_head` when the head class is not known).
+
+        The saved parameters are validated again: an edited bad value is an InputError naming the file."""
         path = Path(path)
         config = read_model_config(path)
         if config.get("head") != cls.name:
             raise InputError(f"{path}: holds a {config.get('head')!r} model, not {cls.name!r}")
-        self = cls(**config["params"])
+        f = path / CONFIG
+        try:
+            self = cls(**cls.Params.validate_params(config.get("params") or {}, head=cls.name,
+                                                    context=f"{f} \"params\"").values())
+        except InputError as e:
+            raise InputError(f"{e}. Fix: restore that value in {f} (it is what `mmcli fit` saved), or refit "
+                             "the model.") from None
         self.spec_ = [ModalitySpec.from_json(s) for s in config["modalities"]]
         self.fitted_patients_ = []
         self.preprocessors_ = load_preprocessors(path)
@@ -206,12 +293,18 @@ class Head(ABC):
         return self
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+def _reorder_columns(m: Any, spec: ModalitySpec) -> Any:
+    """Table modality ``m`` with its columns in the model's order (extra columns dropped); missing ones refused."""
+    assert spec.columns is not None and m.vectors is not None
+    got = list(m.spec.columns or ())
+    missing = [c for c in spec.columns if c not in got]
+    if missing:
+        raise InputError(f"table {spec.name!r} lacks the model's columns {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}. Fix: ingest the same table layout.")
+    pos = {c: i for i, c in enumerate(got)}
+    vectors = m.vectors[:, [pos[c] for c in spec.columns]]
+    return replace(m, spec=replace(m.spec, dim=len(spec.columns), columns=tuple(spec.columns)), vectors=vectors,
+                   present=~np.isnan(vectors).all(axis=1))
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
@@ -274,45 +367,32 @@ class BreslowBaseline:
 
 
 # ---- registry ------------------------------------------------------------------------------------------------
-def register_head(name: str) -> Callable[[type[H]], type[H]]:
-    """Class decorator: make a head available as ``--head NAME``."""
+def register_head(name: str, **meta: Any) -> Callable[[type[H]], type[H]]:
+    """Class decorator: make a head available as ``--head NAME`` (its policy is read from the class)."""
 
     def deco(cls: type[H]) -> type[H]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"head {name!r} registered twice")
         cls.name = name
-        _REGISTRY[name] = cls
+        HEADS.add(name, cls, tasks=cls.tasks, input_kind=cls.input_kind, **meta)
         return cls
 
     return deco
 
 
 def list_heads() -> list[str]:
-    _import_builtin()
-    return sorted(_REGISTRY)
+    return HEADS.names()
 
 
 def head_class(name: str) -> type[Head]:
-    _import_builtin()
-    if name not in _REGISTRY:
-        raise InputError(f"unknown head {name!r}. Fix: choose one of {sorted(_REGISTRY)}.")
-    return _REGISTRY[name]
+    """The class of head ``name``, importing only the module that defines it."""
+    return HEADS.get(name)
 
 
 def create_head(name: str, **params: Any) -> Head:
-    """Instantiate head ``name`` with ``params``; unknown parameters are an InputError listing the valid ones."""
-    cls = head_class(name)
-    valid = cls.param_names()
-    bad = sorted(set(params) - set(valid))
-    if bad:
-        raise InputError(f"head {name!r} has no parameter(s) {bad}. Fix: use some of {valid}.")
-    return cls(**params)
+    """Instantiate head ``name`` with ``params``, validated by its :attr:`Head.Params` model (unknown parameters
+    are an InputError listing the valid ones)."""
+    return head_class(name)(**params)
 
 
 def load_head(path: str | Path) -> Head:
     """Load any saved head: the class comes from ``config.json``'s ``head``."""
     return head_class(read_model_config(path).get("head", "")).load(path)
-
-
-def _import_builtin() -> None:
-    import mmcli.heads  # noqa: F401  (importing the package registers the built-in heads)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
-from mmcli.heads.base import Head, register_head
+from mmcli.heads.base import Head, HeadParams, register_head
 from mmcli.heads.data import Cohort
 from mmcli.heads.preprocess import VectorPreprocessor
 from mmcli.pipeline.errors import InputError
@@ -23,22 +25,27 @@ from mmcli.pipeline.errors import InputError
 COEFS = "cox.json"
 
 
+class CoxParams(HeadParams):
+    """Penalised Cox settings (lifelines' names)."""
+
+    task: Literal["binary", "multiclass", "survival"] = Field(
+        "survival", description="survival (set from the labels; the cox head is for survival only)")
+    n_classes: int = Field(0, ge=0, description="0 for survival (set from the labels)")
+    penalizer: float = Field(0.1, ge=0.0, description="shrinkage strength of the coefficients, >= 0")
+    l1_ratio: float = Field(0.0, ge=0.0, le=1.0, description="elastic net mix: 0 = ridge, 1 = lasso, 0 <= x <= 1")
+    n_components: int = Field(8, ge=1, description="principal components kept per modality, >= 1")
+
+
 @register_head("cox")
 class CoxHead(Head):
-    """Penalised Cox proportional hazards (survival only).
+    """Penalised Cox proportional hazards (survival only); parameters: :class:`CoxParams`."""
 
-    Args:
-        penalizer: lifelines' penalizer (shrinkage strength).
-        l1_ratio: 0 = ridge, 1 = lasso (lifelines' elastic net mix).
-        n_components: principal components kept per modality.
-    """
-
+    Params = CoxParams
     tasks = ("survival",)
-
-    def __init__(self, task: str = "survival", n_classes: int = 0, seed: int = 0, penalizer: float = 0.1,
-                 l1_ratio: float = 0.0, n_components: int = 8) -> None:
-        super().__init__(task, n_classes, seed)
-        self.penalizer, self.l1_ratio, self.n_components = penalizer, l1_ratio, n_components
+    input_kind = "vector"
+    penalizer: float
+    l1_ratio: float
+    n_components: int
 
     def _check_task(self) -> None:
         if self.task != "survival":

@@ -14,30 +14,53 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
-from mmcli.heads.base import Head, create_head
+from mmcli.heads.base import Head, create_head, head_class
 from mmcli.heads.data import Cohort
 from mmcli.heads.metrics import FoldPredictions, eval_times
 from mmcli.heads.targets import Target
 from mmcli.pipeline.errors import InputError
 
 
-def make_splits(target: Target, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train_idx, test_idx) per fold, indices into ``target.patients``."""
+def check_folds(target: Target, folds: int, *, after: str = "") -> None:
+    """Refuse a target that ``folds``-fold patient-level CV cannot split: every class (survival: the events, and
+    the censored patients if any) needs ``folds`` patients so each test fold holds one, and every training
+    fold needs 2 patients. ``after`` qualifies the patient count in messages (e.g. " left after ...")."""
     if folds < 2:
         raise InputError(f"--folds must be >= 2, got {folds}.")
-    strata = target.strata()
-    values, counts = np.unique(strata, return_counts=True)
-    names = target.classes if target.classes else ["censored", "event"]
-    small = {names[int(v)]: int(c) for v, c in zip(values, counts) if c < folds}
+    n = len(target.patients)
+    if target.task == "survival":
+        if n < 2 * folds:
+            raise InputError(f"{target.source}: {n} patient(s){after}; {folds}-fold CV needs at least "
+                             f"{2 * folds} so that every training fold has 2. Fix: lower --folds or add patients.")
+        n_events = int(target.y["event"].sum())
+        if n_events < folds:
+            raise InputError(f"{target.source}: {n_events} observed event(s) in column {target.event!r} among the "
+                             f"{n} patients{after}; {folds}-fold CV needs at least {folds}. "
+                             "Fix: lower --folds or add patients with events.")
+        if 0 < n - n_events < folds:  # folds are stratified by the event indicator
+            raise InputError(f"{target.source}: event group sizes {{'censored': {n - n_events}}} are smaller than "
+                             f"--folds {folds}, so some test folds would miss them. Fix: lower --folds or add "
+                             "patients.")
+        return
+    assert target.classes is not None
+    counts = np.bincount(np.asarray(target.y, dtype=int), minlength=len(target.classes))
+    small = {c: int(k) for c, k in zip(target.classes, counts) if k < folds}
     if small:
-        what = "class" if target.classes else "event group"
-        raise InputError(f"{target.source}: {what} sizes {small} are smaller than --folds {folds}, so some test "
-                         f"folds would miss them. Fix: lower --folds or add patients.")
+        raise InputError(f"{target.source}: class sizes {small} in column {target.target!r} among the {n} "
+                         f"patients{after} are smaller than --folds {folds}. Fix: lower --folds, add "
+                         "patients, or merge rare classes.")
+
+
+def make_splits(target: Target, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train_idx, test_idx) per fold, indices into ``target.patients`` (checked by :func:`check_folds`)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    check_folds(target, folds)
     sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     groups = np.asarray(target.patients)
-    return [(np.asarray(tr), np.asarray(te)) for tr, te in sgkf.split(np.zeros(len(groups)), strata, groups)]
+    return [(np.asarray(tr), np.asarray(te)) for tr, te in sgkf.split(np.zeros(len(groups)), target.strata(),
+                                                                        groups)]
 
 
 @dataclass
@@ -60,9 +83,7 @@ class FoldResult:
 def head_params(head: str, target: Target, seed: int, params: dict[str, Any] | None) -> dict[str, Any]:
     """The head's parameters: the user's, plus task, classes and seed from the run."""
     params = dict(params or {})
-    fixed = {"task", "n_classes"} & set(params)
-    if fixed:
-        raise InputError(f"parameters {sorted(fixed)} follow from the labels; do not set them.")
+    head_class(head).check_params(params)
     params.setdefault("seed", seed)
     return {"task": target.task, "n_classes": target.n_classes, **params}
 

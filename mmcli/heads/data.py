@@ -19,7 +19,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -98,7 +98,6 @@ class Cohort:
     patients: list[str]
     modalities: dict[str, ModalityData]
     features_sha256: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.patients)
@@ -113,15 +112,14 @@ class Cohort:
     def subset(self, idx: Sequence[int] | np.ndarray) -> Cohort:
         idx = np.asarray(idx, dtype=int)
         return Cohort([self.patients[i] for i in idx], {k: m.subset(idx) for k, m in self.modalities.items()},
-                      self.features_sha256, dict(self.meta))
+                      self.features_sha256)
 
     def select(self, names: Sequence[str]) -> Cohort:
         """The same patients with only modalities ``names`` (in that order)."""
         missing = [n for n in names if n not in self.modalities]
         if missing:
             raise InputError(f"modalities {missing} are not loaded (loaded: {self.names})")
-        return Cohort(list(self.patients), {n: self.modalities[n] for n in names}, self.features_sha256,
-                      dict(self.meta))
+        return Cohort(list(self.patients), {n: self.modalities[n] for n in names}, self.features_sha256)
 
     def presence(self) -> np.ndarray:
         """(n, M) bool: modality m present for patient i."""

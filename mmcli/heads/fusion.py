@@ -7,7 +7,6 @@ contributes to the fused vector. What the weights mean depends on the operator (
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from itertools import combinations
 
 import torch
@@ -15,16 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcli.heads.modules import MASK_FILL, GatedAttention
+from mmcli.pipeline.registry import Registry
 
-FUSIONS: dict[str, type[nn.Module]] = {}
-
-
-def register_fusion(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    def deco(cls: type[nn.Module]) -> type[nn.Module]:
-        FUSIONS[name] = cls
-        return cls
-
-    return deco
+FUSIONS: Registry[type[nn.Module]] = Registry("fusion", flag="--fusion")
+register_fusion = FUSIONS.register
 
 
 def _normalise(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,11 @@
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from mmcli.heads.base import register_head
@@ -24,10 +25,8 @@ from mmcli.heads.data import Cohort, pad_bags
 from mmcli.heads.fusion import FUSIONS
 from mmcli.heads.modules import GatedAttention, MeanPool, StandardisedEmbed, mlp_embed
 from mmcli.heads.preprocess import InstanceScaler, VectorPreprocessor
-from mmcli.heads.torch_base import TorchHead
+from mmcli.heads.torch_base import TorchHead, TorchParams
 from mmcli.pipeline.errors import InputError
-
-POOLS = ("attention", "mean")
 
 
 class FusionNet(nn.Module):
@@ -45,7 +44,7 @@ class FusionNet(nn.Module):
             (GatedAttention(hidden, attn_dim) if pool == "attention" else MeanPool()) if k == "bag" else nn.Identity()
             for k in kinds
         ])
-        self.fusion = FUSIONS[fusion](len(kinds), hidden, attn_dim=attn_dim, dropout=dropout, n_heads=n_heads,
+        self.fusion = FUSIONS.get(fusion)(len(kinds), hidden, attn_dim=attn_dim, dropout=dropout, n_heads=n_heads,
                                       bilinear_dim=bilinear_dim)
         M = len(kinds)
         self.head = nn.Sequential(nn.Linear(hidden + M, hidden), nn.ReLU(), nn.Dropout(dropout),
@@ -71,40 +70,62 @@ class FusionNet(nn.Module):
         return self.head(torch.cat([fused, present], 1)), w, atts
 
 
+def _fusion_choices() -> str:
+    return " | ".join(FUSIONS.names())
+
+
+class FusionMLPParams(TorchParams):
+    """:class:`~mmcli.heads.torch_base.TorchParams` (smaller defaults) plus the fusion settings."""
+
+    hidden: int = Field(32, ge=1, description="embedding size (units per layer), >= 1")
+    epochs: int = Field(40, ge=1, description="passes over the training patients (fixed: no inner validation "
+                        "split, which small cohorts cannot afford), >= 1")
+    max_instances: int = Field(256, ge=1, description="per bag and training step, at most this many random "
+                               "instances (tiles; all of them at inference), >= 1")
+    fusion: str = Field("concat", description=f"fusion operator: {_fusion_choices()}")
+    pool: Literal["attention", "mean"] = Field("attention", description="how WSI bags are pooled: attention "
+                                               "(gated) | mean")
+    modality_dropout: float = Field(0.25, ge=0.0, lt=1.0, description="probability of hiding a present modality "
+                                    "per patient and training step, 0 <= p < 1")
+    n_heads: int = Field(2, ge=1, description="attention heads of cross_attention, >= 1, dividing hidden")
+    bilinear_dim: int = Field(8, ge=1, description="low projection size (units) of bilinear (pairwise Kronecker "
+                              "of (d+1)-vectors), >= 1")
+    n_components: int | None = Field(32, ge=1, description="in-fold PCA size of vector modalities (MRI, text, "
+                                     "tables) wider than this, >= 1; null = no PCA")
+
+    @field_validator("fusion")
+    @classmethod
+    def _known_fusion(cls, v: str) -> str:
+        if v not in FUSIONS:
+            raise ValueError(f"unknown fusion {v!r}")
+        return v
+
+    @field_validator("n_heads")
+    @classmethod
+    def _heads_divide_hidden(cls, v: int, info: ValidationInfo) -> int:
+        hidden = info.data.get("hidden")
+        if info.data.get("fusion") == "cross_attention" and hidden and hidden % v:
+            raise ValueError(f"cross_attention needs hidden ({hidden}) divisible by n_heads ({v})")
+        return v
+
+
 @register_head("fusion_mlp")
 class FusionMLPHead(TorchHead):
-    """Multimodal fusion MLP; shared parameters as in :class:`~mmcli.heads.torch_base.TorchHead`, plus:
+    """Multimodal fusion MLP; parameters: :class:`FusionMLPParams`.
 
-    Args:
-        fusion: ``concat``, ``gated``, ``attention``, ``cross_attention`` or ``bilinear``.
-        pool: how WSI bags are pooled: ``attention`` (gated) or ``mean``.
-        modality_dropout: probability of hiding a present modality per patient and training step.
-        n_heads: heads of ``cross_attention``.
-        bilinear_dim: low projection size of ``bilinear`` (pairwise Kronecker of (d+1)-vectors).
-        n_components: in-fold PCA size of vector modalities (MRI, text, tables) wider than this; None = no PCA.
-            Encoder outputs have hundreds of dimensions and cohorts often only ~100 patients: projecting the raw
-            vectors lets the net overfit noise dimensions, while a training-fold PCA keeps the dominant ones.
+    ``n_components``: encoder outputs have hundreds of dimensions and cohorts often only ~100 patients:
+    projecting the raw vectors lets the net overfit noise dimensions, while a training-fold PCA keeps the
+    dominant ones.
     """
 
-    def __init__(
-        self, task: str = "binary", n_classes: int = 2, seed: int = 0, hidden: int = 32, attn_dim: int = 32,
-        dropout: float = 0.25, epochs: int = 40, batch_size: int = 32, lr: float = 1e-3,
-        weight_decay: float = 1e-4, loss: str = "ce", focal_gamma: float = 2.0,
-        class_weight: str | None = "balanced", max_instances: int = 256, n_threads: int = 1, device: str = "cpu",
-        fusion: str = "concat", pool: str = "attention", modality_dropout: float = 0.25, n_heads: int = 2,
-        bilinear_dim: int = 8, n_components: int | None = 32,
-    ) -> None:
-        super().__init__(task, n_classes, seed, hidden, attn_dim, dropout, epochs, batch_size, lr, weight_decay,
-                         loss, focal_gamma, class_weight, max_instances, n_threads, device)
-        self.fusion, self.pool, self.modality_dropout = fusion, pool, modality_dropout
-        self.n_heads, self.bilinear_dim, self.n_components = n_heads, bilinear_dim, n_components
-
-    def _check_modalities(self, X: Cohort) -> None:
-        super()._check_modalities(X)
-        if self.fusion not in FUSIONS:
-            raise InputError(f"unknown fusion {self.fusion!r}. Fix: choose one of {sorted(FUSIONS)}.")
-        if self.pool not in POOLS:
-            raise InputError(f"unknown pool {self.pool!r}. Fix: choose one of {list(POOLS)}.")
+    Params = FusionMLPParams
+    input_kind = "mixed"
+    fusion: str
+    pool: str
+    modality_dropout: float
+    n_heads: int
+    bilinear_dim: int
+    n_components: int | None
 
     def _fit_preprocessing(self, X: Cohort) -> None:
         for name, m in X.modalities.items():
@@ -166,7 +187,7 @@ class FusionMLPHead(TorchHead):
 
     def modality_weights(self, X: Cohort) -> dict[str, float]:
         """Mean operator weight of each modality over the patients that have it, normalised to sum 1."""
-        X = self._aligned(X)
+        X = self.align(X)
         _, extras, _ = self._run(X)
         w = np.zeros((len(X), len(self.spec_)))
         for extra in extras:
@@ -180,7 +201,7 @@ class FusionMLPHead(TorchHead):
         """Tile attention of each bag modality (``pool="attention"`` only)."""
         if self.pool != "attention" or not any(s.kind == "bag" for s in self.spec_):
             return None
-        X = self._aligned(X)
+        X = self.align(X)
         _, extras, _ = self._run(X)
         out: dict[str, list[np.ndarray | None]] = {}
         for k, spec in enumerate(self.spec_):

@@ -6,10 +6,12 @@ lifelines or scikit-survival has a differentiable Cox partial likelihood.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
-from sklearn.utils.class_weight import compute_class_weight
+
+if TYPE_CHECKING:  # torch is imported by the losses only: the xgboost head uses class_weights without torch
+    import torch
 
 
 def class_weights(y: np.ndarray, n_classes: int, mode: str | None = "balanced") -> np.ndarray:
@@ -22,6 +24,8 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str | None = "balanced") 
         return w
     if mode != "balanced":
         raise ValueError(f"class_weight must be 'balanced' or None, got {mode!r}")
+    from sklearn.utils.class_weight import compute_class_weight
+
     present = np.unique(y)
     w[present] = compute_class_weight("balanced", classes=present, y=y).astype(np.float32)
     return w
@@ -37,6 +41,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
         gamma: focusing parameter; 0 gives (weighted) cross-entropy.
         weight: (K,) class weights (the alpha term).
     """
+    import torch.nn.functional as F
+
     logp = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
     loss = -((1.0 - logp.exp()) ** gamma) * logp
     if weight is None:
@@ -56,6 +62,8 @@ def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> 
     The risk set of subject i is every subject with ``time >= time_i`` (ties share one risk set). A batch
     without events carries no information and gives a zero loss that keeps the graph connected.
     """
+    import torch
+
     risk = risk.reshape(-1)
     event = event.reshape(-1).to(risk.dtype)
     if event.sum() == 0:

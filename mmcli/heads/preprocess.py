@@ -9,15 +9,23 @@ audits (and tests) use it to prove a fold's preprocessing never saw that fold's 
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.impute import SimpleImputer
-from sklearn.preprocessing import StandardScaler
+
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.io import write_json
+from mmcli.pipeline.registry import Registry
+
+# scikit-learn is imported where a preprocessor is fit: loading a model and transforming need numpy only
+
+PREPROCESSORS: Registry[type] = Registry("preprocessor", flag="preprocess.json \"type\"")
 
 
+@PREPROCESSORS.register("vector")
 class VectorPreprocessor:
     """Median imputation -> standardisation -> optional PCA, for per-patient feature vectors.
 
@@ -36,6 +44,10 @@ class VectorPreprocessor:
 
     def fit(self, X: np.ndarray, patients: Sequence[str]) -> VectorPreprocessor:
         """Fit on rows ``X`` (n, D) of ``patients`` (NaN = missing value)."""
+        from sklearn.decomposition import PCA
+        from sklearn.impute import SimpleImputer
+        from sklearn.preprocessing import StandardScaler
+
         X = np.asarray(X, dtype=np.float64)
         if len(X) != len(patients):
             raise ValueError(f"{len(X)} rows but {len(patients)} patient ids")
@@ -84,6 +96,7 @@ class VectorPreprocessor:
         return self
 
 
+@PREPROCESSORS.register("instance")
 class InstanceScaler:
     """Per-feature standardisation of bag instances (tiles), fit on the training bags' instances.
 
@@ -101,6 +114,8 @@ class InstanceScaler:
         self.scale_: np.ndarray | None = None
 
     def fit(self, bags: Sequence[np.ndarray | None], patients: Sequence[str]) -> InstanceScaler:
+        from sklearn.preprocessing import StandardScaler
+
         rng = np.random.default_rng(self.seed)
         scaler = StandardScaler()
         used = []
@@ -129,14 +144,8 @@ class InstanceScaler:
         return self
 
 
-PREPROCESSORS: dict[str, type] = {"vector": VectorPreprocessor, "instance": InstanceScaler}
-
-
 def save_preprocessors(path: Any, preps: dict[str, VectorPreprocessor | InstanceScaler]) -> None:
     """Write ``preprocess.json`` (metadata) and ``preprocess.safetensors`` (arrays ``<name>/<array>``)."""
-    import json
-    from pathlib import Path
-
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -146,22 +155,24 @@ def save_preprocessors(path: Any, preps: dict[str, VectorPreprocessor | Instance
         meta[name] = m
         for k, v in arrays.items():
             tensors[f"{name}/{k}"] = np.ascontiguousarray(v)
-    (path / "preprocess.json").write_text(json.dumps(meta, indent=2))
+    write_json(path / "preprocess.json", meta)
     if tensors:
         save_file(tensors, str(path / "preprocess.safetensors"))
 
 
 def load_preprocessors(path: Any) -> dict[str, VectorPreprocessor | InstanceScaler]:
-    import json
-    from pathlib import Path
-
     from safetensors.numpy import load_file
 
     path = Path(path)
-    meta = json.loads((path / "preprocess.json").read_text())
+    f = path / "preprocess.json"
+    meta = json.loads(f.read_text())
     tensors = load_file(str(path / "preprocess.safetensors")) if (path / "preprocess.safetensors").exists() else {}
     out: dict[str, Any] = {}
     for name, m in meta.items():
         arrays = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == name}
-        out[name] = PREPROCESSORS[m["type"]].from_state(m, arrays)
+        try:
+            cls = PREPROCESSORS.get(m.get("type", ""))
+        except InputError as e:
+            raise InputError(f"{f}: modality {name!r}: {e}") from None
+        out[name] = cls.from_state(m, arrays)
     return out

@@ -5,21 +5,22 @@ import contextlib
 from abc import abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from scipy.special import softmax
 from torch import nn
 
-from mmcli.heads.base import Head
+from mmcli.heads.base import Head, HeadParams
 from mmcli.heads.data import Cohort
 from mmcli.heads.losses import class_weights, cox_ph_loss, focal_loss
 
 WEIGHTS = "weights.safetensors"
-LOSSES = ("ce", "focal")
+DEVICE_PATTERN = r"^(cpu|auto|mps|cuda(:[0-9]+)?)$"
 
 
 @contextlib.contextmanager
@@ -44,37 +45,50 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class TorchParams(HeadParams):
+    """Parameters shared by the torch heads (defaults as for ``attention_mil``; other heads override some)."""
+
+    hidden: int = Field(64, ge=1, description="embedding size (units per layer), >= 1")
+    attn_dim: int = Field(32, ge=1, description="hidden size of the attention networks (units), >= 1")
+    dropout: float = Field(0.25, ge=0.0, lt=1.0, description="dropout probability, 0 <= p < 1")
+    epochs: int = Field(30, ge=1, description="passes over the training patients (fixed: no inner validation "
+                        "split, which small cohorts cannot afford), >= 1")
+    batch_size: int = Field(32, ge=1, description="patients per mini-batch (survival: the Cox risk set is the "
+                            "batch, keep it >= 16), >= 1")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate, > 0")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay, >= 0")
+    loss: Literal["ce", "focal"] = Field("ce", description="classification loss: ce (cross-entropy) | focal "
+                                         "(survival always uses the Cox partial likelihood)")
+    focal_gamma: float = Field(2.0, ge=0.0, description="focal loss focusing parameter, >= 0")
+    class_weight: Literal["balanced", "none"] | None = Field(
+        "balanced", description="balanced (n / (K * count_k)) | none | null")
+    max_instances: int = Field(512, ge=1, description="per bag and training step, at most this many random "
+                               "instances (tiles; all of them at inference), >= 1")
+    n_threads: int = Field(1, ge=1, description="torch CPU threads, >= 1 (1: these models are small, and with "
+                           "more threads than idle cores OpenMP synchronisation makes a step 10x slower)")
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description="cpu | cuda | cuda:N | mps | auto")
+
+
 class TorchHead(Head):
     """Base of torch heads. Training: AdamW for a fixed number of epochs over shuffled mini-batches.
 
-    Args:
-        hidden: embedding size.
-        attn_dim: hidden size of attention networks.
-        dropout: dropout probability.
-        epochs: passes over the training patients (fixed; no inner validation split, which small cohorts
-            cannot afford).
-        batch_size: patients per mini-batch (survival: the Cox risk set is the batch, so keep it >= 16).
-        lr, weight_decay: AdamW settings.
-        loss: ``ce`` (cross-entropy) or ``focal`` (classification; survival always uses the Cox loss).
-        focal_gamma: focal loss focusing parameter.
-        class_weight: ``balanced`` (default) or ``None``.
-        max_instances: per bag and training step, at most this many random instances (all at inference).
-        n_threads: torch CPU threads (1 by default: these models are small, and with more threads than idle
-            cores OpenMP synchronisation makes a step 10x slower; raise it for large bags on idle cores).
-        device: ``cpu``, ``cuda`` or ``auto``.
+    Parameters: :class:`TorchParams`.
     """
 
-    def __init__(
-        self, task: str = "binary", n_classes: int = 2, seed: int = 0, hidden: int = 64, attn_dim: int = 32,
-        dropout: float = 0.25, epochs: int = 30, batch_size: int = 32, lr: float = 1e-3,
-        weight_decay: float = 1e-4, loss: str = "ce", focal_gamma: float = 2.0,
-        class_weight: str | None = "balanced", max_instances: int = 512, n_threads: int = 1, device: str = "cpu",
-    ) -> None:
-        super().__init__(task, n_classes, seed)
-        self.hidden, self.attn_dim, self.dropout = hidden, attn_dim, dropout
-        self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
-        self.loss, self.focal_gamma, self.class_weight = loss, focal_gamma, class_weight
-        self.max_instances, self.n_threads, self.device = max_instances, n_threads, device
+    Params = TorchParams
+    hidden: int
+    attn_dim: int
+    dropout: float
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    loss: str
+    focal_gamma: float
+    class_weight: str | None
+    max_instances: int
+    n_threads: int
+    device: str
 
     @property
     def n_out(self) -> int:
@@ -108,8 +122,6 @@ class TorchHead(Head):
 
     # ---- training ------------------------------------------------------------------------------------------
     def _fit(self, X: Cohort, y: np.ndarray) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         self._fit_preprocessing(X)
         dev = resolve_device(self.device)
         with torch_env(self.seed, self.n_threads):

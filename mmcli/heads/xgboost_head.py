@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import xgboost as xgb
+from pydantic import Field
 
-from mmcli.heads.base import Head, register_head
+from mmcli.heads.base import Head, HeadParams, register_head
 from mmcli.heads.data import Cohort
 from mmcli.heads.losses import class_weights
 
@@ -30,29 +32,38 @@ def _safe_names(names: list[str]) -> list[str]:
     return safe
 
 
+class XGBoostParams(HeadParams):
+    """XGBoost settings (xgboost's own names in brackets where they differ)."""
+
+    n_estimators: int = Field(200, ge=1, description="boosting rounds, >= 1")
+    max_depth: int = Field(3, ge=1, description="maximum tree depth (levels), >= 1")
+    learning_rate: float = Field(0.05, gt=0.0, le=1.0, description="shrinkage per round (eta), 0 < x <= 1")
+    subsample: float = Field(0.8, gt=0.0, le=1.0, description="fraction of patients sampled per tree, 0 < x <= 1")
+    colsample_bytree: float = Field(0.5, gt=0.0, le=1.0, description="fraction of features sampled per tree, "
+                                    "0 < x <= 1")
+    min_child_weight: float = Field(1.0, ge=0.0, description="minimum hessian sum in a leaf, >= 0")
+    reg_lambda: float = Field(1.0, ge=0.0, description="L2 penalty on leaf weights (lambda), >= 0")
+    class_weight: Literal["balanced", "none"] | None = Field(
+        "balanced", description="balanced (sample weights n / (K * count_k)) | none | null")
+    n_threads: int = Field(1, ge=1, description="xgboost threads, >= 1 (1: on small cohorts OpenMP "
+                           "synchronisation costs more than it saves, badly so on a busy machine)")
+
+
 @register_head("xgboost")
 class XGBoostHead(Head):
-    """XGBoost on pooled features.
+    """XGBoost on pooled features; parameters: :class:`XGBoostParams`."""
 
-    Args:
-        n_estimators: boosting rounds.
-        max_depth, learning_rate, subsample, colsample_bytree, min_child_weight, reg_lambda: xgboost's.
-        class_weight: ``balanced`` (sample weights n / (K * count_k)) or ``None``.
-        n_threads: xgboost threads (1 by default: on small cohorts OpenMP synchronisation costs more than it
-            saves, badly so on a busy machine).
-    """
-
-    def __init__(
-        self, task: str = "binary", n_classes: int = 2, seed: int = 0, n_estimators: int = 200, max_depth: int = 3,
-        learning_rate: float = 0.05, subsample: float = 0.8, colsample_bytree: float = 0.5,
-        min_child_weight: float = 1.0, reg_lambda: float = 1.0, class_weight: str | None = "balanced",
-        n_threads: int = 1,
-    ) -> None:
-        super().__init__(task, n_classes, seed)
-        self.n_estimators, self.max_depth, self.learning_rate = n_estimators, max_depth, learning_rate
-        self.subsample, self.colsample_bytree = subsample, colsample_bytree
-        self.min_child_weight, self.reg_lambda = min_child_weight, reg_lambda
-        self.class_weight, self.n_threads = class_weight, n_threads
+    Params = XGBoostParams
+    input_kind = "vector"
+    n_estimators: int
+    max_depth: int
+    learning_rate: float
+    subsample: float
+    colsample_bytree: float
+    min_child_weight: float
+    reg_lambda: float
+    class_weight: str | None
+    n_threads: int
 
     def feature_names(self) -> list[str]:
         return [n for s in self.spec_ for n in s.feature_names()]
@@ -99,7 +110,7 @@ class XGBoostHead(Head):
 
         Multiclass: the contributions to the margin of each patient's predicted class. The bias term is
         left out (it is the same for every patient)."""
-        X = self._aligned(X)
+        X = self.align(X)
         d = self._dmatrix(X)
         c = self.booster_.predict(d, pred_contribs=True)
         if c.ndim == 3:  # (n, K, F + 1)

@@ -20,8 +20,9 @@ OptT = TypeVar("OptT", bound="Options")
 
 
 def flag_of(field: str, prefix: str = "--") -> str:
-    """The CLI spelling of an option field: ``patch_size`` -> ``--patch-size``."""
-    return prefix + field.replace("_", "-")
+    """The CLI spelling of an option field: ``patch_size`` -> ``--patch-size`` (``--param patch_size``: a head
+    parameter keeps its key)."""
+    return prefix + (field if prefix.endswith(" ") else field.replace("_", "-"))
 
 
 class Options(BaseModel):
@@ -76,7 +77,8 @@ def explain(e: ValidationError, cls: type[Options], context: str = "") -> str:
         got = err.get("input")
         accepts = cls.accepts(field) if field in cls.model_fields else ""
         takes = f" (takes: {accepts})" if accepts else ""
-        lines.append(f"{flag.strip()} {got!r}: {err.get('msg', 'invalid')}{takes}")
+        sep = "" if flag.endswith("=") else " "  # --param epochs=0, --patch-size 0
+        lines.append(f"{flag.strip()}{sep}{got!r}: {err.get('msg', 'invalid')}{takes}")
     head = f"{context}: " if context else ""
     return head + "; ".join(lines)
 

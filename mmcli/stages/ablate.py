@@ -7,9 +7,10 @@ Which subsets (``modalities`` = M names):
 * ``max_subset_size=k``: every subset of 1..k modalities (k >= M: all 2^M - 1);
 * ``subsets=[("wsi", "omics"), ...]``: exactly these.
 
-Each subset with two or more modalities is fitted once per fusion operator (``fusion_mlp``); a single modality
+Each subset with two or more modalities is fitted once per fusion operator by a head that takes a ``fusion``
+parameter (``fusion_mlp``; operators: the fusion registry, :data:`mmcli.heads.fusion.FUSIONS`); a single modality
 is fitted once (fusion label ``single``, fitted with ``concat``: with one modality there is nothing to fuse).
-Heads other than ``fusion_mlp`` fit each subset once (fusion ``-``). Every fit goes through
+Other heads fit each subset once (fusion ``-``). Every fit goes through
 :func:`mmcli.stages.fit.fit` into ``out/<m1+m2+...>__<fusion or head>/``; a fit whose folder already holds the
 same finished job is reused (``force=True`` refits). One failing fit is recorded and the others go on.
 
@@ -34,9 +35,9 @@ from mmcli.pipeline.errors import InputError, MmcliError
 from mmcli.pipeline.io import atomic_write_with, write_csv, write_json
 from mmcli.pipeline.rundir import read_metrics
 
-FUSIONS: tuple[str, ...] = ("concat", "gated", "attention", "cross_attention", "bilinear")
-FUSION_HEAD = "fusion_mlp"
+DEFAULT_HEAD = "fusion_mlp"
 SINGLE = "single"
+SINGLE_FUSION = "concat"  # what a single-modality fit of a fusing head runs with
 NO_FUSION = "-"
 DEFAULT_METRIC = {"classification": "auroc", "survival": "c_index"}
 JOB_FILE = "ablation_job.json"
@@ -55,14 +56,32 @@ class Job:
     fusion: str  # operator name, SINGLE, or NO_FUSION for heads without fusion operators
 
     @property
+    def fuses(self) -> bool:
+        return self.fusion != NO_FUSION
+
+    @property
     def name(self) -> str:
-        return f"{'+'.join(self.subset)}__{self.fusion if self.head == FUSION_HEAD else self.head}"
+        return f"{'+'.join(self.subset)}__{self.fusion if self.fuses else self.head}"
 
     def fit_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
         p = dict(params or {})
-        if self.head == FUSION_HEAD:
-            p["fusion"] = "concat" if self.fusion == SINGLE else self.fusion
+        if self.fuses:
+            p["fusion"] = SINGLE_FUSION if self.fusion == SINGLE else self.fusion
         return p
+
+
+def fusion_names() -> list[str]:
+    """The fusion operators, from the fusion registry (imports the fusion module, hence torch)."""
+    from mmcli.heads.fusion import FUSIONS
+
+    return FUSIONS.names()
+
+
+def takes_fusion(head: str) -> bool:
+    """Whether head ``head`` has a ``fusion`` parameter (from its parameter model, not its name)."""
+    from mmcli.heads import head_class
+
+    return "fusion" in head_class(head).param_names()
 
 
 def run_fit(**kwargs: Any) -> dict[str, Any]:
@@ -116,18 +135,23 @@ def enumerate_subsets(
 
 
 def plan_jobs(
-    subsets: Sequence[tuple[str, ...]], *, heads: Sequence[str] = (FUSION_HEAD,), fusions: Sequence[str] = FUSIONS,
+    subsets: Sequence[tuple[str, ...]], *, heads: Sequence[str] = (DEFAULT_HEAD,),
+    fusions: Sequence[str] | None = None,
 ) -> list[Job]:
-    """Jobs for every subset x head (x fusion operator for ``fusion_mlp`` subsets of 2+ modalities)."""
-    bad = [f for f in fusions if f not in FUSIONS]
+    """Jobs for every subset x head (x fusion operator for subsets of 2+ modalities of a fusing head);
+    ``fusions`` default: every registered operator."""
+    known = fusion_names()
+    fusions = known if fusions is None else list(fusions)
+    bad = [f for f in fusions if f not in known]
     if bad or not fusions:
-        raise InputError(f"unknown fusion operator(s) {bad or '(none given)'}; choose from {list(FUSIONS)}")
+        raise InputError(f"unknown fusion operator(s) {bad or '(none given)'}; choose from {known}")
     if not heads:
         raise InputError("ablation needs at least one head")
+    fusing = {h: takes_fusion(h) for h in dict.fromkeys(heads)}
     jobs = []
     for s in subsets:
         for h in heads:
-            if h != FUSION_HEAD:
+            if not fusing[h]:
                 jobs.append(Job(s, h, NO_FUSION))
             elif len(s) == 1:
                 jobs.append(Job(s, h, SINGLE))
@@ -169,8 +193,8 @@ def ablate(
     time: str | None = None,
     event: str | None = None,
     modalities: Sequence[str] | None = None,
-    fusions: Sequence[str] = FUSIONS,
-    heads: Sequence[str] = (FUSION_HEAD,),
+    fusions: Sequence[str] | None = None,
+    heads: Sequence[str] = (DEFAULT_HEAD,),
     encoders: dict[str, str] | None = None,
     folds: int = 5,
     seed: int = 0,
@@ -226,7 +250,7 @@ def ablate(
             rows.append(_row(job, run_dir, metric, cached, "reused"))
             continue
         (run_dir / JOB_FILE).unlink(missing_ok=True)
-        say(f"{prefix}: fitting {job.head}" + (f" ({job.fusion})" if job.head == FUSION_HEAD else ""))
+        say(f"{prefix}: fitting {job.head}" + (f" ({job.fusion})" if job.fuses else ""))
         try:
             result = run_fit(head=job.head, store=store, labels=labels, out=run_dir, target=target, time=time,
                              event=event, modalities=list(job.subset), encoders=encoders, folds=folds, seed=seed,

@@ -1,8 +1,7 @@
 """``mmcli demo``: synth -> extract every modality -> fit every head -> report -> a small pre-specified ablation,
 then a heads x metrics table.
 
-Every step calls the same stage functions as the CLI verbs. A step whose stage is not available says so
-plainly; the demo never fabricates a result.
+Every step calls the same stage functions as the CLI verbs; the demo never fabricates a result.
 
 The ablation is fixed in advance (``ABLATION_SUBSETS``: each single modality, and all modalities together, with
 ``concat`` fusion) so that "fusion vs the best single modality" is one planned comparison, not the best of many
@@ -10,7 +9,6 @@ fits; ``mmcli ablate`` runs the full grid.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
@@ -29,19 +27,19 @@ SURVIVAL_METRICS = ("c_index", "ibs", "td_auc")
 ABLATION_FUSIONS = ("concat",)
 
 
-def _stage(module: str, name: str) -> Any | None:
-    try:
-        return getattr(importlib.import_module(f"mmcli.stages.{module}"), name)
-    except (ModuleNotFoundError, AttributeError):
-        return None
-
-
 def _step(title: str) -> None:
     console.rule(f"[bold]{title}")
 
 
 def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5) -> int:
     """Run the whole demo into ``out``; returns the exit code (0 ok, 1 if any step had item failures)."""
+    from mmcli.heads import head_class
+    from mmcli.stages.ablate import ablate, format_ablation
+    from mmcli.stages.extract import extract, ingest_table
+    from mmcli.stages.fit import fit
+    from mmcli.stages.report import report
+    from mmcli.stages.synth import synth
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -49,10 +47,6 @@ def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5
     timings: dict[str, float] = {}
 
     _step("1/5 synth: synthetic multimodal cohort")
-    synth = _stage("synth", "synth")
-    if synth is None:
-        console.print("[yellow]skipped: the synth stage is not available in this build[/yellow]")
-        return 1
     t = time.perf_counter()
     cohort = synth(out / "cohort", patients=patients, seed=seed)
     timings["synth"] = time.perf_counter() - t
@@ -60,61 +54,44 @@ def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5
 
     _step("2/5 extract: every modality into the feature store")
     store = out / "features.zarr"
-    extract = _stage("extract", "extract")
     extracted: list[str] = []
-    if extract is None:
-        console.print("[yellow]skipped: the extract stage is not available in this build[/yellow]")
-    else:
-        t = time.perf_counter()
-        for modality in ("wsi", "mri", "text"):
-            try:
-                summary = extract(modality=modality, manifest=cohort.manifest, store=store, progress=True)
-            except (ValueError, KeyError, NotImplementedError) as e:
-                console.print(f"[yellow]skipped {modality}: {e}[/yellow]")
-                continue
-            extracted.append(modality)
-            console.print(f"{modality}: done={summary.count('done')} cached={summary.count('cached')} "
-                          f"failed={len(summary.problems)}")
-            code = max(code, summary.exit_code)
-        ingest = _stage("extract", "ingest_table")
-        for name, table in cohort.tables.items():
-            if ingest is None:
-                console.print(f"[yellow]skipped table {name}: tabular ingest is not available[/yellow]")
-                continue
-            ingest(table=table, name=name, store=store)
-            extracted.append(name)
-        timings["extract"] = time.perf_counter() - t
-        console.print(f"extracted {extracted} in {timings['extract']:.1f}s")
+    t = time.perf_counter()
+    for modality in ("wsi", "mri", "text"):
+        try:
+            summary = extract(modality=modality, manifest=cohort.manifest, store=store, progress=True)
+        except (ValueError, KeyError, NotImplementedError) as e:
+            console.print(f"[yellow]skipped {modality}: {e}[/yellow]")
+            continue
+        extracted.append(modality)
+        console.print(f"{modality}: done={summary.count('done')} cached={summary.count('cached')} "
+                      f"failed={len(summary.problems)}")
+        code = max(code, summary.exit_code)
+    for name, table in cohort.tables.items():
+        ingest_table(table=table, name=name, store=store)
+        extracted.append(name)
+    timings["extract"] = time.perf_counter() - t
+    console.print(f"extracted {extracted} in {timings['extract']:.1f}s")
 
     _step("3/5 fit: every head on the cached features")
-    fit = _stage("fit", "fit")
-    report = _stage("report", "report")
     results: dict[str, dict[str, Any]] = {}
-    if fit is None or not extracted:
-        console.print("[yellow]skipped: " + ("the fit stage is not available in this build" if fit is None
-                                              else "nothing was extracted") + "[/yellow]")
+    if not extracted:
+        console.print("[yellow]skipped: nothing was extracted[/yellow]")
     else:
         t = time.perf_counter()
         for head in HEADS:
-            task = dict(time="time", event="event") if head == "cox" else dict(target="subtype")
+            classifies = bool({"binary", "multiclass"} & set(head_class(head).tasks))
+            task = dict(target="subtype") if classifies else dict(time="time", event="event")
             run_dir = out / "runs" / head
             results[head] = fit(head, store, cohort.labels, run_dir, folds=folds, seed=seed, drop_unmatched=True,
                                 **task)
-            if report is not None:
-                report(run_dir)
+            report(run_dir)
         timings["fit"] = time.perf_counter() - t
-        if report is None:
-            console.print("[yellow]skipped reports: the report stage is not available in this build[/yellow]")
 
     _step("4/5 ablate: each single modality vs all of them fused (pre-specified)")
     ablation = None
-    ablate = _stage("ablate", "ablate")
-    if ablate is None or len(extracted) < 2:
-        console.print("[yellow]skipped: " + ("the ablate stage is not available in this build" if ablate is None
-                                              else "fewer than two modalities were extracted") + "[/yellow]")
+    if len(extracted) < 2:
+        console.print("[yellow]skipped: fewer than two modalities were extracted[/yellow]")
     else:
-        from mmcli.stages.ablate import format_ablation
-
         t = time.perf_counter()
         subsets = [(m,) for m in extracted] + [tuple(extracted)]
         table = ablate(store, cohort.labels, out / "ablation", target="subtype", subsets=subsets,

@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 
 from mmcli import __version__
-from mmcli.heads.base import create_head, head_class
-from mmcli.heads.cv import FoldResult, cross_validate, head_params
+from mmcli.heads.base import Head, create_head, head_class
+from mmcli.heads.cv import FoldResult, check_folds, cross_validate, head_params
 from mmcli.heads.data import Cohort, Source, load_cohort, resolve_sources
 from mmcli.heads.metrics import summarise
 from mmcli.heads.targets import Target, build_target, read_labels
@@ -65,10 +65,12 @@ def fit(
         head: registered head name (``attention_mil``, ``fusion_mlp``, ``xgboost``, ``cox``).
         store: feature store path. labels: labels CSV (or a DataFrame with ``patient_id``).
         target: classification column; or ``time`` (> 0, any unit) + ``event`` (1 = observed, 0 = censored).
-        modalities: store modalities and/or table names; default all of them (attention_mil: ``wsi``).
+        modalities: store modalities and/or table names; default: what the head uses by default
+            (:meth:`~mmcli.heads.base.Head.default_modalities`: all of them, or the bag modality ``wsi``).
         encoders: ``{modality: encoder_id}`` where a modality has features of several encoders.
         folds, seed: K of the stratified patient-level K-fold, and the seed of splits and models.
-        params: head parameters (e.g. ``{"fusion": "bilinear", "epochs": 20}``).
+        params: head parameters (e.g. ``{"fusion": "bilinear", "epochs": 20}``), validated by the head's
+            parameter model before anything is read.
         n_boot: bootstrap replicates of the confidence intervals.
         drop_unmatched: leave out (and record) rows with a missing label value instead of refusing them.
             Labelled patients absent from the store and store patients without labels are always left out
@@ -80,10 +82,11 @@ def fit(
     say = log or (lambda _msg: None)
     t_start = time_now = _clock()
     cls = head_class(head)
+    cls.check_params(params or {})
     out = Path(out)
     store_path = Path(store)
     fs = open_store(store_path, "r")
-    names = _default_modalities(fs, head) if modalities is None else list(modalities)
+    names = cls.default_modalities(fs.modalities(), fs.tables(), fs.path) if modalities is None else list(modalities)
     sources = resolve_sources(fs, names, encoders)
     table = read_labels(labels)
     tgt = build_target(table, target=target, time=time, event=event, drop_missing=drop_unmatched)
@@ -94,11 +97,11 @@ def fit(
     tgt, excluded = _align(fs, sources, tgt, say, strict_match)
     say(f"{len(tgt.patients)} patients, modalities {[s.name for s in sources]}, task {tgt.task}")
     cohort = load_cohort(fs, sources, tgt.patients)
-    tgt, cohort, no_data = _require_data(head, cohort, tgt)
+    tgt, cohort, no_data = _require_data(cls, cohort, tgt)
     if no_data:
         excluded["missing_required_modality"] = no_data
         say(f"left out {len(no_data)} patients without the modality {head} needs: {no_data[:5]}...")
-    _check_enough(tgt, folds, excluded)
+    check_folds(tgt, folds, after=" left after leaving out unmatched patients" if excluded else "")
     t_load = _clock() - time_now
     say(f"loaded features in {t_load:.1f}s ({len(cohort) / max(t_load, 1e-9):.1f} patients/s)")
 
@@ -145,16 +148,6 @@ def fit(
 # ---- inputs -------------------------------------------------------------------------------------------------
 def _clock() -> float:
     return _time.perf_counter()
-
-
-def _default_modalities(fs: Any, head: str) -> list[str]:
-    mods, tables = list(fs.modalities()), list(fs.tables())
-    if head == "attention_mil":
-        if "wsi" in mods:
-            return ["wsi"]
-        raise InputError(f"{fs.path}: attention_mil needs a bag modality and the store has no 'wsi'. "
-                         f"Fix: pass --modalities with one of {mods}.")
-    return mods + tables
 
 
 def _labels_ref(labels: Any) -> str:
@@ -220,35 +213,9 @@ def _nonfinite_number(text: str) -> bool:
         return False
 
 
-def _check_enough(tgt: Target, folds: int, excluded: dict[str, list[str]]) -> None:
-    """Every class (survival: the events) needs ``folds`` patients, so each test fold can hold one, and every
-    training fold needs 2 patients."""
-    if folds < 2:
-        raise InputError(f"--folds must be >= 2, got {folds}.")
-    after = " left after leaving out unmatched patients" if excluded else ""
-    if tgt.task == "survival":
-        if len(tgt.patients) < 2 * folds:
-            raise InputError(f"{tgt.source}: {len(tgt.patients)} patient(s){after}; {folds}-fold CV needs at least "
-                             f"{2 * folds} so that every training fold has 2. Fix: lower --folds or add patients.")
-        n_events = int(tgt.y["event"].sum())
-        if n_events < folds:
-            raise InputError(f"{tgt.source}: {n_events} observed event(s) in column {tgt.event!r} among the "
-                             f"{len(tgt.patients)} patients{after}; {folds}-fold CV needs at least {folds}. "
-                             "Fix: lower --folds or add patients with events.")
-        return
-    assert tgt.classes is not None
-    counts = np.bincount(np.asarray(tgt.y, dtype=int), minlength=len(tgt.classes))
-    small = {c: int(n) for c, n in zip(tgt.classes, counts) if n < folds}
-    if small:
-        raise InputError(f"{tgt.source}: class sizes {small} in column {tgt.target!r} among the {len(tgt.patients)} "
-                         f"patients{after} are smaller than --folds {folds}. Fix: lower --folds, add "
-                         "patients, or merge rare classes.")
-
-
-def _require_data(head: str, cohort: Cohort, tgt: Target) -> tuple[Target, Cohort, list[str]]:
-    """attention_mil needs its bag; other heads need at least one modality (fusion handles the rest)."""
-    pres = cohort.presence()
-    ok = pres.all(axis=1) if head == "attention_mil" else pres.any(axis=1)
+def _require_data(cls: type[Head], cohort: Cohort, tgt: Target) -> tuple[Target, Cohort, list[str]]:
+    """Leave out the patients the head cannot use (:meth:`~mmcli.heads.base.Head.usable_patients`)."""
+    ok = cls.usable_patients(cohort.presence())
     if ok.all():
         return tgt, cohort, []
     idx = np.flatnonzero(ok)
@@ -341,8 +308,12 @@ def _write_explanations(writer: RunWriter, results: list[FoldResult], cohort: Co
 
 
 # ---- CLI helpers ---------------------------------------------------------------------------------------------
-def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["epochs=20", "fusion=bilinear", "class_weight=null"]`` -> dict; values parsed as JSON, else text."""
+def parse_params(pairs: Sequence[str], head: str | Sequence[str] | None = None) -> dict[str, Any]:
+    """``["epochs=20", "fusion=bilinear", "class_weight=null"]`` -> dict; values parsed as JSON, else text.
+
+    With ``head`` (one name or several), the values are validated against each head's parameter model now:
+    an unknown key or a bad value is an InputError naming the key and what it accepts.
+    """
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -352,6 +323,8 @@ def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             out[key.strip()] = value
+    for name in [head] if isinstance(head, str) else list(head or ()):
+        head_class(name).check_params(out)
     return out
 
 

@@ -2,7 +2,8 @@
 
 Output CSV: ``patient_id`` + ``y_pred,prob_<class>...`` (classification) or ``risk`` (survival; log hazard
 ratio, higher = shorter survival), then ``missing_modalities`` (``;``-separated names the patient lacks,
-empty when complete; only fusion_mlp, xgboost and cox predict with missing modalities). With
+empty when complete; only heads that do not need every modality, see
+:attr:`~mmcli.heads.base.Head.needs_every_modality`, score patients with missing modalities). With
 ``attention=True`` also ``<out stem>.attention.csv``: ``patient_id,item_id,index,attention`` where
 ``index`` is the row in that item's features (with several bag modalities: one
 ``<out stem>.attention.<modality>.csv`` each).
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mmcli.heads.base import load_head, read_model_config
-from mmcli.heads.data import STORE_SOURCE, TABLE_SOURCE, Cohort, ModalitySpec, Source, load_cohort
+from mmcli.heads.data import STORE_SOURCE, TABLE_SOURCE, ModalitySpec, Source, load_cohort
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_csv
 from mmcli.pipeline.rundir import resolve_model_dir
@@ -31,29 +32,26 @@ def predict(
     attention: bool = False,
     patients: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Score every patient in ``store`` that has the model's modalities (fusion/xgboost/cox: any of them).
+    """Score every patient in ``store`` the model can use (all its modalities, or any of them: head policy).
 
     Returns the written predictions. Raises InputError for an encoder or feature-dim mismatch between the
-    model and the store (naming the modality, the expected and the found values).
+    model and the store (naming the modality, the expected and the found values; the head checks them).
     """
     mdir = resolve_model_dir(model_dir)
     config = read_model_config(mdir)  # raises a clear error when it is no model folder
     head = load_head(mdir)
     run = config.get("run", {})
-    specs = [ModalitySpec.from_json(s) for s in config["modalities"]]
+    specs = head.spec_
     fs = open_store(Path(store), "r")
-    sources = _check_store(fs, specs)
-    cohort = load_cohort(fs, sources, patients)
-    cohort = _align_tables(cohort, specs)
-    pres = cohort.presence()
-    needs_all = config["head"] == "attention_mil"
-    keep = np.flatnonzero(pres.all(axis=1) if needs_all else pres.any(axis=1))
+    # the head checks encoder ids and feature dims, and puts table columns in the model's order
+    cohort = head.align(load_cohort(fs, _sources(fs, specs), patients))
+    keep = np.flatnonzero(type(head).usable_patients(cohort.presence()))
     if len(keep) == 0:
         raise InputError(f"{fs.path}: no patient has the model's modalities {[s.name for s in specs]}.")
     cohort = cohort.subset(keep)
-    task = run.get("problem") or config["params"].get("task")
     pred = head.predict(cohort)
-    df = prediction_frame(cohort.patients, pred, task, run.get("classes") or _default_classes(config))
+    classes = run.get("classes") or [str(i) for i in range(head.n_classes)]
+    df = prediction_frame(cohort.patients, pred, run.get("problem") or head.task, classes)
     names = cohort.names
     df["missing_modalities"] = [";".join(n for n, ok in zip(names, row) if not ok) for row in cohort.presence()]
     out_csv = Path(out_csv)
@@ -72,12 +70,9 @@ def predict(
     return df
 
 
-def _default_classes(config: dict) -> list[str]:
-    return [str(i) for i in range(int(config["params"].get("n_classes", 2)))]
-
-
-def _check_store(fs: FeatureStore, specs: Sequence[ModalitySpec]) -> list[Source]:
-    """Every model modality must exist in the store with the model's encoder id and feature dim."""
+def _sources(fs: FeatureStore, specs: Sequence[ModalitySpec]) -> list[Source]:
+    """Where to read each model modality: the store must hold it (a table, or features of the model's encoder).
+    Whether the features fit the model (dims, table columns) is the head's check (``Head.align``)."""
     sources = []
     mods, tables = fs.modalities(), fs.tables()
     for s in specs:
@@ -94,39 +89,5 @@ def _check_store(fs: FeatureStore, specs: Sequence[ModalitySpec]) -> list[Source
         if s.encoder_id not in encs:
             raise InputError(f"{fs.path}: modality {s.name!r}: the model was fit on encoder_id {s.encoder_id!r}, "
                              f"the store has {encs}. Fix: extract {s.name} with the model's encoder and settings.")
-        dim = _first_dim(fs, s)
-        if dim is not None and dim != s.dim:
-            raise InputError(f"{fs.path}: modality {s.name!r}: feature dim mismatch, the model expects {s.dim}, "
-                             f"found {dim}. Fix: use features from the model's encoder ({s.encoder_id}).")
         sources.append(Source(s.name, STORE_SOURCE, s.encoder_id))
     return sources
-
-
-def _first_dim(fs: FeatureStore, s: ModalitySpec) -> int | None:
-    """Feature dim of the first complete item (``dim`` attr written by the store), None when there is none."""
-    for key in fs.iter_items(s.name, s.encoder_id):
-        return int(fs.read_item(key.modality, key.encoder_id, key.patient_id, key.item_id).attrs["dim"])
-    return None
-
-
-def _align_tables(cohort: Cohort, specs: Sequence[ModalitySpec]) -> Cohort:
-    """Reorder table columns to the model's order; missing columns are an InputError naming them."""
-    for s in specs:
-        if s.source != TABLE_SOURCE or s.columns is None:
-            continue
-        m = cohort.modalities[s.name]
-        got = list(m.spec.columns or ())
-        if got == list(s.columns):
-            continue
-        missing = [c for c in s.columns if c not in got]
-        if missing:
-            raise InputError(f"table {s.name!r} lacks the model's columns {missing[:10]}"
-                             f"{' ...' if len(missing) > 10 else ''}. Fix: ingest the same table layout.")
-        assert m.vectors is not None
-        order = [got.index(c) for c in s.columns]
-        from dataclasses import replace
-
-        m2 = replace(m, spec=replace(m.spec, dim=len(order), columns=tuple(s.columns)), vectors=m.vectors[:, order])
-        m2.present = ~np.isnan(m2.vectors).all(axis=1)
-        cohort.modalities[s.name] = m2
-    return cohort

@@ -98,7 +98,7 @@ def test_attention_concentrates_on_planted_key_instances(binary):
     assert np.mean(mass) > 0.6  # ... but take most of the attention
 
 
-@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+@pytest.mark.parametrize("fusion", FUSIONS.names())  # the fusion registry
 def test_every_fusion_operator_predicts_patients_missing_modalities(tmp_path, fusion):
     planted = make_store(tmp_path / "s.zarr", n=48, task="binary", seed=3, mri_missing=0.4, wsi_missing=0.25)
     cohort = _cohort(planted)

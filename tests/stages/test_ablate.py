@@ -47,14 +47,16 @@ def test_max_subset_size_and_explicit_subsets() -> None:
 
 
 def test_plan_fits_singles_once_and_multimodal_subsets_per_fusion() -> None:
+    """The operator list is the fusion registry's (``ab.fusion_names()``, sorted), no longer a copied tuple."""
+    assert ab.fusion_names() == ["attention", "bilinear", "concat", "cross_attention", "gated"]
     jobs = ab.plan_jobs(ab.enumerate_subsets(["wsi", "genes", "text"]))
-    assert len(jobs) == 3 + (3 + 1) * len(ab.FUSIONS)
+    assert len(jobs) == 3 + (3 + 1) * len(ab.fusion_names())
     singles = [j for j in jobs if len(j.subset) == 1]
     assert [(j.fusion, j.name) for j in singles] == [("single", "wsi__single"), ("single", "genes__single"),
                                                        ("single", "text__single")]
     assert singles[0].fit_params({"epochs": 3}) == {"epochs": 3, "fusion": "concat"}
     pair = [j for j in jobs if j.subset == ("wsi", "genes")]
-    assert [j.fusion for j in pair] == list(ab.FUSIONS)
+    assert [j.fusion for j in pair] == ab.fusion_names()
     assert pair[3].name == "wsi+genes__cross_attention" and pair[3].fit_params(None) == {"fusion": "cross_attention"}
     mixed = ab.plan_jobs([("wsi",), ("wsi", "genes")], heads=["xgboost", "fusion_mlp"], fusions=["gated"])
     assert [j.name for j in mixed] == ["wsi__xgboost", "wsi__single", "wsi+genes__xgboost", "wsi+genes__gated"]

@@ -274,3 +274,36 @@ def test_cli_helpers_parse_params_and_encoders():
         parse_params(["epochs"])
     with pytest.raises(InputError):
         parse_encoders(["wsi"])
+
+
+def test_parse_params_validates_against_the_heads_model_at_parse_time(tmp_path):
+    assert parse_params(["n_estimators=5", "class_weight=null"], "xgboost") == {"n_estimators": 5,
+                                                                                "class_weight": None}
+    with pytest.raises(InputError, match=r"head 'xgboost' has no parameter\(s\) \['epochs'\]. Fix: use some of "
+                                         r"\[.*'n_estimators'"):
+        parse_params(["epochs=3"], "xgboost")
+    with pytest.raises(InputError, match=r"--param max_depth='deep': .*\(takes: maximum tree depth"):
+        parse_params(["max_depth=deep"], "xgboost")
+    with pytest.raises(InputError, match=r"--param fusion='sum'.*unknown fusion"):
+        parse_params(["fusion=sum"], "fusion_mlp")
+    with pytest.raises(InputError, match="follow from the labels"):
+        parse_params(["n_classes=3"], "fusion_mlp")
+    with pytest.raises(InputError, match=r"head 'xgboost' has no parameter\(s\) \['epochs'\]"):
+        parse_params(["epochs=3"], ["fusion_mlp", "xgboost"])  # ablate: valid for every head it fits
+    with pytest.raises(InputError, match="unknown head 'svm'"):
+        parse_params(["epochs=3"], "svm")
+
+
+def test_cli_bad_param_exits_2_naming_the_key_before_reading_anything(tmp_path):
+    """The installed ``mmcli`` entry point: the store and labels need not exist for a bad --param to be caught."""
+    import subprocess
+
+    mmcli = str(Path(sys.executable).with_name("mmcli"))
+    base = [mmcli, "fit", "--head", "xgboost", "--store", str(tmp_path / "none.zarr"), "--labels",
+            str(tmp_path / "none.csv"), "--out", str(tmp_path / "run"), "--target", "y"]
+    for arg, expect in (("n_estimators=-1", "--param n_estimators=-1: Input should be greater than or equal to 1"),
+                        ("depth=3", "head 'xgboost' has no parameter(s) ['depth']. Fix: use some of")):
+        r = subprocess.run(base + ["--param", arg], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stderr
+        assert expect in r.stderr
+    assert not (tmp_path / "run").exists()
