@@ -162,16 +162,17 @@ def delong_test(y_true: Any, score_a: Any, score_b: Any, *, alpha: float = 0.05,
                f"and {n} negative(s): no test")
         return DeLongResult(se=math.nan, z=math.nan, p_value=math.nan, ci_low=math.nan, ci_high=math.nan,
                             reference="none", df=math.nan, message=msg, **base)
+    use_t = reference == "t" or (reference == "auto" and min(m, n) < SMALL_CLASS)
     message = ""
     if min(m, n) < SMALL_CLASS:
         message = (f"only {min(m, n)} {'positives' if m < n else 'negatives'}: the DeLong variance is rough under "
-                   f"{SMALL_CLASS} cases per class (Student's t reference with Welch-Satterthwaite df used)")
+                   f"{SMALL_CLASS} cases per class"
+                   + (" (Student's t reference with Welch-Satterthwaite df used)" if use_t else ""))
         warnings.warn(message, UserWarning, stacklevel=2)
     c10 = float(s10[0, 0] + s10[1, 1] - 2.0 * s10[0, 1]) / m  # variance of the difference, positives' part
     c01 = float(s01[0, 0] + s01[1, 1] - 2.0 * s01[0, 1]) / n
     var = max(c10 + c01, 0.0)
     se = math.sqrt(var)
-    use_t = reference == "t" or (reference == "auto" and min(m, n) < SMALL_CLASS)
     df = math.inf
     if use_t and var > 0:
         df = var ** 2 / (c10 ** 2 / (m - 1) + c01 ** 2 / (n - 1))
