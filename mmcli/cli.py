@@ -385,7 +385,7 @@ def fit(
                                     "e.g. --param epochs=30 --param loss=focal."),
     folds: int = typer.Option(5, "--folds", help="Patient-level cross-validation folds."),
     seed: int = typer.Option(0, "--seed"),
-    n_boot: int = typer.Option(200, "--n-boot", help="Bootstrap resamples for the 95% CIs."),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% CIs."),
     drop_unmatched: bool = typer.Option(False, "--drop-unmatched", help="Leave out rows with a missing label value "
                                         "instead of stopping with an error. (Patients only in the labels or only "
                                         "in the store are always left out, with a note.)"),

@@ -313,8 +313,10 @@ def test_survival_fold_without_eval_times(store: Path, tmp_path: Path) -> None:
 
 
 def test_undefined_metrics_print_as_na(store: Path, tmp_path: Path) -> None:
-    """Four patients, all events: some survival metrics are undefined (null in metrics.json), printed n/a."""
-    rows = [{"patient_id": p, "t": t, "e": "1"} for p, t in zip(STORE_IDS, ["0.1", "0.1", "10.1", "1e2"])]
+    """Four patients, all events at one time: no comparable pair and no evaluation time, so the survival
+    metrics are undefined (null in metrics.json), printed n/a. (Issue 12: with the shared evaluation grid the
+    earlier times 0.1, 0.1, 10.1, 1e2 now give defined metrics, so the times were tied to keep this case.)"""
+    rows = [{"patient_id": p, "t": t, "e": "1"} for p, t in zip(STORE_IDS, ["5", "5", "5", "5"])]
     (tmp_path / "labels.csv").write_bytes(Table("survival", rows, ["patient_id", "t", "e"], "utf-8", "\n",
                                                 csv.QUOTE_MINIMAL).render())
     r = _invoke(["fit", "--store", str(store), "--labels", str(tmp_path / "labels.csv"), "--out",

@@ -17,7 +17,7 @@ import pandas as pd
 
 from mmcli.heads.base import Head, create_head, head_class
 from mmcli.heads.data import Cohort
-from mmcli.heads.metrics import FoldPredictions, eval_times
+from mmcli.heads.metrics import FoldPredictions, survival_grid
 from mmcli.heads.targets import Target
 from mmcli.pipeline.errors import InputError
 
@@ -99,16 +99,18 @@ def cross_validate(
         raise ValueError("cohort and target must list the same patients in the same order")
     hp = head_params(head, target, seed, params)
     results = []
-    for k, (tr, te) in enumerate(make_splits(target, folds, seed)):
+    splits = make_splits(target, folds, seed)
+    if target.task == "survival":  # one evaluation grid shared by every fold
+        grid = survival_grid(target.y["time"], target.y["event"], [te for _, te in splits])
+    for k, (tr, te) in enumerate(splits):
         t0 = _time.perf_counter()
         h = create_head(head, **hp).fit(cohort.subset(tr), target.y[tr])
         X_te = cohort.subset(te)
         pred = h.predict(X_te)
         if target.task == "survival":
             y_tr, y_te = target.y[tr], target.y[te]
-            times = eval_times(y_tr["time"], y_tr["event"], y_te["time"])
             ev = FoldPredictions(time=y_te["time"], event=y_te["event"], risk=pred,
-                                 surv=h.predict_survival(X_te, times, risk=pred), times=times,
+                                 surv=h.predict_survival(X_te, grid, risk=pred), times=grid,
                                  train_time=y_tr["time"], train_event=y_tr["event"])
         else:
             ev = FoldPredictions(y=np.asarray(target.y[te]), probs=pred)

@@ -1,23 +1,39 @@
-"""Metrics of cross-validated predictions, with per-fold values and 95% bootstrap confidence intervals.
+"""Metrics of cross-validated predictions: per-fold values, a bootstrap CI and a corrected t-interval.
 
-All metric values come from scikit-learn, lifelines and scikit-survival; only the bootstrap loop is ours.
+Metric definitions follow scikit-learn, lifelines and scikit-survival exactly (:func:`classification_metrics`
+and :func:`survival_metrics` call them). The bootstrap evaluates the same definitions in a vectorised,
+*weighted* form (a resample is a vector of multiplicities, so one matrix product scores all replicates);
+the tests check the weighted form against the library functions on the full data and on resamples.
 
 Classification (``probs`` (n, K), class codes ``y`` in 0..K-1):
     auroc (binary: positive class = code 1; multiclass: macro one-vs-rest), auprc (average precision;
     multiclass: macro one-vs-rest), f1_macro and balanced_accuracy of ``argmax(probs)``, brier (binary:
     Brier score of the positive class; multiclass: the **mean of the K one-vs-rest Brier scores**).
 Survival (``risk`` (n,), higher = shorter survival; ``event`` 1 = observed):
-    c_index (Harrell, lifelines, computed on ``-risk`` because lifelines expects higher = longer survival),
-    c_index_uno (scikit-survival ``concordance_index_ipcw``, censoring from the training fold, truncated at
-    the last evaluation time), ibs (integrated Brier score of the predicted survival curves) and td_auc
-    (mean cumulative/dynamic AUC), both scikit-survival, at evaluation times taken from the training
-    fold's event times (see :func:`eval_times`).
+    c_index (Harrell, as lifelines' ``concordance_index`` of ``-risk``), c_index_uno (scikit-survival
+    ``concordance_index_ipcw``, censoring distribution from the training fold, truncated at the last grid
+    time), td_auc (scikit-survival ``cumulative_dynamic_auc``, its Kaplan-Meier-weighted mean over the grid)
+    and ibs (``integrated_brier_score`` of the predicted survival curves over the grid).
+    **One evaluation grid for all folds** (:func:`survival_grid`): ``GRID_POINTS`` equally spaced times from
+    the latest of the folds' earliest test events to the ``GRID_UPPER_QUANTILE``-th percentile of the whole
+    cohort's observed times, below every fold's last test time. Every fold is scored on the same times, so
+    the fold values average one quantity; the grid is recorded in metrics.json (``eval_times``).
 
-Summary (:func:`summarise`): ``per_fold`` = the metric on each fold's test patients; ``mean`` = mean over
-folds (the usual cross-validation estimate); ``ci_low``/``ci_high`` = 2.5/97.5 percentiles of that mean
-under a bootstrap that resamples patients with replacement within each fold's test set (``n_boot``
-replicates, seeded). A fold or replicate where a metric is undefined (e.g. one class only) gives NaN and is
-left out of the averages; JSON gets ``null`` for NaN.
+Summary (:func:`summarise`), per metric:
+    ``per_fold`` the metric on each fold's test patients; ``mean`` their mean (the cross-validation estimate;
+    ``null`` when any fold is undefined: never an average over the folds that happened to be defined).
+    ``ci_low``/``ci_high``: percentile bootstrap interval of that mean. Each replicate resamples every fold's
+    test patients with replacement, **stratified within the fold** so that every replicate is evaluable by
+    construction: by class (classification: every class of the fold stays present), or (survival) into
+    events at or before the first grid time / patients followed past the last grid time / the rest (so every
+    replicate has a case and a control at every grid time and a comparable pair); without a grid, by event
+    status. The fold models, their training data (Breslow baseline, censoring distribution) and the grid are
+    held fixed: the interval covers the test-sample variability of these K fitted models, not training
+    variability. A replicate is valid when every fold's value is defined; ``n_valid`` of ``n_boot`` were (by
+    construction all of them, unless a fold itself is degenerate); the interval is ``null`` when fewer than
+    ``MIN_VALID_SHARE`` of the replicates were valid (it would be conditional on the evaluable ones).
+    ``ci_t_low``/``ci_t_high``: corrected resampled t-interval (:func:`corrected_t_interval`) over the
+    per-fold values, which also covers the variability of training. JSON gets ``null`` for NaN.
 """
 from __future__ import annotations
 
@@ -28,12 +44,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 CLASSIFICATION_METRICS = ("auroc", "auprc", "f1_macro", "balanced_accuracy", "brier")
 SURVIVAL_METRICS = ("c_index", "c_index_uno", "ibs", "td_auc")
+GRID_METRICS = ("c_index_uno", "ibs", "td_auc")  # the survival metrics that use the evaluation grid
+GRID_POINTS = 10
+GRID_UPPER_QUANTILE = 80.0
+MIN_VALID_SHARE = 0.95
+TIED_TOL = 1e-8  # scikit-survival's tolerance for tied risks (Uno's c, td-AUC)
 
 
-# ---- classification --------------------------------------------------------------------------------------
+# ---- classification (library reference) ----------------------------------------------------------------
 def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """auroc, auprc, f1_macro, balanced_accuracy, brier for codes ``y`` and probabilities (n, K)."""
     from sklearn.metrics import (
@@ -68,11 +90,38 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]
     return {k: out[k] for k in CLASSIFICATION_METRICS}
 
 
-# ---- survival --------------------------------------------------------------------------------------------
+# ---- survival (grid and library reference) -------------------------------------------------------------
+def survival_grid(time: np.ndarray, event: np.ndarray, test_folds: Sequence[np.ndarray] | None = None,
+                  n: int = GRID_POINTS, upper_quantile: float = GRID_UPPER_QUANTILE) -> np.ndarray:
+    """The one evaluation grid of a cross-validation, shared by all folds.
+
+    ``n`` equally spaced times from ``lo`` to ``hi``: ``lo`` = the latest of the folds' earliest test events
+    (so every fold, and every stratified resample of it, has a case at every grid time), ``hi`` = the
+    ``upper_quantile``-th percentile of the whole cohort's observed times (events and censorings), kept
+    strictly below every fold's last test time (so there is a control at every grid time). ``test_folds``:
+    each fold's test indices into ``time``; None = the cohort is one test set. Empty where no such time
+    exists (too few events); the time-grid metrics are then undefined.
+    """
+    t = np.asarray(time, dtype=np.float64)
+    e = np.asarray(event).astype(bool)
+    folds = [np.arange(len(t))] if test_folds is None else [np.asarray(f) for f in test_folds]
+    if len(t) == 0 or any(len(f) == 0 or not e[f].any() for f in folds):
+        return np.zeros(0)
+    lo = max(float(t[f][e[f]].min()) for f in folds)
+    last = min(float(t[f].max()) for f in folds)
+    hi = min(float(np.percentile(t, upper_quantile)), last)
+    if hi <= lo:
+        return np.array([lo]) if lo < last else np.zeros(0)
+    grid = np.unique(np.linspace(lo, hi, n))
+    return grid[grid < last]
+
+
 def eval_times(train_time: np.ndarray, train_event: np.ndarray, test_time: np.ndarray, n: int = 10,
                lo: float = 10.0, hi: float = 70.0) -> np.ndarray:
-    """Evaluation times for ibs/td_auc: percentiles ``lo..hi`` of the training fold's event times, kept
-    strictly inside the test fold's follow-up (scikit-survival requires it) and the training follow-up."""
+    """Superseded by :func:`survival_grid` (one grid for all folds); kept only for callers not yet moved.
+
+    Percentiles ``lo..hi`` of the training fold's event times, strictly inside the test fold's follow-up.
+    """
     ev = np.asarray(train_time, dtype=np.float64)[np.asarray(train_event).astype(bool)]
     if len(ev) < 2:
         return np.zeros(0)
@@ -88,7 +137,12 @@ def survival_metrics(
     y_train: np.ndarray | None = None,
 ) -> dict[str, float]:
     """c_index (+ c_index_uno, ibs, td_auc when the training fold, survival curves ``surv`` (n, T) at
-    ``times`` are given). ``risk``: higher = shorter survival."""
+    ``times`` are given), straight from lifelines / scikit-survival. ``risk``: higher = shorter survival.
+
+    scikit-survival evaluates the censoring distribution at *every* test event time, so it refuses a test set
+    with an event after the training follow-up even where the metric does not need it; the weighted form
+    used by :func:`summarise` only evaluates it where the definition does (and otherwise agrees).
+    """
     from lifelines.utils import concordance_index
 
     time, risk = np.asarray(time, dtype=np.float64), np.asarray(risk, dtype=np.float64)
@@ -123,10 +177,163 @@ def _safe(fn: Callable[[], Any]) -> float:
     return v if math.isfinite(v) else math.nan
 
 
-# ---- per-fold evaluation and bootstrap ------------------------------------------------------------------------
+# ---- weighted (vectorised) forms: W (B, n) = multiplicity of each patient in each replicate -------------
+def _pair_scores(a: np.ndarray, b: np.ndarray, tol: float = 0.0) -> np.ndarray:
+    """(len(a), len(b)): 1 where a_i > b_j, 1/2 where tied (within ``tol``), else 0."""
+    d = a[:, None] - b[None, :]
+    return np.where(np.abs(d) <= tol, 0.5, (d > 0).astype(np.float64))
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _weighted_auc(W: np.ndarray, pos: np.ndarray, score: np.ndarray, tol: float = 0.0) -> np.ndarray:
+    """Weighted Mann-Whitney AUC (= roc_auc_score with sample_weight) per replicate; NaN without both classes."""
+    S = _pair_scores(score[pos], score[~pos], tol)
+    Wp, Wn = W[:, pos], W[:, ~pos]
+    return _ratio(((Wp @ S) * Wn).sum(1), Wp.sum(1) * Wn.sum(1))
+
+
+def _weighted_ap(W: np.ndarray, pos: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Weighted average precision (= average_precision_score with sample_weight) per replicate."""
+    order = np.argsort(-score, kind="mergesort")
+    s = score[order]
+    tp = np.cumsum(W[:, order] * pos[order], axis=1)
+    fp = np.cumsum(W[:, order] * ~pos[order], axis=1)
+    last = np.r_[s[1:] != s[:-1], True]  # one threshold per distinct score
+    tp, fp = tp[:, last], fp[:, last]
+    precision = _ratio(tp, tp + fp)
+    precision[np.isnan(precision)] = 0.0  # no predicted positives yet: the recall step there is 0 too
+    recall_step = np.diff(np.concatenate([np.zeros((len(W), 1)), tp], axis=1), axis=1)
+    return _ratio((recall_step * precision).sum(1), tp[:, -1])
+
+
+def weighted_classification_metrics(y: np.ndarray, probs: np.ndarray, W: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`classification_metrics` of every replicate of ``W`` (B, n) at once; each value (B,)."""
+    y = np.asarray(y, dtype=int)
+    probs = np.asarray(probs, dtype=np.float64)
+    W = np.atleast_2d(np.asarray(W, dtype=np.float64))
+    K = probs.shape[1]
+    total = W.sum(1)
+    pred = probs.argmax(1)
+    conf = (W @ np.eye(K * K)[y * K + pred]).reshape(len(W), K, K)  # [b, true, predicted]
+    tp = np.diagonal(conf, axis1=1, axis2=2)
+    support, predicted = conf.sum(2), conf.sum(1)
+    f1_den = support + predicted
+    f1 = np.where(f1_den > 0, 2 * tp / np.where(f1_den > 0, f1_den, 1), 0.0).mean(1)
+    present = support > 0
+    recall = np.where(present, tp / np.where(present, support, 1), 0.0)
+    balanced = _ratio(recall.sum(1), present.sum(1).astype(np.float64))
+    onehot = np.eye(K)[y]
+    if K == 2:
+        auroc = _weighted_auc(W, y == 1, probs[:, 1])
+        auprc = _weighted_ap(W, y == 1, probs[:, 1])
+        brier = _ratio(W @ (probs[:, 1] - (y == 1)) ** 2, total)
+    else:
+        complete = present.all(1)
+        auroc = np.mean([_weighted_auc(W, y == k, probs[:, k]) for k in range(K)], axis=0)
+        auprc = np.mean([_weighted_ap(W, y == k, probs[:, k]) for k in range(K)], axis=0)
+        auroc[~complete], auprc[~complete] = np.nan, np.nan
+        brier = _ratio(W @ ((probs - onehot) ** 2).mean(1), total)
+    out = {"auroc": auroc, "auprc": auprc, "f1_macro": f1, "balanced_accuracy": balanced, "brier": brier}
+    return {k: out[k] for k in CLASSIFICATION_METRICS}
+
+
+class _SurvivalScorer:
+    """Weighted forms of the survival metrics of one fold; everything not resampled is computed once."""
+
+    def __init__(self, f: FoldPredictions) -> None:
+        assert f.time is not None and f.event is not None and f.risk is not None
+        t = np.asarray(f.time, dtype=np.float64)
+        e = np.asarray(f.event).astype(bool)
+        r = np.asarray(f.risk, dtype=np.float64)
+        # i is comparable with j: i's event comes first (an event ties with a censoring at the same time)
+        comparable = e[:, None] & ((t[None, :] > t[:, None]) | ((t[None, :] == t[:, None]) & ~e[None, :]))
+        self.harrell = (comparable * _pair_scores(r, r), comparable.astype(np.float64))
+        self.grid: np.ndarray = np.zeros(0) if f.times is None else np.asarray(f.times, dtype=np.float64)
+        self.grid_ok = len(self.grid) > 0 and f.train_time is not None and f.train_event is not None
+        if not self.grid_ok:
+            return
+        times = self.grid
+        tau = times[-1]
+        g_t, g_i = _censoring_survival(f.train_time, f.train_event, times, np.minimum(t, tau))  # type: ignore[arg-type]
+        need = e & (t <= tau)
+        if g_t is None or g_i is None or (g_t <= 0).any() or (g_i[need] <= 0).any():
+            self.grid_ok = False
+            return
+        inv = np.where(need, 1.0 / np.where(need, g_i, 1.0), 0.0)  # type: ignore[arg-type]
+        tied = _pair_scores(r, r, TIED_TOL)
+        uno_w = np.where(e & (t < tau), inv ** 2, 0.0)[:, None] * comparable
+        self.uno = (uno_w * tied, uno_w)
+        self.tied = tied
+        self.case = (e[:, None] & (t[:, None] <= times[None, :])) * inv[:, None]  # IPCW case weights (n, T)
+        self.control = (t[:, None] > times[None, :]).astype(np.float64)
+        self.km_times = np.unique(t)
+        self.km_event = (e[:, None] & (t[:, None] == self.km_times[None, :])).astype(np.float64)
+        self.km_risk = (t[:, None] >= self.km_times[None, :]).astype(np.float64)
+        self.km_at = np.searchsorted(self.km_times, times, side="right") - 1
+        if f.surv is not None and len(times) >= 2:
+            s = np.asarray(f.surv, dtype=np.float64)
+            self.brier_terms = s ** 2 * self.case + (1 - s) ** 2 * self.control / g_t[None, :]
+        else:
+            self.brier_terms = None
+
+    def __call__(self, W: np.ndarray) -> dict[str, np.ndarray]:
+        B = len(W)
+        num, den = self.harrell
+        out = {k: np.full(B, np.nan) for k in SURVIVAL_METRICS}
+        out["c_index"] = _ratio(((W @ num.T) * W).sum(1), ((W @ den.T) * W).sum(1))
+        if not self.grid_ok:
+            return out
+        num, den = self.uno
+        out["c_index_uno"] = _ratio(((W @ num.T) * W).sum(1), ((W @ den.T) * W).sum(1))
+        T = len(self.grid)
+        auc = np.empty((B, T))
+        for k in range(T):
+            q = (W * self.control[:, k]) @ self.tied.T  # (B, n): weighted controls each patient outranks
+            auc[:, k] = _ratio(((W * self.case[:, k]) * q).sum(1), (W @ self.case[:, k]) * (W @ self.control[:, k]))
+        if T == 1:
+            out["td_auc"] = auc[:, 0]
+        else:  # scikit-survival's mean: AUC(t) weighted by the drop of the test Kaplan-Meier curve
+            d, r = W @ self.km_event, W @ self.km_risk
+            km = np.cumprod(np.where(r > 0, 1 - d / np.where(r > 0, r, 1), 1.0), axis=1)
+            s = np.where(self.km_at >= 0, km[:, np.maximum(self.km_at, 0)], 1.0)
+            drop = -np.diff(np.concatenate([np.ones((B, 1)), s], axis=1), axis=1)
+            out["td_auc"] = _ratio((auc * drop).sum(1), 1 - s[:, -1])
+        if self.brier_terms is not None:
+            bs = (W @ self.brier_terms) / W.sum(1)[:, None]
+            out["ibs"] = np.trapezoid(bs, self.grid, axis=1) / (self.grid[-1] - self.grid[0])
+        return out
+
+
+def _censoring_survival(train_time: np.ndarray, train_event: np.ndarray, *at: np.ndarray
+                        ) -> tuple[np.ndarray | None, ...]:
+    """Kaplan-Meier of the training fold's censoring times (scikit-survival's estimator) at each ``at``;
+    None where it is not defined there (after the training follow-up)."""
+    from sksurv.nonparametric import CensoringDistributionEstimator
+    from sksurv.util import Surv
+
+    y = Surv.from_arrays(np.asarray(train_event).astype(bool), np.asarray(train_time, dtype=np.float64))
+    est = CensoringDistributionEstimator().fit(y)
+    out: list[np.ndarray | None] = []
+    for a in at:
+        try:
+            out.append(np.asarray(est.predict_proba(np.asarray(a, dtype=np.float64)), dtype=np.float64))
+        except ValueError:
+            out.append(None)
+    return tuple(out)
+
+
+# ---- per-fold evaluation -----------------------------------------------------------------------------------
 @dataclass
 class FoldPredictions:
-    """A fold's test predictions plus what survival metrics need from its training part."""
+    """A fold's test predictions plus what survival metrics need from its training part.
+
+    Survival: ``times`` is the cross-validation's one grid (:func:`survival_grid`), ``surv`` (n, T) the
+    predicted survival probabilities at it; ``train_time``/``train_event`` give the censoring distribution.
+    """
 
     y: np.ndarray | None = None  # classification codes
     probs: np.ndarray | None = None  # (n, K)
@@ -137,49 +344,161 @@ class FoldPredictions:
     times: np.ndarray | None = None
     train_time: np.ndarray | None = None
     train_event: np.ndarray | None = None
-    _y_train: np.ndarray | None = field(default=None, repr=False)
+    _scorer: _SurvivalScorer | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.y) if self.y is not None else len(self.time)  # type: ignore[arg-type]
 
+    @property
+    def is_survival(self) -> bool:
+        return self.y is None
+
     def metrics(self, rows: np.ndarray | None = None) -> dict[str, float]:
-        r = np.arange(len(self)) if rows is None else rows
-        if self.y is not None:
-            assert self.probs is not None
-            return classification_metrics(self.y[r], self.probs[r])
-        assert self.time is not None and self.event is not None and self.risk is not None
-        if self._y_train is None and self.train_time is not None and self.train_event is not None:
-            from sksurv.util import Surv
+        """The metrics on the fold's test patients, or on rows ``rows`` (with repeats, as a resample)."""
+        w = np.ones(len(self)) if rows is None else np.bincount(np.asarray(rows), minlength=len(self))
+        return {k: _float(v[0]) for k, v in self.replicate_metrics(w[None, :]).items()}
 
-            self._y_train = Surv.from_arrays(np.asarray(self.train_event).astype(bool),
-                                             np.asarray(self.train_time, dtype=np.float64))
-        return survival_metrics(self.time[r], self.event[r], self.risk[r], train_time=self.train_time,
-                                train_event=self.train_event, surv=None if self.surv is None else self.surv[r],
-                                times=self.times, y_train=self._y_train)
+    def replicate_metrics(self, W: np.ndarray) -> dict[str, np.ndarray]:
+        """Every metric for each row of multiplicities ``W`` (B, n) at once; NaN where undefined."""
+        W = np.atleast_2d(np.asarray(W, dtype=np.float64))
+        if not self.is_survival:
+            assert self.y is not None and self.probs is not None
+            return weighted_classification_metrics(self.y, self.probs, W)
+        if self._scorer is None:
+            self._scorer = _SurvivalScorer(self)
+        return self._scorer(W)
+
+    def strata(self) -> np.ndarray:
+        """Resampling strata that keep every replicate evaluable (see the module docstring)."""
+        if not self.is_survival:
+            return np.asarray(self.y, dtype=int)
+        t, e = np.asarray(self.time, dtype=np.float64), np.asarray(self.event).astype(bool)
+        if self.times is None or len(self.times) == 0:
+            return e.astype(int)
+        return np.where(e & (t <= self.times[0]), 0, np.where(t > self.times[-1], 2, 1))
+
+    def resample(self, rng: np.random.Generator, n_boot: int) -> np.ndarray:
+        """(n_boot, n) multiplicities of a bootstrap stratified by :meth:`strata`."""
+        W = np.zeros((n_boot, len(self)))
+        strata = self.strata()
+        for s in np.unique(strata):
+            rows = np.flatnonzero(strata == s)
+            W[:, rows] = rng.multinomial(len(rows), np.full(len(rows), 1.0 / len(rows)), size=n_boot)
+        return W
 
 
-def summarise(folds: Sequence[FoldPredictions], n_boot: int = 200, seed: int = 0,
+def _float(v: Any) -> float:
+    v = float(v)
+    return v if math.isfinite(v) else math.nan
+
+
+# ---- intervals and summary -----------------------------------------------------------------------------------
+def corrected_t_interval(values: Sequence[float], test_sizes: Sequence[int], alpha: float = 0.05,
+                         bounds: tuple[float, float] | None = (0.0, 1.0)) -> tuple[float, float]:
+    """Corrected resampled t-interval (Nadeau & Bengio 2003, Machine Learning 52:239) of the mean over folds.
+
+    ``mean ± t(K-1, 1-alpha/2) · sqrt((1/K + n_test/n_train) · s²)``, ``s²`` the sample variance of the K
+    fold values, ``n_test/n_train`` the mean over folds of the test/training size ratio (1/(K-1) for equal
+    K-fold splits; training size = all patients minus the fold's test patients). Clipped to ``bounds``.
+
+    Why this interval: each fold value comes from a model trained on a different training set, so their spread
+    carries the variability of training as well as of the test patients, which the bootstrap (fold models held
+    fixed) leaves out. The naive t-interval ``s / sqrt(K)`` is too narrow because folds share training patients
+    (their values are positively correlated), and no unbiased estimator of the K-fold variance exists (Bengio &
+    Grandvalet 2004); the ``n_test/n_train`` term is Nadeau & Bengio's correction for that correlation, the
+    usual choice for K-fold (Bouckaert & Frank 2004). Repeated K-fold would estimate the same thing with R
+    times the training cost (minutes per fold for attention MIL), which this needs none of. With K=5 it has 4
+    degrees of freedom, so it is wide; NaN when a fold is undefined or K < 2.
+    """
+    from scipy.stats import t as student_t
+
+    v = np.asarray(values, dtype=np.float64)
+    sizes = np.asarray(test_sizes, dtype=np.float64)
+    K = len(v)
+    if K < 2 or not np.isfinite(v).all() or len(sizes) != K:
+        return math.nan, math.nan
+    ratio = float(np.mean(sizes / (sizes.sum() - sizes)))
+    half = float(student_t.ppf(1 - alpha / 2, K - 1)) * math.sqrt((1.0 / K + ratio) * v.var(ddof=1))
+    lo, hi = float(v.mean()) - half, float(v.mean()) + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return lo, hi
+
+
+def center_risks_by_fold(pred: pd.DataFrame, fold_col: str = "fold", risk_col: str = "risk") -> pd.DataFrame:
+    """A copy of out-of-fold predictions with each fold's risks minus that fold's mean risk.
+
+    The Cox partial likelihood is invariant to adding a constant to every risk, so each fold model's risks
+    carry an arbitrary offset; pooled across folds, those offsets mix into every pooled statistic (c-index of
+    the pooled risks, risk groups). Centring per fold removes them and changes no within-fold ranking, so
+    per-fold metrics are unchanged. Idempotent. Scale differences between fold models are not touched.
+    """
+    if fold_col not in pred.columns or risk_col not in pred.columns:
+        raise ValueError(f"predictions need columns {fold_col!r} and {risk_col!r}")
+    out = pred.copy()
+    out[risk_col] = out[risk_col] - out.groupby(fold_col)[risk_col].transform("mean")
+    return out
+
+
+def interval_descriptions(survival: bool) -> dict[str, str]:
+    """What ``ci_low/ci_high`` and ``ci_t_low/ci_t_high`` cover (written into every metric of metrics.json)."""
+    strata = ("events at or before the first grid time / patients followed past the last grid time / the rest"
+              if survival else "class")
+    return {
+        "ci": "percentile bootstrap of the mean over folds: each fold's test patients resampled with replacement "
+              f"(stratified by {strata}, so every replicate is evaluable); fold models, training data and "
+              "evaluation grid held fixed: covers test-patient variability of these fitted models, not training "
+              "variability",
+        "ci_t": "corrected resampled t-interval (Nadeau & Bengio 2003) over the per-fold values, variance "
+                "(1/K + n_test/n_train) s^2, K-1 degrees of freedom: approximately covers training and test "
+                "variability of the procedure",
+    }
+
+
+def summarise(folds: Sequence[FoldPredictions], n_boot: int = 1000, seed: int = 0,
               alpha: float = 0.05) -> dict[str, dict[str, Any]]:
-    """``{metric: {"mean", "ci_low", "ci_high", "per_fold"}}`` (see module docstring for definitions)."""
+    """Per metric: ``mean, ci_low, ci_high, per_fold`` plus ``n_boot, n_valid, ci_t_low, ci_t_high``,
+    ``interval`` (what each interval covers) and, for the grid metrics, ``eval_times`` (module docstring)."""
+    folds = list(folds)
+    if not folds:
+        raise ValueError("summarise needs at least one fold")
+    if n_boot < 1:
+        raise ValueError("n_boot must be >= 1")
+    survival = folds[0].is_survival
+    grid = None
+    if survival:
+        grid = np.zeros(0) if folds[0].times is None else np.asarray(folds[0].times, dtype=np.float64)
+        for f in folds[1:]:
+            other = np.zeros(0) if f.times is None else np.asarray(f.times, dtype=np.float64)
+            if other.shape != grid.shape or not np.array_equal(other, grid):
+                raise ValueError("survival folds must share one evaluation grid (build it with survival_grid)")
     per_fold = [f.metrics() for f in folds]
     names = list(per_fold[0])
     rng = np.random.default_rng(seed)
-    boot = np.full((n_boot, len(names)), np.nan)
-    for b in range(n_boot):
-        reps = [f.metrics(rng.integers(0, len(f), len(f))) for f in folds]
-        vals = np.array([[r[k] for k in names] for r in reps])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            boot[b] = np.nanmean(vals, axis=0)
+    boot = np.zeros((n_boot, len(names)))
+    for f in folds:  # NaN in any fold makes the replicate NaN: no average over a subset of folds
+        reps = f.replicate_metrics(f.resample(rng, n_boot))
+        boot += np.stack([reps[k] for k in names], axis=1)
+    boot /= len(folds)
+    sizes = [len(f) for f in folds]
+    intervals = interval_descriptions(survival)
     out: dict[str, dict[str, Any]] = {}
     for j, k in enumerate(names):
         pf = np.array([m[k] for m in per_fold], dtype=np.float64)
+        mean = float(pf.mean()) if np.isfinite(pf).all() else math.nan
         col = boot[:, j][np.isfinite(boot[:, j])]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean = float(np.nanmean(pf)) if np.isfinite(pf).any() else math.nan
-        lo, hi = (np.percentile(col, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(col) else (math.nan, math.nan))
-        out[k] = {"mean": _num(mean), "ci_low": _num(lo), "ci_high": _num(hi), "per_fold": [_num(v) for v in pf]}
+        lo = hi = math.nan
+        if np.isfinite(mean) and len(col) >= MIN_VALID_SHARE * n_boot:
+            lo, hi = np.percentile(col, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+        t_lo, t_hi = corrected_t_interval(pf, sizes, alpha)
+        entry: dict[str, Any] = {
+            "mean": _num(mean), "ci_low": _num(lo), "ci_high": _num(hi), "per_fold": [_num(v) for v in pf],
+            "n_boot": n_boot, "n_valid": len(col), "ci_t_low": _num(t_lo), "ci_t_high": _num(t_hi),
+            "interval": intervals,
+        }
+        if survival and k in GRID_METRICS:
+            entry["eval_times"] = [float(x) for x in grid]  # type: ignore[union-attr]
+        out[k] = entry
     return out
 
 

@@ -3,12 +3,18 @@
 Both runs' out-of-fold predictions are matched by ``patient_id`` (patients in only one run are counted and
 left out). Differences are always ``A - B``.
 
-* Binary classification: DeLong test for two correlated AUROCs (:func:`mmcli.heads.stats.delong_test`).
+* Binary classification: DeLong test for two correlated AUROCs (:func:`mmcli.heads.stats.delong_test`); its
+  interval is the Wald interval of the same variance and reference distribution as its p-value. Fewer than 2
+  shared patients in a class: refused (no variance to test with).
 * Multiclass: the headline is the **macro one-vs-rest AUROC** difference with a paired bootstrap stratified by
   class (DeLong covers one binary AUROC, not a macro average); each class's one-vs-rest AUROC is also tested
-  with DeLong (unadjusted p-values, listed per class).
+  with DeLong (unadjusted p-values, listed per class; null with a message for a class under 2 patients).
 * Survival: Harrell's c-index difference by paired bootstrap stratified by event status (lifelines
-  ``concordance_index``; higher risk = shorter survival).
+  ``concordance_index``; higher risk = shorter survival), on risks **centred per fold** first
+  (:func:`mmcli.heads.metrics.center_risks_by_fold`: the Cox loss leaves each fold model's offset arbitrary).
+
+Every interval and its p-value come from one method (DeLong: one variance; bootstrap: the p-value inverts the
+percentile interval), so ``p < alpha`` exactly when the ``1 - alpha`` interval excludes 0.
 
 Values are computed on the **pooled out-of-fold predictions** of the shared patients (one prediction per
 patient, from the fold model that did not see it), so they can differ slightly from ``metrics.json``, which
@@ -19,12 +25,15 @@ labels on every shared patient; otherwise :class:`InputError` (exit 2).
 """
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from mmcli.heads.metrics import center_risks_by_fold
 from mmcli.heads.stats import auroc_bootstrap, cindex_bootstrap, delong_test
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.rundir import CLASSIFICATION, SURVIVAL, Run, load_run
@@ -44,6 +53,8 @@ def _check_compatible(a: Run, b: Run) -> None:
 
 def _matched(a: Run, b: Run) -> tuple[pd.DataFrame, pd.DataFrame, int, int]:
     pa, pb = a.require_predictions(), b.require_predictions()
+    if a.task == SURVIVAL:  # on each run's full predictions, before patients are matched
+        pa, pb = _centred(pa, a), _centred(pb, b)
     ids_a, ids_b = set(pa["patient_id"]), set(pb["patient_id"])
     shared = sorted(ids_a & ids_b)
     if not shared:
@@ -52,6 +63,17 @@ def _matched(a: Run, b: Run) -> tuple[pd.DataFrame, pd.DataFrame, int, int]:
     ia = pa.set_index("patient_id").loc[shared].reset_index()
     ib = pb.set_index("patient_id").loc[shared].reset_index()
     return ia, ib, len(ids_a - ids_b), len(ids_b - ids_a)
+
+
+def _centred(pred: pd.DataFrame, run: Run) -> pd.DataFrame:
+    if "fold" not in pred.columns:
+        raise InputError(f"{run.path / 'predictions.csv'} has no 'fold' column, needed to centre each fold "
+                         "model's risks. Fix: re-run `mmcli fit`.")
+    return center_risks_by_fold(pred)
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
 
 
 def _check_same_labels(what: str, va: np.ndarray, vb: np.ndarray, ids: pd.Series, a: Run, b: Run) -> None:
@@ -84,9 +106,12 @@ def _classification(a: Run, b: Run, pa: pd.DataFrame, pb: pd.DataFrame, n_boot: 
         raise InputError(f"the {len(ya)} shared patients all have class {classes[present[0]]!r}: AUROC is undefined")
     if len(classes) == 2:
         d = delong_test((ya == 1).astype(int), prob_a[:, 1], prob_b[:, 1], alpha=alpha)
+        if not d.defined:
+            raise InputError(f"{d.message} among the {len(ya)} shared patients")
         return {"metric": "auroc", "method": "delong", "positive_class": classes[1],
                 "value_a": d.auc_a, "value_b": d.auc_b, "difference": d.difference, "ci_low": d.ci_low,
-                "ci_high": d.ci_high, "p_value": d.p_value, "se": d.se, "z": d.z}
+                "ci_high": d.ci_high, "p_value": d.p_value, "se": d.se, "z": _finite(d.z),
+                "reference": d.reference, "df": _finite(d.df), "message": d.message}
     if len(present) < len(classes):
         missing = [classes[i] for i in range(len(classes)) if i not in present]
         raise InputError(f"classes {missing} have no shared patient: the macro AUROC is undefined")
@@ -95,7 +120,8 @@ def _classification(a: Run, b: Run, pa: pd.DataFrame, pb: pd.DataFrame, n_boot: 
     for c, name in enumerate(classes):
         d = delong_test((ya == c).astype(int), prob_a[:, c], prob_b[:, c], alpha=alpha)
         per_class.append({"class": name, "auc_a": d.auc_a, "auc_b": d.auc_b, "difference": d.difference,
-                          "ci_low": d.ci_low, "ci_high": d.ci_high, "p_value": d.p_value})
+                          "ci_low": _finite(d.ci_low), "ci_high": _finite(d.ci_high),
+                          "p_value": _finite(d.p_value), "reference": d.reference, "message": d.message})
     return {"metric": "auroc_macro_ovr", "method": "paired_bootstrap", "value_a": boot.estimate_a,
             "value_b": boot.estimate_b, "difference": boot.difference, "ci_low": boot.ci_low,
             "ci_high": boot.ci_high, "p_value": boot.p_value, "n_boot": n_boot, "n_valid": boot.n_valid,
@@ -116,7 +142,8 @@ def _survival(a: Run, b: Run, pa: pd.DataFrame, pb: pd.DataFrame, n_boot: int, s
     return {"metric": "c_index", "method": "paired_bootstrap", "value_a": boot.estimate_a,
             "value_b": boot.estimate_b, "difference": boot.difference, "ci_low": boot.ci_low,
             "ci_high": boot.ci_high, "p_value": boot.p_value, "n_boot": n_boot, "n_valid": boot.n_valid,
-            "seed": seed, "n_events": int(ea.sum())}
+            "seed": seed, "n_events": int(ea.sum()),
+            "risk_centring": "each run's risks minus the mean of its fold's out-of-fold risks"}
 
 
 def compare(run_a: str | Path, run_b: str | Path, *, n_boot: int = 2000, seed: int = 0,
@@ -131,7 +158,9 @@ def compare(run_a: str | Path, run_b: str | Path, *, n_boot: int = 2000, seed: i
     _check_compatible(a, b)
     pa, pb, only_a, only_b = _matched(a, b)
     fn = _survival if a.task == SURVIVAL else _classification
-    res = fn(a, b, pa, pb, n_boot, seed, alpha)
+    with warnings.catch_warnings():  # small-class warnings travel in the result's "message" fields instead
+        warnings.simplefilter("ignore", UserWarning)
+        res = fn(a, b, pa, pb, n_boot, seed, alpha)
     out: dict[str, Any] = {
         "task": a.task, "metric": res.pop("metric"), "method": res.pop("method"),
         "run_a": _side(a, res.pop("value_a")), "run_b": _side(b, res.pop("value_b")),
@@ -157,16 +186,31 @@ def format_comparison(result: dict[str, Any]) -> str:
         f"  {'B':<4} {b['head']:<16} {','.join(b['modalities']) or '-':<32} {b['value']:>{w}.4f}   {b['path']}",
         "",
         f"  A - B = {result['difference']:+.4f}   {conf}% CI [{result['ci_low']:+.4f}, {result['ci_high']:+.4f}]"
-        f"   p = {result['p_value']:.4g}",
+        f"   {_p_text(result)}",
+        f"  interval and p from the same {result['method'].replace('_', ' ')}"
+        + (" (Student's t reference)" if result.get("reference") == "t" else ""),
     ]
+    if result.get("message"):
+        lines.append(f"  note: {result['message']}")
     if result.get("per_class"):
         lines += ["", "  per class (one-vs-rest AUROC, DeLong, unadjusted p):",
                   f"  {'class':<20} {'A':>8} {'B':>8} {'A - B':>8} {'p':>10}"]
         for r in result["per_class"]:
+            p = "n/a" if r["p_value"] is None else f"{r['p_value']:.4g}"
             lines.append(f"  {r['class']:<20} {r['auc_a']:>8.4f} {r['auc_b']:>8.4f} {r['difference']:>+8.4f} "
-                         f"{r['p_value']:>10.4g}")
+                         f"{p:>10}" + (f"   {r['message']}" if r["message"] else ""))
     lines.append(f"\n  values: pooled out-of-fold {result['metric']} of the shared patients "
                  "(metrics.json reports the mean over folds)")
+    if result.get("risk_centring"):
+        lines.append("  risks centred per fold before pooling (each fold model's offset is arbitrary)")
     if result.get("n_boot"):
         lines.append(f"  bootstrap: {result['n_valid']}/{result['n_boot']} usable resamples, seed {result['seed']}")
     return "\n".join(lines)
+
+
+def _p_text(result: dict[str, Any]) -> str:
+    """``p = ...``; a bootstrap p of 0 only says p < 2 / (usable resamples)."""
+    p = result["p_value"]
+    if p == 0 and result.get("n_valid"):
+        return f"p < {2 / result['n_valid']:.2g}"
+    return f"p = {p:.4g}"

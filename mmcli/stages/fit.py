@@ -53,7 +53,7 @@ def fit(
     folds: int = 5,
     seed: int = 0,
     params: dict[str, Any] | None = None,
-    n_boot: int = 200,
+    n_boot: int = 1000,
     drop_unmatched: bool = False,
     strict_match: bool = False,
     explain: bool = True,

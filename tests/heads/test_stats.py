@@ -2,10 +2,13 @@
 structural components, a large bootstrap, and the null distribution of p-values."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from lifelines.utils import concordance_index
 from scipy.stats import mannwhitneyu
+from scipy.stats import t as t_dist
 from sklearn.metrics import roc_auc_score
 
 from mmcli.heads.stats import (
@@ -15,6 +18,7 @@ from mmcli.heads.stats import (
     delong_covariance,
     delong_test,
     paired_bootstrap,
+    percentile_interval_and_p,
 )
 
 # pROC's aSAH data set (Turck et al. 2010, Intensive Care Med 36:107; 113 patients, shipped with R pROC),
@@ -193,3 +197,86 @@ def test_auroc_bootstrap_binary_and_macro() -> None:
 def _softmax(x: np.ndarray) -> np.ndarray:
     z = np.exp(x - x.max(1, keepdims=True))
     return z / z.sum(1, keepdims=True)
+
+
+# ---- issue 12: small classes, reference distribution, interval/p agreement ----------------------------------
+@pytest.mark.parametrize("n_pos", [1, 0])
+def test_delong_with_one_case_in_a_class_is_nan_with_a_message(n_pos: int) -> None:
+    """The old code set S10 to 0 with one positive (type-I error 0.58); now there is no test at all."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(1, int), np.zeros(39, int)] if n_pos else np.r_[np.zeros(1, int), np.ones(39, int)]
+    a, b = rng.normal(size=40), rng.normal(size=40)
+    r = delong_test(y, a, b)
+    assert np.isnan([r.se, r.z, r.p_value, r.ci_low, r.ci_high]).all() and not r.defined
+    assert "at least 2 positives and 2 negatives" in r.message
+    assert r.auc_a == pytest.approx(roc_auc_score(y, a))  # the AUCs themselves are still reported
+    assert np.isnan(delong_covariance(y, np.vstack([a, b]))[1]).all()
+
+
+def test_delong_small_class_warns_and_uses_satterthwaite_t() -> None:
+    rng = np.random.default_rng(1)
+    y = np.r_[np.ones(4, int), np.zeros(36, int)]
+    a = y + rng.normal(0, 1, 40)
+    b = 0.5 * a + rng.normal(0, 1, 40)
+    with pytest.warns(UserWarning, match="rough under 10 cases"):
+        r = delong_test(y, a, b)
+    assert r.reference == "t" and "only 4 positives" in r.message
+    # hand computation from the structural components
+    pos, neg = y == 1, y == 0
+    v10 = np.array([[(s[i] > s[neg]).mean() + 0.5 * (s[i] == s[neg]).mean() for i in np.flatnonzero(pos)]
+                    for s in (a, b)])
+    v01 = np.array([[(s[pos] > s[j]).mean() + 0.5 * (s[pos] == s[j]).mean() for j in np.flatnonzero(neg)]
+                    for s in (a, b)])
+    c10, c01 = np.var(v10[0] - v10[1], ddof=1) / 4, np.var(v01[0] - v01[1], ddof=1) / 36
+    df = (c10 + c01) ** 2 / (c10 ** 2 / 3 + c01 ** 2 / 35)
+    assert r.se == pytest.approx(np.sqrt(c10 + c01)) and r.df == pytest.approx(df)
+    assert r.p_value == pytest.approx(2 * t_dist.sf(abs(r.z), df))
+    assert r.ci_high - r.difference == pytest.approx(t_dist.ppf(0.975, df) * r.se)
+    normal = delong_test(y, a, b, reference="normal")
+    assert normal.z == pytest.approx(r.z) and normal.p_value < r.p_value and np.isinf(normal.df)
+
+
+def test_delong_type_one_error_with_three_positives_is_near_nominal() -> None:
+    """3 positives among 40: the normal reference rejected a true null ~11 % of the time; the t reference must
+    stay near 5 % (benchmarks/bench_stats.py runs 2000 repetitions; this is a quick 600)."""
+    rng = np.random.default_rng(11)
+    y = np.r_[np.ones(3, int), np.zeros(37, int)]
+    rejected = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(600):
+            base = y + rng.normal(size=40)
+            r = delong_test(y, base + rng.normal(size=40), base + rng.normal(size=40))
+            rejected += r.p_value < 0.05
+    assert rejected / 600 <= 0.075
+
+
+def test_interval_and_p_value_never_disagree() -> None:
+    """Over a batch of random cases (discrete and continuous bootstrap distributions, ties at 0, DeLong with
+    both references): p < alpha exactly when the (1 - alpha) interval excludes 0."""
+    rng = np.random.default_rng(4)
+    checked = 0
+    for _ in range(400):
+        alpha = float(rng.choice([0.01, 0.05, 0.1, 0.2]))
+        B = int(rng.integers(20, 400))
+        boots = rng.normal(rng.normal(0, 1.5), 1, B)
+        if rng.random() < 0.4:
+            boots = np.round(boots * 2) / 4  # many exact zeros and ties
+        lo, hi, p = percentile_interval_and_p(boots, alpha)
+        assert (p < alpha) == (lo > 0 or hi < 0), (alpha, B, lo, hi, p)
+        assert lo <= hi
+        checked += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(300):
+            n = int(rng.integers(8, 60))
+            y = rng.integers(0, 2, n)
+            if min(y.sum(), n - y.sum()) < 2:
+                continue
+            a = y * rng.normal(0.5, 0.5) + rng.normal(size=n)
+            b = 0.5 * a + rng.normal(size=n)
+            alpha = float(rng.choice([0.01, 0.05, 0.1]))
+            r = delong_test(y, a, b, alpha=alpha, reference=str(rng.choice(["auto", "normal", "t"])))
+            assert (r.p_value < alpha) == (r.ci_low > 0 or r.ci_high < 0)
+            checked += 1
+    assert checked > 600

@@ -74,14 +74,21 @@ def test_multiclass_macro_auroc_bootstrap_and_per_class_delong(tmp_path: Path) -
     assert "per class" in format_comparison(res)
 
 
+def _centred(pred: pd.DataFrame) -> pd.Series:
+    """Each fold's risks minus that fold's mean, computed here independently of mmcli."""
+    return pred["risk"] - pred.groupby("fold")["risk"].transform("mean")
+
+
 def test_survival_cindex_paired_bootstrap(tmp_path: Path) -> None:
+    """Changed with issue 12: the reference c-index is now that of the risks centred per fold (compare centres
+    them, since each fold model's offset is arbitrary), computed independently with pandas and lifelines."""
     data = survival_data(150)
     a = survival_run(tmp_path / "a", data=data, noise=0.3, n=150)
     b = survival_run(tmp_path / "b", data=data, noise=1.5, n=150, head="attention_mil")
     res = compare(a, b, n_boot=300, seed=0)
     pa, pb = pd.read_csv(a / "predictions.csv"), pd.read_csv(b / "predictions.csv")
-    assert res["run_a"]["value"] == pytest.approx(concordance_index(pa["time"], -pa["risk"], pa["event"]))
-    assert res["run_b"]["value"] == pytest.approx(concordance_index(pb["time"], -pb["risk"], pb["event"]))
+    assert res["run_a"]["value"] == pytest.approx(concordance_index(pa["time"], -_centred(pa), pa["event"]))
+    assert res["run_b"]["value"] == pytest.approx(concordance_index(pb["time"], -_centred(pb), pb["event"]))
     assert (res["metric"], res["method"], res["n_events"]) == ("c_index", "paired_bootstrap", int(data[2].sum()))
     assert res["difference"] > 0 and res["ci_low"] > 0 and res["p_value"] < 0.01
     assert compare(a, b, n_boot=300, seed=0) == res
@@ -114,3 +121,69 @@ def test_compare_refuses_runs_that_do_not_match(tmp_path: Path) -> None:
     (surv / "predictions.csv").unlink()
     with pytest.raises(InputError, match="no predictions.csv"):
         compare(surv, surv)
+
+
+def test_survival_compare_centres_each_fold_models_offset(tmp_path: Path) -> None:
+    """Run A's fold models carry large arbitrary offsets (the Cox loss cannot pin them): compared on raw pooled
+    risks A would look much worse than B with the same ranking; centred, the two are identical."""
+    data = survival_data(150)
+    a = survival_run(tmp_path / "a", data=data, noise=0.3, n=150)
+    b = survival_run(tmp_path / "b", data=data, noise=0.3, n=150)
+    pred = pd.read_csv(a / "predictions.csv")
+    pred["risk"] += pred["fold"].map({0: -4.0, 1: 6.0, 2: 0.0, 3: 11.0, 4: -9.0})
+    pred.to_csv(a / "predictions.csv", index=False)
+    raw = concordance_index(pred["time"], -pred["risk"], pred["event"])
+    res = compare(a, b, n_boot=200, seed=0)
+    assert res["difference"] == pytest.approx(0.0, abs=1e-12) and res["run_a"]["value"] > raw + 0.05
+    assert res["p_value"] == 1.0 and res["ci_low"] <= 0 <= res["ci_high"] and "risk_centring" in res
+    assert "centred per fold" in format_comparison(res)
+
+
+def test_compare_interval_and_p_agree_over_random_cases(tmp_path: Path) -> None:
+    """Binary (DeLong), multiclass and survival (bootstrap) comparisons of random runs: p < alpha exactly when
+    the printed (1 - alpha) interval excludes 0."""
+    rng = np.random.default_rng(0)
+    seen = {"delong": 0, "paired_bootstrap": 0}
+    for i in range(12):
+        alpha = float(rng.choice([0.05, 0.1, 0.2]))
+        kind = i % 3
+        if kind == 0:
+            n = int(rng.integers(20, 80))
+            a = classification_run(tmp_path / f"a{i}", n=n, signal=float(rng.uniform(0.3, 2)), seed=i)
+            b = classification_run(tmp_path / f"b{i}", n=n, signal=float(rng.uniform(0.3, 2)), seed=i + 50)
+        elif kind == 1:
+            cl = ("x", "y", "z")
+            a = classification_run(tmp_path / f"a{i}", classes=cl, n=60, signal=float(rng.uniform(0.5, 2)), seed=i)
+            b = classification_run(tmp_path / f"b{i}", classes=cl, n=60, signal=float(rng.uniform(0.5, 2)), seed=i + 9)
+        else:
+            data = survival_data(60, seed=i)
+            a = survival_run(tmp_path / f"a{i}", data=data, n=60, noise=float(rng.uniform(0.2, 1.5)), seed=i)
+            b = survival_run(tmp_path / f"b{i}", data=data, n=60, noise=float(rng.uniform(0.2, 1.5)), seed=i + 7)
+        res = compare(a, b, n_boot=150, seed=i, alpha=alpha)
+        excludes = res["ci_low"] > 0 or res["ci_high"] < 0
+        assert (res["p_value"] < alpha) == excludes, res
+        seen[res["method"]] += 1
+        json.dumps(res, allow_nan=False)
+    assert seen["delong"] == 4 and seen["paired_bootstrap"] == 8
+
+
+def test_binary_compare_with_one_shared_positive_is_refused(tmp_path: Path) -> None:
+    y = np.zeros(40, int)
+    y[0] = 1
+    a = classification_run(tmp_path / "a", n=40, y=y, seed=1)
+    b = classification_run(tmp_path / "b", n=40, y=y, seed=2)
+    with pytest.raises(InputError, match="at least 2 positives and 2 negatives"):
+        compare(a, b)
+
+
+def test_per_class_delong_of_a_tiny_class_is_null_with_a_message(tmp_path: Path) -> None:
+    classes = ("big", "mid", "rare")
+    y = np.r_[np.zeros(30, int), np.ones(29, int), [2]]
+    a = classification_run(tmp_path / "a", classes=classes, n=60, y=y, seed=1)
+    b = classification_run(tmp_path / "b", classes=classes, n=60, y=y, seed=2)
+    res = compare(a, b, n_boot=100)
+    rare = res["per_class"][2]
+    assert rare["p_value"] is None and rare["ci_low"] is None and "at least 2 positives" in rare["message"]
+    assert res["per_class"][0]["p_value"] is not None
+    json.dumps(res, allow_nan=False)
+    assert "n/a" in format_comparison(res)

@@ -51,7 +51,10 @@ def test_fusion_run_dir_follows_the_contract(planted, tmp_path):
     assert metrics["encoder_ids"] == {"mri": "enc-mri", "wsi": "enc-wsi", "genes": "tabular"}
     assert set(metrics["metrics"]) == set(CLASSIFICATION_METRICS)
     for m in metrics["metrics"].values():
-        assert set(m) == {"mean", "ci_low", "ci_high", "per_fold"} and len(m["per_fold"]) == 3
+        # issue 12 added n_boot, n_valid, the t-interval and the interval descriptions to the original four keys
+        assert set(m) == {"mean", "ci_low", "ci_high", "per_fold", "n_boot", "n_valid", "ci_t_low", "ci_t_high",
+                          "interval"} and len(m["per_fold"]) == 3
+        assert m["n_valid"] == m["n_boot"] == 20
         assert m["ci_low"] <= m["ci_high"]
     config = json.loads((out / "config.json").read_text())
     for key in ("head", "params", "task", "target", "classes", "modalities", "encoder_ids", "folds", "seed",
