@@ -32,7 +32,7 @@ from mmcli import __version__
 from mmcli.heads.base import Head, create_head, head_class
 from mmcli.heads.cv import FoldResult, check_folds, cross_validate, head_params
 from mmcli.heads.data import Cohort, Source, load_cohort, resolve_sources
-from mmcli.heads.metrics import summarise
+from mmcli.heads.metrics import center_risks_by_fold, summarise
 from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.rundir import RunWriter
@@ -239,7 +239,9 @@ def prediction_frame(patients: Sequence[str], pred: np.ndarray, tgt_task: str, c
 
 
 def _predictions_frame(results: list[FoldResult], tgt: Target) -> pd.DataFrame:
-    """Out-of-fold predictions.csv rows, in the labels' patient order."""
+    """Out-of-fold predictions.csv rows, in the labels' patient order. Survival risks are centred per fold
+    (each fold model's risks carry an arbitrary offset: the Cox loss is shift-invariant), so pooled statistics
+    (the report's c-index and risk groups, ``compare``) are not mixed with those offsets."""
     frames = []
     for r in results:
         pids = [tgt.patients[i] for i in r.test_idx]
@@ -255,6 +257,8 @@ def _predictions_frame(results: list[FoldResult], tgt: Target) -> pd.DataFrame:
         frames.append(df)
     order = {p: i for i, p in enumerate(tgt.patients)}
     out = pd.concat(frames, ignore_index=True)
+    if tgt.task == "survival":
+        out = center_risks_by_fold(out)
     return out.iloc[np.argsort(out["patient_id"].map(order).to_numpy(), kind="stable")]
 
 

@@ -98,6 +98,7 @@ def test_survival_runs_report_survival_metrics(surv, tmp_path, head):
     assert doc["metrics"]["c_index"]["mean"] is not None and doc["metrics"]["ibs"]["mean"] is not None
     pred = pd.read_csv(tmp_path / "predictions.csv")
     assert list(pred.columns) == ["patient_id", "fold", "time", "event", "risk"]
+    assert np.allclose(pred.groupby("fold")["risk"].mean(), 0.0, atol=1e-6)  # centred per fold before pooling
     audit = json.loads((tmp_path / "cv_audit.json").read_text())
     assert all(set(f["overlap_with_test"].values()) <= {0} for f in audit["folds"])
     cfg = json.loads((tmp_path / "config.json").read_text())
