@@ -471,9 +471,9 @@ def run_extraction(
                         outcomes += _run_local(rows, resolved, store_path, force, bar, control)
             if control.stopping:
                 summary.signal = control.signum
-                summary.stopped = (f"{signal.Signals(control.signum).name}: {summary.count('skipped')} item(s) not "
-                                   "started, in-flight work abandoned unwritten. Fix: re-run the same command to "
-                                   "resume (finished items are kept).")
+                summary.stopped = (f"{signal.Signals(control.signum).name}: {summary.count('interrupted')} item(s) "
+                                   f"abandoned unwritten, {summary.count('skipped')} not started. Fix: re-run the "
+                                   "same command to resume (finished items are kept).")
     except DiskFullError as e:  # outside any item: creating the store, clearing staging
         summary.stopped = str(e)
         seen = {(o.patient_id, o.item_id) for o in outcomes}
