@@ -19,7 +19,8 @@ not crash-safe (a process killed inside an HDF5 write can damage the file); Zarr
 
 Readers trust an item only when its ``complete`` attribute is true *and* its arrays exist with the recorded
 shapes (checked from metadata only, no array data is read). An item whose metadata cannot be parsed, or whose
-``features``/``coords`` array is missing or of another shape, is *corrupt*: readers skip it with a warning,
+``features``/``coords`` array is missing or of another shape, is *corrupt*: readers skip it with a warning on
+stderr (once per process),
 :meth:`FeatureStore.verify` reports it and :meth:`FeatureStore.repair` removes it so the next extract redoes it.
 
 A key mmcli never writes (an unsafe or hidden name, ``..``, a symbolic / soft / external link) means the store
@@ -35,6 +36,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -353,7 +355,9 @@ class FeatureStore(ABC):
         if token in _WARNED:
             return
         _WARNED.add(token)
-        log.warning("warning: %s: skipping /%s: %s. %s", self.path, key_path, why, _repair_hint(self.path))
+        msg = f"warning: {self.path}: skipping /{key_path}: {why}. {_repair_hint(self.path)}"
+        print(msg, file=sys.stderr, flush=True)  # the user's console, whatever logging is set up
+        log.info(msg)  # and the log file, where one is configured
 
     def _scan_keys(self, key_path: str) -> tuple[list[str], list[Problem]]:
         """(safe child names, a problem for each child entry mmcli never writes)."""

@@ -7,7 +7,6 @@ naming it), ``is_cached`` and ``info`` no longer count it, ``verify`` reports it
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -127,16 +126,16 @@ METADATA_DAMAGE = [
 
 @pytest.mark.parametrize("name,damage,why", METADATA_DAMAGE, ids=[d[1].__name__ for d in METADATA_DAMAGE])
 def test_corrupt_item_is_skipped_reported_and_repaired(tmp_path: Path, name: str, damage: Callable, why: str,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+                                                      capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / name
     _store(path)
     damage(path)
     s = open_store(path, "r")
-    with caplog.at_level(logging.WARNING, logger="mmcli.store"):
-        keys = [k.patient_id for k in s.iter_items()]
+    keys = [k.patient_id for k in s.iter_items()]
     assert keys == ["P0", "P2"]
-    assert any("/wsi/enc/P1/a" in r.getMessage() and why in r.getMessage() and "--repair" in r.getMessage()
-               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    (warning,) = capsys.readouterr().err.splitlines()  # once, however often the item is met
+    assert warning.startswith(f"warning: {path}: skipping /wsi/enc/P1/a: ") and why in warning
+    assert warning.endswith(f"Fix: `mmcli store verify --repair {path}`, then re-run `mmcli extract` to redo it.")
     assert s.patients("wsi", "enc") == ["P0", "P2"]
     assert not s.is_cached("wsi", "enc", "P1", "a", {"size": 1})
     assert s.is_cached("wsi", "enc", "P0", "a", {"size": 0})
@@ -191,7 +190,7 @@ def test_damaged_array_data_is_found_by_verify(tmp_path: Path, name: str) -> Non
     assert s.verify() == [] and [k.patient_id for k in s.iter_items()] == ["P0", "P2"]
 
 
-def test_unreadable_group_metadata(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_unreadable_group_metadata(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A truncated encoder or patient zarr.json: items stay readable, encoder attrs read as empty with a warning,
     verify reports the group, repair resets its metadata and the next run restores the encoder attrs."""
     path = tmp_path / "s.zarr"
@@ -199,9 +198,8 @@ def test_unreadable_group_metadata(tmp_path: Path, caplog: pytest.LogCaptureFixt
     for group in (path / "wsi" / "enc", path / "wsi" / "enc" / "P2"):
         (group / "zarr.json").write_text('{"zarr_format": 3, "node_')
     s = open_store(path)
-    with caplog.at_level(logging.WARNING, logger="mmcli.store"):
-        assert s.encoder_attrs("wsi", "enc") == {}
-    assert "encoder metadata" in caplog.text
+    assert s.encoder_attrs("wsi", "enc") == {}
+    assert "encoder metadata" in capsys.readouterr().err
     assert [k.patient_id for k in s.iter_items()] == ["P0", "P1", "P2"]
     assert s.info()["modalities"]["wsi"]["enc"]["items"] == 3
     assert {p.where for p in s.verify()} == {"/wsi/enc", "/wsi/enc/P2"}
@@ -219,7 +217,7 @@ def test_unreadable_root_is_a_clear_store_error(tmp_path: Path) -> None:
         open_store(path, "r")
 
 
-def test_corrupt_table_is_skipped_and_repaired(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_table_is_skipped_and_repaired(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import pandas as pd
 
     for name in ("s.zarr", "s.h5"):
@@ -232,9 +230,8 @@ def test_corrupt_table_is_skipped_and_repaired(tmp_path: Path, caplog: pytest.Lo
         else:
             with h5py.File(path, "a") as f:
                 del f["tabular/genes/values"]
-        with caplog.at_level(logging.WARNING, logger="mmcli.store"):
-            assert s.tables() == ["prot"]
-        assert "tabular/genes" in caplog.text
+        assert s.tables() == ["prot"]
+        assert "skipping /tabular/genes" in capsys.readouterr().err
         with pytest.raises(StoreError, match="tabular/genes is corrupt"):
             s.read_table("genes")
         assert [p.where for p in s.verify()] == ["/tabular/genes"]
