@@ -612,9 +612,8 @@ class FeatureStore(ABC):
         removed = []
         for p in problems if problems is not None else self.verify():
             path = p.where.strip("/")
-            if p.kind in ("item", "table") and self._delete(path):
-                removed.append(p.where)
-            elif p.kind == "entry" and self._remove_entry(path):
+            remove = {"item": self._delete, "table": self._delete, "entry": self._remove_entry}.get(p.kind)
+            if remove is not None and remove(path):
                 removed.append(p.where)
             elif p.kind == "group":
                 self._reset_group(path)
@@ -1040,7 +1039,7 @@ class H5Store(FeatureStore):
                 g = f[key_path] if key_path else f
                 if not isinstance(g, self._h5py.Group):
                     return []
-                return sorted(k for k in g.keys() if not (not key_path and k == _STAGING))
+                return sorted(k for k in g if not (not key_path and k == _STAGING))
             except _H5_ERRORS as e:
                 raise StoreError(f"{self.path}: /{key_path}: unreadable ({type(e).__name__}: {e})") from e
 
