@@ -272,8 +272,3 @@ def test_missing_files_are_checked_before_the_encoder_is_built(tmp_path: Path) -
     s2 = run_extraction(m2.rows, no_spec, tmp_path / "s.zarr", progress=False, modality="toy")
     assert [o.status for o in s2.outcomes] == ["missing"]
 
-
-def test_dead_fingerprint_hook_is_gone() -> None:
-    from mmcli.features.runner import ItemExtractor
-
-    assert not hasattr(ItemExtractor, "fingerprint")
