@@ -342,4 +342,5 @@ def test_shared_store_of_a_real_extraction_leaks_no_ids_or_paths(tmp_path: Path)
     assert len(keys) == 2 and all(k.patient_id.startswith("p-") and k.item_id.startswith("i-") for k in keys)
     item = s.read_item(*[getattr(keys[0], a) for a in ("modality", "encoder_id", "patient_id", "item_id")])
     assert item.features.shape[0] == item.coords.shape[0] > 0
-    assert item.attrs["weights_sha256"] and "size" in item.attrs["source_fingerprint"]
+    # issue 13: size / mtime / head hash would link the item back to its slide; only an HMAC under the key is kept
+    assert item.attrs["weights_sha256"] and set(item.attrs["source_fingerprint"]) == {"hmac_sha256"}

@@ -5,13 +5,20 @@ An :class:`ExtractorSpec` is a small picklable recipe (``target`` + kwargs) that
 once per process (so each dask worker loads its encoder once). Items are written to the store by whoever
 extracted them, atomically, under a per-item lock file (PID, host, start time) so that several processes can
 share one store without a global lock.
+
+A run stops early, cleanly, on the first full disk (ENOSPC) and on SIGINT / SIGTERM: the item in flight is
+abandoned (never half-written: the store writes atomically) or finished, its lock released, the items not yet
+started are listed as ``skipped``, and the summary and run record are still written. The exit code is 1 for a full
+disk and 128 + the signal number (130 / 143) for a signal.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import importlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -26,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
-from mmcli.pipeline.errors import InputError, ItemError
+from mmcli.pipeline.errors import DiskFullError, InputError, ItemError
 from mmcli.pipeline.faults import fault
 from mmcli.pipeline.fingerprint import source_fingerprint
+from mmcli.pipeline.io import disk_full_message, write_json
 from mmcli.pipeline.manifest import ManifestRow
 from mmcli.pipeline.store import open_store, pid_alive
 
@@ -68,9 +76,6 @@ class ItemExtractor(ABC):
 
     @abstractmethod
     def extract(self, row: ManifestRow, progress: ProgressFn | None = None) -> ItemResult: ...
-
-    def fingerprint(self, row: ManifestRow) -> dict[str, Any]:
-        return source_fingerprint(row.path)
 
 
 @dataclass(frozen=True)
@@ -139,8 +144,12 @@ def item_lock(store_path: str | Path, modality: str, encoder_id: str, patient_id
                 except FileNotFoundError:
                     continue
             break
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+        except BaseException:  # e.g. a full disk: leave no empty lock behind
+            path.unlink(missing_ok=True)
+            raise
         held = True
         break
     try:
@@ -150,18 +159,102 @@ def item_lock(store_path: str | Path, modality: str, encoder_id: str, patient_id
             path.unlink(missing_ok=True)
 
 
+# ---- stopping a run early: signals and a full disk ----------------------------------------------------------
+class ItemInterrupted(BaseException):
+    """Raised inside an item when the run was asked to stop (SIGINT/SIGTERM): the item is abandoned unwritten.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``) so that an extractor's ``except Exception`` cannot swallow it.
+    """
+
+
+class RunControl:
+    """Stop requests of one run. The first SIGINT/SIGTERM asks the item in flight to stop at its next unit of
+    work (a tile batch) and no new item to start; a second one abandons the item at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.in_item = False
+
+    @property
+    def stopping(self) -> bool:
+        return self.signum != 0
+
+    def request(self, signum: int, frame: object = None) -> None:
+        repeat = self.signum != 0
+        self.signum = self.signum or signum
+        if repeat and self.in_item:
+            raise ItemInterrupted(signal.Signals(signum).name)
+
+    def check(self) -> None:
+        """Called between units of work inside an item."""
+        if self.signum and self.in_item:
+            raise ItemInterrupted(signal.Signals(self.signum).name)
+
+    @contextmanager
+    def handling_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM call :meth:`request` while the block runs (main thread only: elsewhere Python
+        cannot install handlers and the defaults stay)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    @contextmanager
+    def item(self) -> Iterator[None]:
+        self.in_item = True
+        try:
+            yield
+        finally:
+            self.in_item = False
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, raised directly, as a DiskFullError, or wrapped by a library (h5py puts the errno in
+    the message only)."""
+    for x in (e, e.__cause__, e.__context__):
+        if isinstance(x, DiskFullError):
+            return True
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+    text = str(e)
+    return "No space left on device" in text or "errno = 28" in text or "Disk quota exceeded" in text
+
+
+def _disk_full_path(e: BaseException, store_path: str) -> str:
+    """The file that could not be written, or the store when it was a store write (staging paths say nothing)."""
+    store = os.path.abspath(store_path)
+    for x in (e, e.__cause__, e.__context__):
+        if isinstance(x, OSError) and x.filename:
+            name = os.path.abspath(str(x.filename))
+            return store_path if name == store or name.startswith(store + os.sep) else str(x.filename)
+    return store_path
+
+
 # ---- one item ---------------------------------------------------------------------------------------------
+STATUSES = ("done", "cached", "failed", "missing", "locked", "interrupted", "skipped")
+
+
 @dataclass
 class ItemOutcome:
+    """What happened to one manifest row. ``status``: done | cached | failed | missing | locked | interrupted
+    (abandoned unwritten when the run was stopped) | skipped (not attempted: the run stopped before it)."""
+
     patient_id: str
     item_id: str
     path: str
     row: int
-    status: str  # done | cached | failed | missing | locked
+    status: str
     reason: str = ""
     n: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    nbytes: int = 0  # bytes of the arrays written (or meant to be written): sizes the disk-full estimate
+    disk_full: str = ""  # the path that hit a full disk ("" when none)
 
 
 def process_item(
@@ -170,55 +263,69 @@ def process_item(
     store_path: str,
     force: bool = False,
     progress: ProgressFn | None = None,
+    control: RunControl | None = None,
 ) -> ItemOutcome:
-    """Extract one row and write it to the store; never raises for a bad item."""
+    """Extract one row and write it to the store; never raises for a bad item (a full disk is reported as a
+    failed outcome with ``disk_full`` set; a stop request abandons the item as ``interrupted``)."""
     t0 = time.perf_counter()
     out = ItemOutcome(row.patient_id, row.item_id, str(row.path), row.row, "failed")
+    ctl = control or RunControl()
     try:
-        store = open_store(store_path, "a")
-        fp = source_fingerprint(row.path)
-        key = (spec.modality, spec.encoder_id, row.patient_id, row.item_id)
-        if not force and store.is_cached(*key, fingerprint=fp):
-            out.status = "cached"
-            return out
-        with item_lock(store_path, *key) as held:
-            if not held:
-                out.status, out.reason = "locked", "another live process is writing this item"
-                return out
-            if not force and store.is_cached(*key, fingerprint=fp):  # finished by another process meanwhile
+        with ctl.item():
+            store = open_store(store_path, "a")
+            fp = source_fingerprint(row.path)
+            key = (spec.modality, spec.encoder_id, row.patient_id, row.item_id)
+            if not force and store.is_cached(*key, fingerprint=fp):
                 out.status = "cached"
                 return out
-            fault("item.locked")
-            extractor = spec.build()
-            if not store.encoder_attrs(spec.modality, spec.encoder_id):
-                store.set_encoder_attrs(spec.modality, spec.encoder_id, extractor.encoder_attrs())
-            result = extractor.extract(row, _with_fault_point(progress))
-            attrs = {**extractor.encoder_attrs(), **result.attrs, "source_fingerprint": fp,
-                     "mmcli_version": __version__}
-            if result.warnings:
-                attrs["warnings"] = list(result.warnings)
-            store.write_item(*key, result.features, result.coords, attrs)
-            fault("item.written")
-            out.status, out.n, out.warnings = "done", int(result.features.shape[0]), list(result.warnings)
-        fault("item.after")
+            with item_lock(store_path, *key) as held:
+                if not held:
+                    out.status, out.reason = "locked", "another live process is writing this item"
+                    return out
+                if not force and store.is_cached(*key, fingerprint=fp):  # finished by another process meanwhile
+                    out.status = "cached"
+                    return out
+                fault("item.locked")
+                extractor = spec.build()
+                if not store.encoder_attrs(spec.modality, spec.encoder_id):
+                    store.set_encoder_attrs(spec.modality, spec.encoder_id, extractor.encoder_attrs())
+                result = extractor.extract(row, _with_fault_point(progress, ctl))
+                out.nbytes = int(result.features.nbytes + (result.coords.nbytes if result.coords is not None else 0))
+                attrs = {**extractor.encoder_attrs(), **result.attrs, "source_fingerprint": fp,
+                         "mmcli_version": __version__}
+                if result.warnings:
+                    attrs["warnings"] = list(result.warnings)
+                store.write_item(*key, result.features, result.coords, attrs)
+                fault("item.written")
+                out.status, out.n, out.warnings = "done", int(result.features.shape[0]), list(result.warnings)
+            fault("item.after")
+    except ItemInterrupted as e:
+        out.status, out.reason = "interrupted", f"stopped by {e} before it finished; not written (a re-run redoes it)"
     except FileNotFoundError as e:
         out.status, out.reason = "missing", f"file not found: {e.filename or row.path}"
     except ItemError as e:
         out.reason = str(e)
     except Exception as e:  # noqa: BLE001 - one bad item must never kill a cohort run
-        out.reason = f"{type(e).__name__}: {e}"
-        out.warnings.append(traceback.format_exc(limit=3))
+        if is_disk_full(e):
+            out.disk_full = _disk_full_path(e, store_path)
+            out.reason = disk_full_message(out.disk_full, out.nbytes or None)
+        else:
+            out.reason = f"{type(e).__name__}: {e}"
+            out.warnings.append(traceback.format_exc(limit=3))
     finally:
         out.seconds = time.perf_counter() - t0
     return out
 
 
-def _with_fault_point(progress: ProgressFn | None) -> ProgressFn:
-    """The extractor's progress callback, with the ``item.progress`` fault point between units of work."""
+def _with_fault_point(progress: ProgressFn | None, control: RunControl | None = None) -> ProgressFn:
+    """The extractor's progress callback, with the ``item.progress`` fault point and a stop check between units
+    of work."""
 
     def report(done: int, total: int) -> None:
         if 0 < done < total:
             fault("item.progress")
+        if control is not None and done < total:  # all work done: finish the item rather than waste it
+            control.check()
         if progress is not None:
             progress(done, total)
 
@@ -230,6 +337,9 @@ def _dask_task(spec: ExtractorSpec, row: ManifestRow, store_path: str, force: bo
 
 
 # ---- a cohort ---------------------------------------------------------------------------------------------
+MAX_LISTED = 20  # problems (and warnings) listed on the console; the run record holds all of them
+
+
 @dataclass
 class RunSummary:
     modality: str
@@ -239,6 +349,9 @@ class RunSummary:
     seconds: float
     scheduler: str
     record_path: str = ""
+    stopped: str = ""  # why the run stopped before its end ("" when it ran to the end)
+    signal: int = 0  # the signal that stopped it (0: none)
+    record_error: str = ""  # why no run record could be written
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -249,26 +362,60 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 when every item is done or cached (or held by another live writer), else 1."""
-        return 1 if self.problems else 0
+        """128 + signal when a signal stopped the run (130 SIGINT, 143 SIGTERM); 1 when a full disk stopped it
+        or an item failed or is missing; else 0 (every item done or cached, or held by another live writer)."""
+        if self.signal:
+            return 128 + self.signal
+        return 1 if self.problems or self.stopped else 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(
-            done=self.count("done"), cached=self.count("cached"), failed=self.count("failed"),
-            missing=self.count("missing"), locked=self.count("locked"), exit_code=self.exit_code,
-            mmcli_version=__version__, finished=_now(),
-        )
+        d.update({s: self.count(s) for s in STATUSES})
+        d.update(exit_code=self.exit_code, mmcli_version=__version__, finished=_now())
         return d
+
+    def lines(self, max_listed: int = MAX_LISTED) -> list[str]:
+        """Console summary: counts, the first ``max_listed`` problems and warnings (all of them are in the run
+        record), why the run stopped, and where the run record is."""
+        counts = ", ".join(f"{s} {self.count(s)}" for s in STATUSES[:5])
+        extra = "".join(f", {s} {self.count(s)}" for s in STATUSES[5:] if self.count(s))
+        lines = [f"{self.modality} [{self.encoder_id or 'encoder not loaded'}] -> {self.store}: {counts}{extra} "
+                 f"({self.seconds:.1f}s, {self.scheduler})"]
+        problems = self.problems
+        for o in problems[:max_listed]:
+            lines.append(f"  {o.status}: {o.patient_id}/{o.item_id} (manifest line {o.row}, {o.path}): {o.reason}")
+        if len(problems) > max_listed:
+            by = ", ".join(f"{s} {sum(o.status == s for o in problems)}" for s in ("failed", "missing"))
+            lines.append(f"  ... {len(problems) - max_listed} more not listed ({by} in all): all "
+                         f"{len(problems)} in the run record")
+        notes = [f"  locked: {o.patient_id}/{o.item_id}: {o.reason}" for o in self.outcomes if o.status == "locked"]
+        notes += [f"  interrupted: {o.patient_id}/{o.item_id}: {o.reason}" for o in self.outcomes
+                  if o.status == "interrupted"]
+        notes += [f"  warning: {o.patient_id}/{o.item_id}: {w}" for o in self.outcomes for w in o.warnings
+                  if not w.startswith("Traceback")]
+        lines += notes[:max_listed]
+        if len(notes) > max_listed:
+            lines.append(f"  ... {len(notes) - max_listed} more notes and warnings: all in the run record")
+        if self.stopped:
+            lines.append(f"stopped: {self.stopped}")
+        if self.record_path:
+            lines.append(f"run record: {self.record_path}")
+        else:
+            lines.append(f"run record: not written ({self.record_error})")
+        return lines
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _skipped(rows: list[ManifestRow], why: str) -> list[ItemOutcome]:
+    return [ItemOutcome(r.patient_id, r.item_id, str(r.path), r.row, "skipped", why) for r in rows]
+
+
 def run_extraction(
     rows: list[ManifestRow],
-    spec: ExtractorSpec,
+    spec: ExtractorSpec | Callable[[], ExtractorSpec],
     store_path: str | Path,
     *,
     force: bool = False,
@@ -277,36 +424,83 @@ def run_extraction(
     missing: list[ManifestRow] | None = None,
     progress: bool = True,
     unit: str = "item",
+    modality: str | None = None,
 ) -> RunSummary:
     """Run ``spec`` over ``rows`` and write each item to the store.
 
-    ``scheduler``: None runs in this process; ``"local"`` starts a dask LocalCluster (``workers`` processes,
-    default: one per core); any other value is a dask scheduler address (``tcp://host:8786``) or scheduler file
-    (see :func:`connect`). A task whose worker dies is rescheduled by dask on another worker (up to
-    ``distributed.scheduler.allowed-failures`` times); the dead worker's item lock is then cleared as stale.
-    Rows whose file is missing (``missing``) are reported as such and not attempted.
+    ``spec`` may be a function that builds it (validating options, resolving the encoder): it is only called when
+    some row's file exists, so a manifest of missing files never loads an encoder (``modality`` then names the
+    modality in the summary). ``scheduler``: None runs in this process; ``"local"`` starts a dask LocalCluster
+    (``workers`` processes, default: one per core); any other value is a dask scheduler address
+    (``tcp://host:8786``) or scheduler file (see :func:`connect`). A task whose worker dies is rescheduled by dask
+    on another worker (up to ``distributed.scheduler.allowed-failures`` times); the dead worker's item lock is
+    then cleared as stale. Rows whose file is missing (``missing``) are reported as such and not attempted.
+
+    The first full disk stops the run (the items not started are ``skipped``, ``stopped`` says
+    "disk full: ..."); so do SIGINT and SIGTERM (see :class:`RunControl`). Either way the summary and run record
+    are written and no lock of this run is left.
     """
     store_path = str(store_path)
-    open_store(store_path, "a").clear_stale_staging()  # create / validate before any work; drop dead writers' staging
     t0 = time.perf_counter()
+    missing = list(missing or []) + [r for r in rows if not r.path.exists()]  # checked again: before any encoder
+    rows = [r for r in rows if r.path.exists()]
     outcomes = [
-        ItemOutcome(r.patient_id, r.item_id, str(r.path), r.row, "missing", "file not found") for r in missing or []
+        ItemOutcome(r.patient_id, r.item_id, str(r.path), r.row, "missing", "file not found") for r in missing
     ]
-    from mmcli.pipeline.progress import CohortProgress
+    if rows and not isinstance(spec, ExtractorSpec):
+        spec = spec()
+    resolved = spec if isinstance(spec, ExtractorSpec) else None
+    mod = resolved.modality if resolved else (modality or "?")
+    encoder_id = resolved.encoder_id if resolved else ""
+    summary = RunSummary(mod, encoder_id, store_path, outcomes, 0.0, scheduler or "in-process")
+    control = RunControl()
+    try:
+        with control.handling_signals():
+            open_store(store_path, "a").clear_stale_staging()  # create / validate; drop dead writers' staging
+            if resolved is not None:
+                from mmcli.pipeline.progress import CohortProgress
 
-    with CohortProgress(len(rows), f"{spec.modality} [{spec.encoder_id}]", unit, enabled=progress) as bar:
-        if scheduler:
-            outcomes += _run_dask(rows, spec, store_path, force, scheduler, workers, bar)
-        else:
-            for row in rows:
-                with bar.item(f"{row.patient_id}/{row.item_id}") as item_progress:
-                    o = process_item(spec, row, store_path, force, item_progress)
-                bar.advance(o)
-                outcomes.append(o)
-    summary = RunSummary(spec.modality, spec.encoder_id, store_path, outcomes, time.perf_counter() - t0,
-                         scheduler or "in-process")
-    summary.record_path = str(write_run_record(summary))
+                with CohortProgress(len(rows), f"{mod} [{encoder_id}]", unit, enabled=progress) as bar:
+                    if scheduler:
+                        outcomes += _run_dask(rows, resolved, store_path, force, scheduler, workers, bar, control)
+                    else:
+                        outcomes += _run_local(rows, resolved, store_path, force, bar, control)
+            if control.stopping:
+                summary.signal = control.signum
+                summary.stopped = (f"{signal.Signals(control.signum).name}: {summary.count('interrupted')} item(s) "
+                                   f"abandoned unwritten, {summary.count('skipped')} not started. Fix: re-run the "
+                                   "same command to resume (finished items are kept).")
+    except DiskFullError as e:  # outside any item: creating the store, clearing staging
+        summary.stopped = str(e)
+        seen = {(o.patient_id, o.item_id) for o in outcomes}
+        outcomes += _skipped([r for r in rows if (r.patient_id, r.item_id) not in seen], "not started: disk full")
+    full = [o for o in outcomes if o.disk_full]
+    if full:
+        sizes = [o.nbytes for o in outcomes if o.nbytes]
+        remaining = len(full) + summary.count("skipped")
+        need = int(np.mean(sizes) * remaining) if sizes else None
+        summary.stopped = disk_full_message(full[0].disk_full, need)
+    summary.seconds = time.perf_counter() - t0
+    try:
+        summary.record_path = str(write_run_record(summary))
+    except (OSError, DiskFullError) as e:  # a full disk again: no record rather than half a record
+        summary.record_error = str(e) if isinstance(e, DiskFullError) else f"{type(e).__name__}: {e}"
     return summary
+
+
+def _run_local(rows: list[ManifestRow], spec: ExtractorSpec, store_path: str, force: bool, bar: Any,
+               control: RunControl) -> list[ItemOutcome]:
+    outcomes: list[ItemOutcome] = []
+    for i, row in enumerate(rows):
+        if control.stopping:
+            return outcomes + _skipped(rows[i:], "not started: the run was stopped by a signal")
+        with bar.item(f"{row.patient_id}/{row.item_id}") as item_progress:
+            o = process_item(spec, row, store_path, force, item_progress, control)
+        bar.advance(o)
+        outcomes.append(o)
+        if o.disk_full:
+            return outcomes + _skipped(rows[i + 1:], "not started: the disk is full")
+    return outcomes
 
 
 def connect(scheduler: str, workers: int | None = None) -> tuple[Any, Any]:
@@ -328,9 +522,12 @@ def connect(scheduler: str, workers: int | None = None) -> tuple[Any, Any]:
     return client, None
 
 
-def _run_dask(rows, spec, store_path, force, scheduler, workers, bar) -> list[ItemOutcome]:
+def _run_dask(rows, spec, store_path, force, scheduler, workers, bar, control=None) -> list[ItemOutcome]:
+    """Items as dask tasks. A stop (signal, full disk) cancels the tasks not finished yet: they are listed as
+    ``skipped``; a task already running on a worker may still finish its item (whole, atomically)."""
     from distributed import as_completed
 
+    control = control or RunControl()
     # workers of a remote cluster run in their own working directory: give them absolute paths
     store_path = os.path.abspath(store_path)
     rows = [replace(r, path=r.path.absolute()) for r in rows]
@@ -343,7 +540,10 @@ def _run_dask(rows, spec, store_path, force, scheduler, workers, bar) -> list[It
         ]
         by_future = dict(zip(futures, rows))
         outcomes = []
+        pending = set(futures)
+        stop_why = ""
         for fut in as_completed(futures):
+            pending.discard(fut)
             row = by_future[fut]
             try:
                 o = fut.result()
@@ -352,6 +552,14 @@ def _run_dask(rows, spec, store_path, force, scheduler, workers, bar) -> list[It
                                 f"dask task failed: {type(e).__name__}: {e}")
             bar.advance(o)
             outcomes.append(o)
+            if o.disk_full:
+                stop_why = "not started: the disk is full"
+            elif control.stopping:
+                stop_why = "not started: the run was stopped by a signal"
+            if stop_why:
+                client.cancel(list(pending))
+                outcomes += _skipped([by_future[f] for f in pending], stop_why)
+                break
         order = {(r.patient_id, r.item_id): i for i, r in enumerate(rows)}
         return sorted(outcomes, key=lambda o: order[(o.patient_id, o.item_id)])
     finally:
@@ -361,11 +569,10 @@ def _run_dask(rows, spec, store_path, force, scheduler, workers, bar) -> list[It
 
 
 def write_run_record(summary: RunSummary) -> Path:
-    """JSON record of the run beside the store: ``<store>.runs/extract-<modality>-<time>.json``."""
+    """JSON record of the run beside the store: ``<store>.runs/extract-<modality>-<time>.json``, written
+    atomically (a full disk leaves no record rather than half of one)."""
     p = Path(summary.store)
     runs = p.with_name(p.name + ".runs")
-    runs.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S%f")
     path = runs / f"extract-{summary.modality}-{stamp}-{os.getpid()}.json"
-    path.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
-    return path
+    return write_json(path, summary.to_dict())

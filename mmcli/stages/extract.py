@@ -61,10 +61,10 @@ def extract(
         # dask starts workers with OMP_NUM_THREADS=1; share the cores between the worker processes instead
         n = workers or os.cpu_count() or 1
         opts = mod.options.build({**opts.to_json(), "torch_threads": max(1, (os.cpu_count() or 1) // n)})
-    spec = mod.make_spec(str(store), opts)
-    return run_extraction(
-        m.for_modality(modality), spec, store, force=force, scheduler=scheduler, workers=workers,
-        missing=m.missing_for(modality), progress=progress, unit=mod.unit,
+    return run_extraction(  # the spec (and its encoder) is only built when some file exists
+        m.for_modality(modality), lambda: mod.make_spec(str(store), opts), store, force=force,
+        scheduler=scheduler, workers=workers, missing=m.missing_for(modality), progress=progress,
+        unit=mod.unit, modality=modality,
     )
 
 
@@ -77,20 +77,6 @@ def ingest_table(table: str | Path, name: str, store: str | Path, **options: Any
 
 
 def summary_lines(summary: RunSummary) -> list[str]:
-    """Human-readable end-of-run summary: counts, each failure with its reason, warnings, run record."""
-    lines = [
-        f"{summary.modality} [{summary.encoder_id}] -> {summary.store}: "
-        f"done {summary.count('done')}, cached {summary.count('cached')}, failed {summary.count('failed')}, "
-        f"missing {summary.count('missing')}, locked {summary.count('locked')} "
-        f"({summary.seconds:.1f}s, {summary.scheduler})"
-    ]
-    for o in summary.problems:
-        lines.append(f"  {o.status}: {o.patient_id}/{o.item_id} (manifest line {o.row}, {o.path}): {o.reason}")
-    for o in summary.outcomes:
-        if o.status == "locked":
-            lines.append(f"  locked: {o.patient_id}/{o.item_id}: {o.reason}")
-        for w in o.warnings:
-            if not w.startswith("Traceback"):
-                lines.append(f"  warning: {o.patient_id}/{o.item_id}: {w}")
-    lines.append(f"run record: {summary.record_path}")
-    return lines
+    """Human-readable end-of-run summary: counts, the first failures with their reasons, warnings, why the run
+    stopped early, the run record (see :meth:`RunSummary.lines`)."""
+    return summary.lines()

@@ -140,3 +140,135 @@ def test_dask_local_cluster_equals_in_process(cohort: Path) -> None:
     for k in sa.iter_items():
         np.testing.assert_array_equal(sa.read_item(*k.__dict__.values()).features,
                                       sb.read_item(*k.__dict__.values()).features)
+
+
+# ---- issue 13: a full disk, signals, missing files, long problem lists ---------------------------------------
+@pytest.fixture
+def fault_env(monkeypatch: pytest.MonkeyPatch):
+    """Set ``MMCLI_FAULT`` for this process with fresh hit counts."""
+    from mmcli.pipeline import faults
+
+    def set_fault(spec: str) -> None:
+        faults._hits.clear()
+        monkeypatch.setenv("MMCLI_FAULT", spec)
+
+    yield set_fault
+    faults._hits.clear()
+
+
+@pytest.mark.parametrize("store_name", ["s.zarr", "s.h5"])
+def test_first_full_disk_stops_the_run(cohort: Path, fault_env, store_name: str) -> None:
+    """ENOSPC while writing the 2nd item: that item fails with "disk full: <store> (needs about N MB more)", the
+    rest are not attempted, no lock or staging is left, the run record is valid; the re-run finishes the cohort
+    and equals a clean run."""
+    (cohort / "f2.txt").write_bytes(b"item2")
+    m = load_manifest(cohort / "m.csv")
+    store = cohort / store_name
+    fault_env("store.staged:2:enospc")
+    s = run_extraction(m.rows, _spec(), store, missing=m.missing, progress=False)
+    assert [o.status for o in s.outcomes] == ["missing", "done", "failed", "skipped", "skipped", "skipped", "skipped"]
+    assert s.exit_code == 1
+    assert s.stopped.startswith(f"disk full: {store} (needs about 1 MB more)") and "Fix: free space" in s.stopped
+    lines = s.lines()
+    assert f"stopped: disk full: {store}" in "\n".join(lines) and "Traceback" not in "\n".join(lines)
+    rec = json.loads(Path(s.record_path).read_text())
+    assert (rec["done"], rec["failed"], rec["skipped"], rec["exit_code"]) == (1, 1, 4, 1)
+    assert rec["stopped"] == s.stopped
+    assert list(lock_dir(store).rglob("*.lock")) == []
+    assert open_store(store, "r").verify() == []
+
+    fault_env("")
+    again = run_extraction(m.rows, _spec(), store, progress=False)
+    assert (again.count("done"), again.count("cached"), again.exit_code) == (5, 1, 0)
+    clean = run_extraction(m.rows, _spec(), cohort / ("clean" + Path(store_name).suffix), progress=False)
+    a, b = open_store(store, "r"), open_store(clean.store, "r")
+    assert list(a.iter_items()) == list(b.iter_items())
+    for k in a.iter_items():
+        np.testing.assert_array_equal(a.read_item(*k.__dict__.values()).features,
+                                      b.read_item(*k.__dict__.values()).features)
+
+
+def test_full_disk_for_the_run_record_leaves_none(cohort: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No space for the run record: the summary says so, and no truncated or temporary JSON is left."""
+    import errno
+
+    import mmcli.pipeline.io as io
+
+    real = io.atomic_write_bytes
+
+    def full(path, data):
+        if ".runs" in str(path):
+            with io.atomic_path(path) as tmp:
+                tmp.write_bytes(data[:100])
+                raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+        return real(path, data)
+
+    monkeypatch.setattr(io, "atomic_write_bytes", full)
+    m = load_manifest(cohort / "m.csv")
+    store = cohort / "s.zarr"
+    s = run_extraction(m.rows, _spec(), store, progress=False)
+    assert s.record_path == "" and s.record_error.startswith("disk full: ")
+    assert s.lines()[-1].startswith("run record: not written (disk full: ")
+    assert list((cohort / "s.zarr.runs").iterdir()) == []
+
+
+def test_sigterm_between_items_stops_gracefully(cohort: Path, fault_env) -> None:
+    """SIGTERM (sent to this very process after the first item) stops the run: 143, the rest skipped, the record
+    written; the handlers are restored afterwards."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    m = load_manifest(cohort / "m.csv")
+    fault_env("item.after:1:term")
+    s = run_extraction(m.rows, _spec(), cohort / "s.zarr", progress=False)
+    assert s.exit_code == 143 and s.signal == signal.SIGTERM
+    assert [o.status for o in s.outcomes] == ["done"] + ["skipped"] * 5
+    assert s.stopped.startswith("SIGTERM: 0 item(s) abandoned unwritten, 5 not started")
+    assert json.loads(Path(s.record_path).read_text())["exit_code"] == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert list(lock_dir(cohort / "s.zarr").rglob("*.lock")) == []
+
+
+def test_run_control_abandons_an_item_at_its_next_unit_of_work() -> None:
+    import signal
+
+    from mmcli.features.runner import ItemInterrupted, RunControl
+
+    c = RunControl()
+    c.check()  # nothing asked: no-op
+    with c.item():
+        c.request(signal.SIGINT)
+        with pytest.raises(ItemInterrupted, match="SIGINT"):
+            c.check()
+        with pytest.raises(ItemInterrupted):  # a second signal abandons the item at once
+            c.request(signal.SIGTERM)
+    c.check()  # outside an item a stop request never raises
+    assert c.signum == signal.SIGINT
+
+
+def test_missing_files_are_checked_before_the_encoder_is_built(tmp_path: Path) -> None:
+    """A manifest of only missing files never builds the spec (no encoder import or load); the console lists the
+    first 20 problems and points to the run record, which holds all of them."""
+    lines = ["patient_id,modality,path,item_id"] + [f"P{i},toy,gone{i}.txt,a" for i in range(45)]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    m = load_manifest(tmp_path / "m.csv")
+
+    def no_spec() -> ExtractorSpec:
+        raise AssertionError("the encoder spec was built for a run with no file to read")
+
+    s = run_extraction(m.rows, no_spec, tmp_path / "s.zarr", missing=m.missing, progress=False, modality="toy")
+    assert s.count("missing") == 45 and s.exit_code == 1 and s.encoder_id == ""
+    out = s.lines()
+    listed = [x for x in out if x.startswith("  missing: ")]
+    assert len(listed) == 20 and listed[0].startswith("  missing: P0/a (manifest line 2")
+    assert "  ... 25 more not listed (failed 0, missing 45 in all): all 45 in the run record" in out
+    assert out[0].startswith("toy [encoder not loaded] -> ")
+    assert len(json.loads(Path(s.record_path).read_text())["outcomes"]) == 45
+    # a file that disappeared after the manifest was read is also caught before the spec is built
+    (tmp_path / "late.txt").write_text("x")
+    (tmp_path / "m2.csv").write_text("patient_id,modality,path,item_id\nP0,toy,late.txt,a\n")
+    m2 = load_manifest(tmp_path / "m2.csv")
+    (tmp_path / "late.txt").unlink()
+    s2 = run_extraction(m2.rows, no_spec, tmp_path / "s.zarr", progress=False, modality="toy")
+    assert [o.status for o in s2.outcomes] == ["missing"]
+

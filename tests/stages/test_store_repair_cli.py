@@ -76,3 +76,110 @@ def test_verify_repair_rerun(cohort: Path, tmp_path: Path) -> None:
 def test_verify_of_a_missing_store_is_a_usage_error(tmp_path: Path) -> None:
     r = verify_cli(tmp_path / "nope.zarr")
     assert r.exit_code == 2 and "no feature store" in r.output
+
+
+# ---- issue 13: corrupt metadata, missing arrays and crafted keys through the CLI ----------------------------------
+@pytest.fixture(scope="module")
+def clean_store(cohort: Path) -> Path:
+    store = cohort.parent / "clean-ref.zarr"
+    r = extract_in_process(cohort, store)
+    assert r.exit_code == 0, r.output
+    return store
+
+
+def _invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from mmcli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_info_verify_repair_survive_corrupt_metadata_and_links(cohort: Path, clean_store: Path,
+                                                               tmp_path: Path) -> None:
+    """P0's zarr.json truncated, P1's features array deleted, a patient folder linked to outside the store: no
+    traceback anywhere; info refuses the link (exit 2), verify names all three (exit 1), --repair removes them
+    (the link's target untouched), and the re-run redoes exactly P0 and P1 to a store equal to a clean run."""
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(clean_store, store)
+    (enc,) = [d.name for d in (store / "wsi").iterdir() if d.is_dir()]
+    base = store / "wsi" / enc
+    meta = base / "P0" / "a" / "zarr.json"
+    meta.write_text(meta.read_text()[:60])
+    shutil.rmtree(base / "P1" / "a" / "features")
+    outside = tmp_path / "outside"
+    shutil.copytree(base / "P2", outside)
+    (base / "P9").symlink_to(outside, target_is_directory=True)
+
+    info = _invoke("store", "info", store)
+    assert info.exit_code == 2 and f"/wsi/{enc}/P9: a symbolic link" in info.output, info.output
+    assert "mmcli never writes such a key" in info.output and "Traceback" not in info.output
+    bad = verify_cli(store)
+    assert bad.exit_code == 1 and "Traceback" not in bad.output, bad.output
+    lines = bad.stdout.splitlines()
+    assert any(x.startswith(f"problem: /wsi/{enc}/P0/a: corrupt: {meta}: unreadable metadata") for x in lines), lines
+    assert f"problem: /wsi/{enc}/P1/a: corrupt: features array missing" in lines
+    assert any(x.startswith(f"problem: /wsi/{enc}/P9: a symbolic link (to {outside})") for x in lines)
+    assert lines[-1] == f"3 problem(s) in {store}"
+
+    fixed = verify_cli(store, "--repair")
+    assert fixed.exit_code == 0 and "Traceback" not in fixed.output, fixed.output
+    for p in ("P0/a", "P1/a", "P9"):
+        assert f"removed: /wsi/{enc}/{p}" in fixed.stdout
+    assert (outside / "a" / "zarr.json").is_file()
+    info = _invoke("store", "info", store, "--json")
+    assert info.exit_code == 0, info.output
+    counts = json.loads(info.stdout)["modalities"]["wsi"][enc]
+    assert (counts["items"], counts["incomplete_items"]) == (N - 2, 0)
+    rerun = extract_in_process(cohort, store)
+    assert rerun.exit_code == 0, rerun.output
+    assert done_items(record_of(rerun.stdout)) == {("P0", "a"), ("P1", "a")}
+    assert verify_cli(store).exit_code == 0
+    assert_same_items(items(store), items(clean_store))
+
+
+def test_extract_redoes_items_with_a_missing_array_or_broken_attrs(cohort: Path, clean_store: Path,
+                                                                   tmp_path: Path) -> None:
+    """Without any repair: an item whose features array was deleted, or whose attrs are not JSON, is not cached
+    (info does not count it complete) and the next extract redoes it (HDF5 store)."""
+    import h5py
+
+    store = tmp_path / "s.h5"
+    assert extract_in_process(cohort, store).exit_code == 0
+    with h5py.File(store, "a") as f:
+        (enc,) = list(f["wsi"])
+        del f[f"wsi/{enc}/P1/a/features"]
+        f[f"wsi/{enc}/P3/a"].attrs["mmcli_attrs"] = '{"complete": tr'
+    info = _invoke("store", "info", store, "--json")
+    assert info.exit_code == 0, info.output
+    counts = json.loads(info.stdout)["modalities"]["wsi"][enc]
+    assert (counts["items"], counts["incomplete_items"], counts["corrupt_items"]) == (N - 2, 2, 2)
+    rerun = extract_in_process(cohort, store)
+    assert rerun.exit_code == 0 and "Traceback" not in rerun.output, rerun.output
+    rec = record_of(rerun.stdout)
+    assert done_items(rec) == {("P1", "a"), ("P3", "a")} and rec["cached"] == N - 2
+    assert verify_cli(store).exit_code == 0
+    assert_same_items(items(store), items(clean_store))
+
+
+def test_fit_skips_a_corrupt_item_with_a_warning(tmp_path: Path) -> None:
+    """fit reads around a corrupt item (a warning names it and the fix) instead of a JSONDecodeError traceback,
+    and refuses a crafted store with exit 2."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "heads"))
+    from planted_data import make_store
+
+    planted = make_store(tmp_path / "s.zarr", n=16, seed=1, dim=8, tiles=(4, 8), modalities=("wsi", "genes"))
+    planted.labels.to_csv(tmp_path / "labels.csv")
+    meta = tmp_path / "s.zarr" / "wsi" / "enc-wsi" / "P003" / "slide0" / "zarr.json"
+    meta.write_text(meta.read_text()[:30])
+    args = ["fit", "--head", "xgboost", "--store", tmp_path / "s.zarr", "--labels", tmp_path / "labels.csv",
+            "--target", "label", "--folds", "2"]
+    r = _invoke(*args, "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert "skipping /wsi/enc-wsi/P003/slide0" in r.output and "--repair" in r.output, r.output
+    assert "Traceback" not in r.output
+    (tmp_path / "s.zarr" / "wsi" / "enc-wsi" / "P900").symlink_to(tmp_path / "s.zarr" / "wsi" / "enc-wsi" / "P001")
+    r = _invoke(*args, "--out", tmp_path / "run2")
+    assert r.exit_code == 2 and "symbolic link" in r.output and "Traceback" not in r.output, r.output
