@@ -4,7 +4,6 @@ from ``fit`` and ``predict`` with a class label that a spreadsheet would run."""
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from pathlib import Path
 
@@ -13,13 +12,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "heads"))
-from planted_data import make_store  # noqa: E402
-
-from mmcli import cli  # noqa: E402
-from mmcli.pipeline.errors import DiskFullError, InputError, ItemError  # noqa: E402
-from mmcli.pipeline.log import get_logger  # noqa: E402
-from mmcli.pipeline.rundir import load_run  # noqa: E402
+from helpers.planted_data import make_store
+from mmcli import cli
+from mmcli.pipeline.errors import DiskFullError, InputError, ItemError
+from mmcli.pipeline.log import get_logger
+from mmcli.pipeline.rundir import load_run
 
 EVIL = "=cmd|' /C calc'!A0"
 FORMULA = ("=", "+", "-", "@")

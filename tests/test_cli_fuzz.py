@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import sys
 import tempfile
 import traceback
@@ -31,14 +32,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
-from wsi_runs import OPTS, items, write_cohort  # noqa: E402
-
-from mmcli.cli import app  # noqa: E402
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.ids import id_problem  # noqa: E402
-from mmcli.pipeline.manifest import load_manifest  # noqa: E402
-from mmcli.pipeline.store import open_store  # noqa: E402
+from helpers.wsi_runs import OPTS, items
+from mmcli.cli import app
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.ids import id_problem
+from mmcli.pipeline.manifest import load_manifest
+from mmcli.pipeline.store import open_store
 
 STORE_IDS = [f"P{i:02d}" for i in range(12)]
 FOLDS = 2
@@ -243,12 +242,14 @@ def _run_fit(store: Path, t: Table) -> None:
         assert set(pred["patient_id"]) == kept
 
 
+@pytest.mark.slow
 @FIT_SETTINGS
 @given(t=tables("classification"))
 def test_fit_classification_labels(store: Path, t: Table) -> None:
     _run_fit(store, t)
 
 
+@pytest.mark.slow
 @FIT_SETTINGS
 @given(t=tables("survival"))
 def test_fit_survival_labels(store: Path, t: Table) -> None:
@@ -293,6 +294,7 @@ def broken_tables(draw: st.DrawFn) -> Table:
                  "\n", csv.QUOTE_MINIMAL, draw(st.lists(st.integers(0, 14), max_size=2)))
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(t=broken_tables())
@@ -327,6 +329,7 @@ def test_undefined_metrics_print_as_na(store: Path, tmp_path: Path) -> None:
     assert undefined and all(f"{k:18s} n/a" in r.output for k in undefined)
 
 
+@pytest.mark.slow
 def test_real_command_prints_no_traceback(store: Path, tmp_path: Path) -> None:
     """The installed ``mmcli`` entry point (not CliRunner): a UTF-16 file is read, a Latin-1 one refused."""
     import subprocess
@@ -348,10 +351,11 @@ def test_real_command_prints_no_traceback(store: Path, tmp_path: Path) -> None:
 
 # ---- manifests -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real tiny slide ``S0.svs`` and a corrupt ``bad.svs`` (text with a slide's name)."""
+def slides(wsi_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real tiny slide ``S0.svs`` (a copy of the session cohort's first slide) and a corrupt ``bad.svs``
+    (text with a slide's name)."""
     folder = tmp_path_factory.mktemp("fuzz_slides")
-    write_cohort(folder, 1)
+    shutil.copy2(wsi_cohort.parent / "S0.svs", folder / "S0.svs")
     (folder / "bad.svs").write_bytes(b"not a slide at all\n" * 10)
     return folder
 
@@ -414,6 +418,7 @@ def _files(folder: Path) -> set[Path]:
     return {f for f in folder.rglob("*")}
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(m=manifests())

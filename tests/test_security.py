@@ -7,7 +7,6 @@ import ast
 import io
 import json
 import pickle
-import sys
 import zipfile
 from pathlib import Path
 
@@ -19,16 +18,13 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
-sys.path.insert(0, str(Path(__file__).resolve().parent / "heads"))
-from planted_data import make_store  # noqa: E402
-from slides import tissue_image, write_aperio  # noqa: E402
-from wsi_runs import OPTS, write_cohort  # noqa: E402
-
-import mmcli  # noqa: E402
-from mmcli.cli import app  # noqa: E402
-from mmcli.features.encoders.image import load_state_dict  # noqa: E402
-from mmcli.pipeline.store import open_store  # noqa: E402
+import mmcli
+from helpers.planted_data import make_store
+from helpers.slides import tissue_image, write_aperio
+from helpers.wsi_runs import OPTS, write_cohort
+from mmcli.cli import app
+from mmcli.features.encoders.image import load_state_dict
+from mmcli.pipeline.store import open_store
 
 PKG = Path(mmcli.__file__).parent
 PICKLING_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve"}
@@ -202,6 +198,7 @@ def test_fit_runs_and_stores_hold_no_pickle(fitted: Path) -> None:
     assert h5_problems(fitted / "surv.h5") == []
 
 
+@pytest.mark.slow
 def test_extracted_store_holds_no_pickle(tmp_path: Path) -> None:
     manifest = write_cohort(tmp_path / "cohort", 2)
     for store in (tmp_path / "s.zarr", tmp_path / "s.h5"):

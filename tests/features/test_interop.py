@@ -1,7 +1,6 @@
 """Import of tile-feature files written here in the layouts CLAM, TRIDENT and STAMP write them."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import h5py
@@ -14,8 +13,6 @@ from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.manifest import load_manifest
 from mmcli.pipeline.store import open_store
 from mmcli.stages.import_ import import_features
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
 
 RNG = np.random.default_rng(7)
 SLIDES = {"P1": ["TCGA-A1-0001-01Z"], "P2": ["TCGA-A1-0002-01Z", "TCGA-A1-0002-02Z"]}
@@ -146,7 +143,7 @@ def test_import_stamp_um_coords_to_level0_pixels(tmp_path: Path) -> None:
 
 
 def test_stamp_mpp_from_the_slide_or_coords_dropped_loudly(tmp_path: Path) -> None:
-    from slides import tissue_image, write_aperio
+    from helpers.slides import tissue_image, write_aperio
 
     data = write_stamp(tmp_path / "stamp", slide_mpp=0.5)
     (tmp_path / "slides").mkdir()

@@ -4,25 +4,22 @@ validated again by the extractor and recorded in the store."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from slides import tissue_image, write_aperio  # noqa: E402
-
-from mmcli.cli import app  # noqa: E402
-from mmcli.features.modalities import MODALITIES  # noqa: E402
-from mmcli.features.mri import MriOptions  # noqa: E402
-from mmcli.features.readers import READER_NAMES  # noqa: E402
-from mmcli.features.tabular import TabularOptions, ingest_table  # noqa: E402
-from mmcli.features.text import TextOptions  # noqa: E402
-from mmcli.features.wsi import WSIExtractor, WsiOptions, make_spec  # noqa: E402
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.manifest import load_manifest  # noqa: E402
-from mmcli.pipeline.store import open_store  # noqa: E402
+from helpers.slides import tissue_image, write_aperio
+from mmcli.cli import app
+from mmcli.features.modalities import MODALITIES
+from mmcli.features.mri import MriOptions
+from mmcli.features.readers import READER_NAMES
+from mmcli.features.tabular import TabularOptions, ingest_table
+from mmcli.features.text import TextOptions
+from mmcli.features.wsi import WSIExtractor, WsiOptions, make_spec
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.manifest import load_manifest
+from mmcli.pipeline.store import open_store
 
 TINY = dict(encoder="timm:test_resnet", patch_size=32, mpp=1.0, batch_size=16, read_threads=2)
 

@@ -1,16 +1,13 @@
 """Slide readers: one interface, same geometry, mpp and pixels (within JPEG tolerance) from every backend."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from slides import tissue_image, write_aperio, write_generic  # noqa: E402
-
-from mmcli.features.readers import (  # noqa: E402
+from helpers.slides import tissue_image, write_aperio, write_generic
+from mmcli.features.readers import (
     READER_NAMES,
     READERS,
     SlideError,

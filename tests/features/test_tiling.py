@@ -1,7 +1,6 @@
 """mpp-aware tile planning (level choice, level-0 coords, tissue fraction) and the streaming tile reader."""
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from pathlib import Path
@@ -10,11 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from slides import tissue_image, write_aperio  # noqa: E402
-
-from mmcli.features.readers import SlideError, open_slide, slide_opener  # noqa: E402
-from mmcli.features.tiling import (  # noqa: E402
+from helpers.slides import tissue_image, write_aperio
+from mmcli.features.readers import SlideError, open_slide, slide_opener
+from mmcli.features.tiling import (
     choose_level,
     grid,
     iter_tile_batches,

@@ -1,17 +1,14 @@
 """Tissue detection on thumbnails: HSV saturation + Otsu, clean-up, holes, small pieces, blank slides, QC."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from slides import GLASS, inside_ellipse, tissue_image  # noqa: E402
-
-from mmcli.features.tissue import (  # noqa: E402
+from helpers.slides import GLASS, inside_ellipse, tissue_image
+from mmcli.features.tissue import (
     TissueParams,
     detect_tissue,
     qc_image,

@@ -2,19 +2,16 @@
 options and encoder ids."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from slides import inside_ellipse, tissue_image, write_aperio, write_generic  # noqa: E402
-
-from mmcli.features.runner import ItemError  # noqa: E402
-from mmcli.features.wsi import make_spec  # noqa: E402
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.manifest import ManifestRow  # noqa: E402
+from helpers.slides import inside_ellipse, tissue_image, write_aperio, write_generic
+from mmcli.features.runner import ItemError
+from mmcli.features.wsi import make_spec
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.manifest import ManifestRow
 
 TINY = dict(encoder="timm:test_resnet", patch_size=32, mpp=1.0, batch_size=16, read_threads=2)
 

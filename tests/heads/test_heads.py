@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from planted_data import make_store, shuffled
 from sklearn.metrics import roc_auc_score
 
+from helpers.planted_data import make_store, shuffled
 from mmcli.heads import create_head, list_heads, load_head
 from mmcli.heads.cv import cross_validate
 from mmcli.heads.data import load_cohort, resolve_sources

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from planted_data import make_store
 
+from helpers.planted_data import make_store
 from mmcli.heads import HEADS, create_head, head_class, list_heads, load_head
 from mmcli.heads.data import load_cohort, resolve_sources
 from mmcli.heads.targets import build_target

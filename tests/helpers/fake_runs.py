@@ -1,7 +1,7 @@
 """Run dirs written by hand, as ``mmcli fit`` writes them (config.json, metrics.json, predictions.csv and the
 optional artefacts), with realistic out-of-fold predictions made with numpy. Metric values are computed with
 scikit-learn / lifelines on the written predictions, so a report or comparison can be checked against them.
-Import by path: ``sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))``.
+``from helpers.fake_runs import ...``.
 """
 from __future__ import annotations
 

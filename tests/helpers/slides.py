@@ -1,8 +1,7 @@
 """Tiny whole-slide images for tests, written with tifffile: Aperio-style SVS and generic tiled pyramids.
 
 ``tissue_image`` draws an H&E-like blob (pink stroma, purple nuclei) on a glass background in physical units,
-so the same ``seed`` gives the same tissue at any resolution (``mpp``). Import by path:
-``sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))``.
+so the same ``seed`` gives the same tissue at any resolution (``mpp``). ``from helpers.slides import ...``.
 """
 from __future__ import annotations
 

@@ -5,23 +5,26 @@ Slides are 384 x 320 µm Aperio files; with ``OPTS`` (``timm:test_resnet``, 32 p
 Every run, in this process or a child, uses ``THREADS`` torch threads (fp32 convolutions differ in the last bits
 between thread counts, and other tests may change this process's count). Features are compared bit for bit up to
 one float16 ulp: even at a fixed thread count, oneDNN may pick another fp32 kernel in another process, and a
-value next to a float16 rounding boundary then lands on the neighbouring float16. Import by path like
-``slides.py``.
+value next to a float16 rounding boundary then lands on the neighbouring float16. The cohort and its clean
+extraction are built once per session by the ``wsi_cohort`` / ``wsi_clean`` fixtures of ``tests/conftest.py``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
-from slides import tissue_image, write_aperio
 from typer.testing import CliRunner
 
+from helpers.slides import tissue_image, write_aperio
 from mmcli.cli import app
 from mmcli.features.runner import lock_dir
 from mmcli.pipeline.store import open_store
@@ -32,7 +35,10 @@ OPTS = ["--modality", "wsi", "--encoder", "timm:test_resnet", "--patch-size", "3
         "--batch-size", "8", "--min-tissue-area", "2000", "--precision", "fp32", "--seed", "0", "--no-progress"]
 
 
-def write_cohort(folder: Path, n: int = 5) -> Path:
+COHORT_SIZE = 5  # slides of the session-wide cohort (the ``wsi_cohort`` fixture of tests/conftest.py)
+
+
+def write_cohort(folder: Path, n: int = COHORT_SIZE) -> Path:
     """``n`` slides ``S<i>.svs`` of patients ``P<i>`` (item ``a``) and ``manifest.csv``; returns the manifest."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = ["patient_id,modality,path,item_id"]
@@ -113,6 +119,23 @@ def items(store: Path) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray | N
         it = s.read_item(k.modality, k.encoder_id, k.patient_id, k.item_id)
         out[(k.patient_id, k.item_id)] = (it.features, it.coords, it.attrs)
     return out
+
+
+def frozen_items(store: Path) -> Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray | None, Mapping]]:
+    """``items(store)`` that no test can change: read-only mappings and arrays (a shared reference stays clean)."""
+    out = {}
+    for k, (f, c, attrs) in items(store).items():
+        for a in (f, c):
+            if a is not None:
+                a.setflags(write=False)
+        out[k] = (f, c, MappingProxyType(attrs))
+    return MappingProxyType(out)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under ``folder`` (to check that a shared folder was left alone)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def lock_files(store: Path) -> list[Path]:

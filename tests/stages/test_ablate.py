@@ -3,7 +3,6 @@ stage exists, an end-to-end run on a tiny store."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
-from fake_runs import classification_run  # noqa: E402
-
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.stages import ablate as ab  # noqa: E402
+from helpers.fake_runs import classification_run
+from mmcli.pipeline.errors import InputError
+from mmcli.stages import ablate as ab
 
 SIX = ["wsi", "mri", "text", "genes", "proteins", "clinical"]
 
@@ -126,6 +123,7 @@ def test_ablate_with_fake_fit_writes_table_chart_and_summary(tmp_path: Path, mon
     assert "best multimodal (wsi+genes+text" in text and f"{cmp['difference']:+.3f}" in text
 
 
+@pytest.mark.slow
 def test_ablate_reuses_finished_fits_and_refits_on_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = FakeFit()
     t1 = _ablate(tmp_path, first, monkeypatch, compare_best=False)
@@ -179,6 +177,7 @@ def _tiny_store(tmp_path: Path, n: int = 40) -> tuple[Path, Path]:
     return tmp_path / "tiny.zarr", labels
 
 
+@pytest.mark.slow
 def test_ablate_end_to_end_with_the_real_fit(tmp_path: Path) -> None:
     pytest.importorskip("mmcli.stages.fit", reason="the fit stage has not landed yet")
     store, labels = _tiny_store(tmp_path)

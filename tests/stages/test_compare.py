@@ -3,7 +3,6 @@ patient matching, and clear refusals of runs that cannot be compared."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +11,10 @@ import pytest
 from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
-from fake_runs import classification_run, patient_ids, survival_data, survival_run  # noqa: E402
-
-from mmcli.heads.stats import delong_test  # noqa: E402
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.stages.compare import compare, format_comparison  # noqa: E402
+from helpers.fake_runs import classification_run, patient_ids, survival_data, survival_run
+from mmcli.heads.stats import delong_test
+from mmcli.pipeline.errors import InputError
+from mmcli.stages.compare import compare, format_comparison
 
 
 def test_binary_runs_use_delong_on_matched_patients(tmp_path: Path) -> None:

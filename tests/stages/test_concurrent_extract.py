@@ -9,14 +9,14 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from wsi_runs import (  # noqa: E402
+from helpers.wsi_runs import (
+    COHORT_SIZE,
     assert_same_items,
     child_env,
     done_items,
@@ -26,25 +26,25 @@ from wsi_runs import (  # noqa: E402
     lock_files,
     record_of,
     verify_cli,
-    write_cohort,
 )
+from mmcli.features.runner import lock_dir
 
-from mmcli.features.runner import lock_dir  # noqa: E402
+pytestmark = pytest.mark.slow  # several real extract processes per test
 
-N = 5
+N = COHORT_SIZE
 ALL = {(f"P{i}", "a") for i in range(N)}
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_cohort(tmp_path_factory.mktemp("concurrent"), N)
+def cohort(wsi_cohort: Path, wsi_clean_store: Path) -> Path:
+    """The session's 5-slide cohort with ``clean.zarr`` beside it (tests/conftest.py); read only."""
+    return wsi_cohort
 
 
 @pytest.fixture(scope="module")
-def clean(cohort: Path) -> dict:
-    r = extract_in_process(cohort, cohort.parent / "clean.zarr")
-    assert r.exit_code == 0, r.output
-    return items(cohort.parent / "clean.zarr")
+def clean(wsi_clean: Mapping) -> Mapping:
+    """Items of the session's clean extraction (the reference)."""
+    return wsi_clean
 
 
 def _wait_stopped(p: subprocess.Popen, limit_s: float = 300) -> None:

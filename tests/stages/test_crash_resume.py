@@ -7,12 +7,13 @@ import json
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from wsi_runs import (  # noqa: E402
+from helpers.wsi_runs import (
+    COHORT_SIZE,
     assert_same_items,
     extract_in_process,
     extract_subprocess,
@@ -20,31 +21,27 @@ from wsi_runs import (  # noqa: E402
     lock_files,
     record_of,
     verify_cli,
-    write_cohort,
 )
+from mmcli.pipeline.faults import POINTS, parse
+from mmcli.pipeline.store import open_store, pid_alive
 
-from mmcli.pipeline.faults import POINTS, parse  # noqa: E402
-from mmcli.pipeline.store import open_store, pid_alive  # noqa: E402
-
-N = 5
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_cohort(tmp_path_factory.mktemp("crash"), N)
+N = COHORT_SIZE
 
 
 @pytest.fixture(scope="module")
-def clean(cohort: Path) -> dict:
-    """Items of an uninterrupted run (the reference)."""
-    store = cohort.parent / "clean.zarr"
-    r = extract_in_process(cohort, store)
-    assert r.exit_code == 0, r.output
-    out = items(store)
-    assert len(out) == N and all(f.shape == (18, 96) for f, _, _ in out.values())
-    return out
+def cohort(wsi_cohort: Path) -> Path:
+    """The session's 5-slide cohort (tests/conftest.py), shared: every test extracts into its own tmp_path."""
+    return wsi_cohort
 
 
+@pytest.fixture(scope="module")
+def clean(wsi_clean: Mapping) -> Mapping:
+    """Items of an uninterrupted run (the reference): the session's clean extraction (tests/conftest.py)."""
+    assert len(wsi_clean) == N and all(f.shape == (18, 96) for f, _, _ in wsi_clean.values())
+    return wsi_clean
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,fault,where", [
     ("zarr", "item.progress:3", "mid-slide"),      # 2nd slide, after its first tile batch
     ("zarr", "item.after:2", "between slides"),    # 2 slides finished, the 3rd not started
@@ -93,6 +90,7 @@ def test_sigkill_then_rerun_equals_clean_run(cohort: Path, clean: dict, tmp_path
         assert not any((store / ".staging").iterdir())
 
 
+@pytest.mark.slow
 def test_a_second_crash_during_the_resume_is_also_recovered(cohort: Path, clean: dict, tmp_path: Path) -> None:
     """Killed mid-slide, then the resume killed inside a store write: the third run still finishes the cohort."""
     store = tmp_path / "s.zarr"

@@ -10,30 +10,29 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from wsi_runs import (  # noqa: E402
+from helpers.wsi_runs import (
+    COHORT_SIZE,
     THREADS,
     assert_same_items,
     child_env,
     extract_cmd,
-    extract_in_process,
     items,
     lock_files,
     record_of,
     verify_cli,
-    write_cohort,
 )
+from mmcli.pipeline.store import pid_alive
 
-from mmcli.pipeline.store import pid_alive  # noqa: E402
+pytestmark = pytest.mark.slow  # a real scheduler and workers: every test here starts processes
 
-N = 5
+N = COHORT_SIZE
 DASK = str(Path(sys.executable).with_name("dask"))
 # A nanny overrides OMP_NUM_THREADS (and MKL/OpenBLAS) with its own config before it starts the worker process;
 # the whole dict set through the environment keeps the upper-case names (per-key variables would be lower-cased).
@@ -104,15 +103,15 @@ def cluster(folder: Path, worker_env: dict[str, str], n_workers: int = 2, limit_
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_cohort(tmp_path_factory.mktemp("dask_cluster"), N)
+def cohort(wsi_cohort: Path) -> Path:
+    """The session's 5-slide cohort (tests/conftest.py), shared: every test extracts into its own tmp_path."""
+    return wsi_cohort
 
 
 @pytest.fixture(scope="module")
-def clean(cohort: Path) -> dict:
-    r = extract_in_process(cohort, cohort.parent / "clean.zarr")
-    assert r.exit_code == 0, r.output
-    return items(cohort.parent / "clean.zarr")
+def clean(wsi_clean: Mapping) -> Mapping:
+    """Items of the session's clean in-process extraction (the reference)."""
+    return wsi_clean
 
 
 def _extract(manifest: Path, store: Path, scheduler: str, cwd: Path, timeout: float = 420

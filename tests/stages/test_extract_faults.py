@@ -10,15 +10,13 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from wsi_runs import (  # noqa: E402
+from helpers.wsi_runs import (
     assert_same_items,
     child_env,
     extract_cmd,

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from slides import tissue_image, write_aperio, write_generic  # noqa: E402
-
-from mmcli.cli import app  # noqa: E402
-from mmcli.features.encoders.image import ImageEncoder  # noqa: E402
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.store import open_store  # noqa: E402
-from mmcli.stages.extract import extract  # noqa: E402
+from helpers.slides import tissue_image, write_aperio, write_generic
+from mmcli.cli import app
+from mmcli.features.encoders.image import ImageEncoder
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.store import open_store
+from mmcli.stages.extract import extract
 
 OPTS = ["--encoder", "timm:test_resnet", "--patch-size", "32", "--mpp", "1.0", "--batch-size", "16",
         "--min-tissue-area", "2000", "--no-progress"]
@@ -66,6 +63,7 @@ def _items(store: Path) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, d
     return out
 
 
+@pytest.mark.slow
 def test_bad_slides_reported_rest_stored_then_resume(cohort: Path, calls: list[int]) -> None:
     store = cohort / "features.zarr"
     r = _run("--manifest", str(cohort / "manifest.csv"), "--store", str(store))

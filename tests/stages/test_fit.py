@@ -2,23 +2,20 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "heads"))
-from planted_data import make_store  # noqa: E402
-
-from mmcli.heads.cv import cross_validate  # noqa: E402
-from mmcli.heads.data import load_cohort, resolve_sources  # noqa: E402
-from mmcli.heads.metrics import CLASSIFICATION_METRICS, SURVIVAL_METRICS  # noqa: E402
-from mmcli.heads.targets import build_target  # noqa: E402
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.store import open_store  # noqa: E402
-from mmcli.stages.fit import fit, parse_encoders, parse_params  # noqa: E402
+from helpers.planted_data import make_store
+from mmcli.heads.cv import cross_validate
+from mmcli.heads.data import load_cohort, resolve_sources
+from mmcli.heads.metrics import CLASSIFICATION_METRICS, SURVIVAL_METRICS
+from mmcli.heads.targets import build_target
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.store import open_store
+from mmcli.stages.fit import fit, parse_encoders, parse_params
 
 METRIC_KEYS = {"head", "task", "modalities", "folds", "n_patients", "metrics", "encoder_ids", "seed", "created"}
 
@@ -301,6 +298,7 @@ def test_parse_params_validates_against_the_heads_model_at_parse_time(tmp_path):
 def test_cli_bad_param_exits_2_naming_the_key_before_reading_anything(tmp_path):
     """The installed ``mmcli`` entry point: the store and labels need not exist for a bad --param to be caught."""
     import subprocess
+    import sys
 
     mmcli = str(Path(sys.executable).with_name("mmcli"))
     base = [mmcli, "fit", "--head", "xgboost", "--store", str(tmp_path / "none.zarr"), "--labels",

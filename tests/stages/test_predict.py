@@ -1,20 +1,15 @@
 """``predict``: scores a store with a saved run, attention export, mismatch errors, partial modalities."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "heads"))
-from planted_data import make_store  # noqa: E402
-
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.store import open_store  # noqa: E402
-from mmcli.stages.fit import fit  # noqa: E402
-from mmcli.stages.predict import predict  # noqa: E402
+from helpers.planted_data import make_store
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.store import open_store
+from mmcli.stages.fit import fit
+from mmcli.stages.predict import predict
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +10,11 @@ import pandas as pd
 import pytest
 from lifelines.statistics import multivariate_logrank_test
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "helpers"))
-from fake_runs import classification_run, survival_run, write_slide  # noqa: E402
-
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.store import open_store  # noqa: E402
-from mmcli.stages.report import report  # noqa: E402
-from mmcli.stages.report.plots import risk_groups  # noqa: E402
+from helpers.fake_runs import classification_run, survival_run, write_slide
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.store import open_store
+from mmcli.stages.report import report
+from mmcli.stages.report.plots import risk_groups
 
 TILE = 128
 
@@ -51,6 +48,7 @@ def _add_wsi(tmp_path: Path, run: Path, patients: list[str], with_slide: bool = 
     return store_path
 
 
+@pytest.mark.slow
 def test_binary_report_with_every_artefact(tmp_path: Path) -> None:
     run = classification_run(tmp_path / "run", head="fusion_mlp", modalities=("wsi", "omics"))
     (run / "modality_weights.json").write_text(json.dumps({"wsi": 0.7, "omics": 0.3}))
@@ -159,6 +157,7 @@ def test_missing_predictions_and_bad_run_dirs(tmp_path: Path) -> None:
         report(bad)
 
 
+@pytest.mark.slow
 def test_report_on_a_real_attention_mil_run(tmp_path: Path) -> None:
     """Integration with `mmcli fit`: its attention.csv indexes the stored tiles the report draws."""
     fit_stage = pytest.importorskip("mmcli.stages.fit", reason="the fit stage has not landed yet")

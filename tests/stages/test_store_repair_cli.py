@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-from wsi_runs import (  # noqa: E402
+from helpers.wsi_runs import (
+    COHORT_SIZE,
     assert_same_items,
     done_items,
     extract_in_process,
@@ -20,17 +19,20 @@ from wsi_runs import (  # noqa: E402
     items,
     record_of,
     verify_cli,
-    write_cohort,
 )
 
-N = 4
+N = COHORT_SIZE
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_cohort(tmp_path_factory.mktemp("repair"), N)
+def cohort(copy_wsi_cohort: Path) -> Path:
+    """A private copy of the session's cohort with its clean ``clean.zarr`` (tests/conftest.py): the test's own
+    clean extraction into it then finds every slide cached. It used to write and extract 4 slides of its own;
+    it now uses the shared 5 (the kill lands on the last slide either way)."""
+    return copy_wsi_cohort
 
 
+@pytest.mark.slow
 def test_verify_repair_rerun(cohort: Path, tmp_path: Path) -> None:
     clean = cohort.parent / "clean.zarr"
     assert extract_in_process(cohort, clean).exit_code == 0
@@ -167,8 +169,7 @@ def test_extract_redoes_items_with_a_missing_array_or_broken_attrs(cohort: Path,
 def test_fit_skips_a_corrupt_item_with_a_warning(tmp_path: Path) -> None:
     """fit reads around a corrupt item (a warning names it and the fix) instead of a JSONDecodeError traceback,
     and refuses a crafted store with exit 2."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "heads"))
-    from planted_data import make_store
+    from helpers.planted_data import make_store
 
     planted = make_store(tmp_path / "s.zarr", n=16, seed=1, dim=8, tiles=(4, 8), modalities=("wsi", "genes"))
     planted.labels.to_csv(tmp_path / "labels.csv")
