@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
-from mmcli.pipeline.errors import DiskFullError, InputError, ItemError
+from mmcli.pipeline.errors import DiskFullError, InputError, ItemError, ItemInterrupted
 from mmcli.pipeline.faults import fault
 from mmcli.pipeline.fingerprint import source_fingerprint
 from mmcli.pipeline.io import disk_full_message, write_json
@@ -160,13 +160,6 @@ def item_lock(store_path: str | Path, modality: str, encoder_id: str, patient_id
 
 
 # ---- stopping a run early: signals and a full disk ----------------------------------------------------------
-class ItemInterrupted(BaseException):
-    """Raised inside an item when the run was asked to stop (SIGINT/SIGTERM): the item is abandoned unwritten.
-
-    A ``BaseException`` (like ``KeyboardInterrupt``) so that an extractor's ``except Exception`` cannot swallow it.
-    """
-
-
 class RunControl:
     """Stop requests of one run. The first SIGINT/SIGTERM asks the item in flight to stop at its next unit of
     work (a tile batch) and no new item to start; a second one abandons the item at once."""

@@ -121,3 +121,9 @@ ALL_ERRORS: tuple[type[MmcliError], ...] = (
     MmcliError, InputError, StoreError, DiskFullError, FormatError, ModalityNotAvailable, SynthInputError,
     RunFolderError, ItemError, SlideError,
 )
+
+
+class ItemInterrupted(BaseException):
+    """Not an error but a stop request: raised inside an item when the run was asked to stop (SIGINT/SIGTERM),
+    so the item is abandoned unwritten. A ``BaseException`` (like ``KeyboardInterrupt``) so that an extractor's
+    ``except Exception`` cannot swallow it; the only exception class of mmcli outside the MmcliError tree."""
