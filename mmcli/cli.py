@@ -389,6 +389,14 @@ def fit(
     drop_unmatched: bool = typer.Option(False, "--drop-unmatched", help="Leave out rows with a missing label value "
                                         "instead of stopping with an error. (Patients only in the labels or only "
                                         "in the store are always left out, with a note.)"),
+    impute: str | None = typer.Option(None, "--impute", help="In-fold imputation with a missingness indicator "
+                                      "per feature: mean | median | knn | iterative (vector heads)."),
+    batch_correct: str | None = typer.Option(None, "--batch-correct", help="In-fold batch correction: combat "
+                                             "(needs --batch-column)."),
+    batch_column: str | None = typer.Option(None, "--batch-column", help="Labels column (or store table column) "
+                                            "holding each patient's batch: site, scanner, sequencing run."),
+    batch_keep: str | None = typer.Option(None, "--batch-keep", help="Comma list of covariate columns whose effect "
+                                          "batch correction protects, e.g. age,sex."),
 ) -> None:
     """Stage 2: cross-validate a head on cached features, then refit on all patients for `predict`."""
     from mmcli.stages.fit import fit as run_fit
@@ -400,7 +408,8 @@ def fit(
     res = run_fit(head, store, labels, out, target=target, time=time, event=event,
                   modalities=_csv_list(modalities), encoders=parse_encoders(encoder) or None, folds=folds,
                   seed=seed, params=params or None, n_boot=n_boot, drop_unmatched=drop_unmatched,
-                  log=get_logger().info)
+                  log=get_logger().info, impute=impute, batch_correct=batch_correct, batch_column=batch_column,
+                  batch_keep=_csv_list(batch_keep))
     _say(f"{head} ({res['task']}, {res['n_patients']} patients, {res['folds']} folds) -> {out}")
     for name, m in res["metrics"].items():
         _say(f"  {name:18s} {_num(m['mean'])}  [{_num(m['ci_low'])}, {_num(m['ci_high'])}]")
@@ -419,11 +428,16 @@ def predict(
     out: Path = typer.Option(..., "--out", help="Predictions CSV to write."),
     attention: bool = typer.Option(False, "--attention", help="Also write <out stem>.attention.csv "
                                    "(patient_id,item_id,index,attention) for attention heads."),
+    covariates: Path | None = typer.Option(None, "--covariates", help="CSV with patient_id and the batch column "
+                                           "(and protected covariates) of a batch-corrected model."),
 ) -> None:
     """Score every patient of a store with a fitted model (CPU is fine)."""
     from mmcli.stages.predict import predict as run_predict
 
-    df = run_predict(model, store, out, attention=attention)
+    df = run_predict(model, store, out, attention=attention, covariates=covariates)
+    if "batch_corrected" in df and not df["batch_corrected"].all():
+        _warn(f"{int((~df['batch_corrected']).sum())} patient(s) left without batch correction (batch missing or "
+              "not seen in training); see the batch_corrected column.")
     _say(f"scored {len(df)} patients -> {out}")
 
 

@@ -247,7 +247,7 @@ class Head(ABC):
                                  f"{spec.dim}, found {got.dim}. Fix: use features from the model's encoder"
                                  f"{f' ({spec.encoder_id})' if spec.encoder_id else ''}.")
             out[spec.name] = m
-        return Cohort(list(X.patients), out, X.features_sha256)
+        return Cohort(list(X.patients), out, X.features_sha256, X.covariates)
 
     # ---- persistence ------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -114,8 +114,10 @@ def cross_validate(
                                  train_time=y_tr["time"], train_event=y_tr["event"])
         else:
             ev = FoldPredictions(y=np.asarray(target.y[te]), probs=pred)
-        res = FoldResult(k, tr, te, h, pred, ev,
-                         preprocessing_patients={n: list(p.fitted_patients) for n, p in h.preprocessors_.items()})
+        fitted = {n: list(p.fitted_patients) for n, p in h.preprocessors_.items()}
+        fitted.update({f"{n}/combat": list(p.harmoniser.fitted_patients) for n, p in h.preprocessors_.items()
+                       if getattr(p, "harmoniser", None) is not None})  # batch correction: what it saw
+        res = FoldResult(k, tr, te, h, pred, ev, preprocessing_patients=fitted)
         if explain:
             res.attention = h.attention(X_te)
             res.modality_weights = h.modality_weights(X_te)

@@ -24,7 +24,7 @@ from mmcli.heads.base import register_head
 from mmcli.heads.data import Cohort, pad_bags
 from mmcli.heads.fusion import FUSIONS
 from mmcli.heads.modules import GatedAttention, MeanPool, StandardisedEmbed, mlp_embed
-from mmcli.heads.preprocess import InstanceScaler, VectorPreprocessor
+from mmcli.heads.preprocess import InstanceScaler, VectorPrepParams, VectorPreprocessor, vector_preprocessor
 from mmcli.heads.torch_base import TorchHead, TorchParams
 from mmcli.pipeline.errors import InputError
 
@@ -74,8 +74,9 @@ def _fusion_choices() -> str:
     return " | ".join(FUSIONS.names())
 
 
-class FusionMLPParams(TorchParams):
-    """:class:`~mmcli.heads.torch_base.TorchParams` (smaller defaults) plus the fusion settings."""
+class FusionMLPParams(TorchParams, VectorPrepParams):
+    """:class:`~mmcli.heads.torch_base.TorchParams` (smaller defaults), the fusion settings, and the
+    imputation / batch correction of vector modalities (:class:`~mmcli.heads.preprocess.VectorPrepParams`)."""
 
     hidden: int = Field(32, ge=1, description="embedding size (units per layer), >= 1")
     epochs: int = Field(40, ge=1, description="passes over the training patients (fixed: no inner validation "
@@ -126,6 +127,10 @@ class FusionMLPHead(TorchHead):
     n_heads: int
     bilinear_dim: int
     n_components: int | None
+    impute: str | None
+    batch_correct: str
+    batch_column: str | None
+    batch_keep: list[str]
 
     def _fit_preprocessing(self, X: Cohort) -> None:
         for name, m in X.modalities.items():
@@ -139,8 +144,8 @@ class FusionMLPHead(TorchHead):
             else:
                 assert m.vectors is not None
                 wide = self.n_components is not None and m.spec.dim > self.n_components
-                self.preprocessors_[name] = VectorPreprocessor(self.n_components if wide else None).fit(
-                    m.vectors[keep], pids)
+                self.preprocessors_[name] = vector_preprocessor(self, self.n_components if wide else None).fit(
+                    m.vectors[keep], pids, X.covariates)
 
     def _build(self) -> nn.Module:
         dims = [s.dim if s.kind == "bag" else self.preprocessors_[s.name].out_dim for s in self.spec_]
@@ -164,7 +169,8 @@ class FusionMLPHead(TorchHead):
                 assert m.vectors is not None and isinstance(prep, VectorPreprocessor)
                 v = np.zeros((len(idx), prep.out_dim), dtype=np.float32)
                 if present.any():
-                    v[present] = prep.transform(m.vectors[idx[present]])
+                    rows = idx[present]
+                    v[present] = prep.transform(m.vectors[rows], [X.patients[i] for i in rows], X.covariates)
                 out[f"x{k}"] = torch.from_numpy(v)
         out["present"] = torch.from_numpy(np.stack([X.modalities[s.name].present[idx] for s in self.spec_], 1)
                                           .astype(np.float32))
