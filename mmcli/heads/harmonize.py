@@ -109,7 +109,8 @@ class ComBatHarmoniser:
         self.pooled_var_ = np.asarray(model._pooled_var.values, dtype=np.float64)
         self.gamma_ = np.asarray(model._gamma_star, dtype=np.float64)
         self.delta_ = np.asarray(model._delta_star, dtype=np.float64)
-        self.beta_ = np.asarray(model._beta_hat_nonbatch, dtype=np.float64).reshape(len(self.nonbatch_columns_), -1)
+        self.beta_ = np.asarray(model._beta_hat_nonbatch, dtype=np.float64).reshape(len(self.nonbatch_columns_),
+                                                                                    X.shape[1])
         self.fitted_patients = [str(p) for p, k in zip(patients, ok) if k]
         return self
 
