@@ -254,6 +254,11 @@ def extract(
     categorical: list[str] | None = typer.Option(None, "--categorical", help="tabular: treat this column as "
                                                  "categorical (repeatable); text columns with <= 20 levels are "
                                                  "categorical anyway (2 levels -> 0/1, more -> one-hot)."),
+    vcf: str | None = typer.Option(None, "--vcf", help="tabular: bgzipped, indexed VCF file or glob (multi-sample "
+                                   "or per patient; samples = patient ids) -> alt-allele dosage table."),
+    genes: str | None = typer.Option(None, "--genes", help="tabular --vcf: one column per gene (comma list or a "
+                                     "file, one per line), variants assigned by their ANN/CSQ/GENE annotation."),
+    regions: Path | None = typer.Option(None, "--regions", help="tabular --vcf: one column per BED region."),
 ) -> None:
     """Stage 1: encode every file of one modality of the manifest into the feature store (resumable).
 
@@ -264,6 +269,8 @@ def extract(
     from mmcli.stages.extract import extract as run_extract
     from mmcli.stages.extract import summary_lines
 
+    if modality == "tabular" and vcf is not None:
+        _extract_vcf(vcf, name, store, genes, regions, table, manifest)
     if modality == "tabular":
         _extract_table(table, name, store, id_column, categorical, manifest)
     if manifest is None:
@@ -282,6 +289,20 @@ def extract(
     for line in summary_lines(summary):
         _say(line)
     raise typer.Exit(summary.exit_code)
+
+
+def _extract_vcf(vcf: str, name: str | None, store: Path, genes: str | None, regions: Path | None,
+                 table: Path | None, manifest: Path | None) -> None:
+    """``extract --modality tabular --vcf``: dosage table into the store; always ends the command."""
+    from mmcli.features.tabular import ingest_vcf
+
+    if table is not None or manifest is not None or not name:
+        raise InputError("--vcf takes --name NAME (not --table / --manifest): mmcli extract --modality tabular "
+                         "--vcf 'calls/*.vcf.gz' --name variants [--genes TP53,KRAS | --regions loci.bed] --store S")
+    res = ingest_vcf(vcf, name, store, genes=genes, regions=regions)
+    _say(f"tabular/{res['name']} -> {res['store']}: {res['patients']} patients x {res['features']} columns from "
+         f"{res['files']} VCF(s), {100 * res['missing_fraction']:.1f}% missing genotypes (kept as NaN)")
+    raise typer.Exit(0)
 
 
 def _extract_table(table: Path | None, name: str | None, store: Path, id_column: str,
