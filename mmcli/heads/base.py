@@ -195,6 +195,10 @@ class Head(ABC):
         """Per-patient, per-feature contributions to the output margin (SHAP), index = patient_id."""
         return None
 
+    def attributions(self, X: Cohort) -> pd.DataFrame | None:
+        """Integrated-gradients rows ``patient_id, modality, feature, attribution, ...`` (torch heads)."""
+        return None
+
     # ---- subclass hooks -----------------------------------------------------------------------------------
     @abstractmethod
     def _fit(self, X: Cohort, y: np.ndarray) -> None: ...

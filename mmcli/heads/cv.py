@@ -76,6 +76,7 @@ class FoldResult:
     attention: dict[str, list[np.ndarray | None]] | None = None
     modality_weights: dict[str, float] | None = None
     contributions: pd.DataFrame | None = None
+    attributions: pd.DataFrame | None = None  # integrated gradients (torch heads), long format
     seconds: float = 0.0
     preprocessing_patients: dict[str, list[str]] = field(default_factory=dict)
 
@@ -122,6 +123,7 @@ def cross_validate(
             res.attention = h.attention(X_te)
             res.modality_weights = h.modality_weights(X_te)
             res.contributions = h.contributions(X_te)
+            res.attributions = h.attributions(X_te)
         res.seconds = _time.perf_counter() - t0
         if log:
             log(f"fold {k + 1}/{folds}: {len(tr)} train / {len(te)} test patients, {res.seconds:.1f}s")

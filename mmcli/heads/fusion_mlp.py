@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
@@ -25,7 +26,7 @@ from mmcli.heads.data import Cohort, pad_bags
 from mmcli.heads.fusion import FUSIONS
 from mmcli.heads.modules import GatedAttention, MeanPool, StandardisedEmbed, mlp_embed
 from mmcli.heads.preprocess import InstanceScaler, VectorPrepParams, VectorPreprocessor, vector_preprocessor
-from mmcli.heads.torch_base import TorchHead, TorchParams
+from mmcli.heads.torch_base import TorchHead, TorchParams, torch_env
 from mmcli.pipeline.errors import InputError
 
 
@@ -202,6 +203,13 @@ class FusionMLPHead(TorchHead):
         means = np.array([w[present[:, m], m].mean() if present[:, m].any() else 0.0 for m in range(w.shape[1])])
         total = means.sum()
         return {s.name: float(v / total) if total > 0 else 0.0 for s, v in zip(self.spec_, means)}
+
+    def attributions(self, X: Cohort) -> pd.DataFrame:
+        """Integrated gradients per table feature and per embedding modality (:mod:`mmcli.heads.attribution`)."""
+        from mmcli.heads.attribution import integrated_gradients
+
+        with torch_env(None, self.n_threads):
+            return integrated_gradients(self, X)
 
     def attention(self, X: Cohort) -> dict[str, list[np.ndarray | None]] | None:
         """Tile attention of each bag modality (``pool="attention"`` only)."""

@@ -190,12 +190,18 @@ class VectorPreprocessor:
                   ) -> np.ndarray:
         """(n, D) -> (n, out_dim) float64; missing values imputed with the training fit. ``patients`` and
         ``covariates`` are needed when the preprocessor corrects batches."""
-        assert self.mean_ is not None and self.scale_ is not None, "not fitted"
-        X = np.asarray(X, dtype=np.float64)
-        Z = (self._harmonise(self._impute(X), patients, covariates) - self.mean_) / self.scale_
+        Z = self.standardised(X, patients, covariates)
         if self.components_ is not None:
             Z = (Z - self.pca_mean_) @ self.components_.T
         return Z
+
+    def standardised(self, X: np.ndarray, patients: Sequence[str] | None = None, covariates: Any = None
+                     ) -> np.ndarray:
+        """(n, D + indicators): imputed, batch-corrected, standardised values before PCA (named by
+        :meth:`feature_names`); :meth:`transform` = this, then the PCA projection."""
+        assert self.mean_ is not None and self.scale_ is not None, "not fitted"
+        X = np.asarray(X, dtype=np.float64)
+        return (self._harmonise(self._impute(X), patients, covariates) - self.mean_) / self.scale_
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """(JSON-able metadata, arrays) for saving."""

@@ -13,6 +13,8 @@ Run directory (``out``)::
     model/               final model refit on all patients: config.json, weights, preprocess.{json,safetensors}
     modality_weights.json  fusion_mlp: {modality: weight}, averaged over folds
     shap.csv             xgboost: patient_id + one column per feature, out-of-fold SHAP contributions
+    attributions.csv     fusion_mlp: out-of-fold integrated gradients, patient_id,fold,modality,feature,attribution,
+                         output,baseline_output (tables per column, embeddings summed per modality)
     attention.csv        attention_mil and fusion_mlp (pool=attention), out-of-fold tile attention:
                          patient_id,item_id,index,attention  (several bag modalities: attention.<modality>.csv)
 """
@@ -35,8 +37,11 @@ from mmcli.heads.data import Cohort, Source, load_cohort, resolve_sources
 from mmcli.heads.metrics import center_risks_by_fold, summarise
 from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.io import write_csv
 from mmcli.pipeline.rundir import RunWriter
 from mmcli.pipeline.store import open_store
+
+ATTRIBUTIONS = "attributions.csv"
 
 
 def fit(
@@ -363,6 +368,11 @@ def _write_explanations(writer: RunWriter, results: list[FoldResult], cohort: Co
     if contrib:
         shap = pd.concat(contrib)
         writer.write_shap(shap.loc[[p for p in tgt.patients if p in shap.index]].reset_index())
+    igs = [r.attributions.assign(fold=r.fold) for r in results if r.attributions is not None]
+    if igs:  # out-of-fold integrated gradients (torch heads)
+        ig = pd.concat(igs, ignore_index=True)
+        write_csv(writer.path / ATTRIBUTIONS, ig[["patient_id", "fold", *[c for c in ig.columns
+                                                                         if c not in ("patient_id", "fold")]]])
     frames: dict[str, list[pd.DataFrame]] = {}
     for r in results:
         for name, att in (r.attention or {}).items():
