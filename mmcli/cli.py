@@ -418,6 +418,8 @@ def fit(
                                             "holding each patient's batch: site, scanner, sequencing run."),
     batch_keep: str | None = typer.Option(None, "--batch-keep", help="Comma list of covariate columns whose effect "
                                           "batch correction protects, e.g. age,sex."),
+    init: Path | None = typer.Option(None, "--init", help="fusion_mlp: start the per-modality projections from "
+                                     "the encoders of `mmcli pretrain --out DIR`."),
 ) -> None:
     """Stage 2: cross-validate a head on cached features, then refit on all patients for `predict`."""
     from mmcli.stages.fit import fit as run_fit
@@ -426,6 +428,8 @@ def fit(
     params = parse_params(param, head)
     if fusion:
         params["fusion"] = fusion
+    if init is not None:
+        params["init"] = str(init.resolve())
     res = run_fit(head, store, labels, out, target=target, time=time, event=event,
                   modalities=_csv_list(modalities), encoders=parse_encoders(encoder) or None, folds=folds,
                   seed=seed, params=params or None, n_boot=n_boot, drop_unmatched=drop_unmatched,
@@ -439,6 +443,29 @@ def fit(
 def _num(v: float | None) -> str:
     """A metric for the console; None (undefined, e.g. a fold without events) prints as n/a."""
     return "n/a" if v is None else f"{v:.3f}"
+
+
+@app.command()
+@handled(log=lambda kw: kw["out"] / "pretrain.log")
+def pretrain(
+    store: Path = typer.Option(..., "--store", help="Feature store (labels are not needed)."),
+    modalities: str = typer.Option(..., "--modalities", help="Comma list of >= 2 store modalities / tables, "
+                                   "e.g. wsi,text,genes."),
+    out: Path = typer.Option(..., "--out", help="Folder for the encoders (safetensors + pretrain.json)."),
+    encoder: list[str] = typer.Option([], "--encoder", help="MODALITY=ENCODER_ID (repeatable)."),
+    hidden: int = typer.Option(32, "--hidden", help="Encoder size; equal to fusion_mlp's hidden (default 32)."),
+    epochs: int = typer.Option(100, "--epochs"),
+    temperature: float = typer.Option(0.1, "--temperature", help="InfoNCE temperature, > 0."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Contrastive (CLIP-style) pretraining of per-modality encoders on cached modality pairs."""
+    from mmcli.stages.fit import parse_encoders
+    from mmcli.stages.pretrain import pretrain as run_pretrain
+
+    res = run_pretrain(store, _csv_list(modalities) or [], out, encoders=parse_encoders(encoder) or None,
+                       hidden=hidden, epochs=epochs, temperature=temperature, seed=seed, log=get_logger().info)
+    _say(f"pretrained on {res['patients']} patients {res['pairs']}: InfoNCE {res['loss_first']:.3f} -> "
+         f"{res['loss_last']:.3f} -> {out}")
 
 
 @app.command()

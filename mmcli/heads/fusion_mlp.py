@@ -94,6 +94,8 @@ class FusionMLPParams(TorchParams, VectorPrepParams):
                               "of (d+1)-vectors), >= 1")
     n_components: int | None = Field(32, ge=1, description="in-fold PCA size of vector modalities (MRI, text, "
                                      "tables) wider than this, >= 1; null = no PCA")
+    init: str | None = Field(None, description="folder of `mmcli pretrain`: start each pretrained modality's "
+                             "first layer from its contrastive encoder (those modalities skip the PCA); null = random")
 
     @field_validator("fusion")
     @classmethod
@@ -132,8 +134,21 @@ class FusionMLPHead(TorchHead):
     batch_correct: str
     batch_column: str | None
     batch_keep: list[str]
+    init: str | None
 
     def _fit_preprocessing(self, X: Cohort) -> None:
+        self._pretrained = None
+        if self.init:
+            from mmcli.heads.pretrain import load_pretrained
+
+            config, enc = load_pretrained(self.init)
+            if int(config["hidden"]) != self.hidden:
+                raise InputError(f"--init {self.init}: pretrained with hidden={config['hidden']}, the head has "
+                                 f"hidden={self.hidden}. Fix: --param hidden={config['hidden']}.")
+            self._pretrained = {n: w for n, w in enc.items() if n in X.modalities}
+            if not self._pretrained:
+                raise InputError(f"--init {self.init}: pretrained modalities {sorted(enc)} share none with "
+                                 f"{X.names}. Fix: pretrain on the modalities you fit.")
         for name, m in X.modalities.items():
             keep = np.flatnonzero(m.present)
             if len(keep) == 0:
@@ -145,13 +160,27 @@ class FusionMLPHead(TorchHead):
             else:
                 assert m.vectors is not None
                 wide = self.n_components is not None and m.spec.dim > self.n_components
+                wide = wide and not (self._pretrained and name in self._pretrained)  # the encoder takes raw dims
                 self.preprocessors_[name] = vector_preprocessor(self, self.n_components if wide else None).fit(
                     m.vectors[keep], pids, X.covariates)
 
     def _build(self) -> nn.Module:
         dims = [s.dim if s.kind == "bag" else self.preprocessors_[s.name].out_dim for s in self.spec_]
-        return FusionNet([s.kind for s in self.spec_], dims, self.hidden, self.attn_dim,
-                         self.n_out, self.dropout, self.fusion, self.pool, self.n_heads, self.bilinear_dim)
+        net = FusionNet([s.kind for s in self.spec_], dims, self.hidden, self.attn_dim,
+                        self.n_out, self.dropout, self.fusion, self.pool, self.n_heads, self.bilinear_dim)
+        pretrained, self._pretrained = getattr(self, "_pretrained", None), None  # only when fitting, once
+        for k, spec in enumerate(self.spec_):
+            if pretrained and spec.name in pretrained:
+                layer = net.embed[k].linear if spec.kind == "bag" else net.embed[k][0]
+                w = pretrained[spec.name]
+                if tuple(w["weight"].shape) != tuple(layer.weight.shape):
+                    raise InputError(f"--init {self.init}: modality {spec.name!r} was pretrained on "
+                                     f"{w['weight'].shape[1]} inputs, the head has {layer.weight.shape[1]} (other "
+                                     "encoder, or --impute indicator columns). Fix: pretrain on the same features.")
+                with torch.no_grad():
+                    layer.weight.copy_(w["weight"])
+                    layer.bias.copy_(w["bias"])
+        return net
 
     def _inputs(self, X: Cohort, idx: np.ndarray, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
