@@ -163,6 +163,9 @@ def fit(
 # ---- inputs -------------------------------------------------------------------------------------------------
 def _prep_params(params: dict[str, Any] | None, **given: Any) -> dict[str, Any] | None:
     """``params`` with the preprocessing options that were given (``--impute``, ``--batch-correct`` ...)."""
+    if not given.get("batch_correct") and (given.get("batch_column") or given.get("batch_keep")):
+        raise InputError("--batch-column / --batch-keep do nothing without --batch-correct. Fix: add "
+                         "--batch-correct combat.")
     extra = {k: (list(v) if k == "batch_keep" else v) for k, v in given.items() if v}
     return {**(params or {}), **extra} if extra else params
 
