@@ -254,6 +254,11 @@ def extract(
     categorical: list[str] | None = typer.Option(None, "--categorical", help="tabular: treat this column as "
                                                  "categorical (repeatable); text columns with <= 20 levels are "
                                                  "categorical anyway (2 levels -> 0/1, more -> one-hot)."),
+    vcf: str | None = typer.Option(None, "--vcf", help="tabular: bgzipped, indexed VCF file or glob (multi-sample "
+                                   "or per patient; samples = patient ids) -> alt-allele dosage table."),
+    genes: str | None = typer.Option(None, "--genes", help="tabular --vcf: one column per gene (comma list or a "
+                                     "file, one per line), variants assigned by their ANN/CSQ/GENE annotation."),
+    regions: Path | None = typer.Option(None, "--regions", help="tabular --vcf: one column per BED region."),
 ) -> None:
     """Stage 1: encode every file of one modality of the manifest into the feature store (resumable).
 
@@ -264,6 +269,8 @@ def extract(
     from mmcli.stages.extract import extract as run_extract
     from mmcli.stages.extract import summary_lines
 
+    if modality == "tabular" and vcf is not None:
+        _extract_vcf(vcf, name, store, genes, regions, table, manifest)
     if modality == "tabular":
         _extract_table(table, name, store, id_column, categorical, manifest)
     if manifest is None:
@@ -282,6 +289,20 @@ def extract(
     for line in summary_lines(summary):
         _say(line)
     raise typer.Exit(summary.exit_code)
+
+
+def _extract_vcf(vcf: str, name: str | None, store: Path, genes: str | None, regions: Path | None,
+                 table: Path | None, manifest: Path | None) -> None:
+    """``extract --modality tabular --vcf``: dosage table into the store; always ends the command."""
+    from mmcli.features.tabular import ingest_vcf
+
+    if table is not None or manifest is not None or not name:
+        raise InputError("--vcf takes --name NAME (not --table / --manifest): mmcli extract --modality tabular "
+                         "--vcf 'calls/*.vcf.gz' --name variants [--genes TP53,KRAS | --regions loci.bed] --store S")
+    res = ingest_vcf(vcf, name, store, genes=genes, regions=regions)
+    _say(f"tabular/{res['name']} -> {res['store']}: {res['patients']} patients x {res['features']} columns from "
+         f"{res['files']} VCF(s), {100 * res['missing_fraction']:.1f}% missing genotypes (kept as NaN)")
+    raise typer.Exit(0)
 
 
 def _extract_table(table: Path | None, name: str | None, store: Path, id_column: str,
@@ -389,6 +410,16 @@ def fit(
     drop_unmatched: bool = typer.Option(False, "--drop-unmatched", help="Leave out rows with a missing label value "
                                         "instead of stopping with an error. (Patients only in the labels or only "
                                         "in the store are always left out, with a note.)"),
+    impute: str | None = typer.Option(None, "--impute", help="In-fold imputation with a missingness indicator "
+                                      "per feature: mean | median | knn | iterative (vector heads)."),
+    batch_correct: str | None = typer.Option(None, "--batch-correct", help="In-fold batch correction: combat "
+                                             "(needs --batch-column)."),
+    batch_column: str | None = typer.Option(None, "--batch-column", help="Labels column (or store table column) "
+                                            "holding each patient's batch: site, scanner, sequencing run."),
+    batch_keep: str | None = typer.Option(None, "--batch-keep", help="Comma list of covariate columns whose effect "
+                                          "batch correction protects, e.g. age,sex."),
+    init: Path | None = typer.Option(None, "--init", help="fusion_mlp: start the per-modality projections from "
+                                     "the encoders of `mmcli pretrain --out DIR`."),
 ) -> None:
     """Stage 2: cross-validate a head on cached features, then refit on all patients for `predict`."""
     from mmcli.stages.fit import fit as run_fit
@@ -397,10 +428,13 @@ def fit(
     params = parse_params(param, head)
     if fusion:
         params["fusion"] = fusion
+    if init is not None:
+        params["init"] = str(init.resolve())
     res = run_fit(head, store, labels, out, target=target, time=time, event=event,
                   modalities=_csv_list(modalities), encoders=parse_encoders(encoder) or None, folds=folds,
                   seed=seed, params=params or None, n_boot=n_boot, drop_unmatched=drop_unmatched,
-                  log=get_logger().info)
+                  log=get_logger().info, impute=impute, batch_correct=batch_correct, batch_column=batch_column,
+                  batch_keep=_csv_list(batch_keep))
     _say(f"{head} ({res['task']}, {res['n_patients']} patients, {res['folds']} folds) -> {out}")
     for name, m in res["metrics"].items():
         _say(f"  {name:18s} {_num(m['mean'])}  [{_num(m['ci_low'])}, {_num(m['ci_high'])}]")
@@ -412,6 +446,29 @@ def _num(v: float | None) -> str:
 
 
 @app.command()
+@handled(log=lambda kw: kw["out"] / "pretrain.log")
+def pretrain(
+    store: Path = typer.Option(..., "--store", help="Feature store (labels are not needed)."),
+    modalities: str = typer.Option(..., "--modalities", help="Comma list of >= 2 store modalities / tables, "
+                                   "e.g. wsi,text,genes."),
+    out: Path = typer.Option(..., "--out", help="Folder for the encoders (safetensors + pretrain.json)."),
+    encoder: list[str] = typer.Option([], "--encoder", help="MODALITY=ENCODER_ID (repeatable)."),
+    hidden: int = typer.Option(32, "--hidden", help="Encoder size; equal to fusion_mlp's hidden (default 32)."),
+    epochs: int = typer.Option(100, "--epochs"),
+    temperature: float = typer.Option(0.1, "--temperature", help="InfoNCE temperature, > 0."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Contrastive (CLIP-style) pretraining of per-modality encoders on cached modality pairs."""
+    from mmcli.stages.fit import parse_encoders
+    from mmcli.stages.pretrain import pretrain as run_pretrain
+
+    res = run_pretrain(store, _csv_list(modalities) or [], out, encoders=parse_encoders(encoder) or None,
+                       hidden=hidden, epochs=epochs, temperature=temperature, seed=seed, log=get_logger().info)
+    _say(f"pretrained on {res['patients']} patients {res['pairs']}: InfoNCE {res['loss_first']:.3f} -> "
+         f"{res['loss_last']:.3f} -> {out}")
+
+
+@app.command()
 @handled(log=lambda kw: kw["out"].with_name(kw["out"].stem + ".predict.log"))
 def predict(
     model: Path = typer.Option(..., "--model", help="Run folder of `mmcli fit` (or its model/ folder)."),
@@ -419,11 +476,16 @@ def predict(
     out: Path = typer.Option(..., "--out", help="Predictions CSV to write."),
     attention: bool = typer.Option(False, "--attention", help="Also write <out stem>.attention.csv "
                                    "(patient_id,item_id,index,attention) for attention heads."),
+    covariates: Path | None = typer.Option(None, "--covariates", help="CSV with patient_id and the batch column "
+                                           "(and protected covariates) of a batch-corrected model."),
 ) -> None:
     """Score every patient of a store with a fitted model (CPU is fine)."""
     from mmcli.stages.predict import predict as run_predict
 
-    df = run_predict(model, store, out, attention=attention)
+    df = run_predict(model, store, out, attention=attention, covariates=covariates)
+    if "batch_corrected" in df and not df["batch_corrected"].all():
+        _warn(f"{int((~df['batch_corrected']).sum())} patient(s) left without batch correction (batch missing or "
+              "not seen in training); see the batch_corrected column.")
     _say(f"scored {len(df)} patients -> {out}")
 
 

@@ -195,3 +195,11 @@ def ingest_table(table: str | Path, name: str, store: str | Path, options: Tabul
     values.index.name = "patient_id"
     open_store(store, "a").write_table(name, values, attrs)
     return TableSummary(name, str(store), int(values.shape[0]), int(values.shape[1]), missing, encodings, warnings)
+
+
+def ingest_vcf(vcf: str | Path, name: str, store: str | Path, genes: str | None = None,
+               regions: str | Path | None = None) -> dict[str, Any]:
+    """VCF entry of tabular ingest: alt-allele dosages per gene / region / locus (:mod:`mmcli.features.vcf`)."""
+    from mmcli.features.vcf import ingest_vcf as _ingest
+
+    return _ingest(vcf, name, store, genes=genes, regions=regions)

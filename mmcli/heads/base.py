@@ -195,6 +195,10 @@ class Head(ABC):
         """Per-patient, per-feature contributions to the output margin (SHAP), index = patient_id."""
         return None
 
+    def attributions(self, X: Cohort) -> pd.DataFrame | None:
+        """Integrated-gradients rows ``patient_id, modality, feature, attribution, ...`` (torch heads)."""
+        return None
+
     # ---- subclass hooks -----------------------------------------------------------------------------------
     @abstractmethod
     def _fit(self, X: Cohort, y: np.ndarray) -> None: ...
@@ -247,7 +251,7 @@ class Head(ABC):
                                  f"{spec.dim}, found {got.dim}. Fix: use features from the model's encoder"
                                  f"{f' ({spec.encoder_id})' if spec.encoder_id else ''}.")
             out[spec.name] = m
-        return Cohort(list(X.patients), out, X.features_sha256)
+        return Cohort(list(X.patients), out, X.features_sha256, X.covariates)
 
     # ---- persistence ------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

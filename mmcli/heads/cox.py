@@ -19,14 +19,14 @@ from pydantic import Field
 
 from mmcli.heads.base import Head, HeadParams, register_head
 from mmcli.heads.data import Cohort
-from mmcli.heads.preprocess import VectorPreprocessor
+from mmcli.heads.preprocess import VectorPrepParams, VectorPreprocessor, vector_preprocessor
 from mmcli.pipeline.errors import InputError
 
 COEFS = "cox.json"
 
 
-class CoxParams(HeadParams):
-    """Penalised Cox settings (lifelines' names)."""
+class CoxParams(HeadParams, VectorPrepParams):
+    """Penalised Cox settings (lifelines' names), plus imputation / batch correction (:class:`VectorPrepParams`)."""
 
     task: Literal["binary", "multiclass", "survival"] = Field(
         "survival", description="survival (set from the labels; the cox head is for survival only)")
@@ -46,6 +46,10 @@ class CoxHead(Head):
     penalizer: float
     l1_ratio: float
     n_components: int
+    impute: str | None
+    batch_correct: str
+    batch_column: str | None
+    batch_keep: list[str]
 
     def _check_task(self) -> None:
         if self.task != "survival":
@@ -57,7 +61,7 @@ class CoxHead(Head):
         for s in self.spec_:
             prep = self.preprocessors_[s.name]
             assert isinstance(prep, VectorPreprocessor)
-            z = prep.transform(X.modalities[s.name].pooled())
+            z = prep.transform(X.modalities[s.name].pooled(), X.patients, X.covariates)
             cols.append(z)
             names += [f"{s.name}_pc{i + 1}" for i in range(z.shape[1])]
         return np.concatenate(cols, axis=1), names
@@ -71,8 +75,8 @@ class CoxHead(Head):
             if len(keep) < 2:
                 raise InputError(f"modality {name!r}: fewer than 2 training patients have it. "
                                  "Fix: drop it from --modalities.")
-            self.preprocessors_[name] = VectorPreprocessor(self.n_components).fit(
-                m.pooled()[keep], [X.patients[i] for i in keep])
+            self.preprocessors_[name] = vector_preprocessor(self, self.n_components).fit(
+                m.pooled()[keep], [X.patients[i] for i in keep], X.covariates)
         Z, names = self._covariates(X)
         df = pd.DataFrame(Z, columns=names)
         df["_time"], df["_event"] = y["time"], y["event"].astype(int)

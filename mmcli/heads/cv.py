@@ -76,6 +76,7 @@ class FoldResult:
     attention: dict[str, list[np.ndarray | None]] | None = None
     modality_weights: dict[str, float] | None = None
     contributions: pd.DataFrame | None = None
+    attributions: pd.DataFrame | None = None  # integrated gradients (torch heads), long format
     seconds: float = 0.0
     preprocessing_patients: dict[str, list[str]] = field(default_factory=dict)
 
@@ -114,12 +115,15 @@ def cross_validate(
                                  train_time=y_tr["time"], train_event=y_tr["event"])
         else:
             ev = FoldPredictions(y=np.asarray(target.y[te]), probs=pred)
-        res = FoldResult(k, tr, te, h, pred, ev,
-                         preprocessing_patients={n: list(p.fitted_patients) for n, p in h.preprocessors_.items()})
+        fitted = {n: list(p.fitted_patients) for n, p in h.preprocessors_.items()}
+        fitted.update({f"{n}/combat": list(p.harmoniser.fitted_patients) for n, p in h.preprocessors_.items()
+                       if getattr(p, "harmoniser", None) is not None})  # batch correction: what it saw
+        res = FoldResult(k, tr, te, h, pred, ev, preprocessing_patients=fitted)
         if explain:
             res.attention = h.attention(X_te)
             res.modality_weights = h.modality_weights(X_te)
             res.contributions = h.contributions(X_te)
+            res.attributions = h.attributions(X_te)
         res.seconds = _time.perf_counter() - t0
         if log:
             log(f"fold {k + 1}/{folds}: {len(tr)} train / {len(te)} test patients, {res.seconds:.1f}s")

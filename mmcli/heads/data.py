@@ -98,6 +98,7 @@ class Cohort:
     patients: list[str]
     modalities: dict[str, ModalityData]
     features_sha256: str = ""
+    covariates: Any = None  # pandas DataFrame indexed by patient_id (batch column, protected covariates) or None
 
     def __len__(self) -> int:
         return len(self.patients)
@@ -112,14 +113,15 @@ class Cohort:
     def subset(self, idx: Sequence[int] | np.ndarray) -> Cohort:
         idx = np.asarray(idx, dtype=int)
         return Cohort([self.patients[i] for i in idx], {k: m.subset(idx) for k, m in self.modalities.items()},
-                      self.features_sha256)
+                      self.features_sha256, self.covariates)
 
     def select(self, names: Sequence[str]) -> Cohort:
         """The same patients with only modalities ``names`` (in that order)."""
         missing = [n for n in names if n not in self.modalities]
         if missing:
             raise InputError(f"modalities {missing} are not loaded (loaded: {self.names})")
-        return Cohort(list(self.patients), {n: self.modalities[n] for n in names}, self.features_sha256)
+        return Cohort(list(self.patients), {n: self.modalities[n] for n in names}, self.features_sha256,
+                      self.covariates)
 
     def presence(self) -> np.ndarray:
         """(n, M) bool: modality m present for patient i."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
@@ -24,8 +25,8 @@ from mmcli.heads.base import register_head
 from mmcli.heads.data import Cohort, pad_bags
 from mmcli.heads.fusion import FUSIONS
 from mmcli.heads.modules import GatedAttention, MeanPool, StandardisedEmbed, mlp_embed
-from mmcli.heads.preprocess import InstanceScaler, VectorPreprocessor
-from mmcli.heads.torch_base import TorchHead, TorchParams
+from mmcli.heads.preprocess import InstanceScaler, VectorPrepParams, VectorPreprocessor, vector_preprocessor
+from mmcli.heads.torch_base import TorchHead, TorchParams, torch_env
 from mmcli.pipeline.errors import InputError
 
 
@@ -74,8 +75,9 @@ def _fusion_choices() -> str:
     return " | ".join(FUSIONS.names())
 
 
-class FusionMLPParams(TorchParams):
-    """:class:`~mmcli.heads.torch_base.TorchParams` (smaller defaults) plus the fusion settings."""
+class FusionMLPParams(TorchParams, VectorPrepParams):
+    """:class:`~mmcli.heads.torch_base.TorchParams` (smaller defaults), the fusion settings, and the
+    imputation / batch correction of vector modalities (:class:`~mmcli.heads.preprocess.VectorPrepParams`)."""
 
     hidden: int = Field(32, ge=1, description="embedding size (units per layer), >= 1")
     epochs: int = Field(40, ge=1, description="passes over the training patients (fixed: no inner validation "
@@ -92,6 +94,8 @@ class FusionMLPParams(TorchParams):
                               "of (d+1)-vectors), >= 1")
     n_components: int | None = Field(32, ge=1, description="in-fold PCA size of vector modalities (MRI, text, "
                                      "tables) wider than this, >= 1; null = no PCA")
+    init: str | None = Field(None, description="folder of `mmcli pretrain`: start each pretrained modality's "
+                             "first layer from its contrastive encoder (those modalities skip the PCA); null = random")
 
     @field_validator("fusion")
     @classmethod
@@ -126,8 +130,25 @@ class FusionMLPHead(TorchHead):
     n_heads: int
     bilinear_dim: int
     n_components: int | None
+    impute: str | None
+    batch_correct: str
+    batch_column: str | None
+    batch_keep: list[str]
+    init: str | None
 
     def _fit_preprocessing(self, X: Cohort) -> None:
+        self._pretrained = None
+        if self.init:
+            from mmcli.heads.pretrain import load_pretrained
+
+            config, enc = load_pretrained(self.init)
+            if int(config["hidden"]) != self.hidden:
+                raise InputError(f"--init {self.init}: pretrained with hidden={config['hidden']}, the head has "
+                                 f"hidden={self.hidden}. Fix: --param hidden={config['hidden']}.")
+            self._pretrained = {n: w for n, w in enc.items() if n in X.modalities}
+            if not self._pretrained:
+                raise InputError(f"--init {self.init}: pretrained modalities {sorted(enc)} share none with "
+                                 f"{X.names}. Fix: pretrain on the modalities you fit.")
         for name, m in X.modalities.items():
             keep = np.flatnonzero(m.present)
             if len(keep) == 0:
@@ -139,13 +160,27 @@ class FusionMLPHead(TorchHead):
             else:
                 assert m.vectors is not None
                 wide = self.n_components is not None and m.spec.dim > self.n_components
-                self.preprocessors_[name] = VectorPreprocessor(self.n_components if wide else None).fit(
-                    m.vectors[keep], pids)
+                wide = wide and not (self._pretrained and name in self._pretrained)  # the encoder takes raw dims
+                self.preprocessors_[name] = vector_preprocessor(self, self.n_components if wide else None).fit(
+                    m.vectors[keep], pids, X.covariates)
 
     def _build(self) -> nn.Module:
         dims = [s.dim if s.kind == "bag" else self.preprocessors_[s.name].out_dim for s in self.spec_]
-        return FusionNet([s.kind for s in self.spec_], dims, self.hidden, self.attn_dim,
-                         self.n_out, self.dropout, self.fusion, self.pool, self.n_heads, self.bilinear_dim)
+        net = FusionNet([s.kind for s in self.spec_], dims, self.hidden, self.attn_dim,
+                        self.n_out, self.dropout, self.fusion, self.pool, self.n_heads, self.bilinear_dim)
+        pretrained, self._pretrained = getattr(self, "_pretrained", None), None  # only when fitting, once
+        for k, spec in enumerate(self.spec_):
+            if pretrained and spec.name in pretrained:
+                layer = net.embed[k].linear if spec.kind == "bag" else net.embed[k][0]
+                w = pretrained[spec.name]
+                if tuple(w["weight"].shape) != tuple(layer.weight.shape):
+                    raise InputError(f"--init {self.init}: modality {spec.name!r} was pretrained on "
+                                     f"{w['weight'].shape[1]} inputs, the head has {layer.weight.shape[1]} (other "
+                                     "encoder, or --impute indicator columns). Fix: pretrain on the same features.")
+                with torch.no_grad():
+                    layer.weight.copy_(w["weight"])
+                    layer.bias.copy_(w["bias"])
+        return net
 
     def _inputs(self, X: Cohort, idx: np.ndarray, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -164,7 +199,8 @@ class FusionMLPHead(TorchHead):
                 assert m.vectors is not None and isinstance(prep, VectorPreprocessor)
                 v = np.zeros((len(idx), prep.out_dim), dtype=np.float32)
                 if present.any():
-                    v[present] = prep.transform(m.vectors[idx[present]])
+                    rows = idx[present]
+                    v[present] = prep.transform(m.vectors[rows], [X.patients[i] for i in rows], X.covariates)
                 out[f"x{k}"] = torch.from_numpy(v)
         out["present"] = torch.from_numpy(np.stack([X.modalities[s.name].present[idx] for s in self.spec_], 1)
                                           .astype(np.float32))
@@ -196,6 +232,13 @@ class FusionMLPHead(TorchHead):
         means = np.array([w[present[:, m], m].mean() if present[:, m].any() else 0.0 for m in range(w.shape[1])])
         total = means.sum()
         return {s.name: float(v / total) if total > 0 else 0.0 for s, v in zip(self.spec_, means)}
+
+    def attributions(self, X: Cohort) -> pd.DataFrame:
+        """Integrated gradients per table feature and per embedding modality (:mod:`mmcli.heads.attribution`)."""
+        from mmcli.heads.attribution import integrated_gradients
+
+        with torch_env(None, self.n_threads):
+            return integrated_gradients(self, X)
 
     def attention(self, X: Cohort) -> dict[str, list[np.ndarray | None]] | None:
         """Tile attention of each bag modality (``pool="attention"`` only)."""

@@ -20,6 +20,7 @@ from pydantic import Field
 from mmcli.heads.base import Head, HeadParams, register_head
 from mmcli.heads.data import Cohort
 from mmcli.heads.losses import class_weights
+from mmcli.heads.preprocess import VectorPrepParams, VectorPreprocessor, vector_preprocessor
 
 MODEL = "model.json"
 
@@ -32,8 +33,9 @@ def _safe_names(names: list[str]) -> list[str]:
     return safe
 
 
-class XGBoostParams(HeadParams):
-    """XGBoost settings (xgboost's own names in brackets where they differ)."""
+class XGBoostParams(HeadParams, VectorPrepParams):
+    """XGBoost settings (xgboost's own names in brackets where they differ), plus optional in-fold imputation
+    with indicators / batch correction (:class:`VectorPrepParams`; by default missing values go to the trees)."""
 
     n_estimators: int = Field(200, ge=1, description="boosting rounds, >= 1")
     max_depth: int = Field(3, ge=1, description="maximum tree depth (levels), >= 1")
@@ -65,11 +67,38 @@ class XGBoostHead(Head):
     class_weight: str | None
     n_threads: int
 
+    impute: str | None
+    batch_correct: str
+    batch_column: str | None
+    batch_keep: list[str]
+
+    @property
+    def _preprocessed(self) -> bool:
+        return self.impute is not None or self.batch_correct != "none"
+
     def feature_names(self) -> list[str]:
-        return [n for s in self.spec_ for n in s.feature_names()]
+        out = []
+        for s in self.spec_:
+            prep = self.preprocessors_.get(s.name)
+            out += prep.feature_names(s.feature_names()) if isinstance(prep, VectorPreprocessor) else s.feature_names()
+        return out
+
+    def _modality_matrix(self, X: Cohort, name: str) -> np.ndarray:
+        """Pooled features; with imputation / batch correction set, the preprocessed ones (a patient without
+        the modality stays all-NaN: the trees learn where absent modalities go)."""
+        m = X.modalities[name]
+        v = m.pooled()
+        prep = self.preprocessors_.get(name)
+        if not isinstance(prep, VectorPreprocessor):
+            return v
+        out = np.full((len(v), prep.out_dim), np.nan)
+        rows = np.flatnonzero(m.present)
+        if len(rows):
+            out[rows] = prep.transform(v[rows], [X.patients[i] for i in rows], X.covariates)
+        return out
 
     def _matrix(self, X: Cohort) -> np.ndarray:
-        return np.concatenate([X.modalities[s.name].pooled() for s in self.spec_], axis=1).astype(np.float32)
+        return np.concatenate([self._modality_matrix(X, s.name) for s in self.spec_], axis=1).astype(np.float32)
 
     def _dmatrix(self, X: Cohort, label: np.ndarray | None = None, weight: np.ndarray | None = None) -> xgb.DMatrix:
         return xgb.DMatrix(self._matrix(X), label=label, weight=weight, missing=np.nan,
@@ -90,6 +119,11 @@ class XGBoostHead(Head):
         return p
 
     def _fit(self, X: Cohort, y: np.ndarray) -> None:
+        if self._preprocessed:
+            for name, m in X.modalities.items():
+                keep = np.flatnonzero(m.present)
+                self.preprocessors_[name] = vector_preprocessor(self).fit(
+                    m.pooled()[keep], [X.patients[i] for i in keep], X.covariates)
         if self.is_survival:
             label = np.where(y["event"], y["time"], -y["time"]).astype(np.float64)
             weight = None

@@ -13,6 +13,8 @@ Run directory (``out``)::
     model/               final model refit on all patients: config.json, weights, preprocess.{json,safetensors}
     modality_weights.json  fusion_mlp: {modality: weight}, averaged over folds
     shap.csv             xgboost: patient_id + one column per feature, out-of-fold SHAP contributions
+    attributions.csv     fusion_mlp: out-of-fold integrated gradients, patient_id,fold,modality,feature,attribution,
+                         output,baseline_output (tables per column, embeddings summed per modality)
     attention.csv        attention_mil and fusion_mlp (pool=attention), out-of-fold tile attention:
                          patient_id,item_id,index,attention  (several bag modalities: attention.<modality>.csv)
 """
@@ -35,8 +37,11 @@ from mmcli.heads.data import Cohort, Source, load_cohort, resolve_sources
 from mmcli.heads.metrics import center_risks_by_fold, summarise
 from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.io import write_csv
 from mmcli.pipeline.rundir import RunWriter
 from mmcli.pipeline.store import open_store
+
+ATTRIBUTIONS = "attributions.csv"
 
 
 def fit(
@@ -58,6 +63,10 @@ def fit(
     strict_match: bool = False,
     explain: bool = True,
     log: Callable[[str], None] | None = None,
+    impute: str | None = None,
+    batch_correct: str | None = None,
+    batch_column: str | None = None,
+    batch_keep: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Cross-validate ``head`` by patient, write the run directory ``out`` and return metrics.json's content.
 
@@ -78,7 +87,12 @@ def fit(
             at all, or too few patients left for ``folds``, is an error.
         strict_match: refuse (instead of leaving out) patients that are only in the labels or only in the store.
         explain: also write attention / SHAP / modality weights where the head has them.
+        impute, batch_correct, batch_column, batch_keep: the head parameters of the same names (in-fold
+            imputation with indicators; ComBat batch correction on the labels' ``batch_column``, protecting
+            ``batch_keep``), merged into ``params``.
     """
+    params = _prep_params(params, impute=impute, batch_correct=batch_correct, batch_column=batch_column,
+                          batch_keep=batch_keep)
     say = log or (lambda _msg: None)
     t_start = time_now = _clock()
     cls = head_class(head)
@@ -98,6 +112,7 @@ def fit(
     say(f"{len(tgt.patients)} patients, modalities {[s.name for s in sources]}, task {tgt.task}")
     cohort = load_cohort(fs, sources, tgt.patients)
     tgt, cohort, no_data = _require_data(cls, cohort, tgt)
+    cohort.covariates = batch_covariates(table, fs, params)
     if no_data:
         excluded["missing_required_modality"] = no_data
         say(f"left out {len(no_data)} patients without the modality {head} needs: {no_data[:5]}...")
@@ -135,7 +150,7 @@ def fit(
                    "created": created}
     writer.write_predictions(_predictions_frame(results, tgt))
     writer.write_folds({tgt.patients[i]: r.fold for r in results for i in r.test_idx})
-    writer.write_audit(_audit(results, tgt))
+    writer.write_audit(_batch_audit(_audit(results, tgt), results, tgt, cohort, say))
     if explain:
         _write_explanations(writer, results, cohort, tgt)
     run["timings_s"] = {"load": round(t_load, 3), "cv": round(t_cv, 3), "metrics": round(t_metrics, 3),
@@ -146,6 +161,62 @@ def fit(
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
+def _prep_params(params: dict[str, Any] | None, **given: Any) -> dict[str, Any] | None:
+    """``params`` with the preprocessing options that were given (``--impute``, ``--batch-correct`` ...)."""
+    if not given.get("batch_correct") and (given.get("batch_column") or given.get("batch_keep")):
+        raise InputError("--batch-column / --batch-keep do nothing without --batch-correct. Fix: add "
+                         "--batch-correct combat.")
+    extra = {k: (list(v) if k == "batch_keep" else v) for k, v in given.items() if v}
+    return {**(params or {}), **extra} if extra else params
+
+
+def batch_covariates(table: pd.DataFrame, fs: Any, params: dict[str, Any] | None) -> pd.DataFrame | None:
+    """The batch column and protected covariates of batch correction, indexed by patient_id, from the labels
+    table or else from a store table that has the column; None when batch correction is off."""
+    params = params or {}
+    if params.get("batch_correct", "none") == "none" or not params.get("batch_column"):
+        return None
+    cols = [params["batch_column"], *(params.get("batch_keep") or [])]
+    frames = []
+    for col in cols:
+        if col in table.columns:
+            frames.append(table[col])
+            continue
+        for name in fs.tables():
+            t = fs.read_table(name)
+            if col in t.columns:
+                frames.append(t[col].rename(col).set_axis(t.index.astype(str)))
+                break
+        else:
+            where = table.attrs.get("source", "the labels")
+            raise InputError(f"--batch-column/--batch-keep {col!r}: no such column in {where} "
+                             f"({list(table.columns)}) nor in the store's tables {fs.tables()}. Fix: name a column "
+                             "of the labels file (predict: pass --covariates FILE holding it).")
+    return pd.concat(frames, axis=1)
+
+
+def _batch_audit(audit: dict[str, Any], results: list[FoldResult], tgt: Target, cohort: Cohort,
+                 say: Callable[[str], None]) -> dict[str, Any]:
+    """Per fold with batch correction: the batches the harmoniser was fit on, and the test patients it left
+    uncorrected (batch missing or not seen in the training fold: ComBat has no estimate for it); noted in the log."""
+    if cohort.covariates is None:
+        return audit
+    for entry, r in zip(audit["folds"], results):
+        harm = [p.harmoniser for p in r.head.preprocessors_.values() if getattr(p, "harmoniser", None) is not None]
+        if not harm:
+            continue
+        h = harm[0]
+        test = [tgt.patients[i] for i in r.test_idx]
+        batch = cohort.covariates.reindex(test)[h.batch_column]
+        left = [p for p, b in zip(test, batch) if pd.isna(b) or str(b) not in h.batches_]
+        entry["batch_correction"] = {"method": "combat", "column": h.batch_column, "keep": h.keep,
+                                     "training_batches": h.batches_, "uncorrected_test_patients": left}
+        if left:
+            say(f"note: fold {r.fold + 1}: {len(left)} test patient(s) left without batch correction (batch "
+                f"missing or not in the training fold): {_some(left)}")
+    return audit
+
+
 def _clock() -> float:
     return _time.perf_counter()
 
@@ -300,6 +371,11 @@ def _write_explanations(writer: RunWriter, results: list[FoldResult], cohort: Co
     if contrib:
         shap = pd.concat(contrib)
         writer.write_shap(shap.loc[[p for p in tgt.patients if p in shap.index]].reset_index())
+    igs = [r.attributions.assign(fold=r.fold) for r in results if r.attributions is not None]
+    if igs:  # out-of-fold integrated gradients (torch heads)
+        ig = pd.concat(igs, ignore_index=True)
+        write_csv(writer.path / ATTRIBUTIONS, ig[["patient_id", "fold", *[c for c in ig.columns
+                                                                         if c not in ("patient_id", "fold")]]])
     frames: dict[str, list[pd.DataFrame]] = {}
     for r in results:
         for name, att in (r.attention or {}).items():

@@ -18,11 +18,12 @@ import pandas as pd
 
 from mmcli.heads.base import load_head, read_model_config
 from mmcli.heads.data import STORE_SOURCE, TABLE_SOURCE, ModalitySpec, Source, load_cohort
+from mmcli.heads.targets import read_labels
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_csv
 from mmcli.pipeline.rundir import resolve_model_dir
 from mmcli.pipeline.store import FeatureStore, open_store
-from mmcli.stages.fit import attention_frame, prediction_frame
+from mmcli.stages.fit import attention_frame, batch_covariates, prediction_frame
 
 
 def predict(
@@ -31,11 +32,15 @@ def predict(
     out_csv: str | Path,
     attention: bool = False,
     patients: Sequence[str] | None = None,
+    covariates: str | Path | pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Score every patient in ``store`` the model can use (all its modalities, or any of them: head policy).
 
     Returns the written predictions. Raises InputError for an encoder or feature-dim mismatch between the
     model and the store (naming the modality, the expected and the found values; the head checks them).
+    A batch-corrected model reads each patient's batch (and protected covariates) from ``covariates`` (a CSV
+    with patient_id, like the labels) or else from a store table; patients whose batch the model has not seen
+    are left uncorrected and marked in the ``batch_corrected`` column.
     """
     mdir = resolve_model_dir(model_dir)
     config = read_model_config(mdir)  # raises a clear error when it is no model folder
@@ -49,11 +54,21 @@ def predict(
     if len(keep) == 0:
         raise InputError(f"{fs.path}: no patient has the model's modalities {[s.name for s in specs]}.")
     cohort = cohort.subset(keep)
+    params = head.get_params()
+    if params.get("batch_correct", "none") != "none":
+        table = (read_labels(covariates) if covariates is not None
+                 else pd.DataFrame(index=pd.Index([], name="patient_id")))
+        cohort.covariates = batch_covariates(table, fs, params)
     pred = head.predict(cohort)
     classes = run.get("classes") or [str(i) for i in range(head.n_classes)]
     df = prediction_frame(cohort.patients, pred, run.get("problem") or head.task, classes)
     names = cohort.names
     df["missing_modalities"] = [";".join(n for n, ok in zip(names, row) if not ok) for row in cohort.presence()]
+    if cohort.covariates is not None:
+        seen = {b for p in head.preprocessors_.values() if getattr(p, "harmoniser", None) is not None
+                for b in p.harmoniser.batches_}
+        batch = cohort.covariates.reindex(cohort.patients)[params["batch_column"]]
+        df["batch_corrected"] = [pd.notna(b) and str(b) in seen for b in batch]
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out_csv, df)
