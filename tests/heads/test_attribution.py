@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from cohorts import binary_target, table_cohort
-from planted_data import make_store
 
+from helpers.cohorts import binary_target, table_cohort
+from helpers.planted_data import make_store
 from mmcli.heads import create_head
 from mmcli.heads.data import ModalityData, ModalitySpec
 

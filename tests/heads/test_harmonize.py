@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from cohorts import binary_target, table_cohort
 from combatlearn.core import ComBatModel
 from sklearn.metrics import roc_auc_score
 
+from helpers.cohorts import binary_target, table_cohort
 from mmcli.heads import create_head, load_head
 from mmcli.heads.cv import cross_validate
 from mmcli.heads.harmonize import ComBatHarmoniser

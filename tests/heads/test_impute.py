@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cohorts import binary_target, table_cohort
 from sklearn.metrics import roc_auc_score
 
+from helpers.cohorts import binary_target, table_cohort
 from mmcli.heads import create_head, load_head
 from mmcli.heads.cv import cross_validate
 from mmcli.heads.preprocess import VectorPreprocessor, _sk_imputer, load_preprocessors, save_preprocessors

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from planted_data import make_store
 
+from helpers.planted_data import make_store
 from mmcli.heads import create_head
 from mmcli.heads.data import load_cohort, resolve_sources
 from mmcli.heads.pretrain import load_pretrained
