@@ -248,13 +248,14 @@ def test_openapi_docs_show_the_models_dims(server):
 def test_audit_log_is_written_without_patient_ids_and_verifies(server, tmp_path):
     client, served, audit_path = server
     n_before = sum(1 for f in log_files(audit_path) for _ in f.open())
-    for pid in ("P002", "P003", "P004"):
-        assert client.post("/predict", json={"patient_id": pid}, headers=AUTH).status_code == 200
+    pids = [f"P{i:03d}" for i in range(2, 14)]  # 12 lines of about 450 bytes: over 4 KB, so rotated at least once
+    for pid in pids:
+        assert client.post("/predict", json={"patient_id": pid, "top_k": 0}, headers=AUTH).status_code == 200
     assert client.post("/predict", json={"features": {"mri": {"features": [0.0] * 7}}}, headers=AUTH).status_code == 422
     files = log_files(audit_path)
     assert len(files) > 1  # rotated at 4 KB
     lines = [json.loads(x) for f in files for x in f.read_text().splitlines()]
-    assert len(lines) == n_before + 3  # one line per answered prediction, none for the refused one
+    assert len(lines) == n_before + len(pids)  # one line per answered prediction, none for the refused one
     assert [e["seq"] for e in lines] == list(range(1, len(lines) + 1)) and lines[0]["prev"] == GENESIS
     assert {e["model_sha256"] for e in lines} == {served.sha256}
     assert set(lines[-1]) == {"time", "request_id", "model_sha256", "input_sha256", "source", "output",

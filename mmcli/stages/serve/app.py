@@ -240,6 +240,7 @@ def serve(
     token = read_token(token_file)
     limits = (limits or Limits()).check()
     served = ServedModel(model, store)
+    served.warm_up()
     audit_path = Path(audit_log) if audit_log else default_audit_log(model)
     audit = AuditLog(audit_path, audit_max_bytes)
     try:

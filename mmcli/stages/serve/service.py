@@ -23,7 +23,6 @@ from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.rundir import resolve_model_dir
 from mmcli.pipeline.store import FeatureStore, open_store
 from mmcli.stages.card import build_card
-from mmcli.stages.fit import prediction_frame
 from mmcli.stages.predict import _align_tables, _check_store, _default_classes
 
 PAYLOAD_ITEM = "payload"
@@ -111,6 +110,11 @@ class ServedModel:
             self.sources = _check_store(self.store, self.specs)
         self._lock = threading.Lock()  # one forward pass at a time: torch heads keep module state
 
+    def warm_up(self) -> None:
+        """One forward pass on an all-zero patient, so the first real request does not pay torch's set-up."""
+        zeros = {s.name: _Zeros(s) for s in self.specs}
+        self.score(cohort_from_payload(self.specs, zeros), top_k=1)
+
     # ---- inputs ----------------------------------------------------------------------------------------
     def from_payload(self, payload: Mapping[str, Any]) -> Prepared:
         return cohort_from_payload(self.specs, payload)
@@ -147,17 +151,27 @@ class ServedModel:
         with self._lock:
             pred = self.head.predict(cohort)
             att = self.head.attention(cohort) if top_k > 0 else None
-        df = prediction_frame(cohort.patients, pred, self.problem, self.classes)
         out: dict[str, Any] = {"task": self.task, "missing_modalities": missing, "modalities_present": present}
+        # the columns of fit's prediction_frame (risk | prob_<class>, y_pred = argmax) without a DataFrame:
+        # building one costs more than the forward pass of a small head
+        pred = np.asarray(pred, dtype=np.float64)
         if self.task == "survival":
-            out["risk"] = float(df["risk"].iloc[0])
+            out["risk"] = float(pred.reshape(-1)[0])
         else:
-            out["probabilities"] = {c: float(df[f"prob_{c}"].iloc[0]) for c in self.classes}
-            out["predicted_class"] = str(df["y_pred"].iloc[0])
+            out["probabilities"] = {c: float(p) for c, p in zip(self.classes, pred[0])}
+            out["predicted_class"] = self.classes[int(np.argmax(pred[0]))]
         if att:
             out["attention"] = {name: _top_tiles(values[0], prep.instances.get(name, []), top_k)
                                 for name, values in att.items()}
         return out
+
+
+class _Zeros:
+    """A payload of zeros for one modality (one instance for a bag)."""
+
+    def __init__(self, spec: ModalitySpec) -> None:
+        self.features = [[0.0] * spec.dim] if spec.kind == "bag" else [0.0] * spec.dim
+        self.coords = None
 
 
 def _top_tiles(values: np.ndarray | None, instances: list[tuple[str | None, int, list[float] | None]],
