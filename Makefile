@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?= -q
 
-.PHONY: install demo test test-fast lint lint-imports bench clean
+.PHONY: install demo test test-fast lint lint-imports bench docker clean
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_wsi.py
 	$(BIN)/python benchmarks/bench_mri_text.py
 	$(BIN)/python benchmarks/bench_fit.py
+
+# CPU image that runs `mmcli serve` (see Dockerfile); TORCH_INDEX_URL=<a PyTorch CPU wheel index> makes it smaller
+IMAGE ?= mmcli:latest
+docker:
+	@command -v docker >/dev/null 2>&1 || { echo "make docker: no docker command on this machine"; exit 1; }
+	docker build -t $(IMAGE) $(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)) .
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

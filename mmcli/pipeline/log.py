@@ -71,6 +71,7 @@ class DeferredFileHandler(logging.Handler):
         self.written_to: Path | None = None
         self._buffer: list[str] = []
         self._fh: TextIO | None = None
+        self._closed = False
         self.setFormatter(logging.Formatter(FILE_FORMAT))
 
     def _open(self, path: Path) -> None:
@@ -96,6 +97,9 @@ class DeferredFileHandler(logging.Handler):
 
     def close(self, *, fallback: Path | None = None) -> Path | None:
         """Flush and close; with ``fallback``, write there when the log's own folder never appeared."""
+        if self._closed:  # logging.shutdown() at exit closes it again: reopening with "w" would empty the log
+            return self.written_to
+        self._closed = True
         try:
             if self._fh is None:
                 if self.path is not None and self.path.parent.is_dir():

@@ -1,0 +1,183 @@
+"""The served model: loads a run once, builds a one-patient :class:`~mmcli.heads.data.Cohort` from a request
+(features sent in the body, or a patient of ``--store``) and scores it the way ``mmcli predict`` does.
+
+A store patient is read with :mod:`mmcli.stages.predict`'s own checks and loaders (``_check_store``,
+``load_cohort``, ``_align_tables``), so the served probabilities equal ``mmcli predict``'s for that patient.
+A payload has no store to read: :func:`cohort_from_payload` (this module) makes the same Cohort layout from
+the arrays (bags as sent, vectors as sent, tables in the model's column order with null = missing).
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcli.heads.base import Head, load_head, read_model_config
+from mmcli.heads.data import Cohort, ModalityData, ModalitySpec, Source, load_cohort
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.rundir import resolve_model_dir
+from mmcli.pipeline.store import FeatureStore, open_store
+from mmcli.stages.card import build_card
+from mmcli.stages.predict import _align_tables, _check_store, _default_classes
+
+PAYLOAD_ITEM = "payload"
+
+
+class NotFound(InputError):
+    """A store patient the server does not have (HTTP 404)."""
+
+
+class Unprocessable(InputError):
+    """A request that is well-formed but cannot be scored, e.g. a modality the head cannot do without (422)."""
+
+
+@dataclass
+class Prepared:
+    """One patient ready to score: the cohort, and per bag modality each instance's (item_id, row, coords)."""
+
+    cohort: Cohort
+    instances: dict[str, list[tuple[str | None, int, list[float] | None]]] = field(default_factory=dict)
+
+
+def cohort_from_payload(specs: Sequence[ModalitySpec], payload: Mapping[str, Any]) -> Prepared:
+    """A one-patient Cohort from validated per-modality payloads (modalities absent from ``payload`` are
+    missing). Bags keep float32 (N, D); vectors are (1, D) float32 with NaN for a table's null values."""
+    mods: dict[str, ModalityData] = {}
+    instances: dict[str, list[tuple[str | None, int, list[float] | None]]] = {}
+    for s in specs:
+        p = payload.get(s.name)
+        present = np.array([p is not None])
+        if s.kind == "bag":
+            if p is None:
+                mods[s.name] = ModalityData(s, present, bags=[None], items=[[]])
+                continue
+            bag = np.asarray(p.features, dtype=np.float32).reshape(-1, s.dim)
+            mods[s.name] = ModalityData(s, present, bags=[bag], items=[[(PAYLOAD_ITEM, len(bag))]])
+            coords = p.coords or [None] * len(bag)
+            instances[s.name] = [(None, i, c) for i, c in enumerate(coords)]
+        else:
+            vec = np.full((1, s.dim), np.nan, dtype=np.float32)
+            if p is not None:
+                vec[0] = np.array([np.nan if v is None else v for v in p.features], dtype=np.float32)
+            mods[s.name] = ModalityData(s, present, vectors=vec)
+    return Prepared(Cohort([PAYLOAD_ITEM], mods), instances)
+
+
+def input_sha256(cohort: Cohort, specs: Sequence[ModalitySpec]) -> str:
+    """sha256 of the canonical input: per model modality in model order, ``name:shape;`` and the float32
+    C-order bytes (``name:absent;`` when missing). The same features give the same hash whether they were
+    sent in the body or read from the store."""
+    h = hashlib.sha256()
+    for s in specs:
+        m = cohort.modalities[s.name]
+        if not bool(m.present[0]):
+            h.update(f"{s.name}:absent;".encode())
+            continue
+        arr = m.bags[0] if s.kind == "bag" else m.vectors[0]  # type: ignore[index]
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        h.update(f"{s.name}:{list(arr.shape)};".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+class ServedModel:
+    """A fitted run loaded for serving (read-only after construction; :meth:`score` is thread-safe)."""
+
+    def __init__(self, model: str | Path, store: str | Path | None = None) -> None:
+        self.model_dir = resolve_model_dir(model)
+        self.config = read_model_config(self.model_dir)
+        self.head: Head = load_head(self.model_dir)
+        self.specs = [ModalitySpec.from_json(s) for s in self.config["modalities"]]
+        run = self.config.get("run") or {}
+        self.problem = run.get("problem") or self.config["params"].get("task")
+        self.task = "survival" if self.problem == "survival" else "classification"
+        self.classes = [str(c) for c in (run.get("classes") or _default_classes(self.config))]
+        # the rule of `mmcli predict`: attention_mil scores only patients with every modality, others any
+        self.needs_all = self.config["head"] == "attention_mil"
+        self.card = build_card(model)
+        self.sha256: str = self.card["model"]["model_sha256"]
+        self.store: FeatureStore | None = None
+        self.sources: list[Source] = []
+        if store is not None:
+            if not Path(store).exists():
+                raise InputError(f"{store}: no feature store here.", flag="--store")
+            self.store = open_store(Path(store), "r")
+            self.sources = _check_store(self.store, self.specs)
+        self._lock = threading.Lock()  # one forward pass at a time: torch heads keep module state
+
+    def warm_up(self) -> None:
+        """One forward pass on an all-zero patient, so the first real request does not pay torch's set-up."""
+        zeros = {s.name: _Zeros(s) for s in self.specs}
+        self.score(cohort_from_payload(self.specs, zeros), top_k=1)
+
+    # ---- inputs ----------------------------------------------------------------------------------------
+    def from_payload(self, payload: Mapping[str, Any]) -> Prepared:
+        return cohort_from_payload(self.specs, payload)
+
+    def from_store(self, patient_id: str) -> Prepared:
+        """The patient's features as ``mmcli predict`` reads them (same loaders, same table alignment)."""
+        if self.store is None:
+            raise Unprocessable("this server has no --store: send the patient's features instead of an id.")
+        cohort = _align_tables(load_cohort(self.store, self.sources, [patient_id], n_threads=1), self.specs)
+        instances: dict[str, list[tuple[str | None, int, list[float] | None]]] = {}
+        for s in self.specs:
+            m = cohort.modalities[s.name]
+            if s.kind != "bag" or not m.present[0]:
+                continue
+            rows = []
+            for item_id, n in (m.items or [[]])[0]:
+                coords = self.store.read_item(s.name, s.encoder_id or "", patient_id, item_id).coords
+                rows += [(item_id, i, coords[i].tolist() if coords is not None else None) for i in range(n)]
+            instances[s.name] = rows
+        if not cohort.presence().any():
+            raise NotFound(f"patient {patient_id!r} has none of the model's modalities "
+                           f"{[s.name for s in self.specs]} in the store.")
+        return Prepared(cohort, instances)
+
+    # ---- scoring ---------------------------------------------------------------------------------------
+    def score(self, prep: Prepared, top_k: int) -> dict[str, Any]:
+        """Probabilities and predicted class (or risk), missing modalities, and top-k attention tiles."""
+        cohort = prep.cohort
+        present = {s.name: bool(cohort.modalities[s.name].present[0]) for s in self.specs}
+        missing = [n for n, ok in present.items() if not ok]
+        if self.needs_all and missing:
+            raise Unprocessable(f"head {self.config['head']!r} needs every modality {list(present)}; "
+                                f"missing: {missing}.")
+        with self._lock:
+            pred = self.head.predict(cohort)
+            att = self.head.attention(cohort) if top_k > 0 else None
+        out: dict[str, Any] = {"task": self.task, "missing_modalities": missing, "modalities_present": present}
+        # the columns of fit's prediction_frame (risk | prob_<class>, y_pred = argmax) without a DataFrame:
+        # building one costs more than the forward pass of a small head
+        pred = np.asarray(pred, dtype=np.float64)
+        if self.task == "survival":
+            out["risk"] = float(pred.reshape(-1)[0])
+        else:
+            out["probabilities"] = {c: float(p) for c, p in zip(self.classes, pred[0])}
+            out["predicted_class"] = self.classes[int(np.argmax(pred[0]))]
+        if att:
+            out["attention"] = {name: _top_tiles(values[0], prep.instances.get(name, []), top_k)
+                                for name, values in att.items()}
+        return out
+
+
+class _Zeros:
+    """A payload of zeros for one modality (one instance for a bag)."""
+
+    def __init__(self, spec: ModalitySpec) -> None:
+        self.features = [[0.0] * spec.dim] if spec.kind == "bag" else [0.0] * spec.dim
+        self.coords = None
+
+
+def _top_tiles(values: np.ndarray | None, instances: list[tuple[str | None, int, list[float] | None]],
+               k: int) -> list[dict[str, Any]]:
+    if values is None or not len(values):
+        return []
+    order = np.argsort(-np.asarray(values, dtype=np.float64), kind="stable")[:k]
+    return [{"index": instances[i][1], "item_id": instances[i][0], "coords": instances[i][2],
+             "attention": float(values[i])} for i in order]
