@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "heads"))
-from planted_data import make_store  # noqa: E402
-
-from mmcli.cli import app as cli_app  # noqa: E402
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.store import open_store  # noqa: E402
-from mmcli.stages.card import CARD_JSON, CARD_MD, SYNTH_MARKER, build_card, card_markdown, model_sha256  # noqa: E402
-from mmcli.stages.fit import fit  # noqa: E402
-from mmcli.stages.synth import MARKER  # noqa: E402
+from helpers.planted_data import make_store
+from mmcli.cli import app as cli_app
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.store import open_store
+from mmcli.stages.card import CARD_JSON, CARD_MD, SYNTH_MARKER, build_card, card_markdown, model_sha256
+from mmcli.stages.fit import fit
+from mmcli.stages.synth import MARKER
 
 
 @pytest.fixture(scope="module")

@@ -21,19 +21,17 @@ import pytest
 import uvicorn
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "heads"))
-from planted_data import make_store  # noqa: E402
-
-from mmcli.cli import app as cli_app  # noqa: E402
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.store import open_store  # noqa: E402
-from mmcli.stages.card import build_card, model_sha256  # noqa: E402
-from mmcli.stages.fit import fit  # noqa: E402
-from mmcli.stages.predict import predict  # noqa: E402
-from mmcli.stages.serve.app import bind, create_app, read_token  # noqa: E402
-from mmcli.stages.serve.audit import GENESIS, AuditChainError, AuditLog, log_files, verify_log  # noqa: E402
-from mmcli.stages.serve.schemas import Limits  # noqa: E402
-from mmcli.stages.serve.service import ServedModel  # noqa: E402
+from helpers.planted_data import make_store
+from mmcli.cli import app as cli_app
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.store import open_store
+from mmcli.stages.card import build_card, model_sha256
+from mmcli.stages.fit import fit
+from mmcli.stages.predict import predict
+from mmcli.stages.serve.app import bind, create_app, read_token
+from mmcli.stages.serve.audit import GENESIS, AuditChainError, AuditLog, log_files, verify_log
+from mmcli.stages.serve.schemas import Limits
+from mmcli.stages.serve.service import ServedModel
 
 TOKEN = "s3cret-token_for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
