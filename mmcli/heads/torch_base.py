@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,34 +158,41 @@ class TorchHead(Head):
                 self._fit_private(X, y, opt, dev)
                 self.module_.eval()
                 return
-            rng = np.random.default_rng(self.seed)
-            if self.is_survival:
-                t_all = torch.as_tensor(np.ascontiguousarray(y["time"], dtype=np.float32))
-                e_all = torch.as_tensor(np.ascontiguousarray(y["event"], dtype=np.float32))
-            else:
-                y_all = torch.as_tensor(np.asarray(y), dtype=torch.long)
-                cw = torch.as_tensor(class_weights(np.asarray(y), self.n_classes, self.class_weight)).to(dev)
-            n, bs = len(X), max(2, min(self.batch_size, len(X)))
-            for _ in range(self.epochs):
-                self.module_.train()
-                perm = rng.permutation(n)
-                for start in range(0, n, bs):
-                    idx = perm[start:start + bs]
-                    if len(idx) < 2:  # a lone patient: no risk set, no batch statistics worth a step
-                        continue
-                    inputs = {k: v.to(dev) for k, v in self._inputs(X, idx, rng).items()}
-                    out, _ = self._forward(inputs, train=True)
-                    ti = torch.as_tensor(idx)
-                    if self.is_survival:
-                        loss = cox_ph_loss(out[:, 0], t_all[ti].to(dev), e_all[ti].to(dev))
-                    elif self.loss == "focal":
-                        loss = focal_loss(out, y_all[ti].to(dev), self.focal_gamma, cw)
-                    else:
-                        loss = F.cross_entropy(out, y_all[ti].to(dev), weight=cw)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+            self._train_epochs(X, y, opt, np.random.default_rng(self.seed), dev, self.epochs)
         self.module_.eval()
+
+    def _train_epochs(self, X: Cohort, y: np.ndarray, opt: torch.optim.Optimizer, rng: np.random.Generator,
+                      dev: torch.device, epochs: int, penalty: Callable[[], torch.Tensor] | None = None) -> None:
+        """``epochs`` passes of shuffled mini-batches over ``X``; ``penalty()`` (e.g. FedProx's proximal term)
+        is added to every batch loss. Used by :meth:`_fit` and by federated local training."""
+        if self.is_survival:
+            t_all = torch.as_tensor(np.ascontiguousarray(y["time"], dtype=np.float32))
+            e_all = torch.as_tensor(np.ascontiguousarray(y["event"], dtype=np.float32))
+        else:
+            y_all = torch.as_tensor(np.asarray(y), dtype=torch.long)
+            cw = torch.as_tensor(class_weights(np.asarray(y), self.n_classes, self.class_weight)).to(dev)
+        n, bs = len(X), max(2, min(self.batch_size, len(X)))
+        for _ in range(epochs):
+            self.module_.train()
+            perm = rng.permutation(n)
+            for start in range(0, n, bs):
+                idx = perm[start:start + bs]
+                if len(idx) < 2:  # a lone patient: no risk set, no batch statistics worth a step
+                    continue
+                inputs = {k: v.to(dev) for k, v in self._inputs(X, idx, rng).items()}
+                out, _ = self._forward(inputs, train=True)
+                ti = torch.as_tensor(idx)
+                if self.is_survival:
+                    loss = cox_ph_loss(out[:, 0], t_all[ti].to(dev), e_all[ti].to(dev))
+                elif self.loss == "focal":
+                    loss = focal_loss(out, y_all[ti].to(dev), self.focal_gamma, cw)
+                else:
+                    loss = F.cross_entropy(out, y_all[ti].to(dev), weight=cw)
+                if penalty is not None:
+                    loss = loss + penalty()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
 
     def _fit_private(self, X: Cohort, y: np.ndarray, opt: torch.optim.Optimizer, dev: torch.device) -> None:
         """DP-SGD training (:mod:`mmcli.heads.privacy`); records the spent budget in ``privacy_``.
