@@ -21,7 +21,7 @@ pytest.importorskip("flwr")  # the optional extra mmcli[federated]
 FAST = {"batch_size": 16, "lr": 5e-3, "modality_dropout": 0.0}
 
 
-def site_store(path: Path, site: str, n: int, seed: int, offset: float = 0.0) -> pd.DataFrame:
+def site_store(path: Path, site: str, n: int, seed: int, offset: float = 0.0, shift: float = 1.5) -> pd.DataFrame:
     """A site with a planted class signal (``mri`` vector, ``genes`` table, small ``wsi`` bags); ``offset``
     shifts every feature of the site (a scanner / batch effect the per-site standardisation removes)."""
     rng = np.random.default_rng(seed)
@@ -29,13 +29,13 @@ def site_store(path: Path, site: str, n: int, seed: int, offset: float = 0.0) ->
     y = rng.permutation(np.arange(n) % 2)
     fs = open_store(path, "a")
     genes = rng.normal(size=(n, 6)) + offset
-    genes[:, :2] += 1.5 * y[:, None]
+    genes[:, :2] += shift * y[:, None]
     for i, pid in enumerate(ids):
         v = rng.normal(size=(1, 6)).astype(np.float32) + offset
-        v[0, :2] += 1.5 * y[i]
+        v[0, :2] += shift * y[i]
         fs.write_item("mri", "enc-mri", pid, "T1", v)
         t = rng.normal(size=(5, 4)).astype(np.float32) + offset
-        t[:2, :2] += 1.5 * y[i]
+        t[:2, :2] += shift * y[i]
         fs.write_item("wsi", "enc-wsi", pid, "s0", t.astype(np.float16),
                       np.stack([np.arange(5) * 224, np.zeros(5)], 1).astype(np.int64))
     fs.write_table("genes", pd.DataFrame(genes, index=pd.Index(ids, name="patient_id"),
