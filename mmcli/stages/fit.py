@@ -148,6 +148,8 @@ def fit(
     metrics_doc = {"head": head, "task": tgt.kind, "modalities": modality_names, "folds": folds,
                    "n_patients": len(tgt.patients), "metrics": metrics, "encoder_ids": encoder_ids, "seed": seed,
                    "created": created}
+    if getattr(final, "privacy_", None):  # DP-SGD: the accountant's spent budget, final model and per fold
+        metrics_doc["privacy"] = {**final.privacy_, "per_fold": [getattr(r.head, "privacy_", None) for r in results]}
     writer.write_predictions(_predictions_frame(results, tgt))
     writer.write_folds({tgt.patients[i]: r.fold for r in results for i in r.test_idx})
     writer.write_audit(_batch_audit(_audit(results, tgt), results, tgt, cohort, say))
