@@ -343,13 +343,19 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder (also gets manifest.csv for mmcli import)."),
     modality: str = typer.Option("wsi", "--modality", help="Modality to export."),
     encoder_id: str | None = typer.Option(None, "--encoder-id", help="Encoder to export  (default: the only one)"),
-    mpp: float | None = typer.Option(None, "--mpp", help="stamp: level-0 µm/px where items do not record it."),
+    mpp: float | None = typer.Option(None, "--mpp", help="Level-0 µm/px of the slides where items do not record "
+                                     "it (STAMP's micrometre coords, TRIDENT's level0_magnification)."),
+    extractor_name: str | None = typer.Option(None, "--extractor-name", help="Encoder name the files state "
+                                              "(STAMP's extractor, TRIDENT's features_<name> folder)  (default: "
+                                              "the store's, mapped to STAMP's names, e.g. uni_v1 -> uni)"),
 ) -> None:
-    """Export stored tile features as CLAM / TRIDENT / STAMP h5 files, one per slide."""
+    """Export stored tile features as CLAM / TRIDENT / STAMP h5 files, one per slide; an item the target tool
+    could not read (no coords, unknown tile size or magnification) is refused by name (exit 1)."""
+    from mmcli.features.interop.exporter import n_files
     from mmcli.stages.export import export
 
-    res = export(fmt, store, out, modality=modality, encoder_id=encoder_id, mpp=mpp)
-    _say(f"{res.format}: {len(res.written)} file(s) of {res.modality}/{res.encoder_id} -> {res.out} "
+    res = export(fmt, store, out, modality=modality, encoder_id=encoder_id, mpp=mpp, extractor_name=extractor_name)
+    _say(f"{res.format}: {n_files(res)} file(s) of {res.modality}/{res.encoder_id} -> {res.out} "
                f"(manifest {res.manifest})")
     for item, reason in res.failed:
         _say(f"  failed: {item}: {reason}")

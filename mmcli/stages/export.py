@@ -2,6 +2,7 @@
 :mod:`mmcli.features.interop.exporter`)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from mmcli.features.interop.exporter import ExportSummary, export_features
@@ -9,10 +10,13 @@ from mmcli.pipeline.errors import InputError
 
 
 def export(fmt: str, store: str | Path, out: str | Path, modality: str = "wsi", encoder_id: str | None = None,
-           mpp: float | None = None) -> ExportSummary:
+           mpp: float | None = None, extractor_name: str | None = None) -> ExportSummary:
     """Export every complete ``modality`` item of one encoder; exit code 1 when some item could not be written."""
     if not Path(store).exists():
         raise InputError(f"{store}: no such feature store. Fix: check --store.")
     if mpp is not None and not mpp > 0:
         raise InputError(f"--mpp must be a positive number of µm per level-0 pixel, got {mpp}")
-    return export_features(fmt, store, out, modality, encoder_id, mpp)
+    if extractor_name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", extractor_name):
+        raise InputError(f"--extractor-name {extractor_name!r}: use letters, digits, '.', '_' or '-' "
+                         "(it names a folder and STAMP's extractor), e.g. uni")
+    return export_features(fmt, store, out, modality, encoder_id, mpp, extractor_name)

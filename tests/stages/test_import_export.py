@@ -66,12 +66,17 @@ def test_export_then_import_round_trip(tmp_path: Path, store: Path, fmt: str) ->
 
 
 def test_exported_files_follow_each_layout(tmp_path: Path, store: Path) -> None:
+    """Changed with issue 15: CLAM coords are int32 (as CLAM writes them, was int64), CLAM exports also get
+    ``pt_files/`` and ``patches/``; STAMP coords are float32 µm."""
     for fmt in ("clam", "trident", "stamp"):
         assert _run("export", "--format", fmt, "--store", store, "--out", tmp_path / fmt)[0] == 0
     with h5py.File(tmp_path / "clam" / "h5_files" / "slideB.h5", "r") as h:
         assert h["features"].dtype == np.float32 and h["features"].shape == (5, 64)
-        assert h["coords"].dtype == np.int64 and h["coords"].attrs["patch_size"] == 448
-        assert h["coords"].attrs["patch_level"] == 0
+        assert h["coords"].dtype == np.int32 and h["coords"].attrs["patch_size"] == 448
+        assert h["coords"].attrs["patch_level"] == 0 and h["features"].chunks == (1, 64)
+    assert (tmp_path / "clam" / "pt_files" / "slideB.pt").is_file()
+    with h5py.File(tmp_path / "clam" / "patches" / "slideB.h5", "r") as h:
+        assert h["coords"].attrs["patch_size"] == 448 and h["coords"].attrs["patch_level"] == 0
     assert (tmp_path / "clam" / "h5_files" / "P1__slideA.h5").exists()  # item id shared by two patients
     assert (tmp_path / "clam" / "clam_dataset.csv").read_text().splitlines()[1] == "P1,P1__slideA"
     tri = tmp_path / "trident" / "20x_224px_0px_overlap" / "features_resnet50_trunc" / "slideB.h5"
@@ -88,6 +93,7 @@ def test_exported_files_follow_each_layout(tmp_path: Path, store: Path) -> None:
 
 
 def test_export_errors(tmp_path: Path, store: Path) -> None:
+    """Changed with issue 15: an item without coords is refused (exit 1), no longer exported with a warning."""
     code, text = _run("export", "--format", "clam", "--store", tmp_path / "nope.zarr", "--out", tmp_path / "o")
     assert code == 2 and "no such feature store" in text
     open_store(store, "a").set_encoder_attrs("wsi", "other-enc", {"encoder": "x"})
@@ -105,7 +111,9 @@ def test_export_errors(tmp_path: Path, store: Path) -> None:
     assert code == 1 and "failed: P9/t" in text and "--mpp" in text
     code, text = _run("export", "--format", "stamp", "--store", store, "--out", tmp_path / "s",
                       "--encoder-id", "other-enc", "--mpp", "0.25")
-    assert code == 0, text
+    # issue 15 (F5): P1/s has no coords, which STAMP needs: refused by name (it was exit 0 with a warning)
+    assert code == 1 and "failed: P1/s" in text and "missing coords" in text, text
+    assert "failed: P9/t" not in text and (tmp_path / "s" / "x" / "t.h5").is_file()
 
 
 def test_import_cli_reports_missing_and_usage_errors(tmp_path: Path, store: Path) -> None:
