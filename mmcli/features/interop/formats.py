@@ -226,15 +226,15 @@ def _mmcli_attrs(h5: Any, tf: TileFeatures) -> None:
 
 
 def _mmcli_read(tf: TileFeatures) -> TileFeatures:
-    """Apply the ``mmcli_*`` root attributes of a file mmcli exported (geometry fills what the layout lacks)."""
+    """Apply the ``mmcli_*`` root attributes of a file mmcli exported (its geometry is the store's, in full)."""
     root = tf.attrs.get("root", {})
     if root.get("mmcli_geometry"):
         try:
             extra = json.loads(root["mmcli_geometry"])
         except (TypeError, ValueError):
             extra = {}
-        if isinstance(extra, dict):
-            tf.geometry = complete_geometry({**extra, **tf.geometry})
+        if isinstance(extra, dict) and extra:  # the store's own geometry, which the layout may state only in part
+            tf.geometry = complete_geometry(extra)
     tf.encoder_id = str(root["mmcli_encoder_id"]) if root.get("mmcli_encoder_id") else None
     dtype = str(root.get("mmcli_dtype") or "")
     tf.dtype = dtype if dtype in ("float16", "float32", "float64") else None
