@@ -365,6 +365,24 @@ def export_cmd(
 
 
 
+@app.command()
+@handled()
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+) -> None:
+    """Check this machine: slide readers, devices (CUDA, CPU bf16/VNNI), runtimes, store backends, the Hugging
+    Face cache and which presets have weights locally. Exit 1 (with a fix for each) when something is wrong."""
+    from mmcli.stages.doctor import doctor as run_doctor
+
+    report = run_doctor()
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for line in report.lines():
+            _say(line)
+    raise typer.Exit(report.exit_code)
+
+
 # ---- fit / predict / report -------------------------------------------------------------------------------
 # (stage-2 commands are defined below this line)
 def _csv_list(text: str | None) -> list[str] | None:
