@@ -337,8 +337,9 @@ def import_cmd(
 @app.command("export")
 @handled()
 def export_cmd(
-    fmt: str = typer.Option(..., "--format", help="Layout to write: clam (h5_files/), trident "
-                            "(<mag>x_<size>px_0px_overlap/features_<encoder>/) or stamp (<encoder>/)."),
+    fmt: str = typer.Option(..., "--format", help="Layout to write: clam (h5_files/, pt_files/, patches/), "
+                            "trident (<mag>x_<size>px_0px_overlap/features_<encoder>/), stamp (<encoder>/) or "
+                            "geojson (QuPath: <slide>.geojson with tissue outline and tiles)."),
     store: Path = typer.Option(..., "--store", help="Feature store to read."),
     out: Path = typer.Option(..., "--out", help="Output folder (also gets manifest.csv for mmcli import)."),
     modality: str = typer.Option("wsi", "--modality", help="Modality to export."),
@@ -348,15 +349,19 @@ def export_cmd(
     extractor_name: str | None = typer.Option(None, "--extractor-name", help="Encoder name the files state "
                                               "(STAMP's extractor, TRIDENT's features_<name> folder)  (default: "
                                               "the store's, mapped to STAMP's names, e.g. uni_v1 -> uni)"),
+    scores: Path | None = typer.Option(None, "--scores", help="geojson: per-tile scores CSV (patient_id,item_id,"
+                                       "index + numeric columns, e.g. attention.csv of a fit run) written as "
+                                       "tile measurements."),
 ) -> None:
     """Export stored tile features as CLAM / TRIDENT / STAMP h5 files, one per slide; an item the target tool
     could not read (no coords, unknown tile size or magnification) is refused by name (exit 1)."""
     from mmcli.features.interop.exporter import n_files
     from mmcli.stages.export import export
 
-    res = export(fmt, store, out, modality=modality, encoder_id=encoder_id, mpp=mpp, extractor_name=extractor_name)
-    _say(f"{res.format}: {n_files(res)} file(s) of {res.modality}/{res.encoder_id} -> {res.out} "
-               f"(manifest {res.manifest})")
+    res = export(fmt, store, out, modality=modality, encoder_id=encoder_id, mpp=mpp, extractor_name=extractor_name,
+                 scores=scores)
+    _say(f"{res.format}: {n_files(res)} file(s) of {res.modality}/{res.encoder_id} -> {res.out}"
+         + (f" (manifest {res.manifest})" if res.manifest else ""))
     for item, reason in res.failed:
         _say(f"  failed: {item}: {reason}")
     for w in res.warnings:

@@ -155,7 +155,8 @@ def export_features(fmt: str, store_path: str | Path, out: str | Path, modality:
     return summary
 
 
-def n_files(summary: ExportSummary) -> int:
-    """Slides exported (feature files; CLAM also writes a .pt and a patches file per slide)."""
-    return sum(1 for p in summary.written if p.endswith(".h5") and "/patches/" not in p.replace("\\", "/"))
+def n_files(summary: Any) -> int:
+    """Slides exported (feature or GeoJSON files; CLAM also writes a .pt and a patches file per slide)."""
+    return sum(1 for p in summary.written if p.endswith((".h5", ".geojson"))
+               and "/patches/" not in p.replace("\\", "/"))
 
