@@ -143,7 +143,7 @@ def check_store_backends() -> list[Check]:
     out: list[Check] = []
     for module, dist, fix in (("zarr", "zarr", "pip install 'zarr>=3'"), ("h5py", "h5py", "pip install h5py")):
         mod, err = _try_import(module)
-        out.append(Check("store backends", module, True if mod else False,
+        out.append(Check("store backends", module, mod is not None,
                          f"{dist} {_version(dist)}" if mod else f"not importable ({err})", "" if mod else fix))
     return out
 

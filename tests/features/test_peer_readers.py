@@ -94,7 +94,7 @@ def stamp_get_coords(feature_h5: h5py.File) -> tuple[np.ndarray, float, int | No
     """STAMP ``get_coords``: (coords_um, tile_size_um, tile_size_px)."""
     coords: np.ndarray = feature_h5["coords"][:]
     coords_um = tile_size_um = tile_size_px = None
-    if (tile_size := feature_h5.attrs.get("tile_size", None)) and feature_h5.attrs.get("unit", None) == "um":
+    if (tile_size := feature_h5.attrs.get("tile_size", None)) and feature_h5.attrs.get("unit", None) == "um":  # noqa: SIM114,E501 - as STAMP writes it
         tile_size_um, coords_um = float(tile_size), coords
     elif tile_size := feature_h5.attrs.get("tile_size_um", None):
         tile_size_um, coords_um = float(tile_size), coords

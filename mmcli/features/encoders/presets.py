@@ -67,8 +67,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "pytorch_model.bin", "vit_giant_patch14_reg4_dinov2",
            {"img_size": 224, "global_pool": "token", "init_values": 1e-5, "dynamic_img_size": False}, 1536,
            mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD),
-    Preset("prov-gigapath", "Prov-GigaPath tile encoder (ViT-g/14 layout, 16 px patches)", "prov-gigapath/prov-gigapath",
-           "pytorch_model.bin", "vit_giant_patch14_dinov2",
+    Preset("prov-gigapath", "Prov-GigaPath tile encoder (ViT-g/14 layout, 16 px patches)",
+           "prov-gigapath/prov-gigapath", "pytorch_model.bin", "vit_giant_patch14_dinov2",
            {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
             "mlp_ratio": 5.33334}, 1536),
     Preset("phikon-v2", "Phikon-v2 (Owkin, DINOv2 ViT-L/16, transformers layout)", "owkin/phikon-v2",
@@ -205,7 +205,7 @@ def checkpoint_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
     import torch
 
     try:

@@ -52,7 +52,7 @@ BUILTIN: dict[str, str] = {
 }
 # pathology foundation-model presets (their names, so that looking one up imports only that module)
 PRESET_NAMES = ("uni", "uni2-h", "virchow2", "h-optimus-0", "h-optimus-1", "prov-gigapath", "phikon-v2", "conch-v1.5")
-BUILTIN.update({n: "mmcli.features.encoders.presets" for n in PRESET_NAMES})
+BUILTIN.update(dict.fromkeys(PRESET_NAMES, "mmcli.features.encoders.presets"))
 for _name, _module in BUILTIN.items():
     ENCODERS.lazy(_name, _module)
 

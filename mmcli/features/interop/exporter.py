@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from mmcli.features.interop.formats import (
     GEOMETRY_KEYS,
     FormatError,
