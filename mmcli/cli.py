@@ -358,26 +358,55 @@ def import_cmd(
 @app.command("export")
 @handled()
 def export_cmd(
-    fmt: str = typer.Option(..., "--format", help="Layout to write: clam (h5_files/), trident "
-                            "(<mag>x_<size>px_0px_overlap/features_<encoder>/) or stamp (<encoder>/)."),
+    fmt: str = typer.Option(..., "--format", help="Layout to write: clam (h5_files/, pt_files/, patches/), "
+                            "trident (<mag>x_<size>px_0px_overlap/features_<encoder>/), stamp (<encoder>/) or "
+                            "geojson (QuPath: <slide>.geojson with tissue outline and tiles)."),
     store: Path = typer.Option(..., "--store", help="Feature store to read."),
     out: Path = typer.Option(..., "--out", help="Output folder (also gets manifest.csv for mmcli import)."),
     modality: str = typer.Option("wsi", "--modality", help="Modality to export."),
     encoder_id: str | None = typer.Option(None, "--encoder-id", help="Encoder to export  (default: the only one)"),
-    mpp: float | None = typer.Option(None, "--mpp", help="stamp: level-0 µm/px where items do not record it."),
+    mpp: float | None = typer.Option(None, "--mpp", help="Level-0 µm/px of the slides where items do not record "
+                                     "it (STAMP's micrometre coords, TRIDENT's level0_magnification)."),
+    extractor_name: str | None = typer.Option(None, "--extractor-name", help="Encoder name the files state "
+                                              "(STAMP's extractor, TRIDENT's features_<name> folder)  (default: "
+                                              "the store's, mapped to STAMP's names, e.g. uni_v1 -> uni)"),
+    scores: Path | None = typer.Option(None, "--scores", help="geojson: per-tile scores CSV (patient_id,item_id,"
+                                       "index + numeric columns, e.g. attention.csv of a fit run) written as "
+                                       "tile measurements."),
 ) -> None:
-    """Export stored tile features as CLAM / TRIDENT / STAMP h5 files, one per slide."""
+    """Export stored tile features as CLAM / TRIDENT / STAMP h5 files, one per slide; an item the target tool
+    could not read (no coords, unknown tile size or magnification) is refused by name (exit 1)."""
+    from mmcli.features.interop.exporter import n_files
     from mmcli.stages.export import export
 
-    res = export(fmt, store, out, modality=modality, encoder_id=encoder_id, mpp=mpp)
-    _say(f"{res.format}: {len(res.written)} file(s) of {res.modality}/{res.encoder_id} -> {res.out} "
-               f"(manifest {res.manifest})")
+    res = export(fmt, store, out, modality=modality, encoder_id=encoder_id, mpp=mpp, extractor_name=extractor_name,
+                 scores=scores)
+    _say(f"{res.format}: {n_files(res)} file(s) of {res.modality}/{res.encoder_id} -> {res.out}"
+         + (f" (manifest {res.manifest})" if res.manifest else ""))
     for item, reason in res.failed:
         _say(f"  failed: {item}: {reason}")
     for w in res.warnings:
         _say(f"  warning: {w}")
     raise typer.Exit(res.exit_code)
 
+
+
+@app.command()
+@handled()
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+) -> None:
+    """Check this machine: slide readers, devices (CUDA, CPU bf16/VNNI), runtimes, store backends, the Hugging
+    Face cache and which presets have weights locally. Exit 1 (with a fix for each) when something is wrong."""
+    from mmcli.stages.doctor import doctor as run_doctor
+
+    report = run_doctor()
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for line in report.lines():
+            _say(line)
+    raise typer.Exit(report.exit_code)
 
 
 # ---- fit / predict / report -------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmcli.features.interop.formats import FORMATS
+from mmcli.features.interop.formats import FORMATS, get_format
 from mmcli.features.interop.importer import make_import_spec, match_rows, slide_mpps
 from mmcli.features.runner import RunSummary, run_extraction
 from mmcli.pipeline.errors import InputError
@@ -39,6 +39,11 @@ def import_features(
     if not rows:
         raise InputError(f"{manifest}: no rows of modality {modality!r}. Fix: list the slides as {modality} rows.")
     matched = match_rows(rows, Path(source), fmt)
+    if matched.found and len(matched.lacking) == len(matched.found):
+        key = get_format(fmt).features_key
+        raise InputError(f"no {fmt} feature file under {source} matches a slide of {manifest}: the "
+                         f"{len(matched.found)} file(s) named for its slides lack the dataset '{key}' (e.g. "
+                         f"{matched.lacking[0].path}). Fix: check --from and --format.")
     if not matched.found:
         raise InputError(f"no {fmt} feature file under {source} matches a slide of {manifest} (looked for "
                          f"<slide stem>.h5 and <item_id>.h5, e.g. {matched.missing[0].path.name}). "

@@ -206,3 +206,33 @@ def test_geometry_completion() -> None:
     g = complete_geometry({"patch_size": 224, "target_magnification": 20, "slide_mpp": 0.25})
     assert g["mpp"] == 0.5 and g["patch_size_level0"] == 448 and g["level0_magnification"] == 40
     assert set(FORMATS.names()) == {"clam", "trident", "stamp"}
+
+
+def test_malformed_files_are_named_with_their_defect(tmp_path: Path) -> None:
+    """Issue 15: an h5 without 'features' says so (not "file not found"); a folder of only malformed files names
+    the real reason (here the coords shape), not only "check --format"."""
+    write_clam(tmp_path / "clam")
+    victim = tmp_path / "clam" / "h5_files" / "TCGA-A1-0001-01Z.h5"
+    with h5py.File(victim, "w") as h:
+        h["feats"] = _feats(3, 1024)
+    (tmp_path / "clam" / "patches" / "TCGA-A1-0001-01Z.h5").unlink()
+    s = import_features("clam", tmp_path / "clam", _manifest(tmp_path), tmp_path / "s.zarr", progress=False)
+    by = {o.item_id: o for o in s.outcomes}
+    assert by["TCGA-A1-0001-01Z"].status == "failed"
+    assert f"missing dataset 'features' in {victim}" in by["TCGA-A1-0001-01Z"].reason
+    bad = tmp_path / "bad" / "h5_files"
+    bad.mkdir(parents=True)
+    for ss in SLIDES.values():
+        for slide in ss:
+            with h5py.File(bad / f"{slide}.h5", "w") as h:
+                h["features"], h["coords"] = _feats(4, 8), np.zeros((3, 2), np.int64)
+    with pytest.raises(InputError, match=r"'coords' must be \(N, 2\) with N=4"):
+        import_features("clam", tmp_path / "bad", _manifest(tmp_path), tmp_path / "t.zarr", progress=False)
+
+
+def test_stamp_ceil_rule_and_v20_tile_size() -> None:
+    """STAMP's level-0 tile size is ceil(tile_size_um / slide_mpp): 256 µm at 0.2527 µm/px is 1014 px."""
+    g = complete_geometry({"tile_size_um": 256.0, "slide_mpp": 0.2527})
+    assert g["patch_size_level0"] == 1014
+    g = complete_geometry({"patch_size": 224, "mpp": 256 / 224, "slide_mpp": 0.2527})
+    assert g["patch_size_level0"] == 1014 and g["tile_size_um"] == pytest.approx(256.0)

@@ -66,12 +66,17 @@ def test_export_then_import_round_trip(tmp_path: Path, store: Path, fmt: str) ->
 
 
 def test_exported_files_follow_each_layout(tmp_path: Path, store: Path) -> None:
+    """Changed with issue 15: CLAM coords are int32 (as CLAM writes them, was int64), CLAM exports also get
+    ``pt_files/`` and ``patches/``; STAMP coords are float32 µm."""
     for fmt in ("clam", "trident", "stamp"):
         assert _run("export", "--format", fmt, "--store", store, "--out", tmp_path / fmt)[0] == 0
     with h5py.File(tmp_path / "clam" / "h5_files" / "slideB.h5", "r") as h:
         assert h["features"].dtype == np.float32 and h["features"].shape == (5, 64)
-        assert h["coords"].dtype == np.int64 and h["coords"].attrs["patch_size"] == 448
-        assert h["coords"].attrs["patch_level"] == 0
+        assert h["coords"].dtype == np.int32 and h["coords"].attrs["patch_size"] == 448
+        assert h["coords"].attrs["patch_level"] == 0 and h["features"].chunks == (1, 64)
+    assert (tmp_path / "clam" / "pt_files" / "slideB.pt").is_file()
+    with h5py.File(tmp_path / "clam" / "patches" / "slideB.h5", "r") as h:
+        assert h["coords"].attrs["patch_size"] == 448 and h["coords"].attrs["patch_level"] == 0
     assert (tmp_path / "clam" / "h5_files" / "P1__slideA.h5").exists()  # item id shared by two patients
     assert (tmp_path / "clam" / "clam_dataset.csv").read_text().splitlines()[1] == "P1,P1__slideA"
     tri = tmp_path / "trident" / "20x_224px_0px_overlap" / "features_resnet50_trunc" / "slideB.h5"
@@ -88,6 +93,7 @@ def test_exported_files_follow_each_layout(tmp_path: Path, store: Path) -> None:
 
 
 def test_export_errors(tmp_path: Path, store: Path) -> None:
+    """Changed with issue 15: an item without coords is refused (exit 1), no longer exported with a warning."""
     code, text = _run("export", "--format", "clam", "--store", tmp_path / "nope.zarr", "--out", tmp_path / "o")
     assert code == 2 and "no such feature store" in text
     open_store(store, "a").set_encoder_attrs("wsi", "other-enc", {"encoder": "x"})
@@ -105,7 +111,9 @@ def test_export_errors(tmp_path: Path, store: Path) -> None:
     assert code == 1 and "failed: P9/t" in text and "--mpp" in text
     code, text = _run("export", "--format", "stamp", "--store", store, "--out", tmp_path / "s",
                       "--encoder-id", "other-enc", "--mpp", "0.25")
-    assert code == 0, text
+    # issue 15 (F5): P1/s has no coords, which STAMP needs: refused by name (it was exit 0 with a warning)
+    assert code == 1 and "failed: P1/s" in text and "missing coords" in text, text
+    assert "failed: P9/t" not in text and (tmp_path / "s" / "x" / "t.h5").is_file()
 
 
 def test_import_cli_reports_missing_and_usage_errors(tmp_path: Path, store: Path) -> None:
@@ -119,3 +127,75 @@ def test_import_cli_reports_missing_and_usage_errors(tmp_path: Path, store: Path
     code, text = _run("import", "--format", "clam", "--from", out, "--manifest", manifest, "--store",
                       tmp_path / "s.zarr", "--encoder-id", "../evil", "--no-progress")
     assert code == 2 and "unsafe --encoder-id" in text
+
+
+@pytest.mark.parametrize("fmt", ["clam", "trident", "stamp"])
+def test_round_trip_gives_identical_items(tmp_path: Path, store: Path, fmt: str) -> None:
+    """Issue 15 (F9): without --encoder-id the import gives back the same encoder_id, dtype (float16 stays
+    float16 through CLAM's float32 files), features bit for bit and coords."""
+    out = tmp_path / "out"
+    assert _run("export", "--format", fmt, "--store", store, "--out", out, "--extractor-name", "uni")[0] == 0
+    back = tmp_path / "back.zarr"
+    code, text = _run("import", "--format", fmt, "--from", out, "--manifest", out / "manifest.csv", "--store", back,
+                      "--no-progress")
+    assert code == 0, text
+    src, dst = open_store(store, "r"), open_store(back, "r")
+    assert dst.encoders("wsi") == [EID]
+    for pid, item, _ in ITEMS:
+        a, b = src.read_item("wsi", EID, pid, item), dst.read_item("wsi", EID, pid, item)
+        assert b.features.dtype == a.features.dtype == np.float16
+        np.testing.assert_array_equal(b.features, a.features)
+        np.testing.assert_array_equal(b.coords, a.coords)
+        for k, v in TILE_ATTRS.items():
+            if k != "level":
+                assert b.attrs[k] == pytest.approx(v)
+
+
+def test_clam_origin_round_trip_keeps_encoder_id(tmp_path: Path) -> None:
+    """A CLAM import exported and imported again keeps its ``clam_features-...`` encoder_id (F9)."""
+    src = tmp_path / "clam" / "h5_files"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    feats = {s: rng.normal(size=(4, 32)).astype(np.float32) for s in ("s1", "s2")}
+    for s, f in feats.items():
+        with h5py.File(src / f"{s}.h5", "w") as h:
+            h["features"], h["coords"] = f, (np.arange(8).reshape(4, 2) * 256).astype(np.int32)
+    (tmp_path / "m.csv").write_text("patient_id,modality,path\nA,wsi,s1.svs\nB,wsi,s2.svs\n")
+    assert _run("import", "--format", "clam", "--from", tmp_path / "clam", "--manifest", tmp_path / "m.csv",
+                "--store", tmp_path / "a.zarr", "--no-progress")[0] == 0
+    (eid,) = open_store(tmp_path / "a.zarr", "r").encoders("wsi")
+    assert eid.startswith("clam_features-")
+    assert _run("export", "--format", "clam", "--store", tmp_path / "a.zarr", "--out", tmp_path / "x")[0] == 0
+    code, text = _run("import", "--format", "clam", "--from", tmp_path / "x", "--manifest",
+                      tmp_path / "x" / "manifest.csv", "--store", tmp_path / "b.zarr", "--no-progress")
+    assert code == 0, text
+    assert open_store(tmp_path / "b.zarr", "r").encoders("wsi") == [eid]
+    item = open_store(tmp_path / "b.zarr", "r").read_item("wsi", eid, "A", "s1")
+    assert item.features.dtype == np.float32
+    np.testing.assert_array_equal(item.features, feats["s1"])
+
+
+def test_export_refusals_name_item_and_field(tmp_path: Path) -> None:
+    """Items the target tool could not read are refused by name (exit 1) and no file is written for them."""
+    path = tmp_path / "s.zarr"
+    st = open_store(path, "a")
+    st.set_encoder_attrs("wsi", "enc", {"encoder": "imported:clam:unknown", "dim": 4})
+    st.write_item("wsi", "enc", "P1", "a", np.zeros((2, 4), np.float32), np.zeros((2, 2), np.int64),
+                  {"patch_size_level0": 256})
+    code, text = _run("export", "--format", "trident", "--store", path, "--out", tmp_path / "t")
+    assert code == 1 and "failed: P1/a" in text and "missing extractor name" in text and "--extractor-name" in text
+    code, text = _run("export", "--format", "trident", "--store", path, "--out", tmp_path / "t",
+                      "--extractor-name", "uni_v1")
+    assert code == 1 and "failed: P1/a" in text and "level0_magnification" in text and "target_magnification" in text
+    assert not list((tmp_path / "t").rglob("*.h5"))
+    code, text = _run("export", "--format", "stamp", "--store", path, "--out", tmp_path / "s",
+                      "--extractor-name", "uni")
+    assert code == 1 and "slide_mpp" in text and "--mpp" in text
+    code, text = _run("export", "--format", "stamp", "--store", path, "--out", tmp_path / "s",
+                      "--extractor-name", "uni", "--mpp", "0.5")
+    assert code == 0, text  # tile size from patch_size_level0 x mpp: 128 µm
+    with h5py.File(tmp_path / "s" / "uni" / "a.h5", "r") as h:
+        assert h.attrs["tile_size_um"] == 128.0
+    code, text = _run("export", "--format", "stamp", "--store", path, "--out", tmp_path / "s",
+                      "--extractor-name", "../x")
+    assert code == 2 and "--extractor-name" in text

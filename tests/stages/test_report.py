@@ -182,3 +182,38 @@ def test_report_on_a_real_attention_mil_run(tmp_path: Path) -> None:
     _assert_self_contained(text)
     assert "attention_mil" in text and "enc-wsi" in text
     assert text.count("alt='attention heatmap") == 2 and text.count("alt='top attention tiles") == 2
+
+
+def test_survival_attention_mil_report_has_heatmaps(tmp_path: Path) -> None:
+    """Issue 15: attention_mil fitted with --time/--event gets the same heatmaps and top tiles as classification,
+    patients ranked by out-of-fold risk, and the section says the ranking is by risk."""
+    from mmcli.stages import fit as fit_stage
+
+    rng = np.random.default_rng(1)
+    ids = [f"P{i:02d}" for i in range(16)]
+    slide = write_slide(tmp_path / "slide.tif")
+    xs, ys = np.meshgrid(np.arange(0, 1024, TILE), np.arange(0, 768, TILE))
+    coords = np.c_[xs.ravel(), ys.ravel()]
+    store = open_store(tmp_path / "store.zarr", "a")
+    risk = rng.normal(size=16)
+    for pid, r in zip(ids, risk):
+        feats = rng.normal(size=(len(coords), 6)).astype(np.float32)
+        feats[:4, 0] += 2 * r
+        store.write_item("wsi", "enc-wsi", pid, "slide1", feats, coords,
+                         {"source_fingerprint": {"path": str(slide)}, "patch_size": TILE, "mpp": 0.5})
+    time = np.exp(-risk) * 100 + rng.uniform(1, 5, 16)
+    pd.DataFrame({"patient_id": ids, "time": time.round(2), "event": (np.arange(16) % 4 != 0).astype(int)}).to_csv(
+        tmp_path / "labels.csv", index=False)
+    run = tmp_path / "run"
+    fit_stage.fit("attention_mil", tmp_path / "store.zarr", tmp_path / "labels.csv", run, time="time",
+                  event="event", folds=2, params={"epochs": 2}, n_boot=20)
+    att = pd.read_csv(run / "attention.csv")
+    assert set(att["patient_id"]) == set(ids) and len(att) == 16 * len(coords)
+    text = report(run, attention_patients=3, top_tiles=4).read_text()
+    _assert_self_contained(text)
+    assert text.count("alt='attention heatmap") == 3 and text.count("alt='top attention tiles") == 3
+    pred = pd.read_csv(run / "predictions.csv").sort_values("risk", ascending=False)
+    first = pred["patient_id"].iloc[0]
+    assert "highest out-of-fold risk" in text, text[text.find("Attention"):][:600]
+    assert f"attention heatmap {first}/slide1" in text, (first, re.findall(r"Patient P\d+", text))
+    assert re.search(r"risk [-0-9.e]+; time [0-9.]+, (event|censored)", text)

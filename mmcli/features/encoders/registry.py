@@ -50,6 +50,9 @@ BUILTIN: dict[str, str] = {
     "minilm-l6": "mmcli.features.encoders.text",
     "hf:": "mmcli.features.encoders.text",
 }
+# pathology foundation-model presets (their names, so that looking one up imports only that module)
+PRESET_NAMES = ("uni", "uni2-h", "virchow2", "h-optimus-0", "h-optimus-1", "prov-gigapath", "phikon-v2", "conch-v1.5")
+BUILTIN.update(dict.fromkeys(PRESET_NAMES, "mmcli.features.encoders.presets"))
 for _name, _module in BUILTIN.items():
     ENCODERS.lazy(_name, _module)
 

@@ -1,8 +1,12 @@
-"""Export of stored tile features to CLAM / TRIDENT / STAMP h5 layouts, so features made here feed those tools.
+"""Export of stored tile features to CLAM / TRIDENT / STAMP layouts, so features made here feed those tools.
 
-One file per item (slide), named by its ``item_id`` (``<patient_id>__<item_id>`` when two patients share an
-item id), written atomically. Beside the files: ``manifest.csv`` (``patient_id,modality,path,item_id``, which
-``mmcli import`` reads back) and, for CLAM, ``clam_dataset.csv`` (``case_id,slide_id``; add your label column).
+One file per item (slide), named by the slide's file stem (the name CLAM's and STAMP's heatmap steps look
+features up by; ``<patient_id>__<stem>`` when two patients share a stem), written atomically. Every item is
+checked first against what the target format's tools need (:meth:`H5Format.missing`: coords, tile size in px
+and µm, ``patch_size_level0``, magnifications, the extractor name); an item that cannot be completed from the
+store (and ``--mpp``) is not written and is listed as failed with the missing fields (exit 1), never
+exported as a file the peer cannot read. Beside the files: ``manifest.csv`` (``patient_id,modality,path,
+item_id``, which ``mmcli import`` reads back) and, for CLAM, ``clam_dataset.csv`` (``case_id,slide_id``).
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ def item_geometry(attrs: dict[str, Any], default_mpp: float | None = None) -> di
         for k in GEOMETRY_KEYS:
             if k in d and k not in geo:
                 geo[k] = d[k]
+    if "level0_width" not in geo and isinstance(attrs.get("level0_size"), list) and len(attrs["level0_size"]) == 2:
+        geo["level0_width"], geo["level0_height"] = attrs["level0_size"]
     if default_mpp and "slide_mpp" not in geo and "level0_magnification" not in geo:
         geo["slide_mpp"] = default_mpp
     return complete_geometry(geo)
@@ -70,40 +76,75 @@ def choose_encoder(store: Any, modality: str, encoder_id: str | None) -> str:
     return encoders[0]
 
 
-def _name_of(encoder_attrs: dict[str, Any], encoder_id: str) -> str:
-    name = encoder_attrs.get("source_encoder") or encoder_attrs.get("encoder") or encoder_id
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-") or encoder_id
+def source_encoder_name(encoder_attrs: dict[str, Any]) -> str | None:
+    """The encoder's own name (``uni_v1``, ``resnet50_trunc``), or None when the store does not know it."""
+    name = encoder_attrs.get("source_encoder") or encoder_attrs.get("encoder")
+    if not name or str(name).startswith("imported:"):
+        return None
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-") or None
+
+
+def slide_name(attrs: dict[str, Any], item_id: str) -> str:
+    """The slide's file stem from the item's source path (a slide, or the h5 file it was imported from)."""
+    from mmcli.features.interop.importer import slide_stem
+
+    path = (attrs.get("source_fingerprint") or {}).get("path")
+    stem = slide_stem(Path(str(path))) if path else ""
+    return stem if stem and re.fullmatch(r"[A-Za-z0-9._ -]+", stem) and stem not in (".", "..") else item_id
 
 
 def export_features(fmt: str, store_path: str | Path, out: str | Path, modality: str = "wsi",
-                    encoder_id: str | None = None, mpp: float | None = None) -> ExportSummary:
-    """Write every complete item of ``modality``/``encoder_id`` in layout ``fmt`` under ``out``."""
+                    encoder_id: str | None = None, mpp: float | None = None,
+                    extractor_name: str | None = None) -> ExportSummary:
+    """Write every complete item of ``modality``/``encoder_id`` in layout ``fmt`` under ``out``.
+
+    ``extractor_name`` overrides the encoder name the layout states (STAMP's ``extractor``, TRIDENT's
+    ``features_<name>`` folder); by default the store's name, mapped to STAMP's names for STAMP.
+    """
     from mmcli.pipeline.store import open_store
 
     layout = get_format(fmt)
     store = open_store(store_path, "r")
     eid = choose_encoder(store, modality, encoder_id)
     enc_attrs = store.encoder_attrs(modality, eid)
-    name = _name_of(enc_attrs, eid)
+    source_name = source_encoder_name(enc_attrs)
+    name = extractor_name or layout.export_encoder_name(source_name)
     out = Path(out)
     keys = list(store.iter_items(modality, eid))
-    clash = {k for k, n in Counter(k.item_id for k in keys).items() if n > 1}
     summary = ExportSummary(fmt, str(store_path), str(out), modality, eid)
+    if layout.needs_encoder_name and not name:
+        summary.failed += [(f"{k.patient_id}/{k.item_id}", f"missing extractor name: the store does not know the "
+                            f"encoder of {eid!r}. Fix: pass --extractor-name (e.g. uni, conch1_5)") for k in keys]
+        return summary
+    if fmt.lower() == "stamp" and not extractor_name and source_name and name == source_name:
+        summary.warnings.append(f"encoder {source_name!r} is not one of STAMP's extractor names; STAMP's "
+                                "slide encoders will refuse it. Fix: --extractor-name to name it as STAMP does")
+    items = [(k, store.read_item(k.modality, k.encoder_id, k.patient_id, k.item_id)) for k in keys]
+    stems = [slide_name(it.attrs, k.item_id) for k, it in items]
+    clash = {s for s, n in Counter(stems).items() if n > 1}
     rows: list[tuple[str, str, str, str]] = []
-    for key in keys:
-        slide_id = f"{key.patient_id}__{key.item_id}" if key.item_id in clash else key.item_id
-        try:
-            item = store.read_item(key.modality, key.encoder_id, key.patient_id, key.item_id)
-            geo = item_geometry(item.attrs, mpp)
-            tf = TileFeatures(item.features, item.coords, geo, name)
-            rel = layout.relative_dir(name, geo) / f"{slide_id}.h5"
-            layout.write(out / rel, tf, slide_id)
-        except (FormatError, OSError, ValueError) as e:
-            summary.failed.append((f"{key.patient_id}/{key.item_id}", str(e)))
+    for (key, item), stem in zip(items, stems, strict=True):
+        label = f"{key.patient_id}/{key.item_id}"
+        slide_id = f"{key.patient_id}__{stem}" if stem in clash else stem
+        geo = item_geometry(item.attrs, mpp)
+        tf = TileFeatures(item.features, item.coords, geo, name, encoder_id=eid, dtype=str(item.features.dtype))
+        miss = layout.missing(tf)
+        if miss:
+            summary.failed.append((label, f"cannot write a {fmt} file the peer can read: missing "
+                                          + "; ".join(miss)))
             continue
-        if item.coords is None:
-            summary.warnings.append(f"{key.patient_id}/{key.item_id}: no coords stored; file has features only")
-        summary.written.append(str(out / rel))
+        try:
+            rel = layout.relative_dir(name or "features", geo) / f"{slide_id}.h5"
+            paths = layout.write(out / rel, tf, slide_id)
+        except (FormatError, OSError, ValueError) as e:
+            summary.failed.append((label, str(e)))
+            continue
+        if tf.coords is not None and len(tf.coords) == 0:
+            summary.warnings.append(f"{label}: 0 tiles (no tissue); written as an empty file")
+        if fmt.lower() == "stamp" and "patch_size" not in geo:
+            summary.warnings.append(f"{label}: tile size in px unknown; STAMP reads the file but its heatmaps "
+                                    "need tile_size_px")
+        summary.written += [str(p) for p in paths]
         rows.append((key.patient_id, modality, rel.as_posix(), key.item_id))
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.csv"
@@ -111,3 +152,10 @@ def export_features(fmt: str, store_path: str | Path, out: str | Path, modality:
     layout.write_index(out, [(pid, Path(path).stem) for pid, _, path, _ in rows])
     summary.manifest = str(manifest)
     return summary
+
+
+def n_files(summary: Any) -> int:
+    """Slides exported (feature or GeoJSON files; CLAM also writes a .pt and a patches file per slide)."""
+    return sum(1 for p in summary.written if p.endswith((".h5", ".geojson"))
+               and "/patches/" not in p.replace("\\", "/"))
+

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ class Matched:
 
     found: list[ManifestRow]
     missing: list[ManifestRow]
+    lacking: list[ManifestRow] = field(default_factory=list)  # found, but the file lacks the features dataset
 
 
 def slide_stem(path: Path) -> str:
@@ -70,29 +71,41 @@ def index_h5(source: Path) -> dict[str, list[Path]]:
 def match_rows(rows: list[ManifestRow], source: Path, fmt: str) -> Matched:
     """Pair each row with its feature file: by the slide's file stem, then by item_id.
 
-    Files without the layout's features dataset (e.g. CLAM's coords-only ``patches/*.h5``) are ignored;
-    two feature files for one slide are ambiguous and refused.
+    Files without the layout's features dataset (e.g. CLAM's coords-only ``patches/*.h5``) are passed over
+    when a file with it exists, and otherwise matched (so the import fails with the file's real defect, not
+    "file not found"); two feature files for one slide are ambiguous and refused.
     """
     layout = get_format(fmt)
     index = index_h5(source)
-    found, missing = [], []
+    found, missing, matched_lacking = [], [], []
     for r in rows:
         names = list(dict.fromkeys([slide_stem(Path(r.path)), r.item_id]))
-        cands = [p for n in names for p in index.get(n, []) if layout.has_features(p)]
-        cands = list(dict.fromkeys(cands))
+        named = list(dict.fromkeys(p for n in names for p in index.get(n, [])))
+        cands = [p for p in named if layout.has_features(p)]
+        lacks = False
+        if not cands and named:  # only files without the features dataset: read one, so its reason is told
+            cands, lacks = [next((p for p in named if p.parent.name != "patches"), named[0])], True
         if len(cands) > 1:
             raise InputError(
                 f"manifest line {r.row}: {len(cands)} {fmt} feature files match slide {names[0]!r}: "
                 f"{[str(c) for c in cands[:3]]}. Fix: point --from at the folder of one encoder.")
         if cands:
             found.append(ManifestRow(r.patient_id, r.modality, cands[0], r.item_id, r.row))
+            if lacks:
+                matched_lacking.append(found[-1])
         else:
             missing.append(ManifestRow(r.patient_id, r.modality, source / f"{names[0]}.h5", r.item_id, r.row))
-    return Matched(found, missing)
+    return Matched(found, missing, matched_lacking)
 
 
 def derive_encoder_id(fmt: str, first: TileFeatures) -> str:
-    """``<format>_<encoder>-<hash>``, e.g. ``stamp_ctranspath-1a2b3c4d5e`` (stable for the same files)."""
+    """The encoder_id a file exported by mmcli states, else ``<format>_<encoder>-<hash>``, e.g.
+    ``stamp_ctranspath-1a2b3c4d5e`` (stable for the same files)."""
+    if first.encoder_id:
+        try:
+            return check_id(first.encoder_id, "mmcli_encoder_id")
+        except InputError:
+            pass
     name = first.encoder or "features"
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{fmt}_{name}").strip("._-")
     return f"{safe}-{params_hash({'format': fmt, 'encoder': name, 'dim': int(first.features.shape[1])})}"
@@ -136,7 +149,13 @@ class ImportExtractor(ItemExtractor):
             progress(1, 1)
         attrs = {**tf.geometry, "imported_from": self.fmt, "source_encoder": tf.encoder,
                  "source_file_attrs": tf.attrs, "source_dtype": str(tf.features.dtype)}
-        feats = tf.features.astype(np.float32) if tf.features.dtype != np.float16 else tf.features
+        if tf.dtype:  # the dtype the exporting store held (float16 written as CLAM's float32 comes back float16)
+            feats = tf.features.astype(tf.dtype, copy=False)
+        else:
+            feats = tf.features if tf.features.dtype in (np.float16, np.float32) else tf.features.astype(np.float32)
+        if feats.shape[0] == 0:
+            warnings = [*tf.warnings, f"{Path(row.path).name}: 0 tiles (an empty slide): stored as a 0-tile item"]
+            return ItemResult(feats, tf.coords, attrs, warnings)
         return ItemResult(feats, tf.coords, attrs, list(tf.warnings))
 
 
@@ -145,14 +164,19 @@ def make_import_spec(fmt: str, found: list[ManifestRow], encoder_id: str | None 
     """Spec of an :class:`ImportExtractor`; the dimension and encoder name come from the first readable file."""
     layout = get_format(fmt)
     first: TileFeatures | None = None
+    reasons: list[str] = []
     for r in found:
         try:
             first = layout.read(Path(r.path))
             break
-        except (FormatError, OSError):
-            continue
+        except FormatError as e:
+            reasons.append(str(e))
+        except OSError as e:
+            reasons.append(f"{r.path}: not a readable HDF5 file ({e})")
     if first is None:
-        raise InputError(f"none of the {len(found)} matched files reads as {fmt} features. Fix: check --format.")
+        shown = "; ".join(reasons[:3]) + (f"; ... ({len(reasons) - 3} more)" if len(reasons) > 3 else "")
+        raise InputError(f"none of the {len(found)} matched files reads as {fmt} features: {shown}. "
+                         "Fix: repair or re-export these files, or check --format.")
     eid = check_id(encoder_id, "--encoder-id") if encoder_id else derive_encoder_id(fmt, first)
     kwargs = dict(fmt=fmt, encoder_id=eid, dim=int(first.features.shape[1]), encoder=first.encoder,
                   modality=modality, mpp_file=str(mpp_file) if mpp_file else None, default_mpp=default_mpp)

@@ -136,6 +136,27 @@ def _top_tiles(sa: SlideAttention, size0: int, slide: SlideReader, top_k: int) -
     return to_base64(fig)
 
 
+def _patient_notes(run: Run) -> dict[str, str]:
+    """Per patient, what the header of its heatmaps says: out-of-fold risk with time/event (survival) or
+    P(positive)/max probability with the true class (classification)."""
+    pred = run.predictions
+    if pred is None:
+        return {}
+    try:
+        scores = run.score()
+    except Exception:  # noqa: BLE001 - no scores: no notes
+        return {}
+    notes = {}
+    for i, pid in enumerate(pred["patient_id"].astype(str)):
+        row = pred.iloc[i]
+        if run.task == "survival":
+            ev = "event" if int(row["event"]) == 1 else "censored"
+            notes[pid] = f"risk {scores[i]:.3g}; time {row['time']:g}, {ev}"
+        else:
+            notes[pid] = f"score {scores[i]:.3g}; true class {row.get('y_true', '?')}"
+    return notes
+
+
 def _choose_patients(run: Run, att: pd.DataFrame, n: int) -> list[str]:
     """Top ``n`` patients with attention by out-of-fold score (P(positive)/max prob/risk), else by id."""
     with_att = set(att["patient_id"])
@@ -196,10 +217,14 @@ def attention_section(run: Run, *, n_patients: int = 3, top_k: int = 8) -> str:
     except Exception as e:  # noqa: BLE001
         return f"<p class='absent'>feature store {html.escape(str(store_path))} could not be opened: " \
                f"{html.escape(str(e))}</p>"
-    parts = [f"<p>Patients with the highest out-of-fold score ({n_patients} at most); per slide the "
+    what = "risk (survival: the patients the model deems most at risk)" if run.task == "survival" else \
+        "score (P(positive), or the largest class probability)"
+    parts = [f"<p>Patients with the highest out-of-fold {what}, {n_patients} at most; per slide the "
              f"attention heatmap (within-slide percentiles) and the {top_k} highest-attention tiles.</p>"]
+    notes = _patient_notes(run)
     for pid in _choose_patients(run, att, n_patients):
-        parts.append(f"<h3>Patient {html.escape(pid)}</h3>")
+        note = f" <small>({html.escape(notes[pid])})</small>" if pid in notes else ""
+        parts.append(f"<h3>Patient {html.escape(pid)}{note}</h3>")
         for item, rows in att[att["patient_id"] == pid].groupby("item_id", sort=True):
             parts.append(_slide_block(store, run, pid, str(item), rows, top_k))
     return "\n".join(parts)

@@ -1,0 +1,266 @@
+"""QuPath GeoJSON export: per slide a ``FeatureCollection`` (RFC 7946 structure, coordinates in level-0 pixels,
+which is how QuPath places imported objects) holding
+
+- the tissue outline as ``annotation`` objects classified ``Tissue``: the union of the slide's tiles, traced
+  exactly (holes kept, diagonal neighbours split into separate polygons, so every polygon is valid);
+- one ``tile`` object per tile (a square of ``patch_size_level0`` px) classified ``Tile``, whose
+  ``measurements`` hold the per-tile scores of a CSV (``patient_id,item_id,index`` + numeric columns, e.g.
+  ``attention.csv`` of ``mmcli fit``), which QuPath shows as measurements and can colour by.
+
+File > Import objects from file in QuPath reads these files; ``properties.objectType`` and
+``properties.classification`` follow QuPath's own GeoJSON export.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.io import atomic_write_text
+
+MAX_CELLS = 4_000_000  # raster cells of the tile-union trace; coarser (approximate) beyond
+TISSUE_COLOR = [80, 160, 80]
+TILE_COLOR = [200, 120, 40]
+
+
+# ---- tile union -> polygons --------------------------------------------------------------------------------
+def _rings(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """Boundary rings of the filled cells of ``mask`` (row = y, col = x) in cell-corner coordinates.
+
+    Each filled cell contributes its four directed edges (interior on the left in x-right / y-down coordinates);
+    an edge shared with a filled neighbour appears in both directions and cancels. The remaining edges form
+    closed rings: outer boundaries and hole boundaries wind in opposite directions. At a vertex where two cells
+    touch only diagonally the trace turns towards the current cell, and a ring that still meets itself there is
+    split into simple loops, so every ring is simple (valid as an OGC/GeoJSON polygon ring)."""
+    edges: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    padded = np.zeros((h + 2, w + 2), dtype=bool)
+    padded[1:-1, 1:-1] = mask
+    for y, x in zip(ys.tolist(), xs.tolist()):
+        py, px = y + 1, x + 1
+        if not padded[py - 1, px]:  # top edge, walked right to left (interior below)
+            edges[(x + 1, y)].append((x, y))
+        if not padded[py, px - 1]:  # left edge, downwards
+            edges[(x, y)].append((x, y + 1))
+        if not padded[py + 1, px]:  # bottom edge, rightwards
+            edges[(x, y + 1)].append((x + 1, y + 1))
+        if not padded[py, px + 1]:  # right edge, upwards
+            edges[(x + 1, y + 1)].append((x + 1, y))
+    rings = []
+    while edges:
+        start = next((v for v, o in edges.items() if len(o) == 1), next(iter(edges)))  # not a pinch if possible
+        ring: list[tuple[int, int]] = []
+        prev: tuple[int, int] | None = None
+        cur = start
+        while True:
+            ring.append(cur)
+            outs = edges[cur]
+            nxt = outs[0]
+            if len(outs) > 1 and prev is not None:  # a pinch: turn towards the interior (the current cell)
+                dx, dy = cur[0] - prev[0], cur[1] - prev[1]
+                inward = (cur[0] + dy, cur[1] - dx)
+                nxt = inward if inward in outs else outs[0]
+            outs.remove(nxt)
+            if not outs:
+                del edges[cur]
+            prev, cur = cur, nxt
+            if cur == start:
+                break
+        rings += [_simplify(loop) for loop in _split_at_touches(ring) if len(loop) >= 4]
+    return rings
+
+
+def _split_at_touches(ring: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """A ring that passes a vertex twice (a region pinched at a corner) as simple loops: the loop between the two
+    passes becomes a ring of its own (an outline, or a hole touching the outline at that point)."""
+    loops, stack, pos = [], [], {}
+    for v in ring:
+        if v in pos:
+            i = pos[v]
+            loops.append(stack[i:])
+            for u in stack[i + 1:]:
+                del pos[u]
+            stack = stack[: i + 1]
+        else:
+            pos[v] = len(stack)
+            stack.append(v)
+    return [*loops, stack]
+
+
+def _simplify(ring: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Drop collinear vertices."""
+    out = []
+    n = len(ring)
+    for i, p in enumerate(ring):
+        a, b = ring[i - 1], ring[(i + 1) % n]
+        if (p[0] - a[0]) * (b[1] - p[1]) - (p[1] - a[1]) * (b[0] - p[0]) != 0:
+            out.append(p)
+    return out
+
+
+def _signed_area(ring: list[tuple[float, float]]) -> float:
+    return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:] + ring[:1]))
+
+
+def _inside(pt: tuple[float, float], ring: list[tuple[float, float]]) -> bool:
+    x, y = pt
+    inside = False
+    for (x0, y0), (x1, y1) in zip(ring, ring[1:] + ring[:1]):
+        if (y0 > y) != (y1 > y) and x < x0 + (y - y0) * (x1 - x0) / (y1 - y0):
+            inside = not inside
+    return inside
+
+
+def tile_union(coords: np.ndarray, size: float) -> list[list[list[list[float]]]]:
+    """Polygons (GeoJSON ``Polygon`` coordinate arrays: exterior ring then holes, closed) covering the union of
+    the ``size``-px squares at ``coords`` (level-0 top-left corners)."""
+    if len(coords) == 0:
+        return []
+    c = np.asarray(coords, dtype=np.int64)
+    s = int(round(size))
+    g = math.gcd(s, *[int(v) for v in np.unique(c - c.min(axis=0))]) or s
+    origin = c.min(axis=0)
+    span = (c.max(axis=0) - origin + s) // g
+    if int(span[0]) * int(span[1]) > MAX_CELLS:  # snap to a coarser grid: outline approximate to 1 cell
+        g = int(math.ceil(math.sqrt(int((c.max(axis=0) - origin + s).prod()) / MAX_CELLS)))
+        span = (c.max(axis=0) - origin + s) // g + 1
+    mask = np.zeros((int(span[1]), int(span[0])), dtype=bool)
+    k = max(1, s // g)
+    for x, y in ((c - origin) // g).tolist():
+        mask[y:y + k, x:x + k] = True
+    rings = [[(float(origin[0] + x * g), float(origin[1] + y * g)) for x, y in r] for r in _rings(mask)]
+    # outer rings wind one way (negative signed area in x-right/y-down with interior on the left), holes the other
+    outers = [r for r in rings if _signed_area(r) < 0]
+    holes = [r for r in rings if _signed_area(r) > 0]
+    polys: list[list[list[tuple[float, float]]]] = [[r] for r in sorted(outers, key=_signed_area)]
+    for h in holes:
+        probe = ((h[0][0] + h[1][0]) / 2, (h[0][1] + h[1][1]) / 2)  # an edge midpoint: never on the outline
+        owner = next((p for p in reversed(polys) if _inside(probe, p[0])), None)  # the smallest outline around
+        if owner is not None:
+            owner.append(h)
+    # RFC 7946: exterior counter-clockwise, holes clockwise (as seen with y up): reverse rings accordingly
+    out = []
+    for p in polys:
+        rings_out = []
+        for i, r in enumerate(p):
+            r = r[::-1] if (i == 0) == (_signed_area(r) < 0) else r
+            rings_out.append([list(v) for v in r] + [list(r[0])])
+        out.append(rings_out)
+    return out
+
+
+# ---- the feature collection ----------------------------------------------------------------------------------
+def _box(x: float, y: float, s: float) -> list[list[list[float]]]:
+    return [[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]]  # counter-clockwise (RFC 7946)
+
+
+@dataclass
+class GeoJsonSummary:
+    format: str
+    store: str
+    out: str
+    modality: str
+    encoder_id: str
+    written: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    manifest: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def load_scores(path: str | Path) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+    """Per (patient_id, item_id): tile index -> {column: value} from a CSV with ``patient_id,item_id,index`` and
+    numeric score columns (``attention.csv`` of ``mmcli fit`` / ``mmcli predict --attention``)."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--scores {p}: file not found.")
+    try:
+        df = pd.read_csv(p, dtype={"patient_id": str, "item_id": str})
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"--scores {p}: not a readable CSV ({e}).") from e
+    need = {"patient_id", "item_id", "index"} - set(df.columns)
+    if need:
+        raise InputError(f"--scores {p}: missing column(s) {sorted(need)}; it needs patient_id,item_id,index and "
+                         "score columns (e.g. attention.csv of mmcli fit).")
+    cols = [c for c in df.columns if c not in ("patient_id", "item_id", "index")
+            and pd.api.types.is_numeric_dtype(df[c])]
+    if not cols:
+        raise InputError(f"--scores {p}: no numeric score column besides patient_id,item_id,index.")
+    idx = pd.to_numeric(df["index"], errors="coerce")
+    if idx.isna().any() or (idx < 0).any() or (idx % 1 != 0).any():
+        bad = int(np.flatnonzero(idx.isna() | (idx < 0) | (idx % 1 != 0))[0]) + 2
+        raise InputError(f"--scores {p}: row {bad}: 'index' must be a tile row number (integer >= 0).")
+    out: dict[tuple[str, str], dict[int, dict[str, float]]] = defaultdict(dict)
+    for (pid, iid, i), vals in zip(zip(df["patient_id"], df["item_id"], idx.astype(int)),
+                                   df[cols].to_dict("records")):
+        out[(pid, iid)][int(i)] = {k: float(v) for k, v in vals.items() if v == v}  # NaN left out
+    return dict(out)
+
+
+def feature_collection(coords: np.ndarray, size: float, scores: dict[int, dict[str, float]] | None = None,
+                       name: str = "") -> dict[str, Any]:
+    """The QuPath FeatureCollection of one slide."""
+    feats: list[dict[str, Any]] = []
+    for k, poly in enumerate(tile_union(coords, size)):
+        feats.append({"type": "Feature", "id": f"tissue-{k}", "geometry": {"type": "Polygon", "coordinates": poly},
+                      "properties": {"objectType": "annotation", "name": f"{name} tissue {k + 1}".strip(),
+                                     "classification": {"name": "Tissue", "color": TISSUE_COLOR},
+                                     "isLocked": True}})
+    for i, (x, y) in enumerate(np.asarray(coords, dtype=float).tolist()):
+        props: dict[str, Any] = {"objectType": "tile", "classification": {"name": "Tile", "color": TILE_COLOR},
+                                 "measurements": {"tile_index": i, **((scores or {}).get(i, {}))}}
+        feats.append({"type": "Feature", "id": f"tile-{i}", "geometry": {"type": "Polygon",
+                                                                          "coordinates": _box(x, y, size)},
+                      "properties": props})
+    return {"type": "FeatureCollection", "features": feats}
+
+
+def export_geojson(store_path: str | Path, out: str | Path, modality: str = "wsi", encoder_id: str | None = None,
+                   scores: str | Path | None = None) -> GeoJsonSummary:
+    """``<out>/<slide stem>.geojson`` for every item of ``modality``/``encoder_id`` with coords and tile size."""
+    from mmcli.features.interop.exporter import choose_encoder, item_geometry, slide_name
+    from mmcli.pipeline.store import open_store
+
+    table = load_scores(scores) if scores else {}
+    store = open_store(store_path, "r")
+    eid = choose_encoder(store, modality, encoder_id)
+    out = Path(out)
+    summary = GeoJsonSummary("geojson", str(store_path), str(out), modality, eid)
+    keys = list(store.iter_items(modality, eid))
+    names = {}
+    for key in keys:
+        label = f"{key.patient_id}/{key.item_id}"
+        item = store.read_item(key.modality, key.encoder_id, key.patient_id, key.item_id)
+        geo = item_geometry(item.attrs)
+        miss = [f for f, ok in (("coords", item.coords is not None), ("patch_size_level0", "patch_size_level0" in geo))
+                if not ok]
+        if miss:
+            summary.failed.append((label, f"cannot draw tiles: missing {', '.join(miss)}"))
+            continue
+        stem = slide_name(item.attrs, key.item_id)
+        stem = f"{key.patient_id}__{stem}" if stem in names else stem
+        names[stem] = label
+        sc = table.get((key.patient_id, key.item_id), {})
+        if table and not sc:
+            summary.warnings.append(f"{label}: no rows in {scores}; tiles written without scores")
+        past = [i for i in sc if i >= len(item.coords)]
+        if past:
+            summary.warnings.append(f"{label}: {len(past)} score rows point past its {len(item.coords)} tiles "
+                                    "(ignored)")
+        fc = feature_collection(item.coords, geo["patch_size_level0"], sc, stem)
+        path = out / f"{stem}.geojson"
+        atomic_write_text(path, json.dumps(fc, separators=(",", ":"), allow_nan=False))
+        summary.written.append(str(path))
+    return summary
