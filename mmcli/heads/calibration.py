@@ -45,7 +45,9 @@ def logit(p: np.ndarray) -> np.ndarray:
 
 
 def expit(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+    from scipy.special import expit as _expit
+
+    return _expit(np.asarray(z, dtype=np.float64))
 
 
 # ---- assessment ----------------------------------------------------------------------------------------------

@@ -37,8 +37,11 @@ def two_sample_test(train: np.ndarray, new: np.ndarray, *, n_permutations: int =
     clf = make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
                         LogisticRegression(C=1.0, max_iter=2000))
     cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    score, _perm, p = permutation_test_score(clf, X, y, cv=cv, scoring="roc_auc", n_permutations=n_permutations,
-                                             random_state=seed, n_jobs=1)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # hundreds of tiny fits: BLAS threads only oversubscribe the cores
+        score, _perm, p = permutation_test_score(clf, X, y, cv=cv, scoring="roc_auc",
+                                                 n_permutations=n_permutations, random_state=seed, n_jobs=1)
     return {"auroc": float(score), "p_value": float(p), "n_permutations": n_permutations, "cv_folds": k}
 
 
