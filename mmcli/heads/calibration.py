@@ -71,8 +71,7 @@ def _logistic_fits(y: np.ndarray, lp: np.ndarray, w: np.ndarray, iters: int = 50
     conv_a = np.abs(step) < 1e-6
     out[:, 0] = np.where(ok & conv_a, a, np.nan)
     # recalibration model: logit P = c + b * lp, two parameters
-    beta = np.zeros((B, 2))
-    beta[:, 1] = 1.0
+    beta = np.zeros((B, 2))  # Newton from 0 (all mu = 1/2), the usual safe start for logistic regression
     X = np.stack([np.ones_like(lp), lp], axis=1)  # (n, 2)
     for _ in range(iters):
         mu = expit(beta[:, :1] + beta[:, 1:] * lp[None, :])  # (B, n)
