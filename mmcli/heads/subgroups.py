@@ -272,5 +272,7 @@ def subgroup_report(specs: Sequence[SubgroupSpec], patients: Sequence[str], labe
         values, source = column_values(spec.column, patients, labels, tables)
         groups, how = assign_groups(values, spec)
         res = subgroup_metrics(groups, metric_fn, min_size=min_size, n_boot=n_boot, seed=seed + k)
+        rank = {g: i for i, g in enumerate(how["groups"])}  # bins in ascending order, categories sorted
+        res["groups"].sort(key=lambda g: rank.get(g["group"], len(rank)))
         out["columns"][spec.column] = {"source": source, **how, **res}
     return out

@@ -125,7 +125,8 @@ def decision_curve_section(run: Run) -> str:
     if "skipped" in dc:
         return _absent(_esc(dc["skipped"]))
     beats = dc.get("model_beats_both_at") or []
-    span = f"{beats[0]:g}–{beats[-1]:g} ({len(beats)} of {len(dc['thresholds'])} thresholds)" if beats else "none"
+    span = (f"{len(beats)} of {len(dc['thresholds'])} thresholds, between {beats[0]:g} and {beats[-1]:g}"
+            if beats else "no threshold")
     t = np.asarray(dc["thresholds"], dtype=float)
     show = [i for i, v in enumerate(t) if np.isclose(v * 20, round(v * 20))] or list(range(len(t)))
     rows = "".join(f"<tr><td class='num'>{t[i]:g}</td><td class='num'>{_fmt(dc['net_benefit']['model'][i])}</td>"

@@ -148,7 +148,8 @@ def _classification_figs(run: Run) -> str:
             plots.img_tag(plots.pr_figure(y, probs, classes), "precision-recall curve"),
             plots.img_tag(plots.calibration_figure(y, probs, classes), "calibration curve"),
             plots.img_tag(plots.confusion_figure(y, y_pred, classes), "confusion matrix")]
-    return f"<p class='note'>{len(y)} patients, out-of-fold predictions. {note}</p><div class='figs'>" \
+    what = "predictions of the fitted model" if evidence.is_evaluation(run) else "out-of-fold predictions"
+    return f"<p class='note'>{len(y)} patients, {what}. {note}</p><div class='figs'>" \
            + "".join(figs) + "</div>"
 
 
