@@ -449,11 +449,31 @@ def fit(
                                           "batch correction protects, e.g. age,sex."),
     init: Path | None = typer.Option(None, "--init", help="fusion_mlp: start the per-modality projections from "
                                      "the encoders of `mmcli pretrain --out DIR`."),
+    calibrate: str = typer.Option("none", "--calibrate", help="Recalibrate probabilities: none | platt | isotonic, "
+                                  "fitted inside each training fold on its inner cross-validated probabilities; "
+                                  "saved with the model and applied by predict."),
+    operating_point: str | None = typer.Option(None, "--operating-point", help="Binary: sens=RATE or spec=RATE; "
+                                               "the threshold is chosen on the training folds only (nested), "
+                                               "stored in the model; predict adds a decision column."),
+    subgroups: str | None = typer.Option(None, "--subgroups", help="Columns of the labels or a store table, "
+                                         "e.g. site,age or age:edges=40,60 (numeric: quartiles by default)."),
+    min_subgroup: int = typer.Option(10, "--min-subgroup", help="Groups smaller than this are reported as too "
+                                     "small, without metrics."),
+    dca_thresholds: str = typer.Option("0.01:0.99:0.01", "--dca-thresholds", help="Decision-curve threshold "
+                                       "probabilities: START:STOP:STEP or a comma list."),
+    horizon: float | None = typer.Option(None, "--horizon", help="Survival decision curve: the event probability "
+                                         "by time T (labels' time unit)."),
+    inner_folds: int = typer.Option(5, "--inner-folds", help="Inner folds (per training fold) for --calibrate and "
+                                    "--operating-point."),
 ) -> None:
     """Stage 2: cross-validate a head on cached features, then refit on all patients for `predict`."""
+    from mmcli.stages.evidence import EvidenceOptions
     from mmcli.stages.fit import fit as run_fit
     from mmcli.stages.fit import parse_encoders, parse_params
 
+    evidence = EvidenceOptions.build(dict(calibrate=calibrate, operating_point=operating_point, subgroups=subgroups,
+                                          min_subgroup=min_subgroup, dca_thresholds=dca_thresholds, horizon=horizon,
+                                          inner_folds=inner_folds)).check()
     params = parse_params(param, head)
     if fusion:
         params["fusion"] = fusion
@@ -463,10 +483,28 @@ def fit(
                   modalities=_csv_list(modalities), encoders=parse_encoders(encoder) or None, folds=folds,
                   seed=seed, params=params or None, n_boot=n_boot, drop_unmatched=drop_unmatched,
                   log=get_logger().info, impute=impute, batch_correct=batch_correct, batch_column=batch_column,
-                  batch_keep=_csv_list(batch_keep))
+                  batch_keep=_csv_list(batch_keep), evidence=evidence)
     _say(f"{head} ({res['task']}, {res['n_patients']} patients, {res['folds']} folds) -> {out}")
     for name, m in res["metrics"].items():
         _say(f"  {name:18s} {_num(m['mean'])}  [{_num(m['ci_low'])}, {_num(m['ci_high'])}]")
+    _say_evidence(res)
+
+
+def _say_evidence(res: dict) -> None:
+    """Console lines for the calibration / operating point / drift blocks of a metrics.json."""
+    for cls, c in ((res.get("calibration") or {}).get("classes") or {}).items():
+        a, b = c["intercept"], c["slope"]
+        _say(f"  calibration {cls}: intercept {_num(a['value'])} [{_num(a['ci_low'])}, {_num(a['ci_high'])}], "
+             f"slope {_num(b['value'])} [{_num(b['ci_low'])}, {_num(b['ci_high'])}]")
+    op = res.get("operating_point")
+    if op:
+        thr = op.get("final_threshold", op.get("threshold"))
+        parts = [f"{k} {_num(v['value'])} [{_num(v['ci_low'])}, {_num(v['ci_high'])}]"
+                 for k, v in op["metrics"].items() if k != "counts"]
+        _say(f"  operating point (threshold {_num(thr)}): " + ", ".join(parts))
+    for name, d in ((res.get("drift") or {}).get("modalities") or {}).items():
+        _say(f"  drift {name}: AUROC {_num(d.get('auroc'))}, p {_num(d.get('p_value'))}, "
+             f"mean SMD {_num(d.get('mean_smd'))}{' (shift)' if d.get('shift_detected') else ''}")
 
 
 def _num(v: float | None) -> str:
@@ -516,6 +554,48 @@ def predict(
         _warn(f"{int((~df['batch_corrected']).sum())} patient(s) left without batch correction (batch missing or "
               "not seen in training); see the batch_corrected column.")
     _say(f"scored {len(df)} patients -> {out}")
+
+
+@app.command()
+@handled(log=lambda kw: kw["out"] / "evaluate.log")
+def evaluate(
+    model: Path = typer.Option(..., "--model", help="Run folder of `mmcli fit` (or its model/ folder)."),
+    store: Path = typer.Option(..., "--store", help="Feature store of the new (external) cohort."),
+    labels: Path = typer.Option(..., "--labels", help="Labels CSV of the new cohort."),
+    out: Path = typer.Option(..., "--out", help="Folder: metrics.json, predictions.csv, report.html."),
+    target: str | None = typer.Option(None, "--target", help="Classification column  (default: the run's)"),
+    time: str | None = typer.Option(None, "--time", help="Survival time column  (default: the run's)"),
+    event: str | None = typer.Option(None, "--event", help="Survival event column  (default: the run's)"),
+    train_store: Path | None = typer.Option(None, "--train-store", help="Store the model was fitted on, for the "
+                                            "drift section  (default: the one recorded in the run)"),
+    subgroups: str | None = typer.Option(None, "--subgroups", help="Columns of the labels or a store table, "
+                                         "e.g. site,age or age:edges=40,60."),
+    min_subgroup: int = typer.Option(10, "--min-subgroup", help="Groups smaller than this are reported as too "
+                                     "small."),
+    dca_thresholds: str = typer.Option("0.01:0.99:0.01", "--dca-thresholds", help="START:STOP:STEP or a comma "
+                                       "list."),
+    horizon: float | None = typer.Option(None, "--horizon", help="Survival decision curve horizon (time unit of "
+                                         "the labels)."),
+    n_boot: int = typer.Option(200, "--n-boot", help="Bootstrap resamples for the 95% CIs."),
+    n_permutations: int = typer.Option(200, "--n-permutations", help="Permutations of the drift test."),
+    seed: int = typer.Option(0, "--seed"),
+    drop_unmatched: bool = typer.Option(False, "--drop-unmatched", help="Leave out rows with a missing label."),
+) -> None:
+    """External validation: score another cohort with a fitted model; metrics, calibration, decision curve,
+    subgroups, drift against the training store, and a report."""
+    from mmcli.stages.evaluate import evaluate as run_evaluate
+    from mmcli.stages.evidence import EvidenceOptions
+
+    evidence = EvidenceOptions.build(dict(subgroups=subgroups, min_subgroup=min_subgroup,
+                                          dca_thresholds=dca_thresholds, horizon=horizon)).check()
+    res = run_evaluate(model, store, labels, out, target=target, time=time, event=event, train_store=train_store,
+                       evidence=evidence, n_boot=n_boot, seed=seed, n_permutations=n_permutations,
+                       drop_unmatched=drop_unmatched, log=get_logger().info)
+    _say(f"evaluated {res['head']} ({res['task']}) on {res['n_patients']} patients -> {out}")
+    for name, m in res["metrics"].items():
+        _say(f"  {name:18s} {_num(m['mean'])}  [{_num(m['ci_low'])}, {_num(m['ci_high'])}]")
+    _say_evidence(res)
+    _say(f"wrote {out / 'metrics.json'}, {out / 'predictions.csv'} and {out / 'report.html'}")
 
 
 @app.command()

@@ -9,8 +9,10 @@ Run directory (``out``)::
     predictions.csv      out-of-fold: patient_id,fold,y_true,y_pred,prob_<class>...  |  patient_id,fold,time,event,risk
     folds.json           {patient_id: fold}
     cv_audit.json        per fold: the patients each preprocessing step was fit on, and their overlap with the
-                         fold's test patients (0)
-    model/               final model refit on all patients: config.json, weights, preprocess.{json,safetensors}
+                         fold's test patients (0); likewise the fold's calibrator / threshold (``calibrator_fit_on``)
+    model/               final model refit on all patients: config.json, weights, preprocess.{json,safetensors},
+                         postprocess.json (with --calibrate / --operating-point: calibrator and threshold fitted on
+                         the out-of-fold probabilities of all patients; applied by predict)
     modality_weights.json  fusion_mlp: {modality: weight}, averaged over folds
     shap.csv             xgboost: patient_id + one column per feature, out-of-fold SHAP contributions
     attributions.csv     fusion_mlp: out-of-fold integrated gradients, patient_id,fold,modality,feature,attribution,
@@ -32,14 +34,23 @@ import pandas as pd
 
 from mmcli import __version__
 from mmcli.heads.base import Head, create_head, head_class
-from mmcli.heads.cv import FoldResult, check_folds, cross_validate, head_params
+from mmcli.heads.calibration import Calibrator
+from mmcli.heads.cv import FoldResult, check_folds, check_postprocess, cross_validate, head_params
 from mmcli.heads.data import Cohort, Source, load_cohort, resolve_sources
 from mmcli.heads.metrics import center_risks_by_fold, summarise
+from mmcli.heads.operating_point import choose_threshold
 from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_csv
 from mmcli.pipeline.rundir import RunWriter
 from mmcli.pipeline.store import open_store
+from mmcli.stages.evidence import (
+    EvidenceOptions,
+    Postprocess,
+    classification_evidence,
+    store_tables,
+    survival_evidence,
+)
 
 ATTRIBUTIONS = "attributions.csv"
 
@@ -67,6 +78,7 @@ def fit(
     batch_correct: str | None = None,
     batch_column: str | None = None,
     batch_keep: Sequence[str] | None = None,
+    evidence: EvidenceOptions | None = None,
 ) -> dict[str, Any]:
     """Cross-validate ``head`` by patient, write the run directory ``out`` and return metrics.json's content.
 
@@ -90,6 +102,9 @@ def fit(
         impute, batch_correct, batch_column, batch_keep: the head parameters of the same names (in-fold
             imputation with indicators; ComBat batch correction on the labels' ``batch_column``, protecting
             ``batch_keep``), merged into ``params``.
+        evidence: recalibration, operating point, decision-curve thresholds / horizon and subgroups
+            (:class:`~mmcli.stages.evidence.EvidenceOptions`); metrics.json gets ``calibration``,
+            ``operating_point``, ``decision_curve`` and ``subgroups`` blocks.
     """
     params = _prep_params(params, impute=impute, batch_correct=batch_correct, batch_column=batch_column,
                           batch_keep=batch_keep)
@@ -97,6 +112,7 @@ def fit(
     t_start = time_now = _clock()
     cls = head_class(head)
     cls.check_params(params or {})
+    ev_opts = (evidence or EvidenceOptions()).check()
     out = Path(out)
     store_path = Path(store)
     fs = open_store(store_path, "r")
@@ -105,6 +121,7 @@ def fit(
     table = read_labels(labels)
     tgt = build_target(table, target=target, time=time, event=event, drop_missing=drop_unmatched)
     _check_classes_finite(table, tgt)
+    check_postprocess(tgt, ev_opts.calibrate, ev_opts.op())
     if tgt.task not in cls.tasks:
         raise InputError(f"head {head!r} supports {list(cls.tasks)}; the labels give a {tgt.task} task. "
                          "Fix: choose another --head or other label columns.")
@@ -121,10 +138,13 @@ def fit(
     say(f"loaded features in {t_load:.1f}s ({len(cohort) / max(t_load, 1e-9):.1f} patients/s)")
 
     time_now = _clock()
-    results = cross_validate(head, cohort, tgt, folds, seed, params, explain=explain, log=say)
+    results = cross_validate(head, cohort, tgt, folds, seed, params, explain=explain, log=say,
+                             calibrate=ev_opts.calibrate, operating_point=ev_opts.op(),
+                             inner_folds=ev_opts.inner_folds)
     t_cv = _clock() - time_now
     time_now = _clock()
     metrics = summarise([r.eval for r in results], n_boot=n_boot, seed=seed)
+    post, evidence_doc = _evidence(results, tgt, cohort, ev_opts, table, fs, n_boot, seed)
     t_metrics = _clock() - time_now
 
     time_now = _clock()
@@ -142,15 +162,18 @@ def fit(
         "store": str(store_path.resolve()), "labels": _labels_ref(labels), "features_sha256": cohort.features_sha256,
         "n_patients": len(tgt.patients), "excluded_patients": {**tgt.dropped, **excluded},
         "risk_convention": "risk = log hazard ratio; higher = shorter survival" if tgt.task == "survival" else None,
-        "n_boot": n_boot, "mmcli_version": __version__, "created": created,
+        "n_boot": n_boot, "mmcli_version": __version__, "created": created, "evidence": ev_opts.to_json(),
     }
-    writer.write_model(final.save, run)
+    writer.write_model(_saver(final, post), run)
     metrics_doc = {"head": head, "task": tgt.kind, "modalities": modality_names, "folds": folds,
                    "n_patients": len(tgt.patients), "metrics": metrics, "encoder_ids": encoder_ids, "seed": seed,
-                   "created": created}
+                   "created": created, **evidence_doc}
     if getattr(final, "privacy_", None):  # DP-SGD: the accountant's spent budget, final model and per fold
         metrics_doc["privacy"] = {**final.privacy_, "per_fold": [getattr(r.head, "privacy_", None) for r in results]}
-    writer.write_predictions(_predictions_frame(results, tgt))
+    predictions = _predictions_frame(results, tgt)
+    if ev_opts.op() is not None:
+        predictions["decision"] = _decisions(results, tgt, predictions)
+    writer.write_predictions(predictions)
     writer.write_folds({tgt.patients[i]: r.fold for r in results for i in r.test_idx})
     writer.write_audit(_batch_audit(_audit(results, tgt), results, tgt, cohort, say))
     if explain:
@@ -296,6 +319,63 @@ def _require_data(cls: type[Head], cohort: Cohort, tgt: Target) -> tuple[Target,
     return tgt.subset([cohort.patients[i] for i in idx]), cohort.subset(idx), dropped
 
 
+# ---- evidence: calibration, operating point, decision curve, subgroups -------------------------------------
+def _evidence(results: list[FoldResult], tgt: Target, cohort: Cohort, opts: EvidenceOptions, labels: pd.DataFrame,
+              fs: Any, n_boot: int, seed: int) -> tuple[Postprocess, dict[str, Any]]:
+    """metrics.json's evidence blocks from the out-of-fold predictions, and the final model's output policy:
+    its calibrator fitted, and its threshold chosen, on the out-of-fold probabilities of all patients (the same
+    cross-validated-predictions logic as inside each fold)."""
+    order = np.concatenate([r.test_idx for r in results])
+    patients = [tgt.patients[i] for i in order]
+    y = tgt.y[order]
+    if tgt.task == "survival":
+        risk = np.concatenate([r.pred for r in results])
+        event_prob = None
+        if opts.horizon is not None:
+            h = np.array([opts.horizon], dtype=float)
+            event_prob = np.concatenate([1.0 - r.head.predict_survival(cohort.subset(r.test_idx), h, risk=r.pred)[:, 0]
+                                         for r in results])
+        return Postprocess(), survival_evidence(y["time"], y["event"], risk, event_prob, opts=opts,
+                                                patients=patients, labels=labels, tables=store_tables(fs),
+                                                n_boot=n_boot, seed=seed)
+    assert tgt.classes is not None
+    op = opts.op()
+    probs = np.vstack([r.pred for r in results])
+    raw = np.vstack([r.pred if r.raw_pred is None else r.raw_pred for r in results])
+    thresholds = (np.concatenate([np.full(len(r.test_idx), r.threshold, dtype=float) for r in results])
+                  if op is not None else None)
+    doc = classification_evidence(y, probs, tgt.classes, opts=opts, thresholds=thresholds, patients=patients,
+                                  labels=labels, tables=store_tables(fs), n_boot=n_boot, seed=seed, raw_probs=raw)
+    post = Postprocess(classes=tgt.classes)
+    if opts.calibrate != "none" or op is not None:
+        cal = Calibrator(opts.calibrate).fit(raw, y, patients)
+        final = choose_threshold(y, cal.transform(raw)[:, 1], op) if op is not None else None
+        post = Postprocess(cal, final, op, tgt.classes)
+        doc["calibration"]["final_model"] = "calibrator fitted on the out-of-fold probabilities of all patients"
+        if op is not None:
+            doc["operating_point"].update(
+                target=op.to_json(), threshold_per_fold=[r.threshold for r in results], final_threshold=final,
+                chosen_on="each fold: cross-validated probabilities of its training patients (nested); final "
+                          "model: the out-of-fold probabilities of all patients")
+    return post, doc
+
+
+def _saver(final: Head, post: Postprocess) -> Callable[[Path], None]:
+    def save(folder: Path) -> None:
+        final.save(folder)
+        if post.calibrator.active or post.threshold is not None:
+            post.save(folder)
+    return save
+
+
+def _decisions(results: list[FoldResult], tgt: Target, predictions: pd.DataFrame) -> list[str]:
+    """Each out-of-fold patient's decision at its fold's threshold (``classes[1]`` when P >= threshold)."""
+    assert tgt.classes is not None
+    thr = {tgt.patients[i]: r.threshold for r in results for i in r.test_idx}
+    p = predictions[f"prob_{tgt.classes[1]}"].to_numpy(float)
+    return [tgt.classes[1] if v >= thr[pid] else tgt.classes[0] for pid, v in zip(predictions["patient_id"], p)]
+
+
 # ---- outputs (written through mmcli.pipeline.rundir.RunWriter) ------------------------------------------
 def prediction_frame(patients: Sequence[str], pred: np.ndarray, tgt_task: str, classes: Sequence[str] | None
                      ) -> pd.DataFrame:
@@ -344,6 +424,9 @@ def _audit(results: list[FoldResult], tgt: Target) -> dict[str, Any]:
             "preprocessing_fit_on": r.preprocessing_patients,
             "overlap_with_test": {n: len(test & set(p)) for n, p in r.preprocessing_patients.items()},
         })
+        if r.calibrator is not None:  # recorded by the calibrator itself when it was fitted
+            folds[-1]["calibrator_fit_on"] = r.calibrator.fitted_patients
+            folds[-1]["calibrator_overlap_with_test"] = len(test & set(r.calibrator.fitted_patients))
     return {"folds": folds}
 
 

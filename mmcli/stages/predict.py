@@ -7,6 +7,10 @@ empty when complete; only heads that do not need every modality, see
 ``attention=True`` also ``<out stem>.attention.csv``: ``patient_id,item_id,index,attention`` where
 ``index`` is the row in that item's features (with several bag modalities: one
 ``<out stem>.attention.<modality>.csv`` each).
+
+A model fitted with ``--calibrate`` outputs recalibrated probabilities (its ``postprocess.json``); one fitted
+with ``--operating-point`` adds a ``decision`` column (``classes[1]`` where P(classes[1]) >= the stored
+threshold, else ``classes[0]``).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_csv
 from mmcli.pipeline.rundir import resolve_model_dir
 from mmcli.pipeline.store import FeatureStore, open_store
+from mmcli.stages.evidence import Postprocess
 from mmcli.stages.fit import attention_frame, batch_covariates, prediction_frame
 
 
@@ -61,7 +66,13 @@ def predict(
         cohort.covariates = batch_covariates(table, fs, params)
     pred = head.predict(cohort)
     classes = run.get("classes") or [str(i) for i in range(head.n_classes)]
+    post = Postprocess.load(mdir)
+    if not head.is_survival:
+        pred = post.calibrate(pred)
     df = prediction_frame(cohort.patients, pred, run.get("problem") or head.task, classes)
+    decisions = None if head.is_survival else post.decisions(pred)
+    if decisions is not None:
+        df["decision"] = decisions
     names = cohort.names
     df["missing_modalities"] = [";".join(n for n, ok in zip(names, row) if not ok) for row in cohort.presence()]
     if cohort.covariates is not None:

@@ -17,7 +17,9 @@ from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 from mmcli.stages.fit import fit, parse_encoders, parse_params
 
-METRIC_KEYS = {"head", "task", "modalities", "folds", "n_patients", "metrics", "encoder_ids", "seed", "created"}
+METRIC_KEYS = {"head", "task", "modalities", "folds", "n_patients", "metrics", "encoder_ids", "seed", "created",
+               # issue 12: every classification run also reports calibration and a decision curve (or why not)
+               "calibration", "decision_curve"}
 
 
 @pytest.fixture(scope="module")

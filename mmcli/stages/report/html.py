@@ -4,7 +4,9 @@ Self-contained means one file: figures are inline base64 PNGs, the CSS is inline
 external link, so the report can be mailed or archived as is. Sections: run header; metrics with 95% CIs and
 per-fold values; classification ROC / precision-recall / calibration / confusion matrix, or survival
 Kaplan-Meier curves of out-of-fold risk groups with the log-rank p; fusion modality weights; xgboost SHAP
-summary; attention heatmaps and top tiles. A missing optional artefact gives a section that says it is absent.
+summary; attention heatmaps and top tiles; calibration, operating point, decision curve and subgroups (from
+metrics.json, :mod:`mmcli.stages.report.evidence`), plus drift and missing data for ``mmcli evaluate`` folders. A
+missing optional artefact gives a section that says it is absent.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 from mmcli import __version__
 from mmcli.pipeline.io import atomic_write_text
 from mmcli.pipeline.rundir import CLASSIFICATION, Run, load_run, read_csv, read_json
-from mmcli.stages.report import plots
+from mmcli.stages.report import evidence, plots
 from mmcli.stages.report.attention import attention_section
 
 REPORT_NAME = "report.html"
@@ -123,8 +125,9 @@ def _metrics_table(run: Run) -> str:
         cells = "".join(f"<td class='num'>{_fmt(v)}</td>" for v in folds) + "<td></td>" * (n_folds - len(folds))
         out.append(f"<tr><td>{_esc(name)}</td><td class='num'>{_fmt(m.get('mean'))}</td>"
                    f"<td class='num'>[{_fmt(m.get('ci_low'))}, {_fmt(m.get('ci_high'))}]</td>{cells}</tr>")
-    out.append("</table><p class='note'>Mean of the per-fold values (each on a held-out fold) with its 95% "
-               "bootstrap confidence interval, as computed by <code>mmcli fit</code>.</p>")
+    note = run.metrics.get("metrics_note") or ("Mean of the per-fold values (each on a held-out fold) with its 95% "
+                                               "bootstrap confidence interval, as computed by mmcli fit.")
+    out.append(f"</table><p class='note'>{_esc(note)}</p>")
     return "".join(out)
 
 
@@ -145,7 +148,8 @@ def _classification_figs(run: Run) -> str:
             plots.img_tag(plots.pr_figure(y, probs, classes), "precision-recall curve"),
             plots.img_tag(plots.calibration_figure(y, probs, classes), "calibration curve"),
             plots.img_tag(plots.confusion_figure(y, y_pred, classes), "confusion matrix")]
-    return f"<p class='note'>{len(y)} patients, out-of-fold predictions. {note}</p><div class='figs'>" \
+    what = "predictions of the fitted model" if evidence.is_evaluation(run) else "out-of-fold predictions"
+    return f"<p class='note'>{len(y)} patients, {what}. {note}</p><div class='figs'>" \
            + "".join(figs) + "</div>"
 
 
@@ -220,11 +224,22 @@ def _shap_section(run: Run) -> str:
 
 
 def _render(run: Run, attention_patients: int, top_tiles: int) -> str:
-    title = f"mmcli report: {run.head} ({run.task})"
+    external = evidence.is_evaluation(run)
+    title = f"mmcli {'external validation' if external else 'report'}: {run.head} ({run.task})"
     sections = [
         _section("Run", lambda: _header(run)),
         _section("Metrics", lambda: _metrics_table(run)),
-        _section("Out-of-fold predictions", lambda: _predictions_section(run)),
+        _section("Predictions (external cohort)" if external else "Out-of-fold predictions",
+                 lambda: _predictions_section(run)),
+        _section("Calibration", lambda: evidence.calibration_section(run)),
+        _section("Operating point", lambda: evidence.operating_point_section(run)),
+        _section("Decision curve", lambda: evidence.decision_curve_section(run)),
+        _section("Subgroups", lambda: evidence.subgroups_section(run)),
+    ]
+    if external:
+        sections += [_section("Drift (training vs this cohort)", lambda: evidence.drift_section(run)),
+                     _section("Missing patients and modalities", lambda: evidence.missing_section(run))]
+    sections += [
         _section("Fusion modality weights", lambda: _weights_section(run)),
         _section("SHAP summary (xgboost)", lambda: _shap_section(run)),
         _section("Attention", lambda: attention_section(run, n_patients=attention_patients, top_k=top_tiles)),

@@ -1,0 +1,245 @@
+"""``mmcli evaluate``: external validation of a fitted model on another cohort (store + labels).
+
+Scores the new cohort with the run's refit model (and its saved calibration / threshold, as ``predict`` does)
+and writes into ``out`` the same files as a fit run::
+
+    config.json        kind "external_validation", the model, store, labels, patients left out and why
+    metrics.json       metrics (one "fold" = the whole new cohort; 95% bootstrap CIs over its patients),
+                       calibration (classification: intercept = calibration-in-the-large, slope), operating_point
+                       (at the model's stored threshold), decision_curve, subgroups, drift, missing
+    predictions.csv    patient_id, y_true | time,event, the model's outputs, decision, missing_modalities
+    report.html        the report with the evaluation sections
+
+``drift``: per modality of the model, a classifier two-sample test between the training store's patients (the
+run's patients, read from the store recorded in the run or ``train_store``) and the new store's patients
+(:mod:`mmcli.heads.drift`). ``missing``: labelled patients absent from the new store, store patients without
+a label, patients the model cannot score, and per modality how many patients lack it.
+"""
+from __future__ import annotations
+
+import time as _time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mmcli import __version__
+from mmcli.heads.base import Head, load_head, read_model_config
+from mmcli.heads.data import Cohort, load_cohort
+from mmcli.heads.drift import modality_drift
+from mmcli.heads.metrics import FoldPredictions, eval_times, summarise
+from mmcli.heads.targets import Target, build_target, read_labels
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.rundir import RunFolderError, RunWriter, load_run, resolve_model_dir
+from mmcli.pipeline.store import open_store
+from mmcli.stages.evidence import (
+    EvidenceOptions,
+    Postprocess,
+    classification_evidence,
+    store_tables,
+    survival_evidence,
+)
+from mmcli.stages.fit import prediction_frame
+from mmcli.stages.predict import _sources
+
+
+def evaluate(
+    model: str | Path, store: str | Path, labels: str | Path | pd.DataFrame, out: str | Path, *,
+    target: str | None = None, time: str | None = None, event: str | None = None,
+    train_store: str | Path | None = None, evidence: EvidenceOptions | None = None, n_boot: int = 200,
+    seed: int = 0, n_permutations: int = 200, drop_unmatched: bool = False, report: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate the model of run ``model`` on the patients of ``store`` labelled in ``labels``; write ``out``.
+
+    ``target`` / ``time`` / ``event`` default to the run's columns. ``evidence``: decision-curve thresholds,
+    ``horizon`` and subgroups (``calibrate`` / ``operating_point`` come from the model, not from here).
+    Returns metrics.json's content."""
+    say = log or (lambda _msg: None)
+    opts = (evidence or EvidenceOptions()).check()
+    if opts.calibrate != "none" or opts.operating_point is not None:
+        raise InputError("evaluate applies the model's own calibration and threshold (from `mmcli fit`); "
+                         "--calibrate / --operating-point are fit options. Fix: drop them here.")
+    mdir = resolve_model_dir(model)
+    config = read_model_config(mdir)
+    head = load_head(mdir)
+    run_cfg = config.get("run") or {}
+    train_run = _training_run(mdir)
+    post = Postprocess.load(mdir)
+    survival = head.is_survival
+    if target is None and time is None and event is None:
+        target, time, event = run_cfg.get("target"), run_cfg.get("time"), run_cfg.get("event")
+    if survival and target is not None:
+        raise InputError("this is a survival model: pass --time COL --event COL, not --target.")
+    if not survival and target is None:
+        raise InputError("this is a classification model: pass --target COL (the run's was not recorded).")
+
+    fs = open_store(Path(store), "r")
+    sources = _sources(fs, head.spec_)
+    table = read_labels(labels)
+    tgt = build_target(table, target=target, time=time, event=event, drop_missing=drop_unmatched)
+    classes = [str(c) for c in (run_cfg.get("classes") or [])]
+    if not survival:
+        tgt = _recode(tgt, classes)
+    in_store = _store_patients(fs, sources)
+    keep = [p for p in tgt.patients if p in in_store]
+    missing: dict[str, Any] = {
+        "not_in_store": sorted(set(tgt.patients) - in_store),
+        "no_label": sorted(in_store - set(tgt.patients) - set(tgt.dropped.get("missing_label", []))),
+        "missing_label": tgt.dropped.get("missing_label", []),
+    }
+    if not keep:
+        raise InputError(f"{tgt.source}: none of its labelled patients has the model's modalities in {fs.path}. "
+                         "Fix: check that labels and store use the same patient ids.")
+    cohort = head.align(load_cohort(fs, sources, keep))
+    ok = type(head).usable_patients(cohort.presence())
+    missing["cannot_score"] = [p for p, good in zip(cohort.patients, ok) if not good]
+    missing["modality_missing"] = {n: int((~cohort.modalities[n].present).sum()) for n in cohort.names}
+    cohort = cohort.subset(np.flatnonzero(ok))
+    tgt = tgt.subset(cohort.patients)
+    if len(tgt.patients) < 2:
+        raise InputError(f"{fs.path}: only {len(tgt.patients)} patient(s) can be scored. Fix: add patients.")
+    say(f"scoring {len(tgt.patients)} patients of {fs.path} with {config.get('head')} ({mdir})")
+
+    raw = head.predict(cohort)
+    pred = raw if survival else post.calibrate(raw)
+    metrics, ev_doc = _metrics(head, cohort, tgt, raw, pred, post, classes, opts, table, fs, train_run, n_boot,
+                               seed)
+    drift = _drift(head, cohort, train_run, train_store, n_permutations, seed, say)
+
+    df = prediction_frame(tgt.patients, pred, "survival" if survival else tgt.task, classes)
+    if survival:
+        df.insert(1, "time", tgt.y["time"])
+        df.insert(2, "event", tgt.y["event"].astype(int))
+    else:
+        df.insert(1, "y_true", [classes[c] for c in tgt.y])
+        decisions = post.decisions(pred)
+        if decisions is not None:
+            df["decision"] = decisions
+    names = cohort.names
+    df["missing_modalities"] = [";".join(n for n, has in zip(names, row) if not has) for row in cohort.presence()]
+
+    created = _time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    task = "survival" if survival else "classification"
+    run = {
+        "kind": "external_validation", "head": config.get("head"), "params": config.get("params"), "task": task,
+        "problem": tgt.task, "target": tgt.target, "time": tgt.time, "event": tgt.event,
+        "classes": classes or None, "modalities": names, "encoder_ids": run_cfg.get("encoder_ids"),
+        "model": str(mdir.resolve()), "training_run": str(train_run.path.resolve()) if train_run else None,
+        "store": str(Path(store).resolve()), "labels": str(Path(labels).resolve())
+        if isinstance(labels, (str, Path)) else "<DataFrame>", "features_sha256": cohort.features_sha256,
+        "n_patients": len(tgt.patients), "excluded_patients": {k: v for k, v in missing.items()
+                                                               if isinstance(v, list) and v},
+        "n_boot": n_boot, "seed": seed, "evidence": opts.to_json(), "mmcli_version": __version__,
+        "created": created,
+    }
+    doc = {"head": config.get("head"), "task": task, "kind": "external_validation", "modalities": names,
+           "folds": 1, "n_patients": len(tgt.patients), "metrics": metrics,
+           "metrics_note": "one evaluation set: mean = the metric on all evaluated patients; CI = 95% percentile "
+                           "bootstrap over them (the model held fixed)",
+           "encoder_ids": run_cfg.get("encoder_ids"), "seed": seed, "created": created, **ev_doc, "drift": drift,
+           "missing": {k: (v if isinstance(v, dict) else {"n": len(v), "patients": v}) for k, v in missing.items()}}
+    writer = RunWriter(Path(out)).begin()
+    writer.write_predictions(df)
+    writer.finish(run, doc)
+    if report:
+        from mmcli.stages.report import report as write_report
+
+        write_report(out)
+    return doc
+
+
+def _training_run(mdir: Path) -> Any:
+    """The fit run that holds this model folder (None when the model folder stands alone)."""
+    try:
+        return load_run(mdir.parent) if (mdir.parent / "config.json").is_file() else None
+    except RunFolderError:
+        return None
+
+
+def _recode(tgt: Target, classes: list[str]) -> Target:
+    """Class codes of the new labels in the model's class order; a class the model does not know is an error."""
+    if not classes:
+        return tgt
+    assert tgt.classes is not None
+    unknown = sorted(set(tgt.classes) - set(classes))
+    if unknown:
+        raise InputError(f"{tgt.source}: column {tgt.target!r} has classes {unknown} the model was not fitted on "
+                         f"(its classes: {classes}). Fix: map them to the model's classes or drop those rows.")
+    pos = {c: i for i, c in enumerate(classes)}
+    y = np.array([pos[tgt.classes[c]] for c in tgt.y], dtype=int)
+    task = "binary" if len(classes) == 2 else "multiclass"
+    return Target(task, tgt.patients, y, classes, tgt.target, None, None, tgt.source, tgt.dropped)
+
+
+def _store_patients(fs: Any, sources: list) -> set[str]:
+    ids: set[str] = set()
+    for s in sources:
+        if s.encoder_id is not None:
+            ids |= {k.patient_id for k in fs.iter_items(s.name, s.encoder_id)}
+        else:
+            ids |= {str(p) for p in fs.read_table(s.name).index}
+    return ids
+
+
+def _metrics(head: Head, cohort: Cohort, tgt: Target, raw: np.ndarray, pred: np.ndarray, post: Postprocess,
+             classes: list[str], opts: EvidenceOptions, table: pd.DataFrame, fs: Any, train_run: Any, n_boot: int,
+             seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    tables = store_tables(fs)
+    if tgt.task == "survival":
+        y = tgt.y
+        train_time = train_event = None
+        if train_run is not None and train_run.predictions is not None and "time" in train_run.predictions:
+            train_time = train_run.predictions["time"].to_numpy(float)
+            train_event = train_run.predictions["event"].to_numpy(int)
+        times = eval_times(train_time, train_event, y["time"]) if train_time is not None else None
+        surv = head.predict_survival(cohort, times, risk=pred) if times is not None and len(times) else None
+        fold = FoldPredictions(time=y["time"], event=y["event"], risk=pred, surv=surv, times=times,
+                               train_time=train_time, train_event=train_event)
+        event_prob = None
+        if opts.horizon is not None:
+            event_prob = 1.0 - head.predict_survival(cohort, np.array([opts.horizon]), risk=pred)[:, 0]
+        ev = survival_evidence(y["time"], y["event"], pred, event_prob, opts=opts, patients=tgt.patients,
+                               labels=table, tables=tables, n_boot=n_boot, seed=seed, what="external cohort")
+        return summarise([fold], n_boot=n_boot, seed=seed), ev
+    fold = FoldPredictions(y=np.asarray(tgt.y, dtype=int), probs=pred)
+    thresholds = None if post.threshold is None else np.full(len(tgt.y), post.threshold, dtype=float)
+    ev = classification_evidence(tgt.y, pred, classes, opts=opts.model_copy(update={"calibrate":
+                                                                                    post.calibrator.method}),
+                                 thresholds=thresholds, patients=tgt.patients, labels=table, tables=tables,
+                                 n_boot=n_boot, seed=seed, raw_probs=raw, what="external cohort")
+    if "operating_point" in ev:
+        ev["operating_point"].update(
+            threshold=post.threshold, target=post.operating_point.to_json() if post.operating_point else None,
+            chosen_on="the training cohort (stored with the model by `mmcli fit`)")
+    return summarise([fold], n_boot=n_boot, seed=seed), ev
+
+
+def _drift(head: Head, cohort: Cohort, train_run: Any, train_store: str | Path | None, n_permutations: int,
+           seed: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """Per model modality: training cohort vs this cohort (see :mod:`mmcli.heads.drift`)."""
+    path = Path(train_store) if train_store is not None else (Path(train_run.store) if train_run and train_run.store
+                                                              else None)
+    if path is None or not path.exists():
+        return {"skipped": f"the training store {str(path) if path else '(not recorded)'} is not available. "
+                           "Fix: pass --train-store with the store the model was fitted on."}
+    train_patients = (list(train_run.predictions["patient_id"].astype(str))
+                      if train_run is not None and train_run.predictions is not None else None)
+    tfs = open_store(path, "r")
+    train = head.align(load_cohort(tfs, _sources(tfs, head.spec_), train_patients))
+    out: dict[str, Any] = {
+        "method": "classifier two-sample test: median imputation + scaling + logistic regression telling training "
+                  "from new patients on the modality's patient-level features (bags mean-pooled); stratified "
+                  "5-fold cross-validated AUROC (0.5 = no shift) with a permutation p-value "
+                  "(sklearn permutation_test_score); smd = |mean_new - mean_train| / sd_train per feature",
+        "training_store": str(path.resolve()), "n_train_patients": len(train), "modalities": {},
+    }
+    for k, name in enumerate(cohort.names):
+        spec = cohort.modalities[name].spec
+        names = list(spec.columns) if spec.columns is not None else None
+        say(f"drift: {name}")
+        out["modalities"][name] = modality_drift(train.modalities[name].pooled(), cohort.modalities[name].pooled(),
+                                                 names=names, n_permutations=n_permutations, seed=seed + k)
+    return out
