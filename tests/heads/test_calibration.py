@@ -1,16 +1,11 @@
 """Calibration: intercept / slope against known answers and scikit-learn; calibrators fitted in-fold only."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from planted_data import make_store  # noqa: E402
-
-from mmcli.heads.calibration import (  # noqa: E402
+from helpers.planted_data import make_store
+from mmcli.heads.calibration import (
     Calibrator,
     binary_calibration,
     calibration_report,
@@ -18,11 +13,11 @@ from mmcli.heads.calibration import (  # noqa: E402
     intercept_slope,
     logit,
 )
-from mmcli.heads.cv import cross_validate  # noqa: E402
-from mmcli.heads.data import load_cohort, resolve_sources  # noqa: E402
-from mmcli.heads.targets import build_target  # noqa: E402
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.store import open_store  # noqa: E402
+from mmcli.heads.cv import cross_validate
+from mmcli.heads.data import load_cohort, resolve_sources
+from mmcli.heads.targets import build_target
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.store import open_store
 
 
 def _simulate(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,26 +1,21 @@
 """Operating points: parsing, the threshold rule, nested choice on training folds, bootstrap metrics."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from planted_data import make_store  # noqa: E402
-
-from mmcli.heads.cv import cross_validate, head_params, inner_oof  # noqa: E402
-from mmcli.heads.data import load_cohort, resolve_sources  # noqa: E402
-from mmcli.heads.operating_point import (  # noqa: E402
+from helpers.planted_data import make_store
+from mmcli.heads.cv import cross_validate, head_params, inner_oof
+from mmcli.heads.data import load_cohort, resolve_sources
+from mmcli.heads.operating_point import (
     OperatingPoint,
     choose_threshold,
     parse_operating_point,
     threshold_metrics,
 )
-from mmcli.heads.targets import build_target  # noqa: E402
-from mmcli.pipeline.errors import InputError  # noqa: E402
-from mmcli.pipeline.store import open_store  # noqa: E402
+from mmcli.heads.targets import build_target
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.store import open_store
 
 
 def test_parse():

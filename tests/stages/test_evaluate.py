@@ -12,14 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "heads"))
-from planted_data import make_store  # noqa: E402
-
-from mmcli.pipeline.store import open_store  # noqa: E402
-from mmcli.stages.evaluate import evaluate  # noqa: E402
-from mmcli.stages.evidence import EvidenceOptions  # noqa: E402
-from mmcli.stages.fit import fit  # noqa: E402
-from mmcli.stages.predict import predict  # noqa: E402
+from helpers.planted_data import make_store
+from mmcli.pipeline.store import open_store
+from mmcli.stages.evaluate import evaluate
+from mmcli.stages.evidence import EvidenceOptions
+from mmcli.stages.fit import fit
+from mmcli.stages.predict import predict
 
 MODS = ["genes", "mri"]
 PARAMS = {"n_estimators": 15}
