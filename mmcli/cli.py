@@ -576,7 +576,7 @@ def evaluate(
                                        "list."),
     horizon: float | None = typer.Option(None, "--horizon", help="Survival decision curve horizon (time unit of "
                                          "the labels)."),
-    n_boot: int = typer.Option(200, "--n-boot", help="Bootstrap resamples for the 95% CIs."),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% CIs."),
     n_permutations: int = typer.Option(200, "--n-permutations", help="Permutations of the drift test."),
     seed: int = typer.Option(0, "--seed"),
     drop_unmatched: bool = typer.Option(False, "--drop-unmatched", help="Leave out rows with a missing label."),

@@ -48,7 +48,7 @@ from mmcli.stages.predict import _sources
 def evaluate(
     model: str | Path, store: str | Path, labels: str | Path | pd.DataFrame, out: str | Path, *,
     target: str | None = None, time: str | None = None, event: str | None = None,
-    train_store: str | Path | None = None, evidence: EvidenceOptions | None = None, n_boot: int = 200,
+    train_store: str | Path | None = None, evidence: EvidenceOptions | None = None, n_boot: int = 1000,
     seed: int = 0, n_permutations: int = 200, drop_unmatched: bool = False, report: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
