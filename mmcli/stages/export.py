@@ -7,13 +7,13 @@ import re
 from pathlib import Path
 
 from mmcli.features.interop.exporter import ExportSummary, export_features
-from mmcli.features.interop.geojson import GeoJsonSummary, export_geojson
+from mmcli.features.interop.geojson import export_geojson
 from mmcli.pipeline.errors import InputError
 
 
 def export(fmt: str, store: str | Path, out: str | Path, modality: str = "wsi", encoder_id: str | None = None,
            mpp: float | None = None, extractor_name: str | None = None,
-           scores: str | Path | None = None) -> ExportSummary | GeoJsonSummary:
+           scores: str | Path | None = None) -> ExportSummary:
     """Export every complete ``modality`` item of one encoder; exit code 1 when some item could not be written.
 
     ``fmt`` ``geojson`` writes QuPath GeoJSON (tissue outline + tiles with the per-tile ``scores``) instead of

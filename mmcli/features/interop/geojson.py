@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mmcli.features.interop.exporter import ExportSummary
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import atomic_write_text
 
@@ -161,23 +161,6 @@ def _box(x: float, y: float, s: float) -> list[list[list[float]]]:
     return [[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]]  # counter-clockwise (RFC 7946)
 
 
-@dataclass
-class GeoJsonSummary:
-    format: str
-    store: str
-    out: str
-    modality: str
-    encoder_id: str
-    written: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    manifest: str = ""
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
-
-
 def load_scores(path: str | Path) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
     """Per (patient_id, item_id): tile index -> {column: value} from a CSV with ``patient_id,item_id,index`` and
     numeric score columns (``attention.csv`` of ``mmcli fit`` / ``mmcli predict --attention``)."""
@@ -228,7 +211,7 @@ def feature_collection(coords: np.ndarray, size: float, scores: dict[int, dict[s
 
 
 def export_geojson(store_path: str | Path, out: str | Path, modality: str = "wsi", encoder_id: str | None = None,
-                   scores: str | Path | None = None) -> GeoJsonSummary:
+                   scores: str | Path | None = None) -> ExportSummary:
     """``<out>/<slide stem>.geojson`` for every item of ``modality``/``encoder_id`` with coords and tile size."""
     from mmcli.features.interop.exporter import choose_encoder, item_geometry, slide_name
     from mmcli.pipeline.store import open_store
@@ -237,7 +220,7 @@ def export_geojson(store_path: str | Path, out: str | Path, modality: str = "wsi
     store = open_store(store_path, "r")
     eid = choose_encoder(store, modality, encoder_id)
     out = Path(out)
-    summary = GeoJsonSummary("geojson", str(store_path), str(out), modality, eid)
+    summary = ExportSummary("geojson", str(store_path), str(out), modality, eid)
     keys = list(store.iter_items(modality, eid))
     names = {}
     for key in keys:
