@@ -1,12 +1,16 @@
-"""Fault injection for the crash, concurrency and cluster tests: make this process die (or freeze) at a named
-point, the way the OOM killer, a pre-empted cluster job or a lost node would.
+"""Fault injection for the crash, concurrency, signal and disk-full tests: make this process die, freeze, get a
+signal or hit a full disk at a named point, the way the OOM killer, a pre-empted cluster job, a lost node, a
+user's Ctrl-C or a filling disk would.
 
 ``MMCLI_FAULT`` holds comma-separated ``POINT[:N[:ACTION]]`` entries: the N-th time (default 1) this process
 reaches POINT it performs ACTION on itself:
 
 * ``kill`` (default): ``SIGKILL`` -- no cleanup handler, ``finally`` block or atexit hook runs;
 * ``stop``: ``SIGSTOP`` -- the process freezes holding whatever it holds (item lock, open files) until it
-  gets ``SIGCONT``; a test uses it to keep a live writer in the middle of an item.
+  gets ``SIGCONT``; a test uses it to keep a live writer in the middle of an item;
+* ``term`` / ``int``: ``SIGTERM`` / ``SIGINT`` -- what a batch scheduler's pre-emption or a Ctrl-C sends; the
+  process's own handlers run (graceful stop);
+* ``enospc``: raise ``OSError(ENOSPC)`` right there, as a write to a full disk would.
 
 Points (``POINTS``): where the runner and the store call :func:`fault`. With ``MMCLI_FAULT`` unset (always,
 outside tests) :func:`fault` is one environment lookup. Hand-written because no Python library offers
@@ -21,6 +25,7 @@ with the same environment; without this its every restart would die again.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -34,8 +39,11 @@ POINTS = {
     "store.staged": "store: an item's arrays and attrs are written to staging, not yet moved into place",
     "item.written": "runner: the item is complete in the store, its lock not yet released",
     "item.after": "runner: the item is finished and its lock released (between two items)",
+    "run.model": "fit: the final model is saved into the run's staging folder, before its config is written",
+    "run.staged": "fit: the whole new run is in its staging folder, not yet swapped in for --out",
 }
-ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM, "int": signal.SIGINT,
+           "enospc": None}
 
 _hits: Counter[str] = Counter()
 _lock = threading.Lock()
@@ -71,7 +79,10 @@ def fault(point: str) -> None:
         _hits[point] += 1
         hit = _hits[point] == want[0]
     if hit and _claim_once():
-        os.kill(os.getpid(), ACTIONS[want[1]])
+        sig = ACTIONS[want[1]]
+        if sig is None:
+            raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV} at {point})")
+        os.kill(os.getpid(), sig)
 
 
 def _claim_once() -> bool:

@@ -92,7 +92,9 @@ class DeferredFileHandler(logging.Handler):
             self._fh.write(line + "\n")
             self._fh.flush()
         except Exception:  # noqa: BLE001 - logging must never break the command (full disk, removed folder)
-            self.handleError(record)
+            # a log that cannot be written (read-only or full disk) is given up quietly: logging's own
+            # handleError would print a "--- Logging error ---" traceback on the console
+            self.path, self._fh, self._buffer = None, None, []
 
     def close(self, *, fallback: Path | None = None) -> Path | None:
         """Flush and close; with ``fallback``, write there when the log's own folder never appeared."""

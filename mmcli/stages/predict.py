@@ -10,7 +10,8 @@ empty when complete; only heads that do not need every modality, see
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ import pandas as pd
 from mmcli.heads.base import load_head, read_model_config
 from mmcli.heads.data import STORE_SOURCE, TABLE_SOURCE, ModalitySpec, Source, load_cohort
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.io import write_csv
-from mmcli.pipeline.rundir import resolve_model_dir
+from mmcli.pipeline.io import disk_full_as_error, write_csv
+from mmcli.pipeline.rundir import damaged, resolve_model_dir
 from mmcli.pipeline.store import FeatureStore, open_store
 from mmcli.stages.fit import attention_frame, prediction_frame
 
@@ -37,6 +38,7 @@ def predict(
     Returns the written predictions. Raises InputError for an encoder or feature-dim mismatch between the
     model and the store (naming the modality, the expected and the found values; the head checks them).
     """
+    out_csv = _check_out(Path(out_csv))
     mdir = resolve_model_dir(model_dir)
     config = read_model_config(mdir)  # raises a clear error when it is no model folder
     head = load_head(mdir)
@@ -51,12 +53,15 @@ def predict(
     cohort = cohort.subset(keep)
     pred = head.predict(cohort)
     classes = run.get("classes") or [str(i) for i in range(head.n_classes)]
+    if pred.ndim == 2 and len(classes) != pred.shape[1]:
+        raise damaged(mdir / "config.json", f"its \"run\" block lists {len(classes)} classes {classes[:5]}, the "
+                      f"model predicts {pred.shape[1]}")
     df = prediction_frame(cohort.patients, pred, run.get("problem") or head.task, classes)
     names = cohort.names
     df["missing_modalities"] = [";".join(n for n, ok in zip(names, row) if not ok) for row in cohort.presence()]
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(out_csv, df)
+    with _writing(out_csv):
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(out_csv, df)
     if attention:
         att = head.attention(cohort)
         if not att:
@@ -66,8 +71,31 @@ def predict(
             items = cohort.modalities[name].items
             assert items is not None
             suffix = ".attention.csv" if len(att) == 1 else f".attention.{name}.csv"
-            write_csv(out_csv.with_name(out_csv.stem + suffix), attention_frame(cohort.patients, items, values))
+            with _writing(out_csv):
+                write_csv(out_csv.with_name(out_csv.stem + suffix), attention_frame(cohort.patients, items, values))
     return df
+
+
+def _check_out(out_csv: Path) -> Path:
+    """Refuse an ``--out`` that cannot become a file, before any work: a folder, a path through a file."""
+    if out_csv.is_dir():
+        raise InputError(f"--out {out_csv}: is a folder. Fix: give a file name, e.g. "
+                         f"--out {out_csv / 'predictions.csv'}")
+    blocker = next((p for p in out_csv.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InputError(f"--out {out_csv}: {blocker} is a file, not a folder. Fix: choose another --out.")
+    return out_csv
+
+
+@contextmanager
+def _writing(out_csv: Path) -> Iterator[None]:
+    """A full disk -> DiskFullError; a folder that cannot be written (permissions, read-only) -> InputError."""
+    try:
+        with disk_full_as_error(out_csv):
+            yield
+    except OSError as e:
+        raise InputError(f"--out {out_csv}: cannot write there ({e.strerror or e}: {e.filename}). Fix: choose an "
+                         "--out in a folder you can write (and that is not read-only).") from e
 
 
 def _sources(fs: FeatureStore, specs: Sequence[ModalitySpec]) -> list[Source]:
