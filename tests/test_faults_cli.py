@@ -53,6 +53,8 @@ def world(tmp_path_factory) -> World:
     fit("fusion_mlp", b.store, d / "labels.csv", runs["fusion_mlp"], target="label", params={"epochs": 1}, **common)
     fit("cox", s.store, d / "surv.csv", runs["cox"], time="time", event="event", **common)
     (d / "afile").write_text("not a store\n")
+    (d / "note.txt").write_text("ER positive.")
+    (d / "notes.csv").write_text("patient_id,modality,path,item_id\nP1,text,note.txt,note\n")
     return World(d, b.store, d / "labels.csv", s.store, d / "surv.csv", runs)
 
 
@@ -166,7 +168,8 @@ CASES = [
     Case("extract manifest missing", lambda w: ["extract", "--modality", "text", "--manifest",
                                                 str(w.root / "none.csv"), "--store", str(w.root / "n.zarr")], 2,
          r"none\.csv"),
-    Case("extract bad max-note-chars", lambda w: ["extract", "--modality", "text", "--manifest", str(w.labels),
+    Case("extract bad max-note-chars", lambda w: ["extract", "--modality", "text", "--manifest",
+                                                  str(w.root / "notes.csv"),
                                                   "--store", str(w.root / "n.zarr"), "--max-note-chars", "0"], 2,
          r"--max-note-chars"),
     Case("store info on a file", lambda w: ["store", "info", str(w.root / "afile")], 2, r"store"),

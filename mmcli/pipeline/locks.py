@@ -74,6 +74,16 @@ def _is_stale(path: Path, doc: dict[str, Any] | None) -> bool:
     return not pid_alive(pid)
 
 
+def _holder(doc: dict[str, Any] | None) -> Holder:
+    """The holder a lock file names (unknown fields as ``?`` / -1: a lock being written, or damaged)."""
+    doc = doc or {}
+    try:
+        pid = int(doc.get("pid", -1))
+    except (TypeError, ValueError):
+        pid = -1
+    return Holder(pid, str(doc.get("host", "?")), str(doc.get("started", "?")), str(doc.get("command", "")))
+
+
 class PidLock:
     """``with PidLock(path, "mmcli fit"):`` holds ``path`` or raises :class:`LockHeld` naming the live holder.
 
@@ -107,15 +117,10 @@ class PidLock:
                     if _is_stale(self.path, other):
                         self.path.unlink(missing_ok=True)
                         continue
-                    assert other is not None
-                    raise LockHeld(self.path, Holder(int(other.get("pid", -1)), str(other.get("host", "?")),
-                                                     str(other.get("started", "?")),
-                                                     str(other.get("command", "")))) from None
+                    raise LockHeld(self.path, _holder(other)) from None
                 self._token = token
                 return self
-            other = _read(self.path) or {}
-            raise LockHeld(self.path, Holder(int(other.get("pid", -1)), str(other.get("host", "?")),
-                                             str(other.get("started", "?")), str(other.get("command", ""))))
+            raise LockHeld(self.path, _holder(_read(self.path)))
         finally:
             tmp.unlink(missing_ok=True)
 

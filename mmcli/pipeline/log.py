@@ -71,6 +71,7 @@ class DeferredFileHandler(logging.Handler):
         self.written_to: Path | None = None
         self._buffer: list[str] = []
         self._fh: TextIO | None = None
+        self._closed = False
         self.setFormatter(logging.Formatter(FILE_FORMAT))
 
     def _open(self, path: Path) -> None:
@@ -97,7 +98,12 @@ class DeferredFileHandler(logging.Handler):
             self.path, self._fh, self._buffer = None, None, []
 
     def close(self, *, fallback: Path | None = None) -> Path | None:
-        """Flush and close; with ``fallback``, write there when the log's own folder never appeared."""
+        """Flush and close; with ``fallback``, write there when the log's own folder never appeared. Closing
+        again is a no-op (``logging.shutdown`` closes every handler still alive at exit: re-opening the file
+        then would truncate the finished log)."""
+        if self._closed:
+            return self.written_to
+        self._closed = True
         try:
             if self._fh is None:
                 if self.path is not None and self.path.parent.is_dir():

@@ -489,7 +489,7 @@ class RunWriter:
                         f"nothing was written; {self.path} is as it was")
         elif isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE:
             raise self._write_error(exc) from exc
-        elif not isinstance(exc, DiskFullError) and isinstance(exc, Exception) and is_disk_full(exc):
+        elif isinstance(exc, Exception) and is_disk_full(exc):  # also a DiskFullError naming a staged file
             old = _size(self.path) if self.path.is_dir() else 0
             free = shutil.disk_usage(next(p for p in [self.path, *self.path.parents] if p.exists())).free
             need = max(old, staged) - free
