@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import re
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import typer
 
 from mmcli.pipeline.errors import EXIT_ITEM_FAILURES, InputError, MmcliError
 from mmcli.pipeline.log import FILE_ONLY, command_log, get_logger, stamp
+from mmcli.pipeline.signals import Interrupted
 
 # rich_markup_mode=None: plain help, so bracketed text such as "[default: ...]" is shown, not eaten as markup
 app = typer.Typer(
@@ -68,7 +70,8 @@ def _runs_log(store: Path, what: str) -> Path:
 def handled(log: LogPath | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Run a command with its log (``log(kwargs)`` -> log file path, or None) and map its errors to exit codes:
     :class:`MmcliError` -> ``error: ...`` and its ``exit_code``; any other exception -> one ``internal error``
-    line, the traceback in the log file, exit 1. ``typer.Exit`` and click's own exits pass through."""
+    line, the traceback in the log file, exit 1; SIGINT / SIGTERM (:class:`Interrupted`, KeyboardInterrupt) ->
+    ``error: interrupted by ...`` and exit 130 / 143. ``typer.Exit`` and click's own exits pass through."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -84,6 +87,11 @@ def handled(log: LogPath | None = None) -> Callable[[Callable[..., Any]], Callab
                 except MmcliError as e:
                     clog.file_only(f"error: {e}", logging.ERROR)
                     _fail(e)
+                except (Interrupted, KeyboardInterrupt) as e:
+                    stop = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+                    clog.file_only(f"error: {stop}", logging.ERROR)
+                    typer.secho(f"error: {stop}", fg=typer.colors.RED, err=True)
+                    raise typer.Exit(stop.exit_code) from None
                 except Exception as e:  # noqa: BLE001 - no raw traceback on the console, ever
                     clog.crash(e)
                     typer.secho(f"internal error: {type(e).__name__}: {e} (traceback in {clog.crash_log_path()}; "
@@ -247,6 +255,9 @@ def extract(
                                       "long note  (default: max-tokens / 4)"),
     pooling: str | None = typer.Option(None, "--pooling", help="text: token pooling per window, mean | cls  "
                                        "(default: mean); windows are averaged, weighted by their token counts"),
+    max_note_chars: int | None = typer.Option(None, "--max-note-chars", help="text: characters of a note that "
+                                              "are encoded; a longer note is cut there with a warning, recorded in "
+                                              "the item  (default: 200000)"),
     table: Path | None = typer.Option(None, "--table", help="tabular: CSV with patient_id + feature columns "
                                       "(omics, proteomics, clinical); NaN kept, no scaling."),
     name: str | None = typer.Option(None, "--name", help="tabular: table name in the store (/tabular/NAME)."),
@@ -281,6 +292,7 @@ def extract(
         tissue_threshold=tissue_threshold, min_tissue_area=min_tissue_area, read_threads=read_threads, qc=qc,
         feature_dtype=feature_dtype, torch_threads=torch_threads, spacing=spacing, shape=shape,
         volume_index=volume_index, max_tokens=max_tokens, stride=stride, pooling=pooling,
+        max_note_chars=max_note_chars,
     )
     summary = run_extract(modality, manifest, store, force=force, scheduler=scheduler, workers=workers,
                           progress=not no_progress, **options)
@@ -415,8 +427,16 @@ def _csv_list(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def _fit_log(kw: dict[str, Any]) -> Path:
+    """fit.log is written into the run's staging folder, which becomes ``--out`` when the fit succeeds (until
+    then the previous run's fit.log is left alone)."""
+    from mmcli.pipeline.rundir import LOG_NAME, staging_path
+
+    return staging_path(kw["out"]) / LOG_NAME
+
+
 @app.command()
-@handled(log=lambda kw: kw["out"] / "fit.log")
+@handled(log=_fit_log)
 def fit(
     head: str = typer.Option(..., "--head", help="attention_mil | fusion_mlp | xgboost | cox"),
     store: Path = typer.Option(..., "--store", help="Feature store written by `mmcli extract`."),
@@ -465,8 +485,14 @@ def fit(
                                          "by time T (labels' time unit)."),
     inner_folds: int = typer.Option(5, "--inner-folds", help="Inner folds (per training fold) for --calibrate and "
                                     "--operating-point."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out (whole: no file "
+                                   "of it is kept). Without it an existing, non-empty --out is refused."),
 ) -> None:
-    """Stage 2: cross-validate a head on cached features, then refit on all patients for `predict`."""
+    """Stage 2: cross-validate a head on cached features, then refit on all patients for `predict`.
+
+    --out is locked while the fit runs and replaced only at the end: an error, a full disk, Ctrl-C or SIGTERM
+    leave the previous run there as it was.
+    """
     from mmcli.stages.evidence import EvidenceOptions
     from mmcli.stages.fit import fit as run_fit
     from mmcli.stages.fit import parse_encoders, parse_params
@@ -483,7 +509,7 @@ def fit(
                   modalities=_csv_list(modalities), encoders=parse_encoders(encoder) or None, folds=folds,
                   seed=seed, params=params or None, n_boot=n_boot, drop_unmatched=drop_unmatched,
                   log=get_logger().info, impute=impute, batch_correct=batch_correct, batch_column=batch_column,
-                  batch_keep=_csv_list(batch_keep), evidence=evidence)
+                  batch_keep=_csv_list(batch_keep), evidence=evidence, overwrite=overwrite)
     _say(f"{head} ({res['task']}, {res['n_patients']} patients, {res['folds']} folds) -> {out}")
     for name, m in res["metrics"].items():
         _say(f"  {name:18s} {_num(m['mean'])}  [{_num(m['ci_low'])}, {_num(m['ci_high'])}]")

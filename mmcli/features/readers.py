@@ -9,10 +9,12 @@ reports the same value for the same file).
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import logging
 import math
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ from mmcli.pipeline.errors import SlideError
 from mmcli.pipeline.registry import Registry
 
 log = logging.getLogger(__name__)
+_DRAIN_TIMEOUT_S = 30.0
 _MPP_RANGE = (0.01, 100.0)  # µm/px; outside it a resolution tag is a placeholder (e.g. 72 dpi), not a scan
 
 
@@ -146,6 +149,57 @@ def _plausible_mpp(v: float | None) -> float | None:
     return v if v is not None and _MPP_RANGE[0] < v < _MPP_RANGE[1] else None
 
 
+# ---- quiet failures: a damaged TIFF is one SlideError, not console noise -------------------------------------
+class _LibraryToDebug(logging.Handler):
+    """tifffile's complaints about a damaged file (``<tifffile.TiffPages @8> invalid page offset``...) become
+    DEBUG records of this module: kept in the command's log file, never on the console (also not in a dask
+    worker, whose root logger prints to stderr). The SlideError that follows tells the user."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.debug("%s: %s", record.name, record.getMessage())
+
+
+def quiet_tifffile() -> None:
+    """Route tifffile's logger through :class:`_LibraryToDebug` (idempotent)."""
+    lg = logging.getLogger("tifffile")
+    if not any(isinstance(h, _LibraryToDebug) for h in lg.handlers):
+        lg.addHandler(_LibraryToDebug())
+        lg.propagate = False
+
+
+async def _settle_pending() -> None:
+    """Wait for the tasks still running on zarr's IO loop and retrieve their results (see :func:`drain_zarr`)."""
+    import asyncio
+
+    me = asyncio.current_task()
+    for _ in range(3):  # tasks may start children; a few rounds are enough for one failed read
+        tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if not tasks:
+            return
+        await asyncio.wait(tasks, timeout=_DRAIN_TIMEOUT_S)
+        for t in tasks:
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved: no "exception was never retrieved" report at exit
+
+
+def drain_zarr() -> None:
+    """After a failed tiffslide read: zarr decodes a region's chunks as concurrent tasks on its own event loop
+    and stops waiting at the first error (e.g. a ``Jpeg8Error``), leaving the others pending. Left alone
+    they are destroyed at exit with "Task was destroyed but it is pending" / "Event loop is closed" reports
+    on the console; here they are waited for (bounded) and their errors retrieved."""
+    try:
+        from zarr.core import sync as zsync
+    except ImportError:
+        return
+    loop = zsync.loop[0]
+    if loop is None or loop.is_closed():
+        return
+    try:
+        zsync.sync(_settle_pending(), loop=loop, timeout=_DRAIN_TIMEOUT_S * 4)
+    except Exception as e:  # noqa: BLE001 - best effort; the read error is what matters
+        log.debug("could not settle zarr's pending reads: %s", e)
+
+
 def tiff_mpp(path: str | Path) -> float | None:
     """Level-0 µm/px from an Aperio ``MPP`` description or the TIFF resolution tags, or None.
 
@@ -154,6 +208,7 @@ def tiff_mpp(path: str | Path) -> float | None:
     """
     import tifffile
 
+    quiet_tifffile()
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages.first
@@ -248,11 +303,16 @@ class TiffSlideReader(SlideReader):
         super().__init__(path)
         import tiffslide
 
+        quiet_tifffile()
+        slide = None
         try:
-            self._slide = tiffslide.TiffSlide(str(path))
-            _ = self._slide.properties, self._slide.level_dimensions  # parsed lazily: fail here, not later
+            slide = tiffslide.TiffSlide(str(path))
+            _ = slide.properties, slide.level_dimensions  # parsed lazily: fail here, not later
         except Exception as e:  # noqa: BLE001 - tiffslide raises many types for unreadable files
+            if slide is not None:
+                _close_quietly(slide)
             raise SlideError(f"tiffslide cannot read {path}: {type(e).__name__}: {e}") from e
+        self._slide = slide
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
@@ -282,11 +342,19 @@ class TiffSlideReader(SlideReader):
         try:
             arr = self._slide.read_region((x, y), level, (width, height), as_array=True)
         except Exception as e:  # noqa: BLE001
+            drain_zarr()
             raise SlideError(f"tiffslide failed to read {self.path} at ({x}, {y}) level {level}: {e}") from e
         return np.ascontiguousarray(np.asarray(arr)[..., :3])
 
     def close(self) -> None:
-        self._slide.close()
+        _close_quietly(self._slide)
+
+
+def _close_quietly(slide: Any) -> None:
+    try:
+        slide.close()
+    except Exception as e:  # noqa: BLE001 - closing a damaged file must not mask the error being reported
+        log.debug("closing %r: %s", slide, e)
 
 
 # ---- cuCIM -----------------------------------------------------------------------------------------------
@@ -424,7 +492,14 @@ def open_slide(path: str | Path, reader: str = "auto", **kwargs: Any) -> SlideRe
     complaint, for an unsupported or corrupt one.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        is_file = stat.S_ISREG(path.stat().st_mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SlideError(f"cannot open slide {path}: symlink loop (the link leads back to itself). Fix: point "
+                             "it at the slide file.") from e
+        is_file = False
+    if not is_file:
         raise FileNotFoundError(2, "slide not found", str(path))
     errors: list[str] = []
     for name in reader_order(reader):

@@ -24,6 +24,7 @@ from mmcli.pipeline.manifest import ManifestRow
 
 DEFAULT_ENCODER = "minilm-l6"
 MAX_NOTE_BYTES = 50 * 1024 * 1024  # a larger ".txt" is almost surely not a clinical note
+MAX_NOTE_CHARS = 200_000  # about 50k tokens, a few hundred windows: seconds, not the 20 min of a 5 MB note
 
 
 class TextOptions(ExtractorOptions):
@@ -39,6 +40,9 @@ class TextOptions(ExtractorOptions):
     pooling: Literal[POOLINGS] = Field(  # type: ignore[valid-type]
         "mean", description=f"token pooling per window, one of {' | '.join(POOLINGS)}")
     batch_size: int = Field(16, ge=1, description="windows per encoder batch, an integer >= 1")
+    max_note_chars: int = Field(MAX_NOTE_CHARS, ge=1, description="characters of a note that are encoded, an "
+                                "integer >= 1; a longer note is cut there, with a warning, and the cut is recorded "
+                                "in the item (its encoding time grows with its length)")
 
     @model_validator(mode="after")
     def _stride_below_window(self) -> TextOptions:
@@ -65,6 +69,16 @@ def read_note(path: str | Path) -> tuple[str, list[str]]:
     if not text.strip():
         raise ItemError(f"{path.name}: empty note ({size} bytes, no text after whitespace); nothing to encode")
     return text, warnings
+
+
+def bound_note(text: str, max_chars: int, name: str) -> tuple[str, dict[str, int] | None, list[str]]:
+    """``text`` cut to its first ``max_chars`` characters; the cut (``{"chars_kept", "chars_original"}``, None
+    when nothing was cut) and a warning naming the file (never its content)."""
+    if len(text) <= max_chars:
+        return text, None, []
+    cut = {"chars_kept": max_chars, "chars_original": len(text)}
+    return text[:max_chars], cut, [f"{name}: {len(text)} characters, only the first {max_chars} are encoded "
+                                   "(--max-note-chars)"]
 
 
 def resolve_text_encoder(encoder: str | None) -> tuple[str, dict[str, Any], Path]:
@@ -120,13 +134,15 @@ class TextExtractor(ItemExtractor):
 
     def extract(self, row: ManifestRow, progress: ProgressFn | None = None) -> ItemResult:
         text, warnings = read_note(row.path)
+        text, cut, more = bound_note(text, self.options.max_note_chars, Path(row.path).name)
         vec, stats = self.encoder.embed(text)
         del text  # nothing below may see the note
         if not np.isfinite(vec).all():
             raise ItemError(f"{Path(row.path).name}: encoder produced non-finite features")
         if progress:
             progress(1, 1)
-        return ItemResult(vec[None, :].astype(np.float32), None, {"text": stats}, warnings)
+        attrs: dict[str, Any] = {"text": {**stats, "truncated": cut}}
+        return ItemResult(vec[None, :].astype(np.float32), None, attrs, warnings + more)
 
 
 @register("text", options=TextOptions, unit="note")

@@ -32,6 +32,7 @@ from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_json
 from mmcli.pipeline.options import Options, explain
 from mmcli.pipeline.registry import Registry
+from mmcli.pipeline.rundir import damaged, model_file
 
 TASKS = ("binary", "multiclass", "survival")
 CONFIG = "config.json"
@@ -288,12 +289,13 @@ class Head(ABC):
         except InputError as e:
             raise InputError(f"{e}. Fix: restore that value in {f} (it is what `mmcli fit` saved), or refit "
                              "the model.") from None
-        self.spec_ = [ModalitySpec.from_json(s) for s in config["modalities"]]
+        with model_file(f):  # an edited or cut config: missing keys, wrong types
+            self.spec_ = [ModalitySpec.from_json(s) for s in config["modalities"]]
+            if self.is_survival:
+                self.baseline_ = BreslowBaseline.from_json(config["baseline"])
         self.fitted_patients_ = []
         self.preprocessors_ = load_preprocessors(path)
-        if self.is_survival:
-            self.baseline_ = BreslowBaseline.from_json(config["baseline"])
-        self._load(path)
+        self._load(path)  # each head reads its own files through model_file (errors name the file)
         return self
 
 
@@ -312,14 +314,19 @@ def _reorder_columns(m: Any, spec: ModalitySpec) -> Any:
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
+    """A model folder's config.json; InputError when there is none, or it is not a JSON object (damaged)."""
     path = Path(path)
     f = path / CONFIG
+    if not path.is_dir():
+        raise InputError(f"{path}: no such run or model folder. Fix: pass the --out folder of `mmcli fit` "
+                         "(or its model/ folder).")
     if not f.is_file():
         raise InputError(f"{path}: not a model folder (no {CONFIG}). Fix: pass the run's model/ folder or run dir.")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{f}: not valid JSON ({e})") from e
+    with model_file(f):
+        config = json.loads(f.read_text())
+    if not isinstance(config, dict):
+        raise damaged(f, "not a JSON object")
+    return config
 
 
 # ---- survival baseline --------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from mmcli.heads.base import Head, HeadParams, register_head
 from mmcli.heads.data import Cohort
 from mmcli.heads.preprocess import VectorPrepParams, VectorPreprocessor, vector_preprocessor
 from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.rundir import damaged, model_file
 
 COEFS = "cox.json"
 
@@ -107,8 +108,13 @@ class CoxHead(Head):
         }, indent=2))
 
     def _load(self, path: Path) -> None:
-        d = json.loads((path / COEFS).read_text())
-        self.covariates_ = list(d["covariates"])
-        self.coef_ = np.asarray(d["coef"], dtype=np.float64)
-        self.norm_mean_ = np.asarray(d["norm_mean"], dtype=np.float64)
-        self.summary_ = d.get("summary", {})
+        f = path / COEFS
+        with model_file(f):
+            d = json.loads(f.read_text())
+            self.covariates_ = [str(c) for c in d["covariates"]]
+            self.coef_ = np.asarray(d["coef"], dtype=np.float64).reshape(-1)
+            self.norm_mean_ = np.asarray(d["norm_mean"], dtype=np.float64).reshape(-1)
+            self.summary_ = d.get("summary", {})
+        if not len(self.covariates_) == len(self.coef_) == len(self.norm_mean_):
+            raise damaged(f, f"{len(self.covariates_)} covariates but {len(self.coef_)} coefficients and "
+                          f"{len(self.norm_mean_)} means")

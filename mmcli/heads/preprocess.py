@@ -24,6 +24,7 @@ from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_json
 from mmcli.pipeline.options import Options
 from mmcli.pipeline.registry import Registry
+from mmcli.pipeline.rundir import damaged, model_file
 
 # scikit-learn is imported where a preprocessor is fit: loading a model and transforming need numpy only
 
@@ -301,9 +302,13 @@ def load_preprocessors(path: Any) -> dict[str, VectorPreprocessor | InstanceScal
     from safetensors.numpy import load_file
 
     path = Path(path)
-    f = path / "preprocess.json"
-    meta = json.loads(f.read_text())
-    tensors = load_file(str(path / "preprocess.safetensors")) if (path / "preprocess.safetensors").exists() else {}
+    f, st = path / "preprocess.json", path / "preprocess.safetensors"
+    with model_file(f):
+        meta = json.loads(f.read_text())
+        if not isinstance(meta, dict) or not all(isinstance(m, dict) for m in meta.values()):
+            raise damaged(f, "not a JSON object of {modality: {...}}")
+    with model_file(st, optional=True):
+        tensors = load_file(str(st)) if st.exists() else {}
     out: dict[str, Any] = {}
     for name, m in meta.items():
         arrays = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == name}
@@ -311,7 +316,11 @@ def load_preprocessors(path: Any) -> dict[str, VectorPreprocessor | InstanceScal
             cls = PREPROCESSORS.get(m.get("type", ""))
         except InputError as e:
             raise InputError(f"{f}: modality {name!r}: {e}") from None
-        out[name] = cls.from_state(m, arrays)
+        try:
+            out[name] = cls.from_state(m, arrays)
+        except (KeyError, ValueError, TypeError) as e:
+            raise damaged(st if not arrays else f, "missing" if not st.exists() else
+                          f"does not hold the state of modality {name!r} ({type(e).__name__}: {e})") from e
     return out
 
 

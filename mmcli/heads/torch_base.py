@@ -19,6 +19,7 @@ from mmcli.heads.base import CONFIG, Head, HeadParams, read_model_config
 from mmcli.heads.data import Cohort
 from mmcli.heads.losses import class_weights, cox_ph_loss, focal_loss
 from mmcli.pipeline.io import write_json
+from mmcli.pipeline.rundir import damaged, model_file
 
 WEIGHTS = "weights.safetensors"
 DEVICE_PATTERN = r"^(cpu|auto|mps|cuda(:[0-9]+)?)$"
@@ -256,7 +257,20 @@ class TorchHead(Head):
 
     def _load(self, path: Path) -> None:
         self.privacy_ = read_model_config(path).get("privacy")
+        f = path / WEIGHTS
+        with model_file(f):
+            state = load_file(str(f))
         self.module_ = self._build().to(resolve_device(self.device))
-        self.module_.load_state_dict(load_file(str(path / WEIGHTS)))
+        try:
+            self.module_.load_state_dict(state)
+        except RuntimeError as e:  # size mismatch / missing keys: the weights and config.json disagree
+            raise damaged(f, f"does not fit the network config.json describes ({_mismatch(e)}; was config.json "
+                          "edited, e.g. n_classes or hidden sizes?)") from e
         self.module_.eval()
 
+
+def _mismatch(e: RuntimeError) -> str:
+    """The first concrete line of torch's load_state_dict error (e.g. ``size mismatch for head.weight: ...``)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines[1:] if ln), lines[0] if lines else "")
+    return detail[:240].rstrip(".")

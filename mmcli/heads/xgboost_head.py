@@ -8,6 +8,7 @@ SHAP values come from ``Booster.predict(pred_contribs=True)``.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,7 @@ from mmcli.heads.base import Head, HeadParams, register_head
 from mmcli.heads.data import Cohort
 from mmcli.heads.losses import class_weights
 from mmcli.heads.preprocess import VectorPrepParams, VectorPreprocessor, vector_preprocessor
+from mmcli.pipeline.rundir import damaged, model_file
 
 MODEL = "model.json"
 
@@ -156,6 +158,20 @@ class XGBoostHead(Head):
         self.booster_.save_model(str(path / MODEL))
 
     def _load(self, path: Path) -> None:
-        self.booster_ = xgb.Booster()
-        self.booster_.load_model(str(path / MODEL))
-        self.booster_.set_param({"nthread": self.n_threads})
+        f = path / MODEL
+        with model_file(f):
+            self.booster_ = xgb.Booster()
+            self.booster_.load_model(str(f))
+            self.booster_.set_param({"nthread": self.n_threads})
+            learner = json.loads(self.booster_.save_config())["learner"]
+            objective = learner["objective"]["name"]
+            n_class = int(learner["learner_model_param"].get("num_class", "0"))
+            n_features = int(self.booster_.num_features())
+        want = self._params()["objective"]
+        n_in = sum(s.dim for s in self.spec_)
+        if objective != want or (self.task == "multiclass" and n_class != self.n_classes) or n_features != n_in:
+            raise damaged(f, f"holds a {objective} model of {n_features} features"
+                          + (f" and {n_class} classes" if n_class else "")
+                          + f"; config.json describes {want} on {n_in} features"
+                          + (f" and {self.n_classes} classes" if self.task == "multiclass" else "")
+                          + "; was config.json edited?")

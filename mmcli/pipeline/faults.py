@@ -39,6 +39,8 @@ POINTS = {
     "store.staged": "store: an item's arrays and attrs are written to staging, not yet moved into place",
     "item.written": "runner: the item is complete in the store, its lock not yet released",
     "item.after": "runner: the item is finished and its lock released (between two items)",
+    "run.model": "fit: the final model is saved into the run's staging folder, before its config is written",
+    "run.staged": "fit: the whole new run is in its staging folder, not yet swapped in for --out",
 }
 ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM, "int": signal.SIGINT,
            "enospc": None}

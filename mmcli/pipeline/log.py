@@ -93,11 +93,15 @@ class DeferredFileHandler(logging.Handler):
             self._fh.write(line + "\n")
             self._fh.flush()
         except Exception:  # noqa: BLE001 - logging must never break the command (full disk, removed folder)
-            self.handleError(record)
+            # a log that cannot be written (read-only or full disk) is given up quietly: logging's own
+            # handleError would print a "--- Logging error ---" traceback on the console
+            self.path, self._fh, self._buffer = None, None, []
 
     def close(self, *, fallback: Path | None = None) -> Path | None:
-        """Flush and close; with ``fallback``, write there when the log's own folder never appeared."""
-        if self._closed:  # logging.shutdown() at exit closes it again: reopening with "w" would empty the log
+        """Flush and close; with ``fallback``, write there when the log's own folder never appeared. Closing
+        again is a no-op (``logging.shutdown`` closes every handler still alive at exit: re-opening the file
+        then would truncate the finished log)."""
+        if self._closed:
             return self.written_to
         self._closed = True
         try:

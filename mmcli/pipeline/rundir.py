@@ -16,6 +16,11 @@ A run folder holds::
     modality_weights.json, shap.csv, attention.csv / attention.<modality>.csv   optional explanations
     fit.log              the command's log (written by the CLI)
 
+Writing (:class:`RunWriter`): the new run is built in ``.<name>.fit-<pid>.new`` beside ``--out`` and swapped in
+whole at the end, under the lock file ``.<name>.lock`` beside it (PID, host, start; a dead local writer's lock
+is cleared). An existing, non-empty ``--out`` is refused unless ``overwrite``; a failed, interrupted or
+disk-full fit removes its staging folder and leaves the previous run as it was.
+
 Every file is written atomically (:mod:`mmcli.pipeline.io`); CSV text cells are formula-escaped on write
 (a leading ``'`` before ``=``, ``+``, ``-``, ``@``, tab, CR) and unescaped here on read, so labels round-trip.
 ``config.json`` carries ``schema_version`` (:data:`SCHEMA_VERSION`); a run without it is an older run (read as
@@ -23,11 +28,14 @@ version 0); a newer version than this mmcli knows is refused with a clear error.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
+import re
 import shutil
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,18 +43,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmcli.pipeline.errors import RunFolderError
-from mmcli.pipeline.io import FORMULA_START, write_csv, write_json
+from mmcli.pipeline.errors import DiskFullError, MmcliError, RunFolderError
+from mmcli.pipeline.faults import fault
+from mmcli.pipeline.io import FORMULA_START, disk_full_as_error, disk_full_message, write_csv, write_json
+from mmcli.pipeline.locks import LockHeld, PidLock
+from mmcli.pipeline.log import get_logger
+from mmcli.pipeline.signals import Interrupted, critical
 
 SCHEMA_VERSION = 1
 CLASSIFICATION = "classification"
 SURVIVAL = "survival"
 PROB_PREFIX = "prob_"
+_log = get_logger("rundir")
 CONFIG, METRICS, PREDICTIONS = "config.json", "metrics.json", "predictions.csv"
 FOLDS, CV_AUDIT, MODEL_DIR, LOG_NAME = "folds.json", "cv_audit.json", "model", "fit.log"
 MODALITY_WEIGHTS, SHAP = "modality_weights.json", "shap.csv"
-# explanation files of one run; removed before a new run writes into the same folder (they would mislead)
-OPTIONAL_OUTPUTS = (MODALITY_WEIGHTS, SHAP, "attention.csv", "attention.*.csv")
 # keys of config.json copied into model/config.json's "run" block (what predict needs without the run folder)
 MODEL_RUN_KEYS = ("task", "problem", "target", "time", "event", "classes", "modalities", "encoder_ids",
                   "features_sha256", "seed", "created", "risk_convention")
@@ -280,68 +291,286 @@ def resolve_model_dir(path: str | Path) -> Path:
     return path
 
 
+# ---- model files --------------------------------------------------------------------------------------------
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line`` of an exception, without xgboost's ``[12:00:00] /path/file.cc:409:`` prefix."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = re.sub(r"^\[[0-9:]+\] \S+:\d+: ", "", text)
+    return f"{type(e).__name__}: {text[:limit].rstrip('.')}"
+
+
+def damaged(f: Path, what: str) -> RunFolderError:
+    """The error for a model file that is missing or cannot be used: names the file, says the run folder is
+    damaged and how to get a good one."""
+    return RunFolderError(f"{f}: {what}. The run folder is damaged (a truncated copy, an edited or missing "
+                          "file). Fix: restore the folder from where it came from, or re-run `mmcli fit` to "
+                          "write it again.")
+
+
+@contextmanager
+def model_file(f: str | Path, *, optional: bool = False) -> Iterator[Path]:
+    """Read model file ``f`` inside the block: a missing file or any failure to parse it (a truncated JSON,
+    safetensors or xgboost file, an array of the wrong shape) becomes a :class:`RunFolderError` naming the
+    file and the fix, never a library traceback. :class:`MmcliError` passes through unchanged."""
+    f = Path(f)
+    if not optional and not f.is_file():
+        raise damaged(f, "missing" if not f.exists() else "not a file")
+    try:
+        yield f
+    except MmcliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every parser raises its own types (SafetensorError, XGBoostError...)
+        raise damaged(f, f"cannot be read ({_first_line(e)})") from e
+
+
 # ---- writing ----------------------------------------------------------------------------------------------
+# what marks a folder as a run of `mmcli fit` (``--overwrite`` replaces nothing else)
+RUN_MARKERS = (CONFIG, METRICS, PREDICTIONS, MODEL_DIR, LOG_NAME, FOLDS, CV_AUDIT, "report.html")
+_CANNOT_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
+_DISK_FULL_TEXT = ("No space left on device", "os error 28", "Errno 28", "Disk quota exceeded",
+                   "Write incomplete")  # the last: xgboost's FileStream on a short write (ENOSPC / EDQUOT)
+
+
+def _abs(path: str | Path) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def staging_path(out: str | Path) -> Path:
+    """Where this process builds the run of ``--out`` before swapping it in: ``.<name>.fit-<pid>.new`` beside
+    it. Known before the run starts, so the CLI points the command's log (``fit.log``) into it."""
+    out = _abs(out)
+    return out.with_name(f".{out.name}.fit-{os.getpid()}.new")
+
+
+def lock_path(out: str | Path) -> Path:
+    """The writer lock of run folder ``out``: ``.<name>.lock`` beside it (the folder itself gets replaced)."""
+    out = _abs(out)
+    return out.with_name(f".{out.name}.lock")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in ``exc``'s chain, also when a library wrapped it (safetensors, xgboost)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DiskFullError):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(e) for t in _DISK_FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for f in path.rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except OSError:
+            pass
+    return total
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that exists and is not empty (unless ``overwrite``), and never replace a folder
+    that is not an mmcli run."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise RunFolderError(f"{out}: exists and is not a folder. Fix: choose another --out.")
+    try:
+        entries = [p.name for p in out.iterdir()]
+    except OSError as e:
+        raise RunFolderError(f"{out}: cannot list it ({e.strerror}). Fix: choose another --out.") from e
+    if not entries:
+        return
+    if not overwrite:
+        raise RunFolderError(f"{out}: already exists and is not empty (an earlier run?). Fix: pass --overwrite "
+                             "to replace it whole, or choose another --out.")
+    if not any(n in RUN_MARKERS for n in entries):
+        raise RunFolderError(f"{out}: is not a run folder of `mmcli fit` (none of {list(RUN_MARKERS)}); "
+                             "--overwrite only replaces run folders. Fix: choose another --out.")
+
+
 class RunWriter:
-    """Writes one run folder, in this order: :meth:`begin` (create, drop stale explanations), the model
-    (:meth:`write_model`), predictions / folds / audit / explanations, then :meth:`finish` (config.json and
-    metrics.json last, so a folder with a current metrics.json holds a finished run)."""
+    """Writes one run folder: the new run is built in a staging folder beside ``--out``
+    (:func:`staging_path`) and swapped in whole at :meth:`finish`, under a lock on ``--out``
+    (:func:`lock_path`). So two writers never mix, a refit leaves nothing of the previous run (no stale
+    report.html or explanations), and a failed, interrupted or disk-full fit leaves the previous run as it was.
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    Order: :meth:`open` (lock, refuse an existing run unless ``overwrite``; before the long work),
+    :meth:`begin` (staging folder), :meth:`write_model`, predictions / folds / audit / explanations, then
+    :meth:`finish` (config.json and metrics.json, then the swap). As a context manager it opens on entry
+    and, on exit, removes the staging folder of an unfinished run, releases the lock, and turns a full disk
+    into :class:`DiskFullError` naming ``--out``.
+    """
 
-    def begin(self) -> RunWriter:
-        self.path.mkdir(parents=True, exist_ok=True)
-        for pattern in OPTIONAL_OUTPUTS:  # from an earlier run into the same folder; they would now mislead
-            for f in self.path.glob(pattern):
-                f.unlink()
+    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
+        self.path = _abs(path)
+        self.overwrite = overwrite
+        self.stage = staging_path(self.path)
+        self.committed = False
+        self._lock = PidLock(lock_path(self.path), "mmcli fit")
+        self._began = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+    def open(self) -> RunWriter:
+        """Take the writer lock on ``--out`` and check it may be written; clears leftovers of dead writers."""
+        if self._lock.held:
+            return self
+        check_out(self.path, self.overwrite)
+        try:
+            self._lock.acquire()
+        except LockHeld as e:
+            raise RunFolderError(f"{self.path}: another {e.holder.describe()} is writing this run folder. Fix: "
+                                 f"wait for it to finish, or choose another --out (if that process is gone, "
+                                 f"delete {e.path}).") from None
+        except OSError as e:
+            raise self._write_error(e) from e
+        try:
+            self._clear_leftovers()
+            check_out(self.path, self.overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
         return self
 
+    def _clear_leftovers(self) -> None:
+        """Staging folders of writers that died (we hold the lock, so no live writer owns one); an old run
+        set aside by a writer that died mid-swap is put back when ``--out`` is missing."""
+        prefix = f".{self.path.name}.fit-"
+        for p in sorted(self.path.parent.glob(f"{glob.escape(prefix)}*")):
+            if p.name.endswith(".old") and not (self.path.exists() or self.path.is_symlink()):
+                os.rename(p, self.path)
+            elif p.name.endswith((".new", ".old")):
+                _remove(p)
+
+    def begin(self) -> RunWriter:
+        """Open (if not yet) and create the empty staging folder the run is written into."""
+        self.open()
+        if not self._began:
+            _remove(self.stage)
+            with disk_full_as_error(self.path):
+                self.stage.mkdir(parents=True)
+            self._began = True
+            # also opens the command's log, which the CLI points into the staging folder (fit.log)
+            _log.debug("writing the run into %s", self.stage)
+        return self
+
+    def abort(self) -> None:
+        """Drop the unfinished run (its staging folder) and release the lock; ``--out`` is untouched."""
+        if not self.committed:
+            _remove(self.stage)
+        self._began = False
+        self._lock.release()
+
+    def __enter__(self) -> RunWriter:
+        return self.open()
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> None:
+        staged = _size(self.stage) if exc is not None and self.stage.exists() else 0
+        self.abort()
+        if exc is None:
+            return
+        if isinstance(exc, Interrupted) and not exc.note:
+            exc.note = (f"the new run was complete and is in {self.path}" if self.committed else
+                        f"nothing was written; {self.path} is as it was")
+        elif isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE:
+            raise self._write_error(exc) from exc
+        elif isinstance(exc, Exception) and is_disk_full(exc):  # also a DiskFullError naming a staged file
+            old = _size(self.path) if self.path.is_dir() else 0
+            free = shutil.disk_usage(next(p for p in [self.path, *self.path.parents] if p.exists())).free
+            need = max(old, staged) - free
+            raise DiskFullError(disk_full_message(self.path, need if need > 0 else None)
+                                + f" {self.path} is as it was.") from exc
+
+    def _write_error(self, e: OSError) -> MmcliError:
+        """An OSError while creating the lock, the staging folder or a file, worded for the user."""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskFullError(disk_full_message(self.path))
+        blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return RunFolderError(f"{self.path}: {blocker} is a file, not a folder. Fix: choose another --out.")
+        return RunFolderError(f"{self.path}: cannot write there ({e.strerror or e}: {e.filename}). Fix: choose an "
+                              "--out in a folder you can write (and that is not read-only).")
+
+    # ---- files ----------------------------------------------------------------------------------------
+    def _file(self, name: str) -> Path:
+        self.begin()
+        return self.stage / name
+
     def write_model(self, save: Callable[[Path], Any], config: Mapping[str, Any]) -> Path:
-        """``save(folder)`` writes the model into a staging folder; its config.json gets the run's
-        :data:`MODEL_RUN_KEYS` as a ``run`` block, then the folder is swapped in for ``model/``. A failure
-        leaves the previous model in place and no staging folder behind."""
-        model_dir = self.path / MODEL_DIR
-        stage = self.path / f".model.{uuid.uuid4().hex}"
-        try:
-            save(stage)
-            cfg = read_json(stage / CONFIG)
-            cfg["run"] = {k: config.get(k) for k in MODEL_RUN_KEYS}
-            write_json(stage / CONFIG, cfg)
-            if model_dir.exists():
-                old = self.path / f".model-old.{uuid.uuid4().hex}"
-                os.rename(model_dir, old)
-                os.rename(stage, model_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(stage, model_dir)
-        finally:
-            if stage.exists():
-                shutil.rmtree(stage, ignore_errors=True)
-        return model_dir
+        """``save(folder)`` writes the model into the run's ``model/``; its config.json gets the run's
+        :data:`MODEL_RUN_KEYS` as a ``run`` block."""
+        folder = self._file(MODEL_DIR)
+        save(folder)
+        fault("run.model")
+        cfg = read_json(folder / CONFIG)
+        cfg["run"] = {k: config.get(k) for k in MODEL_RUN_KEYS}
+        write_json(folder / CONFIG, cfg)
+        return self.path / MODEL_DIR
 
     def write_predictions(self, df: pd.DataFrame) -> Path:
-        return write_csv(self.path / PREDICTIONS, df)
+        return write_csv(self._file(PREDICTIONS), df)
 
     def write_folds(self, folds: Mapping[str, int]) -> Path:
-        return write_json(self.path / FOLDS, dict(folds))
+        return write_json(self._file(FOLDS), dict(folds))
 
     def write_audit(self, audit: Mapping[str, Any]) -> Path:
-        return write_json(self.path / CV_AUDIT, dict(audit))
+        return write_json(self._file(CV_AUDIT), dict(audit))
 
     def write_modality_weights(self, weights: Mapping[str, float]) -> Path:
-        return write_json(self.path / MODALITY_WEIGHTS, dict(weights))
+        return write_json(self._file(MODALITY_WEIGHTS), dict(weights))
 
     def write_shap(self, df: pd.DataFrame) -> Path:
-        return write_csv(self.path / SHAP, df)
+        return write_csv(self._file(SHAP), df)
 
     def write_attention(self, frames: Mapping[str, pd.DataFrame]) -> list[Path]:
         """``attention.csv`` for one bag modality, ``attention.<modality>.csv`` each for several."""
-        return [write_csv(self.path / ("attention.csv" if len(frames) == 1 else f"attention.{name}.csv"), df)
+        return [write_csv(self._file("attention.csv" if len(frames) == 1 else f"attention.{name}.csv"), df)
                 for name, df in frames.items()]
 
-    def finish(self, config: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
-        """config.json (with :data:`SCHEMA_VERSION`, and ``time_unit`` None unless given) then metrics.json."""
+    def finish(self, config: Mapping[str, Any], metrics: Mapping[str, Any]) -> Path:
+        """config.json (with :data:`SCHEMA_VERSION`, and ``time_unit`` None unless given) then metrics.json
+        into the staging folder, then the staging folder replaces ``--out`` and the lock is released."""
         doc = {"schema_version": SCHEMA_VERSION, "time_unit": None, **config}
         doc["schema_version"] = SCHEMA_VERSION
-        write_json(self.path / CONFIG, doc)
-        write_json(self.path / METRICS, dict(metrics))
+        write_json(self._file(CONFIG), doc)
+        write_json(self._file(METRICS), dict(metrics))
+        fault("run.staged")
+        self._commit()
+        self.abort()  # releases the lock (the staging folder is now --out)
+        return self.path
+
+    def _commit(self) -> None:
+        aside = self.path.with_name(f".{self.path.name}.fit-{os.getpid()}.old")
+        with critical():
+            check_out(self.path, self.overwrite)  # nothing else wrote into it meanwhile
+            moved = False
+            if self.path.is_symlink() or (self.path.exists() and any(self.path.iterdir())):
+                os.rename(self.path, aside)
+                moved = True
+            elif self.path.exists():
+                self.path.rmdir()
+            try:
+                os.rename(self.stage, self.path)
+            except BaseException:
+                if moved:
+                    os.rename(aside, self.path)
+                raise
+            self.committed = True
+        if moved:
+            _remove(aside)
+        _log.debug("swapped the new run in: %s%s", self.path, " (replaced the previous run)" if moved else "")

@@ -255,7 +255,7 @@ def ablate(
             result = run_fit(head=job.head, store=store, labels=labels, out=run_dir, target=target, time=time,
                              event=event, modalities=list(job.subset), encoders=encoders, folds=folds, seed=seed,
                              params=job.fit_params(params), n_boot=n_boot, drop_unmatched=drop_unmatched,
-                             strict_match=not drop_unmatched)
+                             strict_match=not drop_unmatched, overwrite=True)  # not reusable: replaced whole
         except Exception as e:  # noqa: BLE001 - one failing fit is reported, the ablation goes on
             detail = f"{type(e).__name__}: {e}"
             say(f"{prefix}: FAILED {detail}")

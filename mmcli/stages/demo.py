@@ -83,7 +83,7 @@ def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5
             task = dict(target="subtype") if classifies else dict(time="time", event="event")
             run_dir = out / "runs" / head
             results[head] = fit(head, store, cohort.labels, run_dir, folds=folds, seed=seed, drop_unmatched=True,
-                                **task)
+                                overwrite=True, **task)  # a demo re-run replaces its runs
             report(run_dir)
         timings["fit"] = time.perf_counter() - t
 

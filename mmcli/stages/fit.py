@@ -43,6 +43,7 @@ from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_csv
 from mmcli.pipeline.rundir import RunWriter
+from mmcli.pipeline.signals import stop_on_signals
 from mmcli.pipeline.store import open_store
 from mmcli.stages.evidence import (
     EvidenceOptions,
@@ -73,6 +74,7 @@ def fit(
     drop_unmatched: bool = False,
     strict_match: bool = False,
     explain: bool = True,
+    overwrite: bool = False,
     log: Callable[[str], None] | None = None,
     impute: str | None = None,
     batch_correct: str | None = None,
@@ -105,11 +107,28 @@ def fit(
         evidence: recalibration, operating point, decision-curve thresholds / horizon and subgroups
             (:class:`~mmcli.stages.evidence.EvidenceOptions`); metrics.json gets ``calibration``,
             ``operating_point``, ``decision_curve`` and ``subgroups`` blocks.
+        overwrite: replace an existing run in ``out`` (whole: nothing of it is left). Without it an existing,
+            non-empty ``out`` is refused before any work. Either way ``out`` is locked while the fit runs (a
+            second writer is refused) and only changes at the very end (:class:`~mmcli.pipeline.rundir.RunWriter`):
+            an error, a full disk or SIGINT / SIGTERM (:class:`~mmcli.pipeline.signals.Interrupted`) leave it
+            as it was.
     """
     params = _prep_params(params, impute=impute, batch_correct=batch_correct, batch_column=batch_column,
                           batch_keep=batch_keep)
+    with stop_on_signals():
+        return _fit(head, store, labels, out, target=target, time=time, event=event, modalities=modalities,
+                    encoders=encoders, folds=folds, seed=seed, params=params, n_boot=n_boot,
+                    drop_unmatched=drop_unmatched, strict_match=strict_match, explain=explain, overwrite=overwrite,
+                    log=log, evidence=evidence)
+
+
+def _fit(head: str, store: str | Path, labels: str | Path | pd.DataFrame, out: str | Path, *, target: str | None,
+         time: str | None, event: str | None, modalities: Sequence[str] | None, encoders: dict[str, str] | None,
+         folds: int, seed: int, params: dict[str, Any] | None, n_boot: int, drop_unmatched: bool,
+         strict_match: bool, explain: bool, overwrite: bool, log: Callable[[str], None] | None,
+         evidence: EvidenceOptions | None) -> dict[str, Any]:
     say = log or (lambda _msg: None)
-    t_start = time_now = _clock()
+    t_start = _clock()
     cls = head_class(head)
     cls.check_params(params or {})
     ev_opts = (evidence or EvidenceOptions()).check()
@@ -126,6 +145,20 @@ def fit(
         raise InputError(f"head {head!r} supports {list(cls.tasks)}; the labels give a {tgt.task} task. "
                          "Fix: choose another --head or other label columns.")
     tgt, excluded = _align(fs, sources, tgt, say, strict_match)
+    with RunWriter(out, overwrite=overwrite) as writer:  # lock --out, refuse an existing run: before the work
+        return _fit_into(writer, head, cls, fs, store_path, labels, table, sources, tgt, excluded, ev_opts,
+                         folds=folds, seed=seed, params=params, n_boot=n_boot, explain=explain, say=say,
+                         t_start=t_start)
+
+
+def _fit_into(writer: RunWriter, head: str, cls: type[Head], fs: Any, store_path: Path,
+              labels: str | Path | pd.DataFrame, table: pd.DataFrame, sources: Sequence[Source], tgt: Target,
+              excluded: dict, ev_opts: EvidenceOptions, *,
+              folds: int, seed: int, params: dict[str, Any] | None, n_boot: int, explain: bool,
+              say: Callable[[str], None], t_start: float) -> dict[str, Any]:
+    """Cross-validate, refit and write the run through ``writer`` (locked, staged)."""
+    time_now = t_start
+    out = writer.path
     say(f"{len(tgt.patients)} patients, modalities {[s.name for s in sources]}, task {tgt.task}")
     cohort = load_cohort(fs, sources, tgt.patients)
     tgt, cohort, no_data = _require_data(cls, cohort, tgt)
@@ -151,7 +184,7 @@ def fit(
     final = create_head(head, **head_params(head, tgt, seed, params)).fit(cohort, tgt.y)
     t_refit = _clock() - time_now
 
-    writer = RunWriter(out).begin()
+    writer.begin()
     encoder_ids = {s.name: (s.encoder_id if s.encoder_id else "tabular") for s in sources}
     created = _time.strftime("%Y-%m-%dT%H:%M:%S%z")
     modality_names = [s.name for s in sources]

@@ -14,7 +14,8 @@ threshold, else ``classes[0]``).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,8 @@ from mmcli.heads.base import load_head, read_model_config
 from mmcli.heads.data import STORE_SOURCE, TABLE_SOURCE, ModalitySpec, Source, load_cohort
 from mmcli.heads.targets import read_labels
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.io import write_csv
-from mmcli.pipeline.rundir import resolve_model_dir
+from mmcli.pipeline.io import disk_full_as_error, write_csv
+from mmcli.pipeline.rundir import damaged, resolve_model_dir
 from mmcli.pipeline.store import FeatureStore, open_store
 from mmcli.stages.evidence import Postprocess
 from mmcli.stages.fit import attention_frame, batch_covariates, prediction_frame
@@ -47,6 +48,7 @@ def predict(
     with patient_id, like the labels) or else from a store table; patients whose batch the model has not seen
     are left uncorrected and marked in the ``batch_corrected`` column.
     """
+    out_csv = _check_out(Path(out_csv))
     mdir = resolve_model_dir(model_dir)
     config = read_model_config(mdir)  # raises a clear error when it is no model folder
     head = load_head(mdir)
@@ -66,6 +68,9 @@ def predict(
         cohort.covariates = batch_covariates(table, fs, params)
     pred = head.predict(cohort)
     classes = run.get("classes") or [str(i) for i in range(head.n_classes)]
+    if pred.ndim == 2 and len(classes) != pred.shape[1]:
+        raise damaged(mdir / "config.json", f"its \"run\" block lists {len(classes)} classes {classes[:5]}, the "
+                      f"model predicts {pred.shape[1]}")
     post = Postprocess.load(mdir)
     if not head.is_survival:
         pred = post.calibrate(pred)
@@ -80,9 +85,9 @@ def predict(
                 for b in p.harmoniser.batches_}
         batch = cohort.covariates.reindex(cohort.patients)[params["batch_column"]]
         df["batch_corrected"] = [pd.notna(b) and str(b) in seen for b in batch]
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(out_csv, df)
+    with _writing(out_csv):
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(out_csv, df)
     if attention:
         att = head.attention(cohort)
         if not att:
@@ -92,8 +97,31 @@ def predict(
             items = cohort.modalities[name].items
             assert items is not None
             suffix = ".attention.csv" if len(att) == 1 else f".attention.{name}.csv"
-            write_csv(out_csv.with_name(out_csv.stem + suffix), attention_frame(cohort.patients, items, values))
+            with _writing(out_csv):
+                write_csv(out_csv.with_name(out_csv.stem + suffix), attention_frame(cohort.patients, items, values))
     return df
+
+
+def _check_out(out_csv: Path) -> Path:
+    """Refuse an ``--out`` that cannot become a file, before any work: a folder, a path through a file."""
+    if out_csv.is_dir():
+        raise InputError(f"--out {out_csv}: is a folder. Fix: give a file name, e.g. "
+                         f"--out {out_csv / 'predictions.csv'}")
+    blocker = next((p for p in out_csv.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InputError(f"--out {out_csv}: {blocker} is a file, not a folder. Fix: choose another --out.")
+    return out_csv
+
+
+@contextmanager
+def _writing(out_csv: Path) -> Iterator[None]:
+    """A full disk -> DiskFullError; a folder that cannot be written (permissions, read-only) -> InputError."""
+    try:
+        with disk_full_as_error(out_csv):
+            yield
+    except OSError as e:
+        raise InputError(f"--out {out_csv}: cannot write there ({e.strerror or e}: {e.filename}). Fix: choose an "
+                         "--out in a folder you can write (and that is not read-only).") from e
 
 
 def _sources(fs: FeatureStore, specs: Sequence[ModalitySpec]) -> list[Source]:

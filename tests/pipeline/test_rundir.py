@@ -15,14 +15,14 @@ from mmcli.pipeline.rundir import SCHEMA_VERSION, RunWriter, load_run, read_metr
 EVIL = "=cmd|' /C calc'!A0"
 
 
-def _write(path: Path, classes: list[str], config_extra: dict | None = None) -> Path:
+def _write(path: Path, classes: list[str], config_extra: dict | None = None, overwrite: bool = False) -> Path:
     ids = [f"P{i}" for i in range(6)]
     y = [classes[i % 2] for i in range(6)]
     p1 = np.linspace(0.1, 0.9, 6)
     pred = pd.DataFrame({"patient_id": ids, "fold": [0, 1] * 3, "y_true": y,
                          "y_pred": [classes[int(v > 0.5)] for v in p1],
                          f"prob_{classes[0]}": 1 - p1, f"prob_{classes[1]}": p1})
-    w = RunWriter(path).begin()
+    w = RunWriter(path, overwrite=overwrite).begin()
 
     def save(folder: Path) -> None:
         folder.mkdir()
@@ -53,6 +53,7 @@ def test_write_then_read_round_trip(tmp_path: Path) -> None:
     assert resolve_model_dir(run.path) == run.model_dir and resolve_model_dir(run.model_dir) == run.model_dir
     assert read_metrics(run.path) == run.metrics
     assert not list(run.path.glob(".*"))  # no staging or temp files left
+    assert [p.name for p in run.path.parent.iterdir()] == ["run"]  # nor a staging folder or lock beside it
 
 
 def test_formula_labels_are_escaped_on_disk_and_round_trip(tmp_path: Path) -> None:
@@ -67,26 +68,37 @@ def test_formula_labels_are_escaped_on_disk_and_round_trip(tmp_path: Path) -> No
     assert shap_header == "patient_id,'-neg_gene"
 
 
-def test_rewrite_drops_stale_explanations_and_swaps_the_model(tmp_path: Path) -> None:
+def test_rewrite_replaces_the_whole_run(tmp_path: Path) -> None:
+    """Was: begin() dropped stale explanation files of the earlier run. Now (issue 13) a rewrite needs
+    ``overwrite`` and replaces the folder whole, so nothing of the earlier run (explanations, a report, a
+    stray model file) is left beside the new one."""
     path = _write(tmp_path / "run", ["neg", "pos"])
     (path / "attention.csv").write_text("patient_id,item_id,index,attention\n")
+    (path / "report.html").write_text("<html>old</html>")
     (path / "model" / "stale.bin").write_bytes(b"x")
-    RunWriter(path).begin()
-    assert not (path / "attention.csv").exists() and not (path / "shap.csv").exists()
-    _write(path, ["neg", "pos"])
-    assert not (path / "model" / "stale.bin").exists()
+    with pytest.raises(RunFolderError, match="already exists and is not empty.*--overwrite"):
+        RunWriter(path).begin()
+    assert (path / "report.html").is_file()  # refused: untouched
+    _write(path, ["neg", "pos"], overwrite=True)
+    assert not (path / "attention.csv").exists() and not (path / "report.html").exists()
+    assert not (path / "model" / "stale.bin").exists() and (path / "shap.csv").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
-def test_failed_model_save_leaves_the_old_model_and_no_staging(tmp_path: Path) -> None:
+def test_failed_model_save_leaves_the_old_run_and_no_staging(tmp_path: Path) -> None:
+    """Was: a failed write_model left the old model/ in place. Now the whole old run stays as it was, and the
+    staging folder and the lock are gone (the writer is a context manager)."""
     path = _write(tmp_path / "run", ["neg", "pos"])
+    before = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
 
     def broken(folder: Path) -> None:
         folder.mkdir()
         raise OSError("boom")
 
-    with pytest.raises(OSError, match="boom"):
-        RunWriter(path).write_model(broken, {})
-    assert (path / "model" / "model.json").is_file() and not list(path.glob(".model*"))
+    with pytest.raises(OSError, match="boom"), RunWriter(path, overwrite=True) as w:
+        w.write_model(broken, {})
+    assert {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 def test_newer_schema_is_refused_with_a_clear_error(tmp_path: Path) -> None:
