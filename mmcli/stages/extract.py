@@ -61,9 +61,10 @@ def extract(
         # dask starts workers with OMP_NUM_THREADS=1; share the cores between the worker processes instead
         n = workers or os.cpu_count() or 1
         opts = mod.options.build({**opts.to_json(), "torch_threads": max(1, (os.cpu_count() or 1) // n)})
-    spec = mod.make_spec(str(store), opts)
+    rows = m.for_modality(modality)
+    spec = mod.make_spec(str(store), opts, cohort=rows)  # the cohort: e.g. int8 calibrates on its slides
     return run_extraction(
-        m.for_modality(modality), spec, store, force=force, scheduler=scheduler, workers=workers,
+        rows, spec, store, force=force, scheduler=scheduler, workers=workers,
         missing=m.missing_for(modality), progress=progress, unit=mod.unit,
     )
 

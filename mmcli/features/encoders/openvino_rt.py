@@ -17,6 +17,7 @@ import os
 import shutil
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,8 @@ def convert_cached(dest: Path, build: Callable[[], Any], example: Any, shapes: S
 
     module = build()
     inputs = [(ov.PartialShape(list(s)), ov.Type(t)) for s, t in shapes]
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # convert_model traces with torch.jit (deprecated)
         model = ov.convert_model(module, example_input=example, input=inputs)
     return save_atomic(model, dest, {**(meta or {}), "openvino": version()}), True
 
@@ -119,7 +121,7 @@ class CompiledModel:
     """A compiled OpenVINO CPU model with one infer request, safe to call from several threads (serialised:
     one request already uses every inference thread)."""
 
-    def __init__(self, xml: str | Path, precision: str = "fp32", threads: int | None = None,
+    def __init__(self, xml: Any, precision: str = "fp32", threads: int | None = None,
                  hint: str = PERFORMANCE_HINT) -> None:
         import openvino as ov
 
@@ -134,9 +136,9 @@ class CompiledModel:
         config["INFERENCE_NUM_THREADS"] = self.threads
         if hint == "LATENCY":
             config["NUM_STREAMS"] = 1
-        self.xml = str(xml)
         self.config = {k: v for k, v in config.items() if k != "CACHE_DIR"}
-        self.compiled = core.compile_model(core.read_model(self.xml), "CPU", config)
+        model = core.read_model(str(xml)) if isinstance(xml, (str, Path)) else xml  # a path or an ov.Model
+        self.compiled = core.compile_model(model, "CPU", config)
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
 
@@ -148,17 +150,21 @@ class CompiledModel:
 
 
 # ---- int8 ------------------------------------------------------------------------------------------------
-def quantize_int8(xml: str | Path, calibration: Sequence[np.ndarray], dest: Path,
-                  meta: dict[str, Any] | None = None) -> Path:
+def quantize_int8(xml: str | Path, calibration: Sequence[np.ndarray]) -> Any:
     """NNCF post-training quantisation of the float IR ``xml`` on ``calibration`` batches (each one model
-    input), saved to ``dest`` (atomically). CPU target, performance preset (symmetric activations)."""
+    input): the int8 ``ov.Model`` (save it with :func:`save_atomic`). CPU target, performance preset."""
     import nncf
     import openvino as ov
 
     model = ov.Core().read_model(str(xml))
-    q = nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration),
-                      preset=nncf.QuantizationPreset.PERFORMANCE, target_device=nncf.TargetDevice.CPU)
-    return save_atomic(q, dest, {**(meta or {}), "nncf": nncf.__version__})
+    return nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration),
+                         preset=nncf.QuantizationPreset.PERFORMANCE, target_device=nncf.TargetDevice.CPU)
+
+
+def nncf_version() -> str:
+    import nncf
+
+    return str(nncf.__version__)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
