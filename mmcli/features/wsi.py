@@ -408,7 +408,7 @@ class WSIExtractor(ItemExtractor):
             progress(0, plan.n)
         try:
             for start, batch in iter_tile_batches(opener, plan, self.batch_size, self.read_threads, pin_memory=cuda):
-                y = enc.encode(batch)
+                y = enc.forward(batch).numpy()  # a zero-copy view of encode()
                 if feats is None:
                     feats = np.empty((plan.n, y.shape[1]), self.feature_dtype)
                 if feats.dtype == np.float16 and y.size and np.abs(y).max() > _FP16_MAX:
