@@ -1,12 +1,13 @@
 """WSI extraction benchmark (a script, not a test). Everything is measured in one run on one machine:
 
-(a) ``mmcli extract`` tiles/s  ÷  the encoder alone on in-memory tiles at its best precision   (target >= 0.9)
-(b) ``mmcli extract`` tiles/s  ÷  a naive pipeline: PNG patches to disk, reload, fp32          (target >= 3)
-(c) cosine similarity of ``--precision auto`` features to fp32 features, same tiles           (target >= 0.99)
-(d) peak RSS of ``mmcli extract`` on a >= 50k-tile slide, and on a slide ~10x smaller          (flat, < 2 GB)
+(a) ``mmcli extract`` (default runtime and precision; slide item time) tiles/s  ÷  the BEST float encoder
+    alone on the same in-memory tiles: torch eager fp32 (and bf16 where the CPU has it), torch.compile, OpenVINO
+(b) ``mmcli extract --precision int8`` tiles/s  ÷  that best float encoder alone, with int8's fidelity cosine
+(c) peak RSS of ``mmcli extract`` on a 60k-tile slide and on a slide 10x smaller              (flat, < 2 GB)
+(e) the int8 run is a second encoder on an already-planned slide: its item says ``tile_plan: reused``
 
-(a)-(c) use the default encoder (``resnet50_trunc``, 224 px at 0.5 µm/px) on the same slide and the same tiles.
-(d) runs each slide in a fresh subprocess with a tiny encoder (``timm:test_resnet``, 32 px tiles at 2 µm/px,
+(a), (b), (e) use the default encoder (``resnet50_trunc``, 224 px at 0.5 µm/px) on the same slide and tiles.
+(c) runs each slide in a fresh subprocess with a tiny encoder (``timm:test_resnet``, 32 px tiles at 2 µm/px,
 i.e. 128 level-0 px per tile) so that 50k tiles finish in minutes on a laptop CPU; memory does not depend on
 the encoder's speed, and the only per-tile state (coords, features N x D) is reported alongside.
 
@@ -115,36 +116,22 @@ def encoder_alone(enc, tiles: np.ndarray, batch: int) -> tuple[float, np.ndarray
     return _rate(len(tiles), time.perf_counter() - t0), feats
 
 
-def naive(slide: Path, coords: np.ndarray, size: int, model, mean, std, batch: int, tmp: Path) -> float:
-    """The way many scripts do it: every tile to a PNG file, reloaded, torchvision transforms, fp32."""
-    import openslide
-    import torch
-    from torchvision import transforms
+def _item(store: Path, eid: str, pid: str, item: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    from mmcli.pipeline.store import open_store
 
-    t0 = time.perf_counter()
-    s = openslide.OpenSlide(str(slide))
-    files = []
-    for k, (x, y) in enumerate(coords):
-        p = tmp / f"tile_{k:06d}.png"
-        s.read_region((int(x), int(y)), 0, (size, size)).convert("RGB").save(p)
-        files.append(p)
-    s.close()
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
-    with torch.inference_mode():
-        for i in range(0, len(files), batch):
-            x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files[i:i + batch]])
-            model(x)
-    return _rate(len(coords), time.perf_counter() - t0)
+    it = open_store(store, "r").read_item("wsi", eid, pid, item)
+    return dict(it.attrs), it.coords, it.features.astype(np.float32)
 
 
 def throughput(args: argparse.Namespace, work: Path) -> dict:
-    """(a)-(c). Machine load from other processes drifts, so the pipeline and the encoder alone are timed in
-    alternating rounds and (a) is the median of the per-round ratios."""
+    """(a), (b), (e) in one run: the pipeline (slide item time from the item attrs that the run record and the
+    store keep) against every float encoder-alone configuration on the same in-memory tiles, and int8."""
     import torch
 
+    from mmcli.features.encoders.openvino_rt import cosine_rows
     from mmcli.features.encoders.registry import create_encoder
+    from mmcli.features.encoders.runtime import cpu_has_bf16
     from mmcli.features.readers import open_slide
-    from mmcli.pipeline.store import open_store
     from mmcli.stages.extract import extract
 
     side = int(np.ceil((np.sqrt(args.tiles) + 2) * args.patch_size / TILE)) + 4  # tissue + 2 glass tiles a side
@@ -152,55 +139,72 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
     slide = write_bench_slide(work / "bench.svs", side, side)
     warm = write_bench_slide(work / "warm.svs", 8, 8)
     build_s = time.perf_counter() - t0
-    store = work / "auto.zarr"
     common = dict(encoder=args.encoder, patch_size=args.patch_size, mpp=0.5, batch_size=args.batch_size,
                   qc=True, progress=False)
-    # a cohort run loads its encoder once: the first (warm-up) slide pays for that, as in real runs
-    extract("wsi", _manifest(work, warm, "W"), store, **common)
-    m = _manifest(work, slide)
-
-    enc_auto = create_encoder(args.encoder, precision="auto")
-    pipe_rates, auto_rates, ratios = [], [], []
-    tiles = coords = feats_auto = None
-    for r in range(args.rounds):
-        t0 = time.perf_counter()
-        summary = extract("wsi", m, store, force=r > 0, **common)
-        pipe_s = time.perf_counter() - t0
-        if tiles is None:
-            item = open_store(store, "r").read_item("wsi", summary.encoder_id, "P1", slide.stem)
-            coords, feats_auto = item.coords, item.features.astype(np.float32)
-            with open_slide(slide) as rd:
-                tiles = np.stack([rd.read_region(int(x), int(y), 0, args.patch_size, args.patch_size)
-                                  for x, y in coords])
-        n = len(coords)  # every method below encodes exactly these tiles
-        pipe_rates.append(_rate(n, pipe_s))
-        rate, _ = encoder_alone(enc_auto, tiles, args.batch_size)
-        auto_rates.append(rate)
-        ratios.append(pipe_rates[-1] / rate)
-    fp32 = create_encoder(args.encoder, precision="fp32")
-    fp32_rate, ref = encoder_alone(fp32, tiles, args.batch_size)
-    best_is_fp32 = fp32_rate > max(auto_rates)
-    if best_is_fp32:  # the encoder alone is faster in fp32 here: compare against that
-        ratios = [p / fp32_rate for p in pipe_rates]
-
-    png = work / "png"
-    png.mkdir()
-    naive_rate = naive(slide, coords, args.patch_size, fp32.module, fp32.mean, fp32.std, args.batch_size, png)
-    shutil.rmtree(png)
-
-    cos = (feats_auto * ref).sum(1) / (np.linalg.norm(feats_auto, axis=1) * np.linalg.norm(ref, axis=1))
-    pipe = float(np.median(pipe_rates))
+    m, mw = _manifest(work, slide), _manifest(work, warm, "W")
+    # (a) the default: runtime auto, precision auto. A cohort run loads its encoder once: warm it on a small slide
+    store = work / "auto.zarr"
+    extract("wsi", mw, store, **common)
+    eid = extract("wsi", m, store, **common).encoder_id
+    attrs, coords, feats_auto = _item(store, eid, "P1", slide.stem)
+    n = len(coords)
+    pipe_rate = _rate(n, attrs["seconds"])
+    with open_slide(slide) as rd:
+        tiles = np.stack([rd.read_region(int(x), int(y), 0, args.patch_size, args.patch_size) for x, y in coords])
+    # the encoder alone, every float configuration this machine offers, on the same tiles
+    alone: dict[str, float] = {}
+    precs = ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
+    ref = None
+    for prec in precs:
+        enc = create_encoder(args.encoder, precision=prec, runtime="torch")
+        alone[f"torch_eager_{prec}"], f = encoder_alone(enc, tiles, args.batch_size)
+        ref = f if prec == "fp32" else ref
+    if not args.no_compile:
+        for prec in precs:
+            enc = create_encoder(args.encoder, precision=prec, runtime="torch-compile")
+            t1 = time.perf_counter()
+            enc.encode(tiles[:args.batch_size])  # compiles
+            alone[f"compile_s_{prec}"] = round(time.perf_counter() - t1, 1)
+            alone[f"torch_compile_{prec}"], _ = encoder_alone(enc, tiles, args.batch_size)
+    ov = create_encoder(args.encoder, precision="auto", runtime="openvino")
+    ov_prec = ov.runtime()["precision"]
+    alone[f"openvino_{ov_prec}"], _ = encoder_alone(ov, tiles, args.batch_size)
+    best_name, best = max(((k, v) for k, v in alone.items() if not k.startswith("compile_s")), key=lambda kv: kv[1])
+    # (b) int8, a second encoder in the same store: calibrated on this cohort (the warm-up and the bench slide,
+    # tile plans reused), then the pipeline again with the quantised model already there (timed)
+    both = work / "both.csv"
+    both.write_text(m.read_text() + "".join(mw.read_text().splitlines(keepends=True)[1:]))
+    t1 = time.perf_counter()
+    eid8 = extract("wsi", both, store, precision="int8", **common).encoder_id
+    int8_run_s = time.perf_counter() - t1
+    first8, _, _ = _item(store, eid8, "P1", slide.stem)
+    extract("wsi", m, store, precision="int8", force=True, **common)
+    a8, _, feats8 = _item(store, eid8, "P1", slide.stem)
+    int8_rate = _rate(n, a8["seconds"])
+    enc8 = create_encoder(args.encoder, precision="fp32", runtime="openvino")
+    enc8.int8_model = a8["int8"]["model"]
+    int8_alone, _ = encoder_alone(enc8, tiles, args.batch_size)
+    cos_auto = cosine_rows(feats_auto, ref)
+    cos8 = cosine_rows(feats8, ref)
     return {
         "slide": {"level0_px": [side * TILE] * 2, "build_s": round(build_s, 1)},
-        "tiles": n, "encoder": args.encoder, "patch_size": args.patch_size, "mpp": 0.5, "rounds": args.rounds,
-        "auto_precision": enc_auto.runtime()["precision"], "torch_threads": torch.get_num_threads(),
-        "tiles_per_s": {"mmcli_extract": [round(x, 2) for x in pipe_rates],
-                        "encoder_alone_auto": [round(x, 2) for x in auto_rates],
-                        "encoder_alone_fp32": round(fp32_rate, 2), "naive_png_fp32": round(naive_rate, 2)},
-        "a_pipeline_over_encoder_best": round(float(np.median(ratios)), 3),
-        "a_per_round": [round(x, 3) for x in ratios],
-        "b_pipeline_over_naive": round(pipe / naive_rate, 2),
-        "c_cosine_auto_vs_fp32": {"mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5)},
+        "tiles": n, "encoder": args.encoder, "patch_size": args.patch_size, "mpp": 0.5,
+        "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
+        "default_runtime": attrs["runtime"], "default_precision": attrs["precision"],
+        "tiles_per_s": {"mmcli_extract_default": round(pipe_rate, 2), "mmcli_extract_int8": round(int8_rate, 2),
+                        **{f"alone_{k}": round(v, 2) for k, v in alone.items()},
+                        "alone_openvino_int8": round(int8_alone, 2)},
+        "item_seconds": {"default": attrs["seconds"], "default_plan_s": attrs["plan_seconds"],
+                         "default_encode_s": attrs["encode_seconds"], "int8": a8["seconds"]},
+        "best_float_alone": best_name,
+        "a_pipeline_default_over_best_float_alone": round(pipe_rate / best, 3),
+        "b_pipeline_int8_over_best_float_alone": round(int8_rate / best, 3),
+        "b_int8_fidelity_heldout": a8["int8"]["fidelity"],
+        "b_int8_vs_fp32_on_bench_tiles": {"min": round(float(cos8.min()), 5),
+                                          "median": round(float(np.median(cos8)), 5)},
+        "b_int8_first_run_s_incl_calibration": round(int8_run_s, 1),
+        "default_vs_fp32_cosine": {"min": round(float(cos_auto.min()), 5)},
+        "e_second_encoder_tile_plan": first8["tile_plan"],
     }
 
 
@@ -251,12 +255,12 @@ def memory(args: argparse.Namespace, work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiles", type=int, default=256, help="about this many tiles for (a)-(c)")
+    ap.add_argument("--tiles", type=int, default=400, help="about this many tissue tiles for (a), (b), (e)")
     ap.add_argument("--encoder", default="resnet50_trunc")
     ap.add_argument("--patch-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating pipeline / encoder-alone rounds for (a)")
-    ap.add_argument("--big-tiles", type=int, default=50_000, help="tiles of the big slide in (d)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (it compiles for minutes)")
+    ap.add_argument("--big-tiles", type=int, default=60_000, help="tiles of the big slide in (c)")
     ap.add_argument("--skip", choices=["throughput", "memory"], action="append", default=[])
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -269,8 +273,8 @@ def main() -> None:
             res["throughput"] = throughput(args, work)
             print(json.dumps(res["throughput"], indent=2), flush=True)
         if "memory" not in args.skip:
-            res["memory"] = memory(args, work)
-            print(json.dumps(res["memory"], indent=2), flush=True)
+            res["c_memory"] = memory(args, work)
+            print(json.dumps(res["c_memory"], indent=2), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     import torch

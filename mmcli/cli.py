@@ -208,8 +208,15 @@ def extract(
                                         "(loaded with weights_only=True). Without weights and without a cached "
                                         "model: loud warning, seeded random init, pretrained=false."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda  (default: auto)"),
-    precision: str | None = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16  (default: auto = "
-                                         "fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)"),
+    precision: str | None = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 | int8  (default: "
+                                         "auto = fp16 on CUDA, bf16 on CPUs with native bf16, else fp32). wsi "
+                                         "int8: OpenVINO + NNCF, calibrated on the cohort's tissue tiles, its own "
+                                         "encoder_id, refused below --min-cosine"),
+    runtime: str | None = typer.Option(None, "--runtime", help="auto | torch | torch-compile | openvino  (default: "
+                                       "auto = OpenVINO on a CPU when installed, torch on CUDA; the converted "
+                                       "model is cached in $MMCLI_CACHE or ~/.cache/mmcli)"),
+    min_cosine: float | None = typer.Option(None, "--min-cosine", help="wsi --precision int8: least cosine of "
+                                            "int8 to fp32 features on held-out tissue tiles  (default: 0.99)"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Inputs per encoder batch  (wsi: 64 tiles; "
                                         "text: 16 windows)"),
     workers: int | None = typer.Option(None, "--workers", help="Worker processes of --scheduler local  "
@@ -287,7 +294,8 @@ def extract(
     if manifest is None:
         raise InputError(f"--modality {modality} needs --manifest CSV.")
     options = dict(
-        encoder=encoder, weights=weights, device=device, precision=precision, batch_size=batch_size, seed=seed,
+        encoder=encoder, weights=weights, device=device, precision=precision, runtime=runtime,
+        min_cosine=min_cosine, batch_size=batch_size, seed=seed,
         mpp=mpp, patch_size=patch_size, reader=reader, default_mpp=default_mpp, min_tissue=min_tissue,
         tissue_threshold=tissue_threshold, min_tissue_area=min_tissue_area, read_threads=read_threads, qc=qc,
         feature_dtype=feature_dtype, torch_threads=torch_threads, spacing=spacing, shape=shape,

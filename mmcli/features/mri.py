@@ -289,9 +289,11 @@ class MriExtractor(ItemExtractor):
 
 
 @register("mri", options=MriOptions, unit="step")
-def make_spec(store: str | Path | None = None, options: MriOptions | None = None, **given: Any) -> ExtractorSpec:
+def make_spec(store: str | Path | None = None, options: MriOptions | None = None, *,
+              cohort: Any = None, **given: Any) -> ExtractorSpec:
     """Picklable recipe of an :class:`MriExtractor` from a :class:`MriOptions` (or its fields as keywords);
-    the encoder_id is computed without loading the model. ``store`` is not needed (no files beside it)."""
+    the encoder_id is computed without loading the model. ``store`` and ``cohort`` (the manifest rows) are not
+    needed."""
     from mmcli.features.encoders.registry import resolve
 
     opts: MriOptions = coerce(options, MriOptions, given)

@@ -146,9 +146,11 @@ class TextExtractor(ItemExtractor):
 
 
 @register("text", options=TextOptions, unit="note")
-def make_spec(store: str | Path | None = None, options: TextOptions | None = None, **given: Any) -> ExtractorSpec:
+def make_spec(store: str | Path | None = None, options: TextOptions | None = None, *,
+              cohort: Any = None, **given: Any) -> ExtractorSpec:
     """Picklable recipe of a :class:`TextExtractor` from a :class:`TextOptions` (or its fields as keywords);
-    resolves the model folder and encoder_id up front. ``store`` is not needed (no files beside it)."""
+    resolves the model folder and encoder_id up front. ``store`` and ``cohort`` (the manifest rows) are not
+    needed."""
     opts: TextOptions = coerce(options, TextOptions, given)
     encoder_id = text_encoder_id(opts.encoder, opts.max_tokens, opts.stride, opts.pooling)
     return ExtractorSpec("mmcli.features.text:TextExtractor", {"options": opts.to_json()}, "text", encoder_id)

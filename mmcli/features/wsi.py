@@ -8,7 +8,9 @@ re-validates the options) and calls per slide.
 """
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -18,20 +20,23 @@ from pydantic import Field, field_validator
 
 from mmcli.features.encoders.image import ImageEncoder
 from mmcli.features.encoders.registry import create_encoder, resolve
-from mmcli.features.encoders.runtime import load_state_dict, resolve_device
+from mmcli.features.encoders.runtime import INT8, PRECISIONS, RUNTIMES, load_state_dict, resolve_backend, resolve_device
 from mmcli.features.modalities import ExtractorOptions, coerce, register
 from mmcli.features.readers import READER_CHOICES, SlideError, open_slide, slide_opener
 from mmcli.features.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
+from mmcli.features.tileplan import PlanCache, SlidePlan, plan_key, plans_dir_for
 from mmcli.features.tiling import TilePlan, default_read_threads, iter_tile_batches, plan_tiles
 from mmcli.features.tissue import TissueParams, qc_image, save_png_atomic, tissue_mask
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.fingerprint import make_encoder_id
+from mmcli.pipeline.fingerprint import make_encoder_id, source_fingerprint
 from mmcli.pipeline.manifest import ManifestRow
 
 MODALITY = "wsi"
 DEFAULT_ENCODER = "resnet50_trunc"
 FEATURE_DTYPES = ("float16", "float32")
+WSI_PRECISIONS = (*PRECISIONS, INT8)
 _FP16_MAX = 65504.0
+DETECTIONS = {"tissue": 0}  # tissue detections in this process (a test counter: a reused plan adds none)
 
 
 class WsiOptions(ExtractorOptions):
@@ -62,6 +67,17 @@ class WsiOptions(ExtractorOptions):
     qc: bool = Field(True, description="write a QC PNG per slide to <store>.qc/, true | false")
     feature_dtype: Literal[FEATURE_DTYPES] = Field(  # type: ignore[valid-type]
         "float16", description=f"stored feature dtype, one of {' | '.join(FEATURE_DTYPES)}")
+    precision: Literal[WSI_PRECISIONS] = Field(  # type: ignore[valid-type]
+        "auto", description=f"one of {' | '.join(WSI_PRECISIONS)}; auto = fp16 on CUDA, bf16 on CPUs with native "
+        "bf16, else fp32; int8 = OpenVINO after NNCF quantisation calibrated on this cohort's tissue tiles "
+        "(its own encoder_id)")
+    runtime: Literal[RUNTIMES] = Field(  # type: ignore[valid-type]
+        "auto", description=f"inference runtime, one of {' | '.join(RUNTIMES)}; auto = OpenVINO on a CPU when "
+        "installed, else torch")
+    min_cosine: float = Field(0.99, gt=0, le=1, description="int8: least cosine of int8 to fp32 features on "
+                              "held-out tissue tiles, in (0, 1]; below it the run is refused")
+    calibration_tiles: int = Field(300, ge=8, description="int8: tissue tiles sampled across the cohort's "
+                                   "slides to calibrate on (fewer when the cohort has fewer), an integer >= 8")
 
     @field_validator("weights", mode="before")
     @classmethod
@@ -84,30 +100,50 @@ def qc_dir_for(store: str | Path, encoder_id: str) -> Path:
     return p.with_name(p.name + ".qc") / encoder_id
 
 
-def _build_encoder(opts: WsiOptions) -> ImageEncoder:
+def _build_encoder(opts: WsiOptions, int8_model: str | None = None) -> ImageEncoder:
+    """The image encoder of ``opts``; int8 is the fp32 network on OpenVINO replaced by ``int8_model``."""
     name = opts.encoder
     modality, _, _ = resolve(name)
     if modality != MODALITY:
         raise InputError(f"--encoder {name!r} is a {modality} encoder, not an image (wsi) encoder.")
+    int8 = opts.precision == INT8
+    if int8 and opts.runtime not in ("auto", "openvino"):
+        raise InputError(f"--precision int8 runs on OpenVINO: it does not combine with --runtime {opts.runtime}. "
+                         "Fix: --runtime auto or openvino.")
+    try:
+        resolve_backend("openvino" if int8 else opts.runtime, resolve_device(opts.device))
+    except ValueError as e:
+        raise InputError(f"--runtime {opts.runtime}" + (" (--precision int8)" if int8 else "") + f": {e}") from e
     try:
         enc = create_encoder(name, weights=opts.weights, seed=opts.seed, device=opts.device,
-                             precision=opts.precision)
+                             precision="fp32" if int8 else opts.precision,
+                             runtime="openvino" if int8 else opts.runtime, threads=opts.torch_threads)
     except FileNotFoundError as e:
         raise InputError(f"--weights {e.filename}: file not found.") from e
     except ValueError as e:
         raise InputError(f"--encoder {name}: {e}") from e
     if not isinstance(enc, ImageEncoder):
         raise InputError(f"--encoder {name!r} is not an image encoder")
+    enc.int8_model = int8_model
     return enc
 
 
+def tile_params(opts: WsiOptions) -> dict[str, Any]:
+    """The tiling and tissue parameters: part of the encoder_id and of every tile plan's key."""
+    return {"mpp": float(opts.mpp), "patch_size": int(opts.patch_size), "min_tissue": float(opts.min_tissue),
+            "tissue": opts.tissue_params().to_dict()}
+
+
 @register(MODALITY, options=WsiOptions, unit="tile")
-def make_spec(store: str | Path, options: WsiOptions | None = None, **given: Any) -> ExtractorSpec:
+def make_spec(store: str | Path, options: WsiOptions | None = None, *, cohort: Sequence[ManifestRow] | None = None,
+              **given: Any) -> ExtractorSpec:
     """Validate the WSI options (a :class:`WsiOptions`, or its fields as keywords) and return the picklable
     recipe the runner executes.
 
     The ``encoder_id`` covers the encoder, its weights and every parameter that changes the features (mpp,
-    patch size, tissue settings); reader, device, precision and ``default_mpp`` are recorded per item instead.
+    patch size, tissue settings; for int8 also the quantisation); reader, device, runtime and float precision
+    are recorded per item instead (bf16 features have cosine >= 0.999 to fp32: see the runtime tests).
+    ``cohort`` (the manifest's WSI rows) is needed by ``--precision int8``, which calibrates on its tiles.
     """
     opts: WsiOptions = coerce(options, WsiOptions, given)
     enc = _build_encoder(opts)
@@ -117,12 +153,156 @@ def make_spec(store: str | Path, options: WsiOptions | None = None, **given: Any
         except Exception as e:  # noqa: BLE001 - torch / safetensors raise many types for bad files
             raise InputError(f"--weights {opts.weights}: {e}") from e
     enc.warn_if_random()
-    tile = {"mpp": float(opts.mpp), "patch_size": int(opts.patch_size), "min_tissue": float(opts.min_tissue),
-            "tissue": opts.tissue_params().to_dict()}
-    encoder_id = make_encoder_id(enc.name, enc.weights.sha256, {**enc.params(), **tile})
+    tile = tile_params(opts)
+    params = {**enc.params(), **tile}
+    int8: dict[str, Any] | None = None
+    if opts.precision == INT8:
+        params["quantisation"] = {"precision": INT8, "method": "nncf-ptq-performance",
+                                  "calibration_tiles": opts.calibration_tiles, "seed": opts.seed}
+        encoder_id = make_encoder_id(enc.name, enc.weights.sha256, params)
+        int8 = calibrate_int8(store, opts, enc, encoder_id, cohort)
+    encoder_id = make_encoder_id(enc.name, enc.weights.sha256, params)
     kwargs = dict(options=opts.to_json(), weights_sha256=enc.weights.sha256, encoder_id=encoder_id,
-                  qc_dir=str(qc_dir_for(store, encoder_id)) if opts.qc else None)
+                  qc_dir=str(qc_dir_for(store, encoder_id)) if opts.qc else None,
+                  plan_dir=str(plans_dir_for(store)), int8=int8)
     return ExtractorSpec("mmcli.features.wsi:WSIExtractor", kwargs, MODALITY, encoder_id)
+
+
+# ---- int8 -------------------------------------------------------------------------------------------------
+def models_dir_for(store: str | Path) -> Path:
+    """Cohort-specific models (int8, calibrated on this store's slides) live beside the store."""
+    p = Path(store).resolve()
+    return p.with_name(p.name + ".models")
+
+
+def calibrate_int8(store: str | Path, opts: WsiOptions, enc: ImageEncoder, encoder_id: str,
+                   cohort: Sequence[ManifestRow] | None) -> dict[str, Any]:
+    """Quantise ``enc`` to int8 with NNCF on a seeded sample of the cohort's tissue tiles (once per store and
+    encoder_id: later runs reuse the model), check its fidelity on held-out tiles and refuse it below
+    ``--min-cosine``. Returns what the extractor and the encoder attrs need."""
+    from mmcli.features.encoders import openvino_rt
+
+    dest = models_dir_for(store) / MODALITY / encoder_id
+    meta_path = dest / "meta.json"
+    if (dest / "model.xml").is_file() and meta_path.is_file():
+        info = json.loads(meta_path.read_text())
+    else:
+        if not cohort:
+            raise InputError("--precision int8 calibrates on the cohort's own tissue tiles, and there is no "
+                             "slide to sample. Fix: run mmcli extract with a --manifest that lists slides.")
+        tiles, slides = calibration_sample(store, opts, cohort)
+        if len(tiles) < 16:
+            raise InputError(f"--precision int8: only {len(tiles)} tissue tile(s) in the cohort's slides, too few "
+                             "to calibrate (16 or more needed). Fix: use --precision auto or fp32.")
+        held = max(8, min(64, len(tiles) // 5))
+        calib, test = tiles[held:], tiles[:held]
+        size = (opts.patch_size, opts.patch_size)
+        float_run = enc._runner(size)  # fp32 OpenVINO IR (converted once, cached)
+        batches = [calib[i:i + 16] for i in range(0, len(calib), 16)]
+        model = openvino_rt.quantize_int8(enc._ov_info["ov_model"], batches)
+        q = openvino_rt.CompiledModel(model, INT8, opts.torch_threads)
+        fid = openvino_rt.fidelity(float_run, q, [test[i:i + 32] for i in range(0, len(test), 32)])
+        info = {"encoder_id": encoder_id, "calibration": {"tiles": int(len(calib)), "slides": slides,
+                                                          "seed": opts.seed, "requested": opts.calibration_tiles},
+                "fidelity": {"held_out_tiles": fid["n"], "cosine_min": fid["min"],
+                             "cosine_median": fid["median"], "cosine_mean": fid["mean"], "reference": "fp32"},
+                "openvino": openvino_rt.version(), "nncf": openvino_rt.nncf_version(),
+                "float_model": enc._ov_info["ov_model"]}
+        openvino_rt.save_atomic(model, dest, info)
+    info["model"] = str(dest / "model.xml")
+    fid = info["fidelity"]
+    _say(f"int8 fidelity [{encoder_id}]: cosine to fp32 on {fid['held_out_tiles']} held-out tissue tiles: "
+         f"min {fid['cosine_min']:.5f}, median {fid['cosine_median']:.5f} (calibrated on "
+         f"{info['calibration']['tiles']} tiles of {info['calibration']['slides']} slide(s); "
+         f"floor --min-cosine {opts.min_cosine})")
+    if fid["cosine_min"] < opts.min_cosine:
+        raise InputError(f"--precision int8 refused: the int8 features' cosine to fp32 is {fid['cosine_min']:.5f} "
+                         f"(min over {fid['held_out_tiles']} held-out tiles; median {fid['cosine_median']:.5f}), "
+                         f"below --min-cosine {opts.min_cosine}. Fix: use --precision auto/fp32, or accept the "
+                         "loss with a lower --min-cosine.")
+    info["min_cosine"] = opts.min_cosine
+    return info
+
+
+def _say(msg: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(escape(msg), highlight=False)
+
+
+def calibration_sample(store: str | Path, opts: WsiOptions, cohort: Sequence[ManifestRow],
+                       max_slides: int = 32) -> tuple[np.ndarray, int]:
+    """``(tiles (N, P, P, 3) uint8 in a seeded random order, slides used)``: about ``calibration_tiles`` plus
+    a held-out share, spread evenly over up to ``max_slides`` slides chosen with ``--seed``. Tile plans come
+    from (and go to) the plan cache, so the extraction that follows does no tissue detection twice.
+    Unreadable slides are skipped here (the run reports them)."""
+    rng = np.random.default_rng(opts.seed)
+    rows = [cohort[i] for i in rng.permutation(len(cohort))[:max_slides]]
+    want = opts.calibration_tiles + max(8, min(64, opts.calibration_tiles // 4))
+    cache = PlanCache(plans_dir_for(store))
+    got: list[np.ndarray] = []
+    used = 0
+    for k, row in enumerate(rows):
+        per = -(-(want - sum(len(t) for t in got)) // (len(rows) - k))
+        if per <= 0:
+            break
+        try:
+            with open_slide(row.path, opts.reader) as reader:
+                slide_mpp, _, _ = _slide_mpp(reader, row.path, opts.default_mpp)
+                sp, _ = slide_plan(reader, source_fingerprint(row.path), slide_mpp, opts, cache)
+                if sp.plan.n == 0:
+                    continue
+                idx = np.sort(rng.choice(sp.plan.n, min(per, sp.plan.n), replace=False))
+                sub = replace(sp.plan, coords=sp.plan.coords[idx], tissue=sp.plan.tissue[idx])
+                opener = slide_opener(row.path, reader.name)
+                got += [b for _, b in iter_tile_batches(opener, sub, 64, opts.read_threads or default_read_threads())]
+                used += 1
+        except (SlideError, ItemError, OSError, ValueError):
+            continue
+    if not got:
+        return np.zeros((0, opts.patch_size, opts.patch_size, 3), np.uint8), 0
+    tiles = np.concatenate(got)
+    return tiles[rng.permutation(len(tiles))], used
+
+
+# ---- one tile plan per slide ------------------------------------------------------------------------------
+def _slide_mpp(reader: Any, path: Path, default_mpp: float | None) -> tuple[float, str, list[str]]:
+    """``(slide µm/px, where it came from, warnings)``; a slide without mpp and no --default-mpp is an
+    :class:`ItemError`."""
+    if reader.mpp is not None:
+        return float(reader.mpp), "metadata", []
+    if default_mpp is None:
+        raise ItemError(
+            f"slide {path} has no microns-per-pixel metadata, so its magnification is unknown. "
+            "Fix: re-run with --default-mpp MPP (its scan resolution, e.g. 0.25 for 40x or 0.5 for "
+            "20x) to use that value for slides without metadata.")
+    return float(default_mpp), "--default-mpp", [f"no mpp metadata: used --default-mpp {float(default_mpp)}"]
+
+
+def slide_plan(reader: Any, fingerprint: dict[str, Any], slide_mpp: float, opts: WsiOptions,
+               cache: PlanCache | None) -> tuple[SlidePlan, str]:
+    """The slide's tissue mask and tile plan and ``"reused"`` (from the cache) or ``"computed"`` (tissue
+    detected now, saved to the cache with its QC image)."""
+    key = plan_key(fingerprint, {**tile_params(opts), "slide_mpp": slide_mpp})
+    if cache is not None and (sp := cache.load(key)) is not None:
+        return sp, "reused"
+    tissue = opts.tissue_params()
+    try:
+        mask, thumb = tissue_mask(reader, slide_mpp, opts.patch_size * opts.mpp, tissue)
+        DETECTIONS["tissue"] += 1
+        plan = plan_tiles(reader.level_dimensions, reader.level_downsamples, slide_mpp, opts.mpp,
+                          opts.patch_size, mask.mask, mask.scale, opts.min_tissue)
+    except SlideError as e:
+        raise ItemError(str(e)) from e
+    sp = SlidePlan(plan, mask.mask, mask.scale, mask.threshold, mask.mpp)
+    if cache is not None:
+        if opts.qc:
+            save_png_atomic(qc_image(thumb, mask.mask, plan.coords, plan.patch_size_level0, mask.scale),
+                            cache.qc_path(key))
+        cache.save(key, sp)  # the plan last: a plan on disk always has its QC image
+    del thumb
+    return sp, "computed"
 
 
 class WSIExtractor(ItemExtractor):
@@ -132,10 +312,11 @@ class WSIExtractor(ItemExtractor):
     modality = MODALITY
 
     def __init__(self, options: dict[str, Any], weights_sha256: str | None, encoder_id: str,
-                 qc_dir: str | None) -> None:
+                 qc_dir: str | None, plan_dir: str | None = None, int8: dict[str, Any] | None = None) -> None:
         self.options = opts = WsiOptions.from_json(options, context="wsi extractor options")
         set_torch_threads(opts.torch_threads)
-        self.encoder = _build_encoder(opts)
+        self.int8 = int8
+        self.encoder = _build_encoder(opts, int8["model"] if int8 else None)
         if self.encoder.weights.sha256 != weights_sha256:  # e.g. a dask worker with another HF cache
             raise ItemError(f"encoder {opts.encoder}: this process resolves weights "
                             f"{self.encoder.weights.describe()} (sha256 {self.encoder.weights.sha256}), but the "
@@ -147,6 +328,7 @@ class WSIExtractor(ItemExtractor):
         self.reader, self.default_mpp = opts.reader, opts.default_mpp
         self.tissue = opts.tissue_params()
         self.qc_dir = Path(qc_dir) if qc_dir else None
+        self.plans = PlanCache(plan_dir) if plan_dir else None
         self.feature_dtype = np.dtype(opts.feature_dtype)
 
     @property
@@ -154,9 +336,12 @@ class WSIExtractor(ItemExtractor):
         return self._encoder_id
 
     def encoder_attrs(self) -> dict[str, Any]:
-        return {**self.encoder.provenance(), "modality": MODALITY, "mpp": self.mpp, "patch_size": self.patch_size,
-                "min_tissue": self.min_tissue, "tissue_params": self.tissue.to_dict(),
-                "options": self.options.to_json()}
+        attrs = {**self.encoder.provenance(), "modality": MODALITY, "mpp": self.mpp, "patch_size": self.patch_size,
+                 "min_tissue": self.min_tissue, "tissue_params": self.tissue.to_dict(),
+                 "options": self.options.to_json()}
+        if self.int8:
+            attrs.update(precision=INT8, int8={k: v for k, v in self.int8.items() if k != "encoder_id"})
+        return attrs
 
     # ---- one slide -------------------------------------------------------------------------------------------
     def extract(self, row: ManifestRow, progress: ProgressFn | None = None) -> ItemResult:
@@ -165,37 +350,28 @@ class WSIExtractor(ItemExtractor):
             reader = open_slide(row.path, self.reader, **self._reader_kwargs())
         except SlideError as e:
             raise ItemError(str(e)) from e
-        warnings: list[str] = []
         with reader:
-            slide_mpp, mpp_source = reader.mpp, "metadata"
-            if slide_mpp is None:
-                if self.default_mpp is None:
-                    raise ItemError(
-                        f"slide {row.path} has no microns-per-pixel metadata, so its magnification is unknown. "
-                        "Fix: re-run with --default-mpp MPP (its scan resolution, e.g. 0.25 for 40x or 0.5 for "
-                        "20x) to use that value for slides without metadata.")
-                slide_mpp, mpp_source = float(self.default_mpp), "--default-mpp"
-                warnings.append(f"no mpp metadata: used --default-mpp {slide_mpp}")
-            try:
-                mask, thumb = tissue_mask(reader, slide_mpp, self.patch_size * self.mpp, self.tissue)
-                plan = plan_tiles(reader.level_dimensions, reader.level_downsamples, slide_mpp, self.mpp,
-                                  self.patch_size, mask.mask, mask.scale, self.min_tissue)
-            except SlideError as e:
-                raise ItemError(str(e)) from e
+            slide_mpp, mpp_source, warnings = _slide_mpp(reader, row.path, self.default_mpp)
+            t_plan = time.perf_counter()
+            sp, plan_source = slide_plan(reader, self.fingerprint(row), slide_mpp, self.options, self.plans)
+            plan_s = time.perf_counter() - t_plan
+            plan = sp.plan
             if plan.upsampled:
                 warnings.append(f"target {self.mpp} µm/px is finer than the scan ({slide_mpp} µm/px): "
                                 "tiles are upsampled")
             if plan.n == 0:
                 warnings.append(f"no tissue found in {row.path.name}: stored with 0 tiles")
-            qc_path = self._write_qc(row, thumb, mask.mask, plan, mask.scale)
-            del thumb
+            qc_path = self._write_qc(row, reader, sp, slide_mpp)
             info = reader.info()
+            t_enc = time.perf_counter()
             feats, ran = self._encode(row.path, reader.name, plan, progress, warnings)
+            enc_s = time.perf_counter() - t_enc
         seconds = time.perf_counter() - t0
         attrs = {
             **plan.attrs(), **info, **ran, "mpp_source": mpp_source, "n_tiles": plan.n,
-            "tissue_threshold": round(mask.threshold, 5), "tissue_fraction": round(mask.fraction, 5),
-            "tissue_thumb_mpp": round(mask.mpp, 4), "feature_dtype": str(feats.dtype),
+            "tissue_threshold": round(sp.threshold, 5), "tissue_fraction": round(sp.fraction, 5),
+            "tissue_thumb_mpp": round(sp.mask_mpp, 4), "feature_dtype": str(feats.dtype),
+            "tile_plan": plan_source, "plan_seconds": round(plan_s, 3), "encode_seconds": round(enc_s, 3),
             "seconds": round(seconds, 3), "tiles_per_s": round(plan.n / seconds, 2) if seconds > 0 else None,
             "qc_png": qc_path,
         }
@@ -206,29 +382,33 @@ class WSIExtractor(ItemExtractor):
         cuda = resolve_device(self.encoder.device).startswith("cuda")
         return {"device": "cuda" if cuda else "cpu", "num_workers": self.read_threads}
 
-    def _write_qc(self, row: ManifestRow, thumb: np.ndarray, mask: np.ndarray, plan: TilePlan,
-                  scale: tuple[float, float]) -> str | None:
+    def _write_qc(self, row: ManifestRow, reader: Any, sp: SlidePlan, slide_mpp: float) -> str | None:
+        """This encoder's QC image: a copy of the plan's, else drawn from a fresh thumbnail."""
         if self.qc_dir is None:
             return None
         path = self.qc_dir / row.patient_id / f"{row.item_id}.png"
-        save_png_atomic(qc_image(thumb, mask, plan.coords, plan.patch_size_level0, scale), path)
+        key = plan_key(self.fingerprint(row), {**tile_params(self.options), "slide_mpp": slide_mpp})
+        if self.plans is not None and self.plans.copy_qc(key, path):
+            return str(path)
+        thumb, _ = reader.thumbnail(sp.mask_mpp / slide_mpp, strip_pixels=1 << 21)
+        thumb = thumb[:sp.mask.shape[0], :sp.mask.shape[1]]
+        save_png_atomic(qc_image(thumb, sp.mask, sp.plan.coords, sp.plan.patch_size_level0, sp.mask_scale), path)
         return str(path)
 
     def _encode(self, path: Path, reader_name: str, plan: TilePlan, progress: ProgressFn | None,
                 warnings: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
         enc = self.encoder
-        runtime = enc.runtime()
         if plan.n == 0:
-            return np.zeros((0, enc.dim), self.feature_dtype), runtime
+            return np.zeros((0, enc.dim), self.feature_dtype), enc.runtime()
         opener = slide_opener(path, reader_name, **self._reader_kwargs())
-        cuda = runtime["device"].startswith("cuda")
+        cuda = resolve_device(enc.device).startswith("cuda")
         feats: np.ndarray | None = None
         done = 0
         if progress:
             progress(0, plan.n)
         try:
             for start, batch in iter_tile_batches(opener, plan, self.batch_size, self.read_threads, pin_memory=cuda):
-                y = enc.forward(batch).numpy()
+                y = enc.forward(batch).numpy()  # a zero-copy view of encode()
                 if feats is None:
                     feats = np.empty((plan.n, y.shape[1]), self.feature_dtype)
                 if feats.dtype == np.float16 and y.size and np.abs(y).max() > _FP16_MAX:
@@ -241,4 +421,4 @@ class WSIExtractor(ItemExtractor):
         except SlideError as e:
             raise ItemError(f"{e} (after {done} of {plan.n} tiles)") from e
         assert feats is not None and done == plan.n
-        return feats, {**runtime, "batch_size": self.batch_size, "read_threads": self.read_threads}
+        return feats, {**enc.runtime(), "batch_size": self.batch_size, "read_threads": self.read_threads}

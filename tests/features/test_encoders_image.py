@@ -173,12 +173,14 @@ def test_precision_and_device_rules(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_reduced_precision_close_to_fp32() -> None:
+    """runtime() now also names the inference runtime and its version (recorded per item)."""
     x = _batch(8, 64)
     ref = create_encoder(f"timm:{TINY}", precision="fp32").encode(x)
     for prec in ("bf16", "fp16"):
         enc = create_encoder(f"timm:{TINY}", precision=prec)
         got = enc.encode(x)
-        assert enc.runtime() == {"device": "cpu", "precision": prec, "channels_last": True}
+        assert enc.runtime() == {"device": "cpu", "precision": prec, "channels_last": True, "runtime": "torch",
+                                 "runtime_version": torch.__version__}
         cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
         assert cos.min() > 0.99, (prec, cos.min())
 

@@ -43,7 +43,8 @@ def _extract(cohort: Path, *args: str):
     ("wsi", "--min-tissue", "1.5", "in [0, 1]"),
     ("wsi", "--reader", "bioformats", "auto | cucim | openslide | tiffslide"),
     ("wsi", "--feature-dtype", "int8", "float16 | float32"),
-    ("wsi", "--precision", "int8", "auto | fp32 | bf16 | fp16"),
+    ("wsi", "--precision", "int4", "auto | fp32 | bf16 | fp16 | int8"),  # int8 is a wsi precision now (issue 14)
+    ("mri", "--precision", "int8", "auto | fp32 | bf16 | fp16"),
     ("wsi", "--device", "tpu", "auto | cpu | cuda"),
     ("mri", "--shape", "4,16,16", "integer >= 8"),
     ("mri", "--spacing", "1,0,1", "mm"),

@@ -8,11 +8,15 @@ Weights, in order of precedence:
 3. Nothing available: a loud warning and a seeded random initialisation, recorded as ``pretrained: false``.
 
 An encoder is cheap to create: it resolves its weights (and hashes them) at once, so its ``encoder_id`` is
-known, and builds the network on first use. Inputs are uint8 RGB batches ``(B, H, W, 3)``; normalisation,
-the NHWC->NCHW change and mixed precision happen on the device.
+known, and builds the network on first use. Inputs are uint8 RGB batches ``(B, H, W, 3)``; the NHWC->NCHW
+change and the normalisation are folded into the model (:func:`FoldedImageModel`), so tiles stay uint8 until
+the network. Runtimes (``runtime=``): ``torch`` (eager, autocast), ``torch-compile``, ``openvino`` (CPU; the
+IR is converted once per encoder_id, input size, OpenVINO version and precision and cached on disk, see
+:mod:`~mmcli.features.encoders.openvino_rt`) or ``auto`` (OpenVINO on a CPU when installed, else torch).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -26,12 +30,15 @@ import numpy as np
 from mmcli.features.encoders.registry import Encoder, register_encoder
 from mmcli.features.encoders.runtime import (
     HF_WEIGHT_FILES,
+    INT8,
     autocast,
     hf_cache_dir,
     hf_file,
     load_state_dict,
+    resolve_backend,
     resolve_device,
     resolve_precision,
+    runtime_version,
     warn_random_init,
 )
 from mmcli.pipeline.fingerprint import file_sha256, make_encoder_id
@@ -112,8 +119,12 @@ class ImageEncoder(Encoder):
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    runtime_name: str = "torch"
+    threads: int | None = None
+    int8_model: str | None = None  # a quantised IR (see mmcli.features.wsi): precision int8 on OpenVINO
     modality: str = "wsi"
     _module: Any = field(default=None, init=False, repr=False)
+    _runners: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
     _dim: int | None = field(default=None, init=False, repr=False)
     _lock: Any = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -143,11 +154,6 @@ class ImageEncoder(Encoder):
             **({"init_seed": self.seed} if not self.weights.pretrained else {}),
         }
 
-    def runtime(self) -> dict[str, Any]:
-        """How this process runs the encoder (differs between machines, so kept per item)."""
-        _ = self.module  # building resolves device and precision
-        return {"device": self._device, "precision": self._precision, "channels_last": self._channels_last}
-
     def warn_if_random(self) -> None:
         """Say loudly (once per process) that this encoder has no pretrained weights."""
         if not self.weights.pretrained:
@@ -171,15 +177,35 @@ class ImageEncoder(Encoder):
 
     @property
     def module(self) -> Any:
+        """The torch network (NCHW float input), on this encoder's device."""
         with self._lock:
             if self._module is None:
                 self._module = self._build()
             return self._module
 
+    def _settle(self) -> None:
+        """Resolve device, precision and runtime once (cheap: no network is built)."""
+        if getattr(self, "_backend", None) is not None:
+            return
+        self._device = resolve_device(self.device)
+        self._backend = resolve_backend(self.runtime_name, self._device)
+        if self.int8_model:
+            if self._backend != "openvino":
+                raise ValueError("int8 runs with --runtime openvino (or auto on a CPU)")
+            self._precision = INT8
+        elif self._backend == "openvino":
+            from mmcli.features.encoders import openvino_rt
+
+            self._precision = openvino_rt.effective_precision(self.precision)
+        else:
+            self._precision = resolve_precision(self.precision, self._device)
+        self._channels_last = self._precision in ("bf16", "fp16")
+
     def _build(self) -> Any:
         import timm
         import torch
 
+        self._settle()
         self.warn_if_random()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -190,18 +216,69 @@ class ImageEncoder(Encoder):
         if self.truncate_after:
             model = self._truncate(model)
         model.eval().requires_grad_(False)
-        self._device = resolve_device(self.device)
-        self._precision = resolve_precision(self.precision, self._device)
-        self._channels_last = self._precision in ("bf16", "fp16")
-        model = model.to(self._device)
-        if self._device.startswith("cuda"):
+        device = "cpu" if self._backend == "openvino" else self._device
+        model = model.to(device)
+        if device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True  # tiles have one fixed size: let cuDNN pick its fastest kernels
-        if self._channels_last:
+        if self._channels_last and self._backend != "openvino":
             model = model.to(memory_format=torch.channels_last)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=self._device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=self._device).view(1, 3, 1, 1)
-        self._scale, self._shift = 1.0 / (255.0 * std), mean / std  # (x/255 - mean)/std in one FMA
         return model
+
+    def folded(self, channels_last: bool | None = None) -> Any:
+        """The network with the input conversion folded in: uint8 ``(B, H, W, 3)`` -> ``(B, D)`` features
+        (NHWC->NCHW, /255, mean/std inside the graph). What torch.compile and OpenVINO run."""
+        module = self.module
+        return FoldedImageModel(module, self.mean, self.std,
+                                self._channels_last if channels_last is None else channels_last).to(
+            "cpu" if self._backend == "openvino" else self._device)
+
+    def _runner(self, size: tuple[int, int]) -> Any:
+        """The callable that runs uint8 NHWC batches of spatial ``size`` for the resolved runtime."""
+        self._settle()
+        with self._lock:
+            run = self._runners.get(size)
+            if run is not None:
+                return run
+        if self._backend == "openvino":
+            run = self._openvino(size)
+        else:
+            net = self.folded()
+            if self._backend == "torch-compile":
+                import torch
+
+                net = torch.compile(net, dynamic=False)
+            run = _TorchRunner(net, self._device, self._precision)
+        with self._lock:
+            return self._runners.setdefault(size, run)
+
+    def _openvino(self, size: tuple[int, int]) -> Any:
+        from mmcli.features.encoders import openvino_rt
+
+        if self.int8_model:
+            xml = Path(self.int8_model)
+            self._ov_info = {"ov_model": str(xml), "ov_converted_now": False}
+        else:
+            import torch
+
+            h, w = size
+            dest = openvino_rt.model_dir(f"{self.encoder_id}-{h}x{w}", self._precision)
+            xml, now = openvino_rt.convert_cached(
+                dest, lambda: self.folded(channels_last=False), torch.zeros(1, h, w, 3, dtype=torch.uint8),
+                [((-1, h, w, 3), "u8")], {"encoder_id": self.encoder_id, "encoder": self.name, "input": [h, w]})
+            self._ov_info = {"ov_model": str(xml), "ov_converted_now": now}
+        compiled = openvino_rt.CompiledModel(xml, self._precision, self.threads)
+        self._ov_info.update(ov_hint=compiled.config["PERFORMANCE_HINT"], ov_threads=compiled.threads)
+        return compiled
+
+    def runtime(self) -> dict[str, Any]:
+        """How this process runs the encoder (differs between machines, so kept per item)."""
+        self._settle()
+        out = {"device": self._device, "precision": self._precision, "channels_last": self._channels_last,
+               "runtime": self._backend, "runtime_version": runtime_version(self._backend)}
+        if self._backend == "openvino":
+            out["channels_last"] = False
+            out.update(getattr(self, "_ov_info", {}))
+        return out
 
     def _dropped_stages(self) -> tuple[str, ...]:
         """Key prefixes of the ResNet stages that truncation drops (a checkpoint may lack them)."""
@@ -217,26 +294,67 @@ class ImageEncoder(Encoder):
         return nn.Sequential(*stem, *[getattr(model, n) for n in keep], nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
 
     # ---- inference ------------------------------------------------------------------------------------------
-    def forward(self, batch: Any) -> Any:
-        """(B, D) float32 CPU tensor for a uint8 RGB batch ``(B, H, W, 3)`` (numpy or tensor, any device)."""
-        import torch
-
-        module = self.module
-        x = torch.as_tensor(batch)
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"expected a (B, H, W, 3) uint8 batch, got shape {tuple(x.shape)}")
-        x = x.to(self._device, non_blocking=True).permute(0, 3, 1, 2).float()  # NHWC memory = channels_last
-        x = x * self._scale - self._shift
-        if not self._channels_last:
-            x = x.contiguous()
-        with torch.inference_mode(), autocast(self._device, self._precision):
-            y = module(x)
+    def encode(self, batch: Any) -> np.ndarray:
+        """(B, D) float32 features of a uint8 RGB batch ``(B, H, W, 3)`` (numpy or tensor, any device)."""
+        shape = tuple(batch.shape)
+        if len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"expected a (B, H, W, 3) uint8 batch, got shape {shape}")
+        run = self._runner((int(shape[1]), int(shape[2])))
+        y = run(batch)
         if self._dim is None:
             self._dim = int(y.shape[1])
-        return y.float().cpu()
+        return y
 
-    def encode(self, batch: Any) -> np.ndarray:
-        return self.forward(batch).numpy()
+    def forward(self, batch: Any) -> Any:
+        """:meth:`encode` as a float32 CPU torch tensor."""
+        import torch
+
+        return torch.from_numpy(self.encode(batch))
+
+
+class _TorchRunner:
+    """Runs a folded torch network (eager or compiled) on uint8 NHWC batches under autocast."""
+
+    def __init__(self, net: Any, device: str, precision: str) -> None:
+        self.net, self.device, self.precision = net, device, precision
+
+    def __call__(self, batch: Any) -> np.ndarray:
+        import torch
+
+        x = torch.as_tensor(batch).to(self.device, non_blocking=True)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            y = self.net(x)
+        return y.float().cpu().numpy()
+
+
+@functools.cache
+def _folded_cls() -> Any:
+    import torch
+    import torch.nn as nn
+
+    class _Folded(nn.Module):
+        def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                     channels_last: bool) -> None:
+            super().__init__()
+            self.net, self.channels_last = net, channels_last
+            m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+            s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+            self.register_buffer("scale", 1.0 / (255.0 * s), persistent=False)  # (x/255 - mean)/std in one FMA
+            self.register_buffer("shift", m / s, persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.permute(0, 3, 1, 2).float()  # NHWC memory = channels_last
+            x = x * self.scale - self.shift
+            if not self.channels_last:
+                x = x.contiguous()
+            return self.net(x)
+
+    return _Folded
+
+
+def FoldedImageModel(net: Any, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool) -> Any:  # noqa: N802
+    """``uint8 (B, H, W, 3) -> (B, D)``: ImageNet-style normalisation folded in front of ``net``."""
+    return _folded_cls()(net, mean, std, channels_last)
 
 
 # ---- factories -------------------------------------------------------------------------------------------
@@ -262,19 +380,19 @@ def _resolve_weights(name: str, weights: str | Path | None, hub_repo: str | None
 
 @register_encoder("resnet50_trunc", "wsi")
 def resnet50_trunc(weights: str | Path | None = None, seed: int = 0, device: str = "auto",
-                   precision: str = "auto") -> ImageEncoder:
+                   precision: str = "auto", runtime: str = "torch", threads: int | None = None) -> ImageEncoder:
     """CLAM's encoder: ResNet-50 up to ``layer3``, average-pooled, 1024-d, ImageNet normalisation.
 
     Pretrained weights: ``weights`` (a full ResNet-50 state dict, torchvision/timm key names) or
     ``timm/resnet50.tv_in1k`` from the HF cache."""
     ws = _resolve_weights("resnet50_trunc", weights, RESNET50_TRUNC_HUB)
     return ImageEncoder("resnet50_trunc", "resnet50", ws, IMAGENET_MEAN, IMAGENET_STD, truncate_after="layer3",
-                        seed=seed, device=device, precision=precision)
+                        seed=seed, device=device, precision=precision, runtime_name=runtime, threads=threads)
 
 
 @register_encoder("timm:", "wsi")
 def timm_encoder(model_name: str, weights: str | Path | None = None, seed: int = 0, device: str = "auto",
-                 precision: str = "auto") -> ImageEncoder:
+                 precision: str = "auto", runtime: str = "torch", threads: int | None = None) -> ImageEncoder:
     """Any timm model, pooled features (``num_classes=0``): ``timm:resnet18``, ``timm:vit_small_patch16_224``,
     ``timm:hf-hub:ORG/NAME`` (config and weights from the local HF cache)."""
     import timm
@@ -295,7 +413,8 @@ def timm_encoder(model_name: str, weights: str | Path | None = None, seed: int =
         args = {k: v for k, v in cfg.get("model_args", {}).items() if k != "num_classes"}
         ws = _resolve_weights(name, weights, repo)
         mean, std = tuple(pcfg.get("mean", IMAGENET_MEAN)), tuple(pcfg.get("std", IMAGENET_STD))
-        return ImageEncoder(name, arch, ws, mean, std, args, seed=seed, device=device, precision=precision)
+        return ImageEncoder(name, arch, ws, mean, std, args, seed=seed, device=device, precision=precision,
+                            runtime_name=runtime, threads=threads)
     if not timm.is_model(model_name):
         raise ValueError(f"unknown timm model {model_name!r}. Fix: see timm.list_models(), e.g. timm:resnet18")
     pcfg = _timm_cfg(model_name)
@@ -304,4 +423,5 @@ def timm_encoder(model_name: str, weights: str | Path | None = None, seed: int =
     ws = _resolve_weights(name, weights, repo, files)
     mean = tuple(getattr(pcfg, "mean", None) or IMAGENET_MEAN)
     std = tuple(getattr(pcfg, "std", None) or IMAGENET_STD)
-    return ImageEncoder(name, model_name, ws, mean, std, seed=seed, device=device, precision=precision)
+    return ImageEncoder(name, model_name, ws, mean, std, seed=seed, device=device, precision=precision,
+                        runtime_name=runtime, threads=threads)

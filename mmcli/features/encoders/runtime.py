@@ -26,7 +26,9 @@ from mmcli.pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what torch runs
+INT8 = "int8"  # OpenVINO only, after NNCF post-training quantisation (its own encoder_id)
+RUNTIMES = ("auto", "torch", "torch-compile", "openvino")
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # what --device takes
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _WARNED: set[tuple[str, int | None]] = set()
@@ -92,6 +94,44 @@ def resolve_runtime(device: str, precision: str) -> tuple[Any, str]:
         return torch.device(dev), resolve_precision(precision, dev)
     except ValueError as e:
         raise InputError(str(e)) from e
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version, or None when it cannot be imported (checked on every call)."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return str(openvino.__version__)
+
+
+def resolve_backend(runtime: str, device: str) -> str:
+    """Which inference runtime runs an encoder: ``torch``, ``torch-compile`` or ``openvino``.
+
+    ``auto``: torch on CUDA (fp16; TensorRT would be the next step there, untested so not offered), OpenVINO on
+    CPU when it is importable, else torch. A runtime that cannot run here is a ``ValueError``.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {' | '.join(RUNTIMES)}")
+    cuda = device.startswith("cuda")
+    if runtime == "auto":
+        return "torch" if cuda or openvino_version() is None else "openvino"
+    if runtime == "openvino":
+        if cuda:
+            raise ValueError("--runtime openvino runs on the CPU; on CUDA use --runtime torch (or auto)")
+        if openvino_version() is None:
+            raise ValueError("--runtime openvino: the openvino package is not installed. Fix: pip install "
+                             "openvino nncf, or use --runtime torch")
+    return runtime
+
+
+def runtime_version(backend: str) -> str:
+    """Version of the package that runs ``backend``."""
+    if backend == "openvino":
+        return openvino_version() or "?"
+    import torch
+
+    return str(torch.__version__)
 
 
 def amp_dtype(precision: str) -> Any:
