@@ -160,7 +160,8 @@ def _limitations(card: dict[str, Any]) -> list[str]:
     surv = card["data"].get("survival")
     if surv and surv["events"] < FEW_EVENTS:
         out.append(f"Few events ({surv['events']}): survival metrics are imprecise.")
-    if card["calibration"] is None and card["model"]["task"] != SURVIVAL:
+    cal = card["calibration"]
+    if (cal is None or cal.get("method") == "none") and card["model"]["task"] != SURVIVAL:
         out.append("Calibration not assessed: probabilities are not recalibrated (class-weighted training "
                    "shifts them toward balanced classes); do not read them as absolute risks.")
     if card["subgroups"] is None:

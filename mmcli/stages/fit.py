@@ -41,7 +41,6 @@ from mmcli.heads.metrics import center_risks_by_fold, summarise
 from mmcli.heads.operating_point import choose_threshold
 from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.io import write_csv
 from mmcli.pipeline.rundir import RunWriter
 from mmcli.pipeline.signals import stop_on_signals
 from mmcli.pipeline.store import open_store
@@ -52,8 +51,6 @@ from mmcli.stages.evidence import (
     store_tables,
     survival_evidence,
 )
-
-ATTRIBUTIONS = "attributions.csv"
 
 
 def fit(
@@ -492,8 +489,8 @@ def _write_explanations(writer: RunWriter, results: list[FoldResult], cohort: Co
     igs = [r.attributions.assign(fold=r.fold) for r in results if r.attributions is not None]
     if igs:  # out-of-fold integrated gradients (torch heads)
         ig = pd.concat(igs, ignore_index=True)
-        write_csv(writer.path / ATTRIBUTIONS, ig[["patient_id", "fold", *[c for c in ig.columns
-                                                                         if c not in ("patient_id", "fold")]]])
+        writer.write_attributions(ig[["patient_id", "fold",
+                                      *[c for c in ig.columns if c not in ("patient_id", "fold")]]])
     frames: dict[str, list[pd.DataFrame]] = {}
     for r in results:
         for name, att in (r.attention or {}).items():

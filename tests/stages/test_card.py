@@ -74,7 +74,8 @@ def test_card_summarises_cohort_encoders_and_limitations(xgb_run):
                                                                            ("genes", "not applicable")]
     assert card["model"]["head"] == "xgboost" and card["model"]["target"] == "label"
     assert card["model"]["model_sha256"] == model_sha256(d / "run" / "model")
-    assert card["calibration"] is None and card["subgroups"] is None and card["operating_point"] is None
+    # every classification run reports calibration (slope / intercept of its probabilities, no recalibration here)
+    assert card["calibration"]["method"] == "none" and card["subgroups"] is None and card["operating_point"] is None
     text = " ".join(card["limitations"])
     assert "Small cohort (n = 24)" in text and "['wsi'] was pretrained is unknown" not in text
     assert "Whether the encoders for ['wsi'] were pretrained is unknown" in text

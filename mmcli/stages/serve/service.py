@@ -1,8 +1,9 @@
 """The served model: loads a run once, builds a one-patient :class:`~mmcli.heads.data.Cohort` from a request
 (features sent in the body, or a patient of ``--store``) and scores it the way ``mmcli predict`` does.
 
-A store patient is read with :mod:`mmcli.stages.predict`'s own checks and loaders (``_check_store``,
-``load_cohort``, ``_align_tables``), so the served probabilities equal ``mmcli predict``'s for that patient.
+A store patient is read with :mod:`mmcli.stages.predict`'s own loaders (``_sources``, ``load_cohort``) and
+aligned by the head (``Head.align``), and the run's saved calibration and decision threshold are applied the
+same way, so the served output equals ``mmcli predict``'s for that patient.
 A payload has no store to read: :func:`cohort_from_payload` (this module) makes the same Cohort layout from
 the arrays (bags as sent, vectors as sent, tables in the model's column order with null = missing).
 """
@@ -23,7 +24,8 @@ from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.rundir import resolve_model_dir
 from mmcli.pipeline.store import FeatureStore, open_store
 from mmcli.stages.card import build_card
-from mmcli.stages.predict import _align_tables, _check_store, _default_classes
+from mmcli.stages.evidence import Postprocess
+from mmcli.stages.predict import _sources
 
 PAYLOAD_ITEM = "payload"
 
@@ -96,9 +98,10 @@ class ServedModel:
         run = self.config.get("run") or {}
         self.problem = run.get("problem") or self.config["params"].get("task")
         self.task = "survival" if self.problem == "survival" else "classification"
-        self.classes = [str(c) for c in (run.get("classes") or _default_classes(self.config))]
-        # the rule of `mmcli predict`: attention_mil scores only patients with every modality, others any
-        self.needs_all = self.config["head"] == "attention_mil"
+        self.classes = [str(c) for c in (run.get("classes") or range(self.head.n_classes))]
+        # the head's own policy, as in `mmcli predict`: some heads score only patients with every modality
+        self.needs_all = type(self.head).needs_every_modality
+        self.post = Postprocess.load(self.model_dir)  # saved calibration / operating-point threshold (or none)
         self.card = build_card(model)
         self.sha256: str = self.card["model"]["model_sha256"]
         self.store: FeatureStore | None = None
@@ -107,7 +110,7 @@ class ServedModel:
             if not Path(store).exists():
                 raise InputError(f"{store}: no feature store here.", flag="--store")
             self.store = open_store(Path(store), "r")
-            self.sources = _check_store(self.store, self.specs)
+            self.sources = _sources(self.store, self.specs)
         self._lock = threading.Lock()  # one forward pass at a time: torch heads keep module state
 
     def warm_up(self) -> None:
@@ -123,7 +126,7 @@ class ServedModel:
         """The patient's features as ``mmcli predict`` reads them (same loaders, same table alignment)."""
         if self.store is None:
             raise Unprocessable("this server has no --store: send the patient's features instead of an id.")
-        cohort = _align_tables(load_cohort(self.store, self.sources, [patient_id], n_threads=1), self.specs)
+        cohort = self.head.align(load_cohort(self.store, self.sources, [patient_id], n_threads=1))
         instances: dict[str, list[tuple[str | None, int, list[float] | None]]] = {}
         for s in self.specs:
             m = cohort.modalities[s.name]
@@ -158,8 +161,13 @@ class ServedModel:
         if self.task == "survival":
             out["risk"] = float(pred.reshape(-1)[0])
         else:
+            pred = self.post.calibrate(pred)
             out["probabilities"] = {c: float(p) for c, p in zip(self.classes, pred[0])}
             out["predicted_class"] = self.classes[int(np.argmax(pred[0]))]
+            decisions = self.post.decisions(pred)
+            if decisions is not None:  # the operating point's threshold, chosen at fit time on training folds
+                out["decision"] = decisions[0]
+                out["threshold"] = self.post.threshold
         if att:
             out["attention"] = {name: _top_tiles(values[0], prep.instances.get(name, []), top_k)
                                 for name, values in att.items()}
