@@ -353,7 +353,7 @@ class WSIExtractor(ItemExtractor):
         with reader:
             slide_mpp, mpp_source, warnings = _slide_mpp(reader, row.path, self.default_mpp)
             t_plan = time.perf_counter()
-            sp, plan_source = slide_plan(reader, self.fingerprint(row), slide_mpp, self.options, self.plans)
+            sp, plan_source = slide_plan(reader, source_fingerprint(row.path), slide_mpp, self.options, self.plans)
             plan_s = time.perf_counter() - t_plan
             plan = sp.plan
             if plan.upsampled:
@@ -387,7 +387,7 @@ class WSIExtractor(ItemExtractor):
         if self.qc_dir is None:
             return None
         path = self.qc_dir / row.patient_id / f"{row.item_id}.png"
-        key = plan_key(self.fingerprint(row), {**tile_params(self.options), "slide_mpp": slide_mpp})
+        key = plan_key(source_fingerprint(row.path), {**tile_params(self.options), "slide_mpp": slide_mpp})
         if self.plans is not None and self.plans.copy_qc(key, path):
             return str(path)
         thumb, _ = reader.thumbnail(sp.mask_mpp / slide_mpp, strip_pixels=1 << 21)
