@@ -145,12 +145,13 @@ def test_preset_sets_tiling_unless_given(tmp_path: Path, monkeypatch: pytest.Mon
     class Spy:
         options, unit, build_options = real.options, real.unit, real.build_options
 
-        def make_spec(self, store: str, opts: object) -> None:
+        def make_spec(self, store: str, opts: object, **_: object) -> None:
             seen.update(mpp=opts.mpp, patch_size=opts.patch_size)
             raise InputError("stop here")
 
     monkeypatch.setattr(extract_stage, "modality_of", lambda name: Spy())
     (tmp_path / "m.csv").write_text("patient_id,modality,path\nP1,wsi,s.svs\n")
+    (tmp_path / "s.svs").write_bytes(b"x")  # the spec is only built once some file of the cohort exists
     for given, want in (({}, (0.5, 448)), ({"patch_size": 256}, (0.5, 256))):
         with pytest.raises(InputError, match="stop here"):
             extract_stage.extract("wsi", tmp_path / "m.csv", tmp_path / "s.zarr", encoder="conch-v1.5",

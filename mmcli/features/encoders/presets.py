@@ -314,7 +314,8 @@ class PresetEncoder(ImageEncoder):
 
 
 def create_preset(name: str, weights: str | Path | None = None, seed: int = 0, device: str = "auto",
-                  precision: str = "auto", arch_overrides: dict[str, Any] | None = None) -> PresetEncoder:
+                  precision: str = "auto", arch_overrides: dict[str, Any] | None = None, runtime: str = "torch",
+                  threads: int | None = None) -> PresetEncoder:
     """The encoder of preset ``name``; its checkpoint is found locally and checked (strict keys) now."""
     p = PRESETS[name]
     path = local_weights(p, weights)
@@ -327,13 +328,14 @@ def create_preset(name: str, weights: str | Path | None = None, seed: int = 0, d
     ws = WeightsSource("file" if weights else "hf-cache", str(path.resolve()), file_sha256(path),
                        None if weights else p.repo)
     return PresetEncoder(name, p.arch, ws, p.mean, p.std, model_args=json.loads(json.dumps(p.args)), seed=seed,
-                         device=device, precision=precision, preset=name, arch_overrides=dict(arch_overrides or {}))
+                         device=device, precision=precision, preset=name, arch_overrides=dict(arch_overrides or {}),
+                         runtime_name=runtime, threads=threads)
 
 
 def _register(name: str) -> None:
     def factory(weights: str | Path | None = None, seed: int = 0, device: str = "auto",
-                precision: str = "auto") -> PresetEncoder:
-        return create_preset(name, weights, seed, device, precision)
+                precision: str = "auto", runtime: str = "torch", threads: int | None = None) -> PresetEncoder:
+        return create_preset(name, weights, seed, device, precision, runtime=runtime, threads=threads)
 
     factory.__doc__ = f"{PRESETS[name].title}: {PRESETS[name].dim}-d, {PRESETS[name].patch_size} px at " \
                       f"{PRESETS[name].mpp} µm/px; weights {PRESETS[name].weights_file} of {PRESETS[name].repo}."
