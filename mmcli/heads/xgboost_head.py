@@ -168,7 +168,7 @@ class XGBoostHead(Head):
             n_class = int(learner["learner_model_param"].get("num_class", "0"))
             n_features = int(self.booster_.num_features())
         want = self._params()["objective"]
-        n_in = sum(s.dim for s in self.spec_)
+        n_in = len(self.feature_names())  # after in-fold imputation indicators, if any (preprocessors_ are loaded)
         if objective != want or (self.task == "multiclass" and n_class != self.n_classes) or n_features != n_in:
             raise damaged(f, f"holds a {objective} model of {n_features} features"
                           + (f" and {n_class} classes" if n_class else "")
