@@ -25,6 +25,7 @@ Tree::
 """
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,25 @@ class ItemInterrupted(BaseException):
     """Not an error but a stop request: raised inside an item when the run was asked to stop (SIGINT/SIGTERM),
     so the item is abandoned unwritten. A ``BaseException`` (like ``KeyboardInterrupt``) so that an extractor's
     ``except Exception`` cannot swallow it; the only exception class of mmcli outside the MmcliError tree."""
+
+
+class Interrupted(BaseException):  # noqa: N818 - named for what happened, like KeyboardInterrupt
+    """Not an error but a stop request: a signal stopped the command (``fit``); ``exit_code`` is 128 + the
+    signal number. A ``BaseException`` so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int, note: str = "") -> None:
+        self.signum = int(signum)
+        self.name = signal.Signals(self.signum).name
+        self.note = note
+        super().__init__(self.message)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def message(self) -> str:
+        return f"interrupted by {self.name}" + (f": {self.note}" if self.note else "")
+
+    def __str__(self) -> str:
+        return self.message

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmcli.pipeline.errors import MmcliError
 from mmcli.pipeline.store import pid_alive
 
 STALE_UNREADABLE_S = 60.0  # a lock whose content cannot be read is taken over after this age
@@ -35,7 +36,7 @@ class Holder:
         return f"{self.command or 'mmcli'} (pid {self.pid} on {self.host}, started {self.started})"
 
 
-class LockHeld(Exception):  # noqa: N818 - a state, raised to the caller that maps it to its own message
+class LockHeld(MmcliError):  # noqa: N818 - a state, raised to the caller that maps it to its own message
     """The lock is held by another live process (``holder``)."""
 
     def __init__(self, path: Path, holder: Holder) -> None:

@@ -18,28 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from mmcli.pipeline.errors import Interrupted
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Interrupted(BaseException):  # noqa: N818 - named for what happened, like KeyboardInterrupt
-    """A signal stopped the command; ``exit_code`` is 128 + the signal number."""
-
-    def __init__(self, signum: int, note: str = "") -> None:
-        self.signum = int(signum)
-        self.name = signal.Signals(self.signum).name
-        self.note = note
-        super().__init__(self.message)
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-    @property
-    def message(self) -> str:
-        return f"interrupted by {self.name}" + (f": {self.note}" if self.note else "")
-
-    def __str__(self) -> str:
-        return self.message
+__all__ = ["SIGNALS", "Interrupted", "critical", "stop_on_signals"]
 
 
 class _State:

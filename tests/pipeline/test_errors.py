@@ -64,8 +64,8 @@ def test_no_exception_class_outside_the_tree() -> None:
         for _, obj in inspect.getmembers(mod, inspect.isclass):
             if obj.__module__ == info.name and issubclass(obj, BaseException) and not issubclass(obj, MmcliError):
                 outside.append(f"{info.name}.{obj.__name__}")
-    # the one stop request (a BaseException on purpose, like KeyboardInterrupt) lives beside the tree, in errors.py
-    assert outside == ["mmcli.pipeline.errors.ItemInterrupted"]
+    # the two stop requests (BaseExceptions on purpose, like KeyboardInterrupt) live beside the tree, in errors.py
+    assert outside == ["mmcli.pipeline.errors.Interrupted", "mmcli.pipeline.errors.ItemInterrupted"]
 
 
 def test_plain_messages_print_unchanged() -> None:

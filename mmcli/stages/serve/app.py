@@ -26,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from mmcli import __version__
-from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.errors import InputError, MmcliError
 from mmcli.stages.serve.audit import DEFAULT_MAX_BYTES, AuditLog
 from mmcli.stages.serve.schemas import Health, Limits, PredictResponse, payload_of, request_model
 from mmcli.stages.serve.service import NotFound, ServedModel, Unprocessable, input_sha256
@@ -259,8 +259,8 @@ def serve(
         audit.close()
 
 
-class _Stopped(Exception):
-    pass
+class _Stopped(MmcliError):
+    """uvicorn stopped on a signal: control flow back to the command, not an error."""
 
 
 @contextmanager
