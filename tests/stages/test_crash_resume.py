@@ -111,7 +111,9 @@ def test_fault_spec_parsing() -> None:
     for bad in ("nowhere:1", "item.after:0", "item.after:1:explode", "item.after:x"):
         with pytest.raises(ValueError):
             parse(bad)
-    assert {"item.locked", "item.progress", "store.staged", "item.written", "item.after"} == set(POINTS)
+    # the extraction points, plus fit's two (run.model, run.staged: see tests/stages/test_fit_faults.py)
+    assert {"item.locked", "item.progress", "store.staged", "item.written", "item.after", "run.model",
+            "run.staged"} == set(POINTS)
 
 
 def test_fault_once_token_fires_in_one_process_only(tmp_path: Path) -> None:
