@@ -145,6 +145,17 @@ def available_modalities(store: FeatureStore) -> list[str]:
     return list(store.modalities()) + list(store.tables())
 
 
+def patients_in(fs: Any, sources: Sequence[Source]) -> set[str]:
+    """Ids of the patients with features of any of ``sources`` in store ``fs`` (items or table rows)."""
+    ids: set[str] = set()
+    for s in sources:
+        if s.encoder_id is not None:
+            ids |= {k.patient_id for k in fs.iter_items(s.name, s.encoder_id)}
+        else:
+            ids |= {str(p) for p in fs.read_table(s.name).index}
+    return ids
+
+
 def resolve_sources(
     store: FeatureStore, modalities: Sequence[str] | None = None, encoders: dict[str, str] | None = None
 ) -> list[Source]:

@@ -27,7 +27,7 @@ import pandas as pd
 
 from mmcli import __version__
 from mmcli.heads.base import Head, load_head, read_model_config
-from mmcli.heads.data import Cohort, load_cohort
+from mmcli.heads.data import Cohort, load_cohort, patients_in
 from mmcli.heads.drift import modality_drift
 from mmcli.heads.metrics import FoldPredictions, eval_times, summarise
 from mmcli.heads.targets import Target, build_target, read_labels
@@ -83,7 +83,7 @@ def evaluate(
     classes = [str(c) for c in (run_cfg.get("classes") or [])]
     if not survival:
         tgt = _recode(tgt, classes)
-    in_store = _store_patients(fs, sources)
+    in_store = patients_in(fs, sources)
     keep = [p for p in tgt.patients if p in in_store]
     missing: dict[str, Any] = {
         "not_in_store": sorted(set(tgt.patients) - in_store),
@@ -174,14 +174,6 @@ def _recode(tgt: Target, classes: list[str]) -> Target:
     return Target(task, tgt.patients, y, classes, tgt.target, None, None, tgt.source, tgt.dropped)
 
 
-def _store_patients(fs: Any, sources: list) -> set[str]:
-    ids: set[str] = set()
-    for s in sources:
-        if s.encoder_id is not None:
-            ids |= {k.patient_id for k in fs.iter_items(s.name, s.encoder_id)}
-        else:
-            ids |= {str(p) for p in fs.read_table(s.name).index}
-    return ids
 
 
 def _metrics(head: Head, cohort: Cohort, tgt: Target, raw: np.ndarray, pred: np.ndarray, post: Postprocess,

@@ -36,7 +36,7 @@ from mmcli import __version__
 from mmcli.heads.base import Head, create_head, head_class
 from mmcli.heads.calibration import Calibrator
 from mmcli.heads.cv import FoldResult, check_folds, check_postprocess, cross_validate, head_params
-from mmcli.heads.data import Cohort, Source, load_cohort, resolve_sources
+from mmcli.heads.data import Cohort, Source, load_cohort, patients_in, resolve_sources
 from mmcli.heads.metrics import center_risks_by_fold, summarise
 from mmcli.heads.operating_point import choose_threshold
 from mmcli.heads.targets import Target, build_target, read_labels
@@ -284,12 +284,7 @@ def _align(fs: Any, sources: Sequence[Source], tgt: Target, say: Callable[[str],
            ) -> tuple[Target, dict]:
     """Keep the patients that have both a label and any chosen modality; note (and return) the others, or
     refuse them when ``strict``."""
-    in_store: set[str] = set()
-    for s in sources:
-        if s.encoder_id is not None:
-            in_store |= {k.patient_id for k in fs.iter_items(s.name, s.encoder_id)}
-        else:
-            in_store |= {str(p) for p in fs.read_table(s.name).index}
+    in_store = patients_in(fs, sources)
     labelled = set(tgt.patients)
     unknown = sorted(labelled - in_store)
     unlabelled = sorted(in_store - labelled - set(tgt.dropped.get("missing_label", [])))
