@@ -1,11 +1,18 @@
 """Clinical-note extraction: reading ``.txt`` notes and the text :class:`ItemExtractor`.
 
-A note is read as UTF-8 (a BOM is dropped; Windows-1252 is accepted with a warning), encoded by a frozen
-transformers model in overlapping windows (see :mod:`mmcli.features.encoders.text`) and pooled into **one**
-embedding, stored as ``features`` of shape ``(1, dim)`` float32.
+A note is read as UTF-8 (a BOM is dropped; Windows-1252 is accepted with a warning) and encoded by a frozen
+transformers model in overlapping windows (see :mod:`mmcli.features.encoders.text`). The item stores the
+**per-window** embeddings as its ``N`` rows, ``features`` of shape ``(N, dim)`` float32, with, per window, in the
+item attrs: ``text.window_chars`` (the window's ``[start, end)`` character offsets in the decoded note, from the
+tokenizer's offset mapping) and ``row_weights`` (its token count, special tokens included). Vector heads pool the
+rows by that token-weighted mean (:func:`mmcli.heads.data.load_cohort`), which is exactly the one embedding
+per note that earlier versions stored as ``(1, dim)``; the report uses the windows to show which passages drive
+a prediction. The layout is part of the ``encoder_id`` (:data:`ITEM_LAYOUT`), so windowed items never mix
+with pooled ``(1, dim)`` items of older stores under one id (those stay readable under their own id).
 
 Data protection: the note's text never reaches the store, the run record or an error message. Items hold only
-the embedding and provenance (model, weights hash, window, token and window counts, source fingerprint).
+the embeddings, character offsets, token counts and provenance (model, weights hash, window, token and window
+counts, source fingerprint).
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ from mmcli.pipeline.manifest import ManifestRow
 DEFAULT_ENCODER = "minilm-l6"
 MAX_NOTE_BYTES = 50 * 1024 * 1024  # a larger ".txt" is almost surely not a clinical note
 MAX_NOTE_CHARS = 200_000  # about 50k tokens, a few hundred windows: seconds, not the 20 min of a 5 MB note
+# part of the encoder_id: items are per-window rows (not one pooled row, as before this layout existed)
+ITEM_LAYOUT = {"rows": "windows"}
 
 
 class TextOptions(ExtractorOptions):
@@ -104,12 +113,45 @@ def text_encoder_id(encoder: str | None, max_tokens: int | None, stride: int | N
 
     name, extra, folder = resolve_text_encoder(encoder)
     shown = display_name(extra["model_name"]) if "model_name" in extra else name
-    return make_encoder_id(shown, model_weights_sha256(folder), text_encoder_params(folder, max_tokens, stride,
-                                                                                     pooling))
+    params = {**text_encoder_params(folder, max_tokens, stride, pooling), **ITEM_LAYOUT}
+    return make_encoder_id(shown, model_weights_sha256(folder), params)
+
+
+def window_chars(enc: Any) -> np.ndarray:
+    """``(W, 2)`` int64 ``[start, end)`` character span of each window of :meth:`HFTextEncoder.tokenize`'s
+    output: from the first to the last text token's offsets (special and padding tokens have empty spans)."""
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64)  # (W, L, 2)
+    real = (np.asarray(enc["attention_mask"]) > 0) & (offsets[..., 1] > offsets[..., 0])
+    starts = np.where(real, offsets[..., 0], np.iinfo(np.int64).max).min(axis=1)
+    ends = np.where(real, offsets[..., 1], -1).max(axis=1)
+    empty = ~real.any(axis=1)
+    starts[empty], ends[empty] = 0, 0
+    return np.stack([starts, ends], axis=1)
+
+
+def embed_windows(encoder: Any, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """Per-window embeddings ``(W, dim)`` float32, token counts ``(W,)`` (special tokens included), character
+    spans ``(W, 2)`` and the stats of ``encoder.embed`` (``n_chunks``, ``n_tokens``).
+    ``pool_windows(vecs, counts)`` is ``encoder.embed(text)[0]``, bit for bit."""
+    enc = encoder.tokenize(text)
+    vecs, counts = encoder.encode_windows(enc)
+    # every window after the first repeats `stride` tokens of the one before it (as in HFTextEncoder.embed)
+    w, specials = len(counts), encoder.tokenizer.num_special_tokens_to_add()
+    n_tokens = int(counts.sum()) - w * specials - (w - 1) * encoder.stride
+    return (np.asarray(vecs, dtype=np.float32), np.asarray(counts, dtype=np.float64), window_chars(enc),
+            {"n_chunks": int(w), "n_tokens": int(n_tokens)})
+
+
+def pool_windows(vecs: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The note's one embedding: the token-weighted mean of its windows (float64 arithmetic, float32 result),
+    the formula of :meth:`HFTextEncoder.embed` and of :func:`mmcli.heads.data.load_cohort`'s ``row_weights``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return ((vecs * counts[:, None]).sum(0) / counts.sum()).astype(np.float32)
 
 
 class TextExtractor(ItemExtractor):
-    """One note -> one embedding row (``(1, dim)``); empty notes are reported, not encoded. Built from
+    """One note -> its window embeddings (``(N, dim)``, offsets and token counts in the attrs); empty notes are
+    reported, not encoded. Built from
     :func:`make_spec`'s kwargs: the options as JSON, validated again here (e.g. in a dask worker)."""
 
     modality = "text"
@@ -135,14 +177,16 @@ class TextExtractor(ItemExtractor):
     def extract(self, row: ManifestRow, progress: ProgressFn | None = None) -> ItemResult:
         text, warnings = read_note(row.path)
         text, cut, more = bound_note(text, self.options.max_note_chars, Path(row.path).name)
-        vec, stats = self.encoder.embed(text)
+        vecs, counts, spans, stats = embed_windows(self.encoder, text)
         del text  # nothing below may see the note
-        if not np.isfinite(vec).all():
+        if not np.isfinite(vecs).all():
             raise ItemError(f"{Path(row.path).name}: encoder produced non-finite features")
         if progress:
             progress(1, 1)
-        attrs: dict[str, Any] = {"text": {**stats, "truncated": cut}}
-        return ItemResult(vec[None, :].astype(np.float32), None, attrs, warnings + more)
+        # offsets and token counts only: the windows' text stays in the note file
+        attrs: dict[str, Any] = {"text": {**stats, "truncated": cut, "window_chars": spans.tolist()},
+                                 "row_weights": [int(c) for c in counts]}
+        return ItemResult(vecs, None, attrs, warnings + more)
 
 
 @register("text", options=TextOptions, unit="note")

@@ -7,7 +7,8 @@ Representation (one :class:`ModalityData` per modality, rows aligned with ``Coho
   so an instance maps back to ``(item_id, index)``. Kept in the stored dtype (float16 stays float16: half
   the memory for large WSI cohorts).
 * **vector** store modalities (``mri``, ``text``, ...): the mean of all rows of all the patient's items
-  (several MRI sequences, several text chunks) as one ``(D,)`` vector.
+  (several MRI sequences) as one ``(D,)`` vector; an item whose attrs carry ``row_weights`` (a note's window
+  token counts) is first pooled into one row by that weighted mean, then averaged with the patient's other items.
 * **tables** (``/tabular/<name>``, addressed by the table's name): the patient's row; NaN values stay NaN
   (imputed in-fold by the heads).
 
@@ -260,18 +261,27 @@ def _load_store_modality(
     name, enc = src.name, src.encoder_id
     assert enc is not None
 
-    def read(pid: str) -> tuple[np.ndarray | None, list[tuple[str, int]], bool, bytes]:
+    def read(pid: str) -> tuple[np.ndarray | None, list[tuple[str, int]], bool, bytes, list[np.ndarray | None]]:
         ids = sorted(items.get(pid, []))
         if not ids:
-            return None, [], False, b""
-        feats, info, has_coords, h = [], [], False, hashlib.sha256()
+            return None, [], False, b"", []
+        feats, info, has_coords, h, weights = [], [], False, hashlib.sha256(), []
         for iid in ids:
             it = store.read_item(name, enc, pid, iid)
             f = it.features if it.features.dtype in (np.float16, np.float32) else it.features.astype(np.float32)
             feats.append(f)
             info.append((iid, int(f.shape[0])))
             has_coords |= it.coords is not None
+            w = it.attrs.get("row_weights")
+            if w is not None:
+                w = np.asarray(w, dtype=np.float64)
+                if w.shape != (f.shape[0],) or not (np.isfinite(w).all() and (w > 0).all()):
+                    raise InputError(f"{store.path}: /{name}/{enc}/{pid}/{iid}: row_weights must be {f.shape[0]} "
+                                     "positive numbers, one per row. Fix: re-extract the item (--force).")
+            weights.append(w)
             h.update(f"{iid}:{f.dtype}:{f.shape}".encode())
+            if w is not None:
+                h.update(w.tobytes())
             h.update(np.ascontiguousarray(f).tobytes())
         dims = {f.shape[1] for f in feats}
         if len(dims) > 1:
@@ -279,7 +289,7 @@ def _load_store_modality(
                              "Fix: `mmcli store verify`, then re-extract the odd items.")
         dtype = np.result_type(*[f.dtype for f in feats])
         bag = np.concatenate(feats).astype(dtype, copy=False) if len(feats) > 1 else feats[0]
-        return bag, info, has_coords, h.digest()
+        return bag, info, has_coords, h.digest(), weights
 
     with ThreadPoolExecutor(max_workers=max(1, n_threads)) as pool:
         results = list(pool.map(read, patients))
@@ -301,8 +311,24 @@ def _load_store_modality(
     vectors = np.full((len(patients), dim), np.nan, dtype=np.float32)
     for i, r in enumerate(results):
         if r[0] is not None and len(r[0]):
-            vectors[i] = r[0].mean(axis=0, dtype=np.float64)
+            vectors[i] = _items_mean(r[0], r[1], r[4])
     return ModalityData(spec, present, vectors=vectors)
+
+
+def _items_mean(rows: np.ndarray, info: list[tuple[str, int]], weights: list[np.ndarray | None]) -> np.ndarray:
+    """A patient's vector: the mean of its items' rows, an item with ``row_weights`` first pooled into one row by
+    their weighted mean (float64, then float32: the formula a text item's one embedding was stored with)."""
+    if all(w is None for w in weights):
+        return rows.mean(axis=0, dtype=np.float64)
+    pooled, start = [], 0
+    for (_, n), w in zip(info, weights):
+        f = rows[start:start + n]
+        start += n
+        if w is None:
+            pooled.append(f)
+        else:
+            pooled.append(((f * w[:, None]).sum(0) / w.sum()).astype(np.float32)[None, :])
+    return np.concatenate(pooled).mean(axis=0, dtype=np.float64)
 
 
 # ---- mini-batches ----------------------------------------------------------------------------------------

@@ -66,6 +66,8 @@ def test_short_note_equals_plain_mean_pooling(encoder) -> None:
 
 
 def test_cohort_run_empty_notes_reported_and_no_text_in_store(tmp_path: Path) -> None:
+    """Items are now per-window rows (``(N, 384)``, was ``(1, 384)``): the shape check follows the new layout;
+    the pooled embedding is checked in test_windows_reproduce_the_pooled_embedding."""
     m = load_manifest(_cohort(tmp_path))
     spec = make_spec(device="cpu", precision="fp32")
     for store in (tmp_path / "notes.zarr", tmp_path / "notes.h5"):
@@ -77,8 +79,10 @@ def test_cohort_run_empty_notes_reported_and_no_text_in_store(tmp_path: Path) ->
         assert by["P5"].status == "missing" and s.exit_code == 1
         st = open_store(store, "r")
         item = st.read_item("text", spec.encoder_id, "P1", "note")
-        assert item.features.shape == (1, 384) and np.isfinite(item.features).all()
-        assert item.attrs["text"]["n_chunks"] >= 3 and item.attrs["encoder"] == "minilm-l6"
+        n = item.attrs["text"]["n_chunks"]
+        assert item.features.shape == (n, 384) and np.isfinite(item.features).all()
+        assert n >= 3 and item.attrs["encoder"] == "minilm-l6"
+        assert len(item.attrs["text"]["window_chars"]) == len(item.attrs["row_weights"]) == n
         assert st.patients("text", spec.encoder_id) == ["P1", "P2"]
 
     # not one byte of the notes' text in the stores, their run records or lock folders
@@ -128,3 +132,55 @@ def test_cli_extract_text(tmp_path: Path) -> None:
     assert res.exit_code == 1, res.output
     assert "done 2" in res.output and "failed: P3/note" in res.output and "empty note" in res.output
     assert SECRET not in res.output
+
+
+def test_windows_reproduce_the_pooled_embedding(tmp_path: Path, encoder) -> None:
+    """Per-window rows + token counts give the old one-per-note embedding bit for bit, in the extractor and in
+    the cohort that vector heads read; the offsets point at the windows' text in the note."""
+    from mmcli.features.text import embed_windows, pool_windows
+    from mmcli.heads.data import Source, load_cohort
+
+    vecs, counts, spans, stats = embed_windows(encoder, LONG)
+    pooled, old_stats = encoder.embed(LONG)
+    assert stats == old_stats and vecs.shape == (stats["n_chunks"], 384)
+    np.testing.assert_array_equal(pool_windows(vecs, counts), pooled)
+    # windows cover the note in order, overlap by `stride` tokens, and their spans hold their own tokens
+    assert spans[0, 0] == 0 and spans[-1, 1] == len(LONG.rstrip())
+    assert (np.diff(spans[:, 0]) > 0).all() and (spans[1:, 0] < spans[:-1, 1]).all()
+    for (a, b), n in zip(spans, counts):
+        assert len(encoder.tokenizer(LONG[a:b], add_special_tokens=True)["input_ids"]) == pytest.approx(n, abs=2)
+
+    m = load_manifest(_cohort(tmp_path))
+    spec = make_spec(device="cpu", precision="fp32")
+    run_extraction([r for r in m.rows if r.patient_id in ("P1", "P2")], spec, tmp_path / "s.zarr", progress=False)
+    st = open_store(tmp_path / "s.zarr", "r")
+    cohort = load_cohort(st, [Source("text", "store", spec.encoder_id)], ["P1", "P2"])
+    np.testing.assert_array_equal(cohort.modalities["text"].vectors[0], pooled)
+    short = read_note(tmp_path / "short.txt")[0]
+    np.testing.assert_array_equal(cohort.modalities["text"].vectors[1], encoder.embed(short)[0])
+    assert cohort.modalities["text"].spec.kind == "vector"
+
+
+def test_old_pooled_items_keep_working_under_their_own_encoder_id(tmp_path: Path, encoder) -> None:
+    """A store holding (1, dim) items of the earlier layout still loads (plain mean), and the windowed layout has
+    another encoder_id, so the two never mix silently: fit must be told which one to use."""
+    from mmcli.features.encoders.text import text_encoder_params
+    from mmcli.features.text import embed_windows
+    from mmcli.heads.data import load_cohort, resolve_sources
+    from mmcli.pipeline.errors import InputError
+    from mmcli.pipeline.fingerprint import make_encoder_id
+
+    old_id = make_encoder_id("minilm-l6", encoder.weights_sha256, text_encoder_params(encoder.folder, None, None,
+                                                                                     "mean"))
+    new_id = make_spec().encoder_id
+    assert old_id != new_id
+    st = open_store(tmp_path / "s.zarr")
+    vec = encoder.embed(LONG)[0]
+    st.write_item("text", old_id, "P1", "note", vec[None, :], attrs={"text": {"n_chunks": 3}})
+    np.testing.assert_array_equal(load_cohort(st, resolve_sources(st, ["text"])).modalities["text"].vectors[0], vec)
+    vecs, counts, _, _ = embed_windows(encoder, LONG)
+    st.write_item("text", new_id, "P1", "note", vecs, attrs={"row_weights": counts.tolist()})
+    with pytest.raises(InputError, match="several encoders"):
+        resolve_sources(st, ["text"])
+    np.testing.assert_array_equal(
+        load_cohort(st, resolve_sources(st, ["text"], {"text": new_id})).modalities["text"].vectors[0], vec)

@@ -192,9 +192,11 @@ class HFTextEncoder(Encoder):
                 "device": self.device.type, **self.params()}
 
     def tokenize(self, text: str) -> dict[str, Any]:
-        """Overlapping windows of ``self.window`` tokens (special tokens included), padded to the longest."""
+        """Overlapping windows of ``self.window`` tokens (special tokens included), padded to the longest, with
+        each token's character ``offset_mapping`` in ``text`` (``(0, 0)`` for special and padding tokens)."""
         return self.tokenizer(text, truncation=True, max_length=self.window, stride=self.stride,
-                              return_overflowing_tokens=True, padding="longest", return_tensors="pt")
+                              return_overflowing_tokens=True, return_offsets_mapping=True, padding="longest",
+                              return_tensors="pt")
 
     def encode_windows(self, enc: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Pooled embedding of every window ``(W, dim)`` and its number of tokens ``(W,)``."""
