@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -18,7 +19,7 @@ from mmcli.heads.base import register_head
 from mmcli.heads.data import Cohort, pad_bags
 from mmcli.heads.modules import GatedAttention, StandardisedEmbed
 from mmcli.heads.preprocess import InstanceScaler
-from mmcli.heads.torch_base import TorchHead, TorchParams
+from mmcli.heads.torch_base import TorchHead, TorchParams, torch_env
 from mmcli.pipeline.errors import InputError
 
 
@@ -89,3 +90,10 @@ class AttentionMILHead(TorchHead):
                 if bag is not None and len(bag):
                     att[i] = extra["attention"][row, : len(bag)].copy()
         return {self._bag_name: att}
+
+    def attributions(self, X: Cohort) -> pd.DataFrame:
+        """Integrated gradients summed over each bag (:func:`mmcli.heads.attribution.mil_integrated_gradients`)."""
+        from mmcli.heads.attribution import mil_integrated_gradients
+
+        with torch_env(None, self.n_threads):
+            return mil_integrated_gradients(self, X)
