@@ -15,8 +15,12 @@ Run directory (``out``)::
                          the out-of-fold probabilities of all patients; applied by predict)
     modality_weights.json  fusion_mlp: {modality: weight}, averaged over folds
     shap.csv             xgboost: patient_id + one column per feature, out-of-fold SHAP contributions
-    attributions.csv     fusion_mlp: out-of-fold integrated gradients, patient_id,fold,modality,feature,attribution,
-                         output,baseline_output (tables per column, embeddings summed per modality)
+    attributions.csv     fusion_mlp, attention_mil: out-of-fold integrated gradients, patient_id,fold,modality,
+                         feature,attribution,output,baseline_output (tables per column, embeddings and bags summed
+                         per modality)
+    attributions_windows.csv  fusion_mlp with windowed notes (text items of per-window rows): out-of-fold IG per
+                         window, patient_id,fold,modality,item_id,window,char_start,char_end,tokens,attribution
+                         (offsets into the note file, never its text; per patient they sum to the modality's row)
     attention.csv        attention_mil and fusion_mlp (pool=attention), out-of-fold tile attention:
                          patient_id,item_id,index,attention  (several bag modalities: attention.<modality>.csv)
 """
@@ -207,7 +211,7 @@ def _fit_into(writer: RunWriter, head: str, cls: type[Head], fs: Any, store_path
     writer.write_folds({tgt.patients[i]: r.fold for r in results for i in r.test_idx})
     writer.write_audit(_batch_audit(_audit(results, tgt), results, tgt, cohort, say))
     if explain:
-        _write_explanations(writer, results, cohort, tgt)
+        _write_explanations(writer, results, cohort, tgt, _window_explanations(results, cohort, fs, sources))
     run["timings_s"] = {"load": round(t_load, 3), "cv": round(t_cv, 3), "metrics": round(t_metrics, 3),
                         "refit": round(t_refit, 3), "total": round(_clock() - t_start, 3)}
     writer.finish(run, metrics_doc)
@@ -473,7 +477,30 @@ def attention_frame(patients: Sequence[str], cohort_items: Sequence[list[tuple[s
                          "index": np.concatenate(idx_col), "attention": np.concatenate(att_col)})
 
 
-def _write_explanations(writer: RunWriter, results: list[FoldResult], cohort: Cohort, tgt: Target) -> None:
+def _window_explanations(results: list[FoldResult], cohort: Cohort, fs: Any, sources: Sequence[Source]
+                         ) -> pd.DataFrame | None:
+    """Out-of-fold IG per note window (``attributions_windows.csv``) for the folds whose head has vector IG and
+    a store modality whose items carry ``row_weights``; each such fold's ``attributions`` are replaced by the
+    windowed run's (the same integration path, so the same totals)."""
+    from mmcli.heads.attribution import read_windows, window_integrated_gradients
+
+    windows = {s.name: w for s in sources if s.encoder_id is not None
+               for w in [read_windows(fs, s.name, s.encoder_id, cohort.patients)] if w}
+    frames = []
+    for r in results if windows else []:
+        if r.attributions is None or r.head.input_kind == "bag":  # no IG, or IG over a bag (attention_mil)
+            continue
+        r.attributions, win = window_integrated_gradients(r.head, cohort.subset(r.test_idx), windows)
+        frames.append(win.assign(fold=r.fold))
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return None
+    win = pd.concat(frames, ignore_index=True)
+    return win[["patient_id", "fold", *[c for c in win.columns if c not in ("patient_id", "fold")]]]
+
+
+def _write_explanations(writer: RunWriter, results: list[FoldResult], cohort: Cohort, tgt: Target,
+                        windows: pd.DataFrame | None = None) -> None:
     weights = [r.modality_weights for r in results if r.modality_weights]
     if weights:
         writer.write_modality_weights({m: float(np.mean([w[m] for w in weights])) for m in weights[0]})
@@ -486,6 +513,8 @@ def _write_explanations(writer: RunWriter, results: list[FoldResult], cohort: Co
         ig = pd.concat(igs, ignore_index=True)
         writer.write_attributions(ig[["patient_id", "fold",
                                       *[c for c in ig.columns if c not in ("patient_id", "fold")]]])
+    if windows is not None:
+        writer.write_window_attributions(windows)
     frames: dict[str, list[pd.DataFrame]] = {}
     for r in results:
         for name, att in (r.attention or {}).items():

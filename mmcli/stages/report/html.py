@@ -4,7 +4,9 @@ Self-contained means one file: figures are inline base64 PNGs, the CSS is inline
 external link, so the report can be mailed or archived as is. Sections: run header; metrics with 95% CIs and
 per-fold values; classification ROC / precision-recall / calibration / confusion matrix, or survival
 Kaplan-Meier curves of out-of-fold risk groups with the log-rank p; fusion modality weights; xgboost SHAP
-summary; attention heatmaps and top tiles; calibration, operating point, decision curve and subgroups (from
+summary; attention heatmaps and top tiles; integrated-gradients attributions per modality and top features per
+class, and the note windows that drive a few patients' predictions (:mod:`mmcli.stages.report.attributions`);
+calibration, operating point, decision curve and subgroups (from
 metrics.json, :mod:`mmcli.stages.report.evidence`), plus drift and missing data for ``mmcli evaluate`` folders. A
 missing optional artefact gives a section that says it is absent.
 """
@@ -24,6 +26,7 @@ from mmcli.pipeline.io import atomic_write_text
 from mmcli.pipeline.rundir import CLASSIFICATION, Run, load_run, read_csv, read_json
 from mmcli.stages.report import evidence, plots
 from mmcli.stages.report.attention import attention_section
+from mmcli.stages.report.attributions import attributions_section, note_windows_section
 
 REPORT_NAME = "report.html"
 SHAP_TOP = 20
@@ -37,7 +40,8 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em}td,th{border:1px so
 text-align:left;vertical-align:top}th{background:#f4f4f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .absent{color:#8a6d3b;background:#fcf8e3;padding:.4em .7em;border-radius:4px}.note{color:#555;font-size:.9em}
 img{max-width:100%;margin:.3em .5em .3em 0;vertical-align:top}.figs{display:flex;flex-wrap:wrap}
-code{background:#f4f4f6;padding:0 .25em;border-radius:3px}footer{margin-top:2.5em;color:#888;font-size:.85em}
+code{background:#f4f4f6;padding:0 .25em;border-radius:3px}td.pos{color:#b2182b}td.neg{color:#2166ac}
+q{font-family:Georgia,serif;font-size:.92em}footer{margin-top:2.5em;color:#888;font-size:.85em}
 """
 
 
@@ -243,6 +247,8 @@ def _render(run: Run, attention_patients: int, top_tiles: int) -> str:
         _section("Fusion modality weights", lambda: _weights_section(run)),
         _section("SHAP summary (xgboost)", lambda: _shap_section(run)),
         _section("Attention", lambda: attention_section(run, n_patients=attention_patients, top_k=top_tiles)),
+        _section("Attributions (integrated gradients)", lambda: attributions_section(run)),
+        _section("Note windows that drive predictions", lambda: note_windows_section(run)),
     ]
     now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
