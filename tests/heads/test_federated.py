@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from helpers.federated import site_store, survival_site_store
 
+from helpers.federated import site_store, survival_site_store
 from mmcli.heads.federated import SiteTrainer
 from mmcli.heads.fusion_mlp import FusionMLPHead
 from mmcli.heads.targets import build_target, read_labels
@@ -20,20 +20,30 @@ from mmcli.stages.federate import prepare_sites
 FAST = {"batch_size": 16, "lr": 5e-3, "modality_dropout": 0.0, "n_components": None}
 
 
-def _sites(tmp_path, kind: str, n_sites: int = 2):
-    make = site_store if kind == "classification" else survival_site_store
-    specs = [("a", 60, 1, 0.0), ("b", 50, 2, 0.5), ("c", 40, 3, -0.5)][:n_sites]
-    frames = [make(tmp_path / f"site_{s}.zarr", s, n, seed, off) for s, n, seed, off in specs]
-    labels = read_labels(pd.concat(frames))
+SPECS = [("a", 60, 1, 0.0), ("b", 50, 2, 0.5), ("c", 40, 3, -0.5)]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """Three classification and three survival site stores, written once (store writes dominate the time)."""
+    out = {}
+    for kind, make in (("classification", site_store), ("survival", survival_site_store)):
+        d = tmp_path_factory.mktemp(kind)
+        frames = [make(d / f"site_{s}.zarr", s, n, seed, off) for s, n, seed, off in SPECS]
+        out[kind] = ([d / f"site_{s}.zarr" for s, *_ in SPECS], read_labels(pd.concat(frames)))
+    return out
+
+
+def _sites(stores, kind: str, n_sites: int = 2):
+    paths, labels = stores[kind]
     tgt = (build_target(labels, target="label") if kind == "classification"
            else build_target(labels, time="os_months", event="os_event"))
     hp = {"task": tgt.task, "n_classes": tgt.n_classes, "seed": 0, **FAST}
-    paths = [tmp_path / f"site_{s}.zarr" for s, *_ in specs]
-    return prepare_sites(FusionMLPHead, paths, tgt, None, 0.3, 0, "fusion_mlp", hp), paths
+    return prepare_sites(FusionMLPHead, paths[:n_sites], tgt, None, 0.3, 0, "fusion_mlp", hp), paths[:n_sites]
 
 
-def test_preprocessing_is_fit_per_site_on_its_training_patients(tmp_path):
-    sites, paths = _sites(tmp_path, "classification")
+def test_preprocessing_is_fit_per_site_on_its_training_patients(stores):
+    sites, paths = _sites(stores, "classification")
     for s, path in zip(sites, paths):
         genes = open_store(path, "r").read_table("genes")
         m = s.model()
@@ -47,8 +57,8 @@ def test_preprocessing_is_fit_per_site_on_its_training_patients(tmp_path):
         assert np.array_equal(wa, wb)
 
 
-def test_site_trainer_fit_returns_trained_weights_and_training_size(tmp_path):
-    sites, _ = _sites(tmp_path, "classification")
+def test_site_trainer_fit_returns_trained_weights_and_training_size(stores):
+    sites, _ = _sites(stores, "classification")
     s = sites[0]
     start = s.model().get_weights()
     cfg = {"server_round": 1, "local_epochs": 3}
@@ -65,8 +75,8 @@ def test_site_trainer_fit_returns_trained_weights_and_training_size(tmp_path):
     assert t1.evaluate(w1, {})[0] < t1.evaluate(start, {})[0]  # local training lowers the site's loss
 
 
-def test_fedprox_term_keeps_local_weights_near_the_global_ones(tmp_path):
-    sites, _ = _sites(tmp_path, "classification")
+def test_fedprox_term_keeps_local_weights_near_the_global_ones(stores):
+    sites, _ = _sites(stores, "classification")
     start = sites[1].model().get_weights()
 
     def drift(mu: float) -> float:
@@ -77,8 +87,8 @@ def test_fedprox_term_keeps_local_weights_near_the_global_ones(tmp_path):
     assert prox < 0.8 * free, (prox, free)
 
 
-def test_survival_site_trains_on_its_cox_partial_likelihood(tmp_path):
-    sites, _ = _sites(tmp_path, "survival")
+def test_survival_site_trains_on_its_cox_partial_likelihood(stores):
+    sites, _ = _sites(stores, "survival")
     s = sites[0]
     assert s.params["task"] == "survival" and s.y_train["event"].sum() >= 2 and s.y_test["event"].sum() >= 1
     trainer = SiteTrainer(s.model(), 6)
