@@ -179,6 +179,7 @@ def make_strategy(name: str, n_sites: int, local_epochs: int, proximal_mu: float
         "fraction_fit": 1.0, "fraction_evaluate": 0.0, "min_fit_clients": n_sites, "min_evaluate_clients": 0,
         "min_available_clients": n_sites, "accept_failures": False,
         "on_fit_config_fn": lambda r: {"server_round": r, "local_epochs": local_epochs},
+        "fit_metrics_aggregation_fn": lambda _metrics: {},  # the sites' fit metrics are their ids only
         "initial_parameters": ndarrays_to_parameters(initial) if initial is not None else None,
     }
     if name == "fedprox":
