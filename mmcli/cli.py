@@ -813,7 +813,9 @@ def federate(
     sites: str = typer.Option(..., "--sites", help="Comma list of site feature stores, e.g. "
                               "site_a.zarr,site_b.zarr (patient ids unique across sites)."),
     labels: Path = typer.Option(..., "--labels", help="Labels CSV covering every site's patients."),
-    target: str = typer.Option(..., "--target", help="Classification target column."),
+    target: str | None = typer.Option(None, "--target", help="Classification target column."),
+    time: str | None = typer.Option(None, "--time", help="Survival: follow-up time column (with --event)."),
+    event: str | None = typer.Option(None, "--event", help="Survival: event column, 1 = observed, 0 = censored."),
     out: Path = typer.Option(..., "--out", help="Folder for metrics.json, predictions.csv, models/<site>/."),
     rounds: int = typer.Option(10, "--rounds", help="Federated rounds."),
     local_epochs: int = typer.Option(2, "--local-epochs", help="Epochs each site trains per round."),
@@ -833,12 +835,13 @@ def federate(
     from mmcli.stages.federate import federate as run_federate
     from mmcli.stages.fit import parse_params
 
-    res = run_federate(head, _csv_list(sites) or [], labels, out, target=target, rounds=rounds,
+    res = run_federate(head, _csv_list(sites) or [], labels, out, target=target, time=time, event=event, rounds=rounds,
                        local_epochs=local_epochs, strategy=strategy, proximal_mu=proximal_mu, test_size=test_size,
                        modalities=_csv_list(modalities), seed=seed, params=parse_params(param, head) or None,
                        n_boot=n_boot, engine=engine, log=get_logger().info)
     _say(f"{head} federated ({res['strategy']}, {len(res['sites'])} sites, {res['rounds']} rounds) -> {out}")
+    metric = res["comparison"]["metric"]
     for name, s in [*res["sites"].items(), ("pooled", res["pooled"])]:
-        f, c = s["federated"]["auroc"], s["centralised"]["auroc"]
-        _say(f"  {name:12s} auroc federated {_num(f['mean'])} [{_num(f['ci_low'])}, {_num(f['ci_high'])}]  "
+        f, c = s["federated"][metric], s["centralised"][metric]
+        _say(f"  {name:12s} {metric} federated {_num(f['mean'])} [{_num(f['ci_low'])}, {_num(f['ci_high'])}]  "
              f"centralised {_num(c['mean'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]")

@@ -1,14 +1,24 @@
-"""Federated training of a torch head with Flower: a site's local model and its Flower client, the strategies.
+"""Federated training of a torch head: a site's local model and training step, its Flower client, the strategies.
 
 * :class:`SiteModel`: a site's copy of the head. Its preprocessing (median imputation and standardisation of
   vectors, instance scaling of bags) is fit on **that site's training patients only** and never leaves the
   site; the network's weights are what Flower moves. PCA is off (``n_components=None``): a PCA basis fit per
   site would give the first layer's inputs a different meaning at every site, so averaging its weights would
   mix unrelated directions.
-* :class:`SiteClient`: Flower ``NumPyClient`` around a :class:`SiteModel`: ``fit`` = ``local_epochs`` of the
-  head's own training loop from the global weights (plus FedProx's proximal term ``mu/2 ||w - w_global||²``
-  when the server's config carries ``proximal_mu``), returning the weights and the site's training size.
+* :class:`SiteTrainer`: a site's side of a round with the method signatures of Flower's ``NumPyClient``
+  (``get_parameters`` / ``fit`` / ``evaluate``) but no Flower import: ``fit`` = ``local_epochs`` of the head's
+  own training loop from the global weights (plus FedProx's proximal term ``mu/2 ||w - w_global||²`` when the
+  server's config carries ``proximal_mu``), returning the weights and the site's training size (FedAvg's
+  weight). :func:`site_client` is the Flower client, which only delegates to it.
 * :func:`make_strategy`: Flower's ``FedAvg`` / ``FedProx`` that also keep the last aggregated weights.
+
+Survival (``task="survival"``): the local loss is the head's Cox partial likelihood over the risk sets of the
+site's mini-batches. The full partial likelihood does not decompose across sites (a risk set at one site would
+need the other sites' risk scores), so FedAvg does not optimise the pooled Cox model: averaging the local
+updates, weighted by training size, follows the sum over sites of each site's own partial likelihood, i.e. a
+Cox model **stratified by site** (risk sets never cross sites; each site keeps its own baseline hazard, which
+:meth:`SiteModel.finalise` fits there). Centralised training with the same head is not the pooled full
+likelihood either: its risk sets are its mini-batches, drawn across sites.
 """
 from __future__ import annotations
 
@@ -19,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmcli.heads.base import create_head
+from mmcli.heads.base import BreslowBaseline, create_head
 from mmcli.heads.data import Cohort, ModalityData
+from mmcli.heads.losses import cox_ph_loss
 from mmcli.heads.torch_base import TorchHead, resolve_device, torch_env
 from mmcli.pipeline.errors import InputError
 
@@ -75,31 +86,69 @@ class SiteModel:
         h.module_.eval()
 
     def predict(self, X: Cohort) -> np.ndarray:
-        """Class probabilities (n, K) with the current weights and this site's preprocessing."""
+        """Class probabilities (n, K), or survival risk (n,), with the current weights and this site's
+        preprocessing."""
         return self.head.predict(X)
+
+    def loss(self) -> float:
+        """The current weights' loss on this site's training patients: log loss, or (survival) the negative
+        Cox partial log-likelihood over the site's whole training set, averaged over its events."""
+        out = self.head._predict(self.X)
+        if self.head.is_survival:
+            return float(cox_ph_loss(torch.as_tensor(out), torch.as_tensor(self.y["time"].astype(np.float64)),
+                                     torch.as_tensor(self.y["event"].astype(np.float64))))
+        p = np.clip(out[np.arange(len(self.y)), self.y], 1e-12, 1.0)
+        return float(-np.log(p).mean())
+
+    def finalise(self) -> SiteModel:
+        """After the last round: a survival head's Breslow baseline hazard on this site's training patients
+        (the site's stratum; needed to save the model and for its survival curves)."""
+        if self.head.is_survival:
+            self.head.baseline_ = BreslowBaseline().fit(self.head._predict(self.X), self.y)
+        return self
+
+
+class SiteTrainer:
+    """A site's side of a federated round (``NumPyClient``'s signatures, no Flower import)."""
+
+    def __init__(self, model: SiteModel, local_epochs: int) -> None:
+        self.model, self.local_epochs = model, local_epochs
+
+    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+        return self.model.get_weights()
+
+    def fit(self, parameters: Sequence[np.ndarray], config: dict[str, Any]
+            ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Local training from the global ``parameters``: (new weights, training patients, metrics)."""
+        self.model.set_weights(parameters)
+        self.model.train(int(config.get("local_epochs", self.local_epochs)), int(config.get("server_round", 0)),
+                         float(config.get("proximal_mu", 0.0)))
+        return self.model.get_weights(), len(self.model.X), {"site": self.model.site_index}
+
+    def evaluate(self, parameters: Sequence[np.ndarray], config: dict[str, Any]
+                 ) -> tuple[float, int, dict[str, Any]]:
+        """Training-set loss of the global weights (the held-out evaluation runs after training)."""
+        self.model.set_weights(parameters)
+        return self.model.loss(), len(self.model.X), {}
 
 
 def site_client(model: SiteModel, local_epochs: int) -> Any:
-    """A Flower ``NumPyClient`` for ``model`` (Flower imported only here)."""
+    """A Flower ``NumPyClient`` that delegates to :class:`SiteTrainer` (Flower imported only here)."""
     from flwr.client import NumPyClient
+
+    trainer = SiteTrainer(model, local_epochs)
 
     class SiteClient(NumPyClient):
         def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
-            return model.get_weights()
+            return trainer.get_parameters(config)
 
         def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
                 ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-            model.set_weights(parameters)
-            model.train(int(config.get("local_epochs", local_epochs)), int(config.get("server_round", 0)),
-                        float(config.get("proximal_mu", 0.0)))
-            return model.get_weights(), len(model.X), {"site": model.site_index}
+            return trainer.fit(parameters, config)
 
         def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]
                      ) -> tuple[float, int, dict[str, Any]]:
-            """Training-set log loss of the global weights (the held-out evaluation runs after training)."""
-            model.set_weights(parameters)
-            p = np.clip(model.predict(model.X)[np.arange(len(model.y)), model.y], 1e-12, 1.0)
-            return float(-np.log(p).mean()), len(model.X), {}
+            return trainer.evaluate(parameters, config)
 
     return SiteClient()
 
@@ -130,6 +179,7 @@ def make_strategy(name: str, n_sites: int, local_epochs: int, proximal_mu: float
         "fraction_fit": 1.0, "fraction_evaluate": 0.0, "min_fit_clients": n_sites, "min_evaluate_clients": 0,
         "min_available_clients": n_sites, "accept_failures": False,
         "on_fit_config_fn": lambda r: {"server_round": r, "local_epochs": local_epochs},
+        "fit_metrics_aggregation_fn": lambda _metrics: {},  # the sites' fit metrics are their ids only
         "initial_parameters": ndarrays_to_parameters(initial) if initial is not None else None,
     }
     if name == "fedprox":

@@ -1,26 +1,31 @@
 """``mmcli federate``: train a torch head across sites with Flower (FedAvg / FedProx), evaluate it per site and
-pooled, and compare it with centralised training on the same patients.
+pooled, and compare it with centralised training on the same patients. Classification (``target``) or survival
+(``time`` + ``event``: Cox partial likelihood per site, see :mod:`mmcli.heads.federated` for what FedAvg of it
+optimises).
 
 Protocol:
 
 * each site is one feature store; the labels CSV covers every site's patients (ids unique across sites);
-* per site, a stratified patient-level hold-out split (``test_size``) with the seed;
+* per site, a patient-level hold-out split (``test_size``) with the seed, stratified by class (survival: by the
+  event indicator);
 * federated: every round, each site trains ``local_epochs`` of the head's own loop from the global weights on
   its training patients and returns its weights; the server averages them weighted by the sites' training
   sizes (FedAvg; FedProx adds ``mu/2 ||w - w_global||²`` to the local loss). Only weights move. Preprocessing
   (imputation, standardisation, instance scaling) is fit **per site on its training patients** and stays at the
-  site (see :mod:`mmcli.heads.federated`; PCA is off). ``engine="simulation"`` runs the sites as Flower
-  ``ClientApp`` s in Flower's simulation engine (Ray actors, each loading its own store); ``engine="local"``
-  drives the same strategy and clients in this process (no Ray);
-* evaluation: the final global model predicts each site's test patients at that site (with that site's
-  preprocessing); the test predictions and labels, not features, are pooled. Metrics with bootstrap CIs per
-  site and pooled (:func:`mmcli.heads.metrics.summarise`);
+  site (see :mod:`mmcli.heads.federated`; PCA is off); no statistics are shared across sites. ``engine="simulation"``
+  runs the sites as Flower ``ClientApp`` s in Flower's simulation engine (Ray actors, each loading its own
+  store); ``engine="local"`` drives the same strategy and clients in this process (no Ray);
+* evaluation (:func:`evaluate_federated`, Flower-free): the final global model predicts each site's test
+  patients at that site (with that site's preprocessing; survival: the site's own Breslow baseline); the test
+  predictions and labels, not features, are pooled. Metrics with bootstrap CIs per site and pooled
+  (:func:`mmcli.heads.metrics.summarise`): AUROC etc., or (survival) Harrell's c-index; the pooled c-index
+  compares patients across sites too;
 * centralised baseline: the same head and hyperparameters trained for ``rounds * local_epochs`` epochs on the
   pooled training patients of all sites (preprocessing fit on the pool), evaluated on the same test patients.
 
 Output folder: ``metrics.json`` (sites, pooled, comparison), ``predictions.csv`` (site, patient_id, y_true,
-``prob_<class>`` federated and ``central_prob_<class>``), ``models/<site>/`` (the global weights with that
-site's preprocessing, loadable by ``mmcli predict``).
+``prob_<class>`` federated and ``central_prob_<class>``; survival: time, event, ``risk``, ``central_risk``),
+``models/<site>/`` (the global weights with that site's preprocessing, loadable by ``mmcli predict``).
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from mmcli.heads.base import head_class
 from mmcli.heads.data import Cohort, Source, load_cohort, resolve_sources
 from mmcli.heads.federated import STRATEGIES, SiteModel, concat_cohorts, make_strategy, site_client
 from mmcli.heads.metrics import FoldPredictions, summarise
-from mmcli.heads.targets import build_target, read_labels
+from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.heads.torch_base import TorchHead
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_csv, write_json
@@ -47,7 +52,7 @@ from mmcli.pipeline.store import open_store
 
 ENGINES = ("simulation", "local")
 PREPROCESSING = ("per site: imputation, standardisation and bag instance scaling fit on each site's training "
-                 "patients only, never shared; PCA off")
+                 "patients only, never shared (no federated statistics); PCA off")
 
 
 @dataclass
@@ -81,7 +86,9 @@ def federate(
     labels: str | Path | pd.DataFrame,
     out: str | Path,
     *,
-    target: str,
+    target: str | None = None,
+    time: str | None = None,
+    event: str | None = None,
     rounds: int = 10,
     local_epochs: int = 2,
     strategy: str = "fedavg",
@@ -94,7 +101,8 @@ def federate(
     engine: str = "simulation",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Federated training of ``head`` over the site stores ``sites``; writes ``out`` and returns metrics.json."""
+    """Federated training of ``head`` over the site stores ``sites`` for a classification ``target`` or a
+    survival ``time`` + ``event``; writes ``out`` and returns metrics.json."""
     say = log or (lambda _msg: None)
     t0 = _time.perf_counter()
     cls = head_class(head)
@@ -110,34 +118,60 @@ def federate(
                              "meaning at every site, so federated training runs without it. Fix: drop it.")
         params["n_components"] = None
     table = read_labels(labels)
-    tgt = build_target(table, target=target)
+    tgt = build_target(table, target=target, time=time, event=event)
     hp = {"task": tgt.task, "n_classes": tgt.n_classes, "seed": seed, **params}
-    site_list = _sites(cls, sites, tgt, modalities, test_size, seed, head, hp, say)
+    site_list = prepare_sites(cls, sites, tgt, modalities, test_size, seed, head, hp, say)
 
     weights, fl_version = _run_federated(site_list, rounds, local_epochs, strategy, proximal_mu, engine, say)
     say(f"federated training ({engine}, {strategy}, {rounds} rounds x {local_epochs} local epochs) done")
 
+    meta = {"head": head, "target": target, "time": time, "event": event, "strategy": strategy,
+            "proximal_mu": proximal_mu if strategy == "fedprox" else None, "rounds": rounds,
+            "local_epochs": local_epochs, "engine": engine, "flower_version": fl_version, "seed": seed,
+            "test_size": test_size}
+    doc = evaluate_federated(site_list, weights, out, epochs=rounds * local_epochs, n_boot=n_boot, seed=seed,
+                             classes=tgt.classes, meta=meta, log=say)
+    doc["seconds"] = round(_time.perf_counter() - t0, 1)
+    write_json(Path(out) / "metrics.json", doc)
+    return doc
+
+
+def evaluate_federated(site_list: Sequence[Site], weights: Sequence[np.ndarray], out: str | Path, *, epochs: int,
+                       n_boot: int = 1000, seed: int = 0, classes: Sequence[str] | None = None,
+                       meta: dict[str, Any] | None = None, log: Callable[[str], None] | None = None
+                       ) -> dict[str, Any]:
+    """Evaluate global ``weights`` at every site and against a centralised model trained ``epochs`` epochs on
+    the pooled training patients; writes ``models/<site>/``, ``predictions.csv`` and ``metrics.json`` into
+    ``out`` and returns the metrics document. Needs no Flower (the weights may come from any aggregation)."""
+    say = log or (lambda _msg: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    first = site_list[0]
+    cls = head_class(first.head)
+    survival = first.params.get("task") == "survival"
     fed_pred, central_pred, cohorts_test = {}, {}, {}
     for s in site_list:
         model = s.model()  # the site's own preprocessing, the global weights
         model.set_weights(weights)
+        model.finalise()
         cohorts_test[s.name] = s.cohort(s.test)
         fed_pred[s.name] = model.predict(cohorts_test[s.name])
         model.head.save(out / "models" / s.name)
 
     train_all = concat_cohorts([s.cohort(s.train) for s in site_list], [s.name for s in site_list])
     y_all = np.concatenate([s.y_train for s in site_list])
-    central = cls(**{**hp, "epochs": rounds * local_epochs}).fit(train_all, y_all)
+    central = cls(**{**first.params, "epochs": epochs}).fit(train_all, y_all)
     for s in site_list:
         central_pred[s.name] = central.predict(cohorts_test[s.name])
     say("centralised baseline trained on the pooled training patients")
 
     def metrics_of(preds: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, Any]:
         y = np.concatenate([next(s.y_test for s in site_list if s.name == n) for n in names])
-        return summarise([FoldPredictions(y=y, probs=np.concatenate([preds[n] for n in names]))], n_boot=n_boot,
-                         seed=seed)
+        p = np.concatenate([preds[n] for n in names])
+        if survival:  # c-index only: the time-grid metrics need one evaluation grid and baseline across sites
+            fold = FoldPredictions(time=y["time"], event=y["event"], risk=p)
+            return {"c_index": summarise([fold], n_boot=n_boot, seed=seed)["c_index"]}
+        return summarise([FoldPredictions(y=y, probs=p)], n_boot=n_boot, seed=seed)
 
     names = [s.name for s in site_list]
     per_site = {s.name: {"store": str(s.store), "n_train": len(s.train), "n_test": len(s.test),
@@ -145,23 +179,21 @@ def federate(
                          "centralised": metrics_of(central_pred, [s.name])} for s in site_list}
     pooled = {"n_test": sum(len(s.test) for s in site_list), "federated": metrics_of(fed_pred, names),
               "centralised": metrics_of(central_pred, names)}
-    f_auc, c_auc = pooled["federated"]["auroc"], pooled["centralised"]["auroc"]
-    within = (None if None in (f_auc["mean"], c_auc["ci_low"], c_auc["ci_high"])
-              else bool(c_auc["ci_low"] <= f_auc["mean"] <= c_auc["ci_high"]))
+    metric = "c_index" if survival else "auroc"
+    f_m, c_m = pooled["federated"][metric], pooled["centralised"][metric]
+    within = (None if None in (f_m["mean"], c_m["ci_low"], c_m["ci_high"])
+              else bool(c_m["ci_low"] <= f_m["mean"] <= c_m["ci_high"]))
     doc = {
-        "head": head, "task": "classification", "target": target, "classes": tgt.classes, "strategy": strategy,
-        "proximal_mu": proximal_mu if strategy == "fedprox" else None, "rounds": rounds,
-        "local_epochs": local_epochs, "engine": engine, "flower_version": fl_version, "seed": seed,
-        "test_size": test_size, "params": {k: v for k, v in hp.items() if k not in ("task", "n_classes")},
+        **(meta or {"head": first.head}), "task": "survival" if survival else "classification",
+        "classes": None if survival else list(classes or []),
+        "params": {k: v for k, v in first.params.items() if k not in ("task", "n_classes")},
         "preprocessing": PREPROCESSING, "sites": per_site, "pooled": pooled,
-        "comparison": {"metric": "auroc", "federated": f_auc["mean"], "federated_ci": [f_auc["ci_low"],
-                       f_auc["ci_high"]], "centralised": c_auc["mean"],
-                       "centralised_ci": [c_auc["ci_low"], c_auc["ci_high"]],
+        "comparison": {"metric": metric, "federated": f_m["mean"], "federated_ci": [f_m["ci_low"], f_m["ci_high"]],
+                       "centralised": c_m["mean"], "centralised_ci": [c_m["ci_low"], c_m["ci_high"]],
                        "federated_within_centralised_ci": within},
         "mmcli_version": __version__, "created": _time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seconds": round(_time.perf_counter() - t0, 1),
     }
-    write_csv(out / "predictions.csv", _predictions(site_list, fed_pred, central_pred, tgt.classes or []))
+    write_csv(out / "predictions.csv", _predictions(site_list, fed_pred, central_pred, classes or []))
     write_json(out / "metrics.json", doc)
     return doc
 
@@ -184,9 +216,11 @@ def _check_args(sites: Sequence[Any], rounds: int, local_epochs: int, strategy: 
         raise InputError(f"--engine {engine!r}: unknown. Fix: use one of {list(ENGINES)}.")
 
 
-def _sites(cls: type[TorchHead], paths: Sequence[str | Path], tgt: Any, modalities: Sequence[str] | None,
-           test_size: float, seed: int, head: str, hp: dict[str, Any], say: Callable[[str], None]) -> list[Site]:
-    """Resolve every site: its labelled patients, usable for the head, split into train and test."""
+def prepare_sites(cls: type[TorchHead], paths: Sequence[str | Path], tgt: Target, modalities: Sequence[str] | None,
+                  test_size: float, seed: int, head: str, hp: dict[str, Any],
+                  say: Callable[[str], None] | None = None) -> list[Site]:
+    """Resolve every site: its labelled patients, usable for the head, split into train and test (stratified
+    by class, or by the event indicator)."""
     from sklearn.model_selection import train_test_split
 
     pos = {p: i for i, p in enumerate(tgt.patients)}
@@ -211,16 +245,26 @@ def _sites(cls: type[TorchHead], paths: Sequence[str | Path], tgt: Any, modaliti
                              "one site. Fix: give every site's patients distinct ids.")
         seen |= {p: str(path) for p in patients}
         y = np.asarray(tgt.y)[[pos[p] for p in patients]]
-        counts = np.bincount(y, minlength=tgt.n_classes)
-        if len(patients) < 4 or (counts[counts > 0] < 2).any() or (counts > 0).sum() < 2:
-            raise InputError(f"{path}: {len(patients)} labelled patient(s) with features, class counts "
-                             f"{dict(zip(tgt.classes, counts.tolist()))}; a site needs >= 2 patients of at least "
-                             "2 classes to split into train and test. Fix: add patients or drop the site.")
-        tr, te = train_test_split(np.arange(len(patients)), test_size=test_size, random_state=seed, stratify=y)
+        if tgt.task == "survival":
+            strata = y["event"].astype(int)
+            n_ev = int(strata.sum())
+            if len(patients) < 4 or n_ev < 2 or len(patients) - n_ev < 2:
+                raise InputError(f"{path}: {len(patients)} labelled patient(s) with features, {n_ev} event(s); a "
+                                 "site needs >= 2 events and >= 2 censored patients to split into train and test "
+                                 "with events on both sides. Fix: add patients or drop the site.")
+        else:
+            strata = y
+            counts = np.bincount(y, minlength=tgt.n_classes)
+            if len(patients) < 4 or (counts[counts > 0] < 2).any() or (counts > 0).sum() < 2:
+                raise InputError(f"{path}: {len(patients)} labelled patient(s) with features, class counts "
+                                 f"{dict(zip(tgt.classes, counts.tolist()))}; a site needs >= 2 patients of at "
+                                 "least 2 classes to split into train and test. Fix: add patients or drop the site.")
+        tr, te = train_test_split(np.arange(len(patients)), test_size=test_size, random_state=seed, stratify=strata)
         tr, te = np.sort(tr), np.sort(te)
         out.append(Site(k, name, path.resolve(), list(sources), [patients[i] for i in tr], y[tr],
                         [patients[i] for i in te], y[te], head, hp))
-        say(f"site {name}: {len(tr)} train / {len(te)} test patients")
+        if say is not None:
+            say(f"site {name}: {len(tr)} train / {len(te)} test patients")
     return out
 
 
@@ -278,14 +322,19 @@ def _simulate(sites: list[Site], strat: Any, rounds: int, local_epochs: int) -> 
                                    "init_args": {"logging_level": logging.ERROR, "log_to_driver": False}})
 
 
-def _predictions(sites: list[Site], fed: dict[str, np.ndarray], central: dict[str, np.ndarray],
+def _predictions(sites: Sequence[Site], fed: dict[str, np.ndarray], central: dict[str, np.ndarray],
                  classes: Sequence[str]) -> pd.DataFrame:
     frames = []
     for s in sites:
-        df = pd.DataFrame({"site": s.name, "patient_id": s.test, "y_true": [classes[c] for c in s.y_test]})
-        for k, c in enumerate(classes):
-            df[f"prob_{c}"] = fed[s.name][:, k]
-        for k, c in enumerate(classes):
-            df[f"central_prob_{c}"] = central[s.name][:, k]
+        df = pd.DataFrame({"site": s.name, "patient_id": s.test})
+        if s.params.get("task") == "survival":
+            df["time"], df["event"] = s.y_test["time"], s.y_test["event"].astype(int)
+            df["risk"], df["central_risk"] = fed[s.name], central[s.name]
+        else:
+            df["y_true"] = [classes[c] for c in s.y_test]
+            for k, c in enumerate(classes):
+                df[f"prob_{c}"] = fed[s.name][:, k]
+            for k, c in enumerate(classes):
+                df[f"central_prob_{c}"] = central[s.name][:, k]
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
