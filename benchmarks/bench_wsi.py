@@ -5,6 +5,10 @@
 (b) ``mmcli extract --precision int8`` tiles/s  ÷  that best float encoder alone, with int8's fidelity cosine
 (c) peak RSS of ``mmcli extract`` on a 60k-tile slide and on a slide 10x smaller              (flat, < 2 GB)
 (e) the int8 run is a second encoder on an already-planned slide: its item says ``tile_plan: reused``
+read-side share: in ``mmcli extract`` at the default runtime, the seconds the encoder waits for the reader
+    threads (reading, decoding, resizing) and the reader threads' CPU seconds, each ÷ the encoder's compute
+    seconds on the same slide (item attrs ``read_wait_seconds``, ``read_cpu_seconds``,
+    ``encoder_compute_seconds``); also the reader alone (no encoder) in tiles/s
 
 (a), (b), (e) use the default encoder (``resnet50_trunc``, 224 px at 0.5 µm/px) on the same slide and tiles.
 (c) runs each slide in a fresh subprocess with a tiny encoder (``timm:test_resnet``, 32 px tiles at 2 µm/px,
@@ -204,8 +208,65 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
                                           "median": round(float(np.median(cos8)), 5)},
         "b_int8_first_run_s_incl_calibration": round(int8_run_s, 1),
         "default_vs_fp32_cosine": {"min": round(float(cos_auto.min()), 5)},
+        "read_side_default": read_side(attrs),
         "e_second_encoder_tile_plan": first8["tile_plan"],
     }
+
+
+# ---- read-side share --------------------------------------------------------------------------------------
+def read_side(attrs: dict) -> dict:
+    """Where the pipeline's encode loop spent its time, from one slide item's attrs."""
+    comp = attrs["encoder_compute_seconds"]
+    return {"encoder_compute_s": comp, "read_wait_s": attrs["read_wait_seconds"],
+            "read_cpu_s": attrs["read_cpu_seconds"], "read_threads": attrs["read_threads"],
+            "wait_share_of_encoder": round(attrs["read_wait_seconds"] / comp, 3) if comp else None,
+            "read_cpu_share_of_encoder": round(attrs["read_cpu_seconds"] / comp, 3) if comp else None}
+
+
+def reader_alone(slide: Path, coords: np.ndarray, plan_attrs: dict, batch: int, threads: int) -> dict:
+    """The reader threads with no encoder: tiles/s and CPU seconds per tile."""
+    from mmcli.features.readers import slide_opener
+    from mmcli.features.tiling import TilePlan, iter_tile_batches
+
+    plan = TilePlan(coords, np.ones(len(coords), np.float32), plan_attrs["level"], plan_attrs["level_downsample"],
+                    plan_attrs["read_size"], plan_attrs["patch_size"], plan_attrs["patch_size_level0"],
+                    plan_attrs["mpp"], plan_attrs["slide_mpp"], plan_attrs["min_tissue"])
+    stats: dict[str, float] = {}
+    t0 = time.perf_counter()
+    n = sum(len(b) for _, b in iter_tile_batches(slide_opener(slide, plan_attrs["reader"]), plan, batch, threads,
+                                                stats=stats))
+    wall = time.perf_counter() - t0
+    return {"tiles_per_s": round(_rate(n, wall), 1), "cpu_ms_per_tile": round(1000 * stats["read_cpu_s"] / n, 2),
+            "threads": threads}
+
+
+def read_share(args: argparse.Namespace, work: Path) -> dict:
+    """The read-side share alone (no encoder-alone runs): default ``mmcli extract`` on a slide of about
+    ``--tiles`` tissue tiles, ``--rounds`` times into fresh stores (after a warm-up slide), medians."""
+    from mmcli.stages.extract import extract
+
+    side = int(np.ceil((np.sqrt(args.tiles) + 2) * args.patch_size / TILE)) + 4
+    slide = write_bench_slide(work / "read.svs", side, side)
+    warm = write_bench_slide(work / "readwarm.svs", 8, 8)
+    m, mw = _manifest(work, slide), _manifest(work, warm, "W")
+    common = dict(encoder=args.encoder, patch_size=args.patch_size, mpp=0.5, batch_size=args.batch_size,
+                  qc=True, progress=False)
+    rounds = []
+    for r in range(args.rounds):
+        store = work / f"read{r}.zarr"
+        extract("wsi", mw, store, **common)  # a cohort run loads its encoder once
+        eid = extract("wsi", m, store, **common).encoder_id
+        attrs, coords, _ = _item(store, eid, "P1", slide.stem)
+        rec = {**read_side(attrs), "tiles": len(coords), "runtime": attrs["runtime"],
+               "precision": attrs["precision"], "item_tiles_per_s": attrs["tiles_per_s"],
+               "reader_alone": reader_alone(slide, coords, attrs, args.batch_size, attrs["read_threads"])}
+        print(json.dumps(rec), flush=True)
+        rounds.append(rec)
+    med = {k: float(np.median([r[k] for r in rounds])) for k in ("wait_share_of_encoder",
+                                                                 "read_cpu_share_of_encoder", "item_tiles_per_s")}
+    med["reader_alone_tiles_per_s"] = float(np.median([r["reader_alone"]["tiles_per_s"] for r in rounds]))
+    med["reader_cpu_ms_per_tile"] = float(np.median([r["reader_alone"]["cpu_ms_per_tile"] for r in rounds]))
+    return {"median": med, "rounds": rounds}
 
 
 # ---- (d) memory --------------------------------------------------------------------------------------------
@@ -261,7 +322,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (it compiles for minutes)")
     ap.add_argument("--big-tiles", type=int, default=60_000, help="tiles of the big slide in (c)")
-    ap.add_argument("--skip", choices=["throughput", "memory"], action="append", default=[])
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the read-side share")
+    ap.add_argument("--skip", choices=["throughput", "read", "memory"], action="append", default=[])
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -272,6 +334,9 @@ def main() -> None:
         if "throughput" not in args.skip:
             res["throughput"] = throughput(args, work)
             print(json.dumps(res["throughput"], indent=2), flush=True)
+        if "read" not in args.skip:
+            res["read_side"] = read_share(args, work)
+            print(json.dumps(res["read_side"]["median"], indent=2), flush=True)
         if "memory" not in args.skip:
             res["c_memory"] = memory(args, work)
             print(json.dumps(res["c_memory"], indent=2), flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -158,12 +159,15 @@ def iter_tile_batches(
     threads: int | None = None,
     pin_memory: bool = False,
     max_bytes: int = 512 << 20,
+    stats: dict[str, float] | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """Yield ``(start, batch)`` in tile order; ``batch`` is uint8 ``(b, P, P, 3)`` (numpy, or a pinned
     ``torch`` tensor with ``pin_memory``, or a CUDA tensor from a GPU-decoding reader).
 
     ``threads`` reader threads (each with its own slide handle from ``opener``) decode whole batches ahead
     of the consumer; at most ``max_bytes`` of decoded batches (and at least two) are in flight.
+    ``stats``, when given, accumulates ``read_cpu_s`` (CPU time of the reader threads: reading, decoding,
+    resizing) and ``read_wall_s`` (their wall time, summed over threads).
     """
     n, p = plan.n, plan.patch_size
     if n == 0:
@@ -184,6 +188,17 @@ def iter_tile_batches(
         return r
 
     def read_batch(start: int) -> tuple[int, Any]:
+        if stats is None:
+            return _read_batch(start)
+        c0, w0 = time.thread_time(), time.perf_counter()
+        try:
+            return _read_batch(start)
+        finally:
+            with lock:
+                stats["read_cpu_s"] = stats.get("read_cpu_s", 0.0) + time.thread_time() - c0
+                stats["read_wall_s"] = stats.get("read_wall_s", 0.0) + time.perf_counter() - w0
+
+    def _read_batch(start: int) -> tuple[int, Any]:
         coords = plan.coords[start:start + batch_size]
         tiles = reader().read_regions(coords, plan.level, plan.read_size, plan.read_size)
         first = next(tiles)

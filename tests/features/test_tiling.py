@@ -86,12 +86,16 @@ def test_stream_equals_direct_reads(slide: Path) -> None:
                                Image.BILINEAR)) for x, y in plan.coords[:150]]
     sub = plan.__class__(**{**plan.__dict__, "coords": plan.coords[:150], "tissue": plan.tissue[:150]})
     got, starts = [], []
-    for start, batch in iter_tile_batches(slide_opener(slide, "openslide"), sub, batch_size=16, threads=3):
+    stats: dict[str, float] = {}
+    for start, batch in iter_tile_batches(slide_opener(slide, "openslide"), sub, batch_size=16, threads=3,
+                                          stats=stats):
         assert batch.dtype == np.uint8 and batch.shape[1:] == (32, 32, 3)
         starts.append(start)
         got.extend(batch)
     assert starts == list(range(0, 150, 16))
     assert np.array_equal(np.stack(got), np.stack(expected))
+    # the reader threads' time is accounted: decoding 150 tiles costs CPU, never more than the threads' wall time
+    assert 0 < stats["read_cpu_s"] <= stats["read_wall_s"] * 1.05 + 0.01
 
 
 class _SlowReader:

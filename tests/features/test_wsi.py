@@ -59,6 +59,9 @@ def test_tiles_only_on_tissue_and_qc(slides: dict[str, Path], tmp_path: Path) ->
     assert qc.is_file() and qc.parent.name == "P1" and f"{tmp_path / 's.zarr'}.qc" in str(qc)
     assert spec.encoder_id in str(qc)
     assert res.warnings == []
+    # where the encode loop's time went: waiting on the reader threads + encoder compute fit in encode_seconds
+    assert a["read_wait_seconds"] >= 0 and a["encoder_compute_seconds"] > 0 and a["read_cpu_seconds"] > 0
+    assert a["read_wait_seconds"] + a["encoder_compute_seconds"] <= a["encode_seconds"] + 0.01
 
 
 def test_blank_slide_zero_tiles_with_warning(slides: dict[str, Path], tmp_path: Path) -> None:
