@@ -26,6 +26,7 @@ from mmcli.heads.data import Cohort, pad_bags
 from mmcli.heads.fusion import FUSIONS
 from mmcli.heads.modules import GatedAttention, MeanPool, StandardisedEmbed, mlp_embed
 from mmcli.heads.preprocess import InstanceScaler, VectorPrepParams, VectorPreprocessor, vector_preprocessor
+from mmcli.heads.pretrain import refit_to_standardisation
 from mmcli.heads.torch_base import TorchHead, TorchParams, torch_env
 from mmcli.pipeline.errors import InputError
 
@@ -96,12 +97,22 @@ class FusionMLPParams(TorchParams, VectorPrepParams):
                                      "tables) wider than this, >= 1; null = no PCA")
     init: str | None = Field(None, description="folder of `mmcli pretrain`: start each pretrained modality's "
                              "first layer from its contrastive encoder (those modalities skip the PCA); null = random")
+    freeze_init: bool = Field(False, description="with init: keep the pretrained first layers fixed (train only "
+                              "what is above them: a probe of the pretrained representation, for few labels); "
+                              "false = fine-tune them with the rest")
 
     @field_validator("fusion")
     @classmethod
     def _known_fusion(cls, v: str) -> str:
         if v not in FUSIONS:
             raise ValueError(f"unknown fusion {v!r}")
+        return v
+
+    @field_validator("freeze_init")
+    @classmethod
+    def _freeze_needs_init(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and not info.data.get("init"):
+            raise ValueError("freeze_init=true needs the pretrained layers of --init DIR")
         return v
 
     @field_validator("n_heads")
@@ -135,6 +146,7 @@ class FusionMLPHead(TorchHead):
     batch_column: str | None
     batch_keep: list[str]
     init: str | None
+    freeze_init: bool
 
     def _fit_preprocessing(self, X: Cohort) -> None:
         self._pretrained = None
@@ -177,9 +189,15 @@ class FusionMLPHead(TorchHead):
                     raise InputError(f"--init {self.init}: modality {spec.name!r} was pretrained on "
                                      f"{w['weight'].shape[1]} inputs, the head has {layer.weight.shape[1]} (other "
                                      "encoder, or --impute indicator columns). Fix: pretrain on the same features.")
+                # the fold's own (in-fold) standardisation stays; the layer is rescaled to compute the encoder
+                prep = self.preprocessors_[spec.name]
+                weight, bias = refit_to_standardisation(w, prep.mean_, prep.scale_)
                 with torch.no_grad():
-                    layer.weight.copy_(w["weight"])
-                    layer.bias.copy_(w["bias"])
+                    layer.weight.copy_(weight)
+                    layer.bias.copy_(bias)
+                if self.freeze_init:
+                    layer.weight.requires_grad_(False)
+                    layer.bias.requires_grad_(False)
         return net
 
     def _inputs(self, X: Cohort, idx: np.ndarray, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:

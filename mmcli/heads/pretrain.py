@@ -27,6 +27,7 @@ from torch import nn
 
 from mmcli.heads.data import Cohort, ModalitySpec
 from mmcli.heads.preprocess import VectorPreprocessor, load_preprocessors, save_preprocessors
+from mmcli.heads.torch_base import torch_env
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_json
 
@@ -42,14 +43,18 @@ class ContrastivePretrainer:
         proj_dim: projection size of the loss.
         temperature: softmax temperature of the similarities, > 0.
         epochs, batch_size, lr, weight_decay, seed: AdamW training settings.
+        n_threads: torch CPU threads (1, as the heads: these layers are tiny, and more threads than idle
+            cores make every step many times slower).
     """
 
     def __init__(self, hidden: int = 32, proj_dim: int = 32, temperature: float = 0.1, epochs: int = 100,
-                 batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0) -> None:
+                 batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
+                 n_threads: int = 1) -> None:
         if temperature <= 0:
             raise InputError(f"--temperature {temperature}: must be > 0.")
         self.hidden, self.proj_dim, self.temperature = hidden, proj_dim, temperature
         self.epochs, self.batch_size, self.lr, self.weight_decay, self.seed = epochs, batch_size, lr, weight_decay, seed
+        self.n_threads = n_threads
         self.losses_: list[float] = []
         self.pairs_: dict[str, int] = {}
 
@@ -74,7 +79,11 @@ class ContrastivePretrainer:
                 pairs.append((a, b, both))
         if not pairs:
             raise InputError(f"no two patients share a pair of the modalities {X.names}; nothing to contrast.")
-        torch.manual_seed(self.seed)
+        with torch_env(self.seed, self.n_threads):
+            self._train(Z, pairs)
+        return self
+
+    def _train(self, Z: dict[str, np.ndarray], pairs: list[tuple[str, str, np.ndarray]]) -> None:
         self.module_ = nn.ModuleDict({
             s.name: nn.ModuleDict({"encoder": nn.Linear(self.preprocessors_[s.name].out_dim, self.hidden),
                                    "projection": nn.Linear(self.hidden, self.proj_dim)}) for s in self.spec_})
@@ -96,7 +105,6 @@ class ContrastivePretrainer:
                     opt.step()
                     total, steps = total + float(loss.detach()), steps + 1
             self.losses_.append(total / max(steps, 1))
-        return self
 
     def embed(self, name: str, x: torch.Tensor) -> torch.Tensor:
         enc = self.module_[name]
@@ -126,8 +134,10 @@ class ContrastivePretrainer:
 
 
 def load_pretrained(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """(config, {modality: {"weight", "bias"}} of each encoder layer) of a :meth:`ContrastivePretrainer.save`
-    folder; InputError naming the folder when it is not one."""
+    """(config, {modality: {"weight", "bias", "input_mean", "input_scale"}}) of a
+    :meth:`ContrastivePretrainer.save` folder: each encoder layer and the standardisation of its input it was
+    trained on (a consumer with another standardisation must fold the difference into the layer, see
+    :func:`refit_to_standardisation`); InputError naming the folder when it is not one."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -142,5 +152,28 @@ def load_pretrained(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[st
         mod, _, rest = key.partition(".")
         if rest.startswith("encoder."):
             enc.setdefault(mod, {})[rest.split(".", 1)[1]] = t
-    load_preprocessors(path)  # validates the saved standardisation too
+    for mod, prep in load_preprocessors(path).items():
+        if mod in enc and isinstance(prep, VectorPreprocessor):
+            assert prep.mean_ is not None and prep.scale_ is not None
+            enc[mod]["input_mean"] = torch.from_numpy(np.asarray(prep.mean_, dtype=np.float32))
+            enc[mod]["input_scale"] = torch.from_numpy(np.asarray(prep.scale_, dtype=np.float32))
+    missing = sorted(m for m, w in enc.items() if "input_mean" not in w or "weight" not in w)
+    if missing:
+        raise InputError(f"--init {path}: modalities {missing} lack their encoder or standardisation in "
+                         f"{WEIGHTS} / preprocess.json. Fix: rerun `mmcli pretrain`.")
     return config, enc
+
+
+def refit_to_standardisation(weights: dict[str, torch.Tensor], mean: np.ndarray | torch.Tensor,
+                             scale: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a layer on input standardised with ``(mean, scale)`` that computes exactly what the
+    pretrained encoder computes on its own standardisation ``(input_mean, input_scale)``.
+
+    With ``x = z s + m`` (z: the consumer's standardised input) and ``u = (x - m_p) / s_p`` (the pretraining's):
+    ``W u + b = (W s / s_p) z + b + W (m - m_p) / s_p``. Without it, a fold standardised on its few labelled
+    training patients would feed the encoder inputs on another scale than it was trained on.
+    """
+    W, b = weights["weight"].double(), weights["bias"].double()
+    m_p, s_p = weights["input_mean"].double(), weights["input_scale"].double()
+    m, s = torch.as_tensor(np.asarray(mean, dtype=np.float64)), torch.as_tensor(np.asarray(scale, dtype=np.float64))
+    return (W * (s / s_p)).float(), (b + W @ ((m - m_p) / s_p)).float()
