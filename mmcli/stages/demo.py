@@ -75,6 +75,9 @@ def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5
         console.print(f"{modality}: done={summary.count('done')} cached={summary.count('cached')} "
                       f"failed={len(summary.problems)}")
         code = max(code, summary.exit_code)
+        if summary.stopped:  # SIGINT/SIGTERM or a full disk stopped the run: the demo stops with it
+            console.print(f"[red]stopped: {summary.stopped}[/red]")
+            return summary.exit_code
     for name, table in cohort.tables.items():
         ingest_table(table=table, name=name, store=store)
         extracted.append(name)

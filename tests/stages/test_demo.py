@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,7 @@ from mmcli.stages.demo import EXTRA_FITS, export_attention_geojson, fit_and_repo
 from mmcli.stages.extract import extract
 from mmcli.stages.synth import synth
 
-pytestmark = pytest.mark.slow  # a synthetic cohort, one extraction and two short fits (~1 min on 2 busy cores)
+SLOW = pytest.mark.slow  # the demo fixture: a synthetic cohort, one extraction, two short fits (~4 min on 2 busy cores)
 
 QUICK = {"epochs": 2}
 
@@ -46,6 +47,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"out": out, "store": store, **runs}
 
 
+@SLOW
 def test_demo_geojson_is_a_valid_qupath_file_over_its_slide(demo: dict[str, Path]) -> None:
     run = demo["attention_mil"]
     gj, png = export_attention_geojson(demo["store"], run, demo["out"] / "qupath")
@@ -83,6 +85,7 @@ def test_demo_geojson_is_a_valid_qupath_file_over_its_slide(demo: dict[str, Path
     assert px.std() > 10  # a drawn picture (thumbnail + tiles), not a blank canvas
 
 
+@SLOW
 def test_demo_survival_attention_report_has_heatmaps(demo: dict[str, Path]) -> None:
     run = demo["attention_mil_survival"]
     cfg = json.loads((run / "config.json").read_text())
@@ -95,3 +98,27 @@ def test_demo_survival_attention_report_has_heatmaps(demo: dict[str, Path]) -> N
     assert tops == heatmaps  # the slides are reachable: tile images for every heatmap
     assert re.search(r"risk [-0-9.e]+; time [0-9.]+, (event|censored)", text)
     assert "slide file not reachable" not in text
+
+
+def test_a_stopped_extraction_stops_the_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM (or a full disk) that stops an extraction stops the demo with the run's exit code, instead of
+    fitting every head on a partial store (seen: a SIGTERM mid-WSI left 84 of 177 slides unextracted and the demo
+    went on to the next modality)."""
+    import mmcli.stages.extract as extract_stage
+    import mmcli.stages.synth as synth_stage
+    from mmcli.features.runner import RunSummary
+    from mmcli.stages import demo as demo_stage
+
+    calls = []
+    monkeypatch.setattr(synth_stage, "synth", lambda out, **_: SimpleNamespace(
+        out_dir=Path(out), manifest=Path(out) / "manifest.csv", labels=Path(out) / "labels.csv", tables={}))
+
+    def stopped(modality: str, **_: object) -> RunSummary:
+        calls.append(modality)
+        return RunSummary(modality, "enc", "s.zarr", [], 1.0, "in-process", stopped="SIGTERM: 0 item(s) abandoned "
+                          "unwritten, 84 not started.", signal=15)
+
+    monkeypatch.setattr(extract_stage, "extract", stopped)
+    monkeypatch.setattr(demo_stage, "fit_and_report", lambda *a, **k: pytest.fail("fitted after a stop"))
+    assert demo_stage.run_demo(tmp_path / "demo", patients=8) == 143
+    assert calls == ["wsi"] and not (tmp_path / "demo" / "demo_results.json").exists()
