@@ -42,14 +42,22 @@ class Modality:
     unit: str
 
     def build_options(self, given: Mapping[str, Any]) -> Options:
-        """Validate the options the user gave (``None`` = not given); a flag that this modality does not take
-        is refused by name."""
+        """Validate the options the user gave (``None`` = not given), with :meth:`implied_options` filling the
+        ones not given; a flag that this modality does not take is refused by name."""
         given = {k: v for k, v in given.items() if v is not None}
         unknown = sorted(set(given) - set(self.options.fields()))
         if unknown:
             flags = ", ".join(flag_of(k) for k in unknown)
             raise InputError(f"{flags} does not apply to --modality {self.name}. Fix: remove it.")
-        return self.options.build(given)
+        return self.options.build({**self.implied_options(given), **given})
+
+    def implied_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults that follow from other options: a foundation-model preset ``--encoder`` sets its tiling
+        (``mpp``, ``patch_size``) in every modality whose options take them; what the user gave wins."""
+        from mmcli.features.encoders.presets import tiling_defaults
+
+        fields = set(self.options.fields())
+        return {k: v for k, v in tiling_defaults(given.get("encoder")).items() if k in fields}
 
 
 MODALITIES: Registry[Modality] = Registry("modality", flag="--modality")

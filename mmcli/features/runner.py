@@ -37,7 +37,7 @@ from mmcli.pipeline.errors import DiskFullError, InputError, ItemError, ItemInte
 from mmcli.pipeline.faults import fault
 from mmcli.pipeline.fingerprint import source_fingerprint
 from mmcli.pipeline.io import disk_full_message, write_json
-from mmcli.pipeline.manifest import ManifestRow
+from mmcli.pipeline.manifest import ManifestRow, file_problem
 from mmcli.pipeline.store import open_store, pid_alive
 
 ProgressFn = Callable[[int, int], None]  # (done, total) units of work inside one item, e.g. tiles
@@ -438,7 +438,8 @@ def run_extraction(
     missing = list(missing or []) + [r for r in rows if not r.path.exists()]  # checked again: before any encoder
     rows = [r for r in rows if r.path.exists()]
     outcomes = [
-        ItemOutcome(r.patient_id, r.item_id, str(r.path), r.row, "missing", "file not found") for r in missing
+        ItemOutcome(r.patient_id, r.item_id, str(r.path), r.row, "missing", file_problem(r.path) or "file not found")
+        for r in missing
     ]
     if rows and not isinstance(spec, ExtractorSpec):
         spec = spec()

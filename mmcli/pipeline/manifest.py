@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,8 @@ class ManifestRow:
 
 @dataclass
 class Manifest:
-    """Validated manifest rows plus the rows whose file is missing (reported, not fatal)."""
+    """Validated manifest rows plus the rows whose file is missing (reported, not fatal; :func:`file_problem`
+    says why: not found, a symlink loop, a dangling symlink)."""
 
     source: Path
     rows: list[ManifestRow]
@@ -47,12 +50,34 @@ class Manifest:
         return [r for r in self.missing if r.modality == modality]
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as a file, or None when it exists: a symlink loop and a dangling symlink are
+    named as such (``Path.exists()`` answers False for both, which reads as "file not found")."""
+    path = Path(path)
+    try:
+        path.stat()
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"symlink loop: {path} (a symbolic link that resolves to itself). Fix: point the link at the " \
+                   "real file, or the manifest at the file itself."
+        if path.is_symlink():
+            return f"dangling symlink: {path} -> {os.readlink(path)} (the target does not exist). " \
+                   "Fix: point the link at the real file."
+        if e.errno == errno.ENOENT:
+            return f"file not found: {path}"
+        return f"cannot read {path}: {e.strerror or e}"
+
+
 def read_csv_text(path: Path) -> str:
     """CSV text of UTF-8 (BOM removed) or BOM-marked UTF-16 (Excel's "Unicode text"); a clear error for
     missing files and other encodings (e.g. Latin-1, which cannot be told apart from other 8-bit codes)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found. Fix: check the path.")
+        problem = file_problem(path)
+        if problem is None or problem.startswith("file not found"):  # None: a folder
+            raise InputError(f"{path}: file not found. Fix: check the path.")
+        raise InputError(problem)
     raw = path.read_bytes()
     codec = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
     try:

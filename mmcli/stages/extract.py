@@ -56,12 +56,7 @@ def extract(
     mod = modality_of(modality)  # unknown modality: fail before touching the store
     if scheduler == "local" and workers is not None and workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
-    if modality == "wsi":  # a foundation-model preset sets --mpp / --patch-size unless they are given
-        from mmcli.features.encoders.presets import tiling_defaults
-
-        options = {**options, **{k: v for k, v in tiling_defaults(options.get("encoder")).items()
-                                 if options.get(k) is None}}
-    opts = mod.build_options(options)
+    opts = mod.build_options(options)  # with the options a preset implies (Modality.implied_options)
     if scheduler == "local" and "torch_threads" in mod.options.fields() and options.get("torch_threads") is None:
         # dask starts workers with OMP_NUM_THREADS=1; share the cores between the worker processes instead
         n = workers or os.cpu_count() or 1

@@ -1,59 +1,25 @@
 """QuPath GeoJSON export: a schema check of the FeatureCollection, shapely validity of every polygon, the
 tissue outline equal to the union of the tiles (holes and diagonal neighbours included), scores as tile
-measurements, and the CLI."""
+measurements, and the CLI. The schema and the checks moved to ``helpers.geojson_check`` (unchanged) so that the demo
+test (``tests/stages/test_demo.py``) validates its export with the same checks."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 import pandas as pd
 import pytest
 import shapely
-from shapely.geometry import box, shape
+from shapely.geometry import box
 from typer.testing import CliRunner
 
+from helpers.geojson_check import check_feature_collection
 from mmcli.cli import app
 from mmcli.features.interop.geojson import feature_collection, tile_union
 from mmcli.pipeline.store import open_store
 
-# GeoJSON (RFC 7946) FeatureCollection of Polygons, after the geojson.org JSON schema, plus QuPath's properties
-POSITION = {"type": "array", "minItems": 2, "items": {"type": "number"}}
-RING = {"type": "array", "minItems": 4, "items": POSITION}
-SCHEMA = {
-    "type": "object", "required": ["type", "features"],
-    "properties": {
-        "type": {"const": "FeatureCollection"},
-        "features": {"type": "array", "items": {
-            "type": "object", "required": ["type", "geometry", "properties"],
-            "properties": {
-                "type": {"const": "Feature"},
-                "id": {"type": ["string", "number"]},
-                "geometry": {"type": "object", "required": ["type", "coordinates"], "properties": {
-                    "type": {"const": "Polygon"}, "coordinates": {"type": "array", "minItems": 1, "items": RING}}},
-                "properties": {"type": "object", "required": ["objectType", "classification"], "properties": {
-                    "objectType": {"enum": ["annotation", "tile", "detection"]},
-                    "classification": {"type": "object", "required": ["name"], "properties": {
-                        "name": {"type": "string"}, "color": {"type": "array", "items": {"type": "integer"}}}},
-                    "measurements": {"type": "object", "additionalProperties": {"type": "number"}}}}}}}},
-}
-
-
-def _check(fc: dict) -> tuple[list, list]:
-    jsonschema.validate(fc, SCHEMA)
-    tissue, tiles = [], []
-    for f in fc["features"]:
-        for ring in f["geometry"]["coordinates"]:
-            assert ring[0] == ring[-1]  # closed rings
-        geom = shape(f["geometry"])
-        assert geom.is_valid, shapely.validation.explain_validity(geom)
-        ext = f["geometry"]["coordinates"][0]
-        assert shapely.LinearRing(ext).is_ccw  # RFC 7946 right-hand rule (numeric coordinates)
-        for hole in f["geometry"]["coordinates"][1:]:
-            assert not shapely.LinearRing(hole).is_ccw
-        (tissue if f["properties"]["objectType"] == "annotation" else tiles).append((geom, f["properties"]))
-    return tissue, tiles
+_check = check_feature_collection
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -86,3 +86,20 @@ def test_readers_and_formats_are_registries() -> None:
     assert {n: FORMATS.entry(n).meta["coords"] for n in FORMATS.names()} == \
         {"clam": "level-0 px", "trident": "level-0 px", "stamp": "um"}
     assert get_format("STAMP").features_key == "feats"
+
+
+def test_modality_registry_fills_the_options_a_preset_implies() -> None:
+    """The preset tiling policy lives on the modality registry (``Modality.implied_options``), not in a
+    ``modality == "wsi"`` branch of the extract stage: a preset sets mpp / patch size where the modality takes them,
+    a given value wins, and a modality without those options gets nothing implied."""
+    import inspect
+
+    from mmcli.stages import extract as extract_stage
+
+    wsi = MODALITIES.get("wsi")
+    opts = wsi.build_options({"encoder": "conch-v1.5", "patch_size": None})
+    assert (opts.mpp, opts.patch_size) == (0.5, 448)
+    assert wsi.build_options({"encoder": "conch-v1.5", "patch_size": 256}).patch_size == 256
+    assert wsi.implied_options({"encoder": "resnet50_trunc"}) == {}
+    assert MODALITIES.get("text").implied_options({"encoder": "uni"}) == {}  # text takes no mpp / patch size
+    assert '== "wsi"' not in inspect.getsource(extract_stage)

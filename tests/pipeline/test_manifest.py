@@ -114,3 +114,36 @@ def test_id_rules() -> None:
         assert id_problem(bad) is not None
     with pytest.raises(InputError):
         check_id("../x")
+
+
+def test_symlink_loop_and_dangling_link_named(files: Path) -> None:
+    """A symlink loop (``Path.exists()`` is False for it) is reported as a loop naming the path, not as a missing
+    file; a dangling link names its target; a truly absent file still reads "file not found". The run summary of
+    ``mmcli extract`` carries the same reason per row, before any encoder is built."""
+    from mmcli.features.runner import run_extraction
+    from mmcli.pipeline.manifest import file_problem
+
+    loop = files / "slides" / "loop.svs"
+    loop.symlink_to(loop.name)  # resolves to itself
+    dangling = files / "slides" / "dangling.svs"
+    dangling.symlink_to("nowhere.svs")
+    m = load_manifest(_write(files, "patient_id,modality,path\nP1,wsi,slides/a.svs\nP2,wsi,slides/loop.svs\n"
+                                    "P3,wsi,slides/dangling.svs\nP4,wsi,slides/gone.svs\n"))
+    assert [r.patient_id for r in m.missing] == ["P2", "P3", "P4"]
+    assert file_problem(files / "slides" / "a.svs") is None
+    assert file_problem(loop).startswith(f"symlink loop: {loop} ")
+    assert file_problem(dangling).startswith(f"dangling symlink: {dangling} -> nowhere.svs ")
+    assert file_problem(files / "slides" / "gone.svs") == f"file not found: {files / 'slides' / 'gone.svs'}"
+
+    def no_spec() -> None:
+        raise AssertionError("the spec was built for a run with no readable file")
+
+    s = run_extraction([], no_spec, files / "s.zarr", missing=m.missing, progress=False, modality="wsi")
+    reasons = {o.patient_id: o.reason for o in s.outcomes}
+    assert reasons["P2"].startswith(f"symlink loop: {loop}") and "dangling symlink" in reasons["P3"]
+    assert reasons["P4"].startswith("file not found")
+    assert any(line.startswith("  missing: P2/loop (manifest line 3") and "symlink loop" in line for line in s.lines())
+    # the manifest itself behind a loop
+    (files / "m.csv").symlink_to("m.csv")
+    with pytest.raises(InputError, match=r"symlink loop: .*m\.csv"):
+        load_manifest(files / "m.csv")

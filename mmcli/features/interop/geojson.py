@@ -8,13 +8,15 @@ which is how QuPath places imported objects) holding
   ``attention.csv`` of ``mmcli fit``), which QuPath shows as measurements and can colour by.
 
 File > Import objects from file in QuPath reads these files; ``properties.objectType`` and
-``properties.classification`` follow QuPath's own GeoJSON export.
+``properties.classification`` follow QuPath's own GeoJSON export. :func:`render_preview` draws a written file
+back over the slide thumbnail (a PNG), the way it will sit in QuPath.
 """
 from __future__ import annotations
 
 import json
 import math
 from collections import defaultdict
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from mmcli.features.interop.exporter import ExportSummary
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.io import atomic_write_text
+from mmcli.pipeline.io import atomic_path, atomic_write_text
 
 MAX_CELLS = 4_000_000  # raster cells of the tile-union trace; coarser (approximate) beyond
 TISSUE_COLOR = [80, 160, 80]
@@ -211,8 +213,10 @@ def feature_collection(coords: np.ndarray, size: float, scores: dict[int, dict[s
 
 
 def export_geojson(store_path: str | Path, out: str | Path, modality: str = "wsi", encoder_id: str | None = None,
-                   scores: str | Path | None = None) -> ExportSummary:
-    """``<out>/<slide stem>.geojson`` for every item of ``modality``/``encoder_id`` with coords and tile size."""
+                   scores: str | Path | None = None, *,
+                   items: Collection[tuple[str, str]] | None = None) -> ExportSummary:
+    """``<out>/<slide stem>.geojson`` for every item of ``modality``/``encoder_id`` with coords and tile size
+    (only the ``(patient_id, item_id)`` pairs of ``items`` when given)."""
     from mmcli.features.interop.exporter import choose_encoder, item_geometry, slide_name
     from mmcli.pipeline.store import open_store
 
@@ -221,7 +225,9 @@ def export_geojson(store_path: str | Path, out: str | Path, modality: str = "wsi
     eid = choose_encoder(store, modality, encoder_id)
     out = Path(out)
     summary = ExportSummary("geojson", str(store_path), str(out), modality, eid)
-    keys = list(store.iter_items(modality, eid))
+    keys = [k for k in store.iter_items(modality, eid) if items is None or (k.patient_id, k.item_id) in items]
+    if items is not None and not keys:
+        raise InputError(f"none of {sorted(items)} is a {modality} item of encoder {eid} in {store_path}.")
     names = {}
     for key in keys:
         label = f"{key.patient_id}/{key.item_id}"
@@ -247,3 +253,59 @@ def export_geojson(store_path: str | Path, out: str | Path, modality: str = "wsi
         atomic_write_text(path, json.dumps(fc, separators=(",", ":"), allow_nan=False))
         summary.written.append(str(path))
     return summary
+
+
+# ---- preview ---------------------------------------------------------------------------------------------
+def render_preview(geojson: str | Path, png: str | Path, slide: str | Path | None = None,
+                   score: str = "attention", max_side: int = 1000) -> Path:
+    """Draw a written GeoJSON file as QuPath would show it: the slide thumbnail (when ``slide`` is given and
+    opens), tissue outlines (holes dashed) and tiles filled by their ``score`` measurement as within-slide
+    percentiles (tiles without it hollow). Everything is in level-0 px, so a misplaced tile shows as one."""
+    from matplotlib.collections import PolyCollection
+    from matplotlib.figure import Figure
+    from scipy.stats import rankdata
+
+    from mmcli.features.readers import open_slide
+
+    fc = json.loads(Path(geojson).read_text())
+    tissue = [f for f in fc["features"] if f["properties"].get("objectType") == "annotation"]
+    tiles = [f for f in fc["features"] if f["properties"].get("objectType") == "tile"]
+    fig = Figure(figsize=(8, 6.5), dpi=100)
+    ax = fig.subplots()
+    if slide is not None:
+        with open_slide(str(slide), "auto") as sr:
+            w0, h0 = sr.dimensions
+            thumb, _ = sr.thumbnail(max(1.0, max(w0, h0) / max_side))
+        ax.imshow(thumb, extent=(0, w0, h0, 0), interpolation="bilinear")
+        ax.set_xlim(0, w0)
+        ax.set_ylim(h0, 0)
+    else:
+        ax.invert_yaxis()
+    vals = np.array([f["properties"].get("measurements", {}).get(score, np.nan) for f in tiles], dtype=float)
+    polys = [f["geometry"]["coordinates"][0] for f in tiles]
+    have = ~np.isnan(vals)
+    if have.any():
+        pct = np.full(len(vals), np.nan)
+        pct[have] = rankdata(vals[have]) / have.sum()
+        filled = PolyCollection([p for p, h in zip(polys, have) if h], array=pct[have], cmap="jet", alpha=0.5,
+                                edgecolors="none", clim=(0, 1))
+        ax.add_collection(filled)
+        fig.colorbar(filled, ax=ax, fraction=0.035, label=f"{score} (within-slide percentile)")
+    if (~have).any():
+        ax.add_collection(PolyCollection([p for p, h in zip(polys, have) if not h], facecolors="none",
+                                         edgecolors="orange", linewidths=0.5))
+    for f in tissue:
+        for k, ring in enumerate(f["geometry"]["coordinates"]):
+            r = np.asarray(ring)
+            ax.plot(r[:, 0], r[:, 1], color="lime", lw=1.2, ls="-" if k == 0 else "--")
+    if slide is None:
+        ax.autoscale_view()
+    ax.set_aspect("equal")
+    ax.set_title(f"{Path(geojson).name}: {len(tissue)} tissue outline(s), {len(tiles)} tiles "
+                 f"({int(have.sum())} with {score})", fontsize=9)
+    ax.set_xlabel("level-0 x (px)")
+    ax.set_ylabel("level-0 y (px)")
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(png)
