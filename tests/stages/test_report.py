@@ -92,6 +92,9 @@ def test_multiclass_report_without_optional_artefacts(tmp_path: Path) -> None:
     assert "No <code>modality_weights.json</code>" in text
     assert "No <code>shap.csv</code>" in text
     assert "No <code>attention.csv</code>" in text
+    # sections of artefacts other heads write are left out, listed once under "Not in this run"
+    assert "<h2>Not in this run</h2>" in text
+    assert all(f"<h2>{t}" not in text for t in ("Fusion modality weights", "SHAP summary", "Attention"))
     assert text.count("data:image/png;base64,") == 4
 
 
@@ -108,6 +111,16 @@ def test_survival_report_km_and_logrank(tmp_path: Path) -> None:
     assert f"{c:.3f}" in text and "tertiles" in text and "os_months / os_event" in text
     assert "Kaplan-Meier curves by risk group" in text
     assert "Multiclass" not in text and "ROC curve" not in text
+
+
+def test_survival_report_leaves_out_classification_loss_params(tmp_path: Path) -> None:
+    run = survival_run(tmp_path / "run", n=60, head="attention_mil")
+    cfg_path = run / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["params"] = {"lr": 0.001, "loss": "ce", "focal_gamma": 2.0, "class_weight": "balanced"}
+    cfg_path.write_text(json.dumps(cfg))
+    header = report(run).read_text().split("<h2>Metrics</h2>")[0]
+    assert "lr" in header and not any(k in header for k in ("focal_gamma", "class_weight", "balanced"))
 
 
 def test_small_survival_run_uses_median_split(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from mmcli import __version__
 from mmcli.pipeline.io import atomic_write_text
-from mmcli.pipeline.rundir import CLASSIFICATION, Run, load_run, read_csv, read_json
+from mmcli.pipeline.rundir import CLASSIFICATION, WINDOW_ATTRIBUTIONS, Run, load_run, read_csv, read_json
 from mmcli.stages.report import evidence, plots
 from mmcli.stages.report.attention import attention_section
 from mmcli.stages.report.attributions import attributions_section, note_windows_section
@@ -76,12 +76,24 @@ def _section(title: str, build: Callable[[], str]) -> str:
 
 
 # ---- sections -----------------------------------------------------------------------------------------
+CLASSIFICATION_ONLY_PARAMS = ("loss", "focal_gamma", "class_weight")  # torch heads' classification loss options
+
+
+def _task_params(run: Run) -> Any:
+    """The head params that apply to the run's task: a survival run trains on the Cox loss, so the
+    classification loss options it still carries (their defaults) would mislead a reader."""
+    params = run.params
+    if run.task == CLASSIFICATION or not isinstance(params, dict):
+        return params
+    return {k: v for k, v in params.items() if k not in CLASSIFICATION_ONLY_PARAMS}
+
+
 def _header(run: Run) -> str:
     cfg, met = run.config, run.metrics or {}
     rows: list[tuple[str, Any]] = [
         ("run dir", run.path.resolve()),
         ("head", run.head),
-        ("head params", run.params),
+        ("head params", _task_params(run)),
         ("task", run.task),
     ]
     if run.task == CLASSIFICATION:
@@ -243,13 +255,23 @@ def _render(run: Run, attention_patients: int, top_tiles: int) -> str:
     if external:
         sections += [_section("Drift (training vs this cohort)", lambda: evidence.drift_section(run)),
                      _section("Missing patients and modalities", lambda: evidence.missing_section(run))]
-    sections += [
-        _section("Fusion modality weights", lambda: _weights_section(run)),
-        _section("SHAP summary (xgboost)", lambda: _shap_section(run)),
-        _section("Attention", lambda: attention_section(run, n_patients=attention_patients, top_k=top_tiles)),
-        _section("Attributions (integrated gradients)", lambda: attributions_section(run)),
-        _section("Note windows that drive predictions", lambda: note_windows_section(run)),
+    # head-specific artefacts: a section when the run has the file, one line listing those it lacks
+    optional = [
+        ("modality_weights.json", "Fusion modality weights", lambda: _weights_section(run)),
+        ("shap.csv", "SHAP summary (xgboost)", lambda: _shap_section(run)),
+        ("attention.csv", "Attention",
+         lambda: attention_section(run, n_patients=attention_patients, top_k=top_tiles)),
+        ("attributions.csv", "Attributions (integrated gradients)", lambda: attributions_section(run)),
+        (WINDOW_ATTRIBUTIONS, "Note windows that drive predictions", lambda: note_windows_section(run)),
     ]
+    sections += [_section(title, build) for name, title, build in optional if run.optional(name) is not None]
+    lacking = [name for name, _, _ in optional if run.optional(name) is None]
+    if lacking:
+        sections.append(_section("Not in this run", lambda: _absent(
+            "Artefacts other heads write, so their sections are left out: "
+            + ", ".join(f"No <code>{_esc(n)}</code>" for n in lacking)
+            + " (modality weights: fusion_mlp; SHAP: xgboost; attention: attention heads; attributions: torch "
+              "heads; note windows: fusion_mlp on windowed notes).")))
     now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
             f"<style>{_CSS}</style></head><body>\n<h1>{_esc(title)}</h1>\n" + "\n".join(sections)
