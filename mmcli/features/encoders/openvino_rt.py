@@ -109,6 +109,17 @@ def convert_cached(dest: Path, build: Callable[[], Any], example: Any, shapes: S
     return save_atomic(model, dest, {**(meta or {}), "openvino": version()}), True
 
 
+def read_model(xml: str | Path, static: Sequence[Sequence[int]] | None = None) -> Any:
+    """The ``ov.Model`` of ``xml``; with ``static`` (one shape per input) its dynamic dimensions are fixed
+    first, so the CPU plugin compiles kernels for that one shape (a converted IR stays dynamic on disk)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    if static is not None:
+        model.reshape({model.inputs[i]: ov.PartialShape([int(d) for d in s]) for i, s in enumerate(static)})
+    return model
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
