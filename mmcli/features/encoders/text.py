@@ -210,6 +210,7 @@ class HFTextEncoder(Encoder):
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future[tuple[str, dict[str, Any]] | None] | None = None
+        self.prefetch_hits = 0  # texts whose windows were tokenised ahead (tests and benchmarks read it)
 
     @property
     def encoder_id(self) -> str:
@@ -260,6 +261,7 @@ class HFTextEncoder(Encoder):
             fut, self._pending = self._pending, None
         got = fut.result() if fut is not None and not fut.cancelled() else None
         if got is not None and got[0] == text:
+            self.prefetch_hits += 1
             return got[1]
         return self.tokenize(text)
 
