@@ -254,36 +254,35 @@ def warn_random_init(encoder: str, seed: int | None, why: str, fix: str) -> None
 
 # ---- keeping the encoder fed ---------------------------------------------------------------------------
 class Prefetcher:
-    """Prepares the next item (read, decode, preprocess, tokenise) in one background thread while the encoder
+    """Prepares the next items (read, decode, preprocess, tokenise) in one background thread while the encoder
     runs on this one; OpenVINO and torch release the GIL while they compute, so the two overlap.
 
-    ``ahead(key, *args)`` starts ``prepare(*args)`` for an item that comes next (at most one is pending: a newer
-    hint replaces an older one); ``take(key, *args)`` returns that result, or computes it now when it was not
-    prefetched. An error of ``prepare`` is raised by ``take``, as if it had run there.
+    ``ahead(key, *args)`` queues ``prepare(*args)`` for an item that comes later; ``take(key, *args)`` returns
+    that result, or computes it now when it was not queued. At most ``depth`` items are queued (the oldest hint
+    is dropped first). An error of ``prepare`` is raised by ``take``, as if it had run there.
     """
 
-    def __init__(self, prepare: Callable[..., Any]) -> None:
+    def __init__(self, prepare: Callable[..., Any], depth: int = 2) -> None:
         self.prepare = prepare
+        self.depth = depth
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: tuple[Hashable, Future[Any]] | None = None
+        self._pending: dict[Hashable, Future[Any]] = {}  # in hint order
         self._lock = threading.Lock()
-        self.hits = 0  # items whose preparation was prefetched (tests and benchmarks read it)
+        self.hits = 0  # items whose preparation was queued ahead (tests and benchmarks read it)
 
     def ahead(self, key: Hashable, *args: Any) -> None:
         with self._lock:
-            if self._pending is not None:
-                if self._pending[0] == key:
-                    return
-                self._pending[1].cancel()  # not started yet: never runs; running: its result is dropped
+            if key in self._pending:
+                return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="mmcli-prefetch")
-            self._pending = (key, self._pool.submit(self.prepare, *args))
+            self._pending[key] = self._pool.submit(self.prepare, *args)
+            while len(self._pending) > self.depth:  # not started yet: never runs; running: its result is dropped
+                self._pending.pop(next(iter(self._pending))).cancel()
 
     def take(self, key: Hashable, *args: Any) -> Any:
         with self._lock:
-            fut = None
-            if self._pending is not None and self._pending[0] == key:
-                fut, self._pending = self._pending[1], None
+            fut = self._pending.pop(key, None)
         if fut is None or fut.cancelled():
             return self.prepare(*args)
         self.hits += 1

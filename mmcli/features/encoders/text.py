@@ -209,7 +209,7 @@ class HFTextEncoder(Encoder):
         self._ov_info: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future[tuple[str, dict[str, Any]] | None] | None = None
+        self._pending: list[Future[tuple[str, dict[str, Any]] | None]] = []  # in hint order, at most 2
         self.prefetch_hits = 0  # texts whose windows were tokenised ahead (tests and benchmarks read it)
 
     @property
@@ -251,18 +251,22 @@ class HFTextEncoder(Encoder):
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="mmcli-tokenize")
-            if self._pending is not None:
-                self._pending.cancel()
-            self._pending = self._pool.submit(work)
+            self._pending.append(self._pool.submit(work))
+            while len(self._pending) > 2:
+                self._pending.pop(0).cancel()
 
     def _tokenized(self, text: str) -> dict[str, Any]:
-        """The windows of ``text``: prefetched when :meth:`prefetch` was given this text, else tokenised now."""
+        """The windows of ``text``: prefetched when :meth:`prefetch` was given this text, else tokenised now.
+        Hints older than the one that matches are dropped; later ones are kept for the texts that follow."""
         with self._lock:
-            fut, self._pending = self._pending, None
-        got = fut.result() if fut is not None and not fut.cancelled() else None
-        if got is not None and got[0] == text:
-            self.prefetch_hits += 1
-            return got[1]
+            pending = list(self._pending)
+        for i, fut in enumerate(pending):
+            got = None if fut.cancelled() else fut.result()
+            if got is not None and got[0] == text:
+                with self._lock:
+                    self._pending = [f for f in self._pending if f not in pending[:i + 1]]
+                self.prefetch_hits += 1
+                return got[1]
         return self.tokenize(text)
 
     def encode_windows(self, enc: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
