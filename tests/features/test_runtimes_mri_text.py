@@ -82,10 +82,10 @@ def test_r3d18_openvino_matches_torch() -> None:
     assert cosine_rows(got, ref.encode(x)).min() >= 0.999
     ran = ov.runtime()
     assert ran["runtime"] == "openvino" and ran["runtime_version"] == runtime.openvino_version()
-    assert Path(ran["ov_model"]).is_file()
+    assert Path(ran["openvino"]["model"]).is_file()
     again = create_encoder("r3d18", precision="fp32", runtime="openvino", seed=2, quiet=True)
     np.testing.assert_allclose(again.encode(x[:1]), got[:1], rtol=1e-4, atol=1e-4)  # another shape, same IR
-    assert again.runtime()["ov_converted_now"] is False
+    assert again.runtime()["openvino"]["converted_now"] is False
 
 
 @needs_openvino
@@ -96,7 +96,7 @@ def test_minilm_openvino_matches_torch() -> None:
     a = np.stack([ov.embed(t)[0] for t in NOTES])
     b = np.stack([ref.embed(t)[0] for t in NOTES])
     assert cosine_rows(a, b).min() >= 0.999
-    assert ov.runtime()["runtime"] == "openvino" and Path(ov.runtime()["ov_model"]).is_file()
+    assert ov.runtime()["runtime"] == "openvino" and Path(ov.runtime()["openvino"]["model"]).is_file()
     assert ov.embed(NOTES[1])[1] == ref.embed(NOTES[1])[1]  # the same windows and token counts
 
 

@@ -228,8 +228,9 @@ class HFTextEncoder(Encoder):
 
     def runtime(self) -> dict[str, Any]:
         """How this process runs the encoder (differs between machines, so kept per item)."""
-        return {"device": self.device.type, "precision": self.precision, "runtime": self.backend,
-                "runtime_version": runtime_version(self.backend), **self._ov_info}
+        out = {"device": self.device.type, "precision": self.precision, "runtime": self.backend,
+               "runtime_version": runtime_version(self.backend)}
+        return {**out, "openvino": dict(self._ov_info)} if self._ov_info else out
 
     def tokenize(self, text: str) -> dict[str, Any]:
         """Overlapping windows of ``self.window`` tokens (special tokens included), padded to the longest."""
@@ -331,8 +332,8 @@ class HFTextEncoder(Encoder):
             [((-1, -1), "i64"), ((-1, -1), "i64")],
             {"encoder": self.name, "weights_sha256": self.weights_sha256, "pooling": self.pooling})
         compiled = openvino_rt.CompiledModel(xml, self.precision, self.threads)
-        self._ov_info = {"ov_model": str(xml), "ov_converted_now": now, "ov_hint": compiled.config["PERFORMANCE_HINT"],
-                         "ov_threads": compiled.threads}
+        self._ov_info = {"model": str(xml), "converted_now": now, "hint": compiled.config["PERFORMANCE_HINT"],
+                         "threads": compiled.threads}
         return compiled
 
     def embed(self, text: str) -> tuple[np.ndarray, dict[str, int]]:

@@ -167,8 +167,8 @@ class R3D18Encoder(Encoder):
     def runtime(self) -> dict[str, Any]:
         """How this process runs the encoder (differs between machines, so kept per item)."""
         out = {"device": self.device.type, "precision": self.precision, "runtime": self.backend,
-               "runtime_version": runtime_version(self.backend), "channels_last": self.channels_last}
-        return {**out, **self._ov_info}
+               "runtime_version": runtime_version(self.backend)}
+        return {**out, "openvino": dict(self._ov_info)} if self._ov_info else out
 
     def encode(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         shape = tuple(batch.shape)
@@ -209,10 +209,9 @@ class R3D18Encoder(Encoder):
             xml, now = openvino_rt.convert_cached(
                 dest, lambda: self.model, torch.zeros(1, 1, 16, 16, 16), [((-1, 1, -1, -1, -1), "f32")],
                 {"encoder_id": self.encoder_id, "encoder": self.name})
-            self._ov_info = {"ov_model": str(xml), "ov_converted_now": now or self._ov_info.get("ov_converted_now",
-                                                                                                 False)}
             run = openvino_rt.CompiledModel(openvino_rt.read_model(xml, [shape]), self.precision, self.threads)
-            self._ov_info.update(ov_hint=run.config["PERFORMANCE_HINT"], ov_threads=run.threads)
+            self._ov_info = {"model": str(xml), "converted_now": now or self._ov_info.get("converted_now", False),
+                             "hint": run.config["PERFORMANCE_HINT"], "threads": run.threads}
             self._compiled[shape] = run
             return run
 
