@@ -1,29 +1,24 @@
-"""MRI and clinical-text extraction benchmark (a script, not a test), in the form of ``bench_wsi.py``. Everything
-is measured in one run on one machine, on the same inputs:
+"""MRI and clinical-note extraction benchmark (a script, not a test): must-show (d) of issue 14, "MRI volumes/s
+and notes/s >= 0.85 x their best encoder-alone", everything measured in one run on the same inputs.
 
-MRI (``r3d18``, default preprocessing: RAS, 1.5 mm, 64^3 grid):
-(a) mmcli's per-item pipeline (the shared runner's ``process_item``: cache check, lock, read, reorient,
-    resample, z-score, encode, atomic store write) volumes/s  ÷  the encoder alone on in-memory preprocessed
-    volumes at its best precision;
-(b) the pipeline  ÷  a naive script: nibabel ``get_fdata`` (float64), ``scipy.ndimage.zoom`` (cubic) to the
-    spacing, crop/pad, ``.npy`` to disk and back, fp32 encoder;
-(c) cosine similarity of ``--precision auto`` features to fp32 features.
+- **pipeline**: ``mmcli extract`` (in this process, default options: ``--runtime auto``), its rate taken from the
+  item times of the run record (items / the sum of their seconds: read, preprocess or tokenise, encode, store);
+  the whole command's wall time is reported beside it.
+- **encoder alone**, on inputs prepared up front (MRI: preprocessed ``(1, 1, Z, Y, X)`` volumes; notes: their
+  tokenised windows, encoded in the same length buckets and pooled), for every runtime this machine offers:
+  torch eager (``--precision auto``), torch.compile (unless ``--no-compile`` or it fails), OpenVINO. The
+  **best** of them is the denominator of (d).
 
-Text (``minilm-l6``, windows of 256 tokens, stride 64, mean pooling):
-(a) the pipeline (read, tokenize into windows, encode, pool, store) notes/s  ÷  the encoder alone on the already
-    tokenized windows of the same notes at its best precision;
-(b) the pipeline  ÷  a naive script: 200-word pieces, each tokenized and encoded on its own (batch 1, fp32);
-(c) cosine of ``auto`` vs fp32 note embeddings.
-
-How: this machine may be shared, and its speed can change several-fold within seconds. So the methods are
-interleaved **item by item** (pipeline, encoder fp32, encoder auto, naive on item 1, then on item 2, ...) for
-``--rounds`` rounds; each method's time for an item is its best over the rounds, and rates are items / the sum of
-those times. (a) is also given as the median of the per-item ratios. A whole ``mmcli extract`` run (progress,
-run record included) is timed once for reference.
+The configurations alternate: each round runs the pipeline over all items, then each encoder-alone
+configuration over all items (their order rotated from round to round); rates are medians over ``--rounds``
+rounds, and (d) is given both as the ratio of those medians and as the median of the per-round ratios. A warm-up
+round (model loading, IR conversion, compilation) is not counted. The cosine of OpenVINO to torch fp32 features
+(the figure that lets both share an encoder_id) is reported too.
 
 Volumes are synthetic LAS-oriented NIfTI files (``--source-shape`` voxels at 0.8 x 0.8 x 2.5 mm, a bright
-ellipsoid in noise); notes are concatenations of ``mmcli synth`` pathology notes, ~100 to ~1500 tokens long.
-Run: ``python benchmarks/bench_mri_text.py [--volumes 12] [--notes 32] [--rounds 3] [--out results.json]``.
+ellipsoid in noise), encoded on the default 64^3 grid at 1.5 mm; notes are concatenations of ``mmcli synth``
+pathology notes, ~100 to ~1500 tokens long, windows of 256 tokens.
+Run: ``python benchmarks/bench_mri_text.py [--volumes 8] [--notes 24] [--rounds 3] [--no-compile] [--out r.json]``.
 """
 from __future__ import annotations
 
@@ -33,6 +28,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,37 +41,77 @@ HEADER = "patient_id,modality,path,item_id\n"
 
 def _cos(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return {"mean": round(float(c.mean()), 5), "min": round(float(c.min()), 5)}
+    return {"mean": round(float(c.mean()), 6), "min": round(float(c.min()), 6)}
 
 
-def interleave(n: int, methods: dict[str, Callable[[int], object]], rounds: int) -> dict[str, np.ndarray]:
-    """Best-of-``rounds`` seconds of every method on every item, the methods taking turns item by item."""
-    best = {k: np.full(n, np.inf) for k in methods}
-    for _ in range(rounds):
-        for i in range(n):
-            for k, fn in methods.items():
-                t0 = time.perf_counter()
-                fn(i)
-                best[k][i] = min(best[k][i], time.perf_counter() - t0)
-    return best
+def timed_items(fn: Callable[[int], object], n: int) -> list[float]:
+    """Seconds of ``fn(i)`` for every item."""
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(i)
+        out.append(time.perf_counter() - t0)
+    return out
 
 
-def summarise(t: dict[str, np.ndarray], unit: str) -> dict:
-    """Rates (items / summed best seconds) and the (a), (b) ratios."""
-    n = len(t["pipeline"])
-    rates = {k: round(n / float(v.sum()), 3) for k, v in t.items()}
-    enc = np.minimum(t["encoder_fp32"], t["encoder_auto"])
-    return {
-        f"{unit}_per_s": rates,
-        "a_pipeline_over_encoder_best": round(float(enc.sum() / t["pipeline"].sum()), 3),
-        "a_median_per_item": round(float(np.median(enc / t["pipeline"])), 3),
-        "b_pipeline_over_naive": round(float(t["naive_fp32"].sum() / t["pipeline"].sum()), 2),
-    }
+def pipeline_items(modality: str, manifest: Path, store: Path) -> tuple[list[float], float]:
+    """``mmcli extract --force`` of ``manifest``: the item seconds from its run record, and the wall time."""
+    from mmcli.stages.extract import extract
+
+    t0 = time.perf_counter()
+    run = extract(modality, manifest, store, force=True, progress=False)
+    wall = time.perf_counter() - t0
+    record = json.loads(Path(run.record_path).read_text())
+    done = [o["seconds"] for o in record["outcomes"] if o["status"] == "done"]
+    assert len(done) == len(record["outcomes"]), run.problems
+    return done, wall
 
 
-def _manifest(path: Path, rows: list, modality: str) -> Path:
-    path.write_text(HEADER + "".join(f"{r.patient_id},{modality},{r.path},{r.item_id}\n" for r in rows))
-    return path
+def alternate(configs: dict[str, Callable[[], list[float]]], rounds: int, n: int) -> dict:
+    """Run every configuration once per round (pipeline first, the others rotated); rates and (d)."""
+    names = list(configs)
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds + 1):  # round 0 warms up
+        others = names[1:]
+        k = r % max(1, len(others))
+        for name in [names[0], *others[k:], *others[:k]]:
+            secs = configs[name]()
+            if r:
+                rates[name].append(n / sum(secs))
+    alone = [k for k in names if k.startswith("alone")]
+    med = {k: round(statistics.median(v), 4) for k, v in rates.items()}
+    best = max(alone, key=lambda k: med[k])
+    per_round = [rates["pipeline"][i] / max(rates[k][i] for k in alone) for i in range(rounds)]
+    return {"rates_median": med, "rates_per_round": {k: [round(x, 4) for x in v] for k, v in rates.items()},
+            "best_alone": best, "d_ratio_of_medians": round(med["pipeline"] / med[best], 3),
+            "d_median_of_round_ratios": round(statistics.median(per_round), 3),
+            "d_round_ratios": [round(x, 3) for x in per_round]}
+
+
+def _encoders(make: Callable[..., object], compile_: bool) -> tuple[dict[str, object], dict[str, str]]:
+    """The encoder-alone configurations that run here: name -> encoder; and the ones that could not."""
+    from mmcli.features.encoders.runtime import openvino_version
+
+    out, skipped = {"alone_torch": make(runtime="torch", precision="auto")}, {}
+    if compile_:
+        out["alone_torch_compile"] = make(runtime="torch-compile", precision="auto")
+    else:
+        skipped["alone_torch_compile"] = "--no-compile"
+    if openvino_version():
+        out["alone_openvino"] = make(runtime="openvino", precision="auto")
+    else:
+        skipped["alone_openvino"] = "openvino not installed"
+    return out, skipped
+
+
+def _warm(encoders: dict[str, object], skipped: dict[str, str], first: Callable[[object], object]) -> None:
+    """Run each encoder once (conversion, compilation); one that fails is dropped and said why."""
+    for name in list(encoders):
+        try:
+            first(encoders[name])
+        except Exception as e:  # noqa: BLE001 - e.g. torch.compile without a C compiler
+            skipped[name] = f"{type(e).__name__}: {str(e)[:200]}"
+            del encoders[name]
 
 
 # ---- MRI ------------------------------------------------------------------------------------------------------
@@ -98,82 +134,41 @@ def write_volumes(d: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -
     return d / "mri.csv"
 
 
-def naive_volume(path: Path, spacing: float, shape: tuple[int, int, int], model, tmp: Path) -> None:
-    """The way many scripts do it: float64 load, cubic zoom, crop/pad, .npy round trip, fp32."""
-    import nibabel as nib
-    import torch
-    from scipy.ndimage import zoom
-
-    img = nib.load(str(path))
-    vol = zoom(img.get_fdata(), np.asarray(img.header.get_zooms()[:3]) / spacing, order=3)
-    out = np.zeros(shape, np.float32)
-    src = tuple(slice(max(0, (a - b) // 2), max(0, (a - b) // 2) + min(a, b)) for a, b in zip(vol.shape, shape))
-    dst = tuple(slice(max(0, (b - a) // 2), max(0, (b - a) // 2) + min(a, b)) for a, b in zip(vol.shape, shape))
-    out[dst] = vol[src]
-    out = (out - out.mean()) / (out.std() + 1e-6)
-    np.save(tmp / "v.npy", out)
-    with torch.inference_mode():
-        model(torch.from_numpy(np.load(tmp / "v.npy").transpose(2, 1, 0).copy())[None, None])
-
-
 def bench_mri(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from mmcli.features.encoders.registry import create_encoder
-    from mmcli.features.mri import (
-        DEFAULT_SHAPE,
-        DEFAULT_SPACING,
-        MriParams,
-        load_volume,
-        make_spec,
-        preprocess,
-        to_tensor_layout,
-    )
-    from mmcli.features.runner import process_item
+    from mmcli.features.mri import DEFAULT_SHAPE, DEFAULT_SPACING, MriParams, load_volume, preprocess, to_tensor_layout
     from mmcli.pipeline.manifest import load_manifest
-    from mmcli.pipeline.store import open_store
-    from mmcli.stages.extract import extract
 
     d = work / "mri"
     d.mkdir()
-    t0 = time.perf_counter()
-    rows = load_manifest(write_volumes(d, args.volumes, tuple(args.source_shape))).rows
-    build_s = time.perf_counter() - t0
-    spec = make_spec()
-    store = str(work / "mri.zarr")
-    process_item(spec, rows[0], store, force=True)  # builds the extractor (loads the encoder) once
-
+    manifest = write_volumes(d, args.volumes, tuple(args.source_shape))
+    rows = load_manifest(manifest).rows
     params = MriParams(DEFAULT_SPACING, DEFAULT_SHAPE)
     t0 = time.perf_counter()
     vols = [to_tensor_layout(preprocess(load_volume(r.path)[0], params, r.path.name)[0]) for r in rows]
     prep_s = (time.perf_counter() - t0) / len(rows)
-    enc = {p: create_encoder("r3d18", precision=p, quiet=True) for p in ("fp32", "auto")}
-    feats = {p: np.concatenate([e.encode(v) for v in vols]) for p, e in enc.items()}  # also warms both up
-    tmp = work / "npy"
-    tmp.mkdir()
-    t = interleave(len(rows), {
-        "pipeline": lambda i: process_item(spec, rows[i], store, force=True),
-        "encoder_fp32": lambda i: enc["fp32"].encode(vols[i]),
-        "encoder_auto": lambda i: enc["auto"].encode(vols[i]),
-        "naive_fp32": lambda i: naive_volume(rows[i].path, DEFAULT_SPACING[0], DEFAULT_SHAPE, enc["fp32"].model, tmp),
-    }, args.rounds)
-    st = open_store(store, "r")
-    auto = np.concatenate([st.read_item("mri", spec.encoder_id, r.patient_id, "T1").features for r in rows])
-    t0 = time.perf_counter()
-    run = extract("mri", _manifest(d / "all.csv", rows, "mri"), work / "run.zarr", progress=False)
-    run_rate = len(rows) / (time.perf_counter() - t0)
-    assert run.count("done") == len(rows), run.problems
-    return {
-        "volumes": len(rows), "source_shape": list(args.source_shape), "source_spacing_mm": [0.8, 0.8, 2.5],
-        "grid": list(DEFAULT_SHAPE), "spacing_mm": list(DEFAULT_SPACING), "build_s": round(build_s, 1),
-        "auto_precision": enc["auto"].precision, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
-        **summarise(t, "volumes"), "whole_extract_run_volumes_per_s": round(run_rate, 3),
-        "read_and_preprocess_s_per_volume": round(prep_s, 4),
-        "c_cosine_auto_vs_fp32": _cos(auto, feats["fp32"]),
-    }
+    encs, skipped = _encoders(lambda **kw: create_encoder("r3d18", quiet=True, **kw), args.compile)
+    _warm(encs, skipped, lambda e: e.encode(vols[0]))
+    n = len(rows)
+    configs: dict[str, Callable[[], list[float]]] = {
+        "pipeline": lambda: pipeline_items("mri", manifest, work / "mri.zarr")[0]}
+    for name, e in encs.items():
+        configs[name] = lambda e=e: timed_items(lambda i: e.encode(vols[i]), n)
+    res = alternate(configs, args.rounds, n)
+    fp32 = create_encoder("r3d18", quiet=True, runtime="torch", precision="fp32")
+    ref = np.concatenate([fp32.encode(v) for v in vols])
+    cos = {k: _cos(np.concatenate([e.encode(v) for v in vols]), ref) for k, e in encs.items()}
+    _, wall = pipeline_items("mri", manifest, work / "mri.zarr")
+    return {"volumes": n, "source_shape": list(args.source_shape), "grid": list(DEFAULT_SHAPE),
+            "spacing_mm": list(DEFAULT_SPACING), "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+            "precision": {k: e.precision for k, e in encs.items()}, "skipped": skipped, **res,
+            "whole_extract_command_volumes_per_s": round(n / wall, 4),
+            "read_and_preprocess_s_per_volume": round(prep_s, 4), "cosine_to_torch_fp32": cos}
 
 
-# ---- text -----------------------------------------------------------------------------------------------------
+# ---- notes ----------------------------------------------------------------------------------------------------
 def write_notes(d: Path, n: int, seed: int = 0) -> Path:
     """``n`` notes of 1 to 16 concatenated synthetic pathology reports (~100-1500 tokens)."""
     from mmcli.stages.synth.cohort import draw_cohort
@@ -190,71 +185,51 @@ def write_notes(d: Path, n: int, seed: int = 0) -> Path:
     return d / "text.csv"
 
 
-def naive_note(text: str, model, tokenizer) -> None:
-    """200-word pieces, each tokenized and encoded alone (batch 1, fp32), piece embeddings averaged."""
-    import torch
-
-    words = text.split()
-    with torch.inference_mode():
-        vecs = [model(**tokenizer(" ".join(words[i:i + 200]), truncation=True, max_length=512,
-                                  return_tensors="pt")).last_hidden_state.mean(1) for i in range(0, len(words), 200)]
-        torch.cat(vecs).mean(0)
-
-
 def bench_text(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from mmcli.features.encoders.registry import create_encoder
-    from mmcli.features.runner import process_item
-    from mmcli.features.text import make_spec
     from mmcli.pipeline.manifest import load_manifest
-    from mmcli.pipeline.store import open_store
-    from mmcli.stages.extract import extract
 
     d = work / "text"
     d.mkdir()
-    rows = load_manifest(write_notes(d, args.notes)).rows
-    spec = make_spec()
-    store = str(work / "text.zarr")
-    process_item(spec, rows[0], store, force=True)
+    manifest = write_notes(d, args.notes)
+    rows = load_manifest(manifest).rows
     texts = [Path(r.path).read_text() for r in rows]
-    enc = {p: create_encoder("minilm-l6", precision=p) for p in ("fp32", "auto")}
-    windows = [enc["auto"].tokenize(t) for t in texts]  # tokenized up front: the encoder alone
+    encs, skipped = _encoders(lambda **kw: create_encoder("minilm-l6", **kw), args.compile)
+    tok = next(iter(encs.values()))
+    windows = [tok.tokenize(t) for t in texts]  # tokenised up front: the encoder alone
 
     def alone(e, i: int) -> np.ndarray:
         v, c = e.encode_windows(windows[i])
         return (v * c[:, None]).sum(0) / c.sum()
 
-    feats = {p: np.stack([alone(e, i) for i in range(len(texts))]) for p, e in enc.items()}  # + warm-up
-    t = interleave(len(rows), {
-        "pipeline": lambda i: process_item(spec, rows[i], store, force=True),
-        "encoder_fp32": lambda i: alone(enc["fp32"], i),
-        "encoder_auto": lambda i: alone(enc["auto"], i),
-        "naive_fp32": lambda i: naive_note(texts[i], enc["fp32"].model, enc["fp32"].tokenizer),
-    }, args.rounds)
-    st = open_store(store, "r")
-    auto = np.concatenate([st.read_item("text", spec.encoder_id, r.patient_id, "note").features for r in rows])
-    t0 = time.perf_counter()
-    run = extract("text", _manifest(d / "all.csv", rows, "text"), work / "run.zarr", progress=False)
-    run_rate = len(rows) / (time.perf_counter() - t0)
-    assert run.count("done") == len(rows), run.problems
-    tokens = [len(enc["auto"].tokenizer(x, add_special_tokens=False)["input_ids"]) for x in texts]
-    return {
-        "notes": len(rows), "windows": int(sum(w["input_ids"].shape[0] for w in windows)),
-        "tokens_median": int(np.median(tokens)), "tokens_max": int(max(tokens)), "window": enc["auto"].window,
-        "stride": enc["auto"].stride, "auto_precision": enc["auto"].precision, "rounds": args.rounds,
-        "torch_threads": torch.get_num_threads(), **summarise(t, "notes"),
-        "whole_extract_run_notes_per_s": round(run_rate, 3),
-        "c_cosine_auto_vs_fp32": _cos(auto, feats["fp32"]),
-    }
+    _warm(encs, skipped, lambda e: [alone(e, i) for i in range(len(texts))])
+    n = len(rows)
+    configs: dict[str, Callable[[], list[float]]] = {
+        "pipeline": lambda: pipeline_items("text", manifest, work / "text.zarr")[0]}
+    for name, e in encs.items():
+        configs[name] = lambda e=e: timed_items(lambda i: alone(e, i), n)
+    res = alternate(configs, args.rounds, n)
+    fp32 = create_encoder("minilm-l6", runtime="torch", precision="fp32")
+    ref = np.stack([alone(fp32, i) for i in range(n)])
+    cos = {k: _cos(np.stack([alone(e, i) for i in range(n)]), ref) for k, e in encs.items()}
+    _, wall = pipeline_items("text", manifest, work / "text.zarr")
+    tokens = [len(tok.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in texts]
+    return {"notes": n, "windows": int(sum(w["input_ids"].shape[0] for w in windows)),
+            "tokens_median": int(np.median(tokens)), "tokens_max": int(max(tokens)), "window": tok.window,
+            "stride": tok.stride, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+            "precision": {k: e.precision for k, e in encs.items()}, "skipped": skipped, **res,
+            "whole_extract_command_notes_per_s": round(n / wall, 4), "cosine_to_torch_fp32": cos}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--volumes", type=int, default=12)
+    ap.add_argument("--volumes", type=int, default=8)
     ap.add_argument("--source-shape", type=int, nargs=3, default=[192, 192, 48], metavar=("X", "Y", "Z"))
-    ap.add_argument("--notes", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each item's best time counts")
+    ap.add_argument("--notes", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds after one warm-up round")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     ap.add_argument("--skip", choices=["mri", "text"], action="append", default=[])
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -273,7 +248,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     import torch
 
-    res["machine"].update(torch=torch.__version__, loadavg_end=os.getloadavg(),
+    from mmcli.features.encoders.runtime import openvino_version
+
+    res["machine"].update(torch=torch.__version__, openvino=openvino_version(), loadavg_end=os.getloadavg(),
                           max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))

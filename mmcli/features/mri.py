@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
 
+from mmcli.features.encoders.runtime import RUNTIMES, Prefetcher, check_backend
 from mmcli.features.modalities import ExtractorOptions, coerce, register
 from mmcli.features.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 from mmcli.pipeline.errors import InputError
@@ -78,7 +79,8 @@ GridSize = Annotated[int, Field(ge=8)]
 
 class MriOptions(ExtractorOptions):
     """Options of ``extract --modality mri``. Preprocessing, encoder, weights (or the init seed without them)
-    make the ``encoder_id``; device, precision and threads do not."""
+    make the ``encoder_id``; device, runtime, float precision and threads do not (OpenVINO and torch features
+    have cosine >= 0.999: see tests/features/test_runtimes_mri_text.py); they are recorded per item."""
 
     encoder: str = Field(DEFAULT_ENCODER, min_length=1, description="a volume encoder: r3d18")
     weights: str | None = Field(None, description="encoder weights file: .safetensors, or a torch state dict "
@@ -93,6 +95,9 @@ class MriOptions(ExtractorOptions):
     volume_index: int | None = Field(None, ge=0, description="volume of a 4-D image to encode, an integer >= 0 "
                                      "(default: 0, with a warning)")
     order: int = Field(1, ge=0, le=5, description="spline order of the resampling, 0..5 (1 = trilinear)")
+    runtime: Literal[RUNTIMES] = Field(  # type: ignore[valid-type]
+        "auto", description=f"inference runtime, one of {' | '.join(RUNTIMES)}; auto = OpenVINO on a CPU when "
+        "installed, else torch")
 
     @field_validator("spacing", mode="before")
     @classmethod
@@ -260,9 +265,11 @@ class MriExtractor(ItemExtractor):
         self.volume_index = opts.volume_index
         self._id, self.weights_sha256 = mri_encoder_id(opts.encoder, opts.weights, self.params, opts.seed)
         self.encoder = create_encoder(opts.encoder, weights=opts.weights, device=opts.device,
-                                      precision=opts.precision, seed=opts.seed)
+                                      precision=opts.precision, seed=opts.seed, runtime=opts.runtime,
+                                      threads=opts.torch_threads)
         if getattr(self.encoder, "modality", "mri") != "mri":
             raise InputError(f"encoder {opts.encoder!r} is not a volume encoder")
+        self._ahead = Prefetcher(self._prepare)
 
     @property
     def encoder_id(self) -> str:
@@ -272,20 +279,30 @@ class MriExtractor(ItemExtractor):
         return {**self.encoder.provenance(), "preprocessing": self.params.to_dict(),
                 "options": self.options.to_json()}
 
+    def _prepare(self, path: Path) -> tuple[np.ndarray, dict[str, Any], list[str]]:
+        """Read and preprocess one volume: ``(encoder input (1, 1, Z, Y, X), info, warnings)``."""
+        img, warnings = load_volume(path, self.volume_index)
+        vol, info, more = preprocess(img, self.params, Path(path).name)
+        return to_tensor_layout(vol), info, warnings + more
+
+    def prefetch(self, row: ManifestRow) -> None:
+        """Read and preprocess ``row``'s volume in the background while the encoder runs on this one."""
+        self._ahead.ahead(str(row.path), row.path)
+
     def extract(self, row: ManifestRow, progress: ProgressFn | None = None) -> ItemResult:
-        img, warnings = load_volume(row.path, self.volume_index)
         if progress:
             progress(0, 2)
-        vol, info, more = preprocess(img, self.params, Path(row.path).name)
+        x, info, warnings = self._ahead.take(str(row.path), row.path)
         if progress:
             progress(1, 2)
-        feats = self.encoder.encode(to_tensor_layout(vol))
+        feats = self.encoder.encode(x)
         if not np.isfinite(feats).all():
             raise ItemError(f"{Path(row.path).name}: encoder produced non-finite features")
         if progress:
             progress(2, 2)
         info["volume_index"] = self.params.volume_index
-        return ItemResult(feats.astype(np.float32), None, {"mri": info}, warnings + more)
+        runtime = self.encoder.runtime() if hasattr(self.encoder, "runtime") else {}
+        return ItemResult(feats.astype(np.float32), None, {"mri": info, **runtime}, warnings)
 
 
 @register("mri", options=MriOptions, unit="step")
@@ -300,6 +317,7 @@ def make_spec(store: str | Path | None = None, options: MriOptions | None = None
     modality, _, _ = resolve(opts.encoder)
     if modality != "mri":
         raise InputError(f"encoder {opts.encoder!r} encodes {modality}, not MRI volumes. Fix: use --encoder r3d18.")
+    check_backend(opts.runtime, opts.device)  # a runtime that cannot run here: exit 2 before any item
     if opts.weights and opts.encoder == DEFAULT_ENCODER:
         from mmcli.features.encoders.volume import check_r3d18_weights
 

@@ -77,6 +77,9 @@ class ItemExtractor(ABC):
     @abstractmethod
     def extract(self, row: ManifestRow, progress: ProgressFn | None = None) -> ItemResult: ...
 
+    def prefetch(self, row: ManifestRow) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Hint: ``row`` is extracted next in this process; an extractor may start reading it in the background."""
+
 
 @dataclass(frozen=True)
 class ExtractorSpec:
@@ -488,6 +491,9 @@ def _run_local(rows: list[ManifestRow], spec: ExtractorSpec, store_path: str, fo
     for i, row in enumerate(rows):
         if control.stopping:
             return outcomes + _skipped(rows[i:], "not started: the run was stopped by a signal")
+        built = _EXTRACTORS.get(spec.key())  # read the next row while this one is encoded
+        if built is not None and i + 1 < len(rows):
+            built.prefetch(rows[i + 1])
         with bar.item(f"{row.patient_id}/{row.item_id}") as item_progress:
             o = process_item(spec, row, store_path, force, item_progress, control)
         bar.advance(o)

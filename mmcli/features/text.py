@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from mmcli.features.encoders.runtime import RUNTIMES, check_backend
 from mmcli.features.encoders.text import POOLINGS
 from mmcli.features.modalities import ExtractorOptions, coerce, register
 from mmcli.features.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
@@ -49,6 +50,9 @@ class TextOptions(ExtractorOptions):
     pooling: Literal[POOLINGS] = Field(  # type: ignore[valid-type]
         "mean", description=f"token pooling per window, one of {' | '.join(POOLINGS)}")
     batch_size: int = Field(16, ge=1, description="windows per encoder batch, an integer >= 1")
+    runtime: Literal[RUNTIMES] = Field(  # type: ignore[valid-type]
+        "auto", description=f"inference runtime, one of {' | '.join(RUNTIMES)}; auto = OpenVINO on a CPU when "
+        "installed, else torch")
     max_note_chars: int = Field(MAX_NOTE_CHARS, ge=1, description="characters of a note that are encoded, an "
                                 "integer >= 1; a longer note is cut there, with a warning, and the cut is recorded "
                                 "in the item (its encoding time grows with its length)")
@@ -164,7 +168,7 @@ class TextExtractor(ItemExtractor):
         name, _, _ = resolve_text_encoder(opts.encoder)
         self.encoder = create_encoder(name, device=opts.device, precision=opts.precision,
                                       max_tokens=opts.max_tokens, stride=opts.stride, pooling=opts.pooling,
-                                      batch_size=opts.batch_size)
+                                      batch_size=opts.batch_size, runtime=opts.runtime, threads=opts.torch_threads)
         self._id = text_encoder_id(opts.encoder, opts.max_tokens, opts.stride, opts.pooling)
 
     @property
@@ -173,6 +177,10 @@ class TextExtractor(ItemExtractor):
 
     def encoder_attrs(self) -> dict[str, Any]:
         return {**self.encoder.provenance(), "options": self.options.to_json()}
+
+    def prefetch(self, row: ManifestRow) -> None:
+        """Read and tokenise the next note in the background while the encoder runs on this one."""
+        self.encoder.prefetch(lambda: bound_note(read_note(row.path)[0], self.options.max_note_chars, "")[0])
 
     def extract(self, row: ManifestRow, progress: ProgressFn | None = None) -> ItemResult:
         text, warnings = read_note(row.path)
@@ -185,7 +193,7 @@ class TextExtractor(ItemExtractor):
             progress(1, 1)
         # offsets and token counts only: the windows' text stays in the note file
         attrs: dict[str, Any] = {"text": {**stats, "truncated": cut, "window_chars": spans.tolist()},
-                                 "row_weights": [int(c) for c in counts]}
+                                 "row_weights": [int(c) for c in counts], **self.encoder.runtime()}
         return ItemResult(vecs, None, attrs, warnings + more)
 
 
@@ -196,5 +204,6 @@ def make_spec(store: str | Path | None = None, options: TextOptions | None = Non
     resolves the model folder and encoder_id up front. ``store`` and ``cohort`` (the manifest rows) are not
     needed."""
     opts: TextOptions = coerce(options, TextOptions, given)
+    check_backend(opts.runtime, opts.device)  # a runtime that cannot run here: exit 2 before any item
     encoder_id = text_encoder_id(opts.encoder, opts.max_tokens, opts.stride, opts.pooling)
     return ExtractorSpec("mmcli.features.text:TextExtractor", {"options": opts.to_json()}, "text", encoder_id)

@@ -689,7 +689,7 @@ class ZarrStore(FeatureStore):
                 z = g.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks)
                 if arr.size:
                     z[...] = arr
-            g.attrs.update(attrs)
+            g.update_attributes(attrs)  # one metadata write (attrs.update writes it once per key)
             fault("store.staged")
             self._ensure_parents(key_path)
             final = self._dir(key_path)

@@ -91,6 +91,15 @@ def save_atomic(model: Any, dest: Path, meta: dict[str, Any] | None = None) -> P
     return _publish(tmp, dest)
 
 
+def ov_type(name: str) -> Any:
+    """OpenVINO element type of ``name``: its own short names (``u8``, ``f32``, ``i64``) or a numpy dtype name.
+    (``ov.Type("u8")`` alone would read numpy's ``u8``, i.e. uint64.)"""
+    import openvino as ov
+
+    short = getattr(ov.Type, name, None)
+    return short if isinstance(short, ov.Type) else ov.Type(name)
+
+
 def convert_cached(dest: Path, build: Callable[[], Any], example: Any, shapes: Sequence[tuple[Sequence[int], str]],
                    meta: dict[str, Any] | None = None) -> tuple[Path, bool]:
     """``(model.xml, converted_now)``: the IR in ``dest``, converted from ``build()`` (a torch module) with
@@ -102,11 +111,22 @@ def convert_cached(dest: Path, build: Callable[[], Any], example: Any, shapes: S
     import torch
 
     module = build()
-    inputs = [(ov.PartialShape(list(s)), ov.Type(t)) for s, t in shapes]
+    inputs = [(ov.PartialShape(list(s)), ov_type(t)) for s, t in shapes]
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # convert_model traces with torch.jit (deprecated)
         model = ov.convert_model(module, example_input=example, input=inputs)
     return save_atomic(model, dest, {**(meta or {}), "openvino": version()}), True
+
+
+def read_model(xml: str | Path, static: Sequence[Sequence[int]] | None = None) -> Any:
+    """The ``ov.Model`` of ``xml``; with ``static`` (one shape per input) its dynamic dimensions are fixed
+    first, so the CPU plugin compiles kernels for that one shape (a converted IR stays dynamic on disk)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    if static is not None:
+        model.reshape({model.inputs[i]: ov.PartialShape([int(d) for d in s]) for i, s in enumerate(static)})
+    return model
 
 
 def file_sha256(path: Path) -> str:

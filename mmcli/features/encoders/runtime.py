@@ -19,6 +19,8 @@ import os
 import platform
 import sys
 import threading
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,15 @@ def resolve_backend(runtime: str, device: str) -> str:
             raise ValueError("--runtime openvino: the openvino package is not installed. Fix: pip install "
                              "openvino nncf, or use --runtime torch")
     return runtime
+
+
+def check_backend(runtime: str, device: str) -> str:
+    """:func:`resolve_backend` for ``--runtime`` / ``--device`` as given on the command line; a runtime that cannot
+    run here is an :class:`InputError` (exit 2) naming the flag, before any item runs."""
+    try:
+        return resolve_backend(runtime, resolve_device(device))
+    except ValueError as e:
+        raise InputError(f"--runtime {runtime}: {e}") from e
 
 
 def runtime_version(backend: str) -> str:
@@ -239,3 +250,40 @@ def warn_random_init(encoder: str, seed: int | None, why: str, fix: str) -> None
         from rich.markup import escape
 
         Console(stderr=True, soft_wrap=True).print(f"[bold red]WARNING[/bold red] {escape(msg)}", highlight=False)
+
+
+# ---- keeping the encoder fed ---------------------------------------------------------------------------
+class Prefetcher:
+    """Prepares the next items (read, decode, preprocess, tokenise) in one background thread while the encoder
+    runs on this one; OpenVINO and torch release the GIL while they compute, so the two overlap.
+
+    ``ahead(key, *args)`` queues ``prepare(*args)`` for an item that comes later; ``take(key, *args)`` returns
+    that result, or computes it now when it was not queued. At most ``depth`` items are queued (the oldest hint
+    is dropped first). An error of ``prepare`` is raised by ``take``, as if it had run there.
+    """
+
+    def __init__(self, prepare: Callable[..., Any], depth: int = 2) -> None:
+        self.prepare = prepare
+        self.depth = depth
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[Hashable, Future[Any]] = {}  # in hint order
+        self._lock = threading.Lock()
+        self.hits = 0  # items whose preparation was queued ahead (tests and benchmarks read it)
+
+    def ahead(self, key: Hashable, *args: Any) -> None:
+        with self._lock:
+            if key in self._pending:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="mmcli-prefetch")
+            self._pending[key] = self._pool.submit(self.prepare, *args)
+            while len(self._pending) > self.depth:  # not started yet: never runs; running: its result is dropped
+                self._pending.pop(next(iter(self._pending))).cancel()
+
+    def take(self, key: Hashable, *args: Any) -> Any:
+        with self._lock:
+            fut = self._pending.pop(key, None)
+        if fut is None or fut.cancelled():
+            return self.prepare(*args)
+        self.hits += 1
+        return fut.result()

@@ -9,12 +9,23 @@ A note longer than the model's window is split by the tokenizer into overlapping
 (``return_overflowing_tokens`` with ``stride`` tokens of overlap), each window is encoded, pooled over its
 tokens (mean over the attention mask by default, or the ``[CLS]`` token), and the windows are averaged,
 weighted by their number of tokens, into one embedding.
+
+Runtimes (``runtime=``): ``torch`` (eager, autocast), ``torch-compile`` (dynamic shapes), ``openvino`` (CPU: the
+model and its pooling are converted once per model, pooling and OpenVINO version with dynamic batch and sequence
+dimensions and cached on disk, see :mod:`~mmcli.features.encoders.openvino_rt`) or ``auto`` (OpenVINO on a CPU
+when installed, else torch). Windows are encoded in length buckets: sorted by length, each batch padded only to
+its own longest window (dynamic padding), so a note's short last window does not pay for a full one. The next
+note can be tokenised in a background thread while the encoder runs (:meth:`HFTextEncoder.prefetch`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,7 +33,14 @@ from typing import Any
 import numpy as np
 
 from mmcli.features.encoders.registry import Encoder, register_encoder
-from mmcli.features.encoders.runtime import autocast, hf_snapshot, resolve_runtime, warn_random_init
+from mmcli.features.encoders.runtime import (
+    autocast,
+    hf_snapshot,
+    resolve_backend,
+    resolve_runtime,
+    runtime_version,
+    warn_random_init,
+)
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import make_encoder_id
 
@@ -135,6 +153,8 @@ class HFTextEncoder(Encoder):
         stride: int | None = None,
         pooling: str = "mean",
         batch_size: int = 16,
+        runtime: str = "torch",
+        threads: int | None = None,
     ) -> None:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -146,6 +166,15 @@ class HFTextEncoder(Encoder):
         self.folder = resolve_model_dir(model)
         self.name = name or display_name(model)
         self.device, self.precision = resolve_runtime(device, precision)
+        try:
+            self.backend = resolve_backend(runtime, self.device.type)
+        except ValueError as e:
+            raise InputError(f"--runtime {runtime}: {e}") from e
+        if self.backend == "openvino":
+            from mmcli.features.encoders import openvino_rt
+
+            self.precision = openvino_rt.effective_precision(precision)
+        self.threads = int(threads) if threads else None
         self.weights_sha256 = model_weights_sha256(self.folder)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report would repeat the one warning said below
@@ -176,6 +205,12 @@ class HFTextEncoder(Encoder):
                              f"{specials + 1} and 0 <= stride < max_tokens - {specials}")
         self.pooling = pooling
         self.batch_size = max(1, int(batch_size))
+        self._runner: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+        self._ov_info: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future[tuple[str, dict[str, Any]] | None]] = []  # in hint order, at most 2
+        self.prefetch_hits = 0  # texts whose windows were tokenised ahead (tests and benchmarks read it)
 
     @property
     def encoder_id(self) -> str:
@@ -191,6 +226,12 @@ class HFTextEncoder(Encoder):
                 "precision": self.precision,
                 "device": self.device.type, **self.params()}
 
+    def runtime(self) -> dict[str, Any]:
+        """How this process runs the encoder (differs between machines, so kept per item)."""
+        out = {"device": self.device.type, "precision": self.precision, "runtime": self.backend,
+               "runtime_version": runtime_version(self.backend)}
+        return {**out, "openvino": dict(self._ov_info)} if self._ov_info else out
+
     def tokenize(self, text: str) -> dict[str, Any]:
         """Overlapping windows of ``self.window`` tokens (special tokens included), padded to the longest, with
         each token's character ``offset_mapping`` in ``text`` (``(0, 0)`` for special and padding tokens)."""
@@ -198,38 +239,108 @@ class HFTextEncoder(Encoder):
                               return_overflowing_tokens=True, return_offsets_mapping=True, padding="longest",
                               return_tensors="pt")
 
+    def prefetch(self, source: Callable[[], str]) -> None:
+        """Tokenise the text that ``source()`` returns (e.g. reads the next note) in a background thread while
+        the encoder runs; :meth:`embed` of that same text then uses the windows. A ``source`` that fails is
+        ignored here (the caller reads the text again and reports it)."""
+
+        def work() -> tuple[str, dict[str, Any]] | None:
+            try:
+                text = source()
+            except Exception:  # noqa: BLE001 - reported when the item itself is read
+                return None
+            return text, self.tokenize(text)
+
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="mmcli-tokenize")
+            self._pending.append(self._pool.submit(work))
+            while len(self._pending) > 2:
+                self._pending.pop(0).cancel()
+
+    def _tokenized(self, text: str) -> dict[str, Any]:
+        """The windows of ``text``: prefetched when :meth:`prefetch` was given this text, else tokenised now.
+        Hints older than the one that matches are dropped; later ones are kept for the texts that follow."""
+        with self._lock:
+            pending = list(self._pending)
+        for i, fut in enumerate(pending):
+            got = None if fut.cancelled() else fut.result()
+            if got is not None and got[0] == text:
+                with self._lock:
+                    self._pending = [f for f in self._pending if f not in pending[:i + 1]]
+                self.prefetch_hits += 1
+                return got[1]
+        return self.tokenize(text)
+
     def encode_windows(self, enc: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled embedding of every window ``(W, dim)`` and its number of tokens ``(W,)``."""
-        import torch
+        """Pooled embedding of every window ``(W, dim)`` and its number of tokens ``(W,)``.
 
-        with torch.inference_mode():
-            return self._encode_windows(enc)
-
-    def _encode_windows(self, enc: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        outs, counts = [], []
-        n = inputs["input_ids"].shape[0]
+        Windows are encoded in length buckets of ``batch_size``: sorted by length, each batch cut to its own
+        longest window (right padding only: with left padding the positions would shift, so nothing is cut)."""
+        ids = np.asarray(enc["input_ids"]).astype(np.int64, copy=False)
+        mask = np.asarray(enc["attention_mask"]).astype(np.int64, copy=False)
+        counts = mask.sum(1)
+        n = ids.shape[0]
+        out = np.zeros((n, self.dim), np.float32)
+        cut = getattr(self.tokenizer, "padding_side", "right") == "right"
+        order = np.argsort(counts, kind="stable") if cut else np.arange(n)
+        run = self._run()
         for i in range(0, n, self.batch_size):
-            batch = {k: v[i:i + self.batch_size] for k, v in inputs.items()}
-            if self.device.type == "cuda":  # pinned host memory for asynchronous copies
-                batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
-            with autocast(self.device, self.precision):
-                hidden = self.model(**batch).last_hidden_state
-            hidden = hidden.float()
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            if self.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            outs.append(pooled.cpu())
-            counts.append(batch["attention_mask"].sum(1).cpu())
-        return torch.cat(outs).numpy(), torch.cat(counts).numpy().astype(np.float64)
+            idx = order[i:i + self.batch_size]
+            width = int(counts[idx].max()) if cut else ids.shape[1]
+            out[idx] = run(np.ascontiguousarray(ids[idx, :width]), np.ascontiguousarray(mask[idx, :width]))
+        return out, counts.astype(np.float64)
+
+    def _run(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """``(input_ids, attention_mask) -> (B, dim)`` pooled float32 for the resolved runtime (built once)."""
+        with self._lock:
+            if self._runner is None:
+                self._runner = self._openvino() if self.backend == "openvino" else self._torch_runner()
+            return self._runner
+
+    def pooled_module(self) -> Any:
+        """The torch model with this encoder's pooling in its graph: ``(input_ids, attention_mask) -> (B, dim)``
+        float32. What every runtime runs (OpenVINO converts it)."""
+        return _pooled_cls()(self.model, self.pooling)
+
+    def _torch_runner(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        import torch
+
+        net = self.pooled_module()
+        if self.backend == "torch-compile":
+            net = torch.compile(net, dynamic=True)
+        device, precision = self.device, self.precision
+
+        def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            x, m = torch.from_numpy(ids), torch.from_numpy(mask)
+            if device.type == "cuda":  # pinned host memory for asynchronous copies
+                x, m = x.pin_memory().to(device, non_blocking=True), m.pin_memory().to(device, non_blocking=True)
+            with torch.inference_mode(), autocast(device, precision):
+                return net(x, m).float().cpu().numpy()
+
+        return run
+
+    def _openvino(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        import torch
+
+        from mmcli.features.encoders import openvino_rt
+
+        key = make_encoder_id(self.name, self.weights_sha256, {"pooling": self.pooling, "graph": "pooled"})
+        ids = torch.full((2, 16), int(self.tokenizer.cls_token_id or 1), dtype=torch.int64)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        xml, now = openvino_rt.convert_cached(
+            openvino_rt.model_dir(key, self.precision), self.pooled_module, (ids, mask),
+            [((-1, -1), "i64"), ((-1, -1), "i64")],
+            {"encoder": self.name, "weights_sha256": self.weights_sha256, "pooling": self.pooling})
+        compiled = openvino_rt.CompiledModel(xml, self.precision, self.threads)
+        self._ov_info = {"model": str(xml), "converted_now": now, "hint": compiled.config["PERFORMANCE_HINT"],
+                         "threads": compiled.threads}
+        return compiled
 
     def embed(self, text: str) -> tuple[np.ndarray, dict[str, int]]:
         """One ``(dim,)`` embedding of a whole text (token-weighted mean of its windows) and chunk stats."""
-        enc = self.tokenize(text)
+        enc = self._tokenized(text)
         vecs, counts = self.encode_windows(enc)
         pooled = (vecs * counts[:, None]).sum(0) / counts.sum()
         # every window after the first repeats `stride` tokens of the one before it
@@ -239,6 +350,28 @@ class HFTextEncoder(Encoder):
 
     def encode(self, batch: list[str]) -> np.ndarray:
         return np.stack([self.embed(t)[0] for t in batch]) if batch else np.zeros((0, self.dim), np.float32)
+
+
+@functools.cache
+def _pooled_cls() -> Any:
+    import torch
+    from torch import nn
+
+    class _Pooled(nn.Module):
+        """A transformers encoder followed by token pooling (mean over the attention mask, or ``[CLS]``)."""
+
+        def __init__(self, model: nn.Module, pooling: str) -> None:
+            super().__init__()
+            self.model, self.pooling = model, pooling
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+            if self.pooling == "cls":
+                return hidden[:, 0]
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    return _Pooled
 
 
 @register_encoder("minilm-l6", modality="text")

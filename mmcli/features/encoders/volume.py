@@ -16,6 +16,7 @@ Input tensors are ``(B, 1, Z, Y, X)`` of a RAS volume (slices first), as :mod:`m
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,14 @@ import torch
 from torch import nn
 
 from mmcli.features.encoders.registry import Encoder, register_encoder
-from mmcli.features.encoders.runtime import autocast, load_state_dict, resolve_runtime, warn_random_init
+from mmcli.features.encoders.runtime import (
+    autocast,
+    load_state_dict,
+    resolve_backend,
+    resolve_runtime,
+    runtime_version,
+    warn_random_init,
+)
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import file_sha256, make_encoder_id
 
@@ -82,7 +90,12 @@ def check_r3d18_weights(path: str | Path, stem_stride: tuple[int, int, int] = (2
 
 
 class R3D18Encoder(Encoder):
-    """Frozen 1-channel R3D-18: ``encode`` maps ``(B, 1, Z, Y, X)`` volumes to ``(B, 512)`` float32."""
+    """Frozen 1-channel R3D-18: ``encode`` maps ``(B, 1, Z, Y, X)`` volumes to ``(B, 512)`` float32.
+
+    ``runtime``: ``torch`` (eager, autocast), ``torch-compile``, ``openvino`` (CPU; the network is converted
+    once per encoder_id, OpenVINO version and precision with dynamic input dimensions, cached on disk, and
+    compiled per input shape) or ``auto`` (OpenVINO on a CPU when installed, else torch).
+    """
 
     name = "r3d18"
     modality = "mri"
@@ -96,16 +109,28 @@ class R3D18Encoder(Encoder):
         seed: int = 0,
         stem_stride: tuple[int, int, int] = (2, 2, 2),
         quiet: bool = False,
+        runtime: str = "torch",
+        threads: int | None = None,
     ) -> None:
         self.device, self.precision = resolve_runtime(device, precision)
+        try:
+            self.backend = resolve_backend(runtime, self.device.type)
+        except ValueError as e:
+            raise InputError(f"--runtime {runtime}: {e}") from e
+        if self.backend == "openvino":
+            from mmcli.features.encoders import openvino_rt
+
+            self.precision = openvino_rt.effective_precision(precision)
+        self.threads = int(threads) if threads else None
         self.seed = int(seed)
         self.stem_stride = tuple(int(s) for s in stem_stride)
         if weights and not Path(weights).is_file():
             raise InputError(f"{weights}: weights file not found. Fix: check --weights.")
         self.weights_path = str(weights) if weights else None
         self.weights_sha256 = file_sha256(weights) if weights else None
-        torch.manual_seed(self.seed)  # the random init (and any stochastic layer) is reproducible
-        self.model = build_r3d18(self.stem_stride)  # type: ignore[arg-type]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # the random init (and any stochastic layer) is reproducible
+            self.model = build_r3d18(self.stem_stride)  # type: ignore[arg-type]
         self.notes: list[str] = []
         if weights:
             _, self.notes = adapt_r3d18_state(load_weights(weights), self.model)
@@ -113,10 +138,14 @@ class R3D18Encoder(Encoder):
             warn_random_init(self.name, self.seed, "no --weights given",
                              "--weights FILE (safetensors or a torch state dict of r3d_18).")
         self.model.eval().requires_grad_(False).to(self.device)
-        # channels_last_3d helps oneDNN / cuDNN convolutions under bf16/fp16
-        self.channels_last = self.precision != "fp32"
+        # channels_last_3d helps oneDNN / cuDNN convolutions under bf16/fp16 (OpenVINO picks its own layout)
+        self.channels_last = self.precision != "fp32" and self.backend != "openvino"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
+        self._compiled: dict[tuple[int, ...], Any] = {}  # OpenVINO: one compiled model per input shape
+        self._compiled_torch: Any = None
+        self._ov_info: dict[str, Any] = {}
+        self._lock = threading.Lock()
 
     @property
     def encoder_id(self) -> str:
@@ -135,19 +164,56 @@ class R3D18Encoder(Encoder):
             "weight_notes": self.notes,
         }
 
-    @torch.inference_mode()
+    def runtime(self) -> dict[str, Any]:
+        """How this process runs the encoder (differs between machines, so kept per item)."""
+        out = {"device": self.device.type, "precision": self.precision, "runtime": self.backend,
+               "runtime_version": runtime_version(self.backend)}
+        return {**out, "openvino": dict(self._ov_info)} if self._ov_info else out
+
     def encode(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        shape = tuple(batch.shape)
+        if len(shape) != 5 or shape[1] != 1:
+            raise ValueError(f"expected (B, 1, Z, Y, X), got {shape}")
+        if self.backend == "openvino":
+            x = np.ascontiguousarray(batch.numpy() if isinstance(batch, torch.Tensor) else batch, dtype=np.float32)
+            return self._openvino(shape)(x)
+        return self._torch(batch)
+
+    @torch.inference_mode()
+    def _torch(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         x = torch.as_tensor(batch, dtype=torch.float32)
-        if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(f"expected (B, 1, Z, Y, X), got {tuple(x.shape)}")
         if self.device.type == "cuda":  # pinned host memory: the copy overlaps with queued GPU work
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
+        net = self.model
+        if self.backend == "torch-compile":
+            with self._lock:
+                if self._compiled_torch is None:
+                    self._compiled_torch = torch.compile(self.model, dynamic=False)
+                net = self._compiled_torch
         with autocast(self.device, self.precision):
-            y = self.model(x)
+            y = net(x)
         return y.float().cpu().numpy()
+
+    def _openvino(self, shape: tuple[int, ...]) -> Any:
+        """The compiled OpenVINO model of this input shape (the IR converted once and cached on disk)."""
+        with self._lock:
+            run = self._compiled.get(shape)
+            if run is not None:
+                return run
+            from mmcli.features.encoders import openvino_rt
+
+            dest = openvino_rt.model_dir(self.encoder_id, self.precision)
+            xml, now = openvino_rt.convert_cached(
+                dest, lambda: self.model, torch.zeros(1, 1, 16, 16, 16), [((-1, 1, -1, -1, -1), "f32")],
+                {"encoder_id": self.encoder_id, "encoder": self.name})
+            run = openvino_rt.CompiledModel(openvino_rt.read_model(xml, [shape]), self.precision, self.threads)
+            self._ov_info = {"model": str(xml), "converted_now": now or self._ov_info.get("converted_now", False),
+                             "hint": run.config["PERFORMANCE_HINT"], "threads": run.threads}
+            self._compiled[shape] = run
+            return run
 
 
 @register_encoder("r3d18", modality="mri")
