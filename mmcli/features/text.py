@@ -137,7 +137,7 @@ def embed_windows(encoder: Any, text: str) -> tuple[np.ndarray, np.ndarray, np.n
     """Per-window embeddings ``(W, dim)`` float32, token counts ``(W,)`` (special tokens included), character
     spans ``(W, 2)`` and the stats of ``encoder.embed`` (``n_chunks``, ``n_tokens``).
     ``pool_windows(vecs, counts)`` is ``encoder.embed(text)[0]``, bit for bit."""
-    enc = encoder.tokenize(text)
+    enc = encoder.tokenized(text)  # tokenised ahead when the extractor prefetched this note
     vecs, counts = encoder.encode_windows(enc)
     # every window after the first repeats `stride` tokens of the one before it (as in HFTextEncoder.embed)
     w, specials = len(counts), encoder.tokenizer.num_special_tokens_to_add()

@@ -162,7 +162,9 @@ def test_text_next_note_is_tokenised_during_this_one(tmp_path: Path) -> None:
     st = open_store(tmp_path / "t.zarr", "r")
     for r, note in zip(rows, NOTES):
         item = st.read_item("text", spec.encoder_id, r.patient_id, r.item_id)
-        np.testing.assert_allclose(item.features[0], extractor.encoder.embed(note)[0], rtol=1e-5, atol=1e-6)
+        # a note's item holds its windows (rows) and their token counts: pooled, they are the note's embedding
+        pooled = text.pool_windows(item.features, np.asarray(item.attrs["row_weights"]))
+        np.testing.assert_allclose(pooled, extractor.encoder.embed(note)[0], rtol=1e-5, atol=1e-6)
         assert item.attrs["runtime"] == "torch"
 
 

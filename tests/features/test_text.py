@@ -151,7 +151,7 @@ def test_windows_reproduce_the_pooled_embedding(tmp_path: Path, encoder) -> None
         assert len(encoder.tokenizer(LONG[a:b], add_special_tokens=True)["input_ids"]) == pytest.approx(n, abs=2)
 
     m = load_manifest(_cohort(tmp_path))
-    spec = make_spec(device="cpu", precision="fp32")
+    spec = make_spec(device="cpu", precision="fp32", runtime=encoder.backend)  # bit for bit: the same runtime
     run_extraction([r for r in m.rows if r.patient_id in ("P1", "P2")], spec, tmp_path / "s.zarr", progress=False)
     st = open_store(tmp_path / "s.zarr", "r")
     cohort = load_cohort(st, [Source("text", "store", spec.encoder_id)], ["P1", "P2"])

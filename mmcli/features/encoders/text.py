@@ -258,7 +258,7 @@ class HFTextEncoder(Encoder):
             while len(self._pending) > 2:
                 self._pending.pop(0).cancel()
 
-    def _tokenized(self, text: str) -> dict[str, Any]:
+    def tokenized(self, text: str) -> dict[str, Any]:
         """The windows of ``text``: prefetched when :meth:`prefetch` was given this text, else tokenised now.
         Hints older than the one that matches are dropped; later ones are kept for the texts that follow."""
         with self._lock:
@@ -340,7 +340,7 @@ class HFTextEncoder(Encoder):
 
     def embed(self, text: str) -> tuple[np.ndarray, dict[str, int]]:
         """One ``(dim,)`` embedding of a whole text (token-weighted mean of its windows) and chunk stats."""
-        enc = self._tokenized(text)
+        enc = self.tokenized(text)
         vecs, counts = self.encode_windows(enc)
         pooled = (vecs * counts[:, None]).sum(0) / counts.sum()
         # every window after the first repeats `stride` tokens of the one before it
