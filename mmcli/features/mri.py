@@ -301,8 +301,7 @@ class MriExtractor(ItemExtractor):
         if progress:
             progress(2, 2)
         info["volume_index"] = self.params.volume_index
-        runtime = self.encoder.runtime() if hasattr(self.encoder, "runtime") else {}
-        return ItemResult(feats.astype(np.float32), None, {"mri": info, **runtime}, warnings)
+        return ItemResult(feats.astype(np.float32), None, {"mri": info, **self.encoder.runtime()}, warnings)
 
 
 @register("mri", options=MriOptions, unit="step")

@@ -137,13 +137,8 @@ def embed_windows(encoder: Any, text: str) -> tuple[np.ndarray, np.ndarray, np.n
     """Per-window embeddings ``(W, dim)`` float32, token counts ``(W,)`` (special tokens included), character
     spans ``(W, 2)`` and the stats of ``encoder.embed`` (``n_chunks``, ``n_tokens``).
     ``pool_windows(vecs, counts)`` is ``encoder.embed(text)[0]``, bit for bit."""
-    enc = encoder.tokenized(text)  # tokenised ahead when the extractor prefetched this note
-    vecs, counts = encoder.encode_windows(enc)
-    # every window after the first repeats `stride` tokens of the one before it (as in HFTextEncoder.embed)
-    w, specials = len(counts), encoder.tokenizer.num_special_tokens_to_add()
-    n_tokens = int(counts.sum()) - w * specials - (w - 1) * encoder.stride
-    return (np.asarray(vecs, dtype=np.float32), np.asarray(counts, dtype=np.float64), window_chars(enc),
-            {"n_chunks": int(w), "n_tokens": int(n_tokens)})
+    vecs, counts, enc, stats = encoder.windows(text)  # tokenised ahead when the extractor prefetched this note
+    return np.asarray(vecs, dtype=np.float32), np.asarray(counts, dtype=np.float64), window_chars(enc), stats
 
 
 def pool_windows(vecs: np.ndarray, counts: np.ndarray) -> np.ndarray:

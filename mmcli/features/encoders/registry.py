@@ -40,6 +40,10 @@ class Encoder(ABC):
     def encode(self, batch: Any) -> np.ndarray:
         """Features of one batch, shape (B, dim)."""
 
+    def runtime(self) -> dict[str, Any]:
+        """The inference runtime and its version, stored in each item's attrs (none recorded by default)."""
+        return {}
+
 
 ENCODERS: Registry[Callable[..., Encoder]] = Registry("encoder", flag="--encoder")
 # the module that defines each built-in name: looking a name up imports that module only

@@ -136,6 +136,22 @@ def check_backend(runtime: str, device: str) -> str:
         raise InputError(f"--runtime {runtime}: {e}") from e
 
 
+def resolve_execution(device: str, precision: str, runtime: str) -> tuple[Any, str, str]:
+    """``(torch.device, precision, backend)`` of an encoder built from ``--device``, ``--precision`` and
+    ``--runtime``: on OpenVINO the precision is the one OpenVINO runs (:func:`openvino_rt.effective_precision`).
+    A value that cannot run here is an :class:`InputError` naming the flag."""
+    dev, prec = resolve_runtime(device, precision)
+    try:
+        backend = resolve_backend(runtime, dev.type)
+    except ValueError as e:
+        raise InputError(f"--runtime {runtime}: {e}") from e
+    if backend == "openvino":
+        from mmcli.features.encoders import openvino_rt
+
+        prec = openvino_rt.effective_precision(precision)
+    return dev, prec, backend
+
+
 def runtime_version(backend: str) -> str:
     """Version of the package that runs ``backend``."""
     if backend == "openvino":

@@ -36,8 +36,7 @@ from mmcli.features.encoders.registry import Encoder, register_encoder
 from mmcli.features.encoders.runtime import (
     autocast,
     hf_snapshot,
-    resolve_backend,
-    resolve_runtime,
+    resolve_execution,
     runtime_version,
     warn_random_init,
 )
@@ -165,15 +164,7 @@ class HFTextEncoder(Encoder):
         hf_logging.disable_progress_bar()
         self.folder = resolve_model_dir(model)
         self.name = name or display_name(model)
-        self.device, self.precision = resolve_runtime(device, precision)
-        try:
-            self.backend = resolve_backend(runtime, self.device.type)
-        except ValueError as e:
-            raise InputError(f"--runtime {runtime}: {e}") from e
-        if self.backend == "openvino":
-            from mmcli.features.encoders import openvino_rt
-
-            self.precision = openvino_rt.effective_precision(precision)
+        self.device, self.precision, self.backend = resolve_execution(device, precision, runtime)
         self.threads = int(threads) if threads else None
         self.weights_sha256 = model_weights_sha256(self.folder)
         verbosity = hf_logging.get_verbosity()
@@ -338,15 +329,21 @@ class HFTextEncoder(Encoder):
                          "threads": compiled.threads}
         return compiled
 
-    def embed(self, text: str) -> tuple[np.ndarray, dict[str, int]]:
-        """One ``(dim,)`` embedding of a whole text (token-weighted mean of its windows) and chunk stats."""
+    def windows(self, text: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, int]]:
+        """Every window of ``text``: embeddings ``(W, dim)``, token counts ``(W,)`` (special tokens included),
+        the tokeniser output (with ``offset_mapping``) and chunk stats (``n_chunks``, ``n_tokens``)."""
         enc = self.tokenized(text)
         vecs, counts = self.encode_windows(enc)
-        pooled = (vecs * counts[:, None]).sum(0) / counts.sum()
         # every window after the first repeats `stride` tokens of the one before it
         w, specials = len(counts), self.tokenizer.num_special_tokens_to_add()
         n_tokens = int(counts.sum()) - w * specials - (w - 1) * self.stride
-        return pooled.astype(np.float32), {"n_chunks": int(len(counts)), "n_tokens": int(n_tokens)}
+        return vecs, counts, enc, {"n_chunks": int(w), "n_tokens": int(n_tokens)}
+
+    def embed(self, text: str) -> tuple[np.ndarray, dict[str, int]]:
+        """One ``(dim,)`` embedding of a whole text (token-weighted mean of its windows) and chunk stats."""
+        vecs, counts, _, stats = self.windows(text)
+        pooled = (vecs * counts[:, None]).sum(0) / counts.sum()
+        return pooled.astype(np.float32), stats
 
     def encode(self, batch: list[str]) -> np.ndarray:
         return np.stack([self.embed(t)[0] for t in batch]) if batch else np.zeros((0, self.dim), np.float32)

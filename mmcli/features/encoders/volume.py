@@ -28,8 +28,7 @@ from mmcli.features.encoders.registry import Encoder, register_encoder
 from mmcli.features.encoders.runtime import (
     autocast,
     load_state_dict,
-    resolve_backend,
-    resolve_runtime,
+    resolve_execution,
     runtime_version,
     warn_random_init,
 )
@@ -112,15 +111,7 @@ class R3D18Encoder(Encoder):
         runtime: str = "torch",
         threads: int | None = None,
     ) -> None:
-        self.device, self.precision = resolve_runtime(device, precision)
-        try:
-            self.backend = resolve_backend(runtime, self.device.type)
-        except ValueError as e:
-            raise InputError(f"--runtime {runtime}: {e}") from e
-        if self.backend == "openvino":
-            from mmcli.features.encoders import openvino_rt
-
-            self.precision = openvino_rt.effective_precision(precision)
+        self.device, self.precision, self.backend = resolve_execution(device, precision, runtime)
         self.threads = int(threads) if threads else None
         self.seed = int(seed)
         self.stem_stride = tuple(int(s) for s in stem_stride)
