@@ -39,8 +39,8 @@ def planted(n: int, d: int, signal: float, shift: float, confound: float, seed: 
 def main() -> None:
     from cohorts import binary_target, table_cohort  # tests/heads helpers
 
-    from mmcli.heads.cv import cross_validate
-    from mmcli.heads.stats import auroc, auroc_bootstrap
+    from mmcli.heads.evaluation.stats import auroc, auroc_bootstrap
+    from mmcli.heads.training.cv import cross_validate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patients", type=int, default=300)

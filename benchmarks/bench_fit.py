@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from mmcli.heads import create_head
-    from mmcli.heads.cv import cross_validate, head_params
     from mmcli.heads.data import load_cohort, resolve_sources
-    from mmcli.heads.metrics import summarise
+    from mmcli.heads.evaluation.metrics import summarise
     from mmcli.heads.targets import build_target
+    from mmcli.heads.training.cv import cross_validate, head_params
     from mmcli.pipeline.store import open_store
 
     tmp = None

@@ -9,7 +9,7 @@ cross-modal pretraining is for: the label-relevant signal is what the modalities
 is not it. ``--private-dims 0 --noise 1.5 --features 64 --latent 8`` is the earlier, saturated cohort (each
 feature nearly noise-free in the shared signal, so 100 labels already suffice).
 
-Per replicate: :class:`~mmcli.heads.pretrain.ContrastivePretrainer` (symmetric InfoNCE) on all ``--pool``
+Per replicate: :class:`~mmcli.heads.training.pretrain.ContrastivePretrainer` (symmetric InfoNCE) on all ``--pool``
 patients' features, labels unused; then for each label fraction a random labelled subset of the pool trains
 fusion_mlp four ways: ``scratch`` (defaults: in-fold PCA to 32 dims), ``scratch_nopca`` (no PCA),
 ``finetune`` (``init`` = the pretrained encoders, trained further) and ``frozen`` (``init`` +
@@ -70,8 +70,8 @@ def t_interval(x: list[float]) -> tuple[float, float, float]:
 
 def main() -> None:
     from mmcli.heads import create_head
-    from mmcli.heads.pretrain import ContrastivePretrainer
-    from mmcli.heads.stats import auroc
+    from mmcli.heads.evaluation.stats import auroc
+    from mmcli.heads.training.pretrain import ContrastivePretrainer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pool", type=int, default=2000, help="pretraining / training patients per replicate")

@@ -4,7 +4,8 @@ Survival part: ``--cohorts`` cohorts of ``--n`` patients from a known generator 
 exponential event times with hazard ``0.1 * exp(x)``, uniform censoring on [1, 40] months, about 30 %
 censored). Each cohort goes through mmcli's procedure: stratified ``--folds``-fold CV, a Cox model on x fitted
 per training fold (scikit-survival), risks ``beta_hat * x``, survival curves from mmcli's Breslow baseline,
-one shared grid (:func:`mmcli.heads.metrics.survival_grid`) and :func:`mmcli.heads.metrics.summarise`
+one shared grid (:func:`mmcli.heads.evaluation.metrics.survival_grid`) and
+:func:`mmcli.heads.evaluation.metrics.summarise`
 (default 1000 stratified resamples). The true values are the same metrics of the same fold models on a very
 large independent sample of the generator (``--big`` patients), with the same grid and the same training-fold
 censoring distribution:
@@ -46,8 +47,8 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mmcli.heads.base import BreslowBaseline  # noqa: E402
-from mmcli.heads.metrics import FoldPredictions, summarise, survival_grid  # noqa: E402
-from mmcli.heads.stats import delong_test  # noqa: E402
+from mmcli.heads.evaluation.metrics import FoldPredictions, summarise, survival_grid  # noqa: E402
+from mmcli.heads.evaluation.stats import delong_test  # noqa: E402
 
 METRICS = ("c_index", "ibs", "td_auc")
 BASE_HAZARD, BETA, CENSOR = 0.1, 1.0, (1.0, 40.0)

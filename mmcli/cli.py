@@ -501,7 +501,7 @@ def fit(
     --out is locked while the fit runs and replaced only at the end: an error, a full disk, Ctrl-C or SIGTERM
     leave the previous run there as it was.
     """
-    from mmcli.stages.evidence import EvidenceOptions
+    from mmcli.heads.evaluation.evidence import EvidenceOptions
     from mmcli.stages.fit import fit as run_fit
     from mmcli.stages.fit import parse_encoders, parse_params
 
@@ -617,8 +617,8 @@ def evaluate(
 ) -> None:
     """External validation: score another cohort with a fitted model; metrics, calibration, decision curve,
     subgroups, drift against the training store, and a report."""
+    from mmcli.heads.evaluation.evidence import EvidenceOptions
     from mmcli.stages.evaluate import evaluate as run_evaluate
-    from mmcli.stages.evidence import EvidenceOptions
 
     evidence = EvidenceOptions.build(dict(subgroups=subgroups, min_subgroup=min_subgroup,
                                           dca_thresholds=dca_thresholds, horizon=horizon)).check()

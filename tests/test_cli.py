@@ -127,7 +127,7 @@ def test_help_keeps_bracketed_and_parenthesised_defaults() -> None:
 
 
 def test_fusion_help_names_the_real_default() -> None:
-    from mmcli.heads.fusion_mlp import FusionMLPHead  # the registered fusion_mlp head
+    from mmcli.heads.models.fusion_mlp import FusionMLPHead  # the registered fusion_mlp head
 
     default = FusionMLPHead.Params.model_fields["fusion"].default  # the head's typed parameter model
     out = CliRunner().invoke(cli.app, ["fit", "--help"], terminal_width=200).output

@@ -5,7 +5,7 @@ Conventions (all heads):
 * ``X`` is a :class:`~mmcli.heads.data.Cohort`; the modalities it holds are the ones the head uses.
 * ``y``: classification -> int class codes ``0..n_classes-1`` (n,); survival -> a structured array with
   fields ``event`` (bool, True = event observed) and ``time`` (float, any unit) as made by
-  :func:`survival_target` (scikit-survival's layout).
+  :func:`~mmcli.heads.targets.survival_target` (scikit-survival's layout).
 * ``predict(X)``: classification -> class probabilities (n, n_classes); survival -> risk (n,), a log
   hazard ratio: **higher risk = higher hazard = shorter expected survival**.
 * ``predict_survival(X, times)``: survival probabilities (n, T) from a Breslow baseline fit on the training
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -27,11 +27,10 @@ from pydantic import Field, ValidationError
 
 from mmcli import __version__
 from mmcli.heads.data import BAG_MODALITIES, Cohort, ModalitySpec
-from mmcli.heads.preprocess import InstanceScaler, VectorPreprocessor, load_preprocessors, save_preprocessors
+from mmcli.heads.preprocess.vector import InstanceScaler, VectorPreprocessor, load_preprocessors, save_preprocessors
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_json
 from mmcli.pipeline.options import Options, explain
-from mmcli.pipeline.registry import Registry
 from mmcli.pipeline.rundir import damaged, model_file
 
 TASKS = ("binary", "multiclass", "survival")
@@ -39,13 +38,6 @@ CONFIG = "config.json"
 RUN_PARAMS = ("task", "n_classes")  # follow from the labels; a user never sets them
 
 H = TypeVar("H", bound="Head")
-
-HEADS: Registry[type[Head]] = Registry("head", flag="--head")
-# built-in heads: each name imports only its own module (xgboost never pulls in torch)
-for _name, _module in (("attention_mil", "mmcli.heads.attention_mil"), ("cox", "mmcli.heads.cox"),
-                       ("fusion_mlp", "mmcli.heads.fusion_mlp"), ("xgboost", "mmcli.heads.xgboost_head")):
-    HEADS.lazy(_name, _module)
-
 
 class HeadParams(Options):
     """Parameters every head has; each head subclasses this with its own (``--param KEY=VALUE``)."""
@@ -71,14 +63,6 @@ class HeadParams(Options):
 
     def values(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.fields()}
-
-
-def survival_target(time: np.ndarray, event: np.ndarray) -> np.ndarray:
-    """Structured array ``(event: bool, time: float64)``; ``event`` 1/True = observed, 0 = censored."""
-    y = np.empty(len(time), dtype=[("event", bool), ("time", np.float64)])
-    y["event"] = np.asarray(event).astype(bool)
-    y["time"] = np.asarray(time, dtype=np.float64)
-    return y
 
 
 class Head(ABC):
@@ -375,35 +359,3 @@ class BreslowBaseline:
         self.times = np.asarray(d["times"], dtype=np.float64)
         self.surv = np.asarray(d["survival"], dtype=np.float64)
         return self
-
-
-# ---- registry ------------------------------------------------------------------------------------------------
-def register_head(name: str, **meta: Any) -> Callable[[type[H]], type[H]]:
-    """Class decorator: make a head available as ``--head NAME`` (its policy is read from the class)."""
-
-    def deco(cls: type[H]) -> type[H]:
-        cls.name = name
-        HEADS.add(name, cls, tasks=cls.tasks, input_kind=cls.input_kind, **meta)
-        return cls
-
-    return deco
-
-
-def list_heads() -> list[str]:
-    return HEADS.names()
-
-
-def head_class(name: str) -> type[Head]:
-    """The class of head ``name``, importing only the module that defines it."""
-    return HEADS.get(name)
-
-
-def create_head(name: str, **params: Any) -> Head:
-    """Instantiate head ``name`` with ``params``, validated by its :attr:`Head.Params` model (unknown parameters
-    are an InputError listing the valid ones)."""
-    return head_class(name)(**params)
-
-
-def load_head(path: str | Path) -> Head:
-    """Load any saved head: the class comes from ``config.json``'s ``head``."""
-    return head_class(read_model_config(path).get("head", "")).load(path)

@@ -13,10 +13,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmcli.heads.base import survival_target
 from mmcli.pipeline.errors import InputError
 
 MAX_LISTED = 8
+
+
+def survival_target(time: np.ndarray, event: np.ndarray) -> np.ndarray:
+    """Structured array ``(event: bool, time: float64)``; ``event`` 1/True = observed, 0 = censored."""
+    y = np.empty(len(time), dtype=[("event", bool), ("time", np.float64)])
+    y["event"] = np.asarray(event).astype(bool)
+    y["time"] = np.asarray(time, dtype=np.float64)
+    return y
 
 
 @dataclass

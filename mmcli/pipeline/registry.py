@@ -3,7 +3,7 @@
 Encoders, heads, fusion operators, slide readers, interop formats, store backends, modalities and
 preprocessors each have one :class:`Registry`. An implementation registers itself with a decorator::
 
-    HEADS = Registry("head", providers=("mmcli.heads.xgboost_head", ...))
+    HEADS = Registry("head", providers=("mmcli.heads.models.xgboost", ...))
 
     @HEADS.register("xgboost", tasks=("binary", "multiclass", "survival"))
     class XGBoostHead(Head): ...
@@ -16,9 +16,11 @@ derived from the registry, never copied.
 """
 from __future__ import annotations
 
+import ast
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from mmcli.pipeline.errors import InputError
@@ -72,6 +74,16 @@ class Registry(Generic[T]):
         """``name`` is defined in ``module``, imported the first time ``name`` is looked up."""
         self._lazy[name] = module
 
+    def scan(self, folder: str | Path, package: str, decorator: str) -> None:
+        """Tie every name registered in the modules of ``folder`` (the package ``package``) with
+        ``@decorator("name", ...)`` to its module, by reading the modules' source (nothing is imported): the
+        name is written once, in its decorator, and the lazy table is derived from it."""
+        for f in sorted(Path(folder).glob("*.py")):
+            if f.name.startswith("_"):
+                continue
+            for name in decorated_names(f.read_text(encoding="utf-8"), decorator):
+                self.lazy(name, f"{package}.{f.stem}")
+
     # ---- looking up -------------------------------------------------------------------------------------------
     def get(self, name: str) -> T:
         return self.entry(name).obj
@@ -123,3 +135,16 @@ class Registry(Generic[T]):
 
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def decorated_names(source: str, decorator: str) -> list[str]:
+    """The first (string) argument of every ``@decorator("name", ...)`` on a class or function in ``source``."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            continue
+        for d in node.decorator_list:
+            if (isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == decorator and d.args
+                    and isinstance(d.args[0], ast.Constant) and isinstance(d.args[0].value, str)):
+                out.append(d.args[0].value)
+    return out

@@ -8,7 +8,7 @@ Which subsets (``modalities`` = M names):
 * ``subsets=[("wsi", "omics"), ...]``: exactly these.
 
 Each subset with two or more modalities is fitted once per fusion operator by a head that takes a ``fusion``
-parameter (``fusion_mlp``; operators: the fusion registry, :data:`mmcli.heads.fusion.FUSIONS`); a single modality
+parameter (``fusion_mlp``; operators: the fusion registry, :data:`mmcli.heads.nn.fusion.FUSIONS`); a single modality
 is fitted once (fusion label ``single``, fitted with ``concat``: with one modality there is nothing to fuse).
 Other heads fit each subset once (fusion ``-``). Every fit goes through
 :func:`mmcli.stages.fit.fit` into ``out/<m1+m2+...>__<fusion or head>/``; a fit whose folder already holds the
@@ -72,7 +72,7 @@ class Job:
 
 def fusion_names() -> list[str]:
     """The fusion operators, from the fusion registry (imports the fusion module, hence torch)."""
-    from mmcli.heads.fusion import FUSIONS
+    from mmcli.heads.nn.fusion import FUSIONS
 
     return FUSIONS.names()
 

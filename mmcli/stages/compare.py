@@ -3,7 +3,7 @@
 Both runs' out-of-fold predictions are matched by ``patient_id`` (patients in only one run are counted and
 left out). Differences are always ``A - B``.
 
-* Binary classification: DeLong test for two correlated AUROCs (:func:`mmcli.heads.stats.delong_test`); its
+* Binary classification: DeLong test for two correlated AUROCs (:func:`mmcli.heads.evaluation.stats.delong_test`); its
   interval is the Wald interval of the same variance and reference distribution as its p-value. Fewer than 2
   shared patients in a class: refused (no variance to test with).
 * Multiclass: the headline is the **macro one-vs-rest AUROC** difference with a paired bootstrap stratified by
@@ -11,7 +11,7 @@ left out). Differences are always ``A - B``.
   with DeLong (unadjusted p-values, listed per class; null with a message for a class under 2 patients).
 * Survival: Harrell's c-index difference by paired bootstrap stratified by event status (lifelines
   ``concordance_index``; higher risk = shorter survival), on risks **centred per fold** first
-  (:func:`mmcli.heads.metrics.center_risks_by_fold`: the Cox loss leaves each fold model's offset arbitrary).
+  (:func:`mmcli.heads.evaluation.metrics.center_risks_by_fold`: the Cox loss leaves each fold model's offset arbitrary).
 
 Every interval and its p-value come from one method (DeLong: one variance; bootstrap: the p-value inverts the
 percentile interval), so ``p < alpha`` exactly when the ``1 - alpha`` interval excludes 0.
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmcli.heads.metrics import center_risks_by_fold
-from mmcli.heads.stats import auroc_bootstrap, cindex_bootstrap, delong_test
+from mmcli.heads.evaluation.metrics import center_risks_by_fold
+from mmcli.heads.evaluation.stats import auroc_bootstrap, cindex_bootstrap, delong_test
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.rundir import CLASSIFICATION, SURVIVAL, Run, load_run
 

@@ -12,7 +12,7 @@ and writes into ``out`` the same files as a fit run::
 
 ``drift``: per modality of the model, a classifier two-sample test between the training store's patients (the
 run's patients, read from the store recorded in the run or ``train_store``) and the new store's patients
-(:mod:`mmcli.heads.drift`). ``missing``: labelled patients absent from the new store, store patients without
+(:mod:`mmcli.heads.evaluation.drift`). ``missing``: labelled patients absent from the new store, store patients without
 a label, patients the model cannot score, and per modality how many patients lack it.
 """
 from __future__ import annotations
@@ -26,21 +26,22 @@ import numpy as np
 import pandas as pd
 
 from mmcli import __version__
-from mmcli.heads.base import Head, load_head, read_model_config
+from mmcli.heads.base import Head, read_model_config
 from mmcli.heads.data import Cohort, load_cohort, patients_in
-from mmcli.heads.drift import modality_drift
-from mmcli.heads.metrics import FoldPredictions, eval_times, summarise
-from mmcli.heads.targets import Target, build_target, read_labels
-from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.rundir import RunFolderError, RunWriter, load_run, resolve_model_dir
-from mmcli.pipeline.store import open_store
-from mmcli.stages.evidence import (
+from mmcli.heads.evaluation.drift import modality_drift
+from mmcli.heads.evaluation.evidence import (
     EvidenceOptions,
     Postprocess,
     classification_evidence,
     store_tables,
     survival_evidence,
 )
+from mmcli.heads.evaluation.metrics import FoldPredictions, eval_times, summarise
+from mmcli.heads.registry import load_head
+from mmcli.heads.targets import Target, build_target, read_labels
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.rundir import RunFolderError, RunWriter, load_run, resolve_model_dir
+from mmcli.pipeline.store import open_store
 from mmcli.stages.fit import prediction_frame
 from mmcli.stages.predict import _sources
 
@@ -211,7 +212,7 @@ def _metrics(head: Head, cohort: Cohort, tgt: Target, raw: np.ndarray, pred: np.
 
 def _drift(head: Head, cohort: Cohort, train_run: Any, train_store: str | Path | None, n_permutations: int,
            seed: int, say: Callable[[str], None]) -> dict[str, Any]:
-    """Per model modality: training cohort vs this cohort (see :mod:`mmcli.heads.drift`)."""
+    """Per model modality: training cohort vs this cohort (see :mod:`mmcli.heads.evaluation.drift`)."""
     path = Path(train_store) if train_store is not None else (Path(train_run.store) if train_run and train_run.store
                                                               else None)
     if path is None or not path.exists():

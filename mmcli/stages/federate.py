@@ -1,6 +1,6 @@
 """``mmcli federate``: train a torch head across sites with Flower (FedAvg / FedProx), evaluate it per site and
 pooled, and compare it with centralised training on the same patients. Classification (``target``) or survival
-(``time`` + ``event``: Cox partial likelihood per site, see :mod:`mmcli.heads.federated` for what FedAvg of it
+(``time`` + ``event``: Cox partial likelihood per site, see :mod:`mmcli.heads.training.federated` for what FedAvg of it
 optimises).
 
 Protocol:
@@ -12,13 +12,14 @@ Protocol:
   its training patients and returns its weights; the server averages them weighted by the sites' training
   sizes (FedAvg; FedProx adds ``mu/2 ||w - w_global||²`` to the local loss). Only weights move. Preprocessing
   (imputation, standardisation, instance scaling) is fit **per site on its training patients** and stays at the
-  site (see :mod:`mmcli.heads.federated`; PCA is off); no statistics are shared across sites. ``engine="simulation"``
+  site (see :mod:`mmcli.heads.training.federated`; PCA is off); no statistics are shared across sites.
+  ``engine="simulation"``
   runs the sites as Flower ``ClientApp`` s in Flower's simulation engine (Ray actors, each loading its own
   store); ``engine="local"`` drives the same strategy and clients in this process (no Ray);
 * evaluation (:func:`evaluate_federated`, Flower-free): the final global model predicts each site's test
   patients at that site (with that site's preprocessing; survival: the site's own Breslow baseline); the test
   predictions and labels, not features, are pooled. Metrics with bootstrap CIs per site and pooled
-  (:func:`mmcli.heads.metrics.summarise`): AUROC etc., or (survival) Harrell's c-index; the pooled c-index
+  (:func:`mmcli.heads.evaluation.metrics.summarise`): AUROC etc., or (survival) Harrell's c-index; the pooled c-index
   compares patients across sites too;
 * centralised baseline: the same head and hyperparameters trained for ``rounds * local_epochs`` epochs on the
   pooled training patients of all sites (preprocessing fit on the pool), evaluated on the same test patients.
@@ -40,12 +41,12 @@ import numpy as np
 import pandas as pd
 
 from mmcli import __version__
-from mmcli.heads.base import head_class
 from mmcli.heads.data import Cohort, Source, load_cohort, resolve_sources
-from mmcli.heads.federated import STRATEGIES, SiteModel, concat_cohorts, make_strategy, site_client
-from mmcli.heads.metrics import FoldPredictions, summarise
+from mmcli.heads.evaluation.metrics import FoldPredictions, summarise
+from mmcli.heads.nn.torch_base import TorchHead
+from mmcli.heads.registry import head_class
 from mmcli.heads.targets import Target, build_target, read_labels
-from mmcli.heads.torch_base import TorchHead
+from mmcli.heads.training.federated import STRATEGIES, SiteModel, concat_cohorts, make_strategy, site_client
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_csv, write_json
 from mmcli.pipeline.store import open_store

@@ -5,7 +5,7 @@ Run directory (``out``)::
     config.json          head, params, task, target / time+event, classes, modalities, encoder_ids, folds, seed,
                          store, labels, features_sha256, excluded patients, timings, mmcli version, created
     metrics.json         {"head","task","modalities","folds","n_patients","metrics":{name:{mean,ci_low,ci_high,
-                         per_fold}},"encoder_ids","seed","created"}  (see mmcli.heads.metrics)
+                         per_fold}},"encoder_ids","seed","created"}  (see mmcli.heads.evaluation.metrics)
     predictions.csv      out-of-fold: patient_id,fold,y_true,y_pred,prob_<class>...  |  patient_id,fold,time,event,risk
     folds.json           {patient_id: fold}
     cv_audit.json        per fold: the patients each preprocessing step was fit on, and their overlap with the
@@ -37,24 +37,25 @@ import numpy as np
 import pandas as pd
 
 from mmcli import __version__
-from mmcli.heads.base import Head, create_head, head_class
-from mmcli.heads.calibration import Calibrator
-from mmcli.heads.cv import FoldResult, check_folds, check_postprocess, cross_validate, head_params
+from mmcli.heads.base import Head
 from mmcli.heads.data import Cohort, Source, load_cohort, patients_in, resolve_sources
-from mmcli.heads.metrics import center_risks_by_fold, summarise
-from mmcli.heads.operating_point import choose_threshold
-from mmcli.heads.targets import Target, build_target, read_labels
-from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.rundir import RunWriter
-from mmcli.pipeline.signals import stop_on_signals
-from mmcli.pipeline.store import open_store
-from mmcli.stages.evidence import (
+from mmcli.heads.evaluation.calibration import Calibrator
+from mmcli.heads.evaluation.evidence import (
     EvidenceOptions,
     Postprocess,
     classification_evidence,
     store_tables,
     survival_evidence,
 )
+from mmcli.heads.evaluation.metrics import center_risks_by_fold, summarise
+from mmcli.heads.evaluation.operating_point import choose_threshold
+from mmcli.heads.registry import create_head, head_class
+from mmcli.heads.targets import Target, build_target, read_labels
+from mmcli.heads.training.cv import FoldResult, check_folds, check_postprocess, cross_validate, head_params
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.rundir import RunWriter
+from mmcli.pipeline.signals import stop_on_signals
+from mmcli.pipeline.store import open_store
 
 
 def fit(
@@ -106,7 +107,7 @@ def fit(
             imputation with indicators; ComBat batch correction on the labels' ``batch_column``, protecting
             ``batch_keep``), merged into ``params``.
         evidence: recalibration, operating point, decision-curve thresholds / horizon and subgroups
-            (:class:`~mmcli.stages.evidence.EvidenceOptions`); metrics.json gets ``calibration``,
+            (:class:`~mmcli.heads.evaluation.evidence.EvidenceOptions`); metrics.json gets ``calibration``,
             ``operating_point``, ``decision_curve`` and ``subgroups`` blocks.
         overwrite: replace an existing run in ``out`` (whole: nothing of it is left). Without it an existing,
             non-empty ``out`` is refused before any work. Either way ``out`` is locked while the fit runs (a
@@ -482,7 +483,7 @@ def _window_explanations(results: list[FoldResult], cohort: Cohort, fs: Any, sou
     """Out-of-fold IG per note window (``attributions_windows.csv``) for the folds whose head has vector IG and
     a store modality whose items carry ``row_weights``; each such fold's ``attributions`` are replaced by the
     windowed run's (the same integration path, so the same totals)."""
-    from mmcli.heads.attribution import read_windows, window_integrated_gradients
+    from mmcli.heads.nn.attribution import read_windows, window_integrated_gradients
 
     windows = {s.name: w for s in sources if s.encoder_id is not None
                for w in [read_windows(fs, s.name, s.encoder_id, cohort.patients)] if w}

@@ -21,14 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmcli.heads.base import load_head, read_model_config
+from mmcli.heads.base import read_model_config
 from mmcli.heads.data import STORE_SOURCE, TABLE_SOURCE, ModalitySpec, Source, load_cohort
+from mmcli.heads.evaluation.evidence import Postprocess
+from mmcli.heads.registry import load_head
 from mmcli.heads.targets import read_labels
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import disk_full_as_error, write_csv
 from mmcli.pipeline.rundir import damaged, resolve_model_dir
 from mmcli.pipeline.store import FeatureStore, open_store
-from mmcli.stages.evidence import Postprocess
 from mmcli.stages.fit import attention_frame, batch_covariates, prediction_frame
 
 

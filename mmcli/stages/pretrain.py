@@ -1,7 +1,7 @@
 """``mmcli pretrain``: contrastive (CLIP-style) pretraining of per-modality encoders on a store's cached features.
 
 Labels are not read: every store patient with at least two of the modalities counts. The output folder is what
-``mmcli fit --head fusion_mlp --init DIR`` starts from (see :mod:`mmcli.heads.pretrain`).
+``mmcli fit --head fusion_mlp --init DIR`` starts from (see :mod:`mmcli.heads.training.pretrain`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from mmcli.heads.data import load_cohort, resolve_sources
-from mmcli.heads.pretrain import ContrastivePretrainer
+from mmcli.heads.training.pretrain import ContrastivePretrainer
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 

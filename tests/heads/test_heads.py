@@ -7,11 +7,11 @@ from sklearn.metrics import roc_auc_score
 
 from helpers.planted_data import make_store, shuffled
 from mmcli.heads import create_head, list_heads, load_head
-from mmcli.heads.cv import cross_validate
 from mmcli.heads.data import load_cohort, resolve_sources
-from mmcli.heads.fusion import FUSIONS
-from mmcli.heads.metrics import survival_metrics
+from mmcli.heads.evaluation.metrics import survival_metrics
+from mmcli.heads.nn.fusion import FUSIONS
 from mmcli.heads.targets import build_target
+from mmcli.heads.training.cv import cross_validate
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 

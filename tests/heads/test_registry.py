@@ -30,11 +30,11 @@ def _imports_after(code: str) -> set[str]:
 
 def test_importing_heads_imports_no_head_and_xgboost_needs_no_torch():
     mods = _imports_after("import mmcli.heads")
-    heads = {"mmcli.heads.attention_mil", "mmcli.heads.cox", "mmcli.heads.fusion_mlp", "mmcli.heads.xgboost_head"}
+    heads = {f"mmcli.heads.models.{m}" for m in ("attention_mil", "cox", "fusion_mlp", "xgboost")}
     assert not mods & heads
     assert "torch" not in mods and "sklearn" not in mods
     mods = _imports_after("from mmcli.heads import head_class; head_class('xgboost')")
-    assert mods & heads == {"mmcli.heads.xgboost_head"}
+    assert mods & heads == {"mmcli.heads.models.xgboost"}
     assert "torch" not in mods
     mods = _imports_after("import mmcli.stages.fit; from mmcli.heads import head_class; head_class('xgboost')")
     assert "torch" not in mods and "lifelines" not in mods
@@ -94,7 +94,7 @@ def test_bad_parameter_values_are_input_errors_naming_the_key_and_what_it_takes(
 
 
 def test_parameters_keep_explicit_nulls_and_fusion_choices_come_from_the_registry():
-    from mmcli.heads.fusion import FUSIONS
+    from mmcli.heads.nn.fusion import FUSIONS
 
     assert create_head("xgboost", class_weight=None).class_weight is None
     assert create_head("fusion_mlp", n_components=None).n_components is None
@@ -108,8 +108,8 @@ def test_parameters_keep_explicit_nulls_and_fusion_choices_come_from_the_registr
 
 
 def test_fusion_and_preprocessor_registries_refuse_unknown_names(tmp_path):
-    from mmcli.heads.fusion import FUSIONS
-    from mmcli.heads.preprocess import PREPROCESSORS, load_preprocessors
+    from mmcli.heads.nn.fusion import FUSIONS
+    from mmcli.heads.preprocess.vector import PREPROCESSORS, load_preprocessors
 
     assert FUSIONS.names() == ["attention", "bilinear", "concat", "cross_attention", "gated"]
     assert PREPROCESSORS.names() == ["instance", "vector"]

@@ -12,11 +12,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from helpers.planted_data import make_store
-from mmcli.heads.cv import cross_validate
 from mmcli.heads.data import load_cohort, resolve_sources
-from mmcli.heads.fusion import FUSIONS
-from mmcli.heads.losses import cox_ph_loss
+from mmcli.heads.nn.fusion import FUSIONS
+from mmcli.heads.nn.losses import cox_ph_loss
 from mmcli.heads.targets import build_target
+from mmcli.heads.training.cv import cross_validate
 from mmcli.pipeline.store import open_store
 
 

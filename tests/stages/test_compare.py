@@ -12,7 +12,7 @@ from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
 
 from helpers.fake_runs import classification_run, patient_ids, survival_data, survival_run
-from mmcli.heads.stats import delong_test
+from mmcli.heads.evaluation.stats import delong_test
 from mmcli.pipeline.errors import InputError
 from mmcli.stages.compare import compare, format_comparison
 

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from helpers.planted_data import make_store
+from mmcli.heads.evaluation.evidence import EvidenceOptions
 from mmcli.pipeline.store import open_store
 from mmcli.stages.evaluate import evaluate
-from mmcli.stages.evidence import EvidenceOptions
 from mmcli.stages.fit import fit
 from mmcli.stages.predict import predict
 

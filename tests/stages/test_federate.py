@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 
 from helpers.federated import site_store, survival_site_store
 from mmcli.cli import app
-from mmcli.heads.base import load_head
-from mmcli.heads.federated import SiteTrainer
-from mmcli.heads.fusion_mlp import FusionMLPHead
+from mmcli.heads.models.fusion_mlp import FusionMLPHead
+from mmcli.heads.registry import load_head
 from mmcli.heads.targets import build_target, read_labels
+from mmcli.heads.training.federated import SiteTrainer
 from mmcli.pipeline.errors import InputError
 from mmcli.stages.federate import evaluate_federated, federate, prepare_sites
 
@@ -200,7 +200,7 @@ def test_flower_fedavg_is_the_training_size_weighted_mean_of_site_updates(surviv
     """What the strategy does with SiteTrainer's (weights, n): Flower's FedAvg gives n-weighted means."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-    from mmcli.heads.federated import make_strategy
+    from mmcli.heads.training.federated import make_strategy
 
     paths, labels = survival_sites
     tgt = build_target(read_labels(labels), time=SURV[0], event=SURV[1])

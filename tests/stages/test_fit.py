@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 
 from helpers.planted_data import make_store
-from mmcli.heads.cv import cross_validate
 from mmcli.heads.data import load_cohort, resolve_sources
-from mmcli.heads.metrics import CLASSIFICATION_METRICS, SURVIVAL_METRICS
+from mmcli.heads.evaluation.metrics import CLASSIFICATION_METRICS, SURVIVAL_METRICS
 from mmcli.heads.targets import build_target
+from mmcli.heads.training.cv import cross_validate
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 from mmcli.stages.fit import fit, parse_encoders, parse_params

@@ -16,9 +16,9 @@ from sklearn.metrics import roc_auc_score
 import mmcli.stages.fit as fit_stage
 from helpers.planted_data import make_store
 from mmcli.heads import load_head
-from mmcli.heads.cv import cross_validate
 from mmcli.heads.data import load_cohort, resolve_sources
 from mmcli.heads.targets import build_target
+from mmcli.heads.training.cv import cross_validate
 from mmcli.pipeline.store import open_store
 from mmcli.stages.fit import fit
 

@@ -10,7 +10,7 @@
   else only the offsets are shown.
 
 Attributions are in units of the attributed output: the log-odds of the second class (binary), the logit of
-the patient's predicted class (multiclass) or the risk (survival); see :mod:`mmcli.heads.attribution`.
+the patient's predicted class (multiclass) or the risk (survival); see :mod:`mmcli.heads.nn.attribution`.
 """
 from __future__ import annotations
 

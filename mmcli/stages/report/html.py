@@ -177,7 +177,7 @@ def _survival_figs(run: Run) -> str:
         return _absent("No observed events among the out-of-fold predictions: Kaplan-Meier groups are "
                        "not informative.")
     png, info = plots.km_figure(time, event, risk, time_unit=run.time_unit or "")
-    from mmcli.heads.stats import concordance
+    from mmcli.heads.evaluation.stats import concordance
 
     c_oof = concordance(time, event, risk)
     cm = ((run.metrics or {}).get("metrics") or {}).get("c_index") or {}

@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from mmcli.heads.base import Head, load_head, read_model_config
+from mmcli.heads.base import Head, read_model_config
 from mmcli.heads.data import Cohort, ModalityData, ModalitySpec, Source, load_cohort
+from mmcli.heads.evaluation.evidence import Postprocess
+from mmcli.heads.registry import load_head
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.rundir import resolve_model_dir
 from mmcli.pipeline.store import FeatureStore, open_store
 from mmcli.stages.card import build_card
-from mmcli.stages.evidence import Postprocess
 from mmcli.stages.predict import _sources
 
 PAYLOAD_ITEM = "payload"

@@ -1,0 +1,276 @@
+"""Shared machinery of the torch heads: deterministic training loop, losses, batched inference, safetensors I/O."""
+from __future__ import annotations
+
+import contextlib
+from abc import abstractmethod
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from safetensors.torch import load_file, save_file
+from scipy.special import softmax
+from torch import nn
+
+from mmcli.heads.base import CONFIG, Head, HeadParams, read_model_config
+from mmcli.heads.data import Cohort
+from mmcli.heads.nn.losses import class_weights, cox_ph_loss, focal_loss
+from mmcli.pipeline.io import write_json
+from mmcli.pipeline.rundir import damaged, model_file
+
+WEIGHTS = "weights.safetensors"
+DEVICE_PATTERN = r"^(cpu|auto|mps|cuda(:[0-9]+)?)$"
+
+
+@contextlib.contextmanager
+def torch_env(seed: int | None, n_threads: int) -> Iterator[None]:
+    """Fixed thread count, deterministic algorithms and (when ``seed`` is given) a seeded RNG; restored after."""
+    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(max(1, int(n_threads)))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TorchParams(HeadParams):
+    """Parameters shared by the torch heads (defaults as for ``attention_mil``; other heads override some)."""
+
+    hidden: int = Field(64, ge=1, description="embedding size (units per layer), >= 1")
+    attn_dim: int = Field(32, ge=1, description="hidden size of the attention networks (units), >= 1")
+    dropout: float = Field(0.25, ge=0.0, lt=1.0, description="dropout probability, 0 <= p < 1")
+    epochs: int = Field(30, ge=1, description="passes over the training patients (fixed: no inner validation "
+                        "split, which small cohorts cannot afford), >= 1")
+    batch_size: int = Field(32, ge=1, description="patients per mini-batch (survival: the Cox risk set is the "
+                            "batch, keep it >= 16), >= 1")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate, > 0")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay, >= 0")
+    loss: Literal["ce", "focal"] = Field("ce", description="classification loss: ce (cross-entropy) | focal "
+                                         "(survival always uses the Cox partial likelihood)")
+    focal_gamma: float = Field(2.0, ge=0.0, description="focal loss focusing parameter, >= 0")
+    class_weight: Literal["balanced", "none"] | None = Field(
+        "balanced", description="balanced (n / (K * count_k)) | none | null")
+    max_instances: int = Field(512, ge=1, description="per bag and training step, at most this many random "
+                               "instances (tiles; all of them at inference), >= 1")
+    n_threads: int = Field(1, ge=1, description="torch CPU threads, >= 1 (1: these models are small, and with "
+                           "more threads than idle cores OpenMP synchronisation makes a step 10x slower)")
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description="cpu | cuda | cuda:N | mps | auto")
+    dp_epsilon: float | None = Field(None, gt=0.0, allow_inf_nan=False, description="DP-SGD privacy budget "
+                                     "epsilon per patient (Opacus, RDP accountant), > 0; null = no DP")
+    dp_delta: float = Field(1e-5, gt=0.0, lt=1.0, description="DP-SGD delta, 0 < delta < 1 (keep it below "
+                            "1 / number of patients)")
+    dp_max_grad_norm: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="DP-SGD per-patient "
+                                    "gradient clipping norm, > 0")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dp_class_weight(cls, data: Any) -> Any:
+        """With dp_epsilon, class_weight defaults to none (balanced weights use label counts outside DP)."""
+        if isinstance(data, dict) and data.get("dp_epsilon") is not None and "class_weight" not in data:
+            data = {**data, "class_weight": "none"}
+        return data
+
+    @field_validator("dp_epsilon")
+    @classmethod
+    def _dp_unweighted(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("class_weight") == "balanced":
+            raise ValueError("class_weight=balanced uses the training label counts, which the DP accountant "
+                             "does not cover; pass --param class_weight=none with dp_epsilon")
+        return v
+
+
+class TorchHead(Head):
+    """Base of torch heads. Training: AdamW for a fixed number of epochs over shuffled mini-batches.
+
+    Parameters: :class:`TorchParams`.
+    """
+
+    Params = TorchParams
+    hidden: int
+    attn_dim: int
+    dropout: float
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    loss: str
+    focal_gamma: float
+    class_weight: str | None
+    max_instances: int
+    n_threads: int
+    device: str
+    dp_epsilon: float | None
+    dp_delta: float
+    dp_max_grad_norm: float
+
+    @property
+    def n_out(self) -> int:
+        return 1 if self.is_survival else self.n_classes
+
+    # ---- subclass hooks ---------------------------------------------------------------------------------
+    @abstractmethod
+    def _fit_preprocessing(self, X: Cohort) -> None:
+        """Fit ``self.preprocessors_`` on the training cohort ``X``."""
+
+    @abstractmethod
+    def _build(self) -> nn.Module:
+        """The network for ``self.spec_`` and the parameters."""
+
+    @abstractmethod
+    def _inputs(self, X: Cohort, idx: np.ndarray, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+        """Batch tensors for patients ``idx`` (``rng`` given = training: instance sampling allowed)."""
+
+    @abstractmethod
+    def _forward(self, inputs: dict[str, torch.Tensor], train: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(outputs (B, n_out), extras such as attention)."""
+
+    def _instance_count(self, X: Cohort) -> np.ndarray:
+        """Instances per patient (for length-sorted inference batches); 1 without bags."""
+        n = np.ones(len(X), dtype=np.int64)
+        for m in X.modalities.values():
+            if m.spec.kind == "bag":
+                assert m.bags is not None
+                n += np.array([0 if b is None else len(b) for b in m.bags])
+        return n
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def _fit(self, X: Cohort, y: np.ndarray) -> None:
+        self.privacy_: dict[str, Any] | None = None
+        self._fit_preprocessing(X)
+        dev = resolve_device(self.device)
+        with torch_env(self.seed, self.n_threads):
+            self.module_ = self._build().to(dev)
+            opt = torch.optim.AdamW(self.module_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            if self.dp_epsilon is not None:
+                self._fit_private(X, y, opt, dev)
+                self.module_.eval()
+                return
+            self._train_epochs(X, y, opt, np.random.default_rng(self.seed), dev, self.epochs)
+        self.module_.eval()
+
+    def _train_epochs(self, X: Cohort, y: np.ndarray, opt: torch.optim.Optimizer, rng: np.random.Generator,
+                      dev: torch.device, epochs: int, penalty: Callable[[], torch.Tensor] | None = None) -> None:
+        """``epochs`` passes of shuffled mini-batches over ``X``; ``penalty()`` (e.g. FedProx's proximal term)
+        is added to every batch loss. Used by :meth:`_fit` and by federated local training."""
+        if self.is_survival:
+            t_all = torch.as_tensor(np.ascontiguousarray(y["time"], dtype=np.float32))
+            e_all = torch.as_tensor(np.ascontiguousarray(y["event"], dtype=np.float32))
+        else:
+            y_all = torch.as_tensor(np.asarray(y), dtype=torch.long)
+            cw = torch.as_tensor(class_weights(np.asarray(y), self.n_classes, self.class_weight)).to(dev)
+        n, bs = len(X), max(2, min(self.batch_size, len(X)))
+        for _ in range(epochs):
+            self.module_.train()
+            perm = rng.permutation(n)
+            for start in range(0, n, bs):
+                idx = perm[start:start + bs]
+                if len(idx) < 2:  # a lone patient: no risk set, no batch statistics worth a step
+                    continue
+                inputs = {k: v.to(dev) for k, v in self._inputs(X, idx, rng).items()}
+                out, _ = self._forward(inputs, train=True)
+                ti = torch.as_tensor(idx)
+                if self.is_survival:
+                    loss = cox_ph_loss(out[:, 0], t_all[ti].to(dev), e_all[ti].to(dev))
+                elif self.loss == "focal":
+                    loss = focal_loss(out, y_all[ti].to(dev), self.focal_gamma, cw)
+                else:
+                    loss = F.cross_entropy(out, y_all[ti].to(dev), weight=cw)
+                if penalty is not None:
+                    loss = loss + penalty()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    def _fit_private(self, X: Cohort, y: np.ndarray, opt: torch.optim.Optimizer, dev: torch.device) -> None:
+        """DP-SGD training (:mod:`mmcli.heads.nn.privacy`); records the spent budget in ``privacy_``.
+
+        The preprocessing (scalers, PCA) is fit on the training patients outside the accountant, as in
+        Opacus' own examples: the guarantee covers the network's weights given that preprocessing.
+        """
+        from mmcli.heads.nn.privacy import check_dp_task, check_module, dp_train, per_patient_loss
+
+        context = f"head {self.name!r}"
+        check_dp_task(survival=self.is_survival, class_weight=self.class_weight, context=context)
+        check_module(self.module_, context)
+        assert self.dp_epsilon is not None
+        y_all = torch.as_tensor(np.asarray(y), dtype=torch.long)
+        rng = np.random.default_rng(self.seed)
+
+        def step_loss(idx: np.ndarray) -> torch.Tensor:
+            inputs = {k: v.to(dev) for k, v in self._inputs(X, idx, rng).items()}
+            out, _ = self._forward(inputs, train=True)
+            return per_patient_loss(out, y_all[torch.as_tensor(idx)].to(dev), self.loss, self.focal_gamma)
+
+        self.privacy_ = dp_train(self.module_, opt, len(X), batch_size=self.batch_size, epochs=self.epochs,
+                                 target_epsilon=self.dp_epsilon, delta=self.dp_delta,
+                                 max_grad_norm=self.dp_max_grad_norm, seed=self.seed, step_loss=step_loss)
+
+    # ---- inference -------------------------------------------------------------------------------------------
+    def _run(self, X: Cohort) -> tuple[np.ndarray, list[dict[str, Any]], np.ndarray]:
+        """Outputs (n, n_out) in patient order, per-batch extras, and the batch order used."""
+        dev = resolve_device(self.device)
+        order = np.argsort(self._instance_count(X), kind="stable")
+        outs = np.zeros((len(X), self.n_out), dtype=np.float64)
+        extras: list[dict[str, Any]] = []
+        bs = max(1, self.batch_size)
+        with torch_env(None, self.n_threads), torch.no_grad():
+            self.module_.eval()
+            for start in range(0, len(X), bs):
+                idx = order[start:start + bs]
+                inputs = {k: v.to(dev) for k, v in self._inputs(X, idx, None).items()}
+                out, extra = self._forward(inputs, train=False)
+                outs[idx] = out.double().cpu().numpy()
+                extra["idx"] = idx
+                extras.append(extra)
+        return outs, extras, order
+
+    def _predict(self, X: Cohort) -> np.ndarray:
+        outs = self._run(X)[0]
+        return outs[:, 0] if self.is_survival else softmax(outs, axis=1)
+
+    # ---- persistence -----------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """As :meth:`Head.save`; a DP-trained model's config.json also holds its ``privacy`` record."""
+        path = super().save(path)
+        privacy = getattr(self, "privacy_", None)
+        if privacy is not None:
+            write_json(path / CONFIG, {**read_model_config(path), "privacy": privacy})
+        return path
+
+    def _save(self, path: Path) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
+        save_file(state, str(path / WEIGHTS))
+
+    def _load(self, path: Path) -> None:
+        self.privacy_ = read_model_config(path).get("privacy")
+        f = path / WEIGHTS
+        with model_file(f):
+            state = load_file(str(f))
+        self.module_ = self._build().to(resolve_device(self.device))
+        try:
+            self.module_.load_state_dict(state)
+        except RuntimeError as e:  # size mismatch / missing keys: the weights and config.json disagree
+            raise damaged(f, f"does not fit the network config.json describes ({_mismatch(e)}; was config.json "
+                          "edited, e.g. n_classes or hidden sizes?)") from e
+        self.module_.eval()
+
+
+def _mismatch(e: RuntimeError) -> str:
+    """The first concrete line of torch's load_state_dict error (e.g. ``size mismatch for head.weight: ...``)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines[1:] if ln), lines[0] if lines else "")
+    return detail[:240].rstrip(".")

@@ -1,0 +1,187 @@
+"""Patient-level stratified K-fold cross-validation of a head: out-of-fold predictions and explanations.
+
+Splits: scikit-learn ``StratifiedGroupKFold`` with the patient id as group (a patient's rows never span
+folds), stratified by class (classification) or by the event indicator (survival), shuffled with the seed.
+Each fold builds a fresh head and calls ``fit`` on the training patients only, so every scaler, imputer and
+PCA is fit inside the training fold; each fitted head records the patients its preprocessing saw
+(:attr:`FoldResult.preprocessing_patients`), which the audit compares with the fold's test patients.
+
+Recalibration and operating points (``calibrate``, ``operating_point``) are nested the same way: inside each
+training fold an inner stratified K-fold (:func:`inner_oof`, ``inner_folds``, fewer when a class is smaller)
+gives cross-validated probabilities of the training patients; the fold's :class:`~mmcli.heads.evaluation.calibration.
+Calibrator` is fitted on them and its threshold chosen on them (after calibration), then both are applied to
+the predictions of the fold's head (fitted on the whole training fold) for the test patients. This is
+scikit-learn's ``CalibratedClassifierCV(ensemble=False)`` logic; the test patients never reach either.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mmcli.heads.base import Head
+from mmcli.heads.data import Cohort
+from mmcli.heads.evaluation.calibration import Calibrator
+from mmcli.heads.evaluation.metrics import FoldPredictions, survival_grid
+from mmcli.heads.evaluation.operating_point import OperatingPoint, choose_threshold
+from mmcli.heads.registry import create_head, head_class
+from mmcli.heads.targets import Target
+from mmcli.pipeline.errors import InputError
+
+
+def check_folds(target: Target, folds: int, *, after: str = "") -> None:
+    """Refuse a target that ``folds``-fold patient-level CV cannot split: every class (survival: the events, and
+    the censored patients if any) needs ``folds`` patients so each test fold holds one, and every training
+    fold needs 2 patients. ``after`` qualifies the patient count in messages (e.g. " left after ...")."""
+    if folds < 2:
+        raise InputError(f"--folds must be >= 2, got {folds}.")
+    n = len(target.patients)
+    if target.task == "survival":
+        if n < 2 * folds:
+            raise InputError(f"{target.source}: {n} patient(s){after}; {folds}-fold CV needs at least "
+                             f"{2 * folds} so that every training fold has 2. Fix: lower --folds or add patients.")
+        n_events = int(target.y["event"].sum())
+        if n_events < folds:
+            raise InputError(f"{target.source}: {n_events} observed event(s) in column {target.event!r} among the "
+                             f"{n} patients{after}; {folds}-fold CV needs at least {folds}. "
+                             "Fix: lower --folds or add patients with events.")
+        if 0 < n - n_events < folds:  # folds are stratified by the event indicator
+            raise InputError(f"{target.source}: event group sizes {{'censored': {n - n_events}}} are smaller than "
+                             f"--folds {folds}, so some test folds would miss them. Fix: lower --folds or add "
+                             "patients.")
+        return
+    assert target.classes is not None
+    counts = np.bincount(np.asarray(target.y, dtype=int), minlength=len(target.classes))
+    small = {c: int(k) for c, k in zip(target.classes, counts) if k < folds}
+    if small:
+        raise InputError(f"{target.source}: class sizes {small} in column {target.target!r} among the {n} "
+                         f"patients{after} are smaller than --folds {folds}. Fix: lower --folds, add "
+                         "patients, or merge rare classes.")
+
+
+def make_splits(target: Target, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train_idx, test_idx) per fold, indices into ``target.patients`` (checked by :func:`check_folds`)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    check_folds(target, folds)
+    sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    groups = np.asarray(target.patients)
+    return [(np.asarray(tr), np.asarray(te)) for tr, te in sgkf.split(np.zeros(len(groups)), target.strata(),
+                                                                        groups)]
+
+
+@dataclass
+class FoldResult:
+    """One fold: indices, the fitted head, test predictions, metric inputs and explanations."""
+
+    fold: int
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    head: Head
+    pred: np.ndarray  # probabilities (n_test, K) or risk (n_test,)
+    eval: FoldPredictions
+    attention: dict[str, list[np.ndarray | None]] | None = None
+    modality_weights: dict[str, float] | None = None
+    contributions: pd.DataFrame | None = None
+    attributions: pd.DataFrame | None = None  # integrated gradients (torch heads), long format
+    seconds: float = 0.0
+    preprocessing_patients: dict[str, list[str]] = field(default_factory=dict)
+    raw_pred: np.ndarray | None = None  # the head's probabilities before recalibration (None: not recalibrated)
+    calibrator: Calibrator | None = None  # fitted on the training fold's inner out-of-fold probabilities
+    threshold: float | None = None  # operating-point threshold chosen on the same (after calibration)
+
+
+def head_params(head: str, target: Target, seed: int, params: dict[str, Any] | None) -> dict[str, Any]:
+    """The head's parameters: the user's, plus task, classes and seed from the run."""
+    params = dict(params or {})
+    head_class(head).check_params(params)
+    params.setdefault("seed", seed)
+    return {"task": target.task, "n_classes": target.n_classes, **params}
+
+
+def inner_oof(head: str, cohort: Cohort, target: Target, hp: dict[str, Any], folds: int, seed: int) -> np.ndarray:
+    """Cross-validated class probabilities (n, K) of ``cohort``'s patients from a stratified patient-level K-fold
+    among them alone (K = ``folds``, or the smallest class size when smaller; at least 2)."""
+    assert target.classes is not None
+    counts = np.bincount(np.asarray(target.y, dtype=int), minlength=target.n_classes)
+    k = int(min(folds, counts.min()))
+    if k < 2:
+        small = {c: int(n) for c, n in zip(target.classes, counts) if n < 2}
+        raise InputError(f"{target.source}: a training fold holds class sizes {small}; recalibration and "
+                         "operating points need 2 patients per class there for their inner cross-validation. "
+                         "Fix: lower --folds, add patients, or drop --calibrate / --operating-point.")
+    probs = np.zeros((len(target.patients), target.n_classes))
+    for tr, te in make_splits(target, k, seed):
+        probs[te] = create_head(head, **hp).fit(cohort.subset(tr), target.y[tr]).predict(cohort.subset(te))
+    return probs
+
+
+def check_postprocess(target: Target, calibrate: str, operating_point: OperatingPoint | None) -> None:
+    """Refuse recalibration for survival and operating points outside binary tasks, naming the flag."""
+    if calibrate != "none" and target.task == "survival":
+        raise InputError(f"--calibrate {calibrate}: recalibration is for classification probabilities; this is a "
+                         "survival task. Fix: drop --calibrate.")
+    if operating_point is not None and target.task != "binary":
+        raise InputError(f"--operating-point {operating_point}: needs a binary target; this is a {target.task} "
+                         "task. Fix: drop --operating-point or use a binary --target.")
+
+
+def cross_validate(
+    head: str, cohort: Cohort, target: Target, folds: int = 5, seed: int = 0, params: dict[str, Any] | None = None,
+    explain: bool = True, log: Callable[[str], None] | None = None, *, calibrate: str = "none",
+    operating_point: OperatingPoint | None = None, inner_folds: int = 5,
+) -> list[FoldResult]:
+    """Fit a fresh ``head`` per fold on the training patients; predict the test patients.
+
+    With ``calibrate`` (``platt`` | ``isotonic``) or ``operating_point``, each fold also fits a calibrator and
+    chooses a threshold on its training patients only (see module docstring); ``pred`` is then the recalibrated
+    probabilities (``raw_pred`` the head's own)."""
+    import time as _time
+
+    if list(cohort.patients) != list(target.patients):
+        raise ValueError("cohort and target must list the same patients in the same order")
+    hp = head_params(head, target, seed, params)
+    check_postprocess(target, calibrate, operating_point)
+    nested = calibrate != "none" or operating_point is not None
+    results = []
+    splits = make_splits(target, folds, seed)
+    if target.task == "survival":  # one evaluation grid shared by every fold
+        grid = survival_grid(target.y["time"], target.y["event"], [te for _, te in splits])
+    for k, (tr, te) in enumerate(splits):
+        t0 = _time.perf_counter()
+        h = create_head(head, **hp).fit(cohort.subset(tr), target.y[tr])
+        X_te = cohort.subset(te)
+        pred = h.predict(X_te)
+        raw_pred, calibrator, threshold = None, None, None
+        if nested:
+            tgt_tr = target.subset([target.patients[i] for i in tr])
+            inner = inner_oof(head, cohort.subset(tr), tgt_tr, hp, inner_folds, seed)
+            calibrator = Calibrator(calibrate).fit(inner, tgt_tr.y, tgt_tr.patients)
+            if operating_point is not None:
+                threshold = choose_threshold(tgt_tr.y, calibrator.transform(inner)[:, 1], operating_point)
+            raw_pred, pred = pred, calibrator.transform(pred)
+        if target.task == "survival":
+            y_tr, y_te = target.y[tr], target.y[te]
+            ev = FoldPredictions(time=y_te["time"], event=y_te["event"], risk=pred,
+                                 surv=h.predict_survival(X_te, grid, risk=pred), times=grid,
+                                 train_time=y_tr["time"], train_event=y_tr["event"])
+        else:
+            ev = FoldPredictions(y=np.asarray(target.y[te]), probs=pred)
+        fitted = {n: list(p.fitted_patients) for n, p in h.preprocessors_.items()}
+        fitted.update({f"{n}/combat": list(p.harmoniser.fitted_patients) for n, p in h.preprocessors_.items()
+                       if getattr(p, "harmoniser", None) is not None})  # batch correction: what it saw
+        res = FoldResult(k, tr, te, h, pred, ev, preprocessing_patients=fitted,
+                         raw_pred=raw_pred, calibrator=calibrator, threshold=threshold)
+        if explain:
+            res.attention = h.attention(X_te)
+            res.modality_weights = h.modality_weights(X_te)
+            res.contributions = h.contributions(X_te)
+            res.attributions = h.attributions(X_te)
+        res.seconds = _time.perf_counter() - t0
+        if log:
+            log(f"fold {k + 1}/{folds}: {len(tr)} train / {len(te)} test patients, {res.seconds:.1f}s")
+        results.append(res)
+    return results

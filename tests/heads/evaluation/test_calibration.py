@@ -1,0 +1,113 @@
+"""Calibration: intercept / slope against known answers and scikit-learn; calibrators fitted in-fold only."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers.planted_data import make_store
+from mmcli.heads.data import load_cohort, resolve_sources
+from mmcli.heads.evaluation.calibration import (
+    Calibrator,
+    binary_calibration,
+    calibration_report,
+    expit,
+    intercept_slope,
+    logit,
+)
+from mmcli.heads.targets import build_target
+from mmcli.heads.training.cv import cross_validate
+from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.store import open_store
+
+
+def _simulate(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    p = expit(rng.normal(0, 1.5, n))
+    return (rng.uniform(size=n) < p).astype(int), p
+
+
+def test_perfect_calibration_gives_slope_one_intercept_zero():
+    y, p = _simulate(20000)
+    res = binary_calibration(y, p, n_boot=200, seed=1)
+    assert abs(res["slope"]["value"] - 1) < 0.05 and abs(res["intercept"]["value"]) < 0.05
+    assert res["slope"]["ci_low"] <= 1 <= res["slope"]["ci_high"]
+    assert res["intercept"]["ci_low"] <= 0 <= res["intercept"]["ci_high"]
+    assert res["slope"]["n_valid"] == 200
+
+
+def test_overconfident_and_shifted_predictions_are_caught():
+    y, p = _simulate(20000)
+    too_extreme = expit(2 * logit(p))  # true slope 1/2
+    _, b = intercept_slope(y, too_extreme)
+    assert abs(b - 0.5) < 0.03
+    under = expit(logit(p) - 1.0)  # predicts too low: intercept ~ +1 (slope fixed at 1)
+    a, b = intercept_slope(y, under)
+    assert 0.85 < a < 1.15 and abs(b - 1) < 0.05
+
+
+def test_slope_matches_scikit_learn_unpenalised_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    y, p = _simulate(400, seed=3)
+    q = expit(1.7 * logit(p) + 0.3)
+    _, b = intercept_slope(y, q)
+    ref = LogisticRegression(C=np.inf, max_iter=5000, tol=1e-10).fit(logit(q)[:, None], y).coef_[0, 0]
+    assert b == pytest.approx(ref, rel=1e-4)
+
+
+def test_one_class_and_multiclass_report():
+    a, b = intercept_slope(np.ones(10, dtype=int), np.full(10, 0.7))
+    assert np.isnan(a) and np.isnan(b)
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), 300)
+    y = np.array([rng.choice(3, p=row) for row in probs])
+    rep = calibration_report(y, probs, ["a", "b", "c"], n_boot=50)
+    assert set(rep["classes"]) == {"a", "b", "c"}  # one-vs-rest per class
+    for c in rep["classes"].values():
+        assert c["reliability"]["n"] and sum(c["reliability"]["n"]) == 300
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_calibrator_fixes_miscalibration_and_round_trips_json(method):
+    y, p = _simulate(4000, seed=5)
+    bad = expit(2.5 * logit(p) - 1.0)
+    probs = np.c_[1 - bad, bad]
+    cal = Calibrator(method).fit(probs[:2000], y[:2000], [f"P{i}" for i in range(2000)])
+    fixed = cal.transform(probs[2000:])
+    _, b_before = intercept_slope(y[2000:], bad[2000:])
+    a_after, b_after = intercept_slope(y[2000:], fixed[:, 1])
+    # isotonic's flat end steps (p = 0 or 1 on the held-out half) pull its slope down a little more than Platt's
+    tol = 0.15 if method == "platt" else 0.25
+    assert abs(b_before - 0.4) < 0.1 and abs(b_after - 1) < tol and abs(a_after) < 0.15
+    np.testing.assert_allclose(fixed.sum(axis=1), 1.0)
+    again = Calibrator.from_json(cal.to_json()).transform(probs[2000:])
+    np.testing.assert_allclose(again, fixed)
+    assert len(cal.fitted_patients) == 2000
+
+
+def test_multiclass_calibrator_rows_sum_to_one_and_bad_method_is_input_error():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(3), 200)
+    y = rng.integers(0, 3, 200)
+    out = Calibrator("isotonic").fit(probs, y).transform(probs)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0)
+    with pytest.raises(InputError, match="--calibrate 'sigmoid'"):
+        Calibrator("sigmoid")
+
+
+def test_calibrator_of_each_fold_never_saw_that_folds_patients(tmp_path):
+    """The calibrator records the patients it was fitted on; for every fold they are exactly the training
+    patients (its inner out-of-fold probabilities), disjoint from the test patients."""
+    p = make_store(tmp_path / "s.zarr", n=36, task="binary", seed=4)
+    fs = open_store(p.store, "r")
+    tgt = build_target(p.labels, target="label")
+    cohort = load_cohort(fs, resolve_sources(fs, ["genes", "mri"]), tgt.patients)
+    results = cross_validate("xgboost", cohort, tgt, folds=3, seed=0, params={"n_estimators": 15},
+                             explain=False, calibrate="platt", inner_folds=3)
+    for r in results:
+        test = {tgt.patients[i] for i in r.test_idx}
+        train = {tgt.patients[i] for i in r.train_idx}
+        seen = set(r.calibrator.fitted_patients)
+        assert seen == train and not seen & test
+        np.testing.assert_allclose(r.pred, r.calibrator.transform(r.raw_pred))
+        assert not np.allclose(r.pred, r.raw_pred)
