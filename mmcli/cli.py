@@ -501,23 +501,20 @@ def fit(
     --out is locked while the fit runs and replaced only at the end: an error, a full disk, Ctrl-C or SIGTERM
     leave the previous run there as it was.
     """
-    from mmcli.heads.evaluation.evidence import EvidenceOptions
+    from mmcli.heads.training.options import build_fit_options
     from mmcli.stages.fit import fit as run_fit
     from mmcli.stages.fit import parse_encoders, parse_params
 
-    evidence = EvidenceOptions.build(dict(calibrate=calibrate, operating_point=operating_point, subgroups=subgroups,
-                                          min_subgroup=min_subgroup, dca_thresholds=dca_thresholds, horizon=horizon,
-                                          inner_folds=inner_folds)).check()
-    params = parse_params(param, head)
-    if fusion:
-        params["fusion"] = fusion
-    if init is not None:
-        params["init"] = str(init.resolve())
-    res = run_fit(head, store, labels, out, target=target, time=time, event=event,
-                  modalities=_csv_list(modalities), encoders=parse_encoders(encoder) or None, folds=folds,
-                  seed=seed, params=params or None, n_boot=n_boot, drop_unmatched=drop_unmatched,
-                  log=get_logger().info, impute=impute, batch_correct=batch_correct, batch_column=batch_column,
-                  batch_keep=_csv_list(batch_keep), evidence=evidence, overwrite=overwrite)
+    options = build_fit_options(dict(
+        head=head, store=store, labels=labels, out=out, target=target, time=time, event=event,
+        modalities=_csv_list(modalities), encoders=parse_encoders(encoder), folds=folds, seed=seed,
+        params=parse_params(param), n_boot=n_boot, drop_unmatched=drop_unmatched, impute=impute,
+        batch_correct=batch_correct, batch_column=batch_column, batch_keep=_csv_list(batch_keep), fusion=fusion,
+        init=init, overwrite=overwrite,
+        evidence=dict(calibrate=calibrate, operating_point=operating_point, subgroups=subgroups,
+                      min_subgroup=min_subgroup, dca_thresholds=dca_thresholds, horizon=horizon,
+                      inner_folds=inner_folds)))
+    res = run_fit(options=options, log=get_logger().info)
     _say(f"{head} ({res['task']}, {res['n_patients']} patients, {res['folds']} folds) -> {out}")
     for name, m in res["metrics"].items():
         _say(f"  {name:18s} {_num(m['mean'])}  [{_num(m['ci_low'])}, {_num(m['ci_high'])}]")

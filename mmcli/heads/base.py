@@ -1,8 +1,10 @@
-"""The estimator interface every stage-2 head implements, and the head registry.
+"""The estimator interface every stage-2 head implements (the registry is :mod:`mmcli.heads.registry`).
 
 Conventions (all heads):
 
 * ``X`` is a :class:`~mmcli.heads.data.Cohort`; the modalities it holds are the ones the head uses.
+* ``task``: ``classification`` (binary when ``n_classes == 2``, else multiclass) or ``survival``; the one
+  vocabulary of the labels (:class:`~mmcli.heads.targets.Target`), the head parameters and the run files.
 * ``y``: classification -> int class codes ``0..n_classes-1`` (n,); survival -> a structured array with
   fields ``event`` (bool, True = event observed) and ``time`` (float, any unit) as made by
   :func:`~mmcli.heads.targets.survival_target` (scikit-survival's layout).
@@ -14,6 +16,7 @@ Conventions (all heads):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -23,7 +26,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from mmcli import __version__
 from mmcli.heads.data import BAG_MODALITIES, Cohort, ModalitySpec
@@ -33,20 +36,30 @@ from mmcli.pipeline.io import write_json
 from mmcli.pipeline.options import Options, explain
 from mmcli.pipeline.rundir import damaged, model_file
 
-TASKS = ("binary", "multiclass", "survival")
+TASKS = ("classification", "survival")
+Task = Literal["classification", "survival"]
 CONFIG = "config.json"
-RUN_PARAMS = ("task", "n_classes")  # follow from the labels; a user never sets them
+RUN_PARAMS = ("task", "n_classes", "seed")  # set by the run (labels, --seed); never a --param
 
 H = TypeVar("H", bound="Head")
 
+
 class HeadParams(Options):
-    """Parameters every head has; each head subclasses this with its own (``--param KEY=VALUE``)."""
+    """Parameters every head has; each head subclasses this with its own (``--param KEY=VALUE``).
+
+    A run validates the user's parameters once (:meth:`validate_params`) and carries the model; each fold's
+    head gets it with the run's values (:meth:`for_run`), never re-validated."""
 
     flag_prefix: str = "--param "
-    task: Literal["binary", "multiclass", "survival"] = Field(
-        "binary", description="binary | multiclass | survival (set from the labels)")
+    task: Task = Field("classification", description="classification | survival (set from the labels)")
     n_classes: int = Field(2, ge=0, description="number of classes, >= 2 (set from the labels; 0 for survival)")
     seed: int = Field(0, ge=0, description="random seed of weights, shuffling and sampling, >= 0")
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _old_task_names(cls, v: Any) -> Any:
+        """Models saved before one task vocabulary said ``binary`` / ``multiclass``."""
+        return "classification" if v in ("binary", "multiclass") else v
 
     @classmethod
     def validate_params(cls, given: Mapping[str, Any], *, head: str, context: str = "") -> HeadParams:
@@ -61,6 +74,23 @@ class HeadParams(Options):
         except ValidationError as e:
             raise InputError(explain(e, cls, context or f"head {head!r}")) from None
 
+    @classmethod
+    def user_params(cls, given: Mapping[str, Any], *, head: str, context: str = "") -> HeadParams:
+        """The user's ``--param`` values validated (once, at the edge); the run's own keys are refused."""
+        fixed = sorted(set(RUN_PARAMS) & set(given))
+        if fixed:
+            raise InputError(f"parameters {fixed} are set by the run (the labels, --seed); do not pass them as "
+                             "--param.")
+        return cls.validate_params(given, head=head, context=context)
+
+    def for_run(self, *, task: str, n_classes: int, seed: int) -> HeadParams:
+        """These parameters with the run's task, classes and seed (trusted values: no re-validation)."""
+        return self.model_copy(update={"task": task, "n_classes": n_classes, "seed": seed})
+
+    def given(self) -> dict[str, Any]:
+        """The values that differ from the defaults (what a user set), for messages and run records."""
+        return {k: v for k, v in self.values().items() if k in self.model_fields_set and k not in RUN_PARAMS}
+
     def values(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.fields()}
 
@@ -68,9 +98,9 @@ class HeadParams(Options):
 class Head(ABC):
     """Base class: validation at the edges, survival baseline, save/load; subclasses do the modelling.
 
-    Parameters are keyword arguments validated by the head's :attr:`Params` model (ranges, choices, units in
-    its field descriptions) and set as attributes (scikit-learn style). Every head has ``task``, ``n_classes``
-    and ``seed`` (see :class:`HeadParams`).
+    Parameters come as one validated :attr:`Params` model (a run passes the model it validated once) or as
+    keyword arguments validated now (ranges, choices, units in the model's field descriptions); they are set
+    as attributes (scikit-learn style). Every head has ``task``, ``n_classes`` and ``seed`` (:class:`HeadParams`).
 
     Policy (class attributes, read by the stages so that no stage branches on a head's name):
 
@@ -78,6 +108,7 @@ class Head(ABC):
     * :attr:`input_kind`: ``"bag"`` = the instances of one bag modality (WSI tiles); ``"vector"`` = one vector
       per patient and modality (bags mean-pooled); ``"mixed"`` = bags as instances and vectors as they are.
     * :attr:`needs_every_modality`: a patient must have every modality the head uses (else: at least one).
+    * :meth:`needs_covariates`: label columns the head reads besides the features (e.g. ComBat's batch).
     """
 
     name: ClassVar[str] = ""
@@ -89,8 +120,13 @@ class Head(ABC):
     n_classes: int
     seed: int
 
-    def __init__(self, **params: Any) -> None:
-        for k, v in self.Params.validate_params(params, head=self.name).values().items():
+    def __init__(self, params: HeadParams | None = None, **kwargs: Any) -> None:
+        if params is None:
+            params = self.Params.validate_params(kwargs, head=self.name)
+        elif kwargs or not isinstance(params, self.Params):
+            raise TypeError(f"{type(self).__name__} takes one {self.Params.__name__} or keyword parameters")
+        self.params_ = params
+        for k, v in params.values().items():
             setattr(self, k, v)
 
     # ---- parameters (scikit-learn style) ----------------------------------------------------------------
@@ -102,12 +138,9 @@ class Head(ABC):
         return {p: getattr(self, p) for p in self.param_names()}
 
     @classmethod
-    def check_params(cls, given: Mapping[str, Any], *, context: str = "") -> None:
-        """Validate user parameters before any work: unknown keys, bad values, and the ones the labels set."""
-        fixed = sorted(set(RUN_PARAMS) & set(given))
-        if fixed:
-            raise InputError(f"parameters {fixed} follow from the labels; do not set them.")
-        cls.Params.validate_params(given, head=cls.name, context=context)
+    def user_params(cls, given: Mapping[str, Any], *, context: str = "") -> HeadParams:
+        """The user's parameters validated into :attr:`Params` (unknown keys, bad values, the run's own keys)."""
+        return cls.Params.user_params(given, head=cls.name, context=context)
 
     # ---- policy -----------------------------------------------------------------------------------------
     @classmethod
@@ -129,9 +162,19 @@ class Head(ABC):
         presence = np.asarray(presence, dtype=bool)
         return presence.all(axis=1) if cls.needs_every_modality else presence.any(axis=1)
 
+    @classmethod
+    def needs_covariates(cls, params: HeadParams) -> list[str]:
+        """Columns of the labels (or a store table) the head reads per patient besides the features, e.g. the
+        batch column of batch correction; none by default."""
+        return []
+
     @property
     def is_survival(self) -> bool:
         return self.task == "survival"
+
+    @property
+    def is_binary(self) -> bool:
+        return self.task == "classification" and self.n_classes == 2
 
     # ---- fit / predict ----------------------------------------------------------------------------------
     def fit(self: H, X: Cohort, y: np.ndarray) -> H:
@@ -209,7 +252,7 @@ class Head(ABC):
         if self.task not in self.tasks:
             raise InputError(f"head {self.name!r} supports tasks {list(self.tasks)}, not {self.task!r}. "
                              f"Fix: choose another --head.")
-        if self.task != "survival" and self.n_classes < 2:
+        if self.task == "classification" and self.n_classes < 2:
             raise InputError(f"classification needs >= 2 classes, got {self.n_classes}")
 
     def align(self, X: Cohort) -> Cohort:
@@ -248,6 +291,8 @@ class Head(ABC):
             "params": self.get_params(),
             "modalities": [s.to_json() for s in self.spec_],
             "n_fitted": len(self.fitted_patients_),
+            # sha256 of each training patient id: lets `evaluate` flag a cohort that overlaps the training one
+            "fitted_patients_sha256": sorted(hashlib.sha256(p.encode()).hexdigest() for p in self.fitted_patients_),
             "mmcli_version": __version__,
         }
         if self.is_survival:
@@ -268,8 +313,8 @@ class Head(ABC):
             raise InputError(f"{path}: holds a {config.get('head')!r} model, not {cls.name!r}")
         f = path / CONFIG
         try:
-            self = cls(**cls.Params.validate_params(config.get("params") or {}, head=cls.name,
-                                                    context=f"{f} \"params\"").values())
+            self = cls(cls.Params.validate_params(config.get("params") or {}, head=cls.name,
+                                                  context=f"{f} \"params\""))
         except InputError as e:
             raise InputError(f"{e}. Fix: restore that value in {f} (it is what `mmcli fit` saved), or refit "
                              "the model.") from None

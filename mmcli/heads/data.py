@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import FeatureStore
@@ -116,14 +117,6 @@ class Cohort:
         return Cohort([self.patients[i] for i in idx], {k: m.subset(idx) for k, m in self.modalities.items()},
                       self.features_sha256, self.covariates)
 
-    def select(self, names: Sequence[str]) -> Cohort:
-        """The same patients with only modalities ``names`` (in that order)."""
-        missing = [n for n in names if n not in self.modalities]
-        if missing:
-            raise InputError(f"modalities {missing} are not loaded (loaded: {self.names})")
-        return Cohort(list(self.patients), {n: self.modalities[n] for n in names}, self.features_sha256,
-                      self.covariates)
-
     def presence(self) -> np.ndarray:
         """(n, M) bool: modality m present for patient i."""
         if not self.modalities:
@@ -198,6 +191,54 @@ def resolve_sources(
             raise InputError(f"{store.path}: modality {name!r} has features from several encoders {encs}. "
                              f"Fix: choose one with encoders={{'{name}': ID}} (CLI: --encoder {name}=ID).")
     return out
+
+
+def model_sources(fs: FeatureStore, specs: Sequence[ModalitySpec]) -> list[Source]:
+    """Where to read each modality of a fitted model: the store must hold it (a table, or features of the
+    model's encoder). Whether the features fit the model (dims, table columns) is the head's check
+    (:meth:`~mmcli.heads.base.Head.align`)."""
+    sources = []
+    mods, tables = fs.modalities(), fs.tables()
+    for s in specs:
+        if s.source == TABLE_SOURCE:
+            if s.name not in tables:
+                raise InputError(f"{fs.path}: the model needs table {s.name!r}; the store has tables {tables}. "
+                                 f"Fix: `mmcli extract --modality tabular --name {s.name}` into this store.")
+            sources.append(Source(s.name, TABLE_SOURCE, None))
+            continue
+        if s.name not in mods:
+            raise InputError(f"{fs.path}: the model needs modality {s.name!r}; the store has {mods}. "
+                             f"Fix: extract {s.name} into this store.")
+        encs = fs.encoders(s.name)
+        if s.encoder_id not in encs:
+            raise InputError(f"{fs.path}: modality {s.name!r}: the model was fit on encoder_id {s.encoder_id!r}, "
+                             f"the store has {encs}. Fix: extract {s.name} with the model's encoder and settings.")
+        sources.append(Source(s.name, STORE_SOURCE, s.encoder_id))
+    return sources
+
+
+def covariates_for(columns: Sequence[str], table: pd.DataFrame, fs: FeatureStore, *,
+                   flag: str = "--batch-column/--batch-keep") -> pd.DataFrame | None:
+    """Per-patient covariates (e.g. ComBat's batch column and protected columns), indexed by patient_id, each
+    column from the labels ``table`` or else from a store table that has it; None when ``columns`` is empty."""
+    if not columns:
+        return None
+    frames = []
+    for col in columns:
+        if col in table.columns:
+            frames.append(table[col])
+            continue
+        for name in fs.tables():
+            t = fs.read_table(name)
+            if col in t.columns:
+                frames.append(t[col].rename(col).set_axis(t.index.astype(str)))
+                break
+        else:
+            where = table.attrs.get("source", "the labels")
+            raise InputError(f"{flag} {col!r}: no such column in {where} ({list(table.columns)}) nor in the "
+                             f"store's tables {fs.tables()}. Fix: name a column of the labels file (predict / "
+                             "evaluate: pass --covariates FILE or --labels holding it).")
+    return pd.concat(frames, axis=1)
 
 
 # ---- loading ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ class Target:
     ``classes[1]`` is the positive class.
     """
 
-    task: str  # binary | multiclass | survival
+    task: str  # classification | survival (binary: n_classes == 2)
     patients: list[str]
     y: np.ndarray
     classes: list[str] | None = None
@@ -46,9 +46,8 @@ class Target:
     dropped: dict[str, list[str]] = field(default_factory=dict)
 
     @property
-    def kind(self) -> str:
-        """``classification`` or ``survival`` (metrics.json's ``task``)."""
-        return "survival" if self.task == "survival" else "classification"
+    def binary(self) -> bool:
+        return self.task == "classification" and self.n_classes == 2
 
     @property
     def n_classes(self) -> int:
@@ -144,8 +143,7 @@ def _classification(df: pd.DataFrame, col: str, pids: list[str], src: str, dropp
         raise InputError(f"{src}: column {col!r} has a single class {uniq} over {len(pids)} patients. "
                          "Fix: a classifier needs at least two classes; check the column.")
     codes = values.map({c: i for i, c in enumerate(uniq)}).to_numpy(dtype=int)
-    task = "binary" if len(uniq) == 2 else "multiclass"
-    return Target(task, pids, codes, uniq, target=col, source=src, dropped=dropped)
+    return Target("classification", pids, codes, uniq, target=col, source=src, dropped=dropped)
 
 
 def _survival(df: pd.DataFrame, time_col: str, event_col: str, pids: list[str], src: str, dropped: dict) -> Target:

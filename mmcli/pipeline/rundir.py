@@ -34,7 +34,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,8 +60,8 @@ FOLDS, CV_AUDIT, MODEL_DIR, LOG_NAME = "folds.json", "cv_audit.json", "model", "
 MODALITY_WEIGHTS, SHAP, ATTRIBUTIONS = "modality_weights.json", "shap.csv", "attributions.csv"
 WINDOW_ATTRIBUTIONS = "attributions_windows.csv"
 # keys of config.json copied into model/config.json's "run" block (what predict needs without the run folder)
-MODEL_RUN_KEYS = ("task", "problem", "target", "time", "event", "classes", "modalities", "encoder_ids",
-                  "features_sha256", "seed", "created", "risk_convention")
+MODEL_RUN_KEYS = ("task", "target", "time", "event", "classes", "modalities", "encoder_ids",
+                  "features_sha256", "seed", "created", "risk_convention", "eval_times")
 
 
 def read_json(path: Path) -> Any:
@@ -583,3 +583,36 @@ class RunWriter:
         if moved:
             _remove(aside)
         _log.debug("swapped the new run in: %s%s", self.path, " (replaced the previous run)" if moved else "")
+
+
+# ---- the frames a run folder owns (written by fit, predict and evaluate) ------------------------------------
+def prediction_frame(patients: Sequence[str], pred: np.ndarray, task: str, classes: Sequence[str] | None
+                     ) -> pd.DataFrame:
+    """``patient_id`` + ``y_pred, prob_<class>...`` (classification) or ``risk`` (survival)."""
+    df = pd.DataFrame({"patient_id": list(patients)})
+    if task == SURVIVAL:
+        df["risk"] = pred
+        return df
+    assert classes is not None
+    df["y_pred"] = [classes[i] for i in np.asarray(pred).argmax(axis=1)]
+    for k, c in enumerate(classes):
+        df[f"{PROB_PREFIX}{c}"] = pred[:, k]
+    return df
+
+
+def attention_frame(patients: Sequence[str], cohort_items: Sequence[Sequence[tuple[str, int]]],
+                    attention: Sequence[np.ndarray | None]) -> pd.DataFrame:
+    """Rows ``patient_id,item_id,index,attention``: ``index`` is the row within that item's features."""
+    pid_col, item_col, idx_col, att_col = [], [], [], []
+    for pid, items, att in zip(patients, cohort_items, attention):
+        if att is None:
+            continue
+        for iid, n in items:
+            pid_col.append(np.full(n, pid, dtype=object))
+            item_col.append(np.full(n, iid, dtype=object))
+            idx_col.append(np.arange(n))
+        att_col.append(np.asarray(att, dtype=np.float64))
+    if not att_col:
+        return pd.DataFrame(columns=["patient_id", "item_id", "index", "attention"])
+    return pd.DataFrame({"patient_id": np.concatenate(pid_col), "item_id": np.concatenate(item_col),
+                         "index": np.concatenate(idx_col), "attention": np.concatenate(att_col)})

@@ -11,8 +11,9 @@ Each subset with two or more modalities is fitted once per fusion operator by a 
 parameter (``fusion_mlp``; operators: the fusion registry, :data:`mmcli.heads.nn.fusion.FUSIONS`); a single modality
 is fitted once (fusion label ``single``, fitted with ``concat``: with one modality there is nothing to fuse).
 Other heads fit each subset once (fusion ``-``). Every fit goes through
-:func:`mmcli.stages.fit.fit` into ``out/<m1+m2+...>__<fusion or head>/``; a fit whose folder already holds the
-same finished job is reused (``force=True`` refits). One failing fit is recorded and the others go on.
+:func:`mmcli.heads.training.fitting.fit_run` (without explanations) into ``out/<m1+m2+...>__<fusion or head>/``;
+a fit whose folder already holds the same finished job is reused (``force=True`` refits). One failing fit is
+recorded and the others go on.
 
 Outputs: ``out/ablation.csv`` (subset, n_modalities, head, fusion, metric, mean, ci_low, ci_high, n_patients,
 run_dir, status), ``out/ablation.png`` (bars with 95% CI, best single modality highlighted) and
@@ -31,6 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmcli.heads.training.fitting import fit_run
+from mmcli.heads.training.options import build_fit_options
 from mmcli.pipeline.errors import InputError, MmcliError
 from mmcli.pipeline.io import atomic_write_with, write_csv, write_json
 from mmcli.pipeline.rundir import read_metrics
@@ -82,13 +85,6 @@ def takes_fusion(head: str) -> bool:
     from mmcli.heads import head_class
 
     return "fusion" in head_class(head).param_names()
-
-
-def run_fit(**kwargs: Any) -> dict[str, Any]:
-    """Call :func:`mmcli.stages.fit.fit` (imported late: the stage may be absent in partial installs)."""
-    from mmcli.stages.fit import fit
-
-    return fit(**kwargs)
 
 
 # ---- planning ---------------------------------------------------------------------------------------------
@@ -252,10 +248,12 @@ def ablate(
         (run_dir / JOB_FILE).unlink(missing_ok=True)
         say(f"{prefix}: fitting {job.head}" + (f" ({job.fusion})" if job.fuses else ""))
         try:
-            result = run_fit(head=job.head, store=store, labels=labels, out=run_dir, target=target, time=time,
-                             event=event, modalities=list(job.subset), encoders=encoders, folds=folds, seed=seed,
-                             params=job.fit_params(params), n_boot=n_boot, drop_unmatched=drop_unmatched,
-                             strict_match=not drop_unmatched, overwrite=True)  # not reusable: replaced whole
+            opts = build_fit_options(dict(
+                head=job.head, store=store, labels=labels, out=run_dir, target=target, time=time, event=event,
+                modalities=list(job.subset), encoders=encoders, folds=folds, seed=seed,
+                params=job.fit_params(params), n_boot=n_boot, drop_unmatched=drop_unmatched,
+                strict_match=not drop_unmatched, explain="none", overwrite=True))  # not reusable: replaced whole
+            result = fit_run(opts)
         except Exception as e:  # noqa: BLE001 - one failing fit is reported, the ablation goes on
             detail = f"{type(e).__name__}: {e}"
             say(f"{prefix}: FAILED {detail}")

@@ -203,7 +203,7 @@ def build_card(path: str | Path) -> dict[str, Any]:
         "schema": CARD_SCHEMA,
         "model": {
             "head": model_cfg.get("head"), "params": model_cfg.get("params"), "task": task,
-            "problem": config.get("problem") or model_cfg["params"].get("task"), **endpoint,
+            **endpoint,
             "classes": config.get("classes"), "risk_convention": config.get("risk_convention"),
             "modalities": specs, "encoder_ids": config.get("encoder_ids") or {},
             "features_sha256": config.get("features_sha256"), "model_sha256": model_sha256(model_dir),
@@ -244,7 +244,7 @@ def card_markdown(card: dict[str, Any]) -> str:
              f"mmcli {card['mmcli_version']} (fitted with {m['fitted_with_mmcli']}), created {m['created']}", "",
              "## Intended use", "", card["intended_use"], "",
              "## Model", "", "| field | value |", "| --- | --- |"]
-    for key in ("head", "problem", "target", "time", "event", "classes", "risk_convention", "seed",
+    for key in ("head", "target", "time", "event", "classes", "risk_convention", "seed",
                 "model_sha256", "features_sha256"):
         if key in m and m[key] is not None:
             lines.append(f"| {key} | {_cell(m[key])} |")

@@ -26,24 +26,20 @@ import numpy as np
 import pandas as pd
 
 from mmcli import __version__
-from mmcli.heads.base import Head, read_model_config
 from mmcli.heads.data import Cohort, load_cohort, patients_in
 from mmcli.heads.evaluation.drift import modality_drift
 from mmcli.heads.evaluation.evidence import (
     EvidenceOptions,
-    Postprocess,
     classification_evidence,
     store_tables,
     survival_evidence,
 )
-from mmcli.heads.evaluation.metrics import FoldPredictions, eval_times, summarise
-from mmcli.heads.registry import load_head
+from mmcli.heads.evaluation.metrics import FoldPredictions, summarise
+from mmcli.heads.fitted import FittedModel
 from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.rundir import RunFolderError, RunWriter, load_run, resolve_model_dir
+from mmcli.pipeline.rundir import RunFolderError, RunWriter, load_run
 from mmcli.pipeline.store import open_store
-from mmcli.stages.fit import prediction_frame
-from mmcli.stages.predict import _sources
 
 
 def evaluate(
@@ -51,25 +47,26 @@ def evaluate(
     target: str | None = None, time: str | None = None, event: str | None = None,
     train_store: str | Path | None = None, evidence: EvidenceOptions | None = None, n_boot: int = 1000,
     seed: int = 0, n_permutations: int = 200, drop_unmatched: bool = False, report: bool = True,
-    log: Callable[[str], None] | None = None,
+    allow_overlap: bool = False, log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model of run ``model`` on the patients of ``store`` labelled in ``labels``; write ``out``.
 
     ``target`` / ``time`` / ``event`` default to the run's columns. ``evidence``: decision-curve thresholds,
-    ``horizon`` and subgroups (``calibrate`` / ``operating_point`` come from the model, not from here).
-    Returns metrics.json's content."""
+    ``horizon`` and subgroups (``calibrate`` / ``operating_point`` come from the model, not from here). A
+    batch-corrected model reads each patient's batch (and protected covariates) from ``labels`` (or a store
+    table). Patients the model was trained on are refused (an external validation needs new patients) unless
+    ``allow_overlap``, which evaluates them anyway and records the overlap. Returns metrics.json's content."""
     say = log or (lambda _msg: None)
     opts = (evidence or EvidenceOptions()).check()
     if opts.calibrate != "none" or opts.operating_point is not None:
         raise InputError("evaluate applies the model's own calibration and threshold (from `mmcli fit`); "
                          "--calibrate / --operating-point are fit options. Fix: drop them here.")
-    mdir = resolve_model_dir(model)
-    config = read_model_config(mdir)
-    head = load_head(mdir)
-    run_cfg = config.get("run") or {}
+    fitted = FittedModel.load(model)
+    mdir = fitted.path
+    assert mdir is not None
+    run_cfg = fitted.run
     train_run = _training_run(mdir)
-    post = Postprocess.load(mdir)
-    survival = head.is_survival
+    survival = fitted.head.is_survival
     if target is None and time is None and event is None:
         target, time, event = run_cfg.get("target"), run_cfg.get("time"), run_cfg.get("event")
     if survival and target is not None:
@@ -78,10 +75,10 @@ def evaluate(
         raise InputError("this is a classification model: pass --target COL (the run's was not recorded).")
 
     fs = open_store(Path(store), "r")
-    sources = _sources(fs, head.spec_)
+    sources = fitted.sources(fs)
     table = read_labels(labels)
     tgt = build_target(table, target=target, time=time, event=event, drop_missing=drop_unmatched)
-    classes = [str(c) for c in (run_cfg.get("classes") or [])]
+    classes = list(fitted.classes or [])
     if not survival:
         tgt = _recode(tgt, classes)
     in_store = patients_in(fs, sources)
@@ -94,39 +91,33 @@ def evaluate(
     if not keep:
         raise InputError(f"{tgt.source}: none of its labelled patients has the model's modalities in {fs.path}. "
                          "Fix: check that labels and store use the same patient ids.")
-    cohort = head.align(load_cohort(fs, sources, keep))
-    ok = type(head).usable_patients(cohort.presence())
-    missing["cannot_score"] = [p for p, good in zip(cohort.patients, ok) if not good]
-    missing["modality_missing"] = {n: int((~cohort.modalities[n].present).sum()) for n in cohort.names}
-    cohort = cohort.subset(np.flatnonzero(ok))
+    overlap = _training_overlap(fitted, train_run, keep, allow_overlap, say)
+    cohort, cannot = fitted.cohort(fs, keep, covariates=table, sources=sources)
+    missing["cannot_score"] = cannot
+    presence = load_cohort(fs, sources, keep).presence() if cannot else cohort.presence()
+    missing["modality_missing"] = {n: int((~presence[:, k]).sum()) for k, n in enumerate(cohort.names)}
     tgt = tgt.subset(cohort.patients)
     if len(tgt.patients) < 2:
         raise InputError(f"{fs.path}: only {len(tgt.patients)} patient(s) can be scored. Fix: add patients.")
-    say(f"scoring {len(tgt.patients)} patients of {fs.path} with {config.get('head')} ({mdir})")
+    say(f"scoring {len(tgt.patients)} patients of {fs.path} with {fitted.name} ({mdir})")
 
-    raw = head.predict(cohort)
-    pred = raw if survival else post.calibrate(raw)
-    metrics, ev_doc = _metrics(head, cohort, tgt, raw, pred, post, classes, opts, table, fs, train_run, n_boot,
-                               seed)
-    drift = _drift(head, cohort, train_run, train_store, n_permutations, seed, say)
+    raw, pred = fitted.predict(cohort)
+    metrics, ev_doc = _metrics(fitted, cohort, tgt, raw, pred, classes, opts, table, fs, train_run, n_boot, seed)
+    drift = _drift(fitted, cohort, train_run, train_store, n_permutations, seed, say)
 
-    df = prediction_frame(tgt.patients, pred, "survival" if survival else tgt.task, classes)
+    df = fitted.predict_frame(cohort, pred)
     if survival:
         df.insert(1, "time", tgt.y["time"])
         df.insert(2, "event", tgt.y["event"].astype(int))
     else:
         df.insert(1, "y_true", [classes[c] for c in tgt.y])
-        decisions = post.decisions(pred)
-        if decisions is not None:
-            df["decision"] = decisions
     names = cohort.names
-    df["missing_modalities"] = [";".join(n for n, has in zip(names, row) if not has) for row in cohort.presence()]
 
     created = _time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    task = "survival" if survival else "classification"
+    task = fitted.task
     run = {
-        "kind": "external_validation", "head": config.get("head"), "params": config.get("params"), "task": task,
-        "problem": tgt.task, "target": tgt.target, "time": tgt.time, "event": tgt.event,
+        "kind": "external_validation", "head": fitted.name, "params": fitted.config.get("params"), "task": task,
+        "target": tgt.target, "time": tgt.time, "event": tgt.event,
         "classes": classes or None, "modalities": names, "encoder_ids": run_cfg.get("encoder_ids"),
         "model": str(mdir.resolve()), "training_run": str(train_run.path.resolve()) if train_run else None,
         "store": str(Path(store).resolve()), "labels": str(Path(labels).resolve())
@@ -136,12 +127,18 @@ def evaluate(
         "n_boot": n_boot, "seed": seed, "evidence": opts.to_json(), "mmcli_version": __version__,
         "created": created,
     }
-    doc = {"head": config.get("head"), "task": task, "kind": "external_validation", "modalities": names,
+    doc = {"head": fitted.name, "task": task, "kind": "external_validation", "modalities": names,
            "folds": 1, "n_patients": len(tgt.patients), "metrics": metrics,
            "metrics_note": "one evaluation set: mean = the metric on all evaluated patients; CI = 95% percentile "
                            "bootstrap over them (the model held fixed)",
            "encoder_ids": run_cfg.get("encoder_ids"), "seed": seed, "created": created, **ev_doc, "drift": drift,
-           "missing": {k: (v if isinstance(v, dict) else {"n": len(v), "patients": v}) for k, v in missing.items()}}
+           "missing": {k: (v if isinstance(v, dict) else {"n": len(v), "patients": v}) for k, v in missing.items()},
+           "training_overlap": overlap}
+    if "batch_corrected" in df:
+        doc["batch_correction"] = {"n_corrected": int(df["batch_corrected"].sum()),
+                                   "n_uncorrected": int((~df["batch_corrected"]).sum()),
+                                   "note": "patients whose batch is missing or was not in the training cohort are "
+                                           "scored without batch correction"}
     writer = RunWriter(Path(out)).begin()
     writer.write_predictions(df)
     writer.finish(run, doc)
@@ -150,6 +147,39 @@ def evaluate(
 
         write_report(out)
     return doc
+
+
+def _training_overlap(fitted: FittedModel, train_run: Any, patients: list[str], allow: bool,
+                      say: Callable[[str], None]) -> dict[str, Any]:
+    """The evaluated patients that the model was trained on (by id: the training run's patients, else the
+    hashed ids the model folder records); refused unless ``allow`` (then recorded and warned about)."""
+    if train_run is not None and train_run.predictions is not None:
+        trained = set(train_run.predictions["patient_id"].astype(str))
+        how = "the training run's patients"
+    else:
+        hashed = set(fitted.config.get("fitted_patients_sha256") or [])
+        if not hashed:
+            return {"checked": False, "note": "the model folder records no training patients; overlap unknown"}
+        trained = {p for p in patients if _id_hash(p) in hashed}
+        how = "the model's hashed training patient ids"
+    both = sorted(set(patients) & trained)
+    doc = {"checked": True, "against": how, "n": len(both), "patients": both}
+    if both and not allow:
+        raise InputError(f"{len(both)} of the {len(patients)} patients to evaluate were in the model's training "
+                         f"cohort ({', '.join(both[:5])}{' ...' if len(both) > 5 else ''}): their scores are apparent "
+                         "performance, not external validation. Fix: leave them out of --labels, or pass "
+                         "--allow-overlap to evaluate them anyway (recorded as training_overlap).")
+    if both:
+        say(f"warning: {len(both)} evaluated patient(s) were in the training cohort; the metrics are not an "
+            "external validation (training_overlap in metrics.json)")
+        doc["note"] = "these patients were in the training cohort: their predictions are in-sample"
+    return doc
+
+
+def _id_hash(pid: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(pid.encode()).hexdigest()
 
 
 def _training_run(mdir: Path) -> Any:
@@ -171,23 +201,32 @@ def _recode(tgt: Target, classes: list[str]) -> Target:
                          f"(its classes: {classes}). Fix: map them to the model's classes or drop those rows.")
     pos = {c: i for i, c in enumerate(classes)}
     y = np.array([pos[tgt.classes[c]] for c in tgt.y], dtype=int)
-    task = "binary" if len(classes) == 2 else "multiclass"
-    return Target(task, tgt.patients, y, classes, tgt.target, None, None, tgt.source, tgt.dropped)
+    return Target("classification", tgt.patients, y, classes, tgt.target, None, None, tgt.source, tgt.dropped)
 
 
+def external_grid(fit_grid: np.ndarray, time: np.ndarray, event: np.ndarray) -> np.ndarray:
+    """The fit run's evaluation grid clipped to the external cohort's follow-up: the times with an external
+    event at or before them (a case) and an external patient followed beyond them (a control)."""
+    t, e = np.asarray(time, dtype=np.float64), np.asarray(event).astype(bool)
+    if not e.any():
+        return np.zeros(0)
+    g = np.asarray(fit_grid, dtype=np.float64)
+    return g[(g >= t[e].min()) & (g < t.max())]
 
 
-def _metrics(head: Head, cohort: Cohort, tgt: Target, raw: np.ndarray, pred: np.ndarray, post: Postprocess,
+def _metrics(fitted: FittedModel, cohort: Cohort, tgt: Target, raw: np.ndarray, pred: np.ndarray,
              classes: list[str], opts: EvidenceOptions, table: pd.DataFrame, fs: Any, train_run: Any, n_boot: int,
              seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     tables = store_tables(fs)
+    head, post = fitted.head, fitted.post
     if tgt.task == "survival":
         y = tgt.y
         train_time = train_event = None
         if train_run is not None and train_run.predictions is not None and "time" in train_run.predictions:
             train_time = train_run.predictions["time"].to_numpy(float)
             train_event = train_run.predictions["event"].to_numpy(int)
-        times = eval_times(train_time, train_event, y["time"]) if train_time is not None else None
+        fit_grid = _fit_grid(fitted, train_run)
+        times = external_grid(fit_grid, y["time"], y["event"]) if fit_grid is not None else None
         surv = head.predict_survival(cohort, times, risk=pred) if times is not None and len(times) else None
         fold = FoldPredictions(time=y["time"], event=y["event"], risk=pred, surv=surv, times=times,
                                train_time=train_time, train_event=train_event)
@@ -196,6 +235,10 @@ def _metrics(head: Head, cohort: Cohort, tgt: Target, raw: np.ndarray, pred: np.
             event_prob = 1.0 - head.predict_survival(cohort, np.array([opts.horizon]), risk=pred)[:, 0]
         ev = survival_evidence(y["time"], y["event"], pred, event_prob, opts=opts, patients=tgt.patients,
                                labels=table, tables=tables, n_boot=n_boot, seed=seed, what="external cohort")
+        ev["eval_times_source"] = (
+            "no recorded grid of the fit run: ibs and td_auc are not computed" if fit_grid is None else
+            f"the fit run's evaluation grid ({len(fit_grid)} times), clipped to the external follow-up: "
+            f"{0 if times is None else len(times)} times kept")
         return summarise([fold], n_boot=n_boot, seed=seed), ev
     fold = FoldPredictions(y=np.asarray(tgt.y, dtype=int), probs=pred)
     thresholds = None if post.threshold is None else np.full(len(tgt.y), post.threshold, dtype=float)
@@ -210,7 +253,16 @@ def _metrics(head: Head, cohort: Cohort, tgt: Target, raw: np.ndarray, pred: np.
     return summarise([fold], n_boot=n_boot, seed=seed), ev
 
 
-def _drift(head: Head, cohort: Cohort, train_run: Any, train_store: str | Path | None, n_permutations: int,
+def _fit_grid(fitted: FittedModel, train_run: Any) -> np.ndarray | None:
+    """The survival evaluation grid the model's fit used: recorded with the model, else in the run's
+    metrics.json (runs fitted before the model recorded it)."""
+    grid = fitted.run.get("eval_times")
+    if grid is None and train_run is not None:
+        grid = ((train_run.metrics or {}).get("metrics", {}).get("ibs") or {}).get("eval_times")
+    return None if grid is None else np.asarray(grid, dtype=np.float64)
+
+
+def _drift(fitted: FittedModel, cohort: Cohort, train_run: Any, train_store: str | Path | None, n_permutations: int,
            seed: int, say: Callable[[str], None]) -> dict[str, Any]:
     """Per model modality: training cohort vs this cohort (see :mod:`mmcli.heads.evaluation.drift`)."""
     path = Path(train_store) if train_store is not None else (Path(train_run.store) if train_run and train_run.store
@@ -221,7 +273,7 @@ def _drift(head: Head, cohort: Cohort, train_run: Any, train_store: str | Path |
     train_patients = (list(train_run.predictions["patient_id"].astype(str))
                       if train_run is not None and train_run.predictions is not None else None)
     tfs = open_store(path, "r")
-    train = head.align(load_cohort(tfs, _sources(tfs, head.spec_), train_patients))
+    train = fitted.head.align(load_cohort(tfs, fitted.sources(tfs), train_patients))
     out: dict[str, Any] = {
         "method": "classifier two-sample test: median imputation + scaling + logistic regression telling training "
                   "from new patients on the modality's patient-level features (bags mean-pooled); stratified "

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from mmcli import __version__
+from mmcli.heads.base import HeadParams
 from mmcli.heads.data import Cohort, Source, load_cohort, resolve_sources
 from mmcli.heads.evaluation.metrics import FoldPredictions, summarise
 from mmcli.heads.nn.torch_base import TorchHead
@@ -69,7 +70,7 @@ class Site:
     test: list[str]
     y_test: np.ndarray
     head: str
-    params: dict[str, Any]
+    params: HeadParams
 
     def cohort(self, patients: Sequence[str]) -> Cohort:
         return load_cohort(open_store(self.store, "r"), self.sources, list(patients))
@@ -112,15 +113,15 @@ def federate(
                          "(fusion_mlp, attention_mil).")
     _check_args(sites, rounds, local_epochs, strategy, proximal_mu, test_size, engine)
     params = dict(params or {})
-    cls.check_params(params)
     if "n_components" in cls.Params.fields():
         if params.get("n_components") is not None:
             raise InputError("--param n_components: a PCA fit per site gives the first layer's inputs another "
                              "meaning at every site, so federated training runs without it. Fix: drop it.")
         params["n_components"] = None
+    user = cls.user_params(params)  # validated once; every site's head gets this model
     table = read_labels(labels)
     tgt = build_target(table, target=target, time=time, event=event)
-    hp = {"task": tgt.task, "n_classes": tgt.n_classes, "seed": seed, **params}
+    hp = user.for_run(task=tgt.task, n_classes=tgt.n_classes, seed=seed)
     site_list = prepare_sites(cls, sites, tgt, modalities, test_size, seed, head, hp, say)
 
     weights, fl_version = _run_federated(site_list, rounds, local_epochs, strategy, proximal_mu, engine, say)
@@ -149,7 +150,7 @@ def evaluate_federated(site_list: Sequence[Site], weights: Sequence[np.ndarray],
     out.mkdir(parents=True, exist_ok=True)
     first = site_list[0]
     cls = head_class(first.head)
-    survival = first.params.get("task") == "survival"
+    survival = first.params.task == "survival"
     fed_pred, central_pred, cohorts_test = {}, {}, {}
     for s in site_list:
         model = s.model()  # the site's own preprocessing, the global weights
@@ -161,7 +162,7 @@ def evaluate_federated(site_list: Sequence[Site], weights: Sequence[np.ndarray],
 
     train_all = concat_cohorts([s.cohort(s.train) for s in site_list], [s.name for s in site_list])
     y_all = np.concatenate([s.y_train for s in site_list])
-    central = cls(**{**first.params, "epochs": epochs}).fit(train_all, y_all)
+    central = cls(first.params.model_copy(update={"epochs": epochs})).fit(train_all, y_all)
     for s in site_list:
         central_pred[s.name] = central.predict(cohorts_test[s.name])
     say("centralised baseline trained on the pooled training patients")
@@ -187,7 +188,7 @@ def evaluate_federated(site_list: Sequence[Site], weights: Sequence[np.ndarray],
     doc = {
         **(meta or {"head": first.head}), "task": "survival" if survival else "classification",
         "classes": None if survival else list(classes or []),
-        "params": {k: v for k, v in first.params.items() if k not in ("task", "n_classes")},
+        "params": {k: v for k, v in first.params.to_json().items() if k not in ("task", "n_classes")},
         "preprocessing": PREPROCESSING, "sites": per_site, "pooled": pooled,
         "comparison": {"metric": metric, "federated": f_m["mean"], "federated_ci": [f_m["ci_low"], f_m["ci_high"]],
                        "centralised": c_m["mean"], "centralised_ci": [c_m["ci_low"], c_m["ci_high"]],
@@ -218,7 +219,7 @@ def _check_args(sites: Sequence[Any], rounds: int, local_epochs: int, strategy: 
 
 
 def prepare_sites(cls: type[TorchHead], paths: Sequence[str | Path], tgt: Target, modalities: Sequence[str] | None,
-                  test_size: float, seed: int, head: str, hp: dict[str, Any],
+                  test_size: float, seed: int, head: str, hp: HeadParams,
                   say: Callable[[str], None] | None = None) -> list[Site]:
     """Resolve every site: its labelled patients, usable for the head, split into train and test (stratified
     by class, or by the event indicator)."""
@@ -328,7 +329,7 @@ def _predictions(sites: Sequence[Site], fed: dict[str, np.ndarray], central: dic
     frames = []
     for s in sites:
         df = pd.DataFrame({"site": s.name, "patient_id": s.test})
-        if s.params.get("task") == "survival":
+        if s.params.task == "survival":
             df["time"], df["event"] = s.y_test["time"], s.y_test["event"].astype(int)
             df["risk"], df["central_risk"] = fed[s.name], central[s.name]
         else:

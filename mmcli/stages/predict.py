@@ -18,19 +18,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from mmcli.heads.base import read_model_config
-from mmcli.heads.data import STORE_SOURCE, TABLE_SOURCE, ModalitySpec, Source, load_cohort
-from mmcli.heads.evaluation.evidence import Postprocess
-from mmcli.heads.registry import load_head
+from mmcli.heads.fitted import FittedModel
 from mmcli.heads.targets import read_labels
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import disk_full_as_error, write_csv
-from mmcli.pipeline.rundir import damaged, resolve_model_dir
-from mmcli.pipeline.store import FeatureStore, open_store
-from mmcli.stages.fit import attention_frame, batch_covariates, prediction_frame
+from mmcli.pipeline.rundir import attention_frame
+from mmcli.pipeline.store import open_store
 
 
 def predict(
@@ -50,50 +45,18 @@ def predict(
     are left uncorrected and marked in the ``batch_corrected`` column.
     """
     out_csv = _check_out(Path(out_csv))
-    mdir = resolve_model_dir(model_dir)
-    config = read_model_config(mdir)  # raises a clear error when it is no model folder
-    head = load_head(mdir)
-    run = config.get("run", {})
-    specs = head.spec_
+    model = FittedModel.load(model_dir)  # a clear error when it is no model folder
     fs = open_store(Path(store), "r")
-    # the head checks encoder ids and feature dims, and puts table columns in the model's order
-    cohort = head.align(load_cohort(fs, _sources(fs, specs), patients))
-    keep = np.flatnonzero(type(head).usable_patients(cohort.presence()))
-    if len(keep) == 0:
-        raise InputError(f"{fs.path}: no patient has the model's modalities {[s.name for s in specs]}.")
-    cohort = cohort.subset(keep)
-    params = head.get_params()
-    if params.get("batch_correct", "none") != "none":
-        table = (read_labels(covariates) if covariates is not None
-                 else pd.DataFrame(index=pd.Index([], name="patient_id")))
-        cohort.covariates = batch_covariates(table, fs, params)
-    pred = head.predict(cohort)
-    classes = run.get("classes") or [str(i) for i in range(head.n_classes)]
-    if pred.ndim == 2 and len(classes) != pred.shape[1]:
-        raise damaged(mdir / "config.json", f"its \"run\" block lists {len(classes)} classes {classes[:5]}, the "
-                      f"model predicts {pred.shape[1]}")
-    post = Postprocess.load(mdir)
-    if not head.is_survival:
-        pred = post.calibrate(pred)
-    df = prediction_frame(cohort.patients, pred, run.get("problem") or head.task, classes)
-    decisions = None if head.is_survival else post.decisions(pred)
-    if decisions is not None:
-        df["decision"] = decisions
-    names = cohort.names
-    df["missing_modalities"] = [";".join(n for n, ok in zip(names, row) if not ok) for row in cohort.presence()]
-    if cohort.covariates is not None:
-        seen = {b for p in head.preprocessors_.values() if getattr(p, "harmoniser", None) is not None
-                for b in p.harmoniser.batches_}
-        batch = cohort.covariates.reindex(cohort.patients)[params["batch_column"]]
-        df["batch_corrected"] = [pd.notna(b) and str(b) in seen for b in batch]
+    table = read_labels(covariates) if covariates is not None else None
+    cohort, _ = model.cohort(fs, patients, covariates=table)
+    if len(cohort) == 0:
+        raise InputError(f"{fs.path}: no patient has the model's modalities {[s.name for s in model.specs]}.")
+    df = model.predict_frame(cohort)
     with _writing(out_csv):
         out_csv.parent.mkdir(parents=True, exist_ok=True)
         write_csv(out_csv, df)
     if attention:
-        att = head.attention(cohort)
-        if not att:
-            raise InputError(f"head {config['head']!r} has no tile attention. Fix: drop --attention, or use "
-                             "attention_mil / fusion_mlp with pool=attention.")
+        att = model.attention(cohort)
         for name, values in att.items():
             items = cohort.modalities[name].items
             assert items is not None
@@ -123,26 +86,3 @@ def _writing(out_csv: Path) -> Iterator[None]:
     except OSError as e:
         raise InputError(f"--out {out_csv}: cannot write there ({e.strerror or e}: {e.filename}). Fix: choose an "
                          "--out in a folder you can write (and that is not read-only).") from e
-
-
-def _sources(fs: FeatureStore, specs: Sequence[ModalitySpec]) -> list[Source]:
-    """Where to read each model modality: the store must hold it (a table, or features of the model's encoder).
-    Whether the features fit the model (dims, table columns) is the head's check (``Head.align``)."""
-    sources = []
-    mods, tables = fs.modalities(), fs.tables()
-    for s in specs:
-        if s.source == TABLE_SOURCE:
-            if s.name not in tables:
-                raise InputError(f"{fs.path}: the model needs table {s.name!r}; the store has tables {tables}. "
-                                 f"Fix: `mmcli extract --modality tabular --name {s.name}` into this store.")
-            sources.append(Source(s.name, TABLE_SOURCE, None))
-            continue
-        if s.name not in mods:
-            raise InputError(f"{fs.path}: the model needs modality {s.name!r}; the store has {mods}. "
-                             f"Fix: extract {s.name} into this store.")
-        encs = fs.encoders(s.name)
-        if s.encoder_id not in encs:
-            raise InputError(f"{fs.path}: modality {s.name!r}: the model was fit on encoder_id {s.encoder_id!r}, "
-                             f"the store has {encs}. Fix: extract {s.name} with the model's encoder and settings.")
-        sources.append(Source(s.name, STORE_SOURCE, s.encoder_id))
-    return sources

@@ -90,7 +90,7 @@ def test_bad_parameter_values_are_input_errors_naming_the_key_and_what_it_takes(
     with pytest.raises(InputError, match=match):
         create_head(head, **params)
     with pytest.raises(InputError, match=match):
-        head_class(head).check_params(params)
+        head_class(head).user_params(params)
 
 
 def test_parameters_keep_explicit_nulls_and_fusion_choices_come_from_the_registry():
@@ -101,8 +101,8 @@ def test_parameters_keep_explicit_nulls_and_fusion_choices_come_from_the_registr
     assert create_head("fusion_mlp", epochs=3.0).epochs == 3  # a JSON 3.0 is a whole number of epochs
     desc = head_class("fusion_mlp").Params.model_fields["fusion"].description
     assert all(f in desc for f in FUSIONS.names())
-    with pytest.raises(InputError, match=r"follow from the labels"):
-        head_class("xgboost").check_params({"task": "binary"})
+    with pytest.raises(InputError, match=r"set by the run"):
+        head_class("xgboost").user_params({"task": "binary"})
     with pytest.raises(InputError, match=r"has no parameter\(s\) \['flag_prefix'\]"):
         create_head("xgboost", flag_prefix="--")
 

@@ -28,10 +28,10 @@ class Planted:
 def make_store(
     path: Path, n: int = 80, task: str = "binary", seed: int = 0, dim: int = 16, tiles: tuple[int, int] = (12, 24),
     key_frac: float = 0.15, shift: float = 3.0, modalities: tuple[str, ...] = ("wsi", "mri", "genes"),
-    mri_missing: float = 0.25, wsi_missing: float = 0.0, n_classes: int = 3,
+    mri_missing: float = 0.25, wsi_missing: float = 0.0, n_classes: int = 3, prefix: str = "P",
 ) -> Planted:
     rng = np.random.default_rng(seed)
-    ids = [f"P{i:03d}" for i in range(n)]
+    ids = [f"{prefix}{i:03d}" for i in range(n)]
     direction = np.zeros(dim, dtype=np.float32)
     direction[:4] = 1.0
     if task == "survival":

@@ -69,7 +69,8 @@ class FakeFit:
         self.calls: list[dict[str, Any]] = []
         self.fail_on = fail_on
 
-    def __call__(self, **kw: Any) -> dict[str, Any]:
+    def __call__(self, opts: Any, say: Any = None) -> dict[str, Any]:
+        kw = {**dict(opts), "params": opts.head_params.given()}
         self.calls.append(kw)
         mods = kw["modalities"]
         if self.fail_on in mods:
@@ -82,7 +83,7 @@ class FakeFit:
 
 
 def _ablate(tmp_path: Path, fake: FakeFit, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> pd.DataFrame:
-    monkeypatch.setattr(ab, "run_fit", fake)
+    monkeypatch.setattr(ab, "fit_run", fake)
     (tmp_path / "store.zarr").mkdir(exist_ok=True)
     (tmp_path / "labels.csv").touch()
     args = {"modalities": ["wsi", "genes", "text"], "fusions": ("concat", "gated"), "folds": 3, "seed": 1,

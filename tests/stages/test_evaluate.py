@@ -35,8 +35,8 @@ def _labels(p, path: Path) -> Path:
 def cohorts(tmp_path_factory):
     d = tmp_path_factory.mktemp("evaluate")
     train = make_store(d / "train.zarr", n=40, task="binary", seed=11, modalities=("mri", "genes"))
-    same = make_store(d / "same.zarr", n=40, task="binary", seed=12, modalities=("mri", "genes"))
-    shifted = make_store(d / "shifted.zarr", n=40, task="binary", seed=13, modalities=("mri", "genes"))
+    same = make_store(d / "same.zarr", n=40, task="binary", seed=12, modalities=("mri", "genes"), prefix="Q")
+    shifted = make_store(d / "shifted.zarr", n=40, task="binary", seed=13, modalities=("mri", "genes"), prefix="R")
     fs = open_store(shifted.store, "a")  # planted site effect: every gene shifted by 1.5 sd
     genes = fs.read_table("genes")
     fs.write_table("genes", genes + 1.5)

@@ -163,7 +163,7 @@ def test_survival_evaluation_of_global_weights_without_flower(survival_sites, tm
     weights here are one site's locally trained ones (aggregating them is Flower's part)."""
     paths, labels = survival_sites
     tgt = build_target(read_labels(labels), time=SURV[0], event=SURV[1])
-    hp = {"task": "survival", "n_classes": 0, "seed": 0, **FAST, "n_components": None}
+    hp = FusionMLPHead.user_params({**FAST, "n_components": None}).for_run(task="survival", n_classes=0, seed=0)
     sites = prepare_sites(FusionMLPHead, paths[:n_sites], tgt, None, 0.3, 0, "fusion_mlp", hp)
     trainer = SiteTrainer(sites[0].model(), 8)
     weights, _, _ = trainer.fit(trainer.get_parameters({}), {"server_round": 1})
@@ -204,7 +204,7 @@ def test_flower_fedavg_is_the_training_size_weighted_mean_of_site_updates(surviv
 
     paths, labels = survival_sites
     tgt = build_target(read_labels(labels), time=SURV[0], event=SURV[1])
-    hp = {"task": "survival", "n_classes": 0, "seed": 0, **FAST, "n_components": None}
+    hp = FusionMLPHead.user_params({**FAST, "n_components": None}).for_run(task="survival", n_classes=0, seed=0)
     sites = prepare_sites(FusionMLPHead, paths[:2], tgt, None, 0.3, 0, "fusion_mlp", hp)
     trainers = [SiteTrainer(s.model(), 1) for s in sites]
     start = trainers[0].get_parameters({})

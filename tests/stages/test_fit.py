@@ -289,7 +289,7 @@ def test_parse_params_validates_against_the_heads_model_at_parse_time(tmp_path):
         parse_params(["max_depth=deep"], "xgboost")
     with pytest.raises(InputError, match=r"--param fusion='sum'.*unknown fusion"):
         parse_params(["fusion=sum"], "fusion_mlp")
-    with pytest.raises(InputError, match="follow from the labels"):
+    with pytest.raises(InputError, match="set by the run"):
         parse_params(["n_classes=3"], "fusion_mlp")
     with pytest.raises(InputError, match=r"head 'xgboost' has no parameter\(s\) \['epochs'\]"):
         parse_params(["epochs=3"], ["fusion_mlp", "xgboost"])  # ablate: valid for every head it fits

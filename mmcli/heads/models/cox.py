@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from mmcli.heads.base import Head, HeadParams
+from mmcli.heads.base import Head, HeadParams, Task
 from mmcli.heads.data import Cohort
-from mmcli.heads.preprocess.vector import VectorPrepParams, VectorPreprocessor, vector_preprocessor
+from mmcli.heads.preprocess.vector import VectorPrepHead, VectorPrepParams, VectorPreprocessor, vector_preprocessor
 from mmcli.heads.registry import register_head
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.rundir import damaged, model_file
@@ -30,8 +29,7 @@ COEFS = "cox.json"
 class CoxParams(HeadParams, VectorPrepParams):
     """Penalised Cox settings (lifelines' names), plus imputation / batch correction (:class:`VectorPrepParams`)."""
 
-    task: Literal["binary", "multiclass", "survival"] = Field(
-        "survival", description="survival (set from the labels; the cox head is for survival only)")
+    task: Task = Field("survival", description="survival (set from the labels; the cox head is for survival only)")
     n_classes: int = Field(0, ge=0, description="0 for survival (set from the labels)")
     penalizer: float = Field(0.1, ge=0.0, description="shrinkage strength of the coefficients, >= 0")
     l1_ratio: float = Field(0.0, ge=0.0, le=1.0, description="elastic net mix: 0 = ridge, 1 = lasso, 0 <= x <= 1")
@@ -39,7 +37,7 @@ class CoxParams(HeadParams, VectorPrepParams):
 
 
 @register_head("cox")
-class CoxHead(Head):
+class CoxHead(VectorPrepHead, Head):
     """Penalised Cox proportional hazards (survival only); parameters: :class:`CoxParams`."""
 
     Params = CoxParams

@@ -26,7 +26,13 @@ from mmcli.heads.nn.fusion import FUSIONS
 from mmcli.heads.nn.modules import GatedAttention, MeanPool, StandardisedEmbed, mlp_embed
 from mmcli.heads.nn.pretrained import refit_to_standardisation
 from mmcli.heads.nn.torch_base import TorchHead, TorchParams, torch_env
-from mmcli.heads.preprocess.vector import InstanceScaler, VectorPrepParams, VectorPreprocessor, vector_preprocessor
+from mmcli.heads.preprocess.vector import (
+    InstanceScaler,
+    VectorPrepHead,
+    VectorPrepParams,
+    VectorPreprocessor,
+    vector_preprocessor,
+)
 from mmcli.heads.registry import register_head
 from mmcli.pipeline.errors import InputError
 
@@ -125,7 +131,7 @@ class FusionMLPParams(TorchParams, VectorPrepParams):
 
 
 @register_head("fusion_mlp")
-class FusionMLPHead(TorchHead):
+class FusionMLPHead(VectorPrepHead, TorchHead):
     """Multimodal fusion MLP; parameters: :class:`FusionMLPParams`.
 
     ``n_components``: encoder outputs have hundreds of dimensions and cohorts often only ~100 patients:

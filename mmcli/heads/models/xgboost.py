@@ -21,7 +21,7 @@ from pydantic import Field
 from mmcli.heads.base import Head, HeadParams
 from mmcli.heads.data import Cohort
 from mmcli.heads.nn.losses import class_weights
-from mmcli.heads.preprocess.vector import VectorPrepParams, VectorPreprocessor, vector_preprocessor
+from mmcli.heads.preprocess.vector import VectorPrepHead, VectorPrepParams, VectorPreprocessor, vector_preprocessor
 from mmcli.heads.registry import register_head
 from mmcli.pipeline.rundir import damaged, model_file
 
@@ -55,7 +55,7 @@ class XGBoostParams(HeadParams, VectorPrepParams):
 
 
 @register_head("xgboost")
-class XGBoostHead(Head):
+class XGBoostHead(VectorPrepHead, Head):
     """XGBoost on pooled features; parameters: :class:`XGBoostParams`."""
 
     Params = XGBoostParams
@@ -115,7 +115,7 @@ class XGBoostHead(Head):
         }
         if self.task == "survival":
             p.update(objective="survival:cox", eval_metric="cox-nloglik")
-        elif self.task == "binary":
+        elif self.is_binary:
             p.update(objective="binary:logistic", eval_metric="logloss")
         else:
             p.update(objective="multi:softprob", num_class=self.n_classes, eval_metric="mlogloss")
@@ -140,7 +140,7 @@ class XGBoostHead(Head):
         if self.is_survival:
             return self.booster_.predict(d, output_margin=True).astype(np.float64)
         p = self.booster_.predict(d).astype(np.float64)
-        return np.stack([1.0 - p, p], axis=1) if self.task == "binary" else p
+        return np.stack([1.0 - p, p], axis=1) if self.is_binary else p
 
     def contributions(self, X: Cohort) -> pd.DataFrame:
         """SHAP contributions to the output margin (log-odds / log hazard ratio), one column per feature.
@@ -170,9 +170,10 @@ class XGBoostHead(Head):
             n_features = int(self.booster_.num_features())
         want = self._params()["objective"]
         n_in = len(self.feature_names())  # after in-fold imputation indicators, if any (preprocessors_ are loaded)
-        if objective != want or (self.task == "multiclass" and n_class != self.n_classes) or n_features != n_in:
+        multiclass = self.task == "classification" and not self.is_binary
+        if objective != want or (multiclass and n_class != self.n_classes) or n_features != n_in:
             raise damaged(f, f"holds a {objective} model of {n_features} features"
                           + (f" and {n_class} classes" if n_class else "")
                           + f"; config.json describes {want} on {n_in} features"
-                          + (f" and {self.n_classes} classes" if self.task == "multiclass" else "")
+                          + (f" and {self.n_classes} classes" if multiclass else "")
                           + "; was config.json edited?")

@@ -23,8 +23,6 @@ output minus the baseline output (both written alongside, so that anyone can che
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -34,6 +32,7 @@ import torch
 
 from mmcli.heads.data import Cohort
 from mmcli.heads.preprocess.vector import VectorPreprocessor
+from mmcli.heads.windows import Windows
 
 SUM = "(sum)"
 COLUMNS = ["patient_id", "modality", "feature", "attribution", "output", "baseline_output"]
@@ -41,57 +40,11 @@ WINDOW_COLUMNS = ["patient_id", "modality", "item_id", "window", "char_start", "
 MAX_IG_FLOATS = 1 << 25  # bag elements per captum forward (128 MB of float32) for attention_mil
 
 
-@dataclass
-class Windows:
-    """One patient's windowed rows of a vector modality: ``features`` (W, D), the coefficients ``coef`` (W,)
-    that pool them into the patient's vector (sum 1), and per row its item, index in the item, character span
-    and token count (spans and tokens -1 where the item has none)."""
-
-    features: np.ndarray
-    coef: np.ndarray
-    item_ids: list[str]
-    index: np.ndarray
-    chars: np.ndarray  # (W, 2)
-    tokens: np.ndarray
-
-
-def read_windows(store: Any, modality: str, encoder_id: str, patients: Iterable[str]) -> dict[str, Windows]:
-    """The :class:`Windows` of each of ``patients`` whose items of ``modality`` carry ``row_weights``, pooled as
-    :func:`mmcli.heads.data.load_cohort` pools them: each weighted item into one row, then the mean of the
-    patient's rows (an unweighted item counts each of its rows)."""
-    out: dict[str, Windows] = {}
-    wanted = set(patients)
-    items: dict[str, list[str]] = {}
-    for key in store.iter_items(modality, encoder_id):
-        if key.patient_id in wanted:
-            items.setdefault(key.patient_id, []).append(key.item_id)
-    for pid, ids in items.items():
-        parts, weighted = [], False
-        for iid in sorted(ids):
-            it = store.read_item(modality, encoder_id, pid, iid)
-            f = np.asarray(it.features, dtype=np.float32)
-            w = it.attrs.get("row_weights")
-            chars = (it.attrs.get("text") or {}).get("window_chars")
-            n = len(f)
-            if w is not None and len(w) == n:
-                weighted = True
-                w = np.asarray(w, dtype=np.float64)
-                c = np.asarray(chars, dtype=np.int64) if chars is not None and len(chars) == n else np.full((n, 2), -1)
-                parts.append((iid, f, w / w.sum(), 1, c, w))
-            else:
-                parts.append((iid, f, np.full(n, 1.0 / max(n, 1)), n, np.full((n, 2), -1), np.full(n, -1.0)))
-        if not weighted:
-            continue
-        n_rows = sum(p[3] for p in parts)  # the rows the patient's vector is the plain mean of
-        out[pid] = Windows(
-            features=np.concatenate([p[1] for p in parts]),
-            coef=np.concatenate([p[2] * p[3] / n_rows for p in parts]),
-            item_ids=[p[0] for p in parts for _ in range(len(p[1]))],
-            index=np.concatenate([np.arange(len(p[1])) for p in parts]),
-            chars=np.concatenate([p[4] for p in parts]).reshape(-1, 2),
-            tokens=np.concatenate([p[5] for p in parts]).astype(np.int64),
-        )
-    return out
+def output_kind(head: Any) -> str:
+    """``survival``, ``binary`` or ``multiclass``: which margin of the head's output is attributed."""
+    if head.is_survival:
+        return "survival"
+    return "binary" if head.is_binary else "multiclass"
 
 
 def _margin(out: torch.Tensor, task: str, target: torch.Tensor | None) -> torch.Tensor:
@@ -183,14 +136,14 @@ def _fusion_ig(head: Any, X: Cohort, windows: dict[str, dict[str, Windows]], n_s
             rep = n // present.shape[0]  # captum stacks the path steps along the batch
             ms = [None if mk is None else mk.repeat(rep, *[1] * (mk.dim() - 1)) for mk in masks]
             out = net(feats_of(xs, rep), ms, present.repeat(rep, 1), norms)[0]
-            return _margin(out, head.task, None if target is None else target.repeat(rep))
+            return _margin(out, output_kind(head), None if target is None else target.repeat(rep))
 
         with torch.no_grad():
             out = net(feats_of(attr_in, 1), masks, present, norms)[0]
-            target = out.argmax(1) if head.task == "multiclass" else None
-            y_out = _margin(out, head.task, target).double().numpy()
+            target = out.argmax(1) if output_kind(head) == "multiclass" else None
+            y_out = _margin(out, output_kind(head), target).double().numpy()
             base = net(feats_of(base_in, 1), masks, present, norms)[0]
-            y_base = _margin(base, head.task, target).double().numpy()
+            y_base = _margin(base, output_kind(head), target).double().numpy()
         ig = IntegratedGradients(partial(f, target=target))
         attrs = ig.attribute(tuple(attr_in), baselines=tuple(base_in), n_steps=n_steps, method="gausslegendre",
                              internal_batch_size=None)
@@ -288,12 +241,12 @@ def mil_integrated_gradients(head: Any, X: Cohort, n_steps: int = 64) -> pd.Data
               mean: torch.Tensor = mean, scale: torch.Tensor = scale) -> torch.Tensor:
             rep = xs.shape[0]
             out = net(xs, mask.repeat(rep, 1), mean, scale)[0]
-            return _margin(out, head.task, None if target is None else target.repeat(rep))
+            return _margin(out, output_kind(head), None if target is None else target.repeat(rep))
 
         with torch.no_grad():
             out = net(torch.cat([x, base]), mask.repeat(2, 1), mean, scale)[0]
-            target = out[:1].argmax(1) if head.task == "multiclass" else None
-            both = _margin(out, head.task, None if target is None else target.repeat(2)).double().numpy()
+            target = out[:1].argmax(1) if output_kind(head) == "multiclass" else None
+            both = _margin(out, output_kind(head), None if target is None else target.repeat(2)).double().numpy()
         steps = max(1, MAX_IG_FLOATS // max(1, x[0].numel()))
         a = IntegratedGradients(partial(f, target=target)).attribute(
             x, baselines=base, n_steps=n_steps, method="gausslegendre", internal_batch_size=min(n_steps, steps))

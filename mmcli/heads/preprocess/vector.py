@@ -53,14 +53,24 @@ class VectorPrepParams(Options):
     def _combat_needs_column(self) -> VectorPrepParams:
         if self.batch_correct == "combat" and not self.batch_column:
             raise ValueError("batch_correct=combat needs batch_column (--batch-column COL)")
+        if self.batch_correct == "none" and (self.batch_column or self.batch_keep):
+            raise ValueError("batch_column / batch_keep do nothing without batch_correct (--batch-correct combat)")
         return self
 
-    def harmoniser(self) -> ComBatHarmoniser | None:
-        """A fresh (unfitted) harmoniser, or None when batch correction is off."""
-        if self.batch_correct != "combat":
-            return None
-        assert self.batch_column is not None
-        return ComBatHarmoniser(self.batch_column, self.batch_keep)
+    def covariate_columns(self) -> list[str]:
+        """The batch column and the protected covariates batch correction reads (none when it is off)."""
+        if self.batch_correct == "none" or not self.batch_column:
+            return []
+        return [self.batch_column, *self.batch_keep]
+
+
+class VectorPrepHead:
+    """Mixin of the heads whose ``Params`` include :class:`VectorPrepParams`: they declare the covariates
+    (batch column, protected columns) their preprocessing reads per patient."""
+
+    @classmethod
+    def needs_covariates(cls, params: Any) -> list[str]:
+        return params.covariate_columns()
 
 
 def _sk_imputer(strategy: str, seed: int = 0) -> Any:

@@ -15,19 +15,19 @@ scikit-learn's ``CalibratedClassifierCV(ensemble=False)`` logic; the test patien
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from mmcli.heads.base import Head
+from mmcli.heads.base import Head, HeadParams
 from mmcli.heads.data import Cohort
 from mmcli.heads.evaluation.calibration import Calibrator
 from mmcli.heads.evaluation.metrics import FoldPredictions, survival_grid
 from mmcli.heads.evaluation.operating_point import OperatingPoint, choose_threshold
-from mmcli.heads.registry import create_head, head_class
+from mmcli.heads.registry import head_class
 from mmcli.heads.targets import Target
 from mmcli.pipeline.errors import InputError
 
@@ -94,15 +94,15 @@ class FoldResult:
     threshold: float | None = None  # operating-point threshold chosen on the same (after calibration)
 
 
-def head_params(head: str, target: Target, seed: int, params: dict[str, Any] | None) -> dict[str, Any]:
-    """The head's parameters: the user's, plus task, classes and seed from the run."""
-    params = dict(params or {})
-    head_class(head).check_params(params)
-    params.setdefault("seed", seed)
-    return {"task": target.task, "n_classes": target.n_classes, **params}
+def run_params(head: str, target: Target, seed: int, params: HeadParams | Mapping[str, Any] | None) -> HeadParams:
+    """The head's parameters for this run: the user's (a validated model is carried as it is; a mapping, from
+    an API call, is validated here once) with the task, classes and seed of the run."""
+    if not isinstance(params, HeadParams):
+        params = head_class(head).user_params(dict(params or {}))
+    return params.for_run(task=target.task, n_classes=target.n_classes, seed=seed)
 
 
-def inner_oof(head: str, cohort: Cohort, target: Target, hp: dict[str, Any], folds: int, seed: int) -> np.ndarray:
+def inner_oof(head: str, cohort: Cohort, target: Target, hp: HeadParams, folds: int, seed: int) -> np.ndarray:
     """Cross-validated class probabilities (n, K) of ``cohort``'s patients from a stratified patient-level K-fold
     among them alone (K = ``folds``, or the smallest class size when smaller; at least 2)."""
     assert target.classes is not None
@@ -115,7 +115,7 @@ def inner_oof(head: str, cohort: Cohort, target: Target, hp: dict[str, Any], fol
                          "Fix: lower --folds, add patients, or drop --calibrate / --operating-point.")
     probs = np.zeros((len(target.patients), target.n_classes))
     for tr, te in make_splits(target, k, seed):
-        probs[te] = create_head(head, **hp).fit(cohort.subset(tr), target.y[tr]).predict(cohort.subset(te))
+        probs[te] = head_class(head)(hp).fit(cohort.subset(tr), target.y[tr]).predict(cohort.subset(te))
     return probs
 
 
@@ -124,13 +124,15 @@ def check_postprocess(target: Target, calibrate: str, operating_point: Operating
     if calibrate != "none" and target.task == "survival":
         raise InputError(f"--calibrate {calibrate}: recalibration is for classification probabilities; this is a "
                          "survival task. Fix: drop --calibrate.")
-    if operating_point is not None and target.task != "binary":
-        raise InputError(f"--operating-point {operating_point}: needs a binary target; this is a {target.task} "
-                         "task. Fix: drop --operating-point or use a binary --target.")
+    if operating_point is not None and not target.binary:
+        what = "survival" if target.task == "survival" else f"{target.n_classes}-class"
+        raise InputError(f"--operating-point {operating_point}: needs a binary target; this is a {what} task. "
+                         "Fix: drop --operating-point or use a binary --target.")
 
 
 def cross_validate(
-    head: str, cohort: Cohort, target: Target, folds: int = 5, seed: int = 0, params: dict[str, Any] | None = None,
+    head: str, cohort: Cohort, target: Target, folds: int = 5, seed: int = 0,
+    params: HeadParams | Mapping[str, Any] | None = None,
     explain: bool = True, log: Callable[[str], None] | None = None, *, calibrate: str = "none",
     operating_point: OperatingPoint | None = None, inner_folds: int = 5,
 ) -> list[FoldResult]:
@@ -143,7 +145,8 @@ def cross_validate(
 
     if list(cohort.patients) != list(target.patients):
         raise ValueError("cohort and target must list the same patients in the same order")
-    hp = head_params(head, target, seed, params)
+    hp = run_params(head, target, seed, params)
+    cls = head_class(head)
     check_postprocess(target, calibrate, operating_point)
     nested = calibrate != "none" or operating_point is not None
     results = []
@@ -152,7 +155,7 @@ def cross_validate(
         grid = survival_grid(target.y["time"], target.y["event"], [te for _, te in splits])
     for k, (tr, te) in enumerate(splits):
         t0 = _time.perf_counter()
-        h = create_head(head, **hp).fit(cohort.subset(tr), target.y[tr])
+        h = cls(hp).fit(cohort.subset(tr), target.y[tr])
         X_te = cohort.subset(te)
         pred = h.predict(X_te)
         raw_pred, calibrator, threshold = None, None, None

@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmcli.heads.base import BreslowBaseline
+from mmcli.heads.base import BreslowBaseline, HeadParams
 from mmcli.heads.data import Cohort, ModalityData
 from mmcli.heads.nn.losses import cox_ph_loss
 from mmcli.heads.nn.torch_base import TorchHead, resolve_device, torch_env
-from mmcli.heads.registry import create_head
+from mmcli.heads.registry import head_class
 from mmcli.pipeline.errors import InputError
 
 STRATEGIES = ("fedavg", "fedprox")
@@ -42,8 +42,8 @@ STRATEGIES = ("fedavg", "fedprox")
 class SiteModel:
     """A site's head: preprocessing fit on the site's training patients, weights set from outside."""
 
-    def __init__(self, head: str, X: Cohort, y: np.ndarray, params: dict[str, Any], site_index: int = 0) -> None:
-        h = create_head(head, **params)
+    def __init__(self, head: str, X: Cohort, y: np.ndarray, params: HeadParams, site_index: int = 0) -> None:
+        h = head_class(head)(params)
         if not isinstance(h, TorchHead):
             raise InputError(f"federated training moves network weights; head {head!r} has none. "
                              "Fix: --head fusion_mlp or attention_mil.")

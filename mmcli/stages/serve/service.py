@@ -1,9 +1,9 @@
 """The served model: loads a run once, builds a one-patient :class:`~mmcli.heads.data.Cohort` from a request
 (features sent in the body, or a patient of ``--store``) and scores it the way ``mmcli predict`` does.
 
-A store patient is read with :mod:`mmcli.stages.predict`'s own loaders (``_sources``, ``load_cohort``) and
-aligned by the head (``Head.align``), and the run's saved calibration and decision threshold are applied the
-same way, so the served output equals ``mmcli predict``'s for that patient.
+A store patient is read through the same :class:`~mmcli.heads.fitted.FittedModel` as ``mmcli predict`` (its
+sources, the head's alignment), and the run's saved calibration and decision threshold are applied the same
+way, so the served output equals ``mmcli predict``'s for that patient.
 A payload has no store to read: :func:`cohort_from_payload` (this module) makes the same Cohort layout from
 the arrays (bags as sent, vectors as sent, tables in the model's column order with null = missing).
 """
@@ -18,15 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from mmcli.heads.base import Head, read_model_config
+from mmcli.heads.base import Head
 from mmcli.heads.data import Cohort, ModalityData, ModalitySpec, Source, load_cohort
-from mmcli.heads.evaluation.evidence import Postprocess
-from mmcli.heads.registry import load_head
+from mmcli.heads.fitted import FittedModel
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.rundir import resolve_model_dir
 from mmcli.pipeline.store import FeatureStore, open_store
 from mmcli.stages.card import build_card
-from mmcli.stages.predict import _sources
 
 PAYLOAD_ITEM = "payload"
 
@@ -92,17 +89,17 @@ class ServedModel:
     """A fitted run loaded for serving (read-only after construction; :meth:`score` is thread-safe)."""
 
     def __init__(self, model: str | Path, store: str | Path | None = None) -> None:
-        self.model_dir = resolve_model_dir(model)
-        self.config = read_model_config(self.model_dir)
-        self.head: Head = load_head(self.model_dir)
+        self.fitted = FittedModel.load(model)
+        assert self.fitted.path is not None
+        self.model_dir = self.fitted.path
+        self.config = self.fitted.config
+        self.head: Head = self.fitted.head
         self.specs = [ModalitySpec.from_json(s) for s in self.config["modalities"]]
-        run = self.config.get("run") or {}
-        self.problem = run.get("problem") or self.config["params"].get("task")
-        self.task = "survival" if self.problem == "survival" else "classification"
-        self.classes = [str(c) for c in (run.get("classes") or range(self.head.n_classes))]
+        self.task = self.fitted.task
+        self.classes = self.fitted.classes or []
         # the head's own policy, as in `mmcli predict`: some heads score only patients with every modality
-        self.needs_all = type(self.head).needs_every_modality
-        self.post = Postprocess.load(self.model_dir)  # saved calibration / operating-point threshold (or none)
+        self.needs_all = self.fitted.needs_every_modality
+        self.post = self.fitted.post  # saved calibration / operating-point threshold (or none)
         self.card = build_card(model)
         self.sha256: str = self.card["model"]["model_sha256"]
         self.store: FeatureStore | None = None
@@ -111,7 +108,7 @@ class ServedModel:
             if not Path(store).exists():
                 raise InputError(f"{store}: no feature store here.", flag="--store")
             self.store = open_store(Path(store), "r")
-            self.sources = _sources(self.store, self.specs)
+            self.sources = self.fitted.sources(self.store)
         self._lock = threading.Lock()  # one forward pass at a time: torch heads keep module state
 
     def warm_up(self) -> None:

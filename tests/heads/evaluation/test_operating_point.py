@@ -13,7 +13,7 @@ from mmcli.heads.evaluation.operating_point import (
     threshold_metrics,
 )
 from mmcli.heads.targets import build_target
-from mmcli.heads.training.cv import cross_validate, head_params, inner_oof
+from mmcli.heads.training.cv import cross_validate, inner_oof, run_params
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 
@@ -67,7 +67,7 @@ def test_fold_thresholds_are_chosen_on_the_training_fold_only(tmp_path):
     op = OperatingPoint("sens", 0.9)
     results = cross_validate("xgboost", cohort, tgt, folds=3, seed=0, params=params, explain=False,
                              operating_point=op, inner_folds=3)
-    hp = head_params("xgboost", tgt, 0, params)
+    hp = run_params("xgboost", tgt, 0, params)
     for r in results:
         sub = tgt.subset([tgt.patients[i] for i in r.train_idx])
         inner = inner_oof("xgboost", cohort.subset(r.train_idx), sub, hp, 3, 0)

@@ -38,7 +38,7 @@ def _sites(stores, kind: str, n_sites: int = 2):
     paths, labels = stores[kind]
     tgt = (build_target(labels, target="label") if kind == "classification"
            else build_target(labels, time="os_months", event="os_event"))
-    hp = {"task": tgt.task, "n_classes": tgt.n_classes, "seed": 0, **FAST}
+    hp = FusionMLPHead.user_params(FAST).for_run(task=tgt.task, n_classes=tgt.n_classes, seed=0)
     return prepare_sites(FusionMLPHead, paths[:n_sites], tgt, None, 0.3, 0, "fusion_mlp", hp), paths[:n_sites]
 
 
@@ -90,7 +90,7 @@ def test_fedprox_term_keeps_local_weights_near_the_global_ones(stores):
 def test_survival_site_trains_on_its_cox_partial_likelihood(stores):
     sites, _ = _sites(stores, "survival")
     s = sites[0]
-    assert s.params["task"] == "survival" and s.y_train["event"].sum() >= 2 and s.y_test["event"].sum() >= 1
+    assert s.params.task == "survival" and s.y_train["event"].sum() >= 2 and s.y_test["event"].sum() >= 1
     trainer = SiteTrainer(s.model(), 6)
     start = trainer.get_parameters({})
     before = trainer.evaluate(start, {})[0]
@@ -120,7 +120,7 @@ def test_site_needs_both_outcomes_to_split(tmp_path, kind):
     labels = read_labels(pd.concat([df, df2]))
     tgt = (build_target(labels, target="label") if kind == "classification"
            else build_target(labels, time="os_months", event="os_event"))
-    hp = {"task": tgt.task, "n_classes": tgt.n_classes, "seed": 0, **FAST}
+    hp = FusionMLPHead.user_params(FAST).for_run(task=tgt.task, n_classes=tgt.n_classes, seed=0)
     with pytest.raises(InputError, match="site_a.zarr"):
         prepare_sites(FusionMLPHead, [tmp_path / "site_a.zarr", tmp_path / "site_b.zarr"], tgt, None, 0.3, 0,
                       "fusion_mlp", hp)
