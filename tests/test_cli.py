@@ -4,6 +4,7 @@ from ``fit`` and ``predict`` with a class label that a spreadsheet would run."""
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from helpers.planted_data import make_store
 from mmcli import cli
+from mmcli.cli.app import say
 from mmcli.pipeline.errors import DiskFullError, InputError, ItemError
 from mmcli.pipeline.log import get_logger
 from mmcli.pipeline.rundir import load_run
@@ -101,7 +103,7 @@ def test_messages_reach_console_and_log_file_library_noise_only_the_file(tmp_pat
         get_logger("stage").info("loaded 12 patients")
         logging.getLogger("tiffslide").warning("invalid page offset")
         warnings.warn("a library deprecation", DeprecationWarning, stacklevel=1)
-        cli._say("result line")
+        say("result line")
 
     r = CliRunner().invoke(_app(body, tmp_path / "out" / "cmd.log"), ["boom"])
     assert r.exit_code == 0, r.output
@@ -114,15 +116,20 @@ def test_messages_reach_console_and_log_file_library_noise_only_the_file(tmp_pat
     assert get_logger().handlers == [] and get_logger().propagate
 
 
+def _help(*args: str) -> str:
+    """A command's --help as one line of text (help panels wrap at the terminal's width)."""
+    out = CliRunner().invoke(cli.app, [*args, "--help"], env={"COLUMNS": "300"}).output
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", out).split())
+
+
 def test_help_keeps_bracketed_and_parenthesised_defaults() -> None:
-    runner = CliRunner()
-    fit_help = runner.invoke(cli.app, ["fit", "--help"], terminal_width=200).output
+    fit_help = _help("fit")
     assert "(default: concat)" in fit_help and "gated]" not in fit_help
     assert "(default: all the head can use)" in fit_help and "[default: 5]" in fit_help
-    ablate_help = runner.invoke(cli.app, ["ablate", "--help"], terminal_width=200).output
+    ablate_help = _help("ablate")
     assert "(default: auroc for classification, c_index for survival)" in ablate_help
     assert "(default: singles, pairs and the full set)" in ablate_help
-    report_help = runner.invoke(cli.app, ["report", "--help"], terminal_width=200).output
+    report_help = _help("report")
     assert "(default: RUN/report.html)" in report_help
 
 
@@ -130,8 +137,7 @@ def test_fusion_help_names_the_real_default() -> None:
     from mmcli.heads.models.fusion_mlp import FusionMLPHead  # the registered fusion_mlp head
 
     default = FusionMLPHead.Params.model_fields["fusion"].default  # the head's typed parameter model
-    out = CliRunner().invoke(cli.app, ["fit", "--help"], terminal_width=200).output
-    assert f"(default: {default})" in out
+    assert f"(default: {default})" in _help("fit")
 
 
 def _cells(path: Path) -> list[str]:

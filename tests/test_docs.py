@@ -135,6 +135,7 @@ def anchors(path: Path) -> frozenset[str]:
 def cli_commands() -> dict[tuple[str, ...], frozenset[str]]:
     """``{("fit",): {"--head", ...}, ("store", "info"): {...}, ("store",): {...}}``: every command path of the
     ``mmcli`` CLI and the options its ``--help`` lists."""
+    import click
     import typer.main
 
     from mmcli.cli import app
@@ -146,8 +147,10 @@ def cli_commands() -> dict[tuple[str, ...], frozenset[str]]:
         for p in cmd.params:
             flags.update(o for o in (*p.opts, *p.secondary_opts) if o.startswith("--"))
         out[path] = frozenset(flags)
-        for name, sub in (getattr(cmd, "commands", None) or {}).items():
-            walk(sub, (*path, name))
+        if hasattr(cmd, "list_commands"):  # a group: its commands, the lazily built ones (extract) included
+            ctx = click.Context(cmd)
+            for name in cmd.list_commands(ctx):
+                walk(cmd.get_command(ctx, name), (*path, name))
 
     walk(typer.main.get_command(app), ())
     return out

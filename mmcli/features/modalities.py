@@ -66,12 +66,13 @@ MODALITIES.lazy("mri", "mmcli.features.mri")
 MODALITIES.lazy("text", "mmcli.features.text")
 
 
-def register(name: str, *, options: type[Options], unit: str) -> Callable[[F], F]:
+def register(name: str, *, options: type[Options], unit: str, aliases: tuple[str, ...] = ()) -> Callable[[F], F]:
     """Decorator for a modality's ``make_spec(store, options, **given)``: register it under ``name`` with its
-    options model and the unit its progress bar counts inside one item (``tile``, ``step``, ``note``)."""
+    options model, the unit its progress bar counts inside one item (``tile``, ``step``, ``note``) and the
+    other names users type for it (``aliases``; any case is accepted anyway)."""
 
     def deco(make_spec: F) -> F:
-        MODALITIES.add(name, Modality(name, make_spec, options, unit), unit=unit)
+        MODALITIES.add(name, Modality(name, make_spec, options, unit), unit=unit, aliases=aliases)
         return make_spec
 
     return deco

@@ -304,7 +304,7 @@ class MriExtractor(ItemExtractor):
         return ItemResult(feats.astype(np.float32), None, {"mri": info, **self.encoder.runtime()}, warnings)
 
 
-@register("mri", options=MriOptions, unit="step")
+@register("mri", options=MriOptions, unit="step", aliases=("mr", "radiology"))
 def make_spec(store: str | Path | None = None, options: MriOptions | None = None, *,
               cohort: Any = None, **given: Any) -> ExtractorSpec:
     """Picklable recipe of an :class:`MriExtractor` from a :class:`MriOptions` (or its fields as keywords);

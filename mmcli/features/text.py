@@ -192,7 +192,7 @@ class TextExtractor(ItemExtractor):
         return ItemResult(vecs, None, attrs, warnings + more)
 
 
-@register("text", options=TextOptions, unit="note")
+@register("text", options=TextOptions, unit="note", aliases=("notes", "note", "clinical_notes", "reports"))
 def make_spec(store: str | Path | None = None, options: TextOptions | None = None, *,
               cohort: Any = None, **given: Any) -> ExtractorSpec:
     """Picklable recipe of a :class:`TextExtractor` from a :class:`TextOptions` (or its fields as keywords);

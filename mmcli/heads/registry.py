@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from mmcli.heads.base import Head, read_model_config
 from mmcli.pipeline.registry import Registry
 
-H = TypeVar("H", bound=Head)
+if TYPE_CHECKING:  # the registry itself is light: `HEADS.declared()` serves help texts without numpy
+    from mmcli.heads.base import Head
+
+H = TypeVar("H", bound="Head")
 
 HEADS: Registry[type[Head]] = Registry("head", flag="--head")
 HEADS.scan(Path(__file__).parent / "models", "mmcli.heads.models", "register_head")
@@ -47,4 +49,6 @@ def create_head(name: str, **params: Any) -> Head:
 
 def load_head(path: str | Path) -> Head:
     """Load any saved head: the class comes from ``config.json``'s ``head``."""
+    from mmcli.heads.base import read_model_config
+
     return head_class(read_model_config(path).get("head", "")).load(path)

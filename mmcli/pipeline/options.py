@@ -9,10 +9,11 @@ it accepts.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 
 from mmcli.pipeline.errors import InputError
 
@@ -83,5 +84,46 @@ def explain(e: ValidationError, cls: type[Options], context: str = "") -> str:
     return head + "; ".join(lines)
 
 
-def unknown_keys(keys: Iterable[str], cls: type[Options]) -> list[str]:
-    return sorted(set(keys) - set(cls.fields()))
+class CohortOptions(Options):
+    """What a stage-2 command reads: a store, a labels table and which of its columns is the outcome.
+
+    The fields every stage-2 command shares (fit, evaluate, ablate, federate), described once: the CLI's help
+    for ``--store``, ``--labels``, ``--target``, ``--time``, ``--event``, ``--seed``, ``--n-boot`` and
+    ``--drop-unmatched`` comes from here."""
+
+    store: Path = Field(..., description="feature store written by `mmcli extract` / `mmcli import` (a .zarr "
+                        "directory or an .h5 file)")
+    labels: Any = Field(..., description="labels CSV: patient_id + outcome columns (or a pandas DataFrame in the "
+                        "API)")
+    target: str | None = Field(None, description="classification target column (binary or multiclass)")
+    time: str | None = Field(None, description="survival time column (any unit; > 0), with --event")
+    event: str | None = Field(None, description="survival event column: 1 = observed, 0 = censored")
+    seed: int = Field(0, ge=0, description="seed of the splits, the models and the resamples (the same seed gives "
+                      "the same numbers), >= 0")
+    n_boot: int = Field(1000, ge=1, le=100_000, description="bootstrap resamples of the 95% CIs, 1..100000 (use "
+                        ">= 1000 for reported intervals)")
+    drop_unmatched: bool = Field(False, description="leave out rows with a missing label value instead of "
+                                 "stopping with an error (patients only in the labels or only in the store are "
+                                 "always left out, with a note)")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: Any) -> Any:
+        if isinstance(v, (str, Path)):
+            if not str(v).strip():
+                raise ValueError("an empty path")
+            return Path(v)
+        if type(v).__name__ == "DataFrame":  # the API may pass a table (pandas is not imported for the CLI)
+            return v
+        raise ValueError("a labels CSV path (or a pandas DataFrame)")
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: Path) -> Path:
+        if not str(v).strip():
+            raise ValueError("an empty path")
+        return v
+
+    @field_serializer("labels")
+    def _labels_json(self, v: Any) -> str:
+        return str(Path(v).resolve()) if isinstance(v, (str, Path)) else "<DataFrame>"

@@ -17,6 +17,7 @@ derived from the registry, never copied.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Registry(Generic[T]):
         self.flag = flag or f"--{kind}"
         self._providers: list[str] = list(providers)
         self._lazy: dict[str, str] = {}
+        self._aliases: dict[str, str] = {}  # lower-cased alias -> name
         self._entries: dict[str, Entry[T]] = {}
         self._loaded = False
 
@@ -65,10 +67,13 @@ class Registry(Generic[T]):
         return deco
 
     def add(self, name: str, obj: T, **meta: Any) -> None:
+        """Register ``obj`` under ``name``; ``meta["aliases"]``: other names users may type for it."""
         old = self._entries.get(name)
         if old is not None and old.obj is not obj and _qualname(old.obj) != _qualname(obj):
             raise ValueError(f"{self.kind} {name!r} registered twice ({_qualname(old.obj)}, {_qualname(obj)})")
         self._entries[name] = Entry(name, obj, meta)
+        for alias in meta.get("aliases", ()):
+            self._aliases[alias.lower()] = name
 
     def lazy(self, name: str, module: str) -> None:
         """``name`` is defined in ``module``, imported the first time ``name`` is looked up."""
@@ -81,14 +86,47 @@ class Registry(Generic[T]):
         for f in sorted(Path(folder).glob("*.py")):
             if f.name.startswith("_"):
                 continue
-            for name in decorated_names(f.read_text(encoding="utf-8"), decorator):
+            for name, aliases in decorated_names(f.read_text(encoding="utf-8"), decorator):
                 self.lazy(name, f"{package}.{f.stem}")
+                for alias in aliases:
+                    self._aliases[alias.lower()] = name
 
     # ---- looking up -------------------------------------------------------------------------------------------
     def get(self, name: str) -> T:
         return self.entry(name).obj
 
+    def canonical(self, name: str) -> str:
+        """The registered name a user means: ``name`` itself, the same in another case, or a declared alias
+        (``abmil`` -> ``attention_mil``); InputError with the choices and the closest ones otherwise."""
+        if name in self._entries or name in self._lazy:
+            return name
+        for known in [*self._entries, *self._lazy]:
+            if known.lower() == name.lower():
+                return known
+        if name.lower() in self._aliases:
+            return self._aliases[name.lower()]
+        self._load_all()
+        if name in self._entries:
+            return name
+        if name.lower() in self._aliases:
+            return self._aliases[name.lower()]
+        choices = self.names()
+        close = difflib.get_close_matches(name.lower(), [*choices, *self._aliases], n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(repr(self._aliases.get(c, c)) for c in dict.fromkeys(close))}?" \
+            if close else ""
+        raise InputError(f"unknown {self.kind} {name!r}.{hint} Fix: {self.flag} takes one of {choices}.")
+
+    def declared(self) -> list[str]:
+        """The names registered or declared lazily, sorted, without importing anything (for help texts)."""
+        return sorted({*self._entries, *self._lazy})
+
+    def aliases(self) -> dict[str, str]:
+        """``{alias: name}`` of every declared alias."""
+        self._load_all()
+        return dict(self._aliases)
+
     def entry(self, name: str) -> Entry[T]:
+        name = self.canonical(name)
         if name not in self._entries and name in self._lazy:
             importlib.import_module(self._lazy[name])
         if name not in self._entries:
@@ -137,8 +175,9 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
-def decorated_names(source: str, decorator: str) -> list[str]:
-    """The first (string) argument of every ``@decorator("name", ...)`` on a class or function in ``source``."""
+def decorated_names(source: str, decorator: str) -> list[tuple[str, tuple[str, ...]]]:
+    """``(name, aliases)`` of every ``@decorator("name", ..., aliases=("a", ...))`` on a class or function in
+    ``source`` (the first argument; ``aliases`` when given as a literal tuple or list of strings)."""
     out = []
     for node in ast.walk(ast.parse(source)):
         if not isinstance(node, (ast.ClassDef, ast.FunctionDef)):
@@ -146,5 +185,10 @@ def decorated_names(source: str, decorator: str) -> list[str]:
         for d in node.decorator_list:
             if (isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == decorator and d.args
                     and isinstance(d.args[0], ast.Constant) and isinstance(d.args[0].value, str)):
-                out.append(d.args[0].value)
+                aliases: tuple[str, ...] = ()
+                for kw in d.keywords:
+                    if kw.arg == "aliases" and isinstance(kw.value, (ast.Tuple, ast.List)):
+                        aliases = tuple(e.value for e in kw.value.elts
+                                        if isinstance(e, ast.Constant) and isinstance(e.value, str))
+                out.append((d.args[0].value, aliases))
     return out

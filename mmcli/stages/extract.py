@@ -17,11 +17,15 @@ from mmcli.pipeline.manifest import Manifest, load_manifest
 
 
 def modality_of(modality: str) -> Modality:
-    """The registered modality; an unknown one is :class:`ModalityNotAvailable` listing the choices."""
-    if modality not in MODALITIES:
+    """The registered modality (any case, or a declared alias such as ``notes``); an unknown one is
+    :class:`ModalityNotAvailable` listing the choices (tables included) and the closest names."""
+    try:
+        return MODALITIES.get(modality)
+    except InputError as e:
+        hint = str(e).split(" Fix:")[0].partition(".")[2].strip()
         raise ModalityNotAvailable(
-            f"--modality {modality!r}: no extractor for it in this build; choose one of {MODALITIES.names()}.")
-    return MODALITIES.get(modality)
+            f"--modality {modality!r}: no extractor for it in this build.{' ' + hint if hint else ''} Fix: choose "
+            f"one of {[*MODALITIES.names(), 'tabular']} (tabular: --table CSV or --vcf).") from None
 
 
 def make_spec(modality: str, store: str | Path, **options: Any) -> ExtractorSpec:
@@ -54,6 +58,7 @@ def extract(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub unless the user allows it
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     mod = modality_of(modality)  # unknown modality: fail before touching the store
+    modality = mod.name
     if scheduler == "local" and workers is not None and workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     opts = mod.build_options(options)  # with the options a preset implies (Modality.implied_options)

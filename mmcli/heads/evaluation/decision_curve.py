@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmcli.heads.evaluation.options import DEFAULT_THRESHOLDS
 from mmcli.pipeline.errors import InputError
-
-DEFAULT_THRESHOLDS = "0.01:0.99:0.01"
 
 
 def parse_thresholds(text: str | None) -> np.ndarray:

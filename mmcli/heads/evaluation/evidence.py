@@ -8,52 +8,21 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
 from mmcli.heads.evaluation.calibration import Calibrator, calibration_report
-from mmcli.heads.evaluation.decision_curve import DEFAULT_THRESHOLDS, decision_curve, parse_thresholds
+from mmcli.heads.evaluation.decision_curve import decision_curve
 from mmcli.heads.evaluation.metrics import survival_metrics
-from mmcli.heads.evaluation.operating_point import OperatingPoint, parse_operating_point, threshold_metrics
-from mmcli.heads.evaluation.subgroups import SubgroupSpec, fast_classification_metrics, parse_subgroups, subgroup_report
+from mmcli.heads.evaluation.operating_point import OperatingPoint, threshold_metrics
+from mmcli.heads.evaluation.options import EvidenceOptions
+from mmcli.heads.evaluation.subgroups import fast_classification_metrics, subgroup_report
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_json
-from mmcli.pipeline.options import Options
 
 POSTPROCESS = "postprocess.json"
-
-
-class EvidenceOptions(Options):
-    """Options of the evidence blocks (``fit`` and ``evaluate`` flags)."""
-
-    calibrate: Literal["none", "platt", "isotonic"] = Field(
-        "none", description="none | platt | isotonic (fitted inside the training folds)")
-    operating_point: str | None = Field(None, description="sens=RATE or spec=RATE with RATE in (0, 1), binary only")
-    dca_thresholds: str = Field(DEFAULT_THRESHOLDS, description="START:STOP:STEP or a comma list, in (0, 1)")
-    horizon: float | None = Field(None, gt=0, description="survival decision-curve horizon, > 0, in the labels' "
-                                  "time unit")
-    subgroups: str | None = Field(None, description="COL[,COL...] or COL:edges=A,B of the labels or a store table")
-    min_subgroup: int = Field(10, ge=1, description="smallest group with metrics, an integer >= 1")
-    inner_folds: int = Field(5, ge=2, description="inner folds for calibrators and thresholds, an integer >= 2")
-
-    def op(self) -> OperatingPoint | None:
-        return parse_operating_point(self.operating_point)
-
-    def thresholds(self) -> np.ndarray:
-        return parse_thresholds(self.dca_thresholds)
-
-    def subgroup_specs(self) -> list[SubgroupSpec]:
-        return parse_subgroups(self.subgroups)
-
-    def check(self) -> EvidenceOptions:
-        """Parse every text option now (InputError naming the flag), before any work."""
-        self.op()
-        self.thresholds()
-        self.subgroup_specs()
-        return self
 
 
 # ---- the model's output policy ----------------------------------------------------------------------------------

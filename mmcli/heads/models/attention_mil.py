@@ -39,7 +39,7 @@ class ABMIL(nn.Module):
         return self.out(z), a
 
 
-@register_head("attention_mil")
+@register_head("attention_mil", aliases=("abmil", "gated_abmil"))
 class AttentionMILHead(TorchHead):
     """Gated attention MIL over one bag modality; parameters: :class:`~mmcli.heads.nn.torch_base.TorchParams`."""
 

@@ -18,7 +18,8 @@ from pydantic import Field
 
 from mmcli.heads.base import Head, HeadParams, Task
 from mmcli.heads.data import Cohort
-from mmcli.heads.preprocess.vector import VectorPrepHead, VectorPrepParams, VectorPreprocessor, vector_preprocessor
+from mmcli.heads.preprocess.params import VectorPrepParams
+from mmcli.heads.preprocess.vector import VectorPrepHead, VectorPreprocessor, vector_preprocessor
 from mmcli.heads.registry import register_head
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.rundir import damaged, model_file

@@ -26,10 +26,10 @@ from mmcli.heads.nn.fusion import FUSIONS
 from mmcli.heads.nn.modules import GatedAttention, MeanPool, StandardisedEmbed, mlp_embed
 from mmcli.heads.nn.pretrained import refit_to_standardisation
 from mmcli.heads.nn.torch_base import TorchHead, TorchParams, torch_env
+from mmcli.heads.preprocess.params import VectorPrepParams
 from mmcli.heads.preprocess.vector import (
     InstanceScaler,
     VectorPrepHead,
-    VectorPrepParams,
     VectorPreprocessor,
     vector_preprocessor,
 )

@@ -21,7 +21,8 @@ from pydantic import Field
 from mmcli.heads.base import Head, HeadParams
 from mmcli.heads.data import Cohort
 from mmcli.heads.nn.losses import class_weights
-from mmcli.heads.preprocess.vector import VectorPrepHead, VectorPrepParams, VectorPreprocessor, vector_preprocessor
+from mmcli.heads.preprocess.params import VectorPrepParams
+from mmcli.heads.preprocess.vector import VectorPrepHead, VectorPreprocessor, vector_preprocessor
 from mmcli.heads.registry import register_head
 from mmcli.pipeline.rundir import damaged, model_file
 

@@ -14,54 +14,20 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field, model_validator
 
 from mmcli.heads.preprocess.combat import ComBatHarmoniser
+from mmcli.heads.preprocess.params import IMPUTERS
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_json
-from mmcli.pipeline.options import Options
 from mmcli.pipeline.registry import Registry
 from mmcli.pipeline.rundir import damaged, model_file
 
 # scikit-learn is imported where a preprocessor is fit: loading a model and transforming need numpy only
 
 PREPROCESSORS: Registry[type] = Registry("preprocessor", flag="preprocess.json \"type\"")
-
-
-IMPUTERS = ("mean", "median", "knn", "iterative")
-
-
-class VectorPrepParams(Options):
-    """Preprocessing parameters of the heads that take per-patient vectors (mixed into their ``Params``)."""
-
-    flag_prefix: str = "--param "
-    impute: Literal["mean", "median", "knn", "iterative"] | None = Field(
-        None, description="in-fold imputation with a missingness indicator per feature that had missing "
-        "training values: mean | median | knn | iterative (scikit-learn); null = the head's default (median "
-        "without indicators; xgboost: missing values left to the trees)")
-    batch_correct: Literal["none", "combat"] = Field(
-        "none", description="batch correction fit in-fold: none | combat (needs batch_column)")
-    batch_column: str | None = Field(None, description="covariate column (labels file) holding each patient's "
-                                     "batch: site, scanner, sequencing run")
-    batch_keep: list[str] = Field(default_factory=list, description="covariate columns whose effect batch "
-                                  "correction protects, e.g. [\"age\"]")
-
-    @model_validator(mode="after")
-    def _combat_needs_column(self) -> VectorPrepParams:
-        if self.batch_correct == "combat" and not self.batch_column:
-            raise ValueError("batch_correct=combat needs batch_column (--batch-column COL)")
-        if self.batch_correct == "none" and (self.batch_column or self.batch_keep):
-            raise ValueError("batch_column / batch_keep do nothing without batch_correct (--batch-correct combat)")
-        return self
-
-    def covariate_columns(self) -> list[str]:
-        """The batch column and the protected covariates batch correction reads (none when it is off)."""
-        if self.batch_correct == "none" or not self.batch_column:
-            return []
-        return [self.batch_column, *self.batch_keep]
 
 
 class VectorPrepHead:
