@@ -519,13 +519,21 @@ def fit(
                   log=get_logger().info, impute=impute, batch_correct=batch_correct, batch_column=batch_column,
                   batch_keep=_csv_list(batch_keep), evidence=evidence, overwrite=overwrite)
     _say(f"{head} ({res['task']}, {res['n_patients']} patients, {res['folds']} folds) -> {out}")
-    for name, m in res["metrics"].items():
-        _say(f"  {name:18s} {_num(m['mean'])}  [{_num(m['ci_low'])}, {_num(m['ci_high'])}]")
+    _say_metrics(res)
     _say_evidence(res)
 
 
+def _say_metrics(res: dict) -> None:
+    """The metric lines of a metrics.json: what the number is (fold mean or value) and both intervals, labelled,
+    the headline one first (:func:`mmcli.heads.evaluation.headline.metric_lines`)."""
+    from mmcli.heads.evaluation.headline import metric_lines
+
+    for line in metric_lines(res["metrics"]):
+        _say(line)
+
+
 def _say_evidence(res: dict) -> None:
-    """Console lines for the calibration / operating point / drift blocks of a metrics.json."""
+    """Console lines for the calibration / operating point / decision curve / drift blocks of a metrics.json."""
     for cls, c in ((res.get("calibration") or {}).get("classes") or {}).items():
         a, b = c["intercept"], c["slope"]
         _say(f"  calibration {cls}: intercept {_num(a['value'])} [{_num(a['ci_low'])}, {_num(a['ci_high'])}], "
@@ -536,6 +544,10 @@ def _say_evidence(res: dict) -> None:
         parts = [f"{k} {_num(v['value'])} [{_num(v['ci_low'])}, {_num(v['ci_high'])}]"
                  for k, v in op["metrics"].items() if k != "counts"]
         _say(f"  operating point (threshold {_num(thr)}): " + ", ".join(parts))
+    ranges = (res.get("decision_curve") or {}).get("model_beats_both_ranges")
+    if ranges is not None:
+        where = ", ".join(f"{r['from']:g}-{r['to']:g}" for r in ranges) or "no threshold"
+        _say(f"  decision curve: beats treat-all and treat-none (95% CI of the difference above 0) at {where}")
     for name, d in ((res.get("drift") or {}).get("modalities") or {}).items():
         _say(f"  drift {name}: AUROC {_num(d.get('auroc'))}, p {_num(d.get('p_value'))}, "
              f"mean SMD {_num(d.get('mean_smd'))}{' (shift)' if d.get('shift_detected') else ''}")
@@ -626,8 +638,7 @@ def evaluate(
                        evidence=evidence, n_boot=n_boot, seed=seed, n_permutations=n_permutations,
                        drop_unmatched=drop_unmatched, log=get_logger().info)
     _say(f"evaluated {res['head']} ({res['task']}) on {res['n_patients']} patients -> {out}")
-    for name, m in res["metrics"].items():
-        _say(f"  {name:18s} {_num(m['mean'])}  [{_num(m['ci_low'])}, {_num(m['ci_high'])}]")
+    _say_metrics(res)
     _say_evidence(res)
     _say(f"wrote {out / 'metrics.json'}, {out / 'predictions.csv'} and {out / 'report.html'}")
 
