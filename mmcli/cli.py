@@ -674,7 +674,8 @@ def compare(
     seed: int = typer.Option(0, "--seed"),
     alpha: float = typer.Option(0.05, "--alpha"),
 ) -> None:
-    """Is run A better than run B on the same patients? DeLong (AUROC) or paired bootstrap (c-index)."""
+    """Is run A better than run B on the same patients? The procedures (corrected paired t over the shared folds)
+    and these fitted models (DeLong for AUROC, paired bootstrap for macro AUROC / c-index)."""
     from mmcli.stages.compare import compare as run_compare
     from mmcli.stages.compare import format_comparison
 
