@@ -110,13 +110,21 @@ def fit(
                       inner_folds=inner_folds)))
     res = run_fit(options=options, log=get_logger().info)
     say(f"{options.head} ({res['task']}, {res['n_patients']} patients, {res['folds']} folds) -> {out}")
-    for name, m in res["metrics"].items():
-        say(f"  {name:18s} {num(m['mean'])}  [{num(m['ci_low'])}, {num(m['ci_high'])}]")
+    say_metrics(res)
     say_evidence(res)
 
 
+def say_metrics(res: dict) -> None:
+    """The metric lines of a metrics.json: what the number is (fold mean or value) and both intervals, labelled,
+    the headline one first (:func:`mmcli.heads.evaluation.headline.metric_lines`)."""
+    from mmcli.heads.evaluation.headline import metric_lines
+
+    for line in metric_lines(res["metrics"]):
+        say(line)
+
+
 def say_evidence(res: dict) -> None:
-    """Console lines for the calibration / operating point / drift blocks of a metrics.json."""
+    """Console lines for the calibration / operating point / decision curve / drift blocks of a metrics.json."""
     for cls, c in ((res.get("calibration") or {}).get("classes") or {}).items():
         a, b = c["intercept"], c["slope"]
         say(f"  calibration {cls}: intercept {num(a['value'])} [{num(a['ci_low'])}, {num(a['ci_high'])}], "
@@ -127,6 +135,10 @@ def say_evidence(res: dict) -> None:
         parts = [f"{k} {num(v['value'])} [{num(v['ci_low'])}, {num(v['ci_high'])}]"
                  for k, v in op["metrics"].items() if k != "counts"]
         say(f"  operating point (threshold {num(thr)}): " + ", ".join(parts))
+    ranges = (res.get("decision_curve") or {}).get("model_beats_both_ranges")
+    if ranges is not None:
+        where = ", ".join(f"{r['from']:g}-{r['to']:g}" for r in ranges) or "no threshold"
+        say(f"  decision curve: beats treat-all and treat-none (95% CI of the difference above 0) at {where}")
     for name, d in ((res.get("drift") or {}).get("modalities") or {}).items():
         say(f"  drift {name}: AUROC {num(d.get('auroc'))}, p {num(d.get('p_value'))}, "
             f"mean SMD {num(d.get('mean_smd'))}{' (shift)' if d.get('shift_detected') else ''}")
@@ -212,8 +224,7 @@ def evaluate(
                        evidence=evidence, n_boot=n_boot, seed=seed, n_permutations=n_permutations,
                        drop_unmatched=drop_unmatched, allow_overlap=allow_overlap, log=get_logger().info)
     say(f"evaluated {res['head']} ({res['task']}) on {res['n_patients']} patients -> {out}")
-    for name, m in res["metrics"].items():
-        say(f"  {name:18s} {num(m['mean'])}  [{num(m['ci_low'])}, {num(m['ci_high'])}]")
+    say_metrics(res)
     say_evidence(res)
     say(f"wrote {out / 'metrics.json'}, {out / 'predictions.csv'} and {out / 'report.html'}")
 
@@ -249,7 +260,8 @@ def compare(
     seed: int = typer.Option(0, "--seed", help=help_of(CohortOptions, "seed", default=False)),
     alpha: float = typer.Option(0.05, "--alpha", help="Level of the test and 1 - coverage of the interval."),
 ) -> None:
-    """Is run A better than run B on the same patients? DeLong (AUROC) or paired bootstrap (c-index)."""
+    """Is run A better than run B on the same patients? The procedures (corrected paired t over the shared folds)
+    and these fitted models (DeLong for AUROC, paired bootstrap for macro AUROC / c-index)."""
     from mmcli.stages.compare import compare as run_compare
     from mmcli.stages.compare import format_comparison
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
+from mmcli.heads.evaluation import headline
 from mmcli.pipeline.errors import InputError, RunFolderError
 from mmcli.pipeline.io import atomic_write_text, jsonable, write_json
 from mmcli.pipeline.rundir import CONFIG, MODEL_DIR, SURVIVAL, Run, load_run, read_json, resolve_model_dir
@@ -217,7 +218,9 @@ def build_card(path: str | Path) -> dict[str, Any]:
                          "external validation and the approvals that apply where it is used."),
         "data": data,
         "validation": {"scheme": "patient-level stratified K-fold cross-validation; metrics on out-of-fold "
-                       "predictions, 95% percentile-bootstrap intervals", "folds": config.get("folds"),
+                       "predictions (mean over folds) with two 95% intervals: the corrected resampled t over folds "
+                       "(headline: covers training and test variability) and the percentile bootstrap over test "
+                       "patients (fold models fixed: test variability only)", "folds": config.get("folds"),
                        "n_boot": config.get("n_boot"), "seed": config.get("seed")},
         "encoders": encoders,
         "metrics": metrics_doc.get("metrics"),
@@ -265,16 +268,33 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines += [f"| {e['modality']} | {_cell(e['encoder_id'])} | {_cell(e['encoder'])} | {_cell(e['pretrained'])} |"
               for e in card["encoders"]]
     v = card["validation"]
-    lines += ["", "## Metrics", "", f"{v['scheme']}; {v['folds']} folds, {v['n_boot']} bootstrap resamples.", "",
-              "| metric | mean | 95% CI |", "| --- | --- | --- |"]
-    for name, mv in (card["metrics"] or {}).items():
-        lines.append(f"| {name} | {_cell(mv.get('mean'))} | [{_cell(mv.get('ci_low'))}, {_cell(mv.get('ci_high'))}] |")
+    lines += ["", "## Metrics", "", f"{v['scheme']}; {v['folds']} folds, {v['n_boot']} bootstrap resamples.", ""]
+    lines += _metric_rows(card["metrics"] or {})
     for key, title in (("calibration", "Calibration"), ("operating_point", "Operating point"),
                        ("subgroups", "Subgroups")):
         lines += ["", f"## {title}", ""]
         lines.append("not computed for this run" if card[key] is None else f"```json\n{_pretty(card[key])}\n```")
     lines += ["", "## Limitations", ""] + [f"- {x}" for x in card["limitations"]]
     return "\n".join(lines) + "\n"
+
+
+def _metric_rows(metrics: dict[str, Any]) -> list[str]:
+    """The metrics table: value, the headline interval, then the other one, each column saying what it covers
+    (:mod:`mmcli.heads.evaluation.headline`)."""
+    entries = {k: m for k, m in metrics.items() if isinstance(m, dict)}
+    if not entries:
+        return ["no metrics"]
+    key = headline.headline_key(next(iter(entries.values())))
+    keys = [key] + ([headline.CI_BOOT] if key == headline.CI_T else [])
+    what = headline.scope(next(iter(entries.values())))
+    rows = ["| metric | " + what + " | " + " | ".join(f"95% CI: {headline.short_label(k, what)}" for k in keys)
+            + " |",
+            "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+    for name, mv in entries.items():
+        cis = " | ".join(f"[{_cell(lo)}, {_cell(hi)}]" for lo, hi in (headline.interval(mv, k) for k in keys))
+        rows.append(f"| {_cell(name)} | {_cell(mv.get('mean'))} | {cis} |")
+    rows += [""] + [f"- {line}" for line in headline.legend(key, what)]
+    return rows
 
 
 def _pretty(doc: Any) -> str:

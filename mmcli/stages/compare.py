@@ -16,9 +16,19 @@ left out). Differences are always ``A - B``.
 Every interval and its p-value come from one method (DeLong: one variance; bootstrap: the p-value inverts the
 percentile interval), so ``p < alpha`` exactly when the ``1 - alpha`` interval excludes 0.
 
-Values are computed on the **pooled out-of-fold predictions** of the shared patients (one prediction per
-patient, from the fold model that did not see it), so they can differ slightly from ``metrics.json``, which
-reports the mean over folds.
+Two questions, two intervals (issue 24 item 3):
+
+* **These fitted models** (``difference, ci_low, ci_high, p_value``, the methods above): on the **pooled
+  out-of-fold predictions** of the shared patients (one prediction per patient, from the fold model that did
+  not see it). The fold models are held fixed: test-patient variability only.
+* **The procedures** (``procedure``: Nadeau & Bengio's corrected paired t over the per-fold differences,
+  :func:`mmcli.heads.evaluation.stats.corrected_t_test`), when both runs were cross-validated on the same folds
+  (every shared patient in the same fold): covers training variability too, which is what "is head A better
+  than head B on this kind of data" asks. The DeLong interval under-covers that question
+  (``benchmarks/bench_coverage.py``), so ``headline`` is ``"procedure"`` whenever it is defined.
+
+Each run's ``value`` is its pooled out-of-fold metric; ``fold_mean`` is the mean over folds from its
+``metrics.json`` (all of that run's patients), the number ``mmcli fit`` prints; both are labelled in the text.
 
 Runs must have the same task and endpoint (target, or time/event columns), the same classes and the same
 labels on every shared patient; otherwise :class:`InputError` (exit 2).
@@ -33,8 +43,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmcli.heads.evaluation.metrics import center_risks_by_fold
-from mmcli.heads.evaluation.stats import auroc_bootstrap, cindex_bootstrap, delong_test
+from mmcli.heads.evaluation.bootstrap import finite_or_none
+from mmcli.heads.evaluation.metrics import auroc, center_risks_by_fold
+from mmcli.heads.evaluation.stats import (
+    auroc_bootstrap,
+    cindex_bootstrap,
+    concordance,
+    corrected_t_test,
+    delong_test,
+)
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.rundir import CLASSIFICATION, SURVIVAL, Run, load_run
 
@@ -72,10 +89,6 @@ def _centred(pred: pd.DataFrame, run: Run) -> pd.DataFrame:
     return center_risks_by_fold(pred)
 
 
-def _finite(v: float) -> float | None:
-    return float(v) if math.isfinite(v) else None
-
-
 def _check_same_labels(what: str, va: np.ndarray, vb: np.ndarray, ids: pd.Series, a: Run, b: Run) -> None:
     differ = ~np.isclose(va, vb) if np.issubdtype(va.dtype, np.floating) else va != vb
     if differ.any():
@@ -110,8 +123,8 @@ def _classification(a: Run, b: Run, pa: pd.DataFrame, pb: pd.DataFrame, n_boot: 
             raise InputError(f"{d.message} among the {len(ya)} shared patients")
         return {"metric": "auroc", "method": "delong", "positive_class": classes[1],
                 "value_a": d.auc_a, "value_b": d.auc_b, "difference": d.difference, "ci_low": d.ci_low,
-                "ci_high": d.ci_high, "p_value": d.p_value, "se": d.se, "z": _finite(d.z),
-                "reference": d.reference, "df": _finite(d.df), "message": d.message}
+                "ci_high": d.ci_high, "p_value": d.p_value, "se": d.se, "z": finite_or_none(d.z),
+                "reference": d.reference, "df": finite_or_none(d.df), "message": d.message}
     if len(present) < len(classes):
         missing = [classes[i] for i in range(len(classes)) if i not in present]
         raise InputError(f"classes {missing} have no shared patient: the macro AUROC is undefined")
@@ -120,12 +133,13 @@ def _classification(a: Run, b: Run, pa: pd.DataFrame, pb: pd.DataFrame, n_boot: 
     for c, name in enumerate(classes):
         d = delong_test((ya == c).astype(int), prob_a[:, c], prob_b[:, c], alpha=alpha)
         per_class.append({"class": name, "auc_a": d.auc_a, "auc_b": d.auc_b, "difference": d.difference,
-                          "ci_low": _finite(d.ci_low), "ci_high": _finite(d.ci_high),
-                          "p_value": _finite(d.p_value), "reference": d.reference, "message": d.message})
+                          "ci_low": finite_or_none(d.ci_low), "ci_high": finite_or_none(d.ci_high),
+                          "p_value": finite_or_none(d.p_value), "reference": d.reference, "message": d.message})
     return {"metric": "auroc_macro_ovr", "method": "paired_bootstrap", "value_a": boot.estimate_a,
-            "value_b": boot.estimate_b, "difference": boot.difference, "ci_low": boot.ci_low,
-            "ci_high": boot.ci_high, "p_value": boot.p_value, "n_boot": n_boot, "n_valid": boot.n_valid,
-            "seed": seed, "per_class": per_class, "per_class_method": "delong_ovr_unadjusted"}
+            "value_b": boot.estimate_b, "difference": boot.difference, "ci_low": finite_or_none(boot.ci_low),
+            "ci_high": finite_or_none(boot.ci_high), "p_value": finite_or_none(boot.p_value), "n_boot": n_boot,
+            "n_valid": boot.n_valid, "seed": seed, "per_class": per_class,
+            "per_class_method": "delong_ovr_unadjusted", "message": boot.message}
 
 
 def _survival(a: Run, b: Run, pa: pd.DataFrame, pb: pd.DataFrame, n_boot: int, seed: int,
@@ -140,10 +154,58 @@ def _survival(a: Run, b: Run, pa: pd.DataFrame, pb: pd.DataFrame, n_boot: int, s
     boot = cindex_bootstrap(ta, ea, pa["risk"].to_numpy(float), pb["risk"].to_numpy(float),
                             n_boot=n_boot, seed=seed, alpha=alpha)
     return {"metric": "c_index", "method": "paired_bootstrap", "value_a": boot.estimate_a,
-            "value_b": boot.estimate_b, "difference": boot.difference, "ci_low": boot.ci_low,
-            "ci_high": boot.ci_high, "p_value": boot.p_value, "n_boot": n_boot, "n_valid": boot.n_valid,
-            "seed": seed, "n_events": int(ea.sum()),
+            "value_b": boot.estimate_b, "difference": boot.difference, "ci_low": finite_or_none(boot.ci_low),
+            "ci_high": finite_or_none(boot.ci_high), "p_value": finite_or_none(boot.p_value), "n_boot": n_boot,
+            "n_valid": boot.n_valid, "seed": seed, "n_events": int(ea.sum()), "message": boot.message,
             "risk_centring": "each run's risks minus the mean of its fold's out-of-fold risks"}
+
+
+# ---- the procedures: corrected paired t over the per-fold differences -----------------------------------------
+FOLD_MEAN_KEY = {"auroc": "auroc", "auroc_macro_ovr": "auroc", "c_index": "c_index"}  # compare -> metrics.json
+
+
+def _fold_metric(a: Run, pa: pd.DataFrame, rows: np.ndarray, metric: str) -> float:
+    """The compared metric of run ``a`` on the rows ``rows`` of its matched predictions ``pa``."""
+    if metric == "c_index":
+        part = pa.iloc[rows]
+        if part["event"].sum() == 0:
+            return math.nan
+        return concordance(part["time"].to_numpy(float), part["event"].to_numpy(int), part["risk"].to_numpy(float))
+    sub = _subrun(a, pa.iloc[rows])
+    y, probs = sub.class_index(), sub.prob_matrix()
+    if metric == "auroc":
+        return auroc(y == 1, probs[:, 1])
+    return float(np.mean([auroc(y == c, probs[:, c]) for c in range(probs.shape[1])]))
+
+
+def _procedure(a: Run, b: Run, pa: pd.DataFrame, pb: pd.DataFrame, metric: str, alpha: float) -> dict[str, Any]:
+    """``procedure`` block: the corrected paired t over the per-fold differences, or why there is none."""
+    if "fold" not in pa.columns or "fold" not in pb.columns:
+        return {"skipped": "a run's predictions.csv has no 'fold' column"}
+    fa, fb = pa["fold"].to_numpy(), pb["fold"].to_numpy()
+    if (fa != fb).any():
+        return {"skipped": f"the runs' folds differ for {int((fa != fb).sum())} of {len(fa)} shared patients: fit "
+                           "both with the same --folds, --seed and patients to compare the procedures"}
+    folds = np.unique(fa)
+    if len(folds) < 2:
+        return {"skipped": "fewer than 2 folds"}
+    rows = [np.flatnonzero(fa == f) for f in folds]
+    va = np.array([_fold_metric(a, pa, r, metric) for r in rows])
+    vb = np.array([_fold_metric(b, pb, r, metric) for r in rows])
+    t = corrected_t_test(va - vb, [len(r) for r in rows], alpha)
+    if t.message:
+        return {"skipped": t.message + " (a fold lacks a class or events among the shared patients)"}
+    return {"method": "corrected_resampled_t", "difference": t.difference, "ci_low": t.ci_low,
+            "ci_high": t.ci_high, "p_value": t.p_value, "se": t.se, "df": t.df, "folds": len(folds),
+            "mean_a": float(va.mean()), "mean_b": float(vb.mean()), "per_fold": t.per_fold,
+            "what": "mean over folds of the per-fold difference A - B on the shared patients; Nadeau & Bengio "
+                    "variance (1/K + n_test/n_train) s^2, K-1 df: covers training and test variability of the "
+                    "two procedures"}
+
+
+def _fold_mean(run: Run, metric: str) -> float | None:
+    entry = ((run.metrics or {}).get("metrics") or {}).get(FOLD_MEAN_KEY.get(metric, metric))
+    return finite_or_none(entry.get("mean")) if isinstance(entry, dict) else None
 
 
 def compare(run_a: str | Path, run_b: str | Path, *, n_boot: int = 2000, seed: int = 0,
@@ -161,46 +223,71 @@ def compare(run_a: str | Path, run_b: str | Path, *, n_boot: int = 2000, seed: i
     with warnings.catch_warnings():  # small-class warnings travel in the result's "message" fields instead
         warnings.simplefilter("ignore", UserWarning)
         res = fn(a, b, pa, pb, n_boot, seed, alpha)
+    metric = res.pop("metric")
     out: dict[str, Any] = {
-        "task": a.task, "metric": res.pop("metric"), "method": res.pop("method"),
-        "run_a": _side(a, res.pop("value_a")), "run_b": _side(b, res.pop("value_b")),
+        "task": a.task, "metric": metric, "method": res.pop("method"),
+        "run_a": {**_side(a, res.pop("value_a")), "fold_mean": _fold_mean(a, metric)},
+        "run_b": {**_side(b, res.pop("value_b")), "fold_mean": _fold_mean(b, metric)},
         "n_matched": len(pa), "n_only_a": only_a, "n_only_b": only_b, "alpha": alpha, "scope": "pooled_oof",
     }
     out.update(res)
+    out["procedure"] = _procedure(a, b, pa, pb, metric, alpha)
+    out["headline"] = "models" if "skipped" in out["procedure"] else "procedure"
     return out
 
 
+def _pm(v: float | None, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:+.{digits}f}"
+
+
 def format_comparison(result: dict[str, Any]) -> str:
-    """A readable plain-text table of :func:`compare`'s result."""
+    """A readable plain-text table of :func:`compare`'s result: each run's pooled out-of-fold value and fold
+    mean, labelled, then A - B for the procedures (headline, when the folds match) and for these models."""
     conf = round(100 * (1 - result["alpha"]))
     a, b = result["run_a"], result["run_b"]
-    w = max(10, len(result["metric"]))
+    metric = result["metric"]
+    method = result["method"].replace("_", " ")
+
+    def fold_mean(side: dict[str, Any]) -> str:
+        v = side.get("fold_mean")
+        return f"{v:.4f}" if v is not None else "n/a"
+
     lines = [
-        f"{result['task']} comparison: {result['metric']} ({result['method'].replace('_', ' ')}), "
-        f"{result['n_matched']} shared patients"
+        f"{result['task']} comparison: {metric}, {result['n_matched']} shared patients"
         + (f" ({result['n_only_a']} only in A, {result['n_only_b']} only in B: left out)"
            if result["n_only_a"] or result["n_only_b"] else ""),
         "",
-        f"  {'run':<4} {'head':<16} {'modalities':<32} {result['metric']:>{w}}",
-        f"  {'A':<4} {a['head']:<16} {','.join(a['modalities']) or '-':<32} {a['value']:>{w}.4f}   {a['path']}",
-        f"  {'B':<4} {b['head']:<16} {','.join(b['modalities']) or '-':<32} {b['value']:>{w}.4f}   {b['path']}",
+        f"  {'run':<4} {'head':<16} {'modalities':<32} {'pooled out-of-fold':>18} {'fold mean':>10}",
+        f"  {'A':<4} {a['head']:<16} {','.join(a['modalities']) or '-':<32} {a['value']:>18.4f} "
+        f"{fold_mean(a):>10}   {a['path']}",
+        f"  {'B':<4} {b['head']:<16} {','.join(b['modalities']) or '-':<32} {b['value']:>18.4f} "
+        f"{fold_mean(b):>10}   {b['path']}",
+        f"  pooled out-of-fold: {metric} of the shared patients' out-of-fold predictions, pooled across folds;",
+        "  fold mean: the mean of the per-fold values in the run's metrics.json (all its patients), as `mmcli fit` "
+        "prints it",
         "",
-        f"  A - B = {result['difference']:+.4f}   {conf}% CI [{result['ci_low']:+.4f}, {result['ci_high']:+.4f}]"
-        f"   {_p_text(result)}",
-        f"  interval and p from the same {result['method'].replace('_', ' ')}"
-        + (" (Student's t reference)" if result.get("reference") == "t" else ""),
     ]
+    proc = result.get("procedure") or {}
+    models = (f"  A - B, these fitted models ({method} on the pooled out-of-fold predictions; test variability "
+              f"only):\n        {_pm(result['difference'])}   {conf}% CI [{_pm(result['ci_low'])}, "
+              f"{_pm(result['ci_high'])}]   {_p_text(result)}"
+              + ("   (Student's t reference)" if result.get("reference") == "t" else ""))
+    if "skipped" in proc:
+        lines += [models, f"  A - B, the procedures: not computed ({proc['skipped']})"]
+    else:
+        lines += [f"  A - B, the procedures (corrected paired t over {proc['folds']} folds, Nadeau-Bengio; covers "
+                  f"training and test variability):\n        {_pm(proc['difference'])}   {conf}% CI "
+                  f"[{_pm(proc['ci_low'])}, {_pm(proc['ci_high'])}]   p = {proc['p_value']:.4g}", models]
+    lines.append("  each interval and its p come from one method (p < alpha exactly when the interval excludes 0)")
     if result.get("message"):
         lines.append(f"  note: {result['message']}")
     if result.get("per_class"):
-        lines += ["", "  per class (one-vs-rest AUROC, DeLong, unadjusted p):",
+        lines += ["", "  per class (one-vs-rest AUROC on the pooled out-of-fold predictions, DeLong, unadjusted p):",
                   f"  {'class':<20} {'A':>8} {'B':>8} {'A - B':>8} {'p':>10}"]
         for r in result["per_class"]:
             p = "n/a" if r["p_value"] is None else f"{r['p_value']:.4g}"
             lines.append(f"  {r['class']:<20} {r['auc_a']:>8.4f} {r['auc_b']:>8.4f} {r['difference']:>+8.4f} "
                          f"{p:>10}" + (f"   {r['message']}" if r["message"] else ""))
-    lines.append(f"\n  values: pooled out-of-fold {result['metric']} of the shared patients "
-                 "(metrics.json reports the mean over folds)")
     if result.get("risk_centring"):
         lines.append("  risks centred per fold before pooling (each fold model's offset is arbitrary)")
     if result.get("n_boot"):
@@ -209,8 +296,10 @@ def format_comparison(result: dict[str, Any]) -> str:
 
 
 def _p_text(result: dict[str, Any]) -> str:
-    """``p = ...``; a bootstrap p of 0 only says p < 2 / (usable resamples)."""
+    """``p = ...``; a bootstrap p of 0 only says p < 2 / (usable resamples); n/a when undefined."""
     p = result["p_value"]
+    if p is None:
+        return "p = n/a"
     if p == 0 and result.get("n_valid"):
         return f"p < {2 / result['n_valid']:.2g}"
     return f"p = {p:.4g}"

@@ -56,7 +56,10 @@ def test_report_card_writes_json_and_markdown(xgb_run):
     for heading in ("## Intended use", "## Data", "## Encoders", "## Metrics", "## Calibration", "## Limitations"):
         assert heading in md
     auroc = card["metrics"]["auroc"]
-    assert f"| auroc | {auroc['mean']:.3f} | [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}] |" in md
+    # issue 24 item 3: the headline interval (corrected t over folds) first, then the fold-model bootstrap
+    assert "| metric | mean of 2 folds | 95% CI: corrected t over folds | 95% CI: bootstrap, models fixed |" in md
+    assert (f"| auroc | {auroc['mean']:.3f} | [{auroc['ci_t_low']:.3f}, {auroc['ci_t_high']:.3f}] | "
+            f"[{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}] |") in md
     assert "P0" not in md and "P0" not in json.dumps(card) and "GHOST" not in json.dumps(card)  # no patient ids
     assert str(d) not in json.dumps(card)  # no paths
 

@@ -184,3 +184,44 @@ def test_per_class_delong_of_a_tiny_class_is_null_with_a_message(tmp_path: Path)
     assert res["per_class"][0]["p_value"] is not None
     json.dumps(res, allow_nan=False)
     assert "n/a" in format_comparison(res)
+
+
+def test_procedures_are_compared_by_the_corrected_paired_t_over_the_shared_folds(tmp_path: Path) -> None:
+    """Issue 24 item 3: the headline for "is procedure A better" is Nadeau-Bengio's corrected paired t over the
+    per-fold differences, recomputed here by hand from the predictions; each run's pooled out-of-fold value and
+    its metrics.json fold mean are both reported and labelled (issue 29 item 13)."""
+    from scipy.stats import t as student_t
+
+    a = classification_run(tmp_path / "a", signal=2.0, seed=1, head="fusion_mlp")
+    b = classification_run(tmp_path / "b", signal=1.2, seed=2)
+    res = compare(a, b)
+    proc = res["procedure"]
+    assert res["headline"] == "procedure" and proc["method"] == "corrected_resampled_t" and proc["folds"] == 5
+    pa, pb = pd.read_csv(a / "predictions.csv"), pd.read_csv(b / "predictions.csv")
+    d, sizes = [], []
+    for f in range(5):
+        m = pa["fold"] == f
+        y = (pa.loc[m, "y_true"] == "pos").astype(int)
+        d.append(roc_auc_score(y, pa.loc[m, "prob_pos"]) - roc_auc_score(y, pb.loc[m, "prob_pos"]))
+        sizes.append(int(m.sum()))
+    d = np.array(d)
+    se = np.sqrt((1 / 5 + np.mean([s / (120 - s) for s in sizes])) * d.var(ddof=1))
+    q = student_t.ppf(0.975, 4)
+    assert (proc["difference"], proc["ci_low"], proc["ci_high"], proc["p_value"]) == pytest.approx(
+        (d.mean(), d.mean() - q * se, d.mean() + q * se, 2 * student_t.sf(abs(d.mean()) / se, 4)))
+    assert proc["per_fold"] == pytest.approx(d.tolist())
+    fold_mean = json.loads((a / "metrics.json").read_text())["metrics"]["auroc"]["mean"]
+    assert res["run_a"]["fold_mean"] == pytest.approx(fold_mean)
+    text = format_comparison(res)
+    assert "pooled out-of-fold" in text and "fold mean" in text and f"{fold_mean:.4f}" in text
+    assert f"{res['run_a']['value']:.4f}" in text and "the procedures (corrected paired t over 5 folds" in text
+    assert text.index("the procedures") < text.index("these fitted models")  # the headline first
+
+
+def test_procedures_are_not_compared_when_the_folds_differ(tmp_path: Path) -> None:
+    a = classification_run(tmp_path / "a", signal=2.0, seed=1)
+    b = classification_run(tmp_path / "b", signal=1.2, seed=2, folds=4)
+    res = compare(a, b)
+    assert res["headline"] == "models" and "folds differ" in res["procedure"]["skipped"]
+    json.dumps(res, allow_nan=False)
+    assert "the procedures: not computed" in format_comparison(res)

@@ -8,8 +8,10 @@ Assessment (:func:`calibration_report`), for the probabilities a model outputs:
   (maximum likelihood); 1 = ideal, < 1 = predictions too extreme;
 * **calibration intercept** (calibration-in-the-large): ``a`` of ``logit P(y=1) = a + logit(p)`` (the slope
   fixed at 1, logit(p) an offset); 0 = ideal, > 0 = the model under-predicts on average;
-* 95% percentile bootstrap intervals of both (patients resampled with replacement; a replicate with one class
-  only, or with complete separation, is skipped and counted: ``n_valid``).
+* 95% percentile bootstrap intervals of both (:mod:`.bootstrap`: patients resampled with replacement, not
+  stratified, since the intercept depends on the outcome rate and stratifying by class would fix it; a
+  replicate with one class only, or with complete separation, gives no value and is counted: ``n_valid``;
+  the interval is null when fewer than ``MIN_VALID_SHARE`` of the replicates gave a value).
 
 The two logistic fits are Newton-Raphson maximum likelihood, vectorised over bootstrap replicates (a replicate is
 a vector of multinomial patient weights), so 1000 replicates cost one batched fit; the tests check them against
@@ -27,12 +29,12 @@ calibrator of a fold never saw that fold's test patients. Saved as JSON, never p
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from mmcli.heads.evaluation.bootstrap import finite_or_none, multiplicities, percentile_interval, resample_indices
 from mmcli.pipeline.errors import InputError
 
 METHODS = ("none", "platt", "isotonic")
@@ -95,18 +97,6 @@ def intercept_slope(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     return float(fit[0]), float(fit[2])
 
 
-def _ci(values: np.ndarray, alpha: float) -> tuple[float | None, float | None]:
-    v = values[np.isfinite(values)]
-    if not len(v):
-        return None, None
-    lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(lo), float(hi)
-
-
-def _num(v: float) -> float | None:
-    return float(v) if v is not None and math.isfinite(v) else None
-
-
 def binary_calibration(y: np.ndarray, p: np.ndarray, n_boot: int = 200, seed: int = 0, n_bins: int = 10,
                        alpha: float = 0.05) -> dict[str, Any]:
     """Reliability curve, intercept and slope with bootstrap CIs, and the Brier score, for one 0/1 outcome."""
@@ -116,10 +106,9 @@ def binary_calibration(y: np.ndarray, p: np.ndarray, n_boot: int = 200, seed: in
     y = np.asarray(y, dtype=int)
     p = np.asarray(p, dtype=np.float64)
     a, b = intercept_slope(y, p)
-    # bootstrap replicates as multinomial weights: one vectorised Newton fit for all of them
+    # bootstrap replicates as multiplicity weights: one vectorised Newton fit for all of them
     rng = np.random.default_rng(seed)
-    w = np.stack([np.bincount(rng.integers(0, len(y), len(y)), minlength=len(y)) for _ in range(n_boot)]) \
-        if n_boot else np.zeros((0, len(y)))
+    w = multiplicities(resample_indices(rng, n_boot, len(y)), len(y))
     boot = _logistic_fits(y.astype(np.float64), logit(p), w)[:, [0, 2]] if n_boot else np.zeros((0, 2))
     bins = min(n_bins, max(2, len(y) // 5))
     curve: dict[str, Any] = {"strategy": "quantile", "n_bins": bins}
@@ -131,12 +120,12 @@ def binary_calibration(y: np.ndarray, p: np.ndarray, n_boot: int = 200, seed: in
         counts = counts[counts > 0]
         curve.update(mean_predicted=[float(v) for v in mean_pred], observed=[float(v) for v in frac],
                      n=[int(c) for c in counts])
-    ilo, ihi = _ci(boot[:, 0], alpha)
-    slo, shi = _ci(boot[:, 1], alpha)
+    ci_a = percentile_interval(boot[:, 0], alpha, n_boot=n_boot, estimate=a)
+    ci_b = percentile_interval(boot[:, 1], alpha, n_boot=n_boot, estimate=b)
     return {
-        "intercept": {"value": _num(a), "ci_low": ilo, "ci_high": ihi, "n_valid": int(np.isfinite(boot[:, 0]).sum())},
-        "slope": {"value": _num(b), "ci_low": slo, "ci_high": shi, "n_valid": int(np.isfinite(boot[:, 1]).sum())},
-        "brier": _num(float(brier_score_loss(y, p))),
+        "intercept": {"value": finite_or_none(a), **ci_a.json(), "n_valid": ci_a.n_valid},
+        "slope": {"value": finite_or_none(b), **ci_b.json(), "n_valid": ci_b.n_valid},
+        "brier": finite_or_none(float(brier_score_loss(y, p))),
         "mean_predicted": float(p.mean()), "observed_rate": float(y.mean()), "n": int(len(y)),
         "reliability": curve,
     }
@@ -157,7 +146,8 @@ def calibration_report(y: np.ndarray, probs: np.ndarray, classes: Sequence[str],
                 + (f" (after in-fold {method} recalibration)" if method != "none" else " (no recalibration)"),
         "intercept_definition": "a in logit P(y=1) = a + logit(p) (calibration-in-the-large; ideal 0)",
         "slope_definition": "b in logit P(y=1) = a + b*logit(p) (ideal 1; < 1: too extreme)",
-        "ci": "95% percentile bootstrap over patients",
+        "ci": "95% percentile bootstrap over patients (not stratified: the intercept depends on the outcome rate); "
+              "null when fewer than 95% of the resamples gave a value",
         "n_boot": n_boot,
         "classes": per_class,
     }

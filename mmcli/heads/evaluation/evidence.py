@@ -15,10 +15,10 @@ import pandas as pd
 
 from mmcli.heads.evaluation.calibration import Calibrator, calibration_report
 from mmcli.heads.evaluation.decision_curve import decision_curve
-from mmcli.heads.evaluation.metrics import survival_metrics
+from mmcli.heads.evaluation.metrics import FoldPredictions, weighted_classification_metrics
 from mmcli.heads.evaluation.operating_point import OperatingPoint, threshold_metrics
 from mmcli.heads.evaluation.options import EvidenceOptions
-from mmcli.heads.evaluation.subgroups import fast_classification_metrics, subgroup_report
+from mmcli.heads.evaluation.subgroups import subgroup_report
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_json
 
@@ -91,22 +91,22 @@ def classification_evidence(y: np.ndarray, probs: np.ndarray, classes: Sequence[
                                   "positive_class": str(classes[1]), "rule": "positive when P >= threshold"}
     if probs.shape[1] == 2:
         out["decision_curve"] = decision_curve(y, probs[:, 1], opts.thresholds(),
-                                               what=f"P({classes[1]}), {what}")
+                                               what=f"P({classes[1]}), {what}", n_boot=n_boot, seed=seed)
     else:
         out["decision_curve"] = {"skipped": "decision curves are for binary outcomes (or survival at --horizon)"}
     specs = opts.subgroup_specs()
     if specs:
-        def metric_fn(rows: np.ndarray) -> dict[str, float]:
-            m = fast_classification_metrics(y[rows], probs[rows])
+        def metric_fn(rows: np.ndarray, W: np.ndarray) -> dict[str, np.ndarray]:
+            m = weighted_classification_metrics(y[rows], probs[rows], W)
             if thresholds is not None:
                 call = probs[rows, 1] >= np.asarray(thresholds, dtype=float)[rows]
-                pos, neg = y[rows] == 1, y[rows] == 0
-                m["sensitivity"] = float(call[pos].mean()) if pos.any() else float("nan")
-                m["specificity"] = float((~call[neg]).mean()) if neg.any() else float("nan")
+                pos = y[rows] == 1
+                m["sensitivity"] = _share(W, call & pos, pos)
+                m["specificity"] = _share(W, ~call & ~pos, ~pos)
             return m
 
         out["subgroups"] = subgroup_report(specs, patients, labels, tables, metric_fn, min_size=opts.min_subgroup,
-                                           n_boot=n_boot, seed=seed)
+                                           n_boot=n_boot, seed=seed, strata=y)
     return out
 
 
@@ -123,15 +123,23 @@ def survival_evidence(time: np.ndarray, event: np.ndarray, risk: np.ndarray, eve
     else:
         out["decision_curve"] = decision_curve(event, event_prob, opts.thresholds(), time=time, horizon=opts.horizon,
                                                what=f"P(event by {opts.horizon:g}) = 1 - S({opts.horizon:g} | x), "
-                                                    f"{what}")
+                                                    f"{what}", n_boot=n_boot, seed=seed)
     specs = opts.subgroup_specs()
     if specs:
-        def metric_fn(rows: np.ndarray) -> dict[str, float]:
-            return {"c_index": survival_metrics(time[rows], event[rows], risk[rows])["c_index"]}
+        def metric_fn(rows: np.ndarray, W: np.ndarray) -> dict[str, np.ndarray]:
+            fold = FoldPredictions(time=time[rows], event=event[rows], risk=risk[rows])  # Harrell's c, weighted
+            return {"c_index": fold.replicate_metrics(W)["c_index"]}
 
         out["subgroups"] = subgroup_report(specs, patients, labels, tables, metric_fn, min_size=opts.min_subgroup,
-                                           n_boot=n_boot, seed=seed)
+                                           n_boot=n_boot, seed=seed, strata=event)
     return out
+
+
+def _share(W: np.ndarray, hit: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Weighted share of ``hit`` among ``among`` per replicate of multiplicities ``W`` (B, n); NaN where none."""
+    den = W @ among.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, (W @ hit.astype(np.float64)) / np.where(den > 0, den, 1.0), np.nan)
 
 
 def store_tables(fs: Any) -> dict[str, Any]:

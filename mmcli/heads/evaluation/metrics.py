@@ -31,9 +31,11 @@ Summary (:func:`summarise`), per metric:
     held fixed: the interval covers the test-sample variability of these K fitted models, not training
     variability. A replicate is valid when every fold's value is defined; ``n_valid`` of ``n_boot`` were (by
     construction all of them, unless a fold itself is degenerate); the interval is ``null`` when fewer than
-    ``MIN_VALID_SHARE`` of the replicates were valid (it would be conditional on the evaluable ones).
+    ``bootstrap.MIN_VALID_SHARE`` of the replicates were valid (it would be conditional on the evaluable ones).
     ``ci_t_low``/``ci_t_high``: corrected resampled t-interval (:func:`corrected_t_interval`) over the
-    per-fold values, which also covers the variability of training. JSON gets ``null`` for NaN.
+    per-fold values, which also covers the variability of training. ``headline``: which of the two to show
+    first (``"ci_t"`` for 2 or more folds, ``"ci"`` for one evaluation set; :mod:`.headline`). Resampling,
+    percentiles and the validity rule are :mod:`.bootstrap`'s. JSON gets ``null`` for NaN.
 """
 from __future__ import annotations
 
@@ -46,12 +48,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmcli.heads.evaluation.bootstrap import finite_or_nan, finite_or_none, percentile_interval, resample_weights
+from mmcli.heads.evaluation.headline import CI_BOOT, CI_T, headline_for
+
 CLASSIFICATION_METRICS = ("auroc", "auprc", "f1_macro", "balanced_accuracy", "brier")
 SURVIVAL_METRICS = ("c_index", "c_index_uno", "ibs", "td_auc")
 GRID_METRICS = ("c_index_uno", "ibs", "td_auc")  # the survival metrics that use the evaluation grid
 GRID_POINTS = 10
 GRID_UPPER_QUANTILE = 80.0
-MIN_VALID_SHARE = 0.95
 TIED_TOL = 1e-8  # scikit-survival's tolerance for tied risks (Uno's c, td-AUC)
 
 
@@ -88,6 +92,20 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]
             else math.nan
         out["brier"] = float(np.mean([brier_score_loss(onehot[:, k], probs[:, k], pos_label=1) for k in range(K)]))
     return {k: out[k] for k in CLASSIFICATION_METRICS}
+
+
+def auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """Binary AUROC by midranks, the Mann-Whitney U / (m n) (= scikit-learn's ``roc_auc_score``; ties count one
+    half); NaN without both classes. The one unweighted AUROC of mmcli; :func:`_weighted_auc` is its weighted,
+    vectorised form for bootstrap replicates (the tests check both against scikit-learn)."""
+    from scipy.stats import rankdata
+
+    pos = np.asarray(y).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    m = int(pos.sum())
+    if m == 0 or m == len(pos):
+        return math.nan
+    return float((rankdata(s)[pos].sum() - m * (m + 1) / 2.0) / (m * (len(pos) - m)))
 
 
 # ---- survival (grid and library reference) -------------------------------------------------------------
@@ -223,6 +241,7 @@ def weighted_classification_metrics(y: np.ndarray, probs: np.ndarray, W: np.ndar
     support, predicted = conf.sum(2), conf.sum(1)
     f1_den = support + predicted
     f1 = np.where(f1_den > 0, 2 * tp / np.where(f1_den > 0, f1_den, 1), 0.0).mean(1)
+    f1[total <= 0] = np.nan  # no patient in the replicate (a subgroup not drawn): undefined, not 0
     present = support > 0
     recall = np.where(present, tp / np.where(present, support, 1), 0.0)
     balanced = _ratio(recall.sum(1), present.sum(1).astype(np.float64))
@@ -356,7 +375,7 @@ class FoldPredictions:
     def metrics(self, rows: np.ndarray | None = None) -> dict[str, float]:
         """The metrics on the fold's test patients, or on rows ``rows`` (with repeats, as a resample)."""
         w = np.ones(len(self)) if rows is None else np.bincount(np.asarray(rows), minlength=len(self))
-        return {k: _float(v[0]) for k, v in self.replicate_metrics(w[None, :]).items()}
+        return {k: finite_or_nan(v[0]) for k, v in self.replicate_metrics(w[None, :]).items()}
 
     def replicate_metrics(self, W: np.ndarray) -> dict[str, np.ndarray]:
         """Every metric for each row of multiplicities ``W`` (B, n) at once; NaN where undefined."""
@@ -379,17 +398,7 @@ class FoldPredictions:
 
     def resample(self, rng: np.random.Generator, n_boot: int) -> np.ndarray:
         """(n_boot, n) multiplicities of a bootstrap stratified by :meth:`strata`."""
-        W = np.zeros((n_boot, len(self)))
-        strata = self.strata()
-        for s in np.unique(strata):
-            rows = np.flatnonzero(strata == s)
-            W[:, rows] = rng.multinomial(len(rows), np.full(len(rows), 1.0 / len(rows)), size=n_boot)
-        return W
-
-
-def _float(v: Any) -> float:
-    v = float(v)
-    return v if math.isfinite(v) else math.nan
+        return resample_weights(rng, n_boot, self.strata())
 
 
 # ---- intervals and summary -----------------------------------------------------------------------------------
@@ -440,11 +449,12 @@ def center_risks_by_fold(pred: pd.DataFrame, fold_col: str = "fold", risk_col: s
     return out
 
 
-def interval_descriptions(survival: bool) -> dict[str, str]:
-    """What ``ci_low/ci_high`` and ``ci_t_low/ci_t_high`` cover (written into every metric of metrics.json)."""
+def interval_descriptions(survival: bool, n_folds: int | None = None) -> dict[str, str]:
+    """What ``ci_low/ci_high`` and ``ci_t_low/ci_t_high`` cover, and (given ``n_folds``) which is the headline
+    (written into every metric of metrics.json)."""
     strata = ("events at or before the first grid time / patients followed past the last grid time / the rest"
               if survival else "class")
-    return {
+    out = {
         "ci": "percentile bootstrap of the mean over folds: each fold's test patients resampled with replacement "
               f"(stratified by {strata}, so every replicate is evaluable); fold models, training data and "
               "evaluation grid held fixed: covers test-patient variability of these fitted models, not training "
@@ -453,12 +463,20 @@ def interval_descriptions(survival: bool) -> dict[str, str]:
                 "(1/K + n_test/n_train) s^2, K-1 degrees of freedom: approximately covers training and test "
                 "variability of the procedure",
     }
+    if n_folds is not None:
+        out["headline"] = (
+            "ci_t: a cross-validation estimates the procedure's performance on new patients; the bootstrap "
+            "(fold models fixed) under-covers it (benchmarks/bench_coverage.py)" if headline_for(n_folds) == CI_T
+            else "ci: one evaluation set of a fixed model; the bootstrap over its patients covers this model's "
+                 "performance (no t-interval over a single value)")
+    return out
 
 
 def summarise(folds: Sequence[FoldPredictions], n_boot: int = 1000, seed: int = 0,
               alpha: float = 0.05) -> dict[str, dict[str, Any]]:
     """Per metric: ``mean, ci_low, ci_high, per_fold`` plus ``n_boot, n_valid, ci_t_low, ci_t_high``,
-    ``interval`` (what each interval covers) and, for the grid metrics, ``eval_times`` (module docstring)."""
+    ``headline`` (``"ci_t"`` with 2 or more folds, else ``"ci"``), ``interval`` (what each interval covers)
+    and, for the grid metrics, ``eval_times`` (module docstring)."""
     folds = list(folds)
     if not folds:
         raise ValueError("summarise needs at least one fold")
@@ -481,28 +499,20 @@ def summarise(folds: Sequence[FoldPredictions], n_boot: int = 1000, seed: int = 
         boot += np.stack([reps[k] for k in names], axis=1)
     boot /= len(folds)
     sizes = [len(f) for f in folds]
-    intervals = interval_descriptions(survival)
+    intervals = interval_descriptions(survival, len(folds))
+    headline = headline_for(len(folds))
     out: dict[str, dict[str, Any]] = {}
     for j, k in enumerate(names):
         pf = np.array([m[k] for m in per_fold], dtype=np.float64)
         mean = float(pf.mean()) if np.isfinite(pf).all() else math.nan
-        col = boot[:, j][np.isfinite(boot[:, j])]
-        lo = hi = math.nan
-        if np.isfinite(mean) and len(col) >= MIN_VALID_SHARE * n_boot:
-            lo, hi = np.percentile(col, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+        ci = percentile_interval(boot[:, j], alpha, estimate=mean)
         t_lo, t_hi = corrected_t_interval(pf, sizes, alpha)
         entry: dict[str, Any] = {
-            "mean": _num(mean), "ci_low": _num(lo), "ci_high": _num(hi), "per_fold": [_num(v) for v in pf],
-            "n_boot": n_boot, "n_valid": len(col), "ci_t_low": _num(t_lo), "ci_t_high": _num(t_hi),
-            "interval": intervals,
+            "mean": finite_or_none(mean), **ci.json(CI_BOOT), "per_fold": [finite_or_none(v) for v in pf],
+            "n_boot": n_boot, "n_valid": ci.n_valid, "ci_t_low": finite_or_none(t_lo),
+            "ci_t_high": finite_or_none(t_hi), "headline": headline, "interval": intervals,
         }
         if survival and k in GRID_METRICS:
             entry["eval_times"] = [float(x) for x in grid]  # type: ignore[union-attr]
         out[k] = entry
     return out
-
-
-def _num(v: float) -> float | None:
-    """JSON-safe float: NaN -> None."""
-    v = float(v)
-    return v if math.isfinite(v) else None

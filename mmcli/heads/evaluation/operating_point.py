@@ -8,8 +8,10 @@ The choosing data are never the patients the threshold is judged on: in cross-va
 comes from cross-validated probabilities of that fold's *training* patients (nested), and is applied to the
 fold's test patients; the final model's threshold comes from the out-of-fold probabilities of the whole cohort.
 :func:`threshold_metrics` reports sensitivity, specificity, PPV and NPV of the decisions with 95% percentile
-bootstrap intervals (vectorised over replicates; a replicate without positives, negatives or calls of a kind
-gives NaN for that ratio only, counted in ``n_valid``).
+bootstrap intervals (:mod:`.bootstrap`; vectorised over replicates; patients resampled without stratification,
+since PPV and NPV depend on the prevalence; a replicate without positives, negatives or calls of a kind gives no
+value for that ratio only, counted in ``n_valid``; an interval is null when fewer than ``MIN_VALID_SHARE`` of
+the replicates gave a value).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mmcli.heads.evaluation.bootstrap import finite_or_none, percentile_interval, resample_indices
 from mmcli.pipeline.errors import InputError
 
 KINDS = {"sens": "sensitivity", "spec": "specificity"}
@@ -91,18 +94,12 @@ def threshold_metrics(y: np.ndarray, p: np.ndarray, threshold: float | np.ndarra
     call = np.asarray(p, dtype=np.float64) >= np.asarray(threshold, dtype=np.float64)
     point = _rates(y, call)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y), size=(n_boot, len(y)))
+    idx = resample_indices(rng, n_boot, len(y))
     boot = _rates(y[idx], call[idx])
     out: dict[str, Any] = {}
     for name, v in point.items():
-        b = boot[name][np.isfinite(boot[name])]
-        lo, hi = (np.percentile(b, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(b) else (math.nan, math.nan))
-        out[name] = {"value": _num(v), "ci_low": _num(lo), "ci_high": _num(hi), "n_valid": int(len(b))}
+        ci = percentile_interval(boot[name], alpha, estimate=float(v))
+        out[name] = {"value": finite_or_none(v), **ci.json(), "n_valid": ci.n_valid}
     out["counts"] = {"tp": int(np.sum(call & y)), "fp": int(np.sum(call & ~y)), "tn": int(np.sum(~call & ~y)),
                      "fn": int(np.sum(~call & y))}
     return out
-
-
-def _num(v: Any) -> float | None:
-    v = float(v)
-    return v if math.isfinite(v) else None

@@ -10,11 +10,13 @@
   normal reference rejects a true null 11 % of the time at nominal 5 % with 3 positives among 40 patients,
   the t reference 5 % (benchmarks/bench_stats.py). The Wald interval uses the same variance and reference as
   the p-value, so ``p < alpha`` exactly when the ``1 - alpha`` interval excludes 0.
-* :func:`paired_bootstrap` — paired (optionally stratified) percentile bootstrap of the difference of any metric.
-  ``scipy.stats.bootstrap`` can neither stratify nor skip degenerate resamples (a resample without events has no
-  c-index; one without a class has no AUROC), so this small loop does both and reports how many it dropped.
+* :func:`paired_bootstrap` — paired (optionally stratified) percentile bootstrap of the difference of any metric,
+  drawn and summarised by :mod:`.bootstrap` (resampling, the validity rule: interval and p-value null when
+  fewer than ``MIN_VALID_SHARE`` of the resamples gave a value for both models; ``n_valid`` always reported).
   Its p-value is the percentile interval inverted (the smallest ``alpha`` whose interval reaches 0), so the
   interval and the p-value never disagree.
+* :func:`corrected_t_test` — Nadeau & Bengio's corrected resampled t-test of the mean per-fold difference of
+  two procedures cross-validated on the same folds (covers training variability, which the two above do not).
 * :func:`cindex_bootstrap` / :func:`auroc_bootstrap` — the two uses of it in ``mmcli compare``.
 
 Conventions: ``y_true`` is 0/1 with 1 = positive class; higher score = more likely positive. For survival,
@@ -33,6 +35,14 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm, rankdata
 from scipy.stats import t as student_t
+
+from mmcli.heads.evaluation.bootstrap import (
+    MIN_VALID_SHARE,
+    percentile_interval_and_p,
+    resample_indices,
+    valid_enough,
+)
+from mmcli.heads.evaluation.metrics import auroc as _auroc
 
 SMALL_CLASS = 10  # fewer cases than this in a class: warn, and use the t reference
 
@@ -77,7 +87,8 @@ class BootstrapResult:
     two-sided, the percentile interval inverted, ``min(1, 2 min(#{d* <= 0}, #{d* >= 0}) / B)``: the smallest
     level whose interval still reaches 0, so ``p < alpha`` exactly when the interval excludes 0 (0 means
     below ``2 / B``). ``n_valid`` resamples of ``n_boot`` gave a defined metric for both models; the others
-    were degenerate and dropped.
+    were degenerate and dropped; below ``MIN_VALID_SHARE`` of ``n_boot`` the interval and p are NaN and
+    ``message`` says why.
     """
 
     estimate_a: float
@@ -89,6 +100,7 @@ class BootstrapResult:
     n_boot: int
     n_valid: int
     seed: int
+    message: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,8 +208,7 @@ def auroc(y_true: Any, score: Any) -> float:
     s = np.asarray(score, dtype=np.float64)
     if s.shape != y.shape:
         raise ValueError(f"score shape {s.shape} does not match y_true length {y.shape[0]}")
-    m = int(y.sum())
-    return float((rankdata(s)[y].sum() - m * (m + 1) / 2.0) / (m * (len(y) - m)))
+    return _auroc(y, s)
 
 
 def paired_bootstrap(
@@ -215,8 +226,8 @@ def paired_bootstrap(
     ``stat_a(idx)`` / ``stat_b(idx)`` compute each model's metric on rows ``idx`` (an int array into 0..n-1);
     both see the same resample, which keeps the pairing. With ``strata`` (n,) rows are resampled within each
     stratum (so every resample keeps the stratum sizes, e.g. the number of events). A resample where either
-    statistic raises ``ValueError``/``ZeroDivisionError`` or returns a non-finite value is dropped.
-    Deterministic for a given ``seed``.
+    statistic raises ``ValueError``/``ZeroDivisionError`` or returns a non-finite value is dropped (and counted:
+    the validity rule of :mod:`.bootstrap`). Deterministic for a given ``seed``.
     """
     if n < 2:
         raise ValueError("paired_bootstrap needs at least 2 rows")
@@ -225,17 +236,11 @@ def paired_bootstrap(
     full = np.arange(n)
     est_a, est_b = float(stat_a(full)), float(stat_b(full))
     diff = est_a - est_b
-    if strata is None:
-        groups = [full]
-    else:
-        lab = np.asarray(strata)
-        if lab.shape != (n,):
-            raise ValueError(f"strata must have shape ({n},), got {lab.shape}")
-        groups = [np.flatnonzero(lab == u) for u in np.unique(lab)]
+    if strata is not None and np.asarray(strata).shape != (n,):
+        raise ValueError(f"strata must have shape ({n},), got {np.asarray(strata).shape}")
     rng = np.random.default_rng(seed)
     boots = []
-    for _ in range(n_boot):
-        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+    for idx in resample_indices(rng, n_boot, n, strata):
         try:
             d = float(stat_a(idx)) - float(stat_b(idx))
         except (ValueError, ZeroDivisionError):
@@ -244,6 +249,13 @@ def paired_bootstrap(
             boots.append(d)
     if not boots:
         raise ValueError("every bootstrap resample was degenerate (too few events / positives?)")
+    if not valid_enough(len(boots), n_boot):
+        return BootstrapResult(
+            estimate_a=est_a, estimate_b=est_b, difference=diff, ci_low=math.nan, ci_high=math.nan,
+            p_value=math.nan, n_boot=n_boot, n_valid=len(boots), seed=seed,
+            message=f"only {len(boots)} of {n_boot} resamples gave a value for both models (fewer than "
+                    f"{MIN_VALID_SHARE:.0%}): no interval or p-value (it would be conditional on the evaluable "
+                    "resamples)")
     lo, hi, p = percentile_interval_and_p(np.asarray(boots), alpha)
     return BootstrapResult(
         estimate_a=est_a, estimate_b=est_b, difference=diff, ci_low=lo, ci_high=hi,
@@ -251,25 +263,54 @@ def paired_bootstrap(
     )
 
 
-def percentile_interval_and_p(boots: np.ndarray, alpha: float = 0.05) -> tuple[float, float, float]:
-    """Percentile interval of bootstrap differences and the p-value that inverts it (``BootstrapResult``).
+@dataclass(frozen=True)
+class CorrectedTResult:
+    """Corrected resampled t-test (Nadeau & Bengio 2003) of the mean of per-fold differences ``a - b``.
 
-    ``k`` is the smallest count with ``2 k / B >= alpha``, so ``p < alpha`` iff fewer than ``k`` replicates lie
-    on one side of 0 (inclusive) iff the interval ``[d*_(k), d*_(B+1-k)]`` excludes 0, in floating point too.
+    ``difference``: the mean over the K folds; ``ci_*``: ``difference ± t(K-1, 1-alpha/2) · se`` with
+    ``se = sqrt((1/K + n_test/n_train) s²)``; ``p_value``: two-sided, same t and se, so ``p < alpha`` exactly
+    when the interval excludes 0. NaN (with ``message``) when K < 2 or a fold difference is undefined.
     """
-    b = np.sort(np.asarray(boots, dtype=np.float64))
-    B = len(b)
-    if B == 0:
-        raise ValueError("no bootstrap replicates")
-    k = max(1, math.ceil(B * alpha / 2))
-    while k > 1 and 2 * (k - 1) / B >= alpha:
-        k -= 1
-    while 2 * k / B < alpha:
-        k += 1
-    lo, hi = float(b[k - 1]), float(b[B - k])
-    below, above = int(np.count_nonzero(b <= 0)), int(np.count_nonzero(b >= 0))
-    p = min(1.0, 2 * min(below, above) / B)
-    return lo, hi, p
+
+    difference: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    se: float
+    df: int
+    per_fold: list[float]
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def corrected_t_test(differences: Sequence[float], test_sizes: Sequence[int], alpha: float = 0.05
+                     ) -> CorrectedTResult:
+    """Nadeau & Bengio's corrected resampled t-test of per-fold differences of two procedures evaluated on the
+    same K folds (``test_sizes``: each fold's test patients; training size = all minus the fold's).
+
+    The variance ``(1/K + n_test/n_train) s²`` is :func:`mmcli.heads.evaluation.metrics.corrected_t_interval`'s
+    (the same correction for the folds' shared training patients); here without clipping, for a difference.
+    A zero spread gives se 0: p 1 for a zero difference, else 0, and a zero-width interval.
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    sizes = np.asarray(test_sizes, dtype=np.float64)
+    K = len(d)
+    pf = [float(v) for v in d]
+    if K < 2 or len(sizes) != K or not np.isfinite(d).all():
+        why = "fewer than 2 folds" if K < 2 else "a fold's difference is undefined"
+        return CorrectedTResult(math.nan, math.nan, math.nan, math.nan, math.nan, max(K - 1, 0), pf,
+                                f"no corrected t-test: {why}")
+    ratio = float(np.mean(sizes / (sizes.sum() - sizes)))
+    se = math.sqrt((1.0 / K + ratio) * d.var(ddof=1))
+    mean = float(d.mean())
+    q = float(student_t.ppf(1 - alpha / 2, K - 1))
+    if se > 0:
+        p = float(2.0 * student_t.sf(abs(mean) / se, K - 1))
+    else:
+        p = 1.0 if mean == 0 else 0.0
+    return CorrectedTResult(mean, mean - q * se, mean + q * se, p, se, K - 1, pf)
 
 
 def concordance(time: Any, event: Any, risk: Any) -> float:

@@ -6,17 +6,21 @@ categorical: one group per value. Other numeric columns are binned: by default a
 are computed on the evaluated patients and recorded), or at given edges with ``COL:edges=40,60`` (groups
 ``< 40``, ``[40, 60)``, ``>= 60``). A missing value is its own group ``missing``.
 
-Point estimates come from fairlearn's ``MetricFrame`` (``by_group``, ``overall``); the metric functions get the
-row indices of a group, so any metric of ``mmcli.heads.evaluation.metrics`` works unchanged. 95% intervals: percentile
-bootstrap over patients (the whole cohort resampled, so the gap ``group - overall`` is resampled jointly; a
-replicate where a metric is undefined in a group is skipped and counted in ``n_valid``). A group with fewer than
-``min_size`` patients is listed with its size and ``too_small: true`` and no metrics — reported, not hidden.
-Metrics are computed on the pooled out-of-fold predictions (a group spans folds).
+Point estimates come from fairlearn's ``MetricFrame`` (``by_group``, ``overall``). Metrics are computed on the
+pooled out-of-fold predictions (a group spans folds). A group with fewer than ``min_size`` patients is listed
+with its size and ``too_small: true`` and no metrics: reported, not hidden.
 
-The bootstrap evaluates the metrics thousands of times on small groups, where scikit-learn's per-call input
-validation dominates; :func:`fast_classification_metrics` computes the same five numbers as
-:func:`mmcli.heads.evaluation.metrics.classification_metrics` in plain numpy (the tests check them equal to
-scikit-learn's).
+95% intervals: percentile bootstrap over patients with :mod:`.bootstrap`'s rule. The whole cohort is resampled
+at once, so the gap ``group - overall`` is resampled jointly; with ``strata`` (the outcome: class codes, or the
+event indicator) the resampling is stratified by group x outcome, so every replicate keeps each group's class
+(or event) counts and the AUROC / c-index of a group is evaluable in every replicate, as in
+:func:`mmcli.heads.evaluation.metrics.summarise`. An interval is null when fewer than ``MIN_VALID_SHARE`` of
+the replicates gave a value (``n_valid`` is always reported).
+
+The metric function is *weighted* and vectorised: ``metric_fn(rows, W)`` returns ``{metric: (B,) values}`` for
+the patients at ``rows`` with multiplicities ``W`` (B, len(rows)), e.g.
+:func:`mmcli.heads.evaluation.metrics.weighted_classification_metrics`, so all replicates of a group cost one
+call.
 """
 from __future__ import annotations
 
@@ -29,6 +33,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmcli.heads.evaluation.bootstrap import (
+    finite_or_none,
+    multiplicities,
+    percentile_interval,
+    resample_indices,
+    resample_weights,
+)
 from mmcli.pipeline.errors import InputError
 
 MAX_LEVELS = 5
@@ -129,11 +140,13 @@ def assign_groups(values: pd.Series, spec: SubgroupSpec) -> tuple[np.ndarray, di
     return out, {"kind": "categorical", "groups": groups + ([MISSING] if missing.any() else [])}
 
 
-def subgroup_metrics(groups: np.ndarray, metric_fn: Callable[[np.ndarray], dict[str, float]], *, min_size: int = 10,
-                     n_boot: int = 200, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
-    """Per group: ``n``, and (when ``n >= min_size``) each metric's value, CI, gap to overall and the gap's CI.
+WeightedMetrics = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
-    ``metric_fn(rows)`` returns ``{metric: value}`` for the patients at ``rows``."""
+
+def subgroup_metrics(groups: np.ndarray, metric_fn: WeightedMetrics, *, min_size: int = 10, n_boot: int = 200,
+                     seed: int = 0, alpha: float = 0.05, strata: np.ndarray | None = None) -> dict[str, Any]:
+    """Per group: ``n``, and (when ``n >= min_size``) each metric's value, CI, ``n_valid``, the gap to overall and
+    the gap's CI. ``metric_fn(rows, W)``: see the module docstring; ``strata``: the outcome to stratify by."""
     from fairlearn.metrics import MetricFrame
 
     groups = np.asarray(groups, dtype=object)
@@ -141,36 +154,34 @@ def subgroup_metrics(groups: np.ndarray, metric_fn: Callable[[np.ndarray], dict[
     rows = np.arange(n)
     cache: dict[bytes, dict[str, float]] = {}
 
-    def cached(r: np.ndarray) -> dict[str, float]:
-        key = np.asarray(r, dtype=np.int64).tobytes()
+    def point(r: np.ndarray) -> dict[str, float]:
+        r = np.asarray(r, dtype=np.int64)
+        key = r.tobytes()
         if key not in cache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cache[key] = metric_fn(np.asarray(r, dtype=int))
+                cache[key] = {m: float(v[0]) for m, v in metric_fn(r, np.ones((1, len(r)))).items()}
         return cache[key]
 
-    names = list(cached(rows))
+    overall = point(rows)
+    names = list(overall)
     sizes = pd.Series(groups).value_counts()
     big = [g for g in sizes.index if sizes[g] >= min_size]
     keep = np.isin(groups, big)
-    mf = MetricFrame(metrics={m: (lambda _y, r, m=m: cached(r)[m]) for m in names}, y_true=np.zeros(n),
+    mf = MetricFrame(metrics={m: (lambda _y, r, m=m: point(r)[m]) for m in names}, y_true=np.zeros(n),
                      y_pred=rows, sensitive_features=pd.Series(groups, name="group")) if keep.any() else None
-    overall = {m: cached(rows)[m] for m in names}
     by_group = mf.by_group if mf is not None else pd.DataFrame(columns=names)
 
     rng = np.random.default_rng(seed)
-    boot_group = {g: np.full((n_boot, len(names)), np.nan) for g in big}
-    boot_gap = {g: np.full((n_boot, len(names)), np.nan) for g in big}
-    for b in range(n_boot):
-        idx = rng.integers(0, n, n)
-        ov = cached(idx)
-        ov_v = np.array([ov[m] for m in names], dtype=float)
-        for g in big:
-            r = idx[groups[idx] == g]
-            if not len(r):
-                continue
-            v = np.array([cached(r)[m] for m in names], dtype=float)
-            boot_group[g][b], boot_gap[g][b] = v, v - ov_v
+    if strata is None:
+        W = multiplicities(resample_indices(rng, n_boot, n), n)
+    else:
+        cells = np.array([f"{g}\x1f{s}" for g, s in zip(groups, np.asarray(strata))], dtype=object)
+        W = resample_weights(rng, n_boot, cells)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        boot_overall = metric_fn(rows, W)
+        boot_group = {g: metric_fn(np.flatnonzero(groups == g), W[:, groups == g]) for g in big}
     out_groups = []
     for g in sizes.index:
         entry: dict[str, Any] = {"group": str(g), "n": int(sizes[g])}
@@ -180,99 +191,35 @@ def subgroup_metrics(groups: np.ndarray, metric_fn: Callable[[np.ndarray], dict[
             continue
         entry["too_small"] = False
         metrics = {}
-        for j, m in enumerate(names):
+        for m in names:
             value = float(by_group.loc[g, m])
-            lo, hi, nv = _pct(boot_group[g][:, j], alpha)
-            glo, ghi, _ = _pct(boot_gap[g][:, j], alpha)
-            metrics[m] = {"value": _num(value), "ci_low": lo, "ci_high": hi, "n_valid": nv,
-                          "gap": _num(value - overall[m]), "gap_ci_low": glo, "gap_ci_high": ghi}
+            gap = value - overall[m]
+            ci = percentile_interval(boot_group[g][m], alpha, estimate=value)
+            gap_ci = percentile_interval(boot_group[g][m] - boot_overall[m], alpha, estimate=gap)
+            metrics[m] = {"value": finite_or_none(value), **ci.json(), "n_valid": ci.n_valid,
+                          "gap": finite_or_none(gap), **gap_ci.json("gap_ci"), "gap_n_valid": gap_ci.n_valid}
         entry["metrics"] = metrics
         out_groups.append(entry)
-    return {"overall": {m: _num(v) for m, v in overall.items()}, "groups": out_groups, "min_size": min_size}
-
-
-def _auroc(y: np.ndarray, s: np.ndarray) -> float:
-    """Mann-Whitney AUROC with average ranks for ties (= scikit-learn's ``roc_auc_score``)."""
-    from scipy.stats import rankdata
-
-    n1 = int(y.sum())
-    n0 = len(y) - n1
-    if n1 == 0 or n0 == 0:
-        return math.nan
-    r = rankdata(s)
-    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def _average_precision(y: np.ndarray, s: np.ndarray) -> float:
-    """Average precision, step-wise over distinct scores (= scikit-learn's ``average_precision_score``)."""
-    if not y.any():
-        return math.nan
-    order = np.argsort(-s, kind="mergesort")
-    ss, ys = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(ss)), len(ss) - 1]
-    tps = np.cumsum(ys)[last]
-    precision = tps / (last + 1)
-    recall = tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def fast_classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """auroc, auprc, f1_macro, balanced_accuracy, brier with the definitions of
-    :func:`mmcli.heads.evaluation.metrics.classification_metrics`, in numpy."""
-    y = np.asarray(y, dtype=int)
-    probs = np.asarray(probs, dtype=np.float64)
-    K = probs.shape[1]
-    pred = probs.argmax(axis=1)
-    cm = np.bincount(y * K + pred, minlength=K * K).reshape(K, K)
-    tp = np.diag(cm).astype(float)
-    fp, fn = cm.sum(axis=0) - tp, cm.sum(axis=1) - tp
-    denom = 2 * tp + fp + fn
-    f1 = np.divide(2 * tp, denom, out=np.zeros(K), where=denom > 0)
-    support = cm.sum(axis=1)
-    recall = tp[support > 0] / support[support > 0]
-    onehot = np.eye(K)[y]
-    out = {"f1_macro": float(f1.mean()), "balanced_accuracy": float(recall.mean()) if len(recall) else math.nan}
-    if K == 2:
-        pos = y == 1
-        out["auroc"] = _auroc(pos, probs[:, 1])
-        out["auprc"] = _average_precision(pos, probs[:, 1])
-        out["brier"] = float(np.mean((probs[:, 1] - pos) ** 2))
-    else:
-        complete = len(np.unique(y)) == K
-        out["auroc"] = float(np.mean([_auroc(y == k, probs[:, k]) for k in range(K)])) if complete else math.nan
-        out["auprc"] = float(np.mean([_average_precision(y == k, probs[:, k]) for k in range(K)])) if complete \
-            else math.nan
-        out["brier"] = float(np.mean(np.mean((probs - onehot) ** 2, axis=0)))
-    return {k: out[k] for k in ("auroc", "auprc", "f1_macro", "balanced_accuracy", "brier")}
-
-
-def _pct(v: np.ndarray, alpha: float) -> tuple[float | None, float | None, int]:
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return None, None, 0
-    lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(lo), float(hi), int(len(v))
-
-
-def _num(v: Any) -> float | None:
-    v = float(v)
-    return v if math.isfinite(v) else None
+    return {"overall": {m: finite_or_none(v) for m, v in overall.items()}, "groups": out_groups,
+            "min_size": min_size}
 
 
 def subgroup_report(specs: Sequence[SubgroupSpec], patients: Sequence[str], labels: pd.DataFrame | None,
-                    tables: dict[str, Any], metric_fn: Callable[[np.ndarray], dict[str, float]], *,
-                    min_size: int = 10, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+                    tables: dict[str, Any], metric_fn: WeightedMetrics, *, min_size: int = 10, n_boot: int = 200,
+                    seed: int = 0, strata: np.ndarray | None = None) -> dict[str, Any]:
     """metrics.json's ``subgroups`` block: one entry per column (source, how grouped, per-group metrics)."""
     out: dict[str, Any] = {
         "what": "metrics of the pooled out-of-fold predictions per group; gap = group - overall",
-        "ci": "95% percentile bootstrap over patients (cohort resampled; gap resampled jointly)",
+        "ci": "95% percentile bootstrap over patients (cohort resampled"
+              + (", stratified by group x outcome" if strata is not None else "")
+              + "; gap resampled jointly); null when fewer than 95% of the resamples gave a value",
         "method": "fairlearn MetricFrame (by_group, overall)", "min_size": min_size, "n_boot": n_boot,
         "columns": {},
     }
     for k, spec in enumerate(specs):
         values, source = column_values(spec.column, patients, labels, tables)
         groups, how = assign_groups(values, spec)
-        res = subgroup_metrics(groups, metric_fn, min_size=min_size, n_boot=n_boot, seed=seed + k)
+        res = subgroup_metrics(groups, metric_fn, min_size=min_size, n_boot=n_boot, seed=seed + k, strata=strata)
         rank = {g: i for i, g in enumerate(how["groups"])}  # bins in ascending order, categories sorted
         res["groups"].sort(key=lambda g: rank.get(g["group"], len(rank)))
         out["columns"][spec.column] = {"source": source, **how, **res}

@@ -25,7 +25,10 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def _ci(d: dict[str, Any] | None, key: str = "value") -> str:
+    """``value [low, high]``; a null interval of a defined value says why (the bootstrap's validity rule)."""
     d = d or {}
+    if d.get("ci_low") is None and d.get(key) is not None and d.get("n_valid") is not None:
+        return f"{_fmt(d.get(key))} [no CI: {d['n_valid']} valid resamples, under 95%]"
     return f"{_fmt(d.get(key))} [{_fmt(d.get('ci_low'))}, {_fmt(d.get('ci_high'))}]"
 
 
@@ -111,6 +114,10 @@ def decision_figure(dc: dict[str, Any]) -> str:
     ax.plot(t, model, lw=1.8, label="model")
     ax.plot(t, alln, lw=1.0, c="grey", label="treat all")
     ax.axhline(0, lw=1.0, c="black", ls="--", label="treat none")
+    for r in dc.get("model_beats_both_ranges") or []:
+        ax.axvspan(r["from"], r["to"], color="#2a9d8f", alpha=0.12, lw=0)
+    if dc.get("model_beats_both_ranges"):
+        ax.plot([], [], lw=6, c="#2a9d8f", alpha=0.3, label="beats both (95% CI)")
     top = np.nanmax(np.r_[model, alln, 0.01])
     ax.set(xlabel="threshold probability", ylabel="net benefit", title="Decision curve", xlim=(t.min(), t.max()),
            ylim=(-0.05 * max(top, 0.1), top * 1.1 + 0.01))
@@ -127,17 +134,34 @@ def decision_curve_section(run: Run) -> str:
     beats = dc.get("model_beats_both_at") or []
     span = (f"{len(beats)} of {len(dc['thresholds'])} thresholds, between {beats[0]:g} and {beats[-1]:g}"
             if beats else "no threshold")
+    ranges = dc.get("model_beats_both_ranges")
+    if ranges is None:
+        claim = (f"The model's point estimate beats treat-all and treat-none at: {span} (no resamples, so no "
+                 "interval: a point estimate alone does not show a benefit).")
+    else:
+        where = ", ".join(f"{r['from']:g}–{r['to']:g}" for r in ranges) or "no threshold"
+        claim = (f"The model beats treat-all and treat-none, with the pointwise 95% CI of the net-benefit "
+                 f"difference above 0, at: <b>{_esc(where)}</b> (point estimates alone: {_esc(span)}).")
+    diff = dc.get("net_benefit_difference") or {}
+    lows, highs = diff.get("ci_low"), diff.get("ci_high")
     t = np.asarray(dc["thresholds"], dtype=float)
     show = [i for i, v in enumerate(t) if np.isclose(v * 20, round(v * 20))] or list(range(len(t)))
+
+    def gap(i: int) -> str:
+        v = (diff.get("value") or [None] * len(t))[i]
+        if lows is None:
+            return f"<td class='num'>{_fmt(v)}</td>"
+        return f"<td class='num'>{_fmt(v)} [{_fmt(lows[i])}, {_fmt(highs[i])}]</td>"
+
     rows = "".join(f"<tr><td class='num'>{t[i]:g}</td><td class='num'>{_fmt(dc['net_benefit']['model'][i])}</td>"
-                   f"<td class='num'>{_fmt(dc['net_benefit']['treat_all'][i])}</td><td class='num'>0</td></tr>"
+                   f"<td class='num'>{_fmt(dc['net_benefit']['treat_all'][i])}</td><td class='num'>0</td>{gap(i)}</tr>"
                    for i in show)
     return (f"<p class='note'>{_esc(dc.get('method'))}: net benefit = TP/n − FP/n · pt/(1 − pt) of treating "
             f"patients whose predicted risk ({_esc(dc.get('what'))}) is at least the threshold pt; "
-            f"prevalence {_fmt(dc.get('prevalence'))}, {dc.get('n')} patients. The model beats treat-all and "
-            f"treat-none at: {_esc(span)}.</p>"
+            f"prevalence {_fmt(dc.get('prevalence'))}, {dc.get('n')} patients. {claim}</p>"
             f"<div class='figs'>{plots.img_tag(decision_figure(dc), 'decision curve')}"
-            "<table><tr><th>threshold</th><th>model</th><th>treat all</th><th>treat none</th></tr>"
+            "<table><tr><th>threshold</th><th>model</th><th>treat all</th><th>treat none</th>"
+            "<th>model − best of the two [95% CI]</th></tr>"
             f"{rows}</table></div>")
 
 
@@ -172,6 +196,8 @@ def subgroups_section(run: Run) -> str:
 def _gap(m: dict[str, Any]) -> str:
     g = m.get("gap")
     sign = "+" if g is not None and g >= 0 else ""
+    if g is not None and m.get("gap_ci_low") is None and m.get("gap_n_valid") is not None:
+        return f"<span class='note'>{sign}{_fmt(g)} [no CI: {m['gap_n_valid']} valid resamples]</span>"
     return (f"<span class='note'>{sign}{_fmt(g)} [{_fmt(m.get('gap_ci_low'))}, "
             f"{_fmt(m.get('gap_ci_high'))}]</span>")
 

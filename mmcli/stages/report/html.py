@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
+from mmcli.heads.evaluation import headline
 from mmcli.pipeline.io import atomic_write_text
 from mmcli.pipeline.rundir import CLASSIFICATION, WINDOW_ATTRIBUTIONS, Run, load_run, read_csv, read_json
 from mmcli.stages.report import evidence, plots
@@ -124,27 +125,42 @@ def _header(run: Run) -> str:
 
 
 def _metrics_table(run: Run) -> str:
+    """Metric, its value (fold mean or the one evaluation set's value), both 95% intervals labelled, the headline
+    one first (:mod:`mmcli.heads.evaluation.headline`), and the per-fold values."""
     if run.metrics is None:
         return _absent("No <code>metrics.json</code> in this run.")
     metrics = run.metrics.get("metrics") or {}
     if not metrics:
         return _absent("<code>metrics.json</code> holds no metrics.")
-    n_folds = max((len(m.get("per_fold") or []) for m in metrics.values() if isinstance(m, dict)), default=0)
-    head = "".join(f"<th>fold {i + 1}</th>" for i in range(n_folds))
-    out = [f"<table><tr><th>metric</th><th>mean</th><th>95% CI</th>{head}</tr>"]
+    entries = [m for m in metrics.values() if isinstance(m, dict)]
+    n_folds = max((len(m.get("per_fold") or []) for m in entries), default=0)
+    key = headline.headline_key(entries[0]) if entries else headline.CI_BOOT
+    other = headline.CI_BOOT if key == headline.CI_T else None
+    what = headline.scope(entries[0]) if entries else "value"
+    head = "".join(f"<th>fold {i + 1}</th>" for i in range(n_folds)) if n_folds > 1 else ""
+    ci_heads = f"<th>95% CI: {_esc(headline.short_label(key, what))}</th>" + (
+        f"<th>95% CI: {_esc(headline.SHORT[other])}</th>" if other else "")
+    out = [f"<table><tr><th>metric</th><th>{_esc(what)}</th>{ci_heads}{head}</tr>"]
+    blank = "<td></td>" * ((2 if other else 1) + (n_folds if n_folds > 1 else 0))
     for name, m in metrics.items():
         if not isinstance(m, dict):
-            out.append(f"<tr><td>{_esc(name)}</td><td class='num'>{_fmt(m)}</td><td></td>"
-                       f"{'<td></td>' * n_folds}</tr>")
+            out.append(f"<tr><td>{_esc(name)}</td><td class='num'>{_fmt(m)}</td>{blank}</tr>")
             continue
-        folds = list(m.get("per_fold") or [])
-        cells = "".join(f"<td class='num'>{_fmt(v)}</td>" for v in folds) + "<td></td>" * (n_folds - len(folds))
-        out.append(f"<tr><td>{_esc(name)}</td><td class='num'>{_fmt(m.get('mean'))}</td>"
-                   f"<td class='num'>[{_fmt(m.get('ci_low'))}, {_fmt(m.get('ci_high'))}]</td>{cells}</tr>")
-    note = run.metrics.get("metrics_note") or ("Mean of the per-fold values (each on a held-out fold) with its 95% "
-                                               "bootstrap confidence interval, as computed by mmcli fit.")
-    out.append(f"</table><p class='note'>{_esc(note)}</p>")
+        folds = list(m.get("per_fold") or []) if n_folds > 1 else []
+        cells = "".join(f"<td class='num'>{_fmt(v)}</td>" for v in folds)
+        cells += "<td></td>" * ((n_folds - len(folds)) if n_folds > 1 else 0)
+        cis = "".join(f"<td class='num'>{_ci_pair(*headline.interval(m, k))}</td>"
+                      for k in ((headline.headline_key(m), other) if other else (headline.headline_key(m),)))
+        out.append(f"<tr><td>{_esc(name)}</td><td class='num'>{_fmt(m.get('mean'))}</td>{cis}{cells}</tr>")
+    legend = "; ".join(headline.legend(key, what))
+    note = run.metrics.get("metrics_note") or "Mean of the per-fold values, each on a held-out fold."
+    out.append(f"</table><p class='note'>{_esc(note)} 95% CIs: {_esc(legend)} (coverage measured by "
+               "benchmarks/bench_coverage.py).</p>")
     return "".join(out)
+
+
+def _ci_pair(lo: Any, hi: Any) -> str:
+    return f"[{_fmt(lo)}, {_fmt(hi)}]"
 
 
 def _classification_figs(run: Run) -> str:
@@ -189,7 +205,9 @@ def _survival_figs(run: Run) -> str:
         f"({'tertiles' if len(info['groups']) == 3 else 'median split'}; higher risk = shorter predicted "
         f"survival). {_esc(info['test'])} p = {_fmt(p, 4) if p is not None else '–'}. "
         f"Harrell's c-index of the pooled out-of-fold risk: {_fmt(c_oof)}"
-        + (f"; per-fold mean {_fmt(cm.get('mean'))} [95% CI {_fmt(cm.get('ci_low'))}, {_fmt(cm.get('ci_high'))}]"
+        + (f"; {_esc(headline.scope(cm))} {_fmt(cm.get('mean'))} [95% CI {_fmt(headline.headline_interval(cm)[0])}, "
+           f"{_fmt(headline.headline_interval(cm)[1])}, "
+           f"{_esc(headline.short_label(headline.headline_key(cm), headline.scope(cm)))}]"
            if cm else "") + ".</p>",
         f"<table><tr><th>group</th><th>patients</th><th>events</th></tr>{rows}</table>",
         f"<div class='figs'>{plots.img_tag(png, 'Kaplan-Meier curves by risk group')}</div>",

@@ -111,3 +111,18 @@ def test_calibrator_of_each_fold_never_saw_that_folds_patients(tmp_path):
         assert seen == train and not seen & test
         np.testing.assert_allclose(r.pred, r.calibrator.transform(r.raw_pred))
         assert not np.allclose(r.pred, r.raw_pred)
+
+
+def test_calibration_intervals_follow_the_one_validity_rule():
+    """Issue 24 item 6: 2 positives among 50 leave ~13% of plain resamples with one class; the slope and
+    intercept intervals are then null (as metrics.summarise nulls its own), with n_valid reported."""
+    from mmcli.heads.evaluation.bootstrap import MIN_VALID_SHARE
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.02, 0.3, 50)
+    res = binary_calibration(np.r_[np.ones(2, int), np.zeros(48, int)], p, n_boot=400, seed=0)
+    for key in ("slope", "intercept"):
+        assert res[key]["value"] is not None and 0 < res[key]["n_valid"] < MIN_VALID_SHARE * 400, key
+        assert (res[key]["ci_low"], res[key]["ci_high"]) == (None, None), key
+    ok = binary_calibration(np.r_[np.ones(15, int), np.zeros(35, int)], p, n_boot=400, seed=0)
+    assert all(ok[k]["n_valid"] == 400 and ok[k]["ci_low"] < ok[k]["ci_high"] for k in ("slope", "intercept"))

@@ -22,6 +22,7 @@ from mmcli.heads.evaluation.metrics import (
     GRID_METRICS,
     SURVIVAL_METRICS,
     FoldPredictions,
+    auroc,
     center_risks_by_fold,
     classification_metrics,
     corrected_t_interval,
@@ -33,6 +34,35 @@ from mmcli.heads.evaluation.metrics import (
 
 Y_BIN = np.array([0, 0, 1, 1, 0, 1, 1, 0, 1, 0])
 P_POS = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9, 0.6, 0.55, 0.7, 0.3])
+
+
+def test_the_one_auroc_equals_scikit_learn_with_ties_and_is_nan_for_one_class():
+    rng = np.random.default_rng(4)
+    for n in (5, 40, 300):
+        y = rng.integers(0, 2, n)
+        y[:2] = (0, 1)
+        s = rng.integers(0, 6, n).astype(float)  # many ties
+        assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        w = np.ones((1, n))
+        from mmcli.heads.evaluation.metrics import _weighted_auc
+
+        assert _weighted_auc(w, y == 1, s)[0] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert np.isnan(auroc(np.ones(4, int), np.arange(4.0)))
+
+
+def test_summarise_names_its_headline_interval():
+    rng = np.random.default_rng(0)
+    folds = []
+    for _ in range(3):
+        y = rng.integers(0, 2, 40)
+        p = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, 40), 0.01, 0.99)
+        folds.append(FoldPredictions(y=y, probs=np.c_[1 - p, p]))
+    cv = summarise(folds, n_boot=50)
+    one = summarise(folds[:1], n_boot=50)
+    assert {m["headline"] for m in cv.values()} == {"ci_t"} and {m["headline"] for m in one.values()} == {"ci"}
+    assert cv["auroc"]["interval"]["headline"].startswith("ci_t")
+    assert one["auroc"]["interval"]["headline"].startswith("ci:")
+    assert one["auroc"]["ci_t_low"] is None  # no t-interval over one value
 
 
 def test_binary_metrics_match_sklearn_and_hand_checked_values():

@@ -82,3 +82,19 @@ def test_operating_point_needs_a_binary_task(tmp_path):
     cohort = load_cohort(fs, resolve_sources(fs, ["genes"]), tgt.patients)
     with pytest.raises(InputError, match="needs a binary target"):
         cross_validate("xgboost", cohort, tgt, folds=3, operating_point=OperatingPoint("sens", 0.9))
+
+
+def test_operating_point_intervals_follow_the_one_validity_rule():
+    """Issue 24 item 6: with 2 positives among 50, ~13% of resamples have no positive, so sensitivity has too few
+    valid resamples: null interval, n_valid reported (as metrics.summarise does)."""
+    from mmcli.heads.evaluation.bootstrap import MIN_VALID_SHARE
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.02, 0.3, 50)
+    y = np.r_[np.ones(2, int), np.zeros(48, int)]
+    m = threshold_metrics(y, p, 0.1, n_boot=400, seed=0)
+    sens = m["sensitivity"]
+    assert sens["value"] is not None and 0 < sens["n_valid"] < MIN_VALID_SHARE * 400
+    assert (sens["ci_low"], sens["ci_high"]) == (None, None)
+    spec = m["specificity"]  # 48 negatives: every resample has some
+    assert spec["n_valid"] == 400 and spec["ci_low"] < spec["value"] < spec["ci_high"]

@@ -15,6 +15,7 @@ from mmcli.heads.evaluation.stats import (
     auroc,
     auroc_bootstrap,
     cindex_bootstrap,
+    corrected_t_test,
     delong_covariance,
     delong_test,
     paired_bootstrap,
@@ -280,3 +281,46 @@ def test_interval_and_p_value_never_disagree() -> None:
             assert (r.p_value < alpha) == (r.ci_low > 0 or r.ci_high < 0)
             checked += 1
     assert checked > 600
+
+
+def test_paired_bootstrap_follows_the_validity_rule() -> None:
+    """Issue 24 item 6: below MIN_VALID_SHARE of usable resamples there is no interval and no p (a message says
+    why), as everywhere else; at or above it the interval stands."""
+    from mmcli.heads.evaluation.bootstrap import MIN_VALID_SHARE
+
+    calls = iter(range(10_000))
+
+    def flaky(share: float):
+        def stat(_i: np.ndarray) -> float:
+            k = next(calls)
+            return float("nan") if (k % 100) >= 100 * share else float(k % 7)
+        return stat
+
+    low = paired_bootstrap(flaky(0.90), lambda i: 0.0, 30, n_boot=200, seed=0)
+    assert low.n_valid < MIN_VALID_SHARE * 200 and np.isnan([low.ci_low, low.ci_high, low.p_value]).all()
+    assert "resamples" in low.message
+    ok = paired_bootstrap(flaky(1.0), lambda i: 0.0, 30, n_boot=200, seed=0)
+    assert ok.n_valid == 200 and np.isfinite([ok.ci_low, ok.ci_high, ok.p_value]).all() and not ok.message
+
+
+def test_corrected_t_test_against_hand_computation_and_its_p_agrees_with_its_interval() -> None:
+    d = np.array([0.03, -0.01, 0.05, 0.02, 0.04])
+    sizes = [30, 30, 30, 30, 29]
+    r = corrected_t_test(d, sizes)
+    ratio = np.mean([s / (149 - s) for s in sizes])
+    se = np.sqrt((1 / 5 + ratio) * d.var(ddof=1))
+    q = t_dist.ppf(0.975, 4)
+    assert (r.difference, r.se, r.ci_low, r.ci_high, r.df) == pytest.approx((d.mean(), se, d.mean() - q * se,
+                                                                            d.mean() + q * se, 4))
+    assert r.p_value == pytest.approx(2 * t_dist.sf(d.mean() / se, 4))
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        x = rng.normal(rng.normal(0, 0.02), 0.03, 5)
+        for alpha in (0.05, 0.1):
+            res = corrected_t_test(x, sizes, alpha)
+            assert (res.p_value < alpha) == (res.ci_low > 0 or res.ci_high < 0)
+    single = corrected_t_test([0.1], [30])
+    assert np.isnan(single.p_value) and "fewer than 2 folds" in single.message
+    assert "undefined" in corrected_t_test([0.1, np.nan], [30, 30]).message
+    flat = corrected_t_test([0.0, 0.0, 0.0], [10, 10, 10])
+    assert (flat.p_value, flat.ci_low, flat.ci_high) == (1.0, 0.0, 0.0)
