@@ -178,7 +178,7 @@ def int8_bench(args: argparse.Namespace, cohort: Any, work: Path) -> dict[str, A
     from mmcli.heads import head_class
     from mmcli.pipeline.store import open_store
     from mmcli.stages.compare import compare
-    from mmcli.stages.demo import HEADS
+    from mmcli.workflows.demo import HEADS
     from mmcli.stages.extract import extract, ingest_table
     from mmcli.stages.fit import fit
 

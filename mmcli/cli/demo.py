@@ -16,7 +16,7 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """synth -> extract every modality -> fit every head -> report, then print a heads x metrics table."""
-    from mmcli.stages.demo import run_demo
+    from mmcli.workflows.demo import run_demo
 
     code = run_demo(out, patients=patients, seed=seed)
     raise typer.Exit(code)

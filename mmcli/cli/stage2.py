@@ -223,6 +223,9 @@ def evaluate(
     res = run_evaluate(model, store, labels, out, target=target, time=time, event=event, train_store=train_store,
                        evidence=evidence, n_boot=n_boot, seed=seed, n_permutations=n_permutations,
                        drop_unmatched=drop_unmatched, allow_overlap=allow_overlap, log=get_logger().info)
+    from mmcli.stages.report import report as write_report
+
+    write_report(out)
     say(f"evaluated {res['head']} ({res['task']}) on {res['n_patients']} patients -> {out}")
     say_metrics(res)
     say_evidence(res)
@@ -244,7 +247,7 @@ def report(
     path = run_report(run, out=out, attention_patients=attention_patients, top_tiles=top_tiles)
     say(str(path))
     if card:
-        from mmcli.stages.card import write_card
+        from mmcli.heads.card import write_card
 
         for p in write_card(run):
             say(str(p))

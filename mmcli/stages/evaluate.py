@@ -46,7 +46,7 @@ def evaluate(
     model: str | Path, store: str | Path, labels: str | Path | pd.DataFrame, out: str | Path, *,
     target: str | None = None, time: str | None = None, event: str | None = None,
     train_store: str | Path | None = None, evidence: EvidenceOptions | None = None, n_boot: int = 1000,
-    seed: int = 0, n_permutations: int = 200, drop_unmatched: bool = False, report: bool = True,
+    seed: int = 0, n_permutations: int = 200, drop_unmatched: bool = False,
     allow_overlap: bool = False, log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model of run ``model`` on the patients of ``store`` labelled in ``labels``; write ``out``.
@@ -142,10 +142,6 @@ def evaluate(
     writer = RunWriter(Path(out)).begin()
     writer.write_predictions(df)
     writer.finish(run, doc)
-    if report:
-        from mmcli.stages.report import report as write_report
-
-        write_report(out)
     return doc
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers.intervals import assert_run_intervals
 from helpers.planted_data import make_store
 from mmcli.heads.evaluation.evidence import EvidenceOptions
 from mmcli.pipeline.store import open_store
@@ -71,7 +72,7 @@ def test_predict_applies_the_saved_calibration_and_threshold(cohorts, tmp_path):
     df = predict(run, same.store, tmp_path / "p.csv")
     thr = doc["operating_point"]["final_threshold"]
     np.testing.assert_array_equal(df["decision"], np.where(df["prob_pos"] >= thr, "pos", "neg"))
-    ev = evaluate(run, same.store, same_csv, tmp_path / "ev", n_boot=20, n_permutations=19, report=False)
+    ev = evaluate(run, same.store, same_csv, tmp_path / "ev", n_boot=20, n_permutations=19)
     got = pd.read_csv(tmp_path / "ev" / "predictions.csv").set_index("patient_id")
     np.testing.assert_allclose(got.loc[df["patient_id"], "prob_pos"], df["prob_pos"].to_numpy(), rtol=1e-6)
     assert ev["operating_point"]["threshold"] == thr
@@ -95,7 +96,7 @@ def test_evaluate_cli_end_to_end_and_drift(cohorts, which):
         assert (out / name).is_file(), name
     m = json.loads((out / "metrics.json").read_text())
     assert m["kind"] == "external_validation" and m["n_patients"] == 40
-    assert m["metrics"]["auroc"]["ci_low"] <= m["metrics"]["auroc"]["mean"] <= m["metrics"]["auroc"]["ci_high"]
+    assert_run_intervals(out, n_boot=30, seed=0)  # recomputed independently; fails for a wrong interval
     assert {"calibration", "operating_point", "decision_curve", "subgroups", "drift", "missing"} <= set(m)
     assert m["missing"]["modality_missing"]["mri"] > 0  # make_store leaves some patients without MRI
     genes = m["drift"]["modalities"]["genes"]

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers.intervals import assert_run_intervals
 from helpers.planted_data import make_store
 from mmcli.heads.data import load_cohort, resolve_sources
 from mmcli.heads.evaluation.metrics import CLASSIFICATION_METRICS, SURVIVAL_METRICS
@@ -51,10 +52,11 @@ def test_fusion_run_dir_follows_the_contract(planted, tmp_path):
     assert set(metrics["metrics"]) == set(CLASSIFICATION_METRICS)
     for m in metrics["metrics"].values():
         # issue 12 added n_boot, n_valid, the t-interval and the interval descriptions to the original four keys
+        # and issue 24 the headline key (which interval to read first)
         assert set(m) == {"mean", "ci_low", "ci_high", "per_fold", "n_boot", "n_valid", "ci_t_low", "ci_t_high",
-                          "interval"} and len(m["per_fold"]) == 3
+                          "interval", "headline"} and len(m["per_fold"]) == 3
         assert m["n_valid"] == m["n_boot"] == 20
-        assert m["ci_low"] <= m["ci_high"]
+    assert_run_intervals(out, n_boot=20, seed=0)  # recomputed independently; fails for a wrong interval
     config = json.loads((out / "config.json").read_text())
     for key in ("head", "params", "task", "target", "classes", "modalities", "encoder_ids", "folds", "seed",
                 "store", "labels", "features_sha256", "mmcli_version", "created"):

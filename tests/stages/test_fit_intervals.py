@@ -68,7 +68,7 @@ def test_evaluate_intervals_recompute_independently(runs, tmp_path):
     from mmcli.stages.evaluate import evaluate
 
     p, labels, run = runs["binary"]
-    evaluate(run, p.store, labels, tmp_path / "ev", n_boot=30, seed=4, n_permutations=9, report=False)
+    evaluate(run, p.store, labels, tmp_path / "ev", n_boot=30, seed=4, n_permutations=9, allow_overlap=True)
     assert_run_intervals(tmp_path / "ev", n_boot=30, seed=4)
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]["auroc"]
     assert m["headline"] == "ci" and m["ci_t_low"] is None

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from mmcli.heads.base import Head
+from mmcli.heads.card import build_card
 from mmcli.heads.data import Cohort, ModalityData, ModalitySpec, Source, load_cohort
 from mmcli.heads.fitted import FittedModel
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import FeatureStore, open_store
-from mmcli.stages.card import build_card
 
 PAYLOAD_ITEM = "payload"
 

@@ -267,7 +267,7 @@ def ablate(
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
     write_csv(out / "ablation.csv", table, float_format=None)
-    from mmcli.stages.report.ablation import ablation_figure
+    from mmcli.stages.ablate.figure import ablation_figure
 
     atomic_write_with(out / "ablation.png", lambda p: ablation_figure(table, metric).savefig(p, format="png"))
     summary = summarise(table, compare_best=compare_best, n_boot=n_boot, seed=seed)
@@ -298,7 +298,7 @@ def summarise(table: pd.DataFrame, *, compare_best: bool = True, n_boot: int = 1
         "note": SELECTION_NOTE,
     }
     if compare_best and single and fused:
-        from mmcli.stages.compare import compare
+        from mmcli.heads.evaluation.compare import compare
 
         try:
             summary["comparison"] = compare(fused["run_dir"], single["run_dir"], n_boot=n_boot, seed=seed)

@@ -6,7 +6,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from mmcli.stages.report.plots import new_figure
+from mmcli.pipeline.figures import new_figure
 
 SINGLE_COLOUR, MULTI_COLOUR, BEST_COLOUR = "#9db4d3", "#4c72b0", "#dd8452"
 
