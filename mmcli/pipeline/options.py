@@ -9,7 +9,7 @@ it accepts.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -82,6 +82,3 @@ def explain(e: ValidationError, cls: type[Options], context: str = "") -> str:
     head = f"{context}: " if context else ""
     return head + "; ".join(lines)
 
-
-def unknown_keys(keys: Iterable[str], cls: type[Options]) -> list[str]:
-    return sorted(set(keys) - set(cls.fields()))
