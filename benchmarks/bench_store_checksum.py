@@ -37,6 +37,17 @@ def _best(fn, repeat: int) -> float:
     return best
 
 
+def _timings(s, arrays: list, repeat: int) -> dict[str, float]:
+    """Seconds (best of ``repeat``, summed over the items) to write, read and cache-check every item in ``s``."""
+    keys = [("wsi", "e", f"P{i}", "a") for i in range(len(arrays))]
+    return {
+        "write": sum(_best(lambda k=k, f=f, c=c: s.write_item(*k, f, c), repeat) for k, (f, c) in zip(keys, arrays)),
+        "read": sum(_best(lambda k=k: s.read_item(*k), repeat) for k in keys),
+        "metadata_check": sum(_best(lambda k=k: s.is_cached(*k), repeat) for k in keys),
+        "resume_check": sum(_best(lambda k=k: s.is_cached(*k, check_data=True), repeat) for k in keys),
+    }
+
+
 def run(items: int, rows: int, dim: int, repeat: int, folder: Path) -> dict:
     rng = np.random.default_rng(0)
     arrays = [(rng.normal(size=(rows, dim)).astype(np.float16), rng.integers(0, 10**6, size=(rows, 2)))
@@ -45,17 +56,11 @@ def run(items: int, rows: int, dim: int, repeat: int, folder: Path) -> dict:
                  "cpu": platform.processor() or platform.machine()}
     crc = sum(_best(lambda f=f, c=c: (array_checksum(f), array_checksum(c)), repeat) for f, c in arrays)
     for name in ("s.zarr", "s.h5"):
-        s = open_store(folder / name)
-        write = sum(_best(lambda i=i, f=f, c=c: s.write_item("wsi", "e", f"P{i}", "a", f, c), repeat)
-                    for i, (f, c) in enumerate(arrays))
-        read = sum(_best(lambda i=i: s.read_item("wsi", "e", f"P{i}", "a"), repeat) for i in range(items))
-        meta = sum(_best(lambda i=i: s.is_cached("wsi", "e", f"P{i}", "a"), repeat) for i in range(items))
-        data = sum(_best(lambda i=i: s.is_cached("wsi", "e", f"P{i}", "a", check_data=True), repeat)
-                   for i in range(items))
-        out[s.backend] = {"seconds": {"checksum": crc, "write": write, "read": read, "metadata_check": meta,
-                                      "resume_check": data},
-                          "checksum_over_write": crc / write, "checksum_over_read": crc / read,
-                          "resume_check_over_metadata_check": data / meta}
+        store = open_store(folder / name)
+        seconds = {"checksum": crc, **_timings(store, arrays, repeat)}
+        out[store.backend] = {"seconds": seconds, "checksum_over_write": crc / seconds["write"],
+                              "checksum_over_read": crc / seconds["read"],
+                              "resume_check_over_metadata_check": seconds["resume_check"] / seconds["metadata_check"]}
     return out
 
 
