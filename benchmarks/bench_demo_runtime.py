@@ -89,8 +89,9 @@ def _takes_runtime(modality: str) -> bool:
 def extract_like_demo(cohort: Any, store: Path, runtime: str, **wsi_options: Any) -> dict[str, Any]:
     """``mmcli demo``'s step 2 (every modality, then the tables) with ``runtime`` where a modality takes one:
     seconds per modality (the run's own wall time) and overall, the WSI tile count and each run's runtime."""
+    from mmcli.features.tabular import ingest_table
     from mmcli.pipeline.store import open_store
-    from mmcli.stages.extract import extract, ingest_table
+    from mmcli.stages.extract import extract
 
     out: dict[str, Any] = {"seconds": {}, "runtime": {}, "failed": {}}
     t0 = time.perf_counter()
@@ -175,12 +176,13 @@ def runtime_bench(args: argparse.Namespace, cohort: Any, work: Path) -> dict[str
 
 def int8_bench(args: argparse.Namespace, cohort: Any, work: Path) -> dict[str, Any]:
     """(b) downstream: every demo head on float vs int8 WSI features, compared on the same patients."""
+    from mmcli.features.tabular import ingest_table
     from mmcli.heads import head_class
     from mmcli.pipeline.store import open_store
     from mmcli.stages.compare import compare
-    from mmcli.workflows.demo import HEADS
-    from mmcli.stages.extract import extract, ingest_table
+    from mmcli.stages.extract import extract
     from mmcli.stages.fit import fit
+    from mmcli.workflows.demo import HEADS
 
     store = work / "int8.zarr"
     t0 = time.perf_counter()

@@ -8,7 +8,8 @@ an options model and a ``make_spec(store, options)`` factory and registers them 
 
 :data:`MODALITIES` ties each name to its module and imports that module only when the name is looked up; no
 modality module imports torch at import time, so looking ``wsi`` up is cheap. Adding a modality is one module
-with one ``@register`` plus one ``MODALITIES.lazy`` line here.
+with one ``@register("name", ...)``: the name is written only there, and the lazy table (name -> module) is derived
+from the decorators by reading the modules' source (:meth:`~mmcli.pipeline.registry.Registry.scan`).
 
 This module also holds the options every extractor shares (:class:`ExtractorOptions`): device, precision and
 torch threads, with the choices derived from :mod:`mmcli.features.encoders.runtime`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import Field
@@ -61,9 +63,7 @@ class Modality:
 
 
 MODALITIES: Registry[Modality] = Registry("modality", flag="--modality")
-MODALITIES.lazy("wsi", "mmcli.features.wsi")
-MODALITIES.lazy("mri", "mmcli.features.mri")
-MODALITIES.lazy("text", "mmcli.features.text")
+MODALITIES.scan(Path(__file__).parent, "mmcli.features", "register")
 
 
 def register(name: str, *, options: type[Options], unit: str, aliases: tuple[str, ...] = ()) -> Callable[[F], F]:
@@ -76,10 +76,6 @@ def register(name: str, *, options: type[Options], unit: str, aliases: tuple[str
         return make_spec
 
     return deco
-
-
-def get_modality(name: str) -> Modality:
-    return MODALITIES.get(name)
 
 
 # ---- options every extractor shares ------------------------------------------------------------------------

@@ -14,12 +14,10 @@ disk and 128 + the signal number (130 / 143) for a signal.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import importlib
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import traceback
@@ -36,9 +34,10 @@ from mmcli import __version__
 from mmcli.pipeline.errors import DiskFullError, InputError, ItemError, ItemInterrupted
 from mmcli.pipeline.faults import fault
 from mmcli.pipeline.fingerprint import source_fingerprint
-from mmcli.pipeline.io import disk_full_message, write_json
+from mmcli.pipeline.io import disk_full_message, is_disk_full, is_read_only, write_json
+from mmcli.pipeline.locks import PidLock
 from mmcli.pipeline.manifest import ManifestRow, file_problem
-from mmcli.pipeline.store import open_store, pid_alive
+from mmcli.pipeline.store import open_store
 
 ProgressFn = Callable[[int, int], None]  # (done, total) units of work inside one item, e.g. tiles
 
@@ -121,45 +120,16 @@ def lock_dir(store_path: str | Path) -> Path:
 def item_lock(store_path: str | Path, modality: str, encoder_id: str, patient_id: str, item_id: str) -> Iterator[bool]:
     """Yield True if this process holds the item's lock, False if a live process holds it.
 
-    A lock left by a dead process on this host is stale and cleared (as TRIDENT does). Locks from other hosts
-    are honoured; remove them by hand (``<store>.locks``) if that host is gone.
+    A :class:`~mmcli.pipeline.locks.PidLock` (the one lock of mmcli: PID, host, start, command): a lock left by a
+    dead process on this host is stale and cleared (as TRIDENT does); locks from other hosts are honoured (remove
+    them by hand, ``<store>.locks``, if that host is gone).
     """
-    path = lock_dir(store_path) / modality / encoder_id / patient_id / f"{item_id}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
-    held = False
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                other = json.loads(path.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                other = {}
-            if other.get("host") == me["host"] and not pid_alive(int(other.get("pid", -1))):
-                path.unlink(missing_ok=True)
-                continue
-            if not other:  # written by a process killed between create and write: stale after a minute
-                try:
-                    if time.time() - path.stat().st_mtime > 60:
-                        path.unlink(missing_ok=True)
-                        continue
-                except FileNotFoundError:
-                    continue
-            break
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-        except BaseException:  # e.g. a full disk: leave no empty lock behind
-            path.unlink(missing_ok=True)
-            raise
-        held = True
-        break
+    lock = PidLock(lock_dir(store_path) / modality / encoder_id / patient_id / f"{item_id}.lock", "mmcli extract")
+    held = lock.try_acquire()
     try:
         yield held
     finally:
-        if held:
-            path.unlink(missing_ok=True)
+        lock.release()
 
 
 # ---- stopping a run early: signals and a full disk ----------------------------------------------------------
@@ -209,18 +179,6 @@ class RunControl:
             self.in_item = False
 
 
-def is_disk_full(e: BaseException) -> bool:
-    """ENOSPC / EDQUOT, raised directly, as a DiskFullError, or wrapped by a library (h5py puts the errno in
-    the message only)."""
-    for x in (e, e.__cause__, e.__context__):
-        if isinstance(x, DiskFullError):
-            return True
-        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-    text = str(e)
-    return "No space left on device" in text or "errno = 28" in text or "Disk quota exceeded" in text
-
-
 def _disk_full_path(e: BaseException, store_path: str) -> str:
     """The file that could not be written, or the store when it was a store write (staging paths say nothing)."""
     store = os.path.abspath(store_path)
@@ -251,6 +209,7 @@ class ItemOutcome:
     warnings: list[str] = field(default_factory=list)
     nbytes: int = 0  # bytes of the arrays written (or meant to be written): sizes the disk-full estimate
     disk_full: str = ""  # the path that hit a full disk ("" when none)
+    read_only: str = ""  # the path that could not be written: a read-only file system ("" when none)
 
 
 def process_item(
@@ -261,8 +220,9 @@ def process_item(
     progress: ProgressFn | None = None,
     control: RunControl | None = None,
 ) -> ItemOutcome:
-    """Extract one row and write it to the store; never raises for a bad item (a full disk is reported as a
-    failed outcome with ``disk_full`` set; a stop request abandons the item as ``interrupted``)."""
+    """Extract one row and write it to the store; never raises for a bad item (a full disk or a read-only store
+    is reported as a failed outcome with ``disk_full`` / ``read_only`` set; a stop request abandons the item as
+    ``interrupted``)."""
     t0 = time.perf_counter()
     out = ItemOutcome(row.patient_id, row.item_id, str(row.path), row.row, "failed")
     ctl = control or RunControl()
@@ -271,14 +231,16 @@ def process_item(
             store = open_store(store_path, "a")
             fp = source_fingerprint(row.path)
             key = (spec.modality, spec.encoder_id, row.patient_id, row.item_id)
-            if not force and store.is_cached(*key, fingerprint=fp):
+            # the data are checked too (read whole, against their checksums): a lost or damaged chunk is redone
+            if not force and store.is_cached(*key, fingerprint=fp, check_data=True):
+                _restore_provenance(spec, store)
                 out.status = "cached"
                 return out
             with item_lock(store_path, *key) as held:
                 if not held:
                     out.status, out.reason = "locked", "another live process is writing this item"
                     return out
-                if not force and store.is_cached(*key, fingerprint=fp):  # finished by another process meanwhile
+                if not force and store.is_cached(*key, fingerprint=fp, check_data=True):  # done by another process
                     out.status = "cached"
                     return out
                 fault("item.locked")
@@ -305,12 +267,27 @@ def process_item(
         if is_disk_full(e):
             out.disk_full = _disk_full_path(e, store_path)
             out.reason = disk_full_message(out.disk_full, out.nbytes or None)
+        elif is_read_only(e):
+            out.read_only = store_path
+            out.reason = f"not written: read-only file system ({_disk_full_path(e, store_path)})"
         else:
             out.reason = f"{type(e).__name__}: {e}"
             out.warnings.append(traceback.format_exc(limit=3))
     finally:
         out.seconds = time.perf_counter() - t0
     return out
+
+
+def _restore_provenance(spec: ExtractorSpec, store: Any) -> None:
+    """Write the encoder's provenance again where it is missing (reset by ``store verify --repair``) although its
+    items are cached: builds the extractor for it (once per process). Best effort: a store that cannot be written
+    (read-only, full) keeps its cached items all the same."""
+    if store.encoder_attrs(spec.modality, spec.encoder_id):
+        return
+    try:
+        store.set_encoder_attrs(spec.modality, spec.encoder_id, spec.build().encoder_attrs())
+    except OSError:
+        pass
 
 
 def _with_fault_point(progress: ProgressFn | None, control: RunControl | None = None) -> ProgressFn:
@@ -348,6 +325,7 @@ class RunSummary:
     stopped: str = ""  # why the run stopped before its end ("" when it ran to the end)
     signal: int = 0  # the signal that stopped it (0: none)
     record_error: str = ""  # why no run record could be written
+    read_only: bool = False  # stopped because the store is on a read-only file system (a usage error: exit 2)
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -358,10 +336,13 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """128 + signal when a signal stopped the run (130 SIGINT, 143 SIGTERM); 1 when a full disk stopped it
-        or an item failed or is missing; else 0 (every item done or cached, or held by another live writer)."""
+        """128 + signal when a signal stopped the run (130 SIGINT, 143 SIGTERM); 2 when the store is read-only;
+        1 when a full disk stopped it or an item failed or is missing; else 0 (every item done or cached, or held
+        by another live writer)."""
         if self.signal:
             return 128 + self.signal
+        if self.read_only:
+            return 2
         return 1 if self.problems or self.stopped else 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -433,8 +414,9 @@ def run_extraction(
     then cleared as stale. Rows whose file is missing (``missing``) are reported as such and not attempted.
 
     The first full disk stops the run (the items not started are ``skipped``, ``stopped`` says
-    "disk full: ..."); so do SIGINT and SIGTERM (see :class:`RunControl`). Either way the summary and run record
-    are written and no lock of this run is left.
+    "disk full: ..."); so does the first write refused by a read-only file system (exit 2: one message, not one
+    failure per item), and SIGINT and SIGTERM (see :class:`RunControl`). Either way the summary and run record
+    are written (where the disk allows) and no lock of this run is left.
     """
     store_path = str(store_path)
     t0 = time.perf_counter()
@@ -467,16 +449,23 @@ def run_extraction(
                 summary.stopped = (f"{signal.Signals(control.signum).name}: {summary.count('interrupted')} item(s) "
                                    f"abandoned unwritten, {summary.count('skipped')} not started. Fix: re-run the "
                                    "same command to resume (finished items are kept).")
-    except DiskFullError as e:  # outside any item: creating the store, clearing staging
-        summary.stopped = str(e)
+    except (DiskFullError, OSError) as e:  # outside any item: creating the store, clearing staging
+        if not (is_disk_full(e) or is_read_only(e)):
+            raise
+        summary.read_only = is_read_only(e)
+        summary.stopped = _read_only_message(store_path) if summary.read_only else str(e)
         seen = {(o.patient_id, o.item_id) for o in outcomes}
-        outcomes += _skipped([r for r in rows if (r.patient_id, r.item_id) not in seen], "not started: disk full")
+        why = "read-only file system" if summary.read_only else "disk full"
+        outcomes += _skipped([r for r in rows if (r.patient_id, r.item_id) not in seen], f"not started: {why}")
     full = [o for o in outcomes if o.disk_full]
     if full:
         sizes = [o.nbytes for o in outcomes if o.nbytes]
         remaining = len(full) + summary.count("skipped")
         need = int(np.mean(sizes) * remaining) if sizes else None
         summary.stopped = disk_full_message(full[0].disk_full, need)
+    if any(o.read_only for o in outcomes):
+        summary.read_only = True
+        summary.stopped = _read_only_message(store_path)
     summary.seconds = time.perf_counter() - t0
     try:
         summary.record_path = str(write_run_record(summary))
@@ -498,9 +487,18 @@ def _run_local(rows: list[ManifestRow], spec: ExtractorSpec, store_path: str, fo
             o = process_item(spec, row, store_path, force, item_progress, control)
         bar.advance(o)
         outcomes.append(o)
-        if o.disk_full:
-            return outcomes + _skipped(rows[i + 1:], "not started: the disk is full")
+        if o.disk_full or o.read_only:
+            return outcomes + _skipped(rows[i + 1:], _stop_note(o))
     return outcomes
+
+
+def _stop_note(o: ItemOutcome) -> str:
+    return "not started: the disk is full" if o.disk_full else "not started: the store is on a read-only file system"
+
+
+def _read_only_message(store_path: str) -> str:
+    return (f"{store_path}: read-only file system: nothing can be written there. Fix: mount it read-write or "
+            "give a --store on a writable disk, then re-run (finished items are kept).")
 
 
 def connect(scheduler: str, workers: int | None = None) -> tuple[Any, Any]:
@@ -552,8 +550,8 @@ def _run_dask(rows, spec, store_path, force, scheduler, workers, bar, control=No
                                 f"dask task failed: {type(e).__name__}: {e}")
             bar.advance(o)
             outcomes.append(o)
-            if o.disk_full:
-                stop_why = "not started: the disk is full"
+            if o.disk_full or o.read_only:
+                stop_why = _stop_note(o)
             elif control.stopping:
                 stop_why = "not started: the run was stopped by a signal"
             if stop_why:

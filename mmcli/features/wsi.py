@@ -134,7 +134,7 @@ def tile_params(opts: WsiOptions) -> dict[str, Any]:
             "tissue": opts.tissue_params().to_dict()}
 
 
-@register(MODALITY, options=WsiOptions, unit="tile")
+@register("wsi", options=WsiOptions, unit="tile")
 def make_spec(store: str | Path, options: WsiOptions | None = None, *, cohort: Sequence[ManifestRow] | None = None,
               **given: Any) -> ExtractorSpec:
     """Validate the WSI options (a :class:`WsiOptions`, or its fields as keywords) and return the picklable

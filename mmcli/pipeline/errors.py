@@ -10,18 +10,28 @@ them::
     InputError("must be >= 2, got 1", flag="folds", fix="lower --folds")
     # str(): "--folds: must be >= 2, got 1. Fix: lower --folds"
 
-Tree::
+Tree (classes defined outside this module name their module; ``tests/pipeline/test_errors.py`` checks that
+every subclass of :class:`MmcliError` in mmcli is named here)::
 
     MmcliError (2)
     ├── InputError (2)                bad user input: file, row, value, flag
     │   ├── FormatError               a file that does not follow the layout it is read as (CLAM/TRIDENT/STAMP h5)
     │   ├── ModalityNotAvailable      no extractor for a modality (also a NotImplementedError)
     │   ├── SynthInputError           bad arguments to ``synth`` (also a ValueError)
-    │   └── RunFolderError            a run folder that is missing, malformed or of a newer schema
+    │   ├── RunFolderError            a run folder that is missing, malformed or of a newer schema
+    │   ├── NotFound                  serve: a patient the server does not have, HTTP 404 (stages/serve/service.py)
+    │   └── Unprocessable             serve: a request that cannot be scored, HTTP 422 (stages/serve/service.py)
     ├── StoreError (2)                the feature store is missing, unreadable or inconsistent
+    │   └── UnsafeEntry               an entry mmcli never writes (a link, a hidden key): refused, never followed
+    │                                 (pipeline/store/keys.py)
     ├── DiskFullError (1)             ENOSPC / EDQUOT while writing; names the path
-    └── ItemError (1)                 one item of a cohort run failed (corrupt file, wrong rank, empty note...)
-        └── SlideError                a slide that cannot be opened or read
+    ├── ItemError (1)                 one item of a cohort run failed (corrupt file, wrong rank, empty note...)
+    │   └── SlideError                a slide that cannot be opened or read
+    ├── LockHeld (2)                  a lock file held by another live process; the caller words it
+    │                                 (pipeline/locks.py)
+    ├── AuditChainError (1)           the serve audit log was edited, reordered or cut (stages/serve/audit.py)
+    └── _Stopped (2)                  serve: uvicorn stopped on a signal; control flow, never shown
+                                      (stages/serve/app.py)
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ reaches POINT it performs ACTION on itself:
   gets ``SIGCONT``; a test uses it to keep a live writer in the middle of an item;
 * ``term`` / ``int``: ``SIGTERM`` / ``SIGINT`` -- what a batch scheduler's pre-emption or a Ctrl-C sends; the
   process's own handlers run (graceful stop);
-* ``enospc``: raise ``OSError(ENOSPC)`` right there, as a write to a full disk would.
+* ``enospc``: raise ``OSError(ENOSPC)`` right there, as a write to a full disk would;
+* ``erofs``: raise ``OSError(EROFS)`` right there, as a write to a read-only mount would.
 
 Points (``POINTS``): where the runner and the store call :func:`fault`. With ``MMCLI_FAULT`` unset (always,
 outside tests) :func:`fault` is one environment lookup. Hand-written because no Python library offers
@@ -41,9 +42,11 @@ POINTS = {
     "item.after": "runner: the item is finished and its lock released (between two items)",
     "run.model": "fit: the final model is saved into the run's staging folder, before its config is written",
     "run.staged": "fit: the whole new run is in its staging folder, not yet swapped in for --out",
+    "lock.created": "locks: a lock's file (or its temporary file) is created, its content not yet written",
 }
 ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM, "int": signal.SIGINT,
-           "enospc": None}
+           "enospc": None, "erofs": None}
+_ERRNO = {"enospc": (errno.ENOSPC, "No space left on device"), "erofs": (errno.EROFS, "Read-only file system")}
 
 _hits: Counter[str] = Counter()
 _lock = threading.Lock()
@@ -81,7 +84,8 @@ def fault(point: str) -> None:
     if hit and _claim_once():
         sig = ACTIONS[want[1]]
         if sig is None:
-            raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV} at {point})")
+            code, text = _ERRNO[want[1]]
+            raise OSError(code, f"{text} (injected by {ENV} at {point})")
         os.kill(os.getpid(), sig)
 
 

@@ -2,7 +2,8 @@
 
 Every file mmcli writes goes through a temporary name in the same folder and ``os.replace``, so a reader
 (or a crash) never sees half a file; a failed write removes its temporary file. A full disk (ENOSPC)
-becomes a :class:`~mmcli.pipeline.errors.DiskFullError` naming the path. CSV cells and headers are escaped
+becomes a :class:`~mmcli.pipeline.errors.DiskFullError` naming the path (:func:`is_disk_full`, the one
+disk-full test, also used by the item runner and the run folder writer). CSV cells and headers are escaped
 against formula injection (OWASP): a text value starting with ``=``, ``+``, ``-``, ``@``, tab or CR gets a
 leading ``'``, so a spreadsheet shows it as text instead of running it. Numbers are never touched.
 """
@@ -45,13 +46,50 @@ def atomic_path(path: str | Path, *, mode: int = 0o644) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+# Text that says "disk full" where a library dropped the errno (h5py, safetensors, xgboost's FileStream on a short
+# write): matched anywhere in an exception chain by :func:`is_disk_full`.
+DISK_FULL_TEXT = ("No space left on device", "os error 28", "Errno 28", "errno = 28", "Disk quota exceeded",
+                  "Write incomplete")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it was raised from or during (each once)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in ``exc``'s chain: raised directly, as a :class:`DiskFullError`, or wrapped by a
+    library that kept only the message (:data:`DISK_FULL_TEXT`). The one disk-full test of mmcli."""
+    for e in _chain(exc):
+        if isinstance(e, DiskFullError):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(e) for t in DISK_FULL_TEXT):
+            return True
+    return False
+
+
+def is_read_only(exc: BaseException) -> bool:
+    """EROFS (a read-only file system) anywhere in ``exc``'s chain."""
+    return any(isinstance(e, OSError) and e.errno == errno.EROFS for e in _chain(exc))
+
+
 @contextmanager
 def disk_full_as_error(path: str | Path, needed_bytes: int | None = None) -> Iterator[None]:
-    """Turn ENOSPC / EDQUOT raised inside the block into :class:`DiskFullError` naming ``path``."""
+    """Turn a full disk met inside the block (:func:`is_disk_full`) into :class:`DiskFullError` naming ``path``;
+    a :class:`DiskFullError` raised inside passes unchanged."""
     try:
         yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if is_disk_full(e):
             raise DiskFullError(disk_full_message(path, needed_bytes)) from e
         raise
 

@@ -1,13 +1,21 @@
-"""An exclusive lock file that names its holder, for writers that must not run twice at once (``fit --out``).
+"""The one lock-file implementation of mmcli: an exclusive lock that names its holder.
 
-The lock is a small JSON file ``{"pid", "host", "started", "command", "token"}`` -- the format of the store's
-per-item locks (:mod:`mmcli.features.runner`). It is created complete in one step (written under a temporary
-name, then hard-linked onto the lock path, which fails if the lock exists), so a reader never sees an empty
-lock. A lock left by a dead process on this host (:func:`mmcli.pipeline.store.pid_alive`) is stale and
-cleared; a lock of another host is honoured (only that host can tell whether its writer still runs).
+Used for the run folder of ``fit --out`` (``.<name>.lock`` beside it, :mod:`mmcli.pipeline.rundir`) and for
+every item of a stage-1 run (``<store>.locks/<modality>/<encoder_id>/<patient_id>/<item_id>.lock``,
+:mod:`mmcli.features.runner`), so both have the same format: a small JSON file ``{"pid", "host", "started",
+"command", "token"}`` (``started``: UTC, ISO 8601).
+
+A lock is created complete in one step: written under a temporary name, then hard-linked onto the lock path
+(which fails if the lock exists), so a reader never sees an empty lock; where the file system has no hard
+links it is created with ``O_EXCL`` and written at once. A failed write (a full disk) leaves neither the lock
+nor its temporary file. A lock left by a dead process on this host (:func:`pid_alive`) is stale and cleared; a
+lock of another host is honoured (only that host can tell whether its writer still runs); a lock whose content
+cannot be read is taken over once it is older than :data:`STALE_UNREADABLE_S`.
 """
 from __future__ import annotations
 
+import datetime as _dt
+import errno
 import json
 import os
 import socket
@@ -18,9 +26,28 @@ from pathlib import Path
 from typing import Any
 
 from mmcli.pipeline.errors import MmcliError
-from mmcli.pipeline.store import pid_alive
+from mmcli.pipeline.faults import fault
 
 STALE_UNREADABLE_S = 60.0  # a lock whose content cannot be read is taken over after this age
+_NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` runs on this host (it may belong to another user). A zombie (dead, not yet
+    reaped by its parent, e.g. a killed dask worker before its nanny notices) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):  # not a valid pid at all
+        return False
+    try:  # Linux: field 3 of /proc/<pid>/stat is the state; the name before it may hold spaces and ')'
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
 
 
 @dataclass(frozen=True)
@@ -46,7 +73,7 @@ class LockHeld(MmcliError):  # noqa: N818 - a state, raised to the caller that m
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -85,10 +112,27 @@ def _holder(doc: dict[str, Any] | None) -> Holder:
     return Holder(pid, str(doc.get("host", "?")), str(doc.get("started", "?")), str(doc.get("command", "")))
 
 
-class PidLock:
-    """``with PidLock(path, "mmcli fit"):`` holds ``path`` or raises :class:`LockHeld` naming the live holder.
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist) holding ``data``; on any error nothing is left behind."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        fault("lock.created")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
-    Errors creating the lock file (an unwritable folder) propagate as ``OSError``; the caller words them.
+
+class PidLock:
+    """``with PidLock(path, "mmcli fit"):`` holds ``path`` or raises :class:`LockHeld` naming the live holder;
+    :meth:`try_acquire` returns False instead of raising.
+
+    Errors creating the lock file (an unwritable folder, a full disk) propagate as ``OSError``; the caller words
+    them.
     """
 
     def __init__(self, path: str | Path, command: str = "mmcli") -> None:
@@ -101,16 +145,23 @@ class PidLock:
         return self._token is not None
 
     def acquire(self) -> PidLock:
+        if not self.try_acquire():
+            raise LockHeld(self.path, _holder(_read(self.path)))
+        return self
+
+    def try_acquire(self) -> bool:
+        """Take the lock: True when held now, False when another live process holds it."""
         token = uuid.uuid4().hex
         doc = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "command": self.command,
                "token": token}
+        data = json.dumps(doc).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.{token}.tmp")
-        tmp.write_text(json.dumps(doc))
+        _write_new(tmp, data)
         try:
             for _ in range(3):
                 try:
-                    os.link(tmp, self.path)
+                    self._link(tmp, data)
                 except FileExistsError:
                     other = _read(self.path)
                     if other == {}:  # released meanwhile
@@ -118,12 +169,20 @@ class PidLock:
                     if _is_stale(self.path, other):
                         self.path.unlink(missing_ok=True)
                         continue
-                    raise LockHeld(self.path, _holder(other)) from None
+                    return False
                 self._token = token
-                return self
-            raise LockHeld(self.path, _holder(_read(self.path)))
+                return True
+            return False
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _link(self, tmp: Path, data: bytes) -> None:
+        try:
+            os.link(tmp, self.path)
+        except OSError as e:
+            if isinstance(e, FileExistsError) or e.errno not in _NO_HARD_LINKS:
+                raise
+            _write_new(self.path, data)  # no hard links here: O_EXCL, written at once
 
     def release(self) -> None:
         """Remove the lock if it is still ours (never another writer's that took over a stale one)."""

@@ -45,7 +45,14 @@ import pandas as pd
 
 from mmcli.pipeline.errors import DiskFullError, MmcliError, RunFolderError
 from mmcli.pipeline.faults import fault
-from mmcli.pipeline.io import FORMULA_START, disk_full_as_error, disk_full_message, write_csv, write_json
+from mmcli.pipeline.io import (
+    FORMULA_START,
+    disk_full_as_error,
+    disk_full_message,
+    is_disk_full,
+    write_csv,
+    write_json,
+)
 from mmcli.pipeline.locks import LockHeld, PidLock
 from mmcli.pipeline.log import get_logger
 from mmcli.pipeline.signals import Interrupted, critical
@@ -328,8 +335,6 @@ def model_file(f: str | Path, *, optional: bool = False) -> Iterator[Path]:
 # what marks a folder as a run of `mmcli fit` (``--overwrite`` replaces nothing else)
 RUN_MARKERS = (CONFIG, METRICS, PREDICTIONS, MODEL_DIR, LOG_NAME, FOLDS, CV_AUDIT, "report.html")
 _CANNOT_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
-_DISK_FULL_TEXT = ("No space left on device", "os error 28", "Errno 28", "Disk quota exceeded",
-                   "Write incomplete")  # the last: xgboost's FileStream on a short write (ENOSPC / EDQUOT)
 
 
 def _abs(path: str | Path) -> Path:
@@ -347,22 +352,6 @@ def lock_path(out: str | Path) -> Path:
     """The writer lock of run folder ``out``: ``.<name>.lock`` beside it (the folder itself gets replaced)."""
     out = _abs(out)
     return out.with_name(f".{out.name}.lock")
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC / EDQUOT anywhere in ``exc``'s chain, also when a library wrapped it (safetensors, xgboost)."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, DiskFullError):
-            return True
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(t in str(e) for t in _DISK_FULL_TEXT):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _size(path: Path) -> int:
@@ -499,7 +488,7 @@ class RunWriter:
 
     def _write_error(self, e: OSError) -> MmcliError:
         """An OSError while creating the lock, the staging folder or a file, worded for the user."""
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(e):
             return DiskFullError(disk_full_message(self.path))
         blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
         if blocker is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcli.features.modalities import MODALITIES, Modality
-from mmcli.features.runner import ExtractorSpec, RunSummary, run_extraction
+from mmcli.features.runner import RunSummary, run_extraction
 from mmcli.pipeline.errors import InputError, ModalityNotAvailable
 from mmcli.pipeline.manifest import Manifest, load_manifest
 
@@ -26,15 +26,6 @@ def modality_of(modality: str) -> Modality:
         raise ModalityNotAvailable(
             f"--modality {modality!r}: no extractor for it in this build.{' ' + hint if hint else ''} Fix: choose "
             f"one of {[*MODALITIES.names(), 'tabular']} (tabular: --table CSV or --vcf).") from None
-
-
-def make_spec(modality: str, store: str | Path, **options: Any) -> ExtractorSpec:
-    """Build the spec of ``modality`` from the options that were given (``None`` means "not given").
-
-    An option that this modality does not take is a usage error naming the option.
-    """
-    mod = modality_of(modality)
-    return mod.make_spec(str(store), mod.build_options(options))
 
 
 def extract(
@@ -72,17 +63,3 @@ def extract(
         scheduler=scheduler, workers=workers, missing=m.missing_for(modality), progress=progress,
         unit=mod.unit, modality=modality,
     )
-
-
-def ingest_table(table: str | Path, name: str, store: str | Path, **options: Any) -> Any:
-    """``extract --modality tabular``: one omics/clinical CSV into ``/tabular/<name>`` (NaN kept, categoricals
-    encoded); see :func:`mmcli.features.tabular.ingest_table` for ``options``."""
-    from mmcli.features.tabular import ingest_table as _ingest
-
-    return _ingest(table, name, store, **options)
-
-
-def summary_lines(summary: RunSummary) -> list[str]:
-    """Human-readable end-of-run summary: counts, the first failures with their reasons, warnings, why the run
-    stopped early, the run record (see :meth:`RunSummary.lines`)."""
-    return summary.lines()

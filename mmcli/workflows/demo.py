@@ -44,9 +44,10 @@ def _step(title: str) -> None:
 
 def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5) -> int:
     """Run the whole demo into ``out``; returns the exit code (0 ok, 1 if any step had item failures)."""
+    from mmcli.features.tabular import ingest_table
     from mmcli.heads import head_class
     from mmcli.stages.ablate import ablate, format_ablation
-    from mmcli.stages.extract import extract, ingest_table
+    from mmcli.stages.extract import extract
     from mmcli.stages.synth import synth
 
     out = Path(out)

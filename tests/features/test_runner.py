@@ -272,3 +272,89 @@ def test_missing_files_are_checked_before_the_encoder_is_built(tmp_path: Path) -
     s2 = run_extraction(m2.rows, no_spec, tmp_path / "s.zarr", progress=False, modality="toy")
     assert [o.status for o in s2.outcomes] == ["missing"]
 
+
+
+# ---- issue 25: resume checks the data, a read-only store stops the run, provenance comes back -----------------
+def _first_chunk(store: Path, pid: str) -> Path:
+    return store / "toy" / "fake-4" / pid / "a" / "features" / "c" / "0" / "0"
+
+
+@pytest.mark.parametrize("damage", ["deleted", "swapped"])
+def test_resume_redoes_an_item_with_a_lost_or_changed_chunk(cohort: Path, damage: str) -> None:
+    """A features chunk deleted (it would read as zeros) or replaced by another item's valid chunk: the re-run
+    calls only that item not cached and extracts it again; the store is then whole."""
+    import shutil
+
+    (cohort / "f2.txt").write_bytes(b"item2")
+    (cohort / "f3.txt").write_bytes(b"other")  # features unlike P0's
+    m = load_manifest(cohort / "m.csv")
+    store = cohort / "s.zarr"
+    assert run_extraction(m.rows, _spec(), store, progress=False).count("done") == 6
+    want = open_store(store, "r").read_item("toy", "fake-4", "P3", "a").features
+    if damage == "deleted":
+        _first_chunk(store, "P3").unlink()
+    else:
+        shutil.copyfile(_first_chunk(store, "P0"), _first_chunk(store, "P3"))
+    assert open_store(store, "r").verify()[0].where == "/toy/fake-4/P3/a"
+    again = run_extraction(m.rows, _spec(), store, progress=False)
+    assert [(o.patient_id, o.status) for o in again.outcomes if o.status != "cached"] == [("P3", "done")]
+    assert again.exit_code == 0
+    s = open_store(store, "r")
+    assert s.verify() == []
+    np.testing.assert_array_equal(s.read_item("toy", "fake-4", "P3", "a").features, want)
+
+
+def test_a_read_only_store_stops_the_run_at_the_first_refused_write(cohort: Path, fault_env) -> None:
+    """EROFS on the first write (as ``import --force`` on a read-only mount meets it): one failed item, the rest
+    not attempted, one message saying what and the fix, exit 2 (before: every item failed, exit 1)."""
+    m = load_manifest(cohort / "m.csv")
+    store = cohort / "s.zarr"
+    fault_env("store.staged:1:erofs")
+    s = run_extraction(m.rows, _spec(), store, force=True, progress=False)
+    assert [o.status for o in s.outcomes] == ["failed"] + ["skipped"] * 5
+    assert s.outcomes[0].reason.startswith("not written: read-only file system")
+    assert {o.reason for o in s.outcomes[1:]} == {"not started: the store is on a read-only file system"}
+    assert s.exit_code == 2 and s.stopped.startswith(f"{store}: read-only file system: nothing can be written")
+    text = "\n".join(s.lines())
+    assert text.count("read-only file system: nothing can be written") == 1 and "Traceback" not in text
+    assert list(lock_dir(store).rglob("*.lock")) == []
+
+
+def test_read_only_mount_stops_at_the_first_item(cohort: Path) -> None:
+    """The same on a real read-only file system (a tmpfs remounted read-only), with ``--force``."""
+    import shutil
+    import subprocess
+
+    mnt = cohort / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        m = load_manifest(cohort / "m.csv")
+        assert run_extraction(m.rows, _spec(), mnt / "s.zarr", progress=False).count("done") == 5
+        shutil.rmtree(mnt / "s.zarr.runs")
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
+        s = run_extraction(m.rows, _spec(), mnt / "s.zarr", force=True, missing=m.missing, progress=False)
+        assert [o.status for o in s.outcomes] == ["missing", "failed"] + ["skipped"] * 5 and s.exit_code == 2
+        assert "read-only file system" in s.stopped and s.record_error
+        # without --force the cached items are read as usual; the first item that needs writing stops the run
+        again = run_extraction(m.rows, _spec(), mnt / "s.zarr", progress=False)
+        assert [o.status for o in again.outcomes] == ["cached", "cached", "failed"] + ["skipped"] * 3
+        assert again.exit_code == 2
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_provenance_reset_by_repair_comes_back_with_the_next_run(cohort: Path) -> None:
+    """``verify --repair`` resets unreadable encoder metadata to {}; the next run restores it even though every
+    item is cached (before: it stayed {} for good)."""
+    m = load_manifest(cohort / "m.csv")
+    store = cohort / "s.zarr"
+    run_extraction(m.rows, _spec(), store, progress=False)
+    (store / "toy" / "fake-4" / "zarr.json").write_text('{"zarr_format": 3, "node')
+    s = open_store(store)
+    s.repair()
+    assert s.encoder_attrs("toy", "fake-4") == {}
+    again = run_extraction(m.rows, _spec(), store, progress=False)
+    assert again.count("done") == 0 and again.count("cached") == 5
+    assert open_store(store, "r").encoder_attrs("toy", "fake-4") == {"encoder": "fake", "dim": 4}

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from helpers.planted_data import make_store
 from mmcli.cli import app as cli_app
+from mmcli.heads.card import CARD_JSON, CARD_MD, SYNTH_MARKER, build_card, card_markdown, model_sha256
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
-from mmcli.heads.card import CARD_JSON, CARD_MD, SYNTH_MARKER, build_card, card_markdown, model_sha256
 from mmcli.stages.fit import fit
 from mmcli.stages.synth import MARKER
 

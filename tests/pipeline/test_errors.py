@@ -93,3 +93,24 @@ def test_errors_pickle_with_their_fields(cls: type[MmcliError]) -> None:
     e = cls("broken", path="/a/b", fix="redo it", flag="mpp")
     back = pickle.loads(pickle.dumps(e))
     assert type(back) is cls and str(back) == str(e) and back.path == Path("/a/b") and back.flag == "--mpp"
+
+
+def test_the_tree_in_the_docstring_names_every_error_class() -> None:
+    """The error tree of ``mmcli/pipeline/errors.py``'s docstring stays true: every MmcliError subclass defined
+    anywhere in mmcli appears in it, and the tree names no class that does not exist."""
+    import re
+
+    found = set()
+    for info in pkgutil.walk_packages(mmcli.__path__, "mmcli."):
+        if info.name in SKIP_MODULES:
+            continue
+        try:
+            mod = importlib.import_module(info.name)
+        except ImportError:
+            continue
+        for _, obj in inspect.getmembers(mod, inspect.isclass):
+            if obj.__module__ == info.name and issubclass(obj, MmcliError):
+                found.add(obj.__name__)
+    tree = errors.__doc__.split("Tree", 1)[1]
+    named = set(re.findall(r"[├└]── (\w+)", tree)) | {"MmcliError"}
+    assert found == named, f"missing from the tree: {sorted(found - named)}; not a class: {sorted(named - found)}"

@@ -45,3 +45,29 @@ def test_json_refuses_nan_and_handles_numpy(tmp_path):
     with pytest.raises(ValueError):
         io.write_json(tmp_path / "bad.json", {"a": float("nan")})
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_one_disk_full_check_reaches_through_wrapped_errors(tmp_path):
+    """``is_disk_full`` (the one check, used by the store, the item runner and the run writer) sees ENOSPC in
+    the errno, in a cause / context chain, or only in a library's message (h5py, safetensors, xgboost)."""
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert io.is_disk_full(full) and io.is_disk_full(DiskFullError("disk full: x"))
+    assert io.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    for text in ("Can't write data (file write failed: ..., errno = 28, error message = 'No space left')",
+                 "I/O error: No space left on device (os error 28)", "FileStream.Write incomplete"):
+        assert io.is_disk_full(RuntimeError(text)), text
+    try:
+        try:
+            raise full
+        except OSError as e:
+            raise ValueError("wrapped") from e
+    except ValueError as wrapped:
+        assert io.is_disk_full(wrapped)
+    assert not io.is_disk_full(ValueError("bad value")) and not io.is_disk_full(OSError(errno.EROFS, "ro"))
+    assert io.is_read_only(OSError(errno.EROFS, "Read-only file system")) and not io.is_read_only(full)
+    # and disk_full_as_error now turns a wrapped one into DiskFullError naming the path (before: only a bare OSError)
+    target = tmp_path / "x.h5"
+    with pytest.raises(DiskFullError, match=f"disk full: {target}"), io.disk_full_as_error(target):
+        raise RuntimeError("Can't write data (file write failed: errno = 28)")
+    with pytest.raises(ValueError), io.disk_full_as_error(tmp_path):
+        raise ValueError("not a full disk")

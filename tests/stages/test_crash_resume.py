@@ -23,7 +23,8 @@ from helpers.wsi_runs import (
     verify_cli,
 )
 from mmcli.pipeline.faults import POINTS, parse
-from mmcli.pipeline.store import open_store, pid_alive
+from mmcli.pipeline.locks import pid_alive
+from mmcli.pipeline.store import open_store
 
 N = COHORT_SIZE
 
@@ -66,7 +67,7 @@ def test_sigkill_then_rerun_equals_clean_run(cohort: Path, clean: dict, tmp_path
         # it died holding the lock of the slide it was working on: pid, host and start time of a dead process
         (lock,) = lock_files(store)
         held = json.loads(lock.read_text())
-        assert set(held) == {"pid", "host", "started"} and held["pid"] == killed.pid
+        assert set(held) == {"pid", "host", "started", "command", "token"} and held["pid"] == killed.pid
         assert held["host"] == socket.gethostname() and not pid_alive(killed.pid)
         assert (lock.parent.name, lock.stem) not in before
     leftovers = verify_cli(store)
@@ -111,9 +112,11 @@ def test_fault_spec_parsing() -> None:
     for bad in ("nowhere:1", "item.after:0", "item.after:1:explode", "item.after:x"):
         with pytest.raises(ValueError):
             parse(bad)
-    # the extraction points, plus fit's two (run.model, run.staged: see tests/stages/test_fit_faults.py)
+    # the extraction points, fit's two (run.model, run.staged: see tests/stages/test_fit_faults.py) and the lock
+    # files' (lock.created: tests/pipeline/test_locks.py)
     assert {"item.locked", "item.progress", "store.staged", "item.written", "item.after", "run.model",
-            "run.staged"} == set(POINTS)
+            "run.staged", "lock.created"} == set(POINTS)
+    assert parse("store.staged:1:erofs") == {"store.staged": (1, "erofs")}
 
 
 def test_fault_once_token_fires_in_one_process_only(tmp_path: Path) -> None:

@@ -174,12 +174,15 @@ def test_sigint_mid_slide(cohort: Path, clean: dict, tmp_path: Path, fault_env) 
 
 def test_manifest_of_missing_files_loads_no_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """45 rows, none of whose files exist: the encoder is never built and the console lists 20 of them."""
+    import dataclasses
+
     import mmcli.stages.extract as stage
 
     def no_spec(*a, **k):
         raise AssertionError("make_spec called for a manifest of missing files")
 
-    monkeypatch.setattr(stage, "make_spec", no_spec)
+    real = stage.modality_of
+    monkeypatch.setattr(stage, "modality_of", lambda name: dataclasses.replace(real(name), make_spec=no_spec))
     rows = ["patient_id,modality,path,item_id"] + [f"P{i},wsi,slides/{uuid.uuid4().hex}.svs,a" for i in range(45)]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     r = extract_in_process(tmp_path / "m.csv", tmp_path / "s.zarr")

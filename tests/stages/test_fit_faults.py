@@ -21,8 +21,9 @@ import pytest
 from helpers.planted_data import make_store
 from mmcli.pipeline import faults
 from mmcli.pipeline.errors import DiskFullError, RunFolderError
+from mmcli.pipeline.io import is_disk_full
 from mmcli.pipeline.locks import LockHeld, PidLock
-from mmcli.pipeline.rundir import RunWriter, is_disk_full, load_run, lock_path
+from mmcli.pipeline.rundir import RunWriter, load_run, lock_path
 from mmcli.pipeline.signals import Interrupted, critical, stop_on_signals
 from mmcli.stages.fit import fit
 
@@ -205,6 +206,18 @@ def test_real_full_disk_small_tmpfs(data, tmp_path):
         (mnt / "filler").unlink()
         _fit(data, out, overwrite=True)  # space again: the re-run works
         assert load_run(out).metrics is not None
+
+
+def test_a_full_disk_while_taking_the_lock_leaves_no_lock_file(data, tmp_path):
+    """Issue 25, item 11: with no byte free, writing the run lock fails; the fit exits disk full and leaves
+    neither the lock nor its temporary file (before: ``.run.lock.<token>.tmp`` stayed)."""
+    with _tmpfs(tmp_path / "full", "1m") as mnt:
+        with open(mnt / "filler", "wb", buffering=0) as fh, contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 4096)
+        with pytest.raises(DiskFullError, match=rf"^disk full: {mnt / 'run'}"):
+            _fit(data, mnt / "run")
+        assert sorted(p.name for p in mnt.iterdir()) == ["filler"]
 
 
 def test_read_only_folder_is_a_clear_error(data, tmp_path):

@@ -199,3 +199,55 @@ def test_export_refusals_name_item_and_field(tmp_path: Path) -> None:
     code, text = _run("export", "--format", "stamp", "--store", path, "--out", tmp_path / "s",
                       "--extractor-name", "../x")
     assert code == 2 and "--extractor-name" in text
+
+
+@pytest.fixture
+def exported(tmp_path: Path, store: Path) -> Path:
+    out = tmp_path / "out_trident"
+    assert _run("export", "--format", "trident", "--store", store, "--out", out)[0] == 0
+    return out
+
+
+def test_import_force_into_a_read_only_store_stops_at_the_first_item(tmp_path: Path, exported: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25, item 11: the store's writes are refused (EROFS, injected at the first item's write): one failed
+    item, one message with the fix, exit 2 (before: every item failed, one by one, exit 1)."""
+    from mmcli.pipeline import faults
+
+    back = tmp_path / "back.zarr"
+    args = ("import", "--format", "trident", "--from", exported, "--manifest", exported / "manifest.csv",
+            "--store", back, "--encoder-id", "ro", "--no-progress", "--force")
+    assert _run(*args)[0] == 0
+    faults._hits.clear()
+    monkeypatch.setenv(faults.ENV, "store.staged:1:erofs")
+    code, text = _run(*args)
+    faults._hits.clear()
+    assert code == 2, text
+    assert text.count("read-only file system") == 3  # the failed item, its line in the summary, the stop line
+    assert f"stopped: {back}: read-only file system: nothing can be written there. Fix: mount it read-write" in text
+    assert "done 0, cached 0, failed 1, missing 0, locked 0, skipped 3" in text
+    assert "Traceback" not in text
+
+
+def test_import_force_on_a_read_only_mount(tmp_path: Path, exported: Path) -> None:
+    """The same on a real read-only file system: a tmpfs holding the store, remounted read-only."""
+    import subprocess
+
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        args = ("import", "--format", "trident", "--from", exported, "--manifest", exported / "manifest.csv",
+                "--store", mnt / "s.zarr", "--encoder-id", "ro", "--no-progress")
+        assert _run(*args)[0] == 0
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True)
+        code, text = _run(*args, "--force")
+        assert code == 2 and "Traceback" not in text, text
+        assert [x for x in text.splitlines() if x.startswith("  failed: ")] == \
+            [x for x in text.splitlines() if x.startswith("  failed: P1/slideA")]
+        assert "stopped: " in text and "read-only file system: nothing can be written there" in text
+        code, text = _run(*args)  # without --force: everything cached, nothing to write
+        assert code == 0 and "cached 4" in text, text
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 
 from helpers.planted_data import make_store
 from mmcli.cli import app as cli_app
+from mmcli.heads.card import build_card, model_sha256
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
-from mmcli.heads.card import build_card, model_sha256
 from mmcli.stages.fit import fit
 from mmcli.stages.predict import predict
 from mmcli.stages.serve.app import bind, create_app, read_token

@@ -184,3 +184,74 @@ def test_fit_skips_a_corrupt_item_with_a_warning(tmp_path: Path) -> None:
     (tmp_path / "s.zarr" / "wsi" / "enc-wsi" / "P900").symlink_to(tmp_path / "s.zarr" / "wsi" / "enc-wsi" / "P001")
     r = _invoke(*args, "--out", tmp_path / "run2")
     assert r.exit_code == 2 and "symbolic link" in r.output and "Traceback" not in r.output, r.output
+
+
+# ---- issue 25: lost and changed chunks, a broken root, items written before checksums ----------------------------
+@pytest.mark.parametrize("damage", ["deleted", "swapped"])
+def test_lost_or_changed_chunk_is_named_by_verify_and_redone_by_extract(cohort: Path, clean_store: Path,
+                                                                       tmp_path: Path, damage: str) -> None:
+    """A features chunk of P2 deleted (before: read as zeros, verify ok, resume "cached", the prediction
+    flipped) or replaced by P1's chunk: verify exits 1 naming the item; without any repair the next extract
+    redoes exactly that item, and the store equals a clean run."""
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(clean_store, store)
+    (enc,) = [d.name for d in (store / "wsi").iterdir() if d.is_dir()]
+    chunk = store / "wsi" / enc / "P2" / "a" / "features" / "c" / "0" / "0"
+    if damage == "deleted":
+        chunk.unlink()
+        why = "corrupt: features: 1 chunk file(s) missing (c/0/0), which would read as zeros"
+    else:
+        shutil.copyfile(store / "wsi" / enc / "P1" / "a" / "features" / "c" / "0" / "0", chunk)
+        why = "corrupt: features data do not match their checksum"
+    bad = verify_cli(store)
+    assert bad.exit_code == 1, bad.output
+    (line,) = [x for x in bad.stdout.splitlines() if x.startswith("problem: ")]
+    assert line.startswith(f"problem: /wsi/{enc}/P2/a: {why}"), line
+    rerun = extract_in_process(cohort, store)
+    assert rerun.exit_code == 0, rerun.output
+    rec = record_of(rerun.stdout)
+    assert done_items(rec) == {("P2", "a")} and rec["cached"] == N - 1
+    assert verify_cli(store).exit_code == 0
+    assert_same_items(items(store), items(clean_store))
+
+
+def test_truncated_root_metadata_is_rebuilt_by_repair(clean_store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(clean_store, store)
+    root = store / "zarr.json"
+    root.write_text(root.read_text()[:30])
+    info = _invoke("store", "info", store)
+    assert info.exit_code == 2 and "Fix: `mmcli store verify --repair" in info.output, info.output
+    bad = verify_cli(store)
+    assert bad.exit_code == 1 and "Traceback" not in bad.output, bad.output
+    assert bad.stdout.splitlines()[0].startswith("problem: /: unreadable root metadata")
+    fixed = verify_cli(store, "--repair")
+    assert fixed.exit_code == 0, fixed.output
+    assert "removed: / (root metadata rebuilt: schema_version 1, mmcli_version " in fixed.stdout
+    assert verify_cli(store).exit_code == 0
+    assert _invoke("store", "info", store).exit_code == 0
+    assert_same_items(items(store), items(clean_store))
+
+
+def test_items_without_checksums_are_noted_not_failed(tmp_path: Path) -> None:
+    import numpy as np
+
+    from mmcli.pipeline.store import open_store
+
+    store = tmp_path / "old.zarr"
+    open_store(store).write_item("wsi", "enc", "P0", "a", np.ones((2, 4), np.float16))
+    meta = store / "wsi" / "enc" / "P0" / "a" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    del doc["attributes"]["checksums"]  # as an mmcli before checksums wrote it
+    meta.write_text(json.dumps(doc))
+    r = verify_cli(store)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == ["note: 1 item(s) unverified, e.g. /wsi/enc/P0/a: written before per-array "
+                                     "checksums existed: valid, but a lost or changed chunk cannot be detected "
+                                     "(unverified). Fix, if that matters: re-extract it with --force",
+                                     f"{store}: ok"]
+    assert json.loads(verify_cli(store, "--json").stdout)["notes"][0].startswith("/wsi/enc/P0/a: written before")

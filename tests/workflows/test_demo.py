@@ -1,6 +1,6 @@
 """The demo's QuPath GeoJSON and survival attention steps (issue 15), run with the demo's own functions
-(:func:`mmcli.workflows.demo.fit_and_report`, :func:`~mmcli.workflows.demo.export_attention_geojson`) on a small synthetic
-demo cohort (``mmcli synth``), with a tiny encoder and short fits so that it runs in a test.
+(:func:`mmcli.workflows.demo.fit_and_report`, :func:`~mmcli.workflows.demo.export_attention_geojson`) on a small
+synthetic demo cohort (``mmcli synth``), with a tiny encoder and short fits so that it runs in a test.
 
 The GeoJSON is checked as a file QuPath reads: the JSON schema, shapely validity and winding of every polygon
 (``helpers.geojson_check``), every tile inside the slide's level-0 bounds and at its stored coords, the tissue
@@ -23,9 +23,9 @@ from PIL import Image
 from helpers.geojson_check import check_feature_collection
 from mmcli.features.readers import open_slide
 from mmcli.pipeline.store import open_store
-from mmcli.workflows.demo import EXTRA_FITS, export_attention_geojson, fit_and_report
 from mmcli.stages.extract import extract
 from mmcli.stages.synth import synth
+from mmcli.workflows.demo import EXTRA_FITS, export_attention_geojson, fit_and_report
 
 SLOW = pytest.mark.slow  # the demo fixture: a synthetic cohort, one extraction, two short fits (~4 min on 2 busy cores)
 

@@ -12,9 +12,9 @@ from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
 
 from helpers.fake_runs import classification_run, patient_ids, survival_data, survival_run
+from mmcli.heads.evaluation.compare import compare, format_comparison
 from mmcli.heads.evaluation.stats import delong_test
 from mmcli.pipeline.errors import InputError
-from mmcli.heads.evaluation.compare import compare, format_comparison
 
 
 def test_binary_runs_use_delong_on_matched_patients(tmp_path: Path) -> None:
