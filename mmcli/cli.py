@@ -232,6 +232,10 @@ def extract(
     mpp: float | None = typer.Option(None, "--mpp", help="wsi: tile resolution in µm/px  (default: 0.5, about 20x)"),
     patch_size: int | None = typer.Option(None, "--patch-size", help="wsi: tile side in pixels at --mpp  "
                                           "(default: 224)"),
+    preset_geometry: str | None = typer.Option(None, "--preset-geometry", help="wsi with a foundation-model "
+                                               "preset: native (default: the model's input size at its training "
+                                               "resolution) | trident (TRIDENT's grid: 256 px at 20x, 512 for "
+                                               "conch-v1.5, resized in the network)"),
     reader: str | None = typer.Option(None, "--reader", help="wsi: auto | openslide | cucim | tiffslide  (default "
                                       "auto: cuCIM if installed, else OpenSlide; falls back to the next reader)"),
     default_mpp: float | None = typer.Option(None, "--default-mpp", help="wsi: µm/px to assume for slides "
@@ -296,7 +300,8 @@ def extract(
     options = dict(
         encoder=encoder, weights=weights, device=device, precision=precision, runtime=runtime,
         min_cosine=min_cosine, batch_size=batch_size, seed=seed,
-        mpp=mpp, patch_size=patch_size, reader=reader, default_mpp=default_mpp, min_tissue=min_tissue,
+        mpp=mpp, patch_size=patch_size, preset_geometry=preset_geometry, reader=reader, default_mpp=default_mpp,
+        min_tissue=min_tissue,
         tissue_threshold=tissue_threshold, min_tissue_area=min_tissue_area, read_threads=read_threads, qc=qc,
         feature_dtype=feature_dtype, torch_threads=torch_threads, spacing=spacing, shape=shape,
         volume_index=volume_index, max_tokens=max_tokens, stride=stride, pooling=pooling,

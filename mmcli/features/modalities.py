@@ -57,7 +57,8 @@ class Modality:
         from mmcli.features.encoders.presets import tiling_defaults
 
         fields = set(self.options.fields())
-        return {k: v for k, v in tiling_defaults(given.get("encoder")).items() if k in fields}
+        implied = tiling_defaults(given.get("encoder"), given.get("preset_geometry") or "native")
+        return {k: v for k, v in implied.items() if k in fields}
 
 
 MODALITIES: Registry[Modality] = Registry("modality", flag="--modality")

@@ -84,6 +84,10 @@ class Registry(Generic[T]):
             for name in decorated_names(f.read_text(encoding="utf-8"), decorator):
                 self.lazy(name, f"{package}.{f.stem}")
 
+    def lazy_names(self) -> frozenset[str]:
+        """Names tied to a module by :meth:`lazy` or :meth:`scan`, known without importing anything."""
+        return frozenset(self._lazy)
+
     # ---- looking up -------------------------------------------------------------------------------------------
     def get(self, name: str) -> T:
         return self.entry(name).obj
