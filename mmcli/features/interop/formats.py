@@ -9,21 +9,31 @@ Each writer writes what the peer's own reading code needs, as the peer itself wr
   (CLAM's ``save_hdf5`` appends batches); ``pt_files`` holds ``torch.save`` of the plain float32 tensor that
   CLAM's ``Generic_MIL_Dataset`` loads with ``weights_only=True``; ``patches/`` holds the coords with
   ``patch_size``/``patch_level`` (what CLAM's heatmap code reads). On import the ``patches/`` file beside
-  ``h5_files/`` gives the tile size and level.
-- **TRIDENT** (``<mag>x_<size>px_<overlap>px_overlap/features_<encoder>/<slide>.h5``): as CLAM with int64
-  coords, plus attrs on ``coords``: ``patch_size`` (px at the target magnification), ``patch_size_level0``,
-  ``target_magnification``, ``level0_magnification``, ``overlap``, ``name``, ``savetodir`` (and
-  ``level0_width``/``level0_height`` when known). A slide without tissue is an empty (0, D) / (0, 2) file.
+  ``h5_files/`` gives the tile size and level; without it (CLAM's documented layout keeps ``patches/`` in the
+  patching run's folder) the tile size is ``--patch-size`` / ``--patch-level``, else the coords stride as STAMP
+  derives it. A slide without tissue is not written (CLAM writes no file for it; ``CLAM_SB`` fails on one).
+- **TRIDENT** (``<mag>x_<size>px_<overlap>px_overlap/features_<encoder>/<slide>.h5``, ``<encoder>`` TRIDENT's
+  name, :mod:`~mmcli.features.interop.names`): as CLAM with int64 coords, plus attrs on ``coords``:
+  ``patch_size`` (px at the target magnification), ``patch_size_level0``, ``target_magnification``,
+  ``level0_magnification``, ``overlap``, ``name``, ``savetodir`` (and ``level0_width``/``level0_height`` when
+  known), and ``name``/``savetodir``/``encoder`` on ``features``. ``savetodir`` is the folder relative to the
+  export root, never an absolute path of this machine (TRIDENT writes its job-dir-relative folder; none of its
+  readers use it). A slide without tissue is an empty (0, D) / (0, 2) file, as TRIDENT writes it.
 - **STAMP** (``<extractor>/<slide>.h5``): ``feats`` (N, D), ``coords`` (N, 2) float32 in **micrometres**
-  from the slide's top-left, root attrs ``extractor`` (one of STAMP's names, :data:`STAMP_EXTRACTORS`),
-  ``unit`` (``"um"``), ``tile_size_um``, ``tile_size_px``, ``feat_type``. STAMP 2.0 files state
-  ``tile_size`` (µm) with ``unit="um"`` instead; both are read. STAMP turns a tile size in µm into level-0
-  pixels with ``ceil(tile_size_um / slide_mpp)``; so does the importer.
+  from the slide's top-left, root attrs ``extractor`` (one of STAMP's names), ``unit`` (``"um"``),
+  ``tile_size_um``, ``tile_size_px``, ``feat_type``. STAMP 2.0 files state ``tile_size`` (µm) with ``unit="um"``
+  instead; both are read. STAMP turns a tile size in µm into level-0 pixels with ``ceil(tile_size_um /
+  slide_mpp)``; so does the importer. A slide without tissue is not written (STAMP writes no file for it).
 
-mmcli's writers add root attributes the peers ignore: ``mmcli_encoder_id``, ``mmcli_dtype`` and
-``mmcli_geometry`` (JSON), so that ``mmcli import`` of an export gives back the same items (same encoder_id,
-dtype, tile geometry). Inside mmcli coordinates are level-0 pixels (int64); magnification follows
-``magnification = 10 / mpp`` (20x = 0.5 µm/px).
+Slide-level embeddings are read too (:attr:`TileFeatures.level` ``"slide"``): TRIDENT's
+``slide_features_<encoder>/<slide>.h5`` (``features`` of shape (D,)) and STAMP's slide encodings
+(``<encoder>-slide-<hash>/<slide>.h5``, ``feats`` (D,), ``feat_type="slide"``); they import as one row per slide.
+
+Every file is opened through :func:`~mmcli.features.interop.h5safe.open_checked` (no external storage, virtual
+datasets or non-hard links; a cap on the decompressed size). mmcli's writers add root attributes the peers
+ignore: ``mmcli_encoder_id``, ``mmcli_dtype`` and ``mmcli_geometry`` (JSON), so that ``mmcli import`` of an
+export gives back the same items (same encoder_id, dtype, tile geometry). Inside mmcli coordinates are level-0
+pixels (int64); magnification follows ``magnification = 10 / mpp`` (20x = 0.5 µm/px).
 """
 from __future__ import annotations
 
@@ -39,6 +49,8 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
+from mmcli.features.interop import names
+from mmcli.features.interop.h5safe import open_checked
 from mmcli.pipeline.errors import FormatError
 from mmcli.pipeline.io import atomic_write_text, atomic_write_with
 from mmcli.pipeline.registry import Registry
@@ -47,26 +59,6 @@ from mmcli.pipeline.registry import Registry
 GEOMETRY_KEYS = ("mpp", "patch_size", "patch_size_level0", "slide_mpp", "target_magnification",
                  "level0_magnification", "tile_size_um", "level_downsample", "level0_width", "level0_height")
 UNKNOWN_ENCODERS = {"", "unknown", "features", "none"}
-
-# mmcli / TRIDENT encoder names -> STAMP's extractor names (STAMP's encoding step checks these names)
-STAMP_EXTRACTORS: dict[str, str] = {
-    "uni": "uni", "uni_v1": "uni", "uni2": "uni2", "uni_v2": "uni2", "uni2_h": "uni2",
-    "conch": "conch", "conch_v1": "conch", "conch1_5": "conch1_5", "conch_v15": "conch1_5",
-    "conch_v1_5": "conch1_5", "ctranspath": "ctranspath", "chief_ctranspath": "chief_ctranspath",
-    "gigapath": "gigapath", "prov_gigapath": "gigapath", "virchow": "virchow", "virchow2": "virchow2",
-    "hoptimus0": "h_optimus_0", "h_optimus_0": "h_optimus_0", "hoptimus1": "h_optimus_1",
-    "h_optimus_1": "h_optimus_1", "musk": "musk", "plip": "plip", "dinobloom": "dino_bloom",
-    "dino_bloom": "dino_bloom", "mstar": "mstar",
-}
-
-
-def stamp_extractor_name(encoder: str | None) -> str | None:
-    """STAMP's name of ``encoder`` (``uni_v1`` -> ``uni``), or None when STAMP has no such extractor."""
-    if not encoder:
-        return None
-    key = encoder.lower().replace("-", "_")
-    return STAMP_EXTRACTORS.get(key)
-
 
 @dataclass
 class TileFeatures:
@@ -81,6 +73,7 @@ class TileFeatures:
     coords_um: np.ndarray | None = None  # STAMP: micrometres, until the slide's mpp turns them into pixels
     encoder_id: str | None = None  # mmcli's exporter states the store key it came from
     dtype: str | None = None  # the dtype the store held (mmcli's exporter states it)
+    level: str = "tile"  # "slide": one embedding per slide (TRIDENT slide_features, STAMP slide encodings)
 
     def resolve_coords(self, slide_mpp: float | None) -> None:
         """Turn micrometre coords into level-0 pixels with ``slide_mpp`` (µm/px); without it drop them loudly."""
@@ -160,6 +153,23 @@ def _dataset(h5: Any, key: str, path: Path) -> Any:
     if key not in h5:
         raise FormatError(f"missing dataset '{key}' in {path} (it has {sorted(h5.keys())})")
     return h5[key]
+
+
+def _slide_vector(path: Path, feats: Any, feat_name: str) -> np.ndarray:
+    """A slide embedding of shape (D,) (or (1, D)) as one row (1, D); FormatError naming the defect."""
+    f = np.asarray(feats)
+    if f.size == 0:
+        raise FormatError(f"{path}: '{feat_name}' is an empty slide embedding (TRIDENT writes one for a slide "
+                          "without tissue); nothing to import for this slide")
+    if f.ndim == 2 and f.shape[0] == 1:
+        f = f[0]
+    if f.ndim != 1:
+        raise FormatError(f"{path}: a slide embedding '{feat_name}' must have shape (D,), got {f.shape}")
+    if not np.issubdtype(f.dtype, np.floating):
+        raise FormatError(f"{path}: '{feat_name}' must be floating point, got {f.dtype}")
+    if not np.isfinite(f).all():
+        raise FormatError(f"{path}: '{feat_name}' holds NaN or inf")
+    return f[None, :]
 
 
 def _check(path: Path, feats: Any, coords: Any, feat_name: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -249,6 +259,7 @@ class H5Format(ABC):
     name: str
     features_key: str = "features"
     needs_encoder_name = False  # the layout names the encoder (folder or attribute) and its tools check it
+    writes_empty = True  # a slide without tissue is written as an empty file (TRIDENT); CLAM and STAMP write none
 
     @abstractmethod
     def read(self, path: Path) -> TileFeatures:
@@ -266,19 +277,28 @@ class H5Format(ABC):
         """What the peer needs that ``tf`` lacks, as field names with a hint (empty: complete)."""
         return [] if tf.coords is not None else ["coords (the item has none stored)"]
 
-    def export_encoder_name(self, encoder: str | None) -> str | None:
-        """The encoder name as this layout's tools know it (None: unknown)."""
+    def export_encoder_name(self, encoder: str | None, origin: str | None = None) -> str | None:
+        """The encoder name as this layout's tools know it (None: unknown). ``origin``: the format the store's
+        features were imported from (whose vocabulary ``encoder`` is in), None for mmcli's own."""
         return None if not encoder or encoder.lower() in UNKNOWN_ENCODERS else encoder
+
+    def known_name(self, name: str) -> bool:
+        """Whether the peer's own tools know an encoder called ``name`` (else the export warns)."""
+        return True
+
+    def encoder_of(self, path: Path) -> str | None:
+        """The encoder a file names, read cheaply (its folder or its attributes; None when it names none)."""
+        return None
 
     def write_index(self, out: Path, slides: list[tuple[str, str]]) -> None:  # noqa: B027 - optional hook
         """Extra index files this layout's own tools read, from ``(patient_id, slide_id)`` pairs (none here)."""
 
     def has_features(self, path: Path) -> bool:
-        import h5py
-
         try:
-            with h5py.File(path, "r") as h5:
+            with open_checked(path) as h5:
                 return self.features_key in h5
+        except FormatError:
+            return True  # a file that is refused is matched, so that the import names why it was refused
         except OSError:
             return False
 
@@ -288,15 +308,13 @@ FORMATS: Registry[type[H5Format]] = Registry("format", flag="--format")
 
 def _clam_patches_geometry(path: Path) -> dict[str, Any]:
     """``patch_size``/``patch_level``/``downsample`` of CLAM's ``patches/<slide>.h5`` beside ``h5_files/``."""
-    import h5py
-
     patches = path.parent.parent / "patches" / path.name
     if path.parent.name != "h5_files" or not patches.is_file():
         return {}
     try:
-        with h5py.File(patches, "r") as h5:
+        with open_checked(patches) as h5:
             return _attrs(h5["coords"]) if "coords" in h5 else {}
-    except OSError:
+    except (OSError, FormatError):
         return {}
 
 
@@ -308,8 +326,16 @@ def _clam_geometry(cattrs: dict[str, Any]) -> dict[str, Any]:
     ds = cattrs.get("downsample")
     down = float(ds[0]) if isinstance(ds, list) and ds and _num(ds[0]) else (1.0 if level == 0 else None)
     if down is None:
-        return {"patch_size": size}
+        return {"patch_size": size, "patch_level": int(level)}
     return {"patch_size": size, "patch_size_level0": float(round(size * down)), "level_downsample": down}
+
+
+def coords_stride(coords: np.ndarray) -> float | None:
+    """STAMP's ``get_stride``: the smallest step between distinct x or y coordinates (None below two)."""
+    steps = [np.diff(np.unique(coords[:, i])) for i in (0, 1)]
+    steps = [st[st > 0] for st in steps]
+    found = [float(st.min()) for st in steps if st.size]
+    return min(found) if found else None
 
 
 @FORMATS.register("clam", coords="level-0 px")
@@ -318,13 +344,14 @@ class ClamFormat(H5Format):
 
     name = "clam"
     coords_dtype: Any = np.int32
+    writes_empty = False
 
     def read(self, path: Path) -> TileFeatures:
-        import h5py
-
-        with h5py.File(path, "r") as h5:
+        with open_checked(path) as h5:
             feats = _dataset(h5, "features", path)
             coords = h5.get("coords")
+            if path.parent.name.startswith("slide_features_") or (feats.ndim == 1 and feats.size > 0):
+                return self._read_slide(path, h5)
             f, c = _check(path, feats[()], coords[()] if coords is not None else None, "features")
             cattrs = _attrs(coords) if coords is not None else {}
             attrs = {"root": _attrs(h5), "coords": cattrs, "features": _attrs(feats)}
@@ -333,10 +360,39 @@ class ClamFormat(H5Format):
         if patches:
             attrs["patches"] = patches
         geo = _clam_geometry(cattrs) or _clam_geometry(patches)
-        encoder = attrs["root"].get("encoder")  # mmcli's exporter names it; CLAM itself does not
+        encoder = attrs["root"].get("encoder") or attrs["features"].get("encoder")
         tf = TileFeatures(f, None if c is None else np.rint(c).astype(np.int64), complete_geometry(geo),
                           str(encoder) if encoder else None, attrs, warnings)
-        return _mmcli_read(tf)
+        tf = _mmcli_read(tf)
+        if "patch_size_level0" not in tf.geometry and tf.coords is not None:
+            stride = coords_stride(tf.coords)
+            if stride:  # CLAM's documented layout: patches/ lives in the patching run, not beside h5_files/
+                tf.geometry = complete_geometry({**tf.geometry, "patch_size_level0": stride})
+                tf.attrs["geometry_source"] = "coords stride"
+                tf.warnings.append(f"{path.name}: tile size not stated; {int(stride)} level-0 px taken from the "
+                                   "coords stride (as STAMP does). Fix: pass --patch-size (and --patch-level) to "
+                                   "state it")
+        return tf
+
+    def _read_slide(self, path: Path, h5: Any) -> TileFeatures:
+        """A slide embedding in a ``features`` dataset (TRIDENT's ``slide_features_<encoder>/``)."""
+        f = _slide_vector(path, h5["features"][()], "features")
+        attrs = {"root": _attrs(h5), "features": _attrs(h5["features"])}
+        if "coords" in h5:
+            attrs["coords"] = _attrs(h5["coords"])
+        parent = path.parent.name
+        enc = parent.removeprefix("slide_features_") if parent.startswith("slide_features_") else None
+        return _mmcli_read(TileFeatures(f, None, {}, enc or attrs["root"].get("encoder"), attrs, level="slide"))
+
+    def encoder_of(self, path: Path) -> str | None:
+        try:
+            with open_checked(path) as h5:
+                enc = h5.attrs.get("encoder") or h5.attrs.get("mmcli_encoder")
+                if "features" in h5:
+                    enc = enc or h5["features"].attrs.get("encoder")
+        except (OSError, FormatError):
+            return None
+        return _plain(enc) if enc else None
 
     def write(self, path: Path, tf: TileFeatures, slide_id: str) -> list[Path]:
         import torch
@@ -393,18 +449,36 @@ class TridentFormat(ClamFormat):
     name = "trident"
     coords_dtype = np.int64
     needs_encoder_name = True
+    writes_empty = True
 
     def read(self, path: Path) -> TileFeatures:
         tf = super().read(path)
+        if tf.level == "slide":
+            return tf
         c = tf.attrs.get("coords", {})
         geo = {k: c[k] for k in TRIDENT_NEEDS if _num(c.get(k)) is not None}
         for k, src in (("level0_width", "level0_width"), ("level0_height", "level0_height")):
             if _num(c.get(src)) is not None:
                 geo[k] = c[src]
+        if geo:
+            tf.attrs.pop("geometry_source", None)
+            tf.warnings = [w for w in tf.warnings if "coords stride" not in w]
         tf.geometry = complete_geometry({**tf.geometry, **geo})
-        parent = path.parent.name
-        tf.encoder = parent.removeprefix("features_") if parent.startswith("features_") else tf.encoder
+        tf.encoder = self.encoder_of(path) or tf.encoder
         return tf
+
+    def encoder_of(self, path: Path) -> str | None:
+        parent = path.parent.name
+        for prefix in ("slide_features_", "features_"):
+            if parent.startswith(prefix):
+                return parent.removeprefix(prefix)
+        return super().encoder_of(path)
+
+    def export_encoder_name(self, encoder: str | None, origin: str | None = None) -> str | None:
+        return names.trident_name(encoder, origin)
+
+    def known_name(self, name: str) -> bool:
+        return name in names.TRIDENT_NAMES
 
     def missing(self, tf: TileFeatures) -> list[str]:
         miss = super().missing(tf)
@@ -414,11 +488,15 @@ class TridentFormat(ClamFormat):
 
     def write(self, path: Path, tf: TileFeatures, slide_id: str) -> list[Path]:
         g = tf.geometry
+        job = path.parent.parent  # <mag>x_<size>px_0px_overlap under the export root
+        features_dir = Path(job.name) / path.parent.name  # relative, as TRIDENT writes it from its job dir
 
         def fill(h5: Any) -> None:
             ds = appendable(h5, "features", np.asarray(tf.features, dtype=np.float32))
             ds.attrs["name"] = slide_id
-            ds.attrs["savetodir"] = str(path.parent)
+            ds.attrs["savetodir"] = features_dir.as_posix()
+            if tf.encoder:
+                ds.attrs["encoder"] = tf.encoder
             ds = appendable(h5, "coords", np.asarray(tf.coords, dtype=np.int64))
             ds.attrs["patch_size"] = int(round(g["patch_size"]))
             ds.attrs["patch_size_level0"] = int(round(g["patch_size_level0"]))
@@ -426,7 +504,7 @@ class TridentFormat(ClamFormat):
             ds.attrs["level0_magnification"] = _mag(g["level0_magnification"])
             ds.attrs["overlap"] = 0
             ds.attrs["name"] = slide_id
-            ds.attrs["savetodir"] = str(path.parent.parent)
+            ds.attrs["savetodir"] = job.name
             for k in ("level0_width", "level0_height"):
                 if k in g:
                     ds.attrs[k] = int(g[k])
@@ -455,16 +533,24 @@ class StampFormat(H5Format):
     name = "stamp"
     features_key = "feats"
     needs_encoder_name = True
+    writes_empty = False
 
     def read(self, path: Path) -> TileFeatures:
-        import h5py
-
-        with h5py.File(path, "r") as h5:
+        with open_checked(path) as h5:
             feats = _dataset(h5, "feats", path)
+            root = _attrs(h5)
+            kind = str(root.get("feat_type") or "tile")
+            if kind == "patient":
+                raise FormatError(f"{path}: a STAMP patient encoding (feat_type 'patient', one vector per patient, "
+                                  "named by patient id); import the slide encodings (feat_type 'slide') instead")
+            if kind == "slide" or feats.ndim == 1:
+                f = _slide_vector(path, feats[()], "feats")
+                tf = TileFeatures(f, None, {}, str(root.get("encoder") or root.get("extractor") or "") or None,
+                                  {"root": root}, level="slide")
+                return _mmcli_read(tf)
             coords = h5["coords"][()] if "coords" in h5 else None
             f, c = _check(path, feats[()], coords, "feats")
-            attrs = {"root": _attrs(h5)}
-        root = attrs["root"]
+        attrs = {"root": root}
         unit = str(root.get("unit", "")).lower()
         is_um = unit in ("um", "µm", "micron", "microns", "micrometer", "micrometre")
         geo: dict[str, Any] = {}
@@ -490,8 +576,19 @@ class StampFormat(H5Format):
                                "imported without coordinates")
         return tf
 
-    def export_encoder_name(self, encoder: str | None) -> str | None:
-        return stamp_extractor_name(encoder) or super().export_encoder_name(encoder)
+    def encoder_of(self, path: Path) -> str | None:
+        try:
+            with open_checked(path) as h5:
+                enc = h5.attrs.get("extractor") or h5.attrs.get("encoder")
+        except (OSError, FormatError):
+            return None
+        return names.strip_hash(str(_plain(enc))) if enc else None
+
+    def export_encoder_name(self, encoder: str | None, origin: str | None = None) -> str | None:
+        return names.stamp_name(encoder, origin)
+
+    def known_name(self, name: str) -> bool:
+        return names.strip_hash(name) in names.STAMP_NAMES
 
     def missing(self, tf: TileFeatures) -> list[str]:
         g = tf.geometry
