@@ -9,8 +9,8 @@ which is how QuPath places imported objects) holding
 
 File > Import objects from file in QuPath reads these files; ``properties.objectType`` and
 ``properties.classification`` follow QuPath's own GeoJSON export, and every ``id`` is a UUID (QuPath's object ids
-are UUIDs and it replaces any other), the same on every re-export of the same item. :func:`render_preview` draws a written file
-back over the slide thumbnail (a PNG), the way it will sit in QuPath.
+are UUIDs and it replaces any other), the same on every re-export of the same item. :func:`render_preview` draws a
+written file back over the slide thumbnail (a PNG), the way it will sit in QuPath.
 """
 from __future__ import annotations
 
