@@ -195,15 +195,19 @@ def store_share(
 @app.command()
 @handled(log=lambda kw: _runs_log(kw["store"], "extract-" + _safe(kw["modality"])))
 def extract(
-    modality: str = typer.Option(..., "--modality", help="What to extract: wsi (slides), mri, text, tabular."),
+    modality: str = typer.Option(..., "--modality", help="What to extract: wsi (slides), mri, text, tabular, slide "
+                                 "(slide embeddings from cached wsi tile features)."),
     manifest: Path | None = typer.Option(None, "--manifest", help="Cohort manifest CSV: patient_id,modality,path"
                                          "[,item_id]; only rows of --modality are extracted."),
     store: Path = typer.Option(..., "--store", help="Feature store: a .zarr directory (default) or .h5 file; "
                                "created if missing."),
     encoder: str | None = typer.Option(None, "--encoder", help="Encoder. wsi: resnet50_trunc (default; CLAM's "
-                                       "1024-d), timm:NAME (any timm model), timm:hf-hub:ORG/NAME (HF cache). "
+                                       "1024-d), timm:NAME (any timm model), timm:hf-hub:ORG/NAME (HF cache), or "
+                                       "a foundation-model preset (uni, uni2-h, virchow2, conch-v1.5, ...: `mmcli "
+                                       "doctor` lists them with their licences). "
                                        "mri: r3d18 (default; 1-channel 3-D ResNet-18, 512-d). text: minilm-l6 "
-                                       "(default; 384-d, bundled), hf:NAME (offline HF cache) or a model folder."),
+                                       "(default; 384-d, bundled), hf:NAME (offline HF cache) or a model folder. "
+                                       "slide: chief | madeleine (with --weights)."),
     weights: Path | None = typer.Option(None, "--weights", help="Encoder weights: .safetensors, or .pth/.pt "
                                         "(loaded with weights_only=True). Without weights and without a cached "
                                         "model: loud warning, seeded random init, pretrained=false."),
@@ -266,6 +270,10 @@ def extract(
                                       "long note  (default: max-tokens / 4)"),
     pooling: str | None = typer.Option(None, "--pooling", help="text: token pooling per window, mean | cls  "
                                        "(default: mean); windows are averaged, weighted by their token counts"),
+    from_modality: str | None = typer.Option(None, "--from-modality", help="slide: store modality of the tile "
+                                             "features the slide encoder reads  (default: wsi)"),
+    tile_encoder_id: str | None = typer.Option(None, "--tile-encoder-id", help="slide: encoder_id of those tile "
+                                               "features  (default: the only one in the store)"),
     max_note_chars: int | None = typer.Option(None, "--max-note-chars", help="text: characters of a note that "
                                               "are encoded; a longer note is cut there with a warning, recorded in "
                                               "the item  (default: 200000)"),
@@ -305,7 +313,7 @@ def extract(
         tissue_threshold=tissue_threshold, min_tissue_area=min_tissue_area, read_threads=read_threads, qc=qc,
         feature_dtype=feature_dtype, torch_threads=torch_threads, spacing=spacing, shape=shape,
         volume_index=volume_index, max_tokens=max_tokens, stride=stride, pooling=pooling,
-        max_note_chars=max_note_chars,
+        max_note_chars=max_note_chars, from_modality=from_modality, tile_encoder_id=tile_encoder_id,
     )
     summary = run_extract(modality, manifest, store, force=force, scheduler=scheduler, workers=workers,
                           progress=not no_progress, **options)

@@ -28,18 +28,28 @@ from mmcli.pipeline.registry import Registry
 
 if TYPE_CHECKING:
     from mmcli.features.runner import ExtractorSpec
+    from mmcli.pipeline.manifest import Manifest, ManifestRow
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
 class Modality:
-    """One registered modality: its spec factory, its options model and what its progress bar counts."""
+    """One registered modality: its spec factory, its options model, what its progress bar counts and (optionally)
+    how it selects its rows (default: the manifest rows of its name)."""
 
     name: str
     make_spec: Callable[..., ExtractorSpec]
     options: type[Options]
     unit: str
+    select: Callable[[Manifest, Any, str], tuple[list[ManifestRow], list[ManifestRow]]] | None = None
+
+    def rows(self, manifest: Manifest, options: Options, store: str) -> tuple[list[ManifestRow], list[ManifestRow]]:
+        """``(rows to extract, rows whose file is missing)``; a modality that encodes what is already in the store
+        (``slide``) selects rows of another modality."""
+        if self.select is not None:
+            return self.select(manifest, options, store)
+        return manifest.for_modality(self.name), manifest.missing_for(self.name)
 
     def build_options(self, given: Mapping[str, Any]) -> Options:
         """Validate the options the user gave (``None`` = not given), with :meth:`implied_options` filling the
@@ -65,14 +75,17 @@ MODALITIES: Registry[Modality] = Registry("modality", flag="--modality")
 MODALITIES.lazy("wsi", "mmcli.features.wsi")
 MODALITIES.lazy("mri", "mmcli.features.mri")
 MODALITIES.lazy("text", "mmcli.features.text")
+MODALITIES.lazy("slide", "mmcli.features.slide")
 
 
-def register(name: str, *, options: type[Options], unit: str) -> Callable[[F], F]:
+def register(name: str, *, options: type[Options], unit: str,
+             rows: Callable[..., tuple[list[ManifestRow], list[ManifestRow]]] | None = None) -> Callable[[F], F]:
     """Decorator for a modality's ``make_spec(store, options, **given)``: register it under ``name`` with its
-    options model and the unit its progress bar counts inside one item (``tile``, ``step``, ``note``)."""
+    options model, the unit its progress bar counts inside one item (``tile``, ``step``, ``note``) and, for a
+    modality that does not read manifest rows of its own name, ``rows(manifest, options, store)``."""
 
     def deco(make_spec: F) -> F:
-        MODALITIES.add(name, Modality(name, make_spec, options, unit), unit=unit)
+        MODALITIES.add(name, Modality(name, make_spec, options, unit, rows), unit=unit)
         return make_spec
 
     return deco

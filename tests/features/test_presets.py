@@ -391,7 +391,8 @@ def test_preset_sets_tiling_unless_given(tmp_path: Path, monkeypatch: pytest.Mon
     real = extract_stage.modality_of("wsi")
 
     class Spy:
-        name, options, unit, build_options = real.name, real.options, real.unit, real.build_options
+        name, options, unit, build_options, rows = real.name, real.options, real.unit, real.build_options, \
+            real.rows
 
         def make_spec(self, store: str, opts: object, **_: object) -> None:
             seen.update(mpp=opts.mpp, patch_size=opts.patch_size)

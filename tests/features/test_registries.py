@@ -66,7 +66,7 @@ def test_unknown_names_list_the_choices() -> None:
                                          r"\['clam', 'stamp', 'trident'\]"):
         get_format("gigapath")
     with pytest.raises(InputError, match=r"unknown modality 'pet'\. Fix: --modality takes one of "
-                                         r"\['mri', 'text', 'wsi'\]"):
+                                         r"\['mri', 'slide', 'text', 'wsi'\]"):
         MODALITIES.get("pet")
     with pytest.raises(ValueError, match=r"unknown reader 'bioformats'; choose one of \['auto', 'cucim', "):
         reader_order("bioformats")
