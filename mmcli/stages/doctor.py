@@ -167,8 +167,9 @@ def check_hf_cache() -> list[Check]:
         terms = f"licence {p.licence}{' (gated)' if p.gated else ''}: {p.terms}"
         out.append(Check("presets", name, True if found else None,
                          f"weights {found[0]} ({found[1]}); {terms}" if found else
-                         f"no {' / '.join(p.weights_files)} of {p.repo} in the cache (--weights FILE works too); "
-                         f"{terms}"))
+                         (f"no {' / '.join(p.weights_files)} of {p.repo} in the cache (--weights FILE works too)"
+                          if p.on_hub else f"{p.weights_files[0]} of {p.repo} (off the hub): --weights FILE only")
+                         + f"; {terms}"))
     return out
 
 

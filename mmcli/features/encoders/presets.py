@@ -43,8 +43,11 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SWIGLU = preset_nets.SWIGLU
 TIMM_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's download order
 GEOMETRIES = ("native", "trident")
-CC_BY_NC_ND = ("CC-BY-NC-ND-4.0", "non-commercial research only, no derivatives distributed; the authors' terms also "
-               "cover models trained on its outputs")
+# MahmoodLab's model cards: commercial use of the model "and its derivatives, which include models trained on outputs
+# from the model or datasets created from it" needs the authors' approval
+CC_BY_NC_ND = ("CC-BY-NC-ND-4.0", "non-commercial academic research only, no derivatives distributed; the authors' "
+               "terms count models trained on its outputs as derivatives")
+CC_BY_NC_ND_PAIGE = "non-commercial research only, no derivatives distributed (see the model card's terms)"
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Preset:
     extra_keys: tuple[str, ...] = ()  # published key prefixes this tile encoder does not use
     repo_type: str = "model"
     config_file: str | None = None  # a published config the architecture is read from (Phikon-v2)
+    on_hub: bool = True  # the weights are on the Hugging Face hub (else only --weights finds them)
 
     def licence_attrs(self) -> dict[str, Any]:
         """Licence, terms and gating: what provenance, doctor and a model card show."""
@@ -97,7 +101,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            TIMM_FILES, "cls+mean", "vit_huge_patch14_224",
            {"img_size": 224, "init_values": 1e-5, "reg_tokens": 4, "mlp_ratio": 5.3375, "global_pool": "",
             "dynamic_img_size": True, **SWIGLU}, 2560, resize="bicubic", licence=CC_BY_NC_ND[0],
-           terms=CC_BY_NC_ND[1], gated=True),
+           terms=CC_BY_NC_ND_PAIGE, gated=True),
     Preset("h-optimus-0", "H-optimus-0 (Bioptimus, ViT-g/14, 4 registers)", "bioptimus/H-optimus-0", TIMM_FILES,
            "token", "vit_giant_patch14_reg4_dinov2",
            {"img_size": 224, "global_pool": "token", "init_values": 1e-5, "dynamic_img_size": True}, 1536,
@@ -129,7 +133,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("ctranspath", "CTransPath (Wang et al., Swin-T with a convolutional stem)", "Xiyue-Wang/TransPath",
            ("ctranspath.pth",), "swin-avg", "swin_tiny_patch4_window7_224", {"img_size": 224}, 768,
            precision="fp32", licence="GPL-3.0", terms="weights from the TransPath repository's Google Drive link",
-           gated=False),
+           gated=False, on_hub=False),
     Preset("chief-ctranspath", "CHIEF-CTransPath (CHIEF's tile encoder, CTransPath layout)", "MahmoodLab/hest-bench",
            ("fm_v1/ctranspath/CHIEF_CTransPath.pth", "CHIEF_CTransPath.pth"), "swin-avg",
            "swin_tiny_patch4_window7_224", {"img_size": 224}, 768, precision="fp32", licence="GPL-3.0",
@@ -229,6 +233,8 @@ def local_weights(p: Preset, weights: str | Path | None = None) -> tuple[Path, s
             hit = next((h for h in hits if h.is_file()), None)
             return (hit, None) if hit else None
         return (w, None) if w.is_file() else None
+    if not p.on_hub:
+        return None
     found = hf_cached_file(p.repo, p.weights_files, p.repo_type)
     return (Path(found[0]), found[1]) if found else None
 
@@ -341,7 +347,8 @@ def create_preset(name: str, weights: str | Path | None = None, seed: int = 0, d
     p = PRESETS[name]
     found = local_weights(p, weights)
     if found is None:
-        where = f"--weights {weights}" if weights else f"the Hugging Face cache {hf_cache_dir()} ({p.repo})"
+        where = f"--weights {weights}" if weights else f"the Hugging Face cache {hf_cache_dir()} ({p.repo})" \
+            if p.on_hub else f"no --weights ({p.repo} publishes them off the Hugging Face hub)"
         raise InputError(f"--encoder {name}: none of {list(p.weights_files)} in {where}; presets are never "
                          f"downloaded. Fix: pass --weights PATH/{Path(p.weights_files[0]).name}, or fetch {p.repo} "
                          "where the hub is reachable (huggingface-cli download, access granted) and copy the cache "

@@ -54,7 +54,8 @@ SLIDE_MODELS: dict[str, SlideModel] = {m.name: m for m in (
                optional_keys=("organ_embedding",)),
     SlideModel("madeleine", "MADELEINE H&E slide encoder (multi-head gated ABMIL over CONCH v1 tiles)",
                ("conch-v1",), 512, 512, "model.pt", "bf16", "CC-BY-NC-ND-4.0",
-               "non-commercial research only, no derivatives distributed", True, config_file="model_config.json"),
+               "non-commercial academic research only, no derivatives distributed (MahmoodLab/madeleine)", True,
+               config_file="model_config.json"),
 )}
 
 
