@@ -107,3 +107,13 @@ def test_modality_registry_fills_the_options_a_preset_implies() -> None:
     assert wsi.implied_options({"encoder": "resnet50_trunc"}) == {}
     assert MODALITIES.get("text").implied_options({"encoder": "uni"}) == {}  # text takes no mpp / patch size
     assert '== "wsi"' not in inspect.getsource(extract_stage)
+
+
+def test_preset_and_slide_encoder_lookups_import_no_torch() -> None:
+    """Issue 22: preset and slide-encoder names come from their decorators; looking one up imports its module
+    only (no torch, no text or volume encoders)."""
+    seen = _modules_after("from mmcli.features.encoders.registry import resolve\n"
+                          "assert resolve('uni')[0] == 'wsi' and resolve('chief')[0] == 'slide'\n"
+                          "from mmcli.features.interop.formats import get_format\nget_format('stamp')")
+    assert not seen["torch"] and not seen["transformers"]
+    assert not seen["mmcli.features.encoders.text"] and not seen["mmcli.features.encoders.volume"]

@@ -347,8 +347,10 @@ def create_preset(name: str, weights: str | Path | None = None, seed: int = 0, d
     p = PRESETS[name]
     found = local_weights(p, weights)
     if found is None:
-        where = f"--weights {weights}" if weights else f"the Hugging Face cache {hf_cache_dir()} ({p.repo})" \
-            if p.on_hub else f"no --weights ({p.repo} publishes them off the Hugging Face hub)"
+        if not weights and not p.on_hub:
+            raise InputError(f"--encoder {name} needs --weights PATH/{p.weights_files[0]}: {p.repo} publishes its "
+                             "weights off the Hugging Face hub, and presets are never downloaded.")
+        where = f"--weights {weights}" if weights else f"the Hugging Face cache {hf_cache_dir()} ({p.repo})"
         raise InputError(f"--encoder {name}: none of {list(p.weights_files)} in {where}; presets are never "
                          f"downloaded. Fix: pass --weights PATH/{Path(p.weights_files[0]).name}, or fetch {p.repo} "
                          "where the hub is reachable (huggingface-cli download, access granted) and copy the cache "
