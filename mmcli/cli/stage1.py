@@ -115,16 +115,23 @@ def import_cmd(
     mpp: float | None = typer.Option(None, "--mpp", help="stamp: level-0 µm/px of the slides, to turn STAMP's "
                                      "micrometre coords into level-0 pixels  (default: read from each slide "
                                      "when reachable; otherwise coords are dropped with a warning)"),
+    patch_size: int | None = typer.Option(None, "--patch-size", help="clam: tile side in px at --patch-level "
+                                          "where the files do not state it (no patches/ beside h5_files/)  "
+                                          "(default: derived from the coords stride, as STAMP does)"),
+    patch_level: int = typer.Option(0, "--patch-level", help="clam: pyramid level --patch-size is given at (>0 "
+                                    "needs the slides reachable for their downsamples)"),
     force: bool = typer.Option(False, "--force", help="Re-import files that are already in the store."),
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bars."),
 ) -> None:
-    """Import CLAM / TRIDENT / STAMP tile-feature h5 files (features + level-0 coords + provenance)."""
+    """Import CLAM / TRIDENT / STAMP tile-feature h5 files (features + level-0 coords + provenance), or their slide
+    embeddings (TRIDENT slide_features_<encoder>/, STAMP slide encodings) as the 'slide' modality."""
     from mmcli.stages.import_ import import_features
 
     summary = import_features(fmt, source, manifest, store, encoder_id=encoder_id, modality=modality, mpp=mpp,
-                              force=force, scheduler=scheduler, workers=workers, progress=not no_progress)
+                              force=force, scheduler=scheduler, workers=workers, progress=not no_progress,
+                              patch_size=patch_size, patch_level=patch_level)
     for line in summary.lines():
         say(line)
     raise typer.Exit(summary.exit_code)

@@ -30,18 +30,28 @@ from mmcli.pipeline.registry import Registry
 
 if TYPE_CHECKING:
     from mmcli.features.runner import ExtractorSpec
+    from mmcli.pipeline.manifest import Manifest, ManifestRow
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
 class Modality:
-    """One registered modality: its spec factory, its options model and what its progress bar counts."""
+    """One registered modality: its spec factory, its options model, what its progress bar counts and (optionally)
+    how it selects its rows (default: the manifest rows of its name)."""
 
     name: str
     make_spec: Callable[..., ExtractorSpec]
     options: type[Options]
     unit: str
+    select: Callable[[Manifest, Any, str], tuple[list[ManifestRow], list[ManifestRow]]] | None = None
+
+    def rows(self, manifest: Manifest, options: Options, store: str) -> tuple[list[ManifestRow], list[ManifestRow]]:
+        """``(rows to extract, rows whose file is missing)``; a modality that encodes what is already in the store
+        (``slide``) selects rows of another modality."""
+        if self.select is not None:
+            return self.select(manifest, options, store)
+        return manifest.for_modality(self.name), manifest.missing_for(self.name)
 
     def build_options(self, given: Mapping[str, Any]) -> Options:
         """Validate the options the user gave (``None`` = not given), with :meth:`implied_options` filling the
@@ -59,20 +69,23 @@ class Modality:
         from mmcli.features.encoders.presets import tiling_defaults
 
         fields = set(self.options.fields())
-        return {k: v for k, v in tiling_defaults(given.get("encoder")).items() if k in fields}
+        implied = tiling_defaults(given.get("encoder"), given.get("preset_geometry") or "native")
+        return {k: v for k, v in implied.items() if k in fields}
 
 
 MODALITIES: Registry[Modality] = Registry("modality", flag="--modality")
 MODALITIES.scan(Path(__file__).parent, "mmcli.features", "register")
 
 
-def register(name: str, *, options: type[Options], unit: str, aliases: tuple[str, ...] = ()) -> Callable[[F], F]:
+def register(name: str, *, options: type[Options], unit: str, aliases: tuple[str, ...] = (),
+             rows: Callable[..., tuple[list[ManifestRow], list[ManifestRow]]] | None = None) -> Callable[[F], F]:
     """Decorator for a modality's ``make_spec(store, options, **given)``: register it under ``name`` with its
-    options model, the unit its progress bar counts inside one item (``tile``, ``step``, ``note``) and the
-    other names users type for it (``aliases``; any case is accepted anyway)."""
+    options model, the unit its progress bar counts inside one item (``tile``, ``step``, ``note``), the other
+    names users type for it (``aliases``; any case is accepted anyway) and, for a modality that does not read
+    manifest rows of its own name, ``rows(manifest, options, store)``."""
 
     def deco(make_spec: F) -> F:
-        MODALITIES.add(name, Modality(name, make_spec, options, unit), unit=unit, aliases=aliases)
+        MODALITIES.add(name, Modality(name, make_spec, options, unit, rows), unit=unit, aliases=aliases)
         return make_spec
 
     return deco

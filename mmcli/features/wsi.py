@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from mmcli.features.encoders.image import ImageEncoder
+from mmcli.features.encoders.presets import GEOMETRIES
 from mmcli.features.encoders.registry import create_encoder, resolve
 from mmcli.features.encoders.runtime import INT8, PRECISIONS, RUNTIMES, load_state_dict, resolve_backend, resolve_device
 from mmcli.features.modalities import ExtractorOptions, coerce, register
@@ -54,6 +55,10 @@ class WsiOptions(ExtractorOptions):
     mpp: float = Field(0.5, gt=0, allow_inf_nan=False, description="tile resolution in µm/px, > 0 (0.5 is "
                        "about 20x, 0.25 about 40x)")
     patch_size: int = Field(224, ge=8, description="tile side in pixels at --mpp, an integer >= 8")
+    preset_geometry: Literal[GEOMETRIES] = Field(  # type: ignore[valid-type]
+        "native", description="tiling a foundation-model preset implies when --mpp / --patch-size are not given: "
+        "native (the model's input size at its training resolution) | trident (TRIDENT's job grid: 256 px at "
+        "20x, 512 for conch-v1.5, resized to the input size in the network)")
     reader: Literal[READER_CHOICES] = Field(  # type: ignore[valid-type]
         "auto", description=f"slide reader, one of {' | '.join(READER_CHOICES)} (auto: cuCIM when installed, "
         "then OpenSlide, then tiffslide)")

@@ -93,6 +93,10 @@ class Registry(Generic[T]):
                 for alias in aliases:
                     self._aliases[alias.lower()] = name
 
+    def lazy_names(self) -> frozenset[str]:
+        """Names tied to a module by :meth:`lazy` or :meth:`scan`, known without importing anything."""
+        return frozenset(self._lazy)
+
     # ---- looking up -------------------------------------------------------------------------------------------
     def get(self, name: str) -> T:
         return self.entry(name).obj

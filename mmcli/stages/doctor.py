@@ -1,6 +1,7 @@
 """``mmcli doctor``: what this machine can run. Slide readers and their versions, devices (CUDA, CPU bf16 /
 VNNI / AMX flags), runtimes (torch, OpenVINO), feature-store backends, the Hugging Face cache and which
-foundation-model presets have their weights in it. Every problem comes with its fix; exit 1 when there is one.
+foundation-model presets have their weights in it (repo ids matched case-insensitively, safetensors or .bin),
+with each preset's licence and access terms. Every problem comes with its fix; exit 1 when there is one.
 """
 from __future__ import annotations
 
@@ -162,10 +163,13 @@ def check_hf_cache() -> list[Check]:
         state = "exists" if cache.is_dir() else "does not exist yet"
         out.append(Check("hugging face", "cache", None, f"{cache} ({state}; {mode})"))
     for name, p in PRESETS.items():
-        path = local_weights(p)
-        out.append(Check("presets", name, True if path else None,
-                         f"weights {path}" if path else f"no {p.weights_file} of {p.repo} in the cache (--weights "
-                         "FILE works too)"))
+        found = local_weights(p)
+        terms = f"licence {p.licence}{' (gated)' if p.gated else ''}: {p.terms}"
+        out.append(Check("presets", name, True if found else None,
+                         f"weights {found[0]} ({found[1]}); {terms}" if found else
+                         (f"no {' / '.join(p.weights_files)} of {p.repo} in the cache (--weights FILE works too)"
+                          if p.on_hub else f"{p.weights_files[0]} of {p.repo} (off the hub): --weights FILE only")
+                         + f"; {terms}"))
     return out
 
 

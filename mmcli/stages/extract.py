@@ -57,9 +57,9 @@ def extract(
         # dask starts workers with OMP_NUM_THREADS=1; share the cores between the worker processes instead
         n = workers or os.cpu_count() or 1
         opts = mod.options.build({**opts.to_json(), "torch_threads": max(1, (os.cpu_count() or 1) // n)})
-    rows = m.for_modality(modality)
+    rows, missing = mod.rows(m, opts, str(store))
     return run_extraction(  # the spec (and its encoder) is only built when some file exists
         rows, lambda: mod.make_spec(str(store), opts, cohort=rows), store, force=force,  # int8 calibrates on it
-        scheduler=scheduler, workers=workers, missing=m.missing_for(modality), progress=progress,
+        scheduler=scheduler, workers=workers, missing=missing, progress=progress,
         unit=mod.unit, modality=modality,
     )

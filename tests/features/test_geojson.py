@@ -84,3 +84,25 @@ def test_cli_export_geojson(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["export", "--format", "clam", "--store", str(store), "--out",
                                    str(tmp_path / "c"), "--scores", str(tmp_path / "attention.csv")])
     assert res.exit_code == 2 and "--format geojson" in res.output
+
+
+def test_object_ids_are_stable_uuids(tmp_path: Path) -> None:
+    """Issue 27 item 14: every object id is a UUID (QuPath replaces any other id on import), the same on a
+    re-export of the same item, different for another item."""
+    import uuid
+
+    coords = np.array([[0, 0], [224, 0], [0, 224]])
+    a = feature_collection(coords, 224, name="s1", scope="wsi/enc/P1/s1")
+    ids = [f["id"] for f in a["features"]]
+    assert all(str(uuid.UUID(i)) == i for i in ids) and len(set(ids)) == len(ids)
+    assert ids == [f["id"] for f in feature_collection(coords, 224, name="s1", scope="wsi/enc/P1/s1")["features"]]
+    other = {f["id"] for f in feature_collection(coords, 224, name="s1", scope="wsi/enc/P2/s1")["features"]}
+    assert not other & set(ids)
+    store = tmp_path / "s.zarr"
+    open_store(store, "a").write_item("wsi", "enc", "P1", "a", np.zeros((3, 4), np.float32), coords,
+                                      {"patch_size_level0": 224})
+    for out in ("q1", "q2"):
+        assert CliRunner().invoke(app, ["export", "--format", "geojson", "--store", str(store), "--out",
+                                        str(tmp_path / out)]).exit_code == 0
+    assert (tmp_path / "q1" / "a.geojson").read_text() == (tmp_path / "q2" / "a.geojson").read_text()
+    assert uuid.UUID(json.loads((tmp_path / "q1" / "a.geojson").read_text())["features"][0]["id"])

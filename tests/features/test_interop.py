@@ -236,3 +236,137 @@ def test_stamp_ceil_rule_and_v20_tile_size() -> None:
     assert g["patch_size_level0"] == 1014
     g = complete_geometry({"patch_size": 224, "mpp": 256 / 224, "slide_mpp": 0.2527})
     assert g["patch_size_level0"] == 1014 and g["tile_size_um"] == pytest.approx(256.0)
+
+
+# ---- issue 27: peers' names, mixed encoders, slide embeddings, CLAM's documented layout -----------------------
+def test_mixed_trident_job_root_is_refused(tmp_path: Path) -> None:
+    """Item 5: a TRIDENT job root holding features_uni_v1/ and features_musk/ (both 1024-d, different slides) is
+    refused naming both encoders, instead of being stored under one encoder_id."""
+    job = tmp_path / "job" / "20x_256px_0px_overlap"
+    slides = [s for ss in SLIDES.values() for s in ss]
+    for i, s in enumerate(slides):
+        enc = "uni_v1" if i < 2 else "musk"
+        (job / f"features_{enc}").mkdir(parents=True, exist_ok=True)
+        with h5py.File(job / f"features_{enc}" / f"{s}.h5", "w") as h:
+            h["features"], h["coords"] = _feats(3, 1024), _coords(3)
+    with pytest.raises(InputError, match=r"come from 2 encoders: .*'musk'.*'uni_v1'.*one encoder's folder"):
+        import_features("trident", tmp_path / "job", _manifest(tmp_path), tmp_path / "s.zarr", progress=False)
+    assert not (tmp_path / "s.zarr").exists()
+    s = import_features("trident", job / "features_uni_v1", _manifest(tmp_path), tmp_path / "s.zarr", progress=False)
+    assert s.count("done") == 2 and s.count("missing") == 1
+
+
+def write_trident_slide_features(job: Path, encoder: str = "titan", dim: int = 768) -> dict[str, np.ndarray]:
+    """TRIDENT's ``extract_slide_features``: ``slide_features_<enc>/<slide>.h5`` with ``features`` (D,) and the
+    tile coords with their attrs; an empty slide gets ``features`` of shape (0,)."""
+    out = job / "20x_512px_0px_overlap" / f"slide_features_{encoder}"
+    out.mkdir(parents=True)
+    data = {}
+    for ss in SLIDES.values():
+        for s in ss:
+            f = RNG.normal(size=dim).astype(np.float32)
+            with h5py.File(out / f"{s}.h5", "w") as h:
+                h.create_dataset("features", data=f).attrs.update(name=s, savetodir=str(out))
+                h.create_dataset("coords", data=_coords(5)).attrs.update(patch_size=512, patch_size_level0=1024)
+            data[s] = f
+    return data
+
+
+def test_trident_slide_embeddings_import_as_a_vector_modality(tmp_path: Path) -> None:
+    """Item 10: TRIDENT's slide embeddings import as the 'slide' modality (one row per slide, no coords), which
+    stage 2 reads as a vector (what xgboost, cox and fusion_mlp take)."""
+    from mmcli.heads.data import load_cohort, resolve_sources
+
+    data = write_trident_slide_features(tmp_path / "job")
+    s = import_features("trident", tmp_path / "job", _manifest(tmp_path), tmp_path / "s.zarr", progress=False)
+    assert s.exit_code == 0 and s.count("done") == 3 and s.modality == "slide"
+    assert s.encoder_id.startswith("trident_titan-")
+    st = open_store(tmp_path / "s.zarr", "r")
+    assert st.modalities() == ["slide"] and st.encoder_attrs("slide", s.encoder_id)["level"] == "slide"
+    item = st.read_item("slide", s.encoder_id, "P1", "TCGA-A1-0001-01Z")
+    assert item.features.shape == (1, 768) and item.coords is None
+    np.testing.assert_array_equal(item.features[0], data["TCGA-A1-0001-01Z"])
+    cohort = load_cohort(st, resolve_sources(st, ["slide"]))
+    m = cohort.modalities["slide"]
+    assert m.spec.kind == "vector" and m.vectors.shape == (2, 768)
+    p2 = (data["TCGA-A1-0002-01Z"].astype(np.float64) + data["TCGA-A1-0002-02Z"]) / 2  # two slides: their mean
+    np.testing.assert_allclose(m.vectors[1], p2, rtol=1e-6)
+    empty = tmp_path / "job" / "20x_512px_0px_overlap" / "slide_features_titan" / "TCGA-A1-0001-01Z.h5"
+    with h5py.File(empty, "w") as h:
+        h["features"], h["coords"] = np.empty((0,), np.float32), np.empty((0, 2), np.int64)
+    s = import_features("trident", tmp_path / "job", _manifest(tmp_path), tmp_path / "s2.zarr", progress=False)
+    by = {o.item_id: o for o in s.outcomes}
+    assert by["TCGA-A1-0001-01Z"].status == "failed" and "empty slide embedding" in by["TCGA-A1-0001-01Z"].reason
+
+
+def test_stamp_slide_encodings_import_and_patient_encodings_are_named(tmp_path: Path) -> None:
+    """Item 10: STAMP's slide encodings (``<encoder>-slide-<hash>/<slide>.h5``, ``feats`` (D,), feat_type 'slide',
+    as its ``_save_features_`` writes them) import as the 'slide' modality; a patient encoding is refused by
+    name."""
+    out = tmp_path / "enc" / "chief-slide-1a2b3c4d"
+    out.mkdir(parents=True)
+    for ss in SLIDES.values():
+        for s in ss:
+            with h5py.File(out / f"{s}.h5", "w") as h:
+                h["feats"] = RNG.normal(size=768).astype(np.float32)
+                h.attrs.update(version="2.5.0", encoder="chief", precision="torch.float32", stamp_version="2.5.0",
+                               code_hash="1a2b3c4d", feat_type="slide")
+    s = import_features("stamp", tmp_path / "enc", _manifest(tmp_path), tmp_path / "s.zarr", progress=False)
+    assert s.exit_code == 0 and s.modality == "slide" and s.encoder_id.startswith("stamp_chief-")
+    item = open_store(tmp_path / "s.zarr", "r").read_item("slide", s.encoder_id, "P1", "TCGA-A1-0001-01Z")
+    assert item.features.shape == (1, 768) and item.attrs["source_encoder"] == "chief"
+    with h5py.File(out / "TCGA-A1-0001-01Z.h5", "a") as h:
+        h.attrs["feat_type"] = "patient"
+    s = import_features("stamp", tmp_path / "enc", _manifest(tmp_path), tmp_path / "p.zarr", progress=False)
+    by = {o.item_id: o for o in s.outcomes}
+    assert by["TCGA-A1-0001-01Z"].status == "failed" and "patient encoding" in by["TCGA-A1-0001-01Z"].reason
+
+
+def test_clam_documented_layout_keeps_tile_geometry(tmp_path: Path) -> None:
+    """Item 9: CLAM's documented layout keeps patches/ in the patching run, not beside h5_files/. The tile size
+    then comes from --patch-size (at --patch-level), or from the coords stride as STAMP derives it (named in a
+    warning), instead of being lost."""
+    data = write_clam(tmp_path / "clam")
+    import shutil
+
+    shutil.rmtree(tmp_path / "clam" / "patches")
+    s = import_features("clam", tmp_path / "clam", _manifest(tmp_path), tmp_path / "a.zarr", progress=False)
+    assert s.exit_code == 0
+    items = _items(tmp_path / "a.zarr", s.encoder_id)
+    for slide, (_, c) in data.items():
+        steps = [np.diff(np.unique(c[:, i])) for i in (0, 1)]
+        stride = min(int(st[st > 0].min()) for st in steps if (st > 0).any())
+        assert items[slide].attrs["patch_size_level0"] == stride  # 512 or a multiple, as STAMP's get_stride
+        assert items[slide].attrs["source_file_attrs"]["geometry_source"] == "coords stride"
+    assert any("coords stride" in w for o in s.outcomes for w in o.warnings)
+    s = import_features("clam", tmp_path / "clam", _manifest(tmp_path), tmp_path / "b.zarr", patch_size=512,
+                        progress=False)
+    for it in _items(tmp_path / "b.zarr", s.encoder_id).values():
+        assert it.attrs["patch_size_level0"] == 512 and it.attrs["patch_size"] == 512
+        assert it.attrs["source_file_attrs"]["geometry_source"] == "--patch-size"
+    with pytest.raises(InputError, match="--patch-size"):
+        import_features("clam", tmp_path / "clam", _manifest(tmp_path), tmp_path / "c.zarr", patch_size=0,
+                        progress=False)
+
+
+def test_peer_names() -> None:
+    """Items 2-4: TRIDENT's folder names and STAMP 2.5's hyphenated extractor names, read in the vocabulary of the
+    format they came from (TRIDENT's ctranspath is CHIEF's weights)."""
+    from mmcli.features.interop import names
+
+    trident = {"uni": "uni_v1", "uni2-h": "uni_v2", "conch-v1.5": "conch_v15", "conch-v1": "conch_v1",
+               "h-optimus-0": "hoptimus0", "h-optimus-1": "hoptimus1", "prov-gigapath": "gigapath",
+               "virchow": "virchow", "virchow2": "virchow2", "phikon-v2": "phikon_v2",
+               "chief-ctranspath": "ctranspath", "resnet50_trunc": "resnet50"}
+    stamp = {"uni": "uni", "uni2-h": "uni2", "conch-v1.5": "conch1_5", "conch-v1": "conch",
+             "h-optimus-0": "h-optimus-0", "h-optimus-1": "h-optimus-1", "prov-gigapath": "gigapath",
+             "virchow": "virchow-full", "virchow2": "virchow2", "ctranspath": "ctranspath",
+             "chief-ctranspath": "chief-ctranspath"}
+    assert {k: names.trident_name(k) for k in trident} == trident
+    assert {k: names.stamp_name(k) for k in stamp} == stamp
+    assert set(trident.values()) <= names.TRIDENT_NAMES and set(stamp.values()) <= names.STAMP_NAMES
+    assert names.trident_name("ctranspath") is None  # TransPath weights are not TRIDENT's ctranspath (CHIEF's)
+    assert names.stamp_name("ctranspath", "trident") == "chief-ctranspath"
+    assert names.stamp_name("h_optimus_0") == "h-optimus-0" and names.stamp_name("uni-1a2b3c", "stamp") == "uni"
+    assert names.trident_name("virchow2", "stamp") is None  # STAMP's virchow2 is the CLS token only
+    assert names.stamp_name("my_model") == "my_model" and names.trident_name("timm_resnet18") == "timm_resnet18"

@@ -102,7 +102,8 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (m.encoder, m.spacing, m.shape, m.volume_index, m.order) == ("r3d18", (1.5,) * 3, (64,) * 3, None, 1)
     t = TextOptions.build({"device": None, "stride": None})  # None = not given
     assert (t.encoder, t.pooling, t.batch_size, t.max_tokens, t.stride) == ("minilm-l6", "mean", 16, None, None)
-    assert {n: MODALITIES.get(n).unit for n in MODALITIES.names()} == {"wsi": "tile", "mri": "step", "text": "note"}
+    assert {n: MODALITIES.get(n).unit for n in MODALITIES.names()} == {"wsi": "tile", "mri": "step", "text": "note",
+                                                                                 "slide": "slide"}
 
 
 def test_cross_field_rule_names_both_flags() -> None:

@@ -31,8 +31,10 @@ from mmcli.stages.import_ import import_features
 
 RNG = np.random.default_rng(11)
 SLIDES = {"P1": ["S-0001"], "P2": ["S-0002", "S-0003"]}
-STAMP_EXTRACTOR_NAMES = ["ctranspath", "chief_ctranspath", "conch", "conch1_5", "uni", "uni2", "dino_bloom",
-                         "gigapath", "h_optimus_0", "h_optimus_1", "virchow", "virchow2", "musk", "mstar", "plip"]
+# STAMP 2.5.0 ``preprocessing/config.py`` ``ExtractorName`` values (hyphenated since 2025-06)
+STAMP_EXTRACTOR_NAMES = ["ctranspath", "chief-ctranspath", "conch", "conch1_5", "uni", "uni2", "dino-bloom",
+                         "gigapath", "h-optimus-0", "h-optimus-1", "virchow", "virchow-full", "virchow2", "musk",
+                         "mstar", "plip", "keep", "ticon", "empty", "red-dino"]
 
 
 # ---- ported peer readers -----------------------------------------------------------------------------------
@@ -316,10 +318,14 @@ def test_trident_origin_items_with_an_empty_slide(tmp_path: Path) -> None:
     for fmt in ("clam", "trident", "stamp"):
         res = export(fmt, tmp_path / "s.h5", tmp_path / fmt)
         assert res.exit_code == 0, res.failed
-    check_clam(tmp_path / "clam", items)
-    check_trident(tmp_path / "trident", items)
-    assert (tmp_path / "trident" / "20x_256px_0px_overlap" / "features_uni_v1").is_dir()
+        if fmt != "trident":  # issue 27 item 9: CLAM and STAMP write no file for a slide without tissue
+            assert any("S-0003" in w and "not written" in w for w in res.warnings)
     nonempty = {k: v for k, v in items.items() if len(v.features)}
+    check_clam(tmp_path / "clam", nonempty)
+    assert not list((tmp_path / "clam").rglob("S-0003*")) and not list((tmp_path / "stamp").rglob("S-0003*"))
+    assert "S-0003" not in (tmp_path / "clam" / "manifest.csv").read_text()
+    check_trident(tmp_path / "trident", items)  # TRIDENT writes an empty file for it, as TRIDENT does
+    assert (tmp_path / "trident" / "20x_256px_0px_overlap" / "features_uni_v1").is_dir()
     check_stamp(tmp_path / "stamp", nonempty, 0.25)
     with h5py.File(tmp_path / "stamp" / "uni" / "S-0001.h5", "r") as h:
         assert h.attrs["extractor"] == "uni"  # uni_v1 -> STAMP's name (F7)
@@ -375,3 +381,85 @@ def test_wrong_extractor_name_is_what_stamp_refuses(tmp_path: Path) -> None:
     export("stamp", tmp_path / "s.h5", tmp_path / "st", extractor_name="my_encoder")
     with pytest.raises(ValueError, match="Features must be extracted with one of"):
         stamp_check_extractor(tmp_path / "st" / "my_encoder" / "S-0001.h5", STAMP_EXTRACTOR_NAMES)
+
+
+# ---- issue 27: names as the peers spell them, Virchow2's CLS half, savetodir ------------------------------------
+def _preset_store(path: Path, encoder: str, dim: int, n: int = 5) -> tuple[str, dict[str, object]]:
+    """A store as ``extract --encoder <preset>`` leaves it (encoder attrs name the preset)."""
+    st = open_store(path, "a")
+    eid = f"{encoder}-0123456789"
+    st.set_encoder_attrs("wsi", eid, {"encoder": encoder, "preset": encoder, "dim": dim})
+    geo = {"mpp": 0.5, "patch_size": 224, "patch_size_level0": 448, "slide_mpp": 0.25}
+    for pid, s in (("P1", "S-0001"), ("P2", "S-0002")):
+        st.write_item("wsi", eid, pid, s, RNG.normal(size=(n, dim)).astype(np.float16), _coords(n, 448), geo)
+    return eid, {k.item_id: st.read_item("wsi", eid, k.patient_id, k.item_id) for k in st.iter_items("wsi", eid)}
+
+
+def test_uni_store_exports_as_tridents_uni_v1_and_stamps_uni(tmp_path: Path) -> None:
+    """Done-when: a UNI store exports to TRIDENT as features_uni_v1 (the folder TRIDENT's slide-encoder step looks
+    for) and to STAMP with extractor 'uni', without warnings; TRIDENT's savetodir is relative, never this
+    machine's --out."""
+    _, items = _preset_store(tmp_path / "s.zarr", "uni", 1024)
+    res = export("trident", tmp_path / "s.zarr", tmp_path / "t")
+    assert res.exit_code == 0 and not res.warnings, (res.failed, res.warnings)
+    folder = tmp_path / "t" / "20x_224px_0px_overlap" / "features_uni_v1"
+    check_trident(tmp_path / "t", items)
+    with h5py.File(folder / "S-0001.h5", "r") as h:
+        assert h["features"].attrs["savetodir"] == "20x_224px_0px_overlap/features_uni_v1"
+        assert h["coords"].attrs["savetodir"] == "20x_224px_0px_overlap"
+        assert h["features"].attrs["encoder"] == "uni_v1"
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "t").rglob("*.h5"))
+    assert str(tmp_path).encode() not in blob  # issue 25 item 10: no absolute path of this machine
+    res = export("stamp", tmp_path / "s.zarr", tmp_path / "st", mpp=0.25)
+    assert res.exit_code == 0 and not res.warnings
+    with h5py.File(tmp_path / "st" / "uni" / "S-0001.h5", "r") as h:
+        assert h.attrs["extractor"] == "uni"
+    stamp_check_extractor(tmp_path / "st" / "uni" / "S-0001.h5", STAMP_EXTRACTOR_NAMES)
+
+
+def test_stamp_warning_fires_only_for_names_stamp_does_not_know(tmp_path: Path) -> None:
+    """Item 2: valid STAMP names (ctranspath, musk, h-optimus-0 ...) export silently; a name STAMP does not know
+    warns, and STAMP's own check refuses exactly that file."""
+    for enc, want in (("h-optimus-0", "h-optimus-0"), ("chief-ctranspath", "chief-ctranspath"),
+                      ("ctranspath", "ctranspath")):
+        _preset_store(tmp_path / f"{enc}.zarr", enc, 64)
+        res = export("stamp", tmp_path / f"{enc}.zarr", tmp_path / f"o-{enc}", mpp=0.25)
+        assert res.exit_code == 0 and not res.warnings, res.warnings
+        stamp_check_extractor(tmp_path / f"o-{enc}" / want / "S-0001.h5", STAMP_EXTRACTOR_NAMES)
+    res = export("stamp", tmp_path / "ctranspath.zarr", tmp_path / "o-musk", mpp=0.25, extractor_name="musk")
+    assert res.exit_code == 0 and not res.warnings
+    res = export("stamp", tmp_path / "ctranspath.zarr", tmp_path / "o-bad", mpp=0.25, extractor_name="h_optimus_0")
+    assert any("not one of STAMP's encoder names" in w for w in res.warnings)
+    with pytest.raises(ValueError, match="Features must be extracted with one of"):
+        stamp_check_extractor(tmp_path / "o-bad" / "h_optimus_0" / "S-0001.h5", STAMP_EXTRACTOR_NAMES)
+    # mmcli's ctranspath (TransPath weights) has no TRIDENT name: TRIDENT's ctranspath is CHIEF's
+    res = export("trident", tmp_path / "ctranspath.zarr", tmp_path / "o-t")
+    assert res.exit_code == 1 and "missing extractor name" in res.failed[0][1]
+
+
+def cobra_width_check(feats: torch.Tensor, extractor: str) -> None:
+    """COBRA's input layer per extractor (STAMP's required_extractors of COBRA: conch, uni, virchow2,
+    h-optimus-0): virchow2 tiles are 1280-d there, STAMP's CLS-only virchow2."""
+    width = {"conch": 512, "uni": 1024, "virchow2": 1280, "h-optimus-0": 1536}[extractor]
+    if feats.shape[1] != width:
+        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({feats.shape[0]}x{feats.shape[1]} and "
+                           f"{width}x768)")
+
+
+def test_virchow2_exports_to_stamp_as_its_cls_half(tmp_path: Path) -> None:
+    """Item 3: STAMP's virchow2 is the 1280-d CLS token; mmcli's (and TRIDENT's) is CLS + mean patch token,
+    2560-d. The STAMP export writes the CLS half, which STAMP's reader and COBRA's width take; TRIDENT gets
+    all 2560."""
+    _, items = _preset_store(tmp_path / "s.zarr", "virchow2", 2560)
+    res = export("stamp", tmp_path / "s.zarr", tmp_path / "st", mpp=0.25)
+    assert res.exit_code == 0 and any("CLS half" in w for w in res.warnings)
+    feats, _ = stamp_bag([tmp_path / "st" / "virchow2" / "S-0001.h5"])
+    np.testing.assert_array_equal(feats.numpy(), items["S-0001"].features[:, :1280].astype(np.float32))
+    cobra_width_check(feats, "virchow2")
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        cobra_width_check(torch.from_numpy(items["S-0001"].features.astype(np.float32)), "virchow2")
+    with h5py.File(tmp_path / "st" / "virchow2" / "S-0001.h5", "r") as h:
+        assert "mmcli_encoder_id" not in h.attrs  # not the store's features: a re-import gets its own id
+    assert export("trident", tmp_path / "s.zarr", tmp_path / "t").exit_code == 0
+    with h5py.File(tmp_path / "t" / "20x_224px_0px_overlap" / "features_virchow2" / "S-0001.h5", "r") as h:
+        assert h["features"].shape == (5, 2560)

@@ -33,10 +33,14 @@ def _modules_after(code: str) -> dict[str, bool]:
 def test_image_encoder_lookup_imports_only_the_image_encoders() -> None:
     seen = _modules_after("from mmcli.features.encoders.registry import create_encoder\n"
                           "enc = create_encoder('resnet50_trunc', device='cpu')\n"
-                          "assert enc.encoder_id.startswith('resnet50_trunc-')")
+                          "assert enc._module is None\n"
+                          "assert enc.encoder_id.startswith('resnet50_trunc-')\n"
+                          "assert enc._module is None")
     assert seen["mmcli.features.encoders.image"]
     assert not seen["mmcli.features.encoders.text"] and not seen["mmcli.features.encoders.volume"]
-    assert not seen["transformers"] and not seen["torch"]  # the network is built on first use
+    # the id holds the precision this process computes in, which needs torch's device query; the network itself
+    # is built on first use
+    assert not seen["transformers"]
 
 
 def test_prefixed_and_text_lookups_import_their_module_only() -> None:
@@ -62,7 +66,7 @@ def test_unknown_names_list_the_choices() -> None:
                                          r"\['clam', 'stamp', 'trident'\]"):
         get_format("gigapath")
     with pytest.raises(InputError, match=r"unknown modality 'pet'\. Fix: --modality takes one of "
-                                         r"\['mri', 'text', 'wsi'\]"):
+                                         r"\['mri', 'slide', 'text', 'wsi'\]"):
         MODALITIES.get("pet")
     with pytest.raises(ValueError, match=r"unknown reader 'bioformats'; choose one of \['auto', 'cucim', "):
         reader_order("bioformats")
@@ -103,3 +107,13 @@ def test_modality_registry_fills_the_options_a_preset_implies() -> None:
     assert wsi.implied_options({"encoder": "resnet50_trunc"}) == {}
     assert MODALITIES.get("text").implied_options({"encoder": "uni"}) == {}  # text takes no mpp / patch size
     assert '== "wsi"' not in inspect.getsource(extract_stage)
+
+
+def test_preset_and_slide_encoder_lookups_import_no_torch() -> None:
+    """Issue 22: preset and slide-encoder names come from their decorators; looking one up imports its module
+    only (no torch, no text or volume encoders)."""
+    seen = _modules_after("from mmcli.features.encoders.registry import resolve\n"
+                          "assert resolve('uni')[0] == 'wsi' and resolve('chief')[0] == 'slide'\n"
+                          "from mmcli.features.interop.formats import get_format\nget_format('stamp')")
+    assert not seen["torch"] and not seen["transformers"]
+    assert not seen["mmcli.features.encoders.text"] and not seen["mmcli.features.encoders.volume"]

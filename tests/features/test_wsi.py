@@ -98,10 +98,13 @@ def test_encoder_id_covers_feature_parameters(tmp_path: Path) -> None:
     for change in (dict(mpp=0.5), dict(patch_size=64), dict(min_tissue=0.5), dict(tissue_threshold=0.2),
                    dict(seed=1), dict(min_tissue_area=0)):
         assert make_spec(store, **{**TINY, **change}).encoder_id != base, change
-    for same in (dict(reader="tiffslide"), dict(precision="fp32"), dict(batch_size=3), dict(device="cpu"),
+    for same in (dict(reader="tiffslide"), dict(batch_size=3), dict(device="cpu"),
                  dict(feature_dtype="float32"), dict(qc=False)):
         assert make_spec(store, **{**TINY, **same}).encoder_id == base, same
     assert base.startswith("timm_test_resnet-")
+    # issue 27 item 8: the precision the encoder computes in is part of the id (bf16 and fp32 never mixed)
+    fp32 = make_spec(store, **{**TINY, "precision": "fp32", "runtime": "torch"}).encoder_id
+    assert make_spec(store, **{**TINY, "precision": "bf16", "runtime": "torch"}).encoder_id != fp32
 
 
 @pytest.mark.parametrize("bad", [dict(mpp=0), dict(patch_size=4), dict(reader="bioformats"), dict(precision="int8"),

@@ -38,6 +38,10 @@ def test_all_fine_exits_0_and_lists_everything(tmp_path: Path, monkeypatch: pyte
                  str(tmp_path / "hub"), "uni2-h", "conch-v1.5", "all fine"):
         assert word in res.output
     assert "ok  uni: weights" in res.output and "pytorch_model.bin" in res.output
+    # issue 27: every preset's licence and access terms, found or not
+    assert "uni: weights" in res.output and "licence CC-BY-NC-ND-4.0 (gated)" in res.output
+    assert "h-optimus-0: no model.safetensors / pytorch_model.bin of bioptimus/H-optimus-0" in res.output
+    assert "licence Apache-2.0" in res.output and "Owkin non-commercial" in res.output
     res = CliRunner().invoke(app, ["doctor", "--json"])
     data = json.loads(res.output)
     assert data["exit_code"] == 0 and {c["section"] for c in data["checks"]} >= {"slide readers", "devices",

@@ -54,7 +54,10 @@ def test_export_then_import_round_trip(tmp_path: Path, store: Path, fmt: str) ->
         a, b = src.read_item("wsi", EID, pid, item), dst.read_item("wsi", "roundtrip", pid, item)
         np.testing.assert_array_equal(b.features.astype(np.float32), a.features.astype(np.float32))
         np.testing.assert_array_equal(b.coords, a.coords)
-        assert b.attrs["imported_from"] == fmt and b.attrs["source_encoder"] == "resnet50_trunc"
+        # the file names the encoder as the peer does: TRIDENT's resnet50 is CLAM's resnet50_trunc (layer3 of
+        # resnet50.tv_in1k, average-pooled)
+        peer_name = "resnet50" if fmt == "trident" else "resnet50_trunc"
+        assert b.attrs["imported_from"] == fmt and b.attrs["source_encoder"] == peer_name
         if fmt != "clam":  # CLAM files carry no magnification; TRIDENT and STAMP keep the tile geometry
             assert b.attrs["mpp"] == pytest.approx(0.5) and b.attrs["patch_size"] == 224
             assert b.attrs["slide_mpp"] == pytest.approx(0.25)
@@ -79,7 +82,7 @@ def test_exported_files_follow_each_layout(tmp_path: Path, store: Path) -> None:
         assert h["coords"].attrs["patch_size"] == 448 and h["coords"].attrs["patch_level"] == 0
     assert (tmp_path / "clam" / "h5_files" / "P1__slideA.h5").exists()  # item id shared by two patients
     assert (tmp_path / "clam" / "clam_dataset.csv").read_text().splitlines()[1] == "P1,P1__slideA"
-    tri = tmp_path / "trident" / "20x_224px_0px_overlap" / "features_resnet50_trunc" / "slideB.h5"
+    tri = tmp_path / "trident" / "20x_224px_0px_overlap" / "features_resnet50" / "slideB.h5"
     with h5py.File(tri, "r") as h:
         a = h["coords"].attrs
         assert (a["patch_size"], a["patch_size_level0"], a["target_magnification"], a["level0_magnification"]) \

@@ -122,6 +122,7 @@ class ImageEncoder(Encoder):
     runtime_name: str = "torch"
     threads: int | None = None
     int8_model: str | None = None  # a quantised IR (see mmcli.features.wsi): precision int8 on OpenVINO
+    auto_precision: str | None = None  # what precision "auto" means for this model (a preset's published choice)
     modality: str = "wsi"
     _module: Any = field(default=None, init=False, repr=False)
     _runners: dict[tuple[int, int], Any] = field(default_factory=dict, init=False, repr=False)
@@ -130,13 +131,17 @@ class ImageEncoder(Encoder):
 
     # ---- identity -----------------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
-        """Preprocessing and architecture parameters that change the features."""
+        """Preprocessing and architecture parameters that change the features, and the precision this process
+        computes in (bf16 and fp32 features are not mixed under one id: an array job over machines with and
+        without native bf16 gets one id per precision)."""
+        self._settle()
         return {"arch": self.arch, "mean": list(self.mean), "std": list(self.std), "model_args": self.model_args,
-                "truncate_after": self.truncate_after,
+                "truncate_after": self.truncate_after, "precision": self._precision,
                 **({"seed": self.seed} if not self.weights.pretrained else {})}
 
     @property
     def encoder_id(self) -> str:
+        """``<name>-<hash>`` of the weights and :meth:`params`; the WSI store key adds the tiling parameters."""
         return make_encoder_id(self.name, self.weights.sha256, self.params())
 
     def provenance(self) -> dict[str, Any]:
@@ -196,9 +201,10 @@ class ImageEncoder(Encoder):
         elif self._backend == "openvino":
             from mmcli.features.encoders import openvino_rt
 
-            self._precision = openvino_rt.effective_precision(self.precision)
+            fp32 = self.precision == "auto" and self.auto_precision == "fp32"
+            self._precision = openvino_rt.effective_precision("fp32" if fp32 else self.precision)
         else:
-            self._precision = resolve_precision(self.precision, self._device)
+            self._precision = resolve_precision(self.precision, self._device, self.auto_precision)
         self._channels_last = self._precision in ("bf16", "fp16")
 
     def _build(self) -> Any:

@@ -1,14 +1,26 @@
-"""Pathology foundation-model presets: ``--encoder uni`` (UNI), ``uni2-h``, ``virchow2``, ``h-optimus-0``,
-``h-optimus-1``, ``prov-gigapath``, ``phikon-v2``, ``conch-v1.5``.
+"""Pathology foundation-model presets: ``--encoder uni``, ``uni2-h``, ``virchow``, ``virchow2``, ``h-optimus-0``,
+``h-optimus-1``, ``prov-gigapath``, ``phikon-v2``, ``conch-v1``, ``conch-v1.5``, ``ctranspath``,
+``chief-ctranspath``.
 
-Each preset holds what its authors publish (and TRIDENT's loaders use): the timm architecture and its arguments,
-the normalisation, the magnification and tile size it was trained at, how its output is pooled, the output
-dimension, and the Hugging Face repo and file name of its checkpoint. Weights come from ``--weights`` (the file,
-or a folder holding the published file name) or from the local Hugging Face cache; they are **never downloaded**
-(these models are gated: fetch them once where the hub is reachable and copy the cache). A checkpoint must fit
-the architecture exactly (strict keys and shapes), checked when the encoder is created without loading a
-tensor; a wrong file is an :class:`~mmcli.pipeline.errors.InputError` (exit 2). A preset sets the tiling
-defaults (``--mpp``, ``--patch-size``) unless they are given (:func:`tiling_defaults`).
+Each preset holds what its authors publish (and TRIDENT's loaders use): the architecture and its arguments, the
+normalisation, the input size and resolution it was trained at, how its output is pooled, the output dimension,
+the repo and file names of its checkpoint, the precision TRIDENT runs it in on a GPU (``--precision auto``), and
+its licence and access terms (recorded in every item's provenance; shown by ``mmcli doctor``).
+
+Weights come from ``--weights`` (the file, or a folder holding a published file name) or from the local Hugging
+Face cache (repo ids matched case-insensitively; ``model.safetensors`` then ``pytorch_model.bin``, the order timm
+downloads them in); they are **never downloaded** (most of these models are gated: fetch them once where the
+hub is reachable and copy the cache). A checkpoint must fit the published layout exactly (strict keys and
+shapes), checked when the encoder is created without loading a tensor; a wrong file is an
+:class:`~mmcli.pipeline.errors.InputError` (exit 2) naming the keys.
+
+Geometry (:func:`tiling_defaults`): ``native`` (the default) tiles at the model's input size at its training
+resolution (0.5 µm/px), so every pixel the network sees is a scanned pixel at the scale it learned, with no
+resampling after the read, and existing stores keep their ids. ``trident`` is TRIDENT's job grid: 256-px tiles
+at 20x (512 px for CONCH v1.5, the grid TITAN needs) resized to the input size inside the network, as TRIDENT's
+transforms do; use it when the features feed TRIDENT's slide encoders or must match a TRIDENT run. A tile whose
+size differs from the input size is always resized (shorter side to the preset's resize size, centre crop), so
+the network never runs at a size it was not trained at.
 """
 from __future__ import annotations
 
@@ -17,15 +29,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmcli.features.encoders.image import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder, WeightsSource
+from mmcli.features.encoders import preset_nets
+from mmcli.features.encoders.image import IMAGENET_MEAN, IMAGENET_STD, FoldedImageModel, ImageEncoder, WeightsSource
 from mmcli.features.encoders.registry import register_encoder
-from mmcli.features.encoders.runtime import hf_cache_dir, load_state_dict, resolve_device, resolve_precision
+from mmcli.features.encoders.runtime import hf_cache_dir, hf_cached_file, load_state_dict
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import file_sha256
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
-SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}  # named here, resolved to timm/torch classes
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's, which CONCH v1 uses
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+SWIGLU = preset_nets.SWIGLU
+TIMM_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's download order
+GEOMETRIES = ("native", "trident")
+# MahmoodLab's model cards: commercial use of the model "and its derivatives, which include models trained on outputs
+# from the model or datasets created from it" needs the authors' approval
+CC_BY_NC_ND = ("CC-BY-NC-ND-4.0", "non-commercial academic research only, no derivatives distributed; the authors' "
+               "terms count models trained on its outputs as derivatives")
+CC_BY_NC_ND_PAIGE = "non-commercial research only, no derivatives distributed (see the model card's terms)"
 
 
 @dataclass(frozen=True)
@@ -34,167 +56,117 @@ class Preset:
 
     name: str
     title: str
-    repo: str  # Hugging Face repo of the weights
-    weights_file: str  # the published checkpoint file name
-    arch: str  # timm architecture (or "dinov2-hf" for a transformers Dinov2Model)
+    repo: str  # Hugging Face repo of the weights (or where they are published)
+    weights_files: tuple[str, ...]  # published checkpoint file names, in the order they are looked for
+    kind: str  # network: token | cls+mean | conch-v1.5 | conch-v1 | swin-avg | dinov2-cls (preset_nets)
+    arch: str  # timm architecture
     args: dict[str, Any]  # published architecture arguments (JSON-able; layer classes by name)
     dim: int
-    pool: str = "token"  # token | cls+mean | attn-contrast
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    mpp: float = 0.5  # native resolution (20x)
-    patch_size: int = 224  # tile side in px at ``mpp`` = the model's input size
-    extra_keys: tuple[str, ...] = ()  # published keys this tile encoder does not use (e.g. a text projection)
+    mpp: float = 0.5  # training resolution (20x)
+    input_size: int = 224  # the network's input side in px
+    precision: str = "fp16"  # TRIDENT's dtype on a GPU: what --precision auto means there
+    licence: str = ""
+    terms: str = ""
+    gated: bool | None = None  # access approval needed on the hub (None: not recorded)
+    trident_tile: int = 256  # TRIDENT's tile side in px at 20x for this model
+    resize: str = "bilinear"  # interpolation of TRIDENT's resize of a tile of another size
+    resize_to: int | None = None  # shorter side before the centre crop (GigaPath: 256); default input_size
+    extra_keys: tuple[str, ...] = ()  # published key prefixes this tile encoder does not use
+    repo_type: str = "model"
+    config_file: str | None = None  # a published config the architecture is read from (Phikon-v2)
+    on_hub: bool = True  # the weights are on the Hugging Face hub (else only --weights finds them)
+
+    def licence_attrs(self) -> dict[str, Any]:
+        """Licence, terms and gating: what provenance, doctor and a model card show."""
+        return {"licence": self.licence, "licence_terms": self.terms, "gated": self.gated, "source_repo": self.repo}
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("uni", "UNI (MahmoodLab, ViT-L/16)", "MahmoodLab/UNI", "pytorch_model.bin", "vit_large_patch16_224",
-           {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True}, 1024),
-    Preset("uni2-h", "UNI2-h (MahmoodLab, ViT-H/14, 8 registers, SwiGLU)", "MahmoodLab/UNI2-h", "pytorch_model.bin",
+    Preset("uni", "UNI (MahmoodLab, ViT-L/16)", "MahmoodLab/UNI", TIMM_FILES, "token", "vit_large_patch16_224",
+           {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True}, 1024,
+           licence=CC_BY_NC_ND[0], terms=CC_BY_NC_ND[1], gated=True),
+    Preset("uni2-h", "UNI2-h (MahmoodLab, ViT-H/14, 8 registers, SwiGLU)", "MahmoodLab/UNI2-h", TIMM_FILES, "token",
            "vit_giant_patch14_224",
            {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
             "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8, "dynamic_img_size": True,
-            **SWIGLU}, 1536),
+            **SWIGLU}, 1536, precision="bf16", licence=CC_BY_NC_ND[0], terms=CC_BY_NC_ND[1], gated=True),
+    Preset("virchow", "Virchow (Paige, ViT-H/14; CLS + mean patch tokens)", "paige-ai/Virchow", TIMM_FILES,
+           "cls+mean", "vit_huge_patch14_224",
+           {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True,
+            **SWIGLU}, 2560, resize="bicubic", licence="Apache-2.0",
+           terms="access on the hub after sharing contact details", gated=True),
     Preset("virchow2", "Virchow2 (Paige, ViT-H/14, 4 registers; CLS + mean patch tokens)", "paige-ai/Virchow2",
-           "pytorch_model.bin", "vit_huge_patch14_224",
+           TIMM_FILES, "cls+mean", "vit_huge_patch14_224",
            {"img_size": 224, "init_values": 1e-5, "reg_tokens": 4, "mlp_ratio": 5.3375, "global_pool": "",
-            "dynamic_img_size": True, **SWIGLU}, 2560, pool="cls+mean"),
-    Preset("h-optimus-0", "H-optimus-0 (Bioptimus, ViT-g/14, 4 registers)", "bioptimus/H-optimus-0",
-           "pytorch_model.bin", "vit_giant_patch14_reg4_dinov2",
-           {"img_size": 224, "global_pool": "token", "init_values": 1e-5, "dynamic_img_size": False}, 1536,
-           mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD),
-    Preset("h-optimus-1", "H-optimus-1 (Bioptimus, ViT-g/14, 4 registers)", "bioptimus/H-optimus-1",
-           "pytorch_model.bin", "vit_giant_patch14_reg4_dinov2",
-           {"img_size": 224, "global_pool": "token", "init_values": 1e-5, "dynamic_img_size": False}, 1536,
-           mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD),
+            "dynamic_img_size": True, **SWIGLU}, 2560, resize="bicubic", licence=CC_BY_NC_ND[0],
+           terms=CC_BY_NC_ND_PAIGE, gated=True),
+    Preset("h-optimus-0", "H-optimus-0 (Bioptimus, ViT-g/14, 4 registers)", "bioptimus/H-optimus-0", TIMM_FILES,
+           "token", "vit_giant_patch14_reg4_dinov2",
+           {"img_size": 224, "global_pool": "token", "init_values": 1e-5, "dynamic_img_size": True}, 1536,
+           mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, licence="Apache-2.0", terms="commercial use allowed"),
+    Preset("h-optimus-1", "H-optimus-1 (Bioptimus, ViT-g/14, 4 registers)", "bioptimus/H-optimus-1", TIMM_FILES,
+           "token", "vit_giant_patch14_reg4_dinov2",
+           {"img_size": 224, "global_pool": "token", "init_values": 1e-5, "dynamic_img_size": True}, 1536,
+           mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, licence="other",
+           terms="Bioptimus H-optimus-1 licence: access by approval, non-commercial research (see the model card)",
+           gated=True),
     Preset("prov-gigapath", "Prov-GigaPath tile encoder (ViT-g/14 layout, 16 px patches)",
-           "prov-gigapath/prov-gigapath", "pytorch_model.bin", "vit_giant_patch14_dinov2",
+           "prov-gigapath/prov-gigapath", TIMM_FILES, "token", "vit_giant_patch14_dinov2",
            {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
-            "mlp_ratio": 5.33334}, 1536),
+            "mlp_ratio": 5.33334, "dynamic_img_size": True}, 1536, resize="bicubic", resize_to=256,
+           licence="Apache-2.0", terms="access on the hub after accepting the authors' conditions", gated=True),
     Preset("phikon-v2", "Phikon-v2 (Owkin, DINOv2 ViT-L/16, transformers layout)", "owkin/phikon-v2",
-           "model.safetensors", "dinov2-hf",
-           {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 16,
-            "image_size": 224, "layerscale_value": 1e-5, "mlp_ratio": 4}, 1024),
+           ("model.safetensors",), "dinov2-cls", "dinov2", {}, 1024, precision="fp32", licence="other",
+           terms="Owkin non-commercial licence (LICENSE.pdf of the repo)", gated=False, config_file="config.json"),
+    Preset("conch-v1", "CONCH v1 vision tower (MahmoodLab, ViT-B/16 at 448 px + attentional pooler, 512-d "
+           "encode_image(proj_contrast=False, normalize=False))", "MahmoodLab/CONCH", ("pytorch_model.bin",),
+           "conch-v1", "vit_base_patch16_224", {"img_size": 448, "patch_size": 16, "dynamic_img_size": True}, 512,
+           mean=OPENAI_MEAN, std=OPENAI_STD, input_size=448, precision="fp32", resize="bicubic",
+           extra_keys=("visual.proj_contrast", "visual.attn_pool_caption", "visual.ln_caption", "text",
+                       "text_decoder", "logit_scale"), licence=CC_BY_NC_ND[0], terms=CC_BY_NC_ND[1], gated=True),
     Preset("conch-v1.5", "CONCH v1.5 vision tower (MahmoodLab, ViT-L/16 at 448 px + attentional pooler)",
-           "MahmoodLab/conchv1_5", "pytorch_model_vision.bin", "vit_large_patch16_224",
-           {"img_size": 448, "patch_size": 16, "init_values": 1.0, "dynamic_img_size": True}, 768,
-           pool="attn-contrast", patch_size=448, extra_keys=("proj_contrast",)),
+           "MahmoodLab/conchv1_5", ("pytorch_model_vision.bin",), "conch-v1.5", "vit_large_patch16_224",
+           {"img_size": 448, "patch_size": 16, "init_values": 1.0}, 768, input_size=448, trident_tile=512,
+           licence=CC_BY_NC_ND[0], terms=CC_BY_NC_ND[1], gated=True),
+    Preset("ctranspath", "CTransPath (Wang et al., Swin-T with a convolutional stem)", "Xiyue-Wang/TransPath",
+           ("ctranspath.pth",), "swin-avg", "swin_tiny_patch4_window7_224", {"img_size": 224}, 768,
+           precision="fp32", licence="GPL-3.0", terms="weights from the TransPath repository's Google Drive link",
+           gated=False, on_hub=False),
+    Preset("chief-ctranspath", "CHIEF-CTransPath (CHIEF's tile encoder, CTransPath layout)", "MahmoodLab/hest-bench",
+           ("fm_v1/ctranspath/CHIEF_CTransPath.pth", "CHIEF_CTransPath.pth"), "swin-avg",
+           "swin_tiny_patch4_window7_224", {"img_size": 224}, 768, precision="fp32", licence="GPL-3.0",
+           terms="CHIEF: GPLv3, for non-commercial academic purposes; weights on request", gated=True,
+           repo_type="dataset"),
 )}
-# CONCH v1.5's attentional pooler: open_clip CoCa's AttentionalPooler (one query, 8 heads) over the 1024-d tokens
-CONCH_POOLER = {"d_model": 768, "context_dim": 1024, "n_head": 8}
 
 
-def tiling_defaults(encoder: str | None) -> dict[str, Any]:
-    """``{"mpp": ..., "patch_size": ...}`` of a preset (the extract stage fills options not given); else {}."""
+def tiling_defaults(encoder: str | None, geometry: str = "native") -> dict[str, Any]:
+    """``{"mpp": ..., "patch_size": ...}`` of a preset in ``geometry`` (``native`` | ``trident``; see the module
+    docstring); {} for other encoders (the extract stage fills only options not given)."""
     p = PRESETS.get(encoder or "")
-    return {"mpp": p.mpp, "patch_size": p.patch_size} if p else {}
+    if p is None:
+        return {}
+    if geometry == "trident":
+        return {"mpp": 0.5, "patch_size": p.trident_tile}
+    return {"mpp": p.mpp, "patch_size": p.input_size}
 
 
-# ---- building ----------------------------------------------------------------------------------------------
-def _resolved_args(args: dict[str, Any]) -> dict[str, Any]:
-    import timm
-    import torch
-
-    out = dict(args)
-    if out.get("mlp_layer") == "SwiGLUPacked":
-        out["mlp_layer"] = timm.layers.SwiGLUPacked
-    if out.get("act_layer") == "SiLU":
-        out["act_layer"] = torch.nn.SiLU
-    return out
+# ---- checkpoints -------------------------------------------------------------------------------------------
+def build_network(p: Preset, args: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """The preset's network (random weights) for architecture ``args`` (default: the published ones) with
+    ``overrides`` (the tests use a reduced ``depth`` / ``num_hidden_layers``: same key names, fewer blocks)."""
+    return preset_nets.build_network(p.kind, p.arch, {**(p.args if args is None else args), **(overrides or {})})
 
 
-def _attentional_pooler() -> Any:
-    import torch
-    from torch import nn
-
-    class AttentionalPooler(nn.Module):
-        """open_clip's AttentionalPooler: learned queries attend over the tokens (keys ``query``, ``attn.*``,
-        ``ln_q``, ``ln_k``)."""
-
-        def __init__(self, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 1) -> None:
-            super().__init__()
-            self.query = nn.Parameter(torch.randn(n_queries, d_model))
-            self.attn = nn.MultiheadAttention(d_model, n_head, kdim=context_dim, vdim=context_dim, batch_first=True)
-            self.ln_q = nn.LayerNorm(d_model)
-            self.ln_k = nn.LayerNorm(context_dim)
-
-        def forward(self, x: Any) -> Any:
-            x = self.ln_k(x)
-            q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
-            return self.attn(q, x, x, need_weights=False)[0]
-
-    return AttentionalPooler(**CONCH_POOLER)
-
-
-def build_network(p: Preset, overrides: dict[str, Any] | None = None) -> Any:
-    """The preset's network (random weights) as one ``nn.Module`` whose ``state_dict`` has the published key
-    layout and whose output is the preset's (B, dim) embedding. ``overrides`` replace architecture arguments
-    (the tests use a reduced ``depth``/``num_hidden_layers``: same key names, fewer blocks)."""
-    import timm
-    import torch
-    from torch import nn
-
-    args = {**p.args, **(overrides or {})}
-    if p.arch == "dinov2-hf":
-        from transformers import Dinov2Config, Dinov2Model
-
-        class HFDinov2Cls(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = Dinov2Model(Dinov2Config(**args))
-
-            def forward(self, x: Any) -> Any:
-                return self.model(pixel_values=x).last_hidden_state[:, 0]
-
-            def state_dict(self, *a: Any, **k: Any) -> Any:  # the published file has no "model." prefix
-                return self.model.state_dict(*a, **k)
-
-            def load_state_dict(self, sd: Any, strict: bool = True, **k: Any) -> Any:
-                return self.model.load_state_dict(sd, strict=strict, **k)
-
-        return HFDinov2Cls()
-    trunk = timm.create_model(p.arch, pretrained=False, num_classes=0, **_resolved_args(args))
-    if p.pool == "token":
-        return trunk
-    if p.pool == "cls+mean":  # Virchow: CLS token + mean of the patch tokens (registers left out)
-        class ClsMean(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.trunk = trunk
-
-            def forward(self, x: Any) -> Any:
-                out = self.trunk(x)
-                prefix = self.trunk.num_prefix_tokens
-                return torch.cat([out[:, 0], out[:, prefix:].mean(1)], dim=-1)
-
-            def state_dict(self, *a: Any, **k: Any) -> Any:
-                return self.trunk.state_dict(*a, **k)
-
-            def load_state_dict(self, sd: Any, strict: bool = True, **k: Any) -> Any:
-                return self.trunk.load_state_dict(sd, strict=strict, **k)
-
-        return ClsMean()
-
-    class AttnContrast(nn.Module):  # CONCH v1.5: trunk tokens -> attentional pooler -> LayerNorm
-        def __init__(self) -> None:
-            super().__init__()
-            self.trunk = trunk
-            self.attn_pool_contrast = _attentional_pooler()
-            self.ln_contrast = nn.LayerNorm(CONCH_POOLER["d_model"])
-
-        def forward(self, x: Any) -> Any:
-            tokens = self.trunk.forward_features(x)
-            return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
-
-    return AttnContrast()
-
-
-def expected_keys(p: Preset, overrides: dict[str, Any] | None = None) -> dict[str, tuple[int, ...]]:
-    """Published key -> shape of the preset's checkpoint, from the network built on the meta device (no memory)."""
+def expected_keys(p: Preset, args: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) \
+        -> dict[str, tuple[int, ...]]:
+    """Network key -> shape, from the network built on the meta device (no memory)."""
     import torch
 
     with torch.device("meta"):
-        net = build_network(p, overrides)
+        net = build_network(p, args, overrides)
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
@@ -224,21 +196,16 @@ def checkpoint_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
     return {str(k).removeprefix("module."): tuple(getattr(v, "shape", ())) for k, v in sd.items()}
 
 
-def _published_to_network(p: Preset, keys: dict[str, Any]) -> dict[str, Any]:
-    """Published checkpoint keys -> the network's keys (CONCH v1.5 keeps its trunk under ``trunk.``; unused
-    published parts such as the text projection are dropped)."""
-    out = {}
-    for k, v in keys.items():
-        if any(k == e or k.startswith(e + ".") for e in p.extra_keys):
-            continue
-        out[k] = v
-    return out
+def _grid(p: Preset) -> int | None:
+    return p.input_size // 16 if p.kind == "conch-v1.5" else None
 
 
-def check_checkpoint(p: Preset, path: str | Path, overrides: dict[str, Any] | None = None) -> None:
-    """Strict check of a checkpoint against the preset's published key layout and shapes; InputError if not."""
-    have = _published_to_network(p, checkpoint_keys(path))
-    want = expected_keys(p, overrides)
+def check_checkpoint(p: Preset, path: str | Path, args: dict[str, Any] | None = None,
+                     overrides: dict[str, Any] | None = None) -> None:
+    """Strict check of a checkpoint against the preset's published key layout and shapes; InputError naming the
+    missing, unexpected and mis-shaped keys if it does not fit."""
+    have = preset_nets.to_network(p.kind, checkpoint_keys(path), p.extra_keys, _grid(p))
+    want = expected_keys(p, args, overrides)
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
     wrong = sorted(k for k in set(want) & set(have) if tuple(want[k]) != tuple(have[k]))
@@ -252,65 +219,125 @@ def check_checkpoint(p: Preset, path: str | Path, overrides: dict[str, Any] | No
             parts.append(f"{len(wrong)} key(s) of another shape, e.g. {wrong[0]} {have[wrong[0]]} != "
                          f"{want[wrong[0]]}")
         raise InputError(f"--weights {path} is not a {p.title} checkpoint: {'; '.join(parts)}. Fix: pass "
-                         f"{p.weights_file} of {p.repo}.")
+                         f"{p.weights_files[0]} of {p.repo}.")
 
 
-def local_weights(p: Preset, weights: str | Path | None = None) -> Path | None:
-    """The preset's checkpoint: ``weights`` (a file, or a folder holding the published file name), else the
-    local Hugging Face cache. Never downloads."""
+def local_weights(p: Preset, weights: str | Path | None = None) -> tuple[Path, str | None] | None:
+    """``(checkpoint, cached repo id or None)``: ``weights`` (a file, or a folder holding a published file name),
+    else the local Hugging Face cache. Never downloads."""
     if weights:
         w = Path(weights).expanduser()
         if w.is_dir():
-            hits = [w / p.weights_file, *sorted(w.rglob(p.weights_file))]
-            return next((h for h in hits if h.is_file()), None)
-        return w if w.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
+            names = [Path(f).name for f in p.weights_files]
+            hits = [*(w / f for f in p.weights_files), *(h for n in names for h in sorted(w.rglob(n)))]
+            hit = next((h for h in hits if h.is_file()), None)
+            return (hit, None) if hit else None
+        return (w, None) if w.is_file() else None
+    if not p.on_hub:
+        return None
+    found = hf_cached_file(p.repo, p.weights_files, p.repo_type)
+    return (Path(found[0]), found[1]) if found else None
 
-    hit = try_to_load_from_cache(p.repo, p.weights_file, cache_dir=hf_cache_dir())
-    return Path(hit) if isinstance(hit, str) and Path(hit).is_file() else None
+
+def published_config(p: Preset, checkpoint: Path) -> dict[str, Any]:
+    """The architecture of a preset built from its published ``config.json`` (beside the checkpoint)."""
+    if not p.config_file:
+        return dict(p.args)
+    cfg_path = checkpoint.parent / p.config_file
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"--encoder {p.name}: the architecture is read from {p.config_file} of {p.repo} beside "
+                         f"the weights, and {cfg_path} cannot be read ({e}). Fix: keep the published "
+                         f"{p.config_file} next to {checkpoint.name}.") from e
+    if not isinstance(cfg, dict) or cfg.get("model_type") != p.arch:
+        raise InputError(f"{cfg_path}: model_type {cfg.get('model_type') if isinstance(cfg, dict) else None!r} is "
+                         f"not {p.arch!r}. Fix: use the {p.config_file} of {p.repo}.")
+    from transformers import Dinov2Config
+
+    known = set(Dinov2Config().to_dict())
+    skip = {"architectures", "transformers_version", "torch_dtype", "dtype", "id2label", "label2id", "model_type",
+            "_name_or_path"}
+    return {k: v for k, v in cfg.items() if k in known and k not in skip}
 
 
 # ---- the encoder -------------------------------------------------------------------------------------------
 @dataclass
 class PresetEncoder(ImageEncoder):
-    """A foundation-model preset: builds the published architecture, loads the checkpoint strictly."""
+    """A foundation-model preset: builds the published architecture, loads the checkpoint strictly, resizes
+    tiles of another size to its input size."""
 
     preset: str = ""
     arch_overrides: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def spec(self) -> Preset:
+        return PRESETS[self.preset]
+
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "preset": self.preset, "pool": PRESETS[self.preset].pool,
+        p = self.spec
+        return {**super().params(), "preset": self.preset, "kind": p.kind, "input_size": p.input_size,
+                "resize": [p.resize, p.resize_to or p.input_size],
                 **({"arch_overrides": self.arch_overrides} if self.arch_overrides else {})}
 
     def provenance(self) -> dict[str, Any]:
-        p = PRESETS[self.preset]
-        return {**super().provenance(), "preset": p.name, "title": p.title, "pool": p.pool, "dim": p.dim,
-                "native_mpp": p.mpp, "native_patch_size": p.patch_size, "hf_repo": p.repo}
+        p = self.spec
+        return {**super().provenance(), "preset": p.name, "title": p.title, "kind": p.kind, "dim": p.dim,
+                "native_mpp": p.mpp, "input_size": p.input_size, "hf_repo": p.repo, **p.licence_attrs()}
 
     @property
     def dim(self) -> int:  # type: ignore[override]
-        return PRESETS[self.preset].dim
+        return self.spec.dim
+
+    def _settle(self) -> None:
+        super()._settle()
+        self._channels_last = False  # transformers gain nothing from channels-last inputs
 
     def _build(self) -> Any:
         import torch
 
-        p = PRESETS[self.preset]
-        sd = _published_to_network(p, load_state_dict(self.weights.path or ""))
+        p = self.spec
+        self._settle()
+        sd = preset_nets.to_network(p.kind, load_state_dict(self.weights.path or ""), p.extra_keys, _grid(p))
         with torch.device("meta"):  # no random init of a billion parameters that the checkpoint replaces
-            model = build_network(p, self.arch_overrides)
+            model = build_network(p, self.model_args, self.arch_overrides)
         model.load_state_dict(sd, strict=True, assign=True)
         if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # a buffer no checkpoint holds
-            model = build_network(p, self.arch_overrides)
+            model = build_network(p, self.model_args, self.arch_overrides)
             model.load_state_dict(sd, strict=True)
         model = model.float().eval().requires_grad_(False)
-        self._device = resolve_device(self.device)
-        self._precision = resolve_precision(self.precision, self._device)
-        self._channels_last = False
-        model = model.to(self._device)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=self._device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=self._device).view(1, 3, 1, 1)
-        self._scale, self._shift = 1.0 / (255.0 * std), mean / std
-        return model
+        return model.to("cpu" if self._backend == "openvino" else self._device)
+
+    def folded(self, channels_last: bool | None = None) -> Any:
+        """uint8 NHWC tiles -> features, with TRIDENT's resize of a tile of another size in front."""
+        p = self.spec
+        net = ResizeToInput(self.module, p.input_size, p.resize_to or p.input_size, p.resize)
+        return FoldedImageModel(net, self.mean, self.std, False).to(
+            "cpu" if self._backend == "openvino" else self._device)
+
+
+def ResizeToInput(net: Any, size: int, shorter: int, mode: str) -> Any:  # noqa: N802 - a module factory
+    """``net`` behind TRIDENT's eval transform for a tile that is not ``size`` px: the shorter side resized to
+    ``shorter`` (antialiased ``mode`` interpolation, as torchvision's ``Resize``) and a ``size`` centre crop."""
+    import torch
+    from torch import nn
+
+    class _Resize(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, w = int(x.shape[-2]), int(x.shape[-1])
+            if (h, w) != (size, size):
+                scale = shorter / min(h, w)
+                nh, nw = (shorter, round(w * scale)) if h <= w else (round(h * scale), shorter)
+                x = nn.functional.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False)
+                top, left = (nh - size) // 2, (nw - size) // 2
+                x = x[..., top:top + size, left:left + size]
+            return self.net(x)
+
+    return _Resize()
 
 
 def create_preset(name: str, weights: str | Path | None = None, seed: int = 0, device: str = "auto",
@@ -318,29 +345,93 @@ def create_preset(name: str, weights: str | Path | None = None, seed: int = 0, d
                   threads: int | None = None) -> PresetEncoder:
     """The encoder of preset ``name``; its checkpoint is found locally and checked (strict keys) now."""
     p = PRESETS[name]
-    path = local_weights(p, weights)
-    if path is None:
+    found = local_weights(p, weights)
+    if found is None:
+        if not weights and not p.on_hub:
+            raise InputError(f"--encoder {name} needs --weights PATH/{p.weights_files[0]}: {p.repo} publishes its "
+                             "weights off the Hugging Face hub, and presets are never downloaded.")
         where = f"--weights {weights}" if weights else f"the Hugging Face cache {hf_cache_dir()} ({p.repo})"
-        raise InputError(f"--encoder {name}: no {p.weights_file} in {where}; presets are never downloaded. Fix: "
-                         f"pass --weights PATH/{p.weights_file}, or fetch {p.repo} where the hub is reachable "
-                         "(huggingface-cli download, access granted) and copy the cache here.")
-    check_checkpoint(p, path, arch_overrides)
-    ws = WeightsSource("file" if weights else "hf-cache", str(path.resolve()), file_sha256(path),
-                       None if weights else p.repo)
-    return PresetEncoder(name, p.arch, ws, p.mean, p.std, model_args=json.loads(json.dumps(p.args)), seed=seed,
+        raise InputError(f"--encoder {name}: none of {list(p.weights_files)} in {where}; presets are never "
+                         f"downloaded. Fix: pass --weights PATH/{Path(p.weights_files[0]).name}, or fetch {p.repo} "
+                         "where the hub is reachable (huggingface-cli download, access granted) and copy the cache "
+                         "here.")
+    path, cached_repo = found
+    args = published_config(p, path)
+    check_checkpoint(p, path, args, arch_overrides)
+    ws = WeightsSource("file" if weights else "hf-cache", str(path.resolve()), file_sha256(path), cached_repo)
+    return PresetEncoder(name, p.arch, ws, p.mean, p.std, model_args=json.loads(json.dumps(args)), seed=seed,
                          device=device, precision=precision, preset=name, arch_overrides=dict(arch_overrides or {}),
-                         runtime_name=runtime, threads=threads)
+                         runtime_name=runtime, threads=threads, auto_precision=p.precision)
 
 
-def _register(name: str) -> None:
-    def factory(weights: str | Path | None = None, seed: int = 0, device: str = "auto",
-                precision: str = "auto", runtime: str = "torch", threads: int | None = None) -> PresetEncoder:
-        return create_preset(name, weights, seed, device, precision, runtime=runtime, threads=threads)
-
-    factory.__doc__ = f"{PRESETS[name].title}: {PRESETS[name].dim}-d, {PRESETS[name].patch_size} px at " \
-                      f"{PRESETS[name].mpp} µm/px; weights {PRESETS[name].weights_file} of {PRESETS[name].repo}."
-    register_encoder(name, "wsi")(factory)
+# ---- registered names (the registry derives its lazy table from these decorators) ---------------------------
+@register_encoder("uni", "wsi")
+def uni(**kw: Any) -> PresetEncoder:
+    """UNI (MahmoodLab): 1024-d, 224 px at 0.5 µm/px; CC-BY-NC-ND-4.0, gated."""
+    return create_preset("uni", **kw)
 
 
-for _name in PRESETS:
-    _register(_name)
+@register_encoder("uni2-h", "wsi")
+def uni2_h(**kw: Any) -> PresetEncoder:
+    """UNI2-h (MahmoodLab): 1536-d, 224 px at 0.5 µm/px, bf16 on a GPU; CC-BY-NC-ND-4.0, gated."""
+    return create_preset("uni2-h", **kw)
+
+
+@register_encoder("virchow", "wsi")
+def virchow(**kw: Any) -> PresetEncoder:
+    """Virchow (Paige): 2560-d (CLS + mean patch token), 224 px at 0.5 µm/px; Apache-2.0, gated."""
+    return create_preset("virchow", **kw)
+
+
+@register_encoder("virchow2", "wsi")
+def virchow2(**kw: Any) -> PresetEncoder:
+    """Virchow2 (Paige): 2560-d (CLS + mean patch token), 224 px at 0.5 µm/px; CC-BY-NC-ND-4.0, gated."""
+    return create_preset("virchow2", **kw)
+
+
+@register_encoder("h-optimus-0", "wsi")
+def h_optimus_0(**kw: Any) -> PresetEncoder:
+    """H-optimus-0 (Bioptimus): 1536-d, 224 px at 0.5 µm/px; Apache-2.0."""
+    return create_preset("h-optimus-0", **kw)
+
+
+@register_encoder("h-optimus-1", "wsi")
+def h_optimus_1(**kw: Any) -> PresetEncoder:
+    """H-optimus-1 (Bioptimus): 1536-d, 224 px at 0.5 µm/px; Bioptimus licence, gated."""
+    return create_preset("h-optimus-1", **kw)
+
+
+@register_encoder("prov-gigapath", "wsi")
+def prov_gigapath(**kw: Any) -> PresetEncoder:
+    """Prov-GigaPath tile encoder: 1536-d, 224 px at 0.5 µm/px; Apache-2.0, gated."""
+    return create_preset("prov-gigapath", **kw)
+
+
+@register_encoder("phikon-v2", "wsi")
+def phikon_v2(**kw: Any) -> PresetEncoder:
+    """Phikon-v2 (Owkin): 1024-d, 224 px at 0.5 µm/px, built from its config.json; Owkin non-commercial."""
+    return create_preset("phikon-v2", **kw)
+
+
+@register_encoder("conch-v1", "wsi")
+def conch_v1(**kw: Any) -> PresetEncoder:
+    """CONCH v1 (MahmoodLab): 512-d image embedding before the projection, 448 px; CC-BY-NC-ND-4.0, gated."""
+    return create_preset("conch-v1", **kw)
+
+
+@register_encoder("conch-v1.5", "wsi")
+def conch_v15(**kw: Any) -> PresetEncoder:
+    """CONCH v1.5 (MahmoodLab): 768-d, 448 px at 0.5 µm/px; CC-BY-NC-ND-4.0, gated."""
+    return create_preset("conch-v1.5", **kw)
+
+
+@register_encoder("ctranspath", "wsi")
+def ctranspath(**kw: Any) -> PresetEncoder:
+    """CTransPath (TransPath weights): 768-d, 224 px at 0.5 µm/px; GPL-3.0."""
+    return create_preset("ctranspath", **kw)
+
+
+@register_encoder("chief-ctranspath", "wsi")
+def chief_ctranspath(**kw: Any) -> PresetEncoder:
+    """CHIEF-CTransPath (CHIEF's tile encoder, what CHIEF's slide encoder needs): 768-d, 224 px; GPL-3.0."""
+    return create_preset("chief-ctranspath", **kw)

@@ -5,8 +5,9 @@ Modules that define encoders register a factory under a name with :func:`registe
 ``timm:hf-hub:ORG/NAME``, ``hf:NAME``) is routed to the factory registered for that prefix with the rest of the
 name as ``model_name``; a local model folder is a text encoder (``hf:FOLDER``).
 
-Each name is tied to the one module that defines it (:data:`ENCODERS` ``.lazy``), so looking up
-``resnet50_trunc`` imports the image encoders only, never the volume or text ones (nor torch before it is needed).
+Each name is written once, in its module's ``@register_encoder("name", modality)`` decorator; the registry ties
+it to that module by reading the modules' source (:meth:`Registry.scan`), so looking up ``resnet50_trunc``
+imports the image encoders only, never the volume or text ones (nor torch before it is needed).
 """
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ class Encoder(ABC):
     @property
     @abstractmethod
     def encoder_id(self) -> str:
-        """Store key: name + weights hash + preprocessing params."""
+        """This encoder's own id: ``<name>-<hash>`` of its weights and every parameter that changes its output
+        (preprocessing, pooling, the precision it computes in). Not always the store key: each modality computes
+        the key of its features from its own parameters (WSI: :meth:`params` plus the tiling; MRI and text: the
+        encoder, weights and preprocessing, their float precision recorded per item)."""
 
     @abstractmethod
     def provenance(self) -> dict[str, Any]:
@@ -46,19 +50,8 @@ class Encoder(ABC):
 
 
 ENCODERS: Registry[Callable[..., Encoder]] = Registry("encoder", flag="--encoder")
-# the module that defines each built-in name: looking a name up imports that module only
-BUILTIN: dict[str, str] = {
-    "resnet50_trunc": "mmcli.features.encoders.image",
-    "timm:": "mmcli.features.encoders.image",
-    "r3d18": "mmcli.features.encoders.volume",
-    "minilm-l6": "mmcli.features.encoders.text",
-    "hf:": "mmcli.features.encoders.text",
-}
-# pathology foundation-model presets (their names, so that looking one up imports only that module)
-PRESET_NAMES = ("uni", "uni2-h", "virchow2", "h-optimus-0", "h-optimus-1", "prov-gigapath", "phikon-v2", "conch-v1.5")
-BUILTIN.update(dict.fromkeys(PRESET_NAMES, "mmcli.features.encoders.presets"))
-for _name, _module in BUILTIN.items():
-    ENCODERS.lazy(_name, _module)
+# name -> module, read from the @register_encoder("name", ...) decorators of this package (nothing imported)
+ENCODERS.scan(Path(__file__).parent, __package__ or "mmcli.features.encoders", "register_encoder")
 
 
 def register_encoder(name: str, modality: str) -> Callable[[Callable[..., Encoder]], Callable[..., Encoder]]:
@@ -74,9 +67,10 @@ def route(name: str) -> tuple[str, dict[str, Any]]:
     """
     prefix, sep, model = name.partition(":")
     family = f"{prefix}:" if sep and model else None
-    if name in BUILTIN:
+    declared = ENCODERS.lazy_names()
+    if name in declared:
         return name, {}
-    if family in BUILTIN:
+    if family in declared:
         return family, {"model_name": model}
     if name and Path(name).expanduser().is_dir():
         return "hf:", {"model_name": name}

@@ -72,8 +72,13 @@ def cpu_has_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32. A wrong value is a ``ValueError``."""
+def resolve_precision(precision: str, device: str, preferred: str | None = None) -> str:
+    """``auto``: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32. A wrong value is a ``ValueError``.
+
+    ``preferred`` is what ``auto`` means for a model whose authors run it in one precision (TRIDENT's per-encoder
+    dtype, e.g. bf16 for UNI2-h, fp32 for Phikon-v2): on CUDA that precision (fp32 where the GPU lacks a
+    preferred bf16); on a CPU fp32 when the model runs in fp32, else the CPU rule above.
+    """
     import torch
 
     if precision not in PRECISIONS:
@@ -83,7 +88,11 @@ def resolve_precision(precision: str, device: str) -> str:
             raise ValueError("this GPU has no bf16; use --precision fp16 or auto")
         return precision
     if device.startswith("cuda"):
-        return "fp16"
+        if preferred == "bf16" and not torch.cuda.is_bf16_supported():
+            return "fp32"
+        return preferred or "fp16"
+    if preferred == "fp32":
+        return "fp32"
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
@@ -217,22 +226,55 @@ def hf_downloads_allowed() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def hf_file(repo: str, filenames: tuple[str, ...]) -> str | None:
-    """Path of the first of ``filenames`` of ``repo`` in the local HF cache (downloaded first only when
-    :func:`hf_downloads_allowed`), else None."""
+def hf_cached_ids(repo: str, repo_type: str = "model") -> list[str]:
+    """The spellings of ``repo`` in the local cache: ``repo`` itself, then every cached folder whose id differs
+    only in case (the Hub matches ids case-insensitively, the cache folder keeps the spelling the download used:
+    ``MahmoodLab/uni`` as TRIDENT, STAMP and the UNI README write it is ``models--MahmoodLab--uni``)."""
+    exact = f"{repo_type}s--{repo.replace('/', '--')}"
+    ids = [repo]
+    try:
+        folders = sorted(Path(hf_cache_dir()).iterdir())
+    except OSError:
+        return ids
+    for d in folders:
+        if d.name != exact and d.name.lower() == exact.lower() and d.is_dir():
+            ids.append(d.name.split("--", 1)[1].replace("--", "/", 1))
+    return ids
+
+
+def hf_cached_file(repo: str, filenames: tuple[str, ...], repo_type: str = "model") -> tuple[str, str] | None:
+    """``(path, cached repo id)`` of the first of ``filenames`` (in that order) of ``repo`` in the local cache,
+    the repo id matched case-insensitively; the ``main`` ref first, else the newest snapshot holding the file.
+    Never downloads."""
     from huggingface_hub import try_to_load_from_cache
 
     cache = hf_cache_dir()
-    for name in filenames:
-        hit = try_to_load_from_cache(repo, name, cache_dir=cache)
-        if isinstance(hit, str) and os.path.isfile(hit):
-            return hit
+    for rid in hf_cached_ids(repo, repo_type):
+        for name in filenames:
+            hit = try_to_load_from_cache(rid, name, cache_dir=cache, repo_type=repo_type)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit, rid
+        snaps = Path(cache) / f"{repo_type}s--{rid.replace('/', '--')}" / "snapshots"
+        for name in filenames:  # no refs/main (a snapshot fetched by revision): the newest snapshot with it
+            found = sorted((s / name for s in snaps.glob("*") if (s / name).is_file()),
+                           key=lambda f: f.stat().st_mtime, reverse=True)
+            if found:
+                return str(found[0]), rid
+    return None
+
+
+def hf_file(repo: str, filenames: tuple[str, ...]) -> str | None:
+    """Path of the first of ``filenames`` of ``repo`` in the local HF cache (:func:`hf_cached_file`; downloaded
+    first only when :func:`hf_downloads_allowed`), else None."""
+    hit = hf_cached_file(repo, filenames)
+    if hit:
+        return hit[0]
     if hf_downloads_allowed():
         from huggingface_hub import hf_hub_download
 
         for name in filenames:
             try:
-                return hf_hub_download(repo, name, cache_dir=cache)
+                return hf_hub_download(repo, name, cache_dir=hf_cache_dir())
             except Exception as e:  # noqa: BLE001 - unreachable hub or missing file: try the next, then give up
                 log.info("download of %s/%s failed: %s", repo, name, e)
     return None

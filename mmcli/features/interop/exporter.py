@@ -7,6 +7,12 @@ and µm, ``patch_size_level0``, magnifications, the extractor name); an item tha
 store (and ``--mpp``) is not written and is listed as failed with the missing fields (exit 1), never
 exported as a file the peer cannot read. Beside the files: ``manifest.csv`` (``patient_id,modality,path,
 item_id``, which ``mmcli import`` reads back) and, for CLAM, ``clam_dataset.csv`` (``case_id,slide_id``).
+
+The encoder is named as the peer names it (:mod:`~mmcli.features.interop.names`: ``uni`` is TRIDENT's
+``features_uni_v1`` and STAMP's ``uni``); a store whose encoder the peer has no name for needs ``--extractor-name``,
+and a name the peer does not know is warned about. A slide without tissue is skipped for CLAM and STAMP (they
+write no file for one), written empty for TRIDENT (which does). STAMP's ``virchow2`` is the 1280-d CLS token:
+a 2560-d Virchow2 store is written as its CLS half.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmcli.features.interop import names
 from mmcli.features.interop.formats import (
     GEOMETRY_KEYS,
     FormatError,
@@ -108,17 +115,22 @@ def export_features(fmt: str, store_path: str | Path, out: str | Path, modality:
     eid = choose_encoder(store, modality, encoder_id)
     enc_attrs = store.encoder_attrs(modality, eid)
     source_name = source_encoder_name(enc_attrs)
-    name = extractor_name or layout.export_encoder_name(source_name)
+    origin = enc_attrs.get("imported_from")
+    name = extractor_name or layout.export_encoder_name(source_name, origin)
     out = Path(out)
     keys = list(store.iter_items(modality, eid))
     summary = ExportSummary(fmt, str(store_path), str(out), modality, eid)
     if layout.needs_encoder_name and not name:
-        summary.failed += [(f"{k.patient_id}/{k.item_id}", f"missing extractor name: the store does not know the "
-                            f"encoder of {eid!r}. Fix: pass --extractor-name (e.g. uni, conch1_5)") for k in keys]
+        known = f"the store does not know the encoder of {eid!r}" if not source_name else \
+            f"{layout.name} has no extractor for {source_name!r} features"
+        summary.failed += [(f"{k.patient_id}/{k.item_id}", f"missing extractor name: {known}. Fix: pass "
+                            "--extractor-name (e.g. uni, conch1_5)") for k in keys]
         return summary
-    if fmt.lower() == "stamp" and not extractor_name and source_name and name == source_name:
-        summary.warnings.append(f"encoder {source_name!r} is not one of STAMP's extractor names; STAMP's "
-                                "slide encoders will refuse it. Fix: --extractor-name to name it as STAMP does")
+    if layout.needs_encoder_name and name and not layout.known_name(name):
+        summary.warnings.append(f"encoder name {name!r} is not one of {layout.name.upper()}'s encoder names; its "
+                                "slide encoders will not take these features. Fix: --extractor-name to name them "
+                                f"as {layout.name.upper()} does")
+    cls_width = names.STAMP_CLS_WIDTH.get(name or "") if layout.name == "stamp" else None
     items = [(k, store.read_item(k.modality, k.encoder_id, k.patient_id, k.item_id)) for k in keys]
     stems = [slide_name(it.attrs, k.item_id) for k, it in items]
     clash = {s for s, n in Counter(stems).items() if n > 1}
@@ -128,10 +140,16 @@ def export_features(fmt: str, store_path: str | Path, out: str | Path, modality:
         slide_id = f"{key.patient_id}__{stem}" if stem in clash else stem
         geo = item_geometry(item.attrs, mpp)
         tf = TileFeatures(item.features, item.coords, geo, name, encoder_id=eid, dtype=str(item.features.dtype))
+        if cls_width and item.features.shape[1] == 2 * cls_width:  # STAMP's virchow2 is the CLS token only
+            tf.features, tf.encoder_id = item.features[:, :cls_width], None  # not the store's features: no id
         miss = layout.missing(tf)
         if miss:
             summary.failed.append((label, f"cannot write a {fmt} file the peer can read: missing "
                                           + "; ".join(miss)))
+            continue
+        if len(tf.features) == 0 and not layout.writes_empty:
+            summary.warnings.append(f"{label}: 0 tiles (no tissue): not written ({fmt.upper()} writes no file for "
+                                    "such a slide, and its models fail on an empty bag)")
             continue
         try:
             rel = layout.relative_dir(name or "features", geo) / f"{slide_id}.h5"
@@ -140,7 +158,7 @@ def export_features(fmt: str, store_path: str | Path, out: str | Path, modality:
             summary.failed.append((label, str(e)))
             continue
         if tf.coords is not None and len(tf.coords) == 0:
-            summary.warnings.append(f"{label}: 0 tiles (no tissue); written as an empty file")
+            summary.warnings.append(f"{label}: 0 tiles (no tissue); written as an empty file, as {fmt} does")
         if fmt.lower() == "stamp" and "patch_size" not in geo:
             summary.warnings.append(f"{label}: tile size in px unknown; STAMP reads the file but its heatmaps "
                                     "need tile_size_px")
@@ -151,6 +169,9 @@ def export_features(fmt: str, store_path: str | Path, out: str | Path, modality:
     write_rows(manifest, ["patient_id", "modality", "path", "item_id"], rows)
     layout.write_index(out, [(pid, Path(path).stem) for pid, _, path, _ in rows])
     summary.manifest = str(manifest)
+    if cls_width and items and items[0][1].features.shape[1] == 2 * cls_width:
+        summary.warnings.append(f"{name}: STAMP's {name} features are the {cls_width}-d CLS token; wrote the CLS "
+                                f"half of the store's {2 * cls_width}-d CLS + mean-patch features")
     return summary
 
 

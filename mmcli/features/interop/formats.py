@@ -1,29 +1,18 @@
-"""Tile-feature h5 layouts of CLAM, TRIDENT and STAMP: one reader and one writer per layout, in the
-:data:`FORMATS` registry (``--format`` of ``mmcli import`` / ``mmcli export`` takes its names).
+"""Tile-feature h5 files of CLAM, TRIDENT and STAMP: what every layout shares, and the :data:`FORMATS` registry
+(``--format`` of ``mmcli import`` / ``mmcli export`` takes its names).
 
-Each writer writes what the peer's own reading code needs, as the peer itself writes it, and refuses
-(:meth:`H5Format.missing`) an item that lacks something the peer needs:
+One module per peer (:mod:`~mmcli.features.interop.clam`, :mod:`~mmcli.features.interop.trident`,
+:mod:`~mmcli.features.interop.stamp`) registers its layout with ``@register_format("name", coords=...)``; the
+registry's lazy table is read from those decorators. Each writer writes what the peer's own reading code needs, as
+the peer itself writes it, and refuses (:meth:`H5Format.missing`) an item that lacks something the peer needs.
 
-- **CLAM** (``h5_files/<slide>.h5`` + ``pt_files/<slide>.pt`` + ``patches/<slide>.h5``): ``features`` (N, D)
-  float32 and ``coords`` (N, 2) int32 level-0 pixels (x, y) of the tile's top-left, both chunked along N
-  (CLAM's ``save_hdf5`` appends batches); ``pt_files`` holds ``torch.save`` of the plain float32 tensor that
-  CLAM's ``Generic_MIL_Dataset`` loads with ``weights_only=True``; ``patches/`` holds the coords with
-  ``patch_size``/``patch_level`` (what CLAM's heatmap code reads). On import the ``patches/`` file beside
-  ``h5_files/`` gives the tile size and level.
-- **TRIDENT** (``<mag>x_<size>px_<overlap>px_overlap/features_<encoder>/<slide>.h5``): as CLAM with int64
-  coords, plus attrs on ``coords``: ``patch_size`` (px at the target magnification), ``patch_size_level0``,
-  ``target_magnification``, ``level0_magnification``, ``overlap``, ``name``, ``savetodir`` (and
-  ``level0_width``/``level0_height`` when known). A slide without tissue is an empty (0, D) / (0, 2) file.
-- **STAMP** (``<extractor>/<slide>.h5``): ``feats`` (N, D), ``coords`` (N, 2) float32 in **micrometres**
-  from the slide's top-left, root attrs ``extractor`` (one of STAMP's names, :data:`STAMP_EXTRACTORS`),
-  ``unit`` (``"um"``), ``tile_size_um``, ``tile_size_px``, ``feat_type``. STAMP 2.0 files state
-  ``tile_size`` (µm) with ``unit="um"`` instead; both are read. STAMP turns a tile size in µm into level-0
-  pixels with ``ceil(tile_size_um / slide_mpp)``; so does the importer.
-
-mmcli's writers add root attributes the peers ignore: ``mmcli_encoder_id``, ``mmcli_dtype`` and
-``mmcli_geometry`` (JSON), so that ``mmcli import`` of an export gives back the same items (same encoder_id,
-dtype, tile geometry). Inside mmcli coordinates are level-0 pixels (int64); magnification follows
-``magnification = 10 / mpp`` (20x = 0.5 µm/px).
+Slide-level embeddings are read too (:attr:`TileFeatures.level` ``"slide"``: TRIDENT's ``slide_features_<encoder>/``,
+STAMP's slide encodings); they import as one row per slide. Every file is opened through
+:func:`~mmcli.features.interop.h5safe.open_checked` (no external storage, virtual datasets or non-hard links; a cap
+on the decompressed size). mmcli's writers add root attributes the peers ignore: ``mmcli_encoder_id``,
+``mmcli_dtype`` and ``mmcli_geometry`` (JSON), so that ``mmcli import`` of an export gives back the same items
+(same encoder_id, dtype, tile geometry). Inside mmcli coordinates are level-0 pixels (int64); magnification
+follows ``magnification = 10 / mpp`` (20x = 0.5 µm/px).
 """
 from __future__ import annotations
 
@@ -39,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
+from mmcli.features.interop.h5safe import open_checked
 from mmcli.pipeline.errors import FormatError
 from mmcli.pipeline.io import atomic_write_text, atomic_write_with
 from mmcli.pipeline.registry import Registry
@@ -47,26 +37,6 @@ from mmcli.pipeline.registry import Registry
 GEOMETRY_KEYS = ("mpp", "patch_size", "patch_size_level0", "slide_mpp", "target_magnification",
                  "level0_magnification", "tile_size_um", "level_downsample", "level0_width", "level0_height")
 UNKNOWN_ENCODERS = {"", "unknown", "features", "none"}
-
-# mmcli / TRIDENT encoder names -> STAMP's extractor names (STAMP's encoding step checks these names)
-STAMP_EXTRACTORS: dict[str, str] = {
-    "uni": "uni", "uni_v1": "uni", "uni2": "uni2", "uni_v2": "uni2", "uni2_h": "uni2",
-    "conch": "conch", "conch_v1": "conch", "conch1_5": "conch1_5", "conch_v15": "conch1_5",
-    "conch_v1_5": "conch1_5", "ctranspath": "ctranspath", "chief_ctranspath": "chief_ctranspath",
-    "gigapath": "gigapath", "prov_gigapath": "gigapath", "virchow": "virchow", "virchow2": "virchow2",
-    "hoptimus0": "h_optimus_0", "h_optimus_0": "h_optimus_0", "hoptimus1": "h_optimus_1",
-    "h_optimus_1": "h_optimus_1", "musk": "musk", "plip": "plip", "dinobloom": "dino_bloom",
-    "dino_bloom": "dino_bloom", "mstar": "mstar",
-}
-
-
-def stamp_extractor_name(encoder: str | None) -> str | None:
-    """STAMP's name of ``encoder`` (``uni_v1`` -> ``uni``), or None when STAMP has no such extractor."""
-    if not encoder:
-        return None
-    key = encoder.lower().replace("-", "_")
-    return STAMP_EXTRACTORS.get(key)
-
 
 @dataclass
 class TileFeatures:
@@ -81,6 +51,7 @@ class TileFeatures:
     coords_um: np.ndarray | None = None  # STAMP: micrometres, until the slide's mpp turns them into pixels
     encoder_id: str | None = None  # mmcli's exporter states the store key it came from
     dtype: str | None = None  # the dtype the store held (mmcli's exporter states it)
+    level: str = "tile"  # "slide": one embedding per slide (TRIDENT slide_features, STAMP slide encodings)
 
     def resolve_coords(self, slide_mpp: float | None) -> None:
         """Turn micrometre coords into level-0 pixels with ``slide_mpp`` (µm/px); without it drop them loudly."""
@@ -95,22 +66,22 @@ class TileFeatures:
         self.coords_um = None
 
 
-def _plain(v: Any) -> Any:
+def plain(v: Any) -> Any:
     """h5 attribute value -> JSON-able Python value."""
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
     if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()]
+        return [plain(x) for x in v.tolist()]
     if isinstance(v, np.generic):
         return v.item()
     return v
 
 
-def _attrs(obj: Any) -> dict[str, Any]:
-    return {str(k): _plain(v) for k, v in obj.attrs.items()}
+def attrs_of(obj: Any) -> dict[str, Any]:
+    return {str(k): plain(v) for k, v in obj.attrs.items()}
 
 
-def _num(v: Any) -> float | None:
+def num(v: Any) -> float | None:
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -125,7 +96,7 @@ def level0_size(tile_size_um: float, slide_mpp: float) -> int:
 
 def complete_geometry(geo: dict[str, Any]) -> dict[str, float]:
     """Fill what follows from the rest (mpp <-> magnification, level-0 size <-> target size <-> µm)."""
-    g = {k: float(v) for k, v in geo.items() if k in GEOMETRY_KEYS and _num(v) is not None}
+    g = {k: float(v) for k, v in geo.items() if k in GEOMETRY_KEYS and num(v) is not None}
     for _ in range(2):  # two passes: a value found late can complete an earlier rule
         for mpp, mag in (("mpp", "target_magnification"), ("slide_mpp", "level0_magnification")):
             if mpp not in g and mag in g:
@@ -155,14 +126,31 @@ def complete_geometry(geo: dict[str, Any]) -> dict[str, float]:
     return g
 
 
-def _dataset(h5: Any, key: str, path: Path) -> Any:
+def dataset(h5: Any, key: str, path: Path) -> Any:
     """``h5[key]``, or a FormatError naming the dataset and the file."""
     if key not in h5:
         raise FormatError(f"missing dataset '{key}' in {path} (it has {sorted(h5.keys())})")
     return h5[key]
 
 
-def _check(path: Path, feats: Any, coords: Any, feat_name: str) -> tuple[np.ndarray, np.ndarray | None]:
+def slide_vector(path: Path, feats: Any, feat_name: str) -> np.ndarray:
+    """A slide embedding of shape (D,) (or (1, D)) as one row (1, D); FormatError naming the defect."""
+    f = np.asarray(feats)
+    if f.size == 0:
+        raise FormatError(f"{path}: '{feat_name}' is an empty slide embedding (TRIDENT writes one for a slide "
+                          "without tissue); nothing to import for this slide")
+    if f.ndim == 2 and f.shape[0] == 1:
+        f = f[0]
+    if f.ndim != 1:
+        raise FormatError(f"{path}: a slide embedding '{feat_name}' must have shape (D,), got {f.shape}")
+    if not np.issubdtype(f.dtype, np.floating):
+        raise FormatError(f"{path}: '{feat_name}' must be floating point, got {f.dtype}")
+    if not np.isfinite(f).all():
+        raise FormatError(f"{path}: '{feat_name}' holds NaN or inf")
+    return f[None, :]
+
+
+def check_tiles(path: Path, feats: Any, coords: Any, feat_name: str) -> tuple[np.ndarray, np.ndarray | None]:
     f = np.asarray(feats)
     if f.ndim == 3 and f.shape[0] == 1:  # some tools keep a batch axis
         f = f[0]
@@ -214,7 +202,7 @@ def appendable(h5: Any, key: str, data: np.ndarray) -> Any:
     return h5.create_dataset(key, data=data, maxshape=(None, *data.shape[1:]), chunks=(1, *data.shape[1:]))
 
 
-def _mmcli_attrs(h5: Any, tf: TileFeatures) -> None:
+def mmcli_attrs(h5: Any, tf: TileFeatures) -> None:
     """Root attributes that mmcli's importer reads back (the peers ignore them)."""
     h5.attrs["exported_by"] = f"mmcli {__version__}"
     if tf.encoder_id:
@@ -225,7 +213,7 @@ def _mmcli_attrs(h5: Any, tf: TileFeatures) -> None:
         h5.attrs["mmcli_encoder"] = tf.encoder
 
 
-def _mmcli_read(tf: TileFeatures) -> TileFeatures:
+def mmcli_read(tf: TileFeatures) -> TileFeatures:
     """Apply the ``mmcli_*`` root attributes of a file mmcli exported (its geometry is the store's, in full)."""
     root = tf.attrs.get("root", {})
     if root.get("mmcli_geometry"):
@@ -249,6 +237,7 @@ class H5Format(ABC):
     name: str
     features_key: str = "features"
     needs_encoder_name = False  # the layout names the encoder (folder or attribute) and its tools check it
+    writes_empty = True  # a slide without tissue is written as an empty file (TRIDENT); CLAM and STAMP write none
 
     @abstractmethod
     def read(self, path: Path) -> TileFeatures:
@@ -266,265 +255,39 @@ class H5Format(ABC):
         """What the peer needs that ``tf`` lacks, as field names with a hint (empty: complete)."""
         return [] if tf.coords is not None else ["coords (the item has none stored)"]
 
-    def export_encoder_name(self, encoder: str | None) -> str | None:
-        """The encoder name as this layout's tools know it (None: unknown)."""
+    def export_encoder_name(self, encoder: str | None, origin: str | None = None) -> str | None:
+        """The encoder name as this layout's tools know it (None: unknown). ``origin``: the format the store's
+        features were imported from (whose vocabulary ``encoder`` is in), None for mmcli's own."""
         return None if not encoder or encoder.lower() in UNKNOWN_ENCODERS else encoder
+
+    def known_name(self, name: str) -> bool:
+        """Whether the peer's own tools know an encoder called ``name`` (else the export warns)."""
+        return True
+
+    def encoder_of(self, path: Path) -> str | None:
+        """The encoder a file names, read cheaply (its folder or its attributes; None when it names none)."""
+        return None
 
     def write_index(self, out: Path, slides: list[tuple[str, str]]) -> None:  # noqa: B027 - optional hook
         """Extra index files this layout's own tools read, from ``(patient_id, slide_id)`` pairs (none here)."""
 
     def has_features(self, path: Path) -> bool:
-        import h5py
-
         try:
-            with h5py.File(path, "r") as h5:
+            with open_checked(path) as h5:
                 return self.features_key in h5
+        except FormatError:
+            return True  # a file that is refused is matched, so that the import names why it was refused
         except OSError:
             return False
 
 
 FORMATS: Registry[type[H5Format]] = Registry("format", flag="--format")
+FORMATS.scan(Path(__file__).parent, __package__ or "mmcli.features.interop", "register_format")
 
 
-def _clam_patches_geometry(path: Path) -> dict[str, Any]:
-    """``patch_size``/``patch_level``/``downsample`` of CLAM's ``patches/<slide>.h5`` beside ``h5_files/``."""
-    import h5py
-
-    patches = path.parent.parent / "patches" / path.name
-    if path.parent.name != "h5_files" or not patches.is_file():
-        return {}
-    try:
-        with h5py.File(patches, "r") as h5:
-            return _attrs(h5["coords"]) if "coords" in h5 else {}
-    except OSError:
-        return {}
-
-
-def _clam_geometry(cattrs: dict[str, Any]) -> dict[str, Any]:
-    """Tile geometry from CLAM's coords attrs: ``patch_size`` px at ``patch_level`` (``downsample`` of it)."""
-    size, level = _num(cattrs.get("patch_size")), cattrs.get("patch_level")
-    if not size or level is None:
-        return {}
-    ds = cattrs.get("downsample")
-    down = float(ds[0]) if isinstance(ds, list) and ds and _num(ds[0]) else (1.0 if level == 0 else None)
-    if down is None:
-        return {"patch_size": size}
-    return {"patch_size": size, "patch_size_level0": float(round(size * down)), "level_downsample": down}
-
-
-@FORMATS.register("clam", coords="level-0 px")
-class ClamFormat(H5Format):
-    """CLAM: ``features`` + ``coords`` (level-0 px) per slide under ``h5_files/``, tensors under ``pt_files/``."""
-
-    name = "clam"
-    coords_dtype: Any = np.int32
-
-    def read(self, path: Path) -> TileFeatures:
-        import h5py
-
-        with h5py.File(path, "r") as h5:
-            feats = _dataset(h5, "features", path)
-            coords = h5.get("coords")
-            f, c = _check(path, feats[()], coords[()] if coords is not None else None, "features")
-            cattrs = _attrs(coords) if coords is not None else {}
-            attrs = {"root": _attrs(h5), "coords": cattrs, "features": _attrs(feats)}
-        warnings = [] if c is not None else [f"{path.name}: no 'coords' dataset; imported without coordinates"]
-        patches = _clam_patches_geometry(path)
-        if patches:
-            attrs["patches"] = patches
-        geo = _clam_geometry(cattrs) or _clam_geometry(patches)
-        encoder = attrs["root"].get("encoder")  # mmcli's exporter names it; CLAM itself does not
-        tf = TileFeatures(f, None if c is None else np.rint(c).astype(np.int64), complete_geometry(geo),
-                          str(encoder) if encoder else None, attrs, warnings)
-        return _mmcli_read(tf)
-
-    def write(self, path: Path, tf: TileFeatures, slide_id: str) -> list[Path]:
-        import torch
-
-        g = tf.geometry
-        feats = np.asarray(tf.features, dtype=np.float32)  # CLAM's models are float32
-        coords = np.asarray(tf.coords, dtype=self.coords_dtype)
-
-        def fill(h5: Any) -> None:
-            appendable(h5, "features", feats)
-            ds = appendable(h5, "coords", coords)
-            if "patch_size_level0" in g:  # CLAM ignores these here; mmcli's importer reads them
-                ds.attrs["patch_size"] = int(round(g["patch_size_level0"]))
-                ds.attrs["patch_level"] = 0
-            if tf.encoder:
-                h5.attrs["encoder"] = tf.encoder
-            _mmcli_attrs(h5, tf)
-
-        def fill_patches(h5: Any) -> None:  # what CLAM's create_patches_fp leaves, read by its heatmap code
-            ds = appendable(h5, "coords", coords)
-            ds.attrs["patch_size"] = int(round(g["patch_size_level0"]))
-            ds.attrs["patch_level"] = 0
-            ds.attrs["downsample"] = np.array([1.0, 1.0])
-            ds.attrs["name"] = slide_id
-            if {"level0_width", "level0_height"} <= g.keys():
-                ds.attrs["level_dim"] = np.array([int(g["level0_width"]), int(g["level0_height"])])
-
-        root = path.parent.parent
-        pt = root / "pt_files" / f"{slide_id}.pt"
-        write_atomic(path, fill)
-        atomic_write_with(pt, lambda tmp: torch.save(torch.from_numpy(feats.copy()), tmp))
-        written = [path, pt]
-        if "patch_size_level0" in g:
-            patches = root / "patches" / f"{slide_id}.h5"
-            write_atomic(patches, fill_patches)
-            written.append(patches)
-        return written
-
-    def relative_dir(self, encoder: str, geometry: dict[str, float]) -> Path:
-        return Path("h5_files")
-
-    def write_index(self, out: Path, slides: list[tuple[str, str]]) -> None:
-        """``clam_dataset.csv`` (``case_id,slide_id``): CLAM's dataset table; add the label column."""
-        write_rows(out / "clam_dataset.csv", ["case_id", "slide_id"], slides)
-
-
-TRIDENT_NEEDS = ("patch_size", "patch_size_level0", "target_magnification", "level0_magnification")
-
-
-@FORMATS.register("trident", coords="level-0 px")
-class TridentFormat(ClamFormat):
-    """TRIDENT: CLAM's datasets plus tile geometry attrs on ``coords``, one folder per encoder."""
-
-    name = "trident"
-    coords_dtype = np.int64
-    needs_encoder_name = True
-
-    def read(self, path: Path) -> TileFeatures:
-        tf = super().read(path)
-        c = tf.attrs.get("coords", {})
-        geo = {k: c[k] for k in TRIDENT_NEEDS if _num(c.get(k)) is not None}
-        for k, src in (("level0_width", "level0_width"), ("level0_height", "level0_height")):
-            if _num(c.get(src)) is not None:
-                geo[k] = c[src]
-        tf.geometry = complete_geometry({**tf.geometry, **geo})
-        parent = path.parent.name
-        tf.encoder = parent.removeprefix("features_") if parent.startswith("features_") else tf.encoder
-        return tf
-
-    def missing(self, tf: TileFeatures) -> list[str]:
-        miss = super().missing(tf)
-        hints = {"level0_magnification": "level0_magnification (the slide's level-0 µm/px: pass --mpp)",
-                 "target_magnification": "target_magnification (the tiles' µm/px is not stored)"}
-        return miss + [hints.get(k, k) for k in TRIDENT_NEEDS if k not in tf.geometry]
-
-    def write(self, path: Path, tf: TileFeatures, slide_id: str) -> list[Path]:
-        g = tf.geometry
-
-        def fill(h5: Any) -> None:
-            ds = appendable(h5, "features", np.asarray(tf.features, dtype=np.float32))
-            ds.attrs["name"] = slide_id
-            ds.attrs["savetodir"] = str(path.parent)
-            ds = appendable(h5, "coords", np.asarray(tf.coords, dtype=np.int64))
-            ds.attrs["patch_size"] = int(round(g["patch_size"]))
-            ds.attrs["patch_size_level0"] = int(round(g["patch_size_level0"]))
-            ds.attrs["target_magnification"] = _mag(g["target_magnification"])
-            ds.attrs["level0_magnification"] = _mag(g["level0_magnification"])
-            ds.attrs["overlap"] = 0
-            ds.attrs["name"] = slide_id
-            ds.attrs["savetodir"] = str(path.parent.parent)
-            for k in ("level0_width", "level0_height"):
-                if k in g:
-                    ds.attrs[k] = int(g[k])
-            _mmcli_attrs(h5, tf)
-
-        write_atomic(path, fill)
-        return [path]
-
-    def write_index(self, out: Path, slides: list[tuple[str, str]]) -> None:
-        """TRIDENT reads no dataset table."""
-
-    def relative_dir(self, encoder: str, geometry: dict[str, float]) -> Path:
-        mag, ps = geometry["target_magnification"], geometry["patch_size"]
-        return Path(f"{_mag(mag):g}x_{int(round(ps))}px_0px_overlap") / f"features_{encoder}"
-
-
-def _mag(m: float) -> float | int:
-    """A magnification as TRIDENT writes it: an int when whole (20, 40), else the float (e.g. 19.8)."""
-    return int(round(m)) if abs(m - round(m)) < 1e-3 else float(m)
-
-
-@FORMATS.register("stamp", coords="um")
-class StampFormat(H5Format):
-    """STAMP: ``feats`` + ``coords`` in micrometres, root attrs naming the extractor and the tile size."""
-
-    name = "stamp"
-    features_key = "feats"
-    needs_encoder_name = True
-
-    def read(self, path: Path) -> TileFeatures:
-        import h5py
-
-        with h5py.File(path, "r") as h5:
-            feats = _dataset(h5, "feats", path)
-            coords = h5["coords"][()] if "coords" in h5 else None
-            f, c = _check(path, feats[()], coords, "feats")
-            attrs = {"root": _attrs(h5)}
-        root = attrs["root"]
-        unit = str(root.get("unit", "")).lower()
-        is_um = unit in ("um", "µm", "micron", "microns", "micrometer", "micrometre")
-        geo: dict[str, Any] = {}
-        size_um, size_px = _num(root.get("tile_size_um")), _num(root.get("tile_size_px"))
-        if size_um is None and is_um:  # STAMP 2.0: "tile_size" in µm with unit "um"
-            size_um = _num(root.get("tile_size"))
-        if size_um:
-            geo["tile_size_um"] = size_um
-        if size_um and size_px:
-            geo.update(patch_size=size_px, mpp=size_um / size_px)
-        tf = TileFeatures(f, None, complete_geometry(geo), str(root.get("extractor") or "") or None, attrs)
-        tf = _mmcli_read(tf)
-        if c is None:
-            tf.warnings.append(f"{path.name}: no 'coords' dataset; imported without coordinates")
-        elif is_um:
-            tf.coords_um = c.astype(np.float64)  # turned into px once the slide mpp is known
-            if _num(root.get("slide_mpp")):  # written by mmcli's exporter (STAMP itself ignores it)
-                tf.resolve_coords(_num(root.get("slide_mpp")))
-        elif unit in ("px", "pixel", "pixels"):
-            tf.coords = np.rint(c).astype(np.int64)
-        else:
-            tf.warnings.append(f"{path.name}: coords unit {root.get('unit')!r} unknown (expected 'um'); "
-                               "imported without coordinates")
-        return tf
-
-    def export_encoder_name(self, encoder: str | None) -> str | None:
-        return stamp_extractor_name(encoder) or super().export_encoder_name(encoder)
-
-    def missing(self, tf: TileFeatures) -> list[str]:
-        g = tf.geometry
-        miss = super().missing(tf)
-        if "slide_mpp" not in g:
-            miss.append("slide_mpp (STAMP coords are micrometres: pass --mpp, the slides' level-0 µm/px)")
-        if "tile_size_um" not in g:
-            miss.append("tile_size_um (the tile size is not stored)")
-        return miss
-
-    def write(self, path: Path, tf: TileFeatures, slide_id: str) -> list[Path]:
-        g = tf.geometry
-        # STAMP writes float16; it reads any float (``.float()``), so a float32 item stays float32 (exact)
-        dtype = np.float16 if tf.features.dtype == np.float16 else np.float32
-
-        def fill(h5: Any) -> None:
-            h5.create_dataset("feats", data=np.asarray(tf.features, dtype=dtype))
-            h5.create_dataset("coords", data=(np.asarray(tf.coords, dtype=np.float64) * g["slide_mpp"])
-                              .astype(np.float32))
-            h5.attrs["extractor"] = tf.encoder or "unknown"
-            h5.attrs["unit"] = "um"
-            h5.attrs["tile_size_um"] = float(g["tile_size_um"])
-            if "patch_size" in g:
-                h5.attrs["tile_size_px"] = int(round(g["patch_size"]))
-            h5.attrs["feat_type"] = "tile"
-            h5.attrs["slide_mpp"] = float(g["slide_mpp"])  # extra: mmcli re-imports pixel coords exactly
-            _mmcli_attrs(h5, tf)
-
-        write_atomic(path, fill)
-        return [path]
-
-    def relative_dir(self, encoder: str, geometry: dict[str, float]) -> Path:
-        return Path(encoder)
+def register_format(name: str, *, coords: str) -> Any:
+    """Class decorator: the layout ``name`` (its coords unit, ``level-0 px`` or ``um``, in the registry's meta)."""
+    return FORMATS.register(name, coords=coords)
 
 
 def get_format(name: str) -> H5Format:

@@ -8,13 +8,15 @@ which is how QuPath places imported objects) holding
   ``attention.csv`` of ``mmcli fit``), which QuPath shows as measurements and can colour by.
 
 File > Import objects from file in QuPath reads these files; ``properties.objectType`` and
-``properties.classification`` follow QuPath's own GeoJSON export. :func:`render_preview` draws a written file
-back over the slide thumbnail (a PNG), the way it will sit in QuPath.
+``properties.classification`` follow QuPath's own GeoJSON export, and every ``id`` is a UUID (QuPath's object ids
+are UUIDs and it replaces any other), the same on every re-export of the same item. :func:`render_preview` draws a
+written file back over the slide thumbnail (a PNG), the way it will sit in QuPath.
 """
 from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections import defaultdict
 from collections.abc import Collection
 from pathlib import Path
@@ -29,6 +31,7 @@ from mmcli.pipeline.io import atomic_path, atomic_write_text
 MAX_CELLS = 4_000_000  # raster cells of the tile-union trace; coarser (approximate) beyond
 TISSUE_COLOR = [80, 160, 80]
 TILE_COLOR = [200, 120, 40]
+ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://mmcli/geojson")
 
 
 # ---- tile union -> polygons --------------------------------------------------------------------------------
@@ -194,21 +197,28 @@ def load_scores(path: str | Path) -> dict[tuple[str, str], dict[int, dict[str, f
     return dict(out)
 
 
+def object_id(scope: str, kind: str, index: int) -> str:
+    """A QuPath object id: a UUID (QuPath replaces any other id on import), stable across re-exports: UUIDv5 of
+    the object's ``scope`` (store item and encoder), kind (``tile`` / ``tissue``) and index."""
+    return str(uuid.uuid5(ID_NAMESPACE, f"{scope}/{kind}/{index}"))
+
+
 def feature_collection(coords: np.ndarray, size: float, scores: dict[int, dict[str, float]] | None = None,
-                       name: str = "") -> dict[str, Any]:
-    """The QuPath FeatureCollection of one slide."""
+                       name: str = "", scope: str = "") -> dict[str, Any]:
+    """The QuPath FeatureCollection of one slide; ``scope`` keys its object UUIDs (:func:`object_id`)."""
     feats: list[dict[str, Any]] = []
+    scope = scope or name
     for k, poly in enumerate(tile_union(coords, size)):
-        feats.append({"type": "Feature", "id": f"tissue-{k}", "geometry": {"type": "Polygon", "coordinates": poly},
+        feats.append({"type": "Feature", "id": object_id(scope, "tissue", k),
+                      "geometry": {"type": "Polygon", "coordinates": poly},
                       "properties": {"objectType": "annotation", "name": f"{name} tissue {k + 1}".strip(),
                                      "classification": {"name": "Tissue", "color": TISSUE_COLOR},
                                      "isLocked": True}})
     for i, (x, y) in enumerate(np.asarray(coords, dtype=float).tolist()):
         props: dict[str, Any] = {"objectType": "tile", "classification": {"name": "Tile", "color": TILE_COLOR},
                                  "measurements": {"tile_index": i, **((scores or {}).get(i, {}))}}
-        feats.append({"type": "Feature", "id": f"tile-{i}", "geometry": {"type": "Polygon",
-                                                                          "coordinates": _box(x, y, size)},
-                      "properties": props})
+        feats.append({"type": "Feature", "id": object_id(scope, "tile", i),
+                      "geometry": {"type": "Polygon", "coordinates": _box(x, y, size)}, "properties": props})
     return {"type": "FeatureCollection", "features": feats}
 
 
@@ -248,7 +258,8 @@ def export_geojson(store_path: str | Path, out: str | Path, modality: str = "wsi
         if past:
             summary.warnings.append(f"{label}: {len(past)} score rows point past its {len(item.coords)} tiles "
                                     "(ignored)")
-        fc = feature_collection(item.coords, geo["patch_size_level0"], sc, stem)
+        fc = feature_collection(item.coords, geo["patch_size_level0"], sc, stem,
+                                scope=f"{modality}/{eid}/{key.patient_id}/{key.item_id}")
         path = out / f"{stem}.geojson"
         atomic_write_text(path, json.dumps(fc, separators=(",", ":"), allow_nan=False))
         summary.written.append(str(path))
