@@ -33,6 +33,8 @@ from mmcli.pipeline.log import get_logger
 from mmcli.pipeline.options import CohortOptions
 
 HEAD_FLAGS = "Head settings (shortcuts for --param; `mmcli heads` lists every parameter)"
+SCALE = "Scale (memory budget, dask)"
+BudgetH = help_of(FitOptions, "memory_budget")
 StoreH = help_of(CohortOptions, "store", default=False)
 LabelsH = help_of(CohortOptions, "labels", default=False)
 TargetH, TimeH, EventH = (help_of(CohortOptions, f) for f in ("target", "time", "event"))
@@ -67,6 +69,13 @@ def fit(
                                                                                   default=False)),
     explain: str = typer.Option("default", "--explain", help=help_of(FitOptions, "explain", default=False)),
     overwrite: bool = typer.Option(False, "--overwrite", help=help_of(FitOptions, "overwrite", default=False)),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=help_of(FitOptions, "memory_budget"),
+                                             rich_help_panel=SCALE),
+    scheduler: str | None = typer.Option(None, "--scheduler", help=help_of(FitOptions, "scheduler"),
+                                         rich_help_panel=SCALE),
+    workers: int | None = typer.Option(None, "--workers", help=help_of(FitOptions, "workers"),
+                                       rich_help_panel=SCALE),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the fold / epoch progress bars."),
     impute: str | None = typer.Option(None, "--impute", help=help_of(VectorPrepParams, "impute"),
                                       rich_help_panel=HEAD_FLAGS),
     batch_correct: str | None = typer.Option(None, "--batch-correct", help=help_of(VectorPrepParams, "batch_correct"),
@@ -104,11 +113,11 @@ def fit(
         modalities=csv_list(modalities), encoders=parse_encoders(encoder), folds=folds, seed=seed,
         params=parse_params(param), n_boot=n_boot, drop_unmatched=drop_unmatched, explain=explain, impute=impute,
         batch_correct=batch_correct, batch_column=batch_column, batch_keep=csv_list(batch_keep), fusion=fusion,
-        init=init, overwrite=overwrite,
+        init=init, overwrite=overwrite, memory_budget=memory_budget, scheduler=scheduler, workers=workers,
         evidence=dict(calibrate=calibrate, operating_point=operating_point, subgroups=subgroups,
                       min_subgroup=min_subgroup, dca_thresholds=dca_thresholds, horizon=horizon,
                       inner_folds=inner_folds)))
-    res = run_fit(options=options, log=get_logger().info)
+    res = run_fit(options=options, log=get_logger().info, progress=not no_progress)
     say(f"{options.head} ({res['task']}, {res['n_patients']} patients, {res['folds']} folds) -> {out}")
     say_metrics(res)
     say_evidence(res)
@@ -177,11 +186,12 @@ def predict(
                                    "(patient_id,item_id,index,attention) for attention heads."),
     covariates: Path | None = typer.Option(None, "--covariates", help="CSV with patient_id and the batch column "
                                            "(and protected covariates) of a batch-corrected model."),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BudgetH),
 ) -> None:
     """Score every patient of a store with a fitted model (CPU is fine)."""
     from mmcli.stages.predict import predict as run_predict
 
-    df = run_predict(model, store, out, attention=attention, covariates=covariates)
+    df = run_predict(model, store, out, attention=attention, covariates=covariates, memory_budget=memory_budget)
     if "batch_corrected" in df and not df["batch_corrected"].all():
         warn(f"{int((~df['batch_corrected']).sum())} patient(s) left without batch correction (batch missing or "
              "not seen in training); see the batch_corrected column.")
@@ -203,6 +213,7 @@ def evaluate(
                                             "drift section  (default: the one recorded in the run)"),
     allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Evaluate patients the model was trained on "
                                        "anyway (recorded as training_overlap; their scores are in-sample)."),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BudgetH),
     subgroups: SubgroupsOpt = None,
     min_subgroup: MinSubgroupOpt = 10,
     dca_thresholds: DcaOpt = DEFAULT_THRESHOLDS,
@@ -222,7 +233,8 @@ def evaluate(
     CohortOptions.build(dict(store=store, labels=labels, seed=seed, n_boot=n_boot))  # ranges, named by flag
     res = run_evaluate(model, store, labels, out, target=target, time=time, event=event, train_store=train_store,
                        evidence=evidence, n_boot=n_boot, seed=seed, n_permutations=n_permutations,
-                       drop_unmatched=drop_unmatched, allow_overlap=allow_overlap, log=get_logger().info)
+                       drop_unmatched=drop_unmatched, allow_overlap=allow_overlap, memory_budget=memory_budget,
+                       log=get_logger().info)
     from mmcli.stages.report import report as write_report
 
     write_report(out)
@@ -299,6 +311,12 @@ def ablate(
                                         "that lack a subset's modalities."),
     force: bool = typer.Option(False, "--force", help="Refit runs that already exist."),
     no_compare: bool = typer.Option(False, "--no-compare", help="Skip best-fused vs best-single test."),
+    memory_budget: str | None = typer.Option(None, "--memory-budget", help=BudgetH, rich_help_panel=SCALE),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="Run the fits as dask tasks: local (a "
+                                         "LocalCluster), a scheduler address tcp://HOST:8786 or a scheduler file; "
+                                         "default: in this process.", rich_help_panel=SCALE),
+    workers: int | None = typer.Option(None, "--workers", help=help_of(FitOptions, "workers"),
+                                       rich_help_panel=SCALE),
 ) -> None:
     """Fit modality subsets x fusion operators; write a table and a bar chart with CIs."""
     from mmcli.stages.ablate import ablate as run_ablate
@@ -313,7 +331,7 @@ def ablate(
         params=parse_params(param, head_names) or None,
         max_subset_size=max_subset_size, subsets=parse_subsets(subsets) if subsets else None, metric=metric,
         force=force, compare_best=not no_compare, n_boot=n_boot, drop_unmatched=not keep_unmatched,
-        echo=say)
+        echo=say, scheduler=scheduler, workers=workers, memory_budget=memory_budget)
     say(format_ablation(table))
     say(f"wrote {out / 'ablation.csv'}, {out / 'ablation.png'} and {out / 'ablation_summary.json'}")
     failed = table["status"].astype(str).str.startswith("failed").any() if "status" in table else False

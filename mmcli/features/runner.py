@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
-from mmcli.pipeline.errors import DiskFullError, InputError, ItemError, ItemInterrupted
+from mmcli.pipeline.dask import connect
+from mmcli.pipeline.errors import DiskFullError, ItemError, ItemInterrupted
 from mmcli.pipeline.faults import fault
 from mmcli.pipeline.fingerprint import source_fingerprint
 from mmcli.pipeline.io import disk_full_message, is_disk_full, is_read_only, write_json
@@ -499,25 +500,6 @@ def _stop_note(o: ItemOutcome) -> str:
 def _read_only_message(store_path: str) -> str:
     return (f"{store_path}: read-only file system: nothing can be written there. Fix: mount it read-write or "
             "give a --store on a writable disk, then re-run (finished items are kept).")
-
-
-def connect(scheduler: str, workers: int | None = None) -> tuple[Any, Any]:
-    """(client, cluster or None) for ``scheduler``: ``"local"`` (a LocalCluster of ``workers`` processes), a
-    scheduler address (``tcp://host:8786``) or the JSON file that ``dask scheduler --scheduler-file`` wrote."""
-    from distributed import Client, LocalCluster
-
-    if scheduler == "local":
-        n = workers or os.cpu_count() or 1
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
-        return Client(cluster), cluster
-    as_file = scheduler.endswith(".json") or "://" not in scheduler and Path(scheduler).is_file()
-    try:
-        client = Client(scheduler_file=scheduler) if as_file else Client(scheduler)
-    except (OSError, TimeoutError, ValueError) as e:
-        raise InputError(f"--scheduler {scheduler}: cannot reach a dask scheduler ({type(e).__name__}: {e}). "
-                         "Fix: start one (`dask scheduler`), check the address (tcp://HOST:PORT) or the "
-                         "scheduler file, or use --scheduler local.") from e
-    return client, None
 
 
 def _run_dask(rows, spec, store_path, force, scheduler, workers, bar, control=None) -> list[ItemOutcome]:

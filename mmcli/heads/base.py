@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -128,6 +128,7 @@ class Head(ABC):
         self.params_ = params
         for k, v in params.values().items():
             setattr(self, k, v)
+        self.on_epoch: Callable[[int, int], None] | None = None  # progress (epochs done, total); not saved
 
     # ---- parameters (scikit-learn style) ----------------------------------------------------------------
     @classmethod
@@ -215,6 +216,10 @@ class Head(ABC):
         """Per bag modality, each patient's attention over the instances of its bag (None if absent)."""
         return None
 
+    def predict_explained(self, X: Cohort) -> tuple[np.ndarray, dict[str, list[np.ndarray | None]] | None]:
+        """:meth:`predict` and :meth:`attention` together (a head with bags computes both in one pass)."""
+        return self.predict(X), self.attention(X)
+
     def modality_weights(self, X: Cohort) -> dict[str, float] | None:
         """Learnt weight of each modality, averaged over the patients of ``X`` (sums to 1)."""
         return None
@@ -225,6 +230,11 @@ class Head(ABC):
 
     def attributions(self, X: Cohort) -> pd.DataFrame | None:
         """Integrated-gradients rows ``patient_id, modality, feature, attribution, ...`` (torch heads)."""
+        return None
+
+    def tile_attributions(self, X: Cohort) -> pd.DataFrame | None:
+        """Per-instance integrated gradients of a bag head, rows ``patient_id, item_id, index, attribution``
+        (comparable with attention; costs about ``n_steps`` forward and backward passes per bag)."""
         return None
 
     # ---- subclass hooks -----------------------------------------------------------------------------------

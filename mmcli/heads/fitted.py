@@ -87,12 +87,15 @@ class FittedModel:
         return model_sources(fs, self.specs)
 
     def cohort(self, fs: Any, patients: Sequence[str] | None = None, *, covariates: pd.DataFrame | None = None,
-               sources: Sequence[Source] | None = None, n_threads: int = 4) -> tuple[Cohort, list[str]]:
+               sources: Sequence[Source] | None = None, n_threads: int = 4, memory_budget: int | None = None,
+               scan: bool = True) -> tuple[Cohort, list[str]]:
         """``(cohort, left_out)``: the store patients (all, or ``patients``) the model can score, aligned to the
         model (the head checks encoder ids, dims, table columns), with the covariates its preprocessing reads
         (from ``covariates``, a labels-like table, else the store's tables); ``left_out`` are the patients
-        lacking what the head's policy requires."""
-        cohort = self.head.align(load_cohort(fs, sources or self.sources(fs), patients, n_threads=n_threads))
+        lacking what the head's policy requires. ``memory_budget`` / ``scan``: see
+        :func:`~mmcli.heads.data.load_cohort` (``scan=False``: bags are read when scored, once)."""
+        cohort = self.head.align(load_cohort(fs, sources or self.sources(fs), patients, n_threads=n_threads,
+                                             memory_budget=memory_budget, scan=scan))
         ok = type(self.head).usable_patients(cohort.presence())
         left_out = [p for p, good in zip(cohort.patients, ok) if not good]
         cohort = cohort.subset(np.flatnonzero(ok))

@@ -43,6 +43,7 @@ POINTS = {
     "run.model": "fit: the final model is saved into the run's staging folder, before its config is written",
     "run.staged": "fit: the whole new run is in its staging folder, not yet swapped in for --out",
     "lock.created": "locks: a lock's file (or its temporary file) is created, its content not yet written",
+    "cv.fold": "fit: a fold starts (in the process or dask worker that runs it)",
 }
 ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM, "int": signal.SIGINT,
            "enospc": None, "erofs": None}

@@ -66,6 +66,7 @@ CONFIG, METRICS, PREDICTIONS = "config.json", "metrics.json", "predictions.csv"
 FOLDS, CV_AUDIT, MODEL_DIR, LOG_NAME = "folds.json", "cv_audit.json", "model", "fit.log"
 MODALITY_WEIGHTS, SHAP, ATTRIBUTIONS = "modality_weights.json", "shap.csv", "attributions.csv"
 WINDOW_ATTRIBUTIONS = "attributions_windows.csv"
+TILE_ATTRIBUTIONS = "attributions_tiles.csv"
 # keys of config.json copied into model/config.json's "run" block (what predict needs without the run folder)
 MODEL_RUN_KEYS = ("task", "target", "time", "event", "classes", "modalities", "encoder_ids",
                   "features_sha256", "seed", "created", "risk_convention", "eval_times")
@@ -534,6 +535,10 @@ class RunWriter:
     def write_window_attributions(self, df: pd.DataFrame) -> Path:
         """``attributions_windows.csv``: out-of-fold integrated gradients per note window (offsets, no text)."""
         return write_csv(self._file(WINDOW_ATTRIBUTIONS), df)
+
+    def write_tile_attributions(self, df: pd.DataFrame) -> Path:
+        """Per-tile integrated gradients (``--explain full``): patient_id,fold,item_id,index,attribution,..."""
+        return write_csv(self._file(TILE_ATTRIBUTIONS), df)
 
     def write_attention(self, frames: Mapping[str, pd.DataFrame]) -> list[Path]:
         """``attention.csv`` for one bag modality, ``attention.<modality>.csv`` each for several."""

@@ -38,6 +38,7 @@ from mmcli.heads.evaluation.metrics import FoldPredictions, summarise
 from mmcli.heads.fitted import FittedModel
 from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.memory import resolve_budget
 from mmcli.pipeline.rundir import RunFolderError, RunWriter, load_run
 from mmcli.pipeline.store import open_store
 
@@ -47,7 +48,7 @@ def evaluate(
     target: str | None = None, time: str | None = None, event: str | None = None,
     train_store: str | Path | None = None, evidence: EvidenceOptions | None = None, n_boot: int = 1000,
     seed: int = 0, n_permutations: int = 200, drop_unmatched: bool = False,
-    allow_overlap: bool = False, log: Callable[[str], None] | None = None,
+    allow_overlap: bool = False, memory_budget: str | int | None = None, log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the model of run ``model`` on the patients of ``store`` labelled in ``labels``; write ``out``.
 
@@ -92,9 +93,10 @@ def evaluate(
         raise InputError(f"{tgt.source}: none of its labelled patients has the model's modalities in {fs.path}. "
                          "Fix: check that labels and store use the same patient ids.")
     overlap = _training_overlap(fitted, train_run, keep, allow_overlap, say)
-    cohort, cannot = fitted.cohort(fs, keep, covariates=table, sources=sources)
+    cohort, cannot = fitted.cohort(fs, keep, covariates=table, sources=sources,
+                                   memory_budget=resolve_budget(memory_budget))
     missing["cannot_score"] = cannot
-    presence = load_cohort(fs, sources, keep).presence() if cannot else cohort.presence()
+    presence = load_cohort(fs, sources, keep, scan=False).presence() if cannot else cohort.presence()
     missing["modality_missing"] = {n: int((~presence[:, k]).sum()) for k, n in enumerate(cohort.names)}
     tgt = tgt.subset(cohort.patients)
     if len(tgt.patients) < 2:

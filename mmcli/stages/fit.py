@@ -27,6 +27,7 @@ def fit(
     *,
     options: FitOptions | None = None,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
     **given: Any,
 ) -> dict[str, Any]:
     """Cross-validate ``head`` by patient, write the run folder ``out`` and return metrics.json's content.
@@ -36,7 +37,8 @@ def fit(
     ``time`` (> 0, any unit) + ``event`` (1 = observed, 0 = censored); ``modalities``; ``encoders``
     (``{modality: encoder_id}``); ``folds``; ``seed``; ``params`` (the head's ``--param`` values, validated
     once by its Params model); ``n_boot``; ``drop_unmatched``; ``strict_match``; ``explain``; ``overwrite``;
-    ``evidence`` (:class:`~mmcli.heads.evaluation.evidence.EvidenceOptions` or a dict); and the head-level
+    ``evidence`` (:class:`~mmcli.heads.evaluation.evidence.EvidenceOptions` or a dict); ``memory_budget``;
+    ``scheduler`` / ``workers`` (folds as dask tasks); and the head-level
     flags ``impute``, ``batch_correct``, ``batch_column``, ``batch_keep``, ``fusion``, ``init`` (merged into
     ``params``). Errors are InputError naming the flag, raised before anything is written.
     """
@@ -45,7 +47,7 @@ def fit(
     elif head is not None or store is not None or labels is not None or out is not None or given:
         raise TypeError("pass either options=FitOptions(...) or the options as keywords, not both")
     with stop_on_signals():
-        return fit_run(options, log)
+        return fit_run(options, log, progress=progress)
 
 
 # ---- CLI text -> values -------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from mmcli.heads.fitted import FittedModel
 from mmcli.heads.targets import read_labels
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import disk_full_as_error, write_csv
+from mmcli.pipeline.memory import resolve_budget
 from mmcli.pipeline.rundir import attention_frame
 from mmcli.pipeline.store import open_store
 
@@ -35,6 +36,7 @@ def predict(
     attention: bool = False,
     patients: Sequence[str] | None = None,
     covariates: str | Path | pd.DataFrame | None = None,
+    memory_budget: str | int | None = None,
 ) -> pd.DataFrame:
     """Score every patient in ``store`` the model can use (all its modalities, or any of them: head policy).
 
@@ -42,13 +44,14 @@ def predict(
     model and the store (naming the modality, the expected and the found values; the head checks them).
     A batch-corrected model reads each patient's batch (and protected covariates) from ``covariates`` (a CSV
     with patient_id, like the labels) or else from a store table; patients whose batch the model has not seen
-    are left uncorrected and marked in the ``batch_corrected`` column.
+    are left uncorrected and marked in the ``batch_corrected`` column. ``memory_budget``: bytes (or a size such
+    as ``"2GB"``) the bags may hold; each bag is read once, when it is scored.
     """
     out_csv = _check_out(Path(out_csv))
     model = FittedModel.load(model_dir)  # a clear error when it is no model folder
     fs = open_store(Path(store), "r")
     table = read_labels(covariates) if covariates is not None else None
-    cohort, _ = model.cohort(fs, patients, covariates=table)
+    cohort, _ = model.cohort(fs, patients, covariates=table, memory_budget=resolve_budget(memory_budget), scan=False)
     if len(cohort) == 0:
         raise InputError(f"{fs.path}: no patient has the model's modalities {[s.name for s in model.specs]}.")
     df = model.predict_frame(cohort)

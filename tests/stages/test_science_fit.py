@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-import mmcli.stages.fit as fit_stage
+import mmcli.heads.training.fitting as fit_stage
 from helpers.planted_data import make_store
 from mmcli.heads import load_head
 from mmcli.heads.data import load_cohort, resolve_sources
@@ -24,7 +24,7 @@ from mmcli.stages.fit import fit
 
 
 def _capture_cv(monkeypatch) -> dict:
-    """Wrap the fit stage's ``cross_validate`` so the test sees the fold results and the cohort it used."""
+    """Wrap the fit procedure's ``cross_validate`` so the test sees the fold results and the cohort it used."""
     seen: dict = {}
 
     def wrapped(head, cohort, tgt, *a, **k):

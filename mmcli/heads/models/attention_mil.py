@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mmcli.heads.data import Cohort, pad_bags
+from mmcli.heads.data import Cohort, pad_batch
 from mmcli.heads.nn.modules import GatedAttention, StandardisedEmbed
 from mmcli.heads.nn.torch_base import TorchHead, TorchParams, torch_env
 from mmcli.heads.preprocess.vector import InstanceScaler
@@ -69,7 +69,7 @@ class AttentionMILHead(TorchHead):
         m = X.modalities[self._bag_name]
         assert m.bags is not None
         scaler = self.preprocessors_[self._bag_name]
-        x, mask = pad_bags([m.bags[i] for i in idx], m.spec.dim, self.max_instances if rng else None, rng)
+        x, mask = pad_batch(m.bags, idx, m.spec.dim, self.max_instances if rng else None, rng)
         return {"x": torch.from_numpy(x), "mask": torch.from_numpy(mask),
                 "mean": torch.from_numpy(scaler.mean_), "scale": torch.from_numpy(scaler.scale_)}
 
@@ -77,22 +77,21 @@ class AttentionMILHead(TorchHead):
         out, a = self.module_(inputs["x"], inputs["mask"], inputs["mean"], inputs["scale"])
         return out, {} if train else {"attention": a.double().cpu().numpy()}
 
-    def attention(self, X: Cohort) -> dict[str, list[np.ndarray | None]]:
+    def _attention(self, X: Cohort, extras: list[dict[str, Any]]) -> dict[str, list[np.ndarray | None]]:
         """Each patient's attention over its bag's instances (order: items by item_id, rows in order)."""
-        X = self.align(X)
         m = X.modalities[self._bag_name]
         assert m.bags is not None
-        _, extras, _ = self._run(X)
         att: list[np.ndarray | None] = [None] * len(X)
         for extra in extras:
             for row, i in enumerate(extra["idx"]):
-                bag = m.bags[i]
-                if bag is not None and len(bag):
-                    att[i] = extra["attention"][row, : len(bag)].copy()
+                n = m.bags.length(i)
+                if n:
+                    att[i] = extra["attention"][row, :n].copy()
         return {self._bag_name: att}
 
-    def attributions(self, X: Cohort) -> pd.DataFrame:
-        """Integrated gradients summed over each bag (:func:`mmcli.heads.nn.attribution.mil_integrated_gradients`)."""
+    def tile_attributions(self, X: Cohort) -> pd.DataFrame:
+        """Integrated gradients per tile (:func:`mmcli.heads.nn.attribution.mil_integrated_gradients`); only with
+        ``--explain full``: a bag-level sum would only restate output minus baseline (completeness)."""
         from mmcli.heads.nn.attribution import mil_integrated_gradients
 
         with torch_env(None, self.n_threads):

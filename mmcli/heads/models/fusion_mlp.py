@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from mmcli.heads.data import Cohort, pad_bags
+from mmcli.heads.data import Cohort, pad_batch
 from mmcli.heads.nn.fusion import FUSIONS
 from mmcli.heads.nn.modules import GatedAttention, MeanPool, StandardisedEmbed, mlp_embed
 from mmcli.heads.nn.pretrained import refit_to_standardisation
@@ -174,7 +174,7 @@ class FusionMLPHead(VectorPrepHead, TorchHead):
             pids = [X.patients[i] for i in keep]
             if m.spec.kind == "bag":
                 assert m.bags is not None
-                self.preprocessors_[name] = InstanceScaler(seed=self.seed).fit([m.bags[i] for i in keep], pids)
+                self.preprocessors_[name] = InstanceScaler(seed=self.seed).fit(m.bags.subset(keep), pids)
             else:
                 assert m.vectors is not None
                 wide = self.n_components is not None and m.spec.dim > self.n_components
@@ -213,8 +213,7 @@ class FusionMLPHead(VectorPrepHead, TorchHead):
             present = m.present[idx]
             if spec.kind == "bag":
                 assert m.bags is not None and isinstance(prep, InstanceScaler)
-                bags = [m.bags[i] if ok else None for i, ok in zip(idx, present)]
-                x, mask = pad_bags(bags, spec.dim, self.max_instances if rng else None, rng)
+                x, mask = pad_batch(m.bags, idx, spec.dim, self.max_instances if rng else None, rng)
                 out[f"x{k}"] = torch.from_numpy(x)
                 out[f"mask{k}"] = torch.from_numpy(mask)
                 out[f"mean{k}"] = torch.from_numpy(prep.mean_)
@@ -264,12 +263,10 @@ class FusionMLPHead(VectorPrepHead, TorchHead):
         with torch_env(None, self.n_threads):
             return integrated_gradients(self, X)
 
-    def attention(self, X: Cohort) -> dict[str, list[np.ndarray | None]] | None:
+    def _attention(self, X: Cohort, extras: list[dict[str, Any]]) -> dict[str, list[np.ndarray | None]] | None:
         """Tile attention of each bag modality (``pool="attention"`` only)."""
         if self.pool != "attention" or not any(s.kind == "bag" for s in self.spec_):
             return None
-        X = self.align(X)
-        _, extras, _ = self._run(X)
         out: dict[str, list[np.ndarray | None]] = {}
         for k, spec in enumerate(self.spec_):
             if spec.kind != "bag":
@@ -279,8 +276,8 @@ class FusionMLPHead(VectorPrepHead, TorchHead):
             att: list[np.ndarray | None] = [None] * len(X)
             for extra in extras:
                 for row, i in enumerate(extra["idx"]):
-                    bag = m.bags[i]
-                    if m.present[i] and bag is not None:
-                        att[i] = extra["attention"][k][row, : len(bag)].copy()
+                    n = m.bags.length(i)
+                    if m.present[i] and n:
+                        att[i] = extra["attention"][k][row, :n].copy()
             out[spec.name] = att
         return out

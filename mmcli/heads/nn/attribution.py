@@ -36,6 +36,7 @@ from mmcli.heads.windows import Windows
 
 SUM = "(sum)"
 COLUMNS = ["patient_id", "modality", "feature", "attribution", "output", "baseline_output"]
+TILE_COLUMNS = ["patient_id", "item_id", "index", "attribution", "output", "baseline_output"]
 WINDOW_COLUMNS = ["patient_id", "modality", "item_id", "window", "char_start", "char_end", "tokens", "attribution"]
 MAX_IG_FLOATS = 1 << 25  # bag elements per captum forward (128 MB of float32) for attention_mil
 
@@ -216,21 +217,23 @@ def _window_rows(modality: str, a: np.ndarray, idx: np.ndarray, ok: np.ndarray, 
 
 
 def mil_integrated_gradients(head: Any, X: Cohort, n_steps: int = 64) -> pd.DataFrame:
-    """Rows :data:`COLUMNS` for a fitted :class:`~mmcli.heads.models.attention_mil.AttentionMILHead`: one per patient,
-    the bag's attributions summed over instances and dimensions (raw instances; baseline = the training-fold
-    instance mean, i.e. standardised 0; the padding mask held fixed). One patient per captum call, its path
-    steps batched so that no forward holds more than :data:`MAX_IG_FLOATS` bag elements."""
+    """Per-tile integrated gradients of a fitted bag head with the ``ABMIL`` forward
+    (:class:`~mmcli.heads.models.attention_mil.AttentionMILHead`): rows :data:`TILE_COLUMNS`, each tile's
+    attribution summed over its feature dimensions (raw instances; baseline = the training-fold instance mean,
+    i.e. standardised 0; the padding mask held fixed), plus per patient ``output`` and ``baseline_output`` (by
+    completeness a bag's tiles sum to ``output - baseline_output``, up to the integration error). One patient per
+    captum call, its path steps batched so that no forward holds more than :data:`MAX_IG_FLOATS` bag elements."""
     from captum.attr import IntegratedGradients
 
     X = head.align(X)
     net = head.module_
     net.eval()
     name = head.spec_[0].name
-    bags = X.modalities[name].bags
-    assert bags is not None
-    rows = []
+    m = X.modalities[name]
+    assert m.bags is not None and m.items is not None
+    frames = []
     for i in range(len(X)):
-        if bags[i] is None or not len(bags[i]):
+        if not m.bags.length(i):
             continue
         inputs = head._inputs(X, np.array([i]), None)
         x, mask, mean, scale = (inputs[k] for k in ("x", "mask", "mean", "scale"))
@@ -250,7 +253,10 @@ def mil_integrated_gradients(head: Any, X: Cohort, n_steps: int = 64) -> pd.Data
         steps = max(1, MAX_IG_FLOATS // max(1, x[0].numel()))
         a = IntegratedGradients(partial(f, target=target)).attribute(
             x, baselines=base, n_steps=n_steps, method="gausslegendre", internal_batch_size=min(n_steps, steps))
-        rows.append({"patient_id": X.patients[i], "modality": name, "feature": SUM,
-                     "attribution": float(a.double().sum()), "output": float(both[0]),
-                     "baseline_output": float(both[1])})
-    return pd.DataFrame(rows, columns=COLUMNS)
+        per_tile = a[0].double().sum(dim=-1).numpy()[: m.bags.length(i)]
+        item_ids = np.concatenate([np.full(n, iid, dtype=object) for iid, n in m.items[i]])
+        index = np.concatenate([np.arange(n) for _, n in m.items[i]])
+        frames.append(pd.DataFrame({"patient_id": X.patients[i], "item_id": item_ids, "index": index,
+                                    "attribution": per_tile, "output": float(both[0]),
+                                    "baseline_output": float(both[1])}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TILE_COLUMNS)

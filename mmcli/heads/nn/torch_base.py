@@ -17,6 +17,7 @@ from torch import nn
 
 from mmcli.heads.base import CONFIG, Head, HeadParams, read_model_config
 from mmcli.heads.data import Cohort
+from mmcli.heads.data.bags import inference_batches
 from mmcli.heads.nn.losses import class_weights, cox_ph_loss, focal_loss
 from mmcli.pipeline.io import write_json
 from mmcli.pipeline.rundir import damaged, model_file
@@ -139,12 +140,12 @@ class TorchHead(Head):
         """(outputs (B, n_out), extras such as attention)."""
 
     def _instance_count(self, X: Cohort) -> np.ndarray:
-        """Instances per patient (for length-sorted inference batches); 1 without bags."""
+        """Per patient, instances over its bag modalities + 1 (from metadata: no bag is read)."""
         n = np.ones(len(X), dtype=np.int64)
         for m in X.modalities.values():
             if m.spec.kind == "bag":
                 assert m.bags is not None
-                n += np.array([0 if b is None else len(b) for b in m.bags])
+                n += m.bags.lengths()
         return n
 
     # ---- training ------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class TorchHead(Head):
             y_all = torch.as_tensor(np.asarray(y), dtype=torch.long)
             cw = torch.as_tensor(class_weights(np.asarray(y), self.n_classes, self.class_weight)).to(dev)
         n, bs = len(X), max(2, min(self.batch_size, len(X)))
-        for _ in range(epochs):
+        for epoch in range(epochs):
             self.module_.train()
             perm = rng.permutation(n)
             for start in range(0, n, bs):
@@ -194,6 +195,8 @@ class TorchHead(Head):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            if self.on_epoch is not None:
+                self.on_epoch(epoch + 1, epochs)
 
     def _fit_private(self, X: Cohort, y: np.ndarray, opt: torch.optim.Optimizer, dev: torch.device) -> None:
         """DP-SGD training (:mod:`mmcli.heads.nn.privacy`); records the spent budget in ``privacy_``.
@@ -221,26 +224,44 @@ class TorchHead(Head):
 
     # ---- inference -------------------------------------------------------------------------------------------
     def _run(self, X: Cohort) -> tuple[np.ndarray, list[dict[str, Any]], np.ndarray]:
-        """Outputs (n, n_out) in patient order, per-batch extras, and the batch order used."""
+        """Outputs (n, n_out) in patient order, per-batch extras, and the batch order used. Patients are batched
+        by instance count (little padding), at most ``batch_size`` and about 64 MB of padded input a batch."""
         dev = resolve_device(self.device)
-        order = np.argsort(self._instance_count(X), kind="stable")
+        counts = self._instance_count(X)
+        dim = max([s.dim for s in self.spec_ if s.kind == "bag"], default=1)
+        batches = inference_batches(counts, max(1, self.batch_size), dim)
         outs = np.zeros((len(X), self.n_out), dtype=np.float64)
         extras: list[dict[str, Any]] = []
-        bs = max(1, self.batch_size)
         with torch_env(None, self.n_threads), torch.no_grad():
             self.module_.eval()
-            for start in range(0, len(X), bs):
-                idx = order[start:start + bs]
+            for idx in batches:
                 inputs = {k: v.to(dev) for k, v in self._inputs(X, idx, None).items()}
                 out, extra = self._forward(inputs, train=False)
                 outs[idx] = out.double().cpu().numpy()
                 extra["idx"] = idx
                 extras.append(extra)
-        return outs, extras, order
+        return outs, extras, np.concatenate(batches) if batches else np.zeros(0, dtype=int)
+
+    def _to_prediction(self, outs: np.ndarray) -> np.ndarray:
+        return outs[:, 0] if self.is_survival else softmax(outs, axis=1)
 
     def _predict(self, X: Cohort) -> np.ndarray:
-        outs = self._run(X)[0]
-        return outs[:, 0] if self.is_survival else softmax(outs, axis=1)
+        return self._to_prediction(self._run(X)[0])
+
+    # ---- attention ----------------------------------------------------------------------------------------
+    def _attention(self, X: Cohort, extras: list[dict[str, Any]]) -> dict[str, list[np.ndarray | None]] | None:
+        """Per bag modality, each patient's attention from the extras of :meth:`_run` (None: no attention)."""
+        return None
+
+    def attention(self, X: Cohort) -> dict[str, list[np.ndarray | None]] | None:
+        X = self.align(X)
+        return self._attention(X, self._run(X)[1])
+
+    def predict_explained(self, X: Cohort) -> tuple[np.ndarray, dict[str, list[np.ndarray | None]] | None]:
+        """:meth:`predict` and :meth:`attention` from one pass over the bags."""
+        X = self.align(X)
+        outs, extras, _ = self._run(X)
+        return self._to_prediction(outs), self._attention(X, extras)
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

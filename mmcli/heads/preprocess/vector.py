@@ -228,16 +228,23 @@ class InstanceScaler:
         self.scale_: np.ndarray | None = None
 
     def fit(self, bags: Sequence[np.ndarray | None], patients: Sequence[str]) -> InstanceScaler:
+        """Fit on ``bags`` (arrays, or a :class:`~mmcli.heads.data.bags.BagList`: then only the sampled rows of
+        a bag that is not in memory are read)."""
         from sklearn.preprocessing import StandardScaler
 
         rng = np.random.default_rng(self.seed)
         scaler = StandardScaler()
         used = []
-        for bag, pid in zip(bags, patients):
+        sample = getattr(bags, "sample", None)
+        for k, pid in enumerate(patients):
+            if sample is not None:
+                bag = sample(k, self.max_per_bag, rng)
+            else:
+                bag = bags[k]
+                if bag is not None and len(bag) > self.max_per_bag:
+                    bag = bag[np.sort(rng.choice(len(bag), self.max_per_bag, replace=False))]
             if bag is None or len(bag) == 0:
                 continue
-            if len(bag) > self.max_per_bag:
-                bag = bag[np.sort(rng.choice(len(bag), self.max_per_bag, replace=False))]
             scaler.partial_fit(np.asarray(bag, dtype=np.float64))
             used.append(str(pid))
         if not used:

@@ -15,6 +15,7 @@ scikit-learn's ``CalibratedClassifierCV(ensemble=False)`` logic; the test patien
 """
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,9 @@ from mmcli.heads.evaluation.metrics import FoldPredictions, survival_grid
 from mmcli.heads.evaluation.operating_point import OperatingPoint, choose_threshold
 from mmcli.heads.registry import head_class
 from mmcli.heads.targets import Target
+from mmcli.heads.training.progress import fold_progress
 from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.faults import fault
 
 
 def check_folds(target: Target, folds: int, *, after: str = "") -> None:
@@ -89,6 +92,7 @@ class FoldResult:
     attributions: pd.DataFrame | None = None  # integrated gradients (torch heads), long format
     seconds: float = 0.0
     preprocessing_patients: dict[str, list[str]] = field(default_factory=dict)
+    tile_attributions: pd.DataFrame | None = None  # --explain full: per-instance IG of a bag head
     raw_pred: np.ndarray | None = None  # the head's probabilities before recalibration (None: not recalibrated)
     calibrator: Calibrator | None = None  # fitted on the training fold's inner out-of-fold probabilities
     threshold: float | None = None  # operating-point threshold chosen on the same (after calibration)
@@ -133,58 +137,142 @@ def check_postprocess(target: Target, calibrate: str, operating_point: Operating
 def cross_validate(
     head: str, cohort: Cohort, target: Target, folds: int = 5, seed: int = 0,
     params: HeadParams | Mapping[str, Any] | None = None,
-    explain: bool = True, log: Callable[[str], None] | None = None, *, calibrate: str = "none",
-    operating_point: OperatingPoint | None = None, inner_folds: int = 5,
+    explain: bool | str = True, log: Callable[[str], None] | None = None, *, calibrate: str = "none",
+    operating_point: OperatingPoint | None = None, inner_folds: int = 5, scheduler: str | None = None,
+    workers: int | None = None, progress: bool = False,
 ) -> list[FoldResult]:
     """Fit a fresh ``head`` per fold on the training patients; predict the test patients.
 
     With ``calibrate`` (``platt`` | ``isotonic``) or ``operating_point``, each fold also fits a calibrator and
     chooses a threshold on its training patients only (see module docstring); ``pred`` is then the recalibrated
-    probabilities (``raw_pred`` the head's own)."""
-    import time as _time
-
+    probabilities (``raw_pred`` the head's own). ``explain``: ``none`` | ``default`` (attention from the
+    prediction pass, modality weights, SHAP, integrated gradients of heads without bag inputs) | ``full`` (also
+    integrated gradients through bags: per tile for bag heads; costly); ``True`` / ``False`` = default / none.
+    ``scheduler``: None runs the folds here, one after another; ``"local"`` or a dask scheduler address runs
+    them as dask tasks (a worker lost mid-fold is retried; the same seed gives the same numbers)."""
     if list(cohort.patients) != list(target.patients):
         raise ValueError("cohort and target must list the same patients in the same order")
+    level = explain_level(explain)
     hp = run_params(head, target, seed, params)
-    cls = head_class(head)
     check_postprocess(target, calibrate, operating_point)
-    nested = calibrate != "none" or operating_point is not None
-    results = []
     splits = make_splits(target, folds, seed)
+    grid = None
     if target.task == "survival":  # one evaluation grid shared by every fold
         grid = survival_grid(target.y["time"], target.y["event"], [te for _, te in splits])
-    for k, (tr, te) in enumerate(splits):
+    job = FoldJob(head, hp, target, grid, level, calibrate, operating_point, inner_folds, seed)
+    if scheduler is not None:
+        return _on_dask(job, cohort, splits, scheduler, workers, log)
+    results = []
+    with fold_progress(len(splits), progress) as bar:
+        for k, (tr, te) in enumerate(splits):
+            with bar.fold(k) as on_epoch:
+                res = job.run(cohort, k, tr, te, on_epoch)
+            if log:
+                log(f"fold {k + 1}/{folds}: {len(tr)} train / {len(te)} test patients, {res.seconds:.1f}s")
+            results.append(res)
+    return results
+
+
+def explain_level(explain: bool | str) -> str:
+    if isinstance(explain, bool):
+        return "default" if explain else "none"
+    if explain not in ("none", "default", "full"):
+        raise ValueError(f"explain must be none | default | full, got {explain!r}")
+    return explain
+
+
+@dataclass
+class FoldJob:
+    """What every fold of one cross-validation does (picklable: a dask task carries it)."""
+
+    head: str
+    params: HeadParams
+    target: Target
+    grid: np.ndarray | None
+    explain: str
+    calibrate: str
+    operating_point: OperatingPoint | None
+    inner_folds: int
+    seed: int
+
+    def run(self, cohort: Cohort, k: int, tr: np.ndarray, te: np.ndarray,
+            on_epoch: Callable[[int, int], None] | None = None) -> FoldResult:
+        """Fit fold ``k`` on ``tr``, predict ``te`` (with the explanations of :attr:`explain`)."""
+        import time as _time
+
+        fault("cv.fold")
         t0 = _time.perf_counter()
-        h = cls(hp).fit(cohort.subset(tr), target.y[tr])
+        target = self.target
+        h = head_class(self.head)(self.params)
+        h.on_epoch = on_epoch
+        h.fit(cohort.subset(tr), target.y[tr])
         X_te = cohort.subset(te)
-        pred = h.predict(X_te)
+        attention = None
+        if self.explain == "none":
+            pred = h.predict(X_te)
+        else:
+            pred, attention = h.predict_explained(X_te)
         raw_pred, calibrator, threshold = None, None, None
-        if nested:
+        if self.calibrate != "none" or self.operating_point is not None:
             tgt_tr = target.subset([target.patients[i] for i in tr])
-            inner = inner_oof(head, cohort.subset(tr), tgt_tr, hp, inner_folds, seed)
-            calibrator = Calibrator(calibrate).fit(inner, tgt_tr.y, tgt_tr.patients)
-            if operating_point is not None:
-                threshold = choose_threshold(tgt_tr.y, calibrator.transform(inner)[:, 1], operating_point)
+            inner = inner_oof(self.head, cohort.subset(tr), tgt_tr, self.params, self.inner_folds, self.seed)
+            calibrator = Calibrator(self.calibrate).fit(inner, tgt_tr.y, tgt_tr.patients)
+            if self.operating_point is not None:
+                threshold = choose_threshold(tgt_tr.y, calibrator.transform(inner)[:, 1], self.operating_point)
             raw_pred, pred = pred, calibrator.transform(pred)
         if target.task == "survival":
             y_tr, y_te = target.y[tr], target.y[te]
             ev = FoldPredictions(time=y_te["time"], event=y_te["event"], risk=pred,
-                                 surv=h.predict_survival(X_te, grid, risk=pred), times=grid,
+                                 surv=h.predict_survival(X_te, self.grid, risk=pred), times=self.grid,
                                  train_time=y_tr["time"], train_event=y_tr["event"])
         else:
             ev = FoldPredictions(y=np.asarray(target.y[te]), probs=pred)
         fitted = {n: list(p.fitted_patients) for n, p in h.preprocessors_.items()}
         fitted.update({f"{n}/combat": list(p.harmoniser.fitted_patients) for n, p in h.preprocessors_.items()
                        if getattr(p, "harmoniser", None) is not None})  # batch correction: what it saw
+        h.on_epoch = None
         res = FoldResult(k, tr, te, h, pred, ev, preprocessing_patients=fitted,
                          raw_pred=raw_pred, calibrator=calibrator, threshold=threshold)
-        if explain:
-            res.attention = h.attention(X_te)
+        if self.explain != "none":
+            res.attention = attention
             res.modality_weights = h.modality_weights(X_te)
             res.contributions = h.contributions(X_te)
-            res.attributions = h.attributions(X_te)
+            has_bags = any(s.kind == "bag" for s in h.spec_)
+            if self.explain == "full" or not has_bags:
+                res.attributions = h.attributions(X_te)
+            if self.explain == "full":
+                res.tile_attributions = h.tile_attributions(X_te)
         res.seconds = _time.perf_counter() - t0
-        if log:
-            log(f"fold {k + 1}/{folds}: {len(tr)} train / {len(te)} test patients, {res.seconds:.1f}s")
-        results.append(res)
-    return results
+        return res
+
+
+def _fold_task(job: FoldJob, cohort: Cohort, k: int, tr: np.ndarray, te: np.ndarray) -> FoldResult:
+    """A dask task: one fold, on the cohort as the worker reads it (bags from the store, under the budget)."""
+    return job.run(cohort, k, tr, te)
+
+
+def _on_dask(job: FoldJob, cohort: Cohort, splits: list[tuple[np.ndarray, np.ndarray]], scheduler: str,
+             workers: int | None, log: Callable[[str], None] | None) -> list[FoldResult]:
+    """Each fold as a dask task (retried twice when its worker dies); results in fold order."""
+    from distributed import as_completed
+
+    from mmcli.pipeline.dask import connect
+
+    client, cluster = connect(scheduler, workers)
+    try:
+        data = client.scatter(cohort, broadcast=True)
+        futures = {client.submit(_fold_task, job, data, k, tr, te, retries=2, pure=False,
+                                 key=f"mmcli-fold-{k}-{uuid.uuid4().hex[:8]}"): k
+                   for k, (tr, te) in enumerate(splits)}
+        results: dict[int, FoldResult] = {}
+        for fut in as_completed(futures):
+            res = fut.result()
+            results[futures[fut]] = res
+            if log:
+                log(f"fold {res.fold + 1}/{len(splits)}: {len(res.train_idx)} train / {len(res.test_idx)} test "
+                    f"patients, {res.seconds:.1f}s (dask)")
+        return [results[k] for k in range(len(splits))]
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -53,6 +53,7 @@ from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.heads.training.cv import FoldResult, check_folds, check_postprocess, cross_validate, run_params
 from mmcli.heads.training.options import FitOptions
 from mmcli.pipeline.errors import InputError
+from mmcli.pipeline.memory import resolve_budget
 from mmcli.pipeline.rundir import SURVIVAL, RunWriter, attention_frame, prediction_frame
 from mmcli.pipeline.store import open_store
 
@@ -72,17 +73,18 @@ class FitInputs:
     excluded: dict[str, list[str]]
 
 
-def fit_run(opts: FitOptions, say: Say | None = None) -> dict[str, Any]:
+def fit_run(opts: FitOptions, say: Say | None = None, progress: bool = False) -> dict[str, Any]:
     """Cross-validate ``opts.head`` by patient, write the run folder ``opts.out``; return metrics.json's content.
 
     Every input is checked before the run folder is locked (a bad column, too few patients per fold, a head
     that cannot do the task: InputError naming the fix). ``opts.out`` is locked while the fit runs and only
-    changes at the very end: an error, a full disk or SIGINT / SIGTERM leave it as it was."""
+    changes at the very end: an error, a full disk or SIGINT / SIGTERM leave it as it was. ``progress``: bars
+    over the folds and epochs (the CLI's, on stderr)."""
     say = say or (lambda _msg: None)
     t_start = _time.perf_counter()
     inputs = read_inputs(opts, say)
     with RunWriter(opts.out, overwrite=opts.overwrite) as writer:
-        return _fit_into(writer, inputs, say, t_start)
+        return _fit_into(writer, inputs, say, t_start, progress)
 
 
 def read_inputs(opts: FitOptions, say: Say) -> FitInputs:
@@ -107,12 +109,14 @@ def read_inputs(opts: FitOptions, say: Say) -> FitInputs:
     return FitInputs(opts, cls, fs, sources, table, tgt, excluded)
 
 
-def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float) -> dict[str, Any]:
+def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float, progress: bool = False
+              ) -> dict[str, Any]:
     """Cross-validate, refit and write the run through ``writer`` (locked, staged)."""
     opts, cls, tgt = inp.opts, inp.cls, inp.target
     clock = _time.perf_counter()
     say(f"{len(tgt.patients)} patients, modalities {[s.name for s in inp.sources]}, task {tgt.task}")
-    cohort = load_cohort(inp.fs, inp.sources, tgt.patients)
+    budget = resolve_budget(opts.memory_budget)
+    cohort = load_cohort(inp.fs, inp.sources, tgt.patients, memory_budget=budget)
     tgt, cohort, no_data = _require_data(cls, cohort, tgt)
     cohort.covariates = covariates_for(opts.covariate_columns(), inp.table, inp.fs)
     excluded = dict(inp.excluded)
@@ -126,8 +130,9 @@ def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float) -> di
     clock = _time.perf_counter()
     ev = opts.evidence
     results = cross_validate(opts.head, cohort, tgt, opts.folds, opts.seed, opts.head_params,
-                             explain=opts.explain != "none", log=say, calibrate=ev.calibrate,
-                             operating_point=ev.op(), inner_folds=ev.inner_folds)
+                             explain=opts.explain, log=say, calibrate=ev.calibrate, operating_point=ev.op(),
+                             inner_folds=ev.inner_folds, scheduler=opts.scheduler, workers=opts.workers,
+                             progress=progress)
     t_cv = _time.perf_counter() - clock
     clock = _time.perf_counter()
     metrics = summarise([r.eval for r in results], n_boot=opts.n_boot, seed=opts.seed)
@@ -413,6 +418,11 @@ def _write_explanations(writer: RunWriter, results: list[FoldResult], cohort: Co
     if contrib:
         shap = pd.concat(contrib)
         writer.write_shap(shap.loc[[p for p in tgt.patients if p in shap.index]].reset_index())
+    tiles = [r.tile_attributions.assign(fold=r.fold) for r in results if r.tile_attributions is not None]
+    if tiles:  # --explain full: per-tile integrated gradients of a bag head
+        t = pd.concat(tiles, ignore_index=True)
+        writer.write_tile_attributions(t[["patient_id", "fold", *[c for c in t.columns
+                                                                  if c not in ("patient_id", "fold")]]])
     igs = [r.attributions.assign(fold=r.fold) for r in results if r.attributions is not None]
     if igs:  # out-of-fold integrated gradients (torch heads)
         ig = pd.concat(igs, ignore_index=True)

@@ -43,6 +43,13 @@ class FitOptions(CohortOptions):
         "weights, the attributions a head has) | full")
     overwrite: bool = Field(False, description="replace an existing run in --out (whole: no file of it is kept); "
                             "without it an existing, non-empty --out is refused")
+    memory_budget: str | None = Field(None, description="memory the bags (WSI tiles) may hold, e.g. 4GB or 512MB "
+                                      "(binary units); beyond it bags are read from the store per mini-batch, only "
+                                      "the sampled rows; default: half of the memory available at start")
+    scheduler: str | None = Field(None, description="run the folds as dask tasks: local (a LocalCluster), a "
+                                  "scheduler address tcp://HOST:8786 or a scheduler file; default: in this process")
+    workers: int | None = Field(None, ge=1, le=1024, description="worker processes of --scheduler local (default: "
+                                "one per core)")
     evidence: EvidenceOptions = Field(default_factory=EvidenceOptions, description="calibration, operating "
                                       "point, decision curve and subgroups")
 
@@ -52,6 +59,14 @@ class FitOptions(CohortOptions):
         from mmcli.heads.registry import head_class
 
         head_class(v)  # InputError listing the heads
+        return v
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v: str | None) -> str | None:
+        from mmcli.pipeline.memory import parse_size
+
+        parse_size(v)
         return v
 
     @field_validator("out")

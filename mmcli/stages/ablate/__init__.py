@@ -24,7 +24,8 @@ from __future__ import annotations
 import itertools
 import json
 import traceback
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,9 @@ def ablate(
     n_boot: int = 1000,
     drop_unmatched: bool = True,
     echo: Callable[[str], None] | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    memory_budget: str | None = None,
 ) -> pd.DataFrame:
     """Fit every planned subset x fusion (see the module doc) and return the ablation table.
 
@@ -213,6 +217,8 @@ def ablate(
     the summary comparison pairs the two runs on their shared patients. The table is also written to
     ``out/ablation.csv`` with ``out/ablation.png`` and ``out/ablation_summary.json``; ``table.attrs["summary"]``
     holds the summary. Rows whose fit failed have ``status = "failed: ..."`` and NaN metric values.
+    ``scheduler`` (``local`` or a dask scheduler address): the fits run as dask tasks, ``workers`` at a time on a
+    local cluster (a worker lost mid-fit is retried); the table is the same as in-process for the same seed.
     """
     survival = time is not None or event is not None
     if (target is not None) == survival or (survival and (time is None or event is None)):
@@ -235,7 +241,8 @@ def ablate(
     common = {"store": str(Path(store).resolve()), "labels": str(Path(labels).resolve()), "target": target,
               "time": time, "event": event, "encoders": dict(encoders or {}), "folds": folds, "seed": seed,
               "n_boot": n_boot, "drop_unmatched": drop_unmatched}
-    rows = []
+    rows: dict[int, dict[str, Any]] = {}
+    todo: list[tuple[int, Job, Any, dict[str, Any]]] = []
     for k, job in enumerate(jobs, 1):
         run_dir = out / job.name
         spec = _spec(job, common, params)
@@ -243,28 +250,31 @@ def ablate(
         cached = None if force else _reusable(run_dir, spec)
         if cached is not None:
             say(f"{prefix}: reused finished fit")
-            rows.append(_row(job, run_dir, metric, cached, "reused"))
+            rows[k] = _row(job, run_dir, metric, cached, "reused")
             continue
         (run_dir / JOB_FILE).unlink(missing_ok=True)
-        say(f"{prefix}: fitting {job.head}" + (f" ({job.fusion})" if job.fuses else ""))
         try:
             opts = build_fit_options(dict(
                 head=job.head, store=store, labels=labels, out=run_dir, target=target, time=time, event=event,
                 modalities=list(job.subset), encoders=encoders, folds=folds, seed=seed,
                 params=job.fit_params(params), n_boot=n_boot, drop_unmatched=drop_unmatched,
-                strict_match=not drop_unmatched, explain="none", overwrite=True))  # not reusable: replaced whole
-            result = fit_run(opts)
-        except Exception as e:  # noqa: BLE001 - one failing fit is reported, the ablation goes on
-            detail = f"{type(e).__name__}: {e}"
-            say(f"{prefix}: FAILED {detail}")
-            with open(out / "ablation_errors.log", "a") as fh:
-                fh.write(f"== {job.name}\n{traceback.format_exc() if not isinstance(e, MmcliError) else detail}\n")
-            rows.append(_row(job, run_dir, metric, None, f"failed: {detail}"))
+                strict_match=not drop_unmatched, explain="none", overwrite=True,  # not reusable: replaced whole
+                memory_budget=memory_budget))
+        except MmcliError as e:
+            rows[k] = _failed(out, job, run_dir, metric, prefix, e, say)
+            continue
+        todo.append((k, job, opts, spec))
+    runner = _run_on_dask if scheduler is not None else _run_here
+    for k, job, _opts, spec, result, error in runner(todo, say, len(jobs), scheduler, workers):
+        run_dir, prefix = out / job.name, f"[{k}/{len(jobs)}] {job.name}"
+        if error is not None:
+            rows[k] = _failed(out, job, run_dir, metric, prefix, error, say)
             continue
         write_json(run_dir / JOB_FILE, json.loads(json.dumps(spec, default=str)))
         row = _row(job, run_dir, metric, result, "ok")
         say(f"{prefix}: {metric} {row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
-        rows.append(row)
+        rows[k] = row
+    rows = [rows[k] for k in sorted(rows)]
     table = pd.DataFrame(rows, columns=COLUMNS)
     write_csv(out / "ablation.csv", table, float_format=None)
     from mmcli.stages.ablate.figure import ablation_figure
@@ -274,6 +284,61 @@ def ablate(
     write_json(out / "ablation_summary.json", summary, allow_nan=True)
     table.attrs["summary"] = summary
     return table
+
+
+def _failed(out: Path, job: Job, run_dir: Path, metric: str, prefix: str, e: BaseException,
+            say: Callable[[str], None]) -> dict[str, Any]:
+    detail = f"{type(e).__name__}: {e}"
+    say(f"{prefix}: FAILED {detail}")
+    with open(out / "ablation_errors.log", "a") as fh:
+        tb = "".join(traceback.format_exception(e)) if not isinstance(e, MmcliError) else detail
+        fh.write(f"== {job.name}\n{tb}\n")
+    return _row(job, run_dir, metric, None, f"failed: {detail}")
+
+
+Todo = list[tuple[int, Job, Any, dict[str, Any]]]
+
+
+def _run_here(todo: Todo, say: Callable[[str], None], n_jobs: int, scheduler: str | None, workers: int | None
+              ) -> Iterator[tuple[int, Job, Any, dict[str, Any], dict[str, Any] | None, BaseException | None]]:
+    """The fits one after another in this process."""
+    for k, job, opts, spec in todo:
+        say(f"[{k}/{n_jobs}] {job.name}: fitting {job.head}" + (f" ({job.fusion})" if job.fuses else ""))
+        try:
+            yield k, job, opts, spec, fit_run(opts), None
+        except Exception as e:  # noqa: BLE001 - one failing fit is reported, the ablation goes on
+            yield k, job, opts, spec, None, e
+
+
+def _fit_task(opts: Any) -> dict[str, Any]:
+    """A dask task: one fit of the ablation (its folds in this worker, one after another)."""
+    return fit_run(opts)
+
+
+def _run_on_dask(todo: Todo, say: Callable[[str], None], n_jobs: int, scheduler: str | None, workers: int | None
+                 ) -> Iterator[tuple[int, Job, Any, dict[str, Any], dict[str, Any] | None, BaseException | None]]:
+    """The fits as dask tasks (each retried twice when its worker dies), reported as they finish."""
+    from distributed import as_completed
+
+    from mmcli.pipeline.dask import connect
+
+    assert scheduler is not None
+    client, cluster = connect(scheduler, workers)
+    try:
+        futures = {client.submit(_fit_task, opts, retries=2, pure=False,
+                                 key=f"mmcli-ablate-{k}-{uuid.uuid4().hex[:8]}"): (k, job, opts, spec)
+                   for k, job, opts, spec in todo}
+        say(f"{len(futures)} fit(s) submitted to dask ({scheduler})")
+        for fut in as_completed(futures):
+            k, job, opts, spec = futures[fut]
+            try:
+                yield k, job, opts, spec, fut.result(), None
+            except Exception as e:  # noqa: BLE001 - one failing fit is reported, the ablation goes on
+                yield k, job, opts, spec, None, e
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _best(table: pd.DataFrame) -> dict[str, Any] | None:

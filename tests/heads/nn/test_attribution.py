@@ -56,8 +56,13 @@ def test_fit_writes_out_of_fold_attributions_with_bags(tmp_path):
     from mmcli.stages.fit import fit
 
     p = make_store(tmp_path / "s.zarr", n=30, task="binary", seed=4)
-    fit("fusion_mlp", p.store, p.labels, tmp_path / "run", target="label", folds=3, n_boot=5,
+    fit("fusion_mlp", p.store, p.labels, tmp_path / "default", target="label", folds=3, n_boot=5,
         params={"epochs": 3})
+    # IG through bags costs ~64 passes per bag: only with --explain full (attention and weights by default)
+    assert not (tmp_path / "default" / "attributions.csv").exists()
+    assert (tmp_path / "default" / "modality_weights.json").exists()
+    fit("fusion_mlp", p.store, p.labels, tmp_path / "run", target="label", folds=3, n_boot=5,
+        params={"epochs": 3}, explain="full")
     ig = pd.read_csv(tmp_path / "run" / "attributions.csv")
     folds = json.loads((tmp_path / "run" / "folds.json").read_text())
     assert list(ig.columns[:2]) == ["patient_id", "fold"]
@@ -86,17 +91,26 @@ def _bag_cohort(n=24, seed=1):
 
 
 @pytest.mark.parametrize("task", ["binary", "multiclass"])
-def test_attention_mil_ig_completeness(task):
-    cohort, y = _bag_cohort()
+def test_attention_mil_tile_attributions_find_the_informative_tile(task):
+    """Per-tile IG (--explain full): one row per tile with its item and index, the tiles of a bag add up to the
+    output minus the baseline output (completeness), and in positive bags the planted tile (index 0) carries the
+    largest attribution: a per-bag sum, or a constant spread over the tiles, fails the last check."""
+    cohort, y = _bag_cohort(n=40)
     y = y if task == "binary" else (y + (np.arange(len(y)) % 3 == 0)).astype(int)
-    head = create_head("attention_mil", task=task, n_classes=int(y.max()) + 1, epochs=15).fit(cohort, y)
-    ig = head.attributions(cohort)
-    assert list(ig.patient_id) == cohort.patients and set(ig.feature) == {"(sum)"} and set(ig.modality) == {"wsi"}
-    np.testing.assert_allclose(ig.attribution, ig.output - ig.baseline_output, atol=1e-2, rtol=1e-2)
-    assert (ig.output - ig.baseline_output).abs().max() > 0.1
+    head = create_head("attention_mil", task=task, n_classes=int(y.max()) + 1, epochs=40).fit(cohort, y)
+    tiles = head.tile_attributions(cohort)
+    bags = cohort.modalities["wsi"].bags
+    assert len(tiles) == sum(bags.lengths()) and list(tiles.columns[:3]) == ["patient_id", "item_id", "index"]
+    per = tiles.groupby("patient_id", sort=False).agg(a=("attribution", "sum"), o=("output", "first"),
+                                                    b=("baseline_output", "first"))
+    np.testing.assert_allclose(per.a, per.o - per.b, atol=2e-2, rtol=2e-2)
+    assert (per.o - per.b).abs().max() > 0.1
     if task == "binary":
         p = head.predict(cohort)
-        np.testing.assert_allclose(ig.output.to_numpy(), np.log(p[:, 1] / p[:, 0]), atol=1e-4)
+        np.testing.assert_allclose(per.o.to_numpy(), np.log(p[:, 1] / p[:, 0]), atol=1e-4)
+        top = tiles.loc[tiles.groupby("patient_id").attribution.idxmax()].set_index("patient_id")["index"]
+        positives = [pid for pid, lab in zip(cohort.patients, y) if lab == 1]
+        assert (top.loc[positives] == 0).mean() >= 0.7
 
 
 def test_window_ig_sums_to_the_pooled_modality_row():
