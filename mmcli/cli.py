@@ -250,6 +250,32 @@ def extract(
                                              "(default: float16)"),
     torch_threads: int | None = typer.Option(None, "--torch-threads", help="wsi: CPU threads of the encoder "
                                              "per process  (default: torch's; cores / workers with --scheduler local)"),
+    # wsi, before a tile is encoded (docs/extract.md); fields of WsiOptions
+    remove_artifacts: str | None = typer.Option(None, "--remove-artifacts", help="wsi: artefact checks that "
+                                                "remove tiles, comma-separated: blur, pen, dark, grandqc  "
+                                                "(default: none)"),
+    blur_threshold: float | None = typer.Option(None, "--blur-threshold", help="wsi blur: least sharpness of a "
+                                                "kept tile (Laplacian variance at --mpp)  (default: 6)"),
+    pen_max: float | None = typer.Option(None, "--pen-max", help="wsi pen: ink share that removes a tile  "
+                                         "(default: 0.05)"),
+    dark_max: float | None = typer.Option(None, "--dark-max", help="wsi dark: very dark share that removes a "
+                                          "tile  (default: 0.5)"),
+    artifact_weights: Path | None = typer.Option(None, "--artifact-weights", help="wsi grandqc: GrandQC artefact "
+                                                 "checkpoint, a local file"),
+    artifact_max: float | None = typer.Option(None, "--artifact-max", help="wsi grandqc: artefact share that "
+                                              "removes a tile  (default: 0.25)"),
+    stain_norm: str | None = typer.Option(None, "--stain-norm", help="wsi: macenko | reinhard stain "
+                                          "normalisation of every tile  (default: none)"),
+    stain_reference: Path | None = typer.Option(None, "--stain-reference", help="wsi --stain-norm: reference "
+                                                "image  (default: built-in, see docs/extract.md)"),
+    tissue_model: str | None = typer.Option(None, "--tissue-model", help="wsi: hest | grandqc learned tissue "
+                                            "segmentation (with --tissue-weights)  (default: saturation/Otsu)"),
+    tissue_weights: Path | None = typer.Option(None, "--tissue-weights", help="wsi --tissue-model: the published "
+                                               "checkpoint, a local file (never downloaded)"),
+    tissue_geojson: Path | None = typer.Option(None, "--tissue-geojson", help="wsi: folder of QuPath/TRIDENT "
+                                               "<slide stem>.geojson (level-0 px); tiles only inside"),
+    geojson_classes: str | None = typer.Option(None, "--geojson-classes", help="wsi --tissue-geojson: keep these "
+                                               "classifications, comma-separated, e.g. Tumor  (default: all)"),
     spacing: str | None = typer.Option(None, "--spacing", help="mri: voxel spacing in mm after resampling, one "
                                        "number (isotropic) or X,Y,Z in RAS order  (default: 1.5)"),
     shape: str | None = typer.Option(None, "--shape", help="mri: grid in voxels X,Y,Z (or one number) that the "
@@ -301,6 +327,10 @@ def extract(
         feature_dtype=feature_dtype, torch_threads=torch_threads, spacing=spacing, shape=shape,
         volume_index=volume_index, max_tokens=max_tokens, stride=stride, pooling=pooling,
         max_note_chars=max_note_chars,
+        remove_artifacts=remove_artifacts, blur_threshold=blur_threshold, pen_max=pen_max, dark_max=dark_max,
+        artifact_weights=artifact_weights, artifact_max=artifact_max, stain_norm=stain_norm,
+        stain_reference=stain_reference, tissue_model=tissue_model, tissue_weights=tissue_weights,
+        tissue_geojson=tissue_geojson, geojson_classes=geojson_classes,
     )
     summary = run_extract(modality, manifest, store, force=force, scheduler=scheduler, workers=workers,
                           progress=not no_progress, **options)
