@@ -9,8 +9,10 @@ reader threads compute them beside the encoder):
 * ``sharpness`` (check ``blur``): variance of the Laplacian of the grey image after a 5-tap binomial smoothing
   (about a Gaussian of sigma 1 px, so pixel noise and JPEG blocks count little), over the tile's tissue pixels
   (not glass: HSV saturation >= 0.08 or value <= 0.85), in 8-bit grey levels squared. A tile is blurred when
-  this is below ``blur_threshold`` (default 6). On real IHC texture (scikit-image's ``ihc.png``) sharp 64-px
-  tiles score 32 or more (10th percentile), a Gaussian blur of sigma 2 px scores 5.6 or less (90th percentile).
+  this is below ``blur_threshold`` (default 6). On real tissue texture (scikit-image's IHC image drawn as H&E,
+  64-px tiles with sensor noise and JPEG q90; ``benchmarks/bench_wsi.py --skip throughput --skip read --skip
+  memory``): sharp tiles score 48 or more (10th percentile), a Gaussian blur of sigma 2 px has median 5.3, sigma
+  3 px at most 4.2; sigma 1.5 px (median 11.5) mostly passes.
 * ``pen_fraction`` (check ``pen``): share of the tile's pixels that are marker ink: green (hue 70-180 deg,
   saturation >= 0.15), blue (hue 185-235 deg, saturation >= 0.40) or black (value < 0.16). No stain of H&E or
   DAB/haematoxylin IHC has these hues at these saturations. Removed at ``pen_max`` (default 0.05) or more.

@@ -80,8 +80,8 @@ def macenko_stats(od: np.ndarray, min_pixels: int = 1) -> tuple[np.ndarray, np.n
     phi = np.arctan2(proj[:, 1], proj[:, 0])
     phi[~valid] = np.inf
     phi.sort(axis=1)
-    lo = _nearest_rank(phi, k, ALPHA).astype(np.float64)
-    hi = _nearest_rank(phi, k, 100 - ALPHA).astype(np.float64)
+    lo = np.where(ok, _nearest_rank(phi, k, ALPHA), 0.0)  # rows without stain hold +inf: replaced below
+    hi = np.where(ok, _nearest_rank(phi, k, 100 - ALPHA), 0.0)
     v_min = np.einsum("bij,bj->bi", vec, np.stack([np.cos(lo), np.sin(lo)], axis=1))
     v_max = np.einsum("bij,bj->bi", vec, np.stack([np.cos(hi), np.sin(hi)], axis=1))
     first = (v_min[:, 0] > v_max[:, 0])[:, None]
