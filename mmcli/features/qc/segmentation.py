@@ -75,9 +75,14 @@ def build_network(name: str) -> Any:
     except ImportError as e:  # pragma: no cover - a core dependency; a broken install says so
         raise SegmentationError(f"--tissue-model {name} needs segmentation-models-pytorch. Fix: pip install "
                                 "'segmentation-models-pytorch>=0.5'") from e
-    if name == "grandqc":
-        return smp.UnetPlusPlus(encoder_name="timm-efficientnet-b0", encoder_weights=None, classes=2, activation=None)
-    return smp.Unet(encoder_name="timm-efficientnet-b0", encoder_weights=None, classes=8, activation=None)
+    import warnings
+
+    with warnings.catch_warnings():  # smp deprecates its "timm-" encoders; the published checkpoints use them
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if name == "grandqc":
+            return smp.UnetPlusPlus(encoder_name="timm-efficientnet-b0", encoder_weights=None, classes=2,
+                                    activation=None)
+        return smp.Unet(encoder_name="timm-efficientnet-b0", encoder_weights=None, classes=8, activation=None)
 
 
 @lru_cache(maxsize=16)
