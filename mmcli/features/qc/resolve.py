@@ -13,7 +13,7 @@ from mmcli.features.qc.segmentation import ARTIFACT_MODEL, SegmentationError, Se
 from mmcli.features.qc.stain import StainError, StainNormalizer, StainReference, fit_reference
 from mmcli.pipeline.errors import InputError
 
-STAIN_STRIDE, STAIN_MIN_PIXELS = 2, 0.05  # see mmcli.features.qc.stain
+STAIN_SAMPLE_PIXELS, STAIN_MIN_PIXELS = 4096, 0.05  # see mmcli.features.qc.stain
 
 
 @lru_cache(maxsize=4)
@@ -82,7 +82,7 @@ def resolve_prep(opts: Any) -> dict[str, Any]:
             raise InputError(f"--stain-reference {opts.stain_reference}: file not found.") from e
         except StainError as e:
             raise InputError(f"--stain-reference {opts.stain_reference}: {e}.") from e
-        prep["stain"] = {**ref.to_dict(), "stride": STAIN_STRIDE, "min_stain_pixels": STAIN_MIN_PIXELS}
+        prep["stain"] = {**ref.to_dict(), "sample_pixels": STAIN_SAMPLE_PIXELS, "min_stain_pixels": STAIN_MIN_PIXELS}
     if opts.tissue_geojson:
         prep["annotations"] = {"folder": opts.tissue_geojson, "digest": folder_digest(opts.tissue_geojson),
                                "classes": list(opts.geojson_classes)}
@@ -99,7 +99,8 @@ def id_params(prep: dict[str, Any]) -> dict[str, Any]:
             out["artifacts"]["model_sha256"] = prep["artifact_model"]["sha256"]
     if "stain" in prep:
         st = prep["stain"]
-        out["stain"] = {"method": st["method"], "reference": st["sha256"] or st["source"], "stride": st["stride"],
+        out["stain"] = {"method": st["method"], "reference": st["sha256"] or st["source"],
+                        "sample_pixels": st["sample_pixels"],
                         "min_stain_pixels": st["min_stain_pixels"]}
     if "annotations" in prep:
         out["annotations"] = {"digest": prep["annotations"]["digest"], "classes": prep["annotations"]["classes"]}
@@ -110,4 +111,4 @@ def stain_normalizer(prep: dict[str, Any]) -> StainNormalizer | None:
     st = prep.get("stain")
     if not st:
         return None
-    return StainNormalizer(StainReference.from_dict(st), st["stride"], st["min_stain_pixels"])
+    return StainNormalizer(StainReference.from_dict(st), st["sample_pixels"], st["min_stain_pixels"])

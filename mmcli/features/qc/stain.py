@@ -6,14 +6,15 @@ torchstain is the reference: the reference image is fitted with the same statist
 tile that :class:`StainNormalizer` gives torchstain's output. torchstain normalises one image per call (about
 0.2 s per 224-px tile for Macenko and 0.5 s for Reinhard here), so the batch arithmetic is written out:
 
-* Macenko: the stain matrix and the 99th-percentile concentrations are estimated per tile on every
-  ``stride``-th pixel of each row and column (default 2: a quarter of the pixels; ``stride=1`` is torchstain's
-  estimate exactly), with masked batch statistics (covariance, ``eigh``, nearest-rank percentiles as torchstain's
+* Macenko: the stain matrix and the 99th-percentile concentrations are estimated per tile on a regular grid of
+  about ``sample_pixels`` pixels (default 4096: every 3rd pixel of each row and column of a 224-px tile, every
+  pixel of a 64-px one; ``sample_pixels=0`` uses every pixel, torchstain's estimate exactly), with masked batch
+  statistics (covariance, ``eigh``, nearest-rank percentiles as torchstain's
   ``percentile``). Normalising is then one 3x3 map in optical density, ``OD' = HERef diag(maxCRef/maxC)
   pinv(HE) OD``, applied to every pixel (OD from a 256-entry table). A tile with fewer than ``min_stain_pixels``
   (default 5%) of stained pixels (OD >= beta in every channel) is left as it is and counted.
-* Reinhard: per tile LAB means and (unbiased) standard deviations mapped onto the reference's; sRGB gamma both
-  ways through tables.
+* Reinhard: per tile LAB means and (unbiased) standard deviations (on the same pixel grid) mapped onto the
+  reference's; sRGB gamma both ways through tables.
 
 The built-in reference (no ``--stain-reference``): Macenko uses torchstain's default ``HERef``/``maxCRef``;
 Reinhard uses the LAB statistics of :func:`builtin_reference_image`, scikit-image's real IHC image re-rendered as
@@ -216,8 +217,8 @@ class StainNormalizer:
     """Normalises uint8 batches ``(B, P, P, 3)`` to a :class:`StainReference`; returns ``(tiles, n_left)``,
     ``n_left`` = tiles left unnormalised (too little stain, or a constant tile for Reinhard)."""
 
-    def __init__(self, ref: StainReference, stride: int = 2, min_stain_pixels: float = 0.05) -> None:
-        self.ref, self.stride, self.min_stain_pixels = ref, max(1, int(stride)), float(min_stain_pixels)
+    def __init__(self, ref: StainReference, sample_pixels: int = 4096, min_stain_pixels: float = 0.05) -> None:
+        self.ref, self.sample_pixels, self.min_stain_pixels = ref, int(sample_pixels), float(min_stain_pixels)
         if ref.method == "macenko":
             self.he = np.asarray(ref.stats["he"], np.float64)
             self.max_c = np.asarray(ref.stats["max_c"], np.float64)
@@ -230,8 +231,15 @@ class StainNormalizer:
             return tiles, 0
         return self._macenko(tiles) if self.ref.method == "macenko" else self._reinhard(tiles)
 
+    def stride(self, tiles: np.ndarray) -> int:
+        """Every how many pixels (per row and column) the statistics are estimated on."""
+        if self.sample_pixels <= 0:
+            return 1
+        return max(1, int((tiles.shape[1] * tiles.shape[2] / self.sample_pixels) ** 0.5))
+
     def _macenko(self, tiles: np.ndarray) -> tuple[np.ndarray, int]:
-        sub = tiles[:, ::self.stride, ::self.stride]
+        k = self.stride(tiles)
+        sub = tiles[:, ::k, ::k]
         least = int(self.min_stain_pixels * sub[0, ..., 0].size)
         he, max_c, ok = macenko_stats(_planar(sub, _OD_LUT), min_pixels=least)
         # OD' = HERef diag(maxCRef / maxC) pinv(HE) OD, one 3x3 map per tile
@@ -247,7 +255,8 @@ class StainNormalizer:
 
     def _reinhard(self, tiles: np.ndarray) -> tuple[np.ndarray, int]:
         lab = rgb_to_lab(tiles)
-        mu, sd = reinhard_stats(lab)
+        k = self.stride(tiles)
+        mu, sd = reinhard_stats(lab if k == 1 else rgb_to_lab(tiles[:, ::k, ::k]))
         ok = (sd > 1e-6).all(axis=1)
         scale = np.where(ok[:, None], self.stds[None] / np.where(sd > 1e-6, sd, 1.0), 1.0).astype(np.float32)
         shift = np.where(ok[:, None], self.means[None] - mu * scale, 0.0).astype(np.float32)
