@@ -40,9 +40,10 @@ _WHITE = np.array([0.95047, 1.0, 1.08883], np.float32)
 _OD_LUT = (-np.log((np.arange(256, dtype=np.float64) + 1) / IO)).astype(np.float32)
 _LIN_LUT = np.where(np.arange(256) / 255 > 0.04045, ((np.arange(256) / 255 + 0.055) / 1.055) ** 2.4,
                     np.arange(256) / 255 / 12.92).astype(np.float32)
-_GAMMA_STEPS = 1 << 16
+_GAMMA_STEPS = (1 << 16) - 1  # linear light in [0, 1] quantised to uint16, then one uint8 table look-up
 _g = np.linspace(0, 1, _GAMMA_STEPS + 1)
-_GAMMA_LUT = np.where(_g > 0.0031308, 1.055 * _g ** (1 / 2.4) - 0.055, 12.92 * _g).astype(np.float32)
+_GAMMA_LUT = (np.clip(np.where(_g > 0.0031308, 1.055 * _g ** (1 / 2.4) - 0.055, 12.92 * _g), 0, 1)
+              * 255).astype(np.uint8)  # truncated, as torchstain's (x * 255).type(uint8)
 del _g
 
 
@@ -107,38 +108,45 @@ def _interleaved(planar: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(planar.transpose(0, 2, 1)).reshape(shape)
 
 
-def rgb_to_lab(tiles: np.ndarray) -> np.ndarray:
-    """CIE LAB (L in [0, 100]), channel-planar float32 ``(B, 3, H*W)``, of uint8 RGB ``(B, H, W, 3)``, with
-    torchstain's constants."""
+# LAB is linear in f = cbrt(XYZ / white): lab = _K f + _K0 (L = 116 fy - 16, a = 500 (fx - fy), b = 200 (fy - fz))
+_K = np.array([[0, 116, 0], [500, -500, 0], [0, 200, -200]], np.float64)
+_K0 = np.array([-16.0, 0, 0])
+
+
+def _rgb_to_f(tiles: np.ndarray) -> np.ndarray:
+    """``f = cbrt(XYZ / white)`` (the CIE LAB companding; linear for very dark pixels), channel-planar float32
+    ``(B, 3, H*W)``, of uint8 RGB ``(B, H, W, 3)``."""
     xyz = (_RGB2XYZ / _WHITE[:, None]) @ _planar(tiles, _LIN_LUT)
     f = np.cbrt(xyz)
     low = xyz <= 0.008856  # very dark pixels only: the linear branch where it applies
     if low.any():
         f[low] = 7.787 * xyz[low] + np.float32(16 / 116)
-    lab = np.empty_like(f)
-    lab[:, 0] = 116 * f[:, 1] - 16
-    lab[:, 1] = 500 * (f[:, 0] - f[:, 1])
-    lab[:, 2] = 200 * (f[:, 1] - f[:, 2])
-    return lab
+    return f
 
 
-def lab_to_rgb(lab: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """uint8 RGB ``shape`` (B, H, W, 3) of planar LAB (inverse of :func:`rgb_to_lab`; truncated to integers as
+def _f_to_rgb(f: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 RGB ``shape`` (B, H, W, 3) of planar ``f`` (inverse of :func:`_rgb_to_f`; truncated to integers as
     torchstain does)."""
-    f = np.empty_like(lab)
-    f[:, 1] = (lab[:, 0] + 16) / 116
-    f[:, 0] = lab[:, 1] / 500 + f[:, 1]
-    f[:, 2] = f[:, 1] - lab[:, 2] / 200
     low = f <= 0.2068966
     xyz = f * f * f
     if low.any():
         xyz[low] = (f[low] - np.float32(16 / 116)) / np.float32(7.787)
-    xyz *= _WHITE[:, None]
-    lin = np.linalg.inv(_RGB2XYZ).astype(np.float32) @ xyz
+    lin = (np.linalg.inv(_RGB2XYZ) * _WHITE[None, :]).astype(np.float32) @ xyz
     np.clip(lin, 0, 1, out=lin)
     lin *= _GAMMA_STEPS
-    rgb = _GAMMA_LUT[(lin + 0.5).astype(np.int32)]
-    return _interleaved((rgb * 255).astype(np.uint8), shape)
+    lin += 0.5
+    return _interleaved(_GAMMA_LUT[lin.astype(np.uint16)], shape)
+
+
+def rgb_to_lab(tiles: np.ndarray) -> np.ndarray:
+    """CIE LAB (L in [0, 100]), channel-planar float32 ``(B, 3, H*W)``, of uint8 RGB ``(B, H, W, 3)``, with
+    torchstain's constants."""
+    return (_K.astype(np.float32) @ _rgb_to_f(tiles)) + _K0.astype(np.float32)[:, None]
+
+
+def lab_to_rgb(lab: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 RGB ``shape`` (B, H, W, 3) of planar LAB (inverse of :func:`rgb_to_lab`)."""
+    return _f_to_rgb(np.linalg.inv(_K).astype(np.float32) @ (lab - _K0.astype(np.float32)[:, None]), shape)
 
 
 def reinhard_stats(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -254,14 +262,25 @@ class StainNormalizer:
         return res, int((~ok).sum())
 
     def _reinhard(self, tiles: np.ndarray) -> tuple[np.ndarray, int]:
-        lab = rgb_to_lab(tiles)
+        # per channel lab' = s (lab - mu) + mu_ref, s = sd_ref / sd, is one affine map of f (LAB is linear in f):
+        # f' = K^-1 diag(s) K f + K^-1 (s (K0 - mu) + mu_ref - K0); the LAB statistics come from f's mean and
+        # covariance on the sampling grid
+        f = _rgb_to_f(tiles)
         k = self.stride(tiles)
-        mu, sd = reinhard_stats(lab if k == 1 else rgb_to_lab(tiles[:, ::k, ::k]))
+        fs = f if k == 1 else _rgb_to_f(tiles[:, ::k, ::k])
+        n = fs.shape[2]
+        mean_f = fs.mean(axis=2, dtype=np.float64)
+        fc = fs - mean_f[:, :, None].astype(np.float32)
+        cov_f = (fc @ fc.transpose(0, 2, 1)).astype(np.float64) / max(1, n - 1)
+        mu = mean_f @ _K.T + _K0
+        sd = np.sqrt(np.maximum(np.einsum("ij,bjk,ik->bi", _K, cov_f, _K), 0))
         ok = (sd > 1e-6).all(axis=1)
-        scale = np.where(ok[:, None], self.stds[None] / np.where(sd > 1e-6, sd, 1.0), 1.0).astype(np.float32)
-        shift = np.where(ok[:, None], self.means[None] - mu * scale, 0.0).astype(np.float32)
-        lab *= scale[:, :, None]
-        lab += shift[:, :, None]
-        res = lab_to_rgb(lab, tiles.shape)
+        scale = np.where(ok[:, None], self.stds[None] / np.where(sd > 1e-6, sd, 1.0), 1.0)
+        k_inv = np.linalg.inv(_K)
+        a = np.einsum("ij,bj,jk->bik", k_inv, scale, _K).astype(np.float32)
+        c = ((scale * (_K0[None] - mu) + self.means[None] - _K0[None]) @ k_inv.T).astype(np.float32)
+        out = a @ f
+        out += c[:, :, None]
+        res = _f_to_rgb(out, tiles.shape)
         res[~ok] = tiles[~ok]
         return res, int((~ok).sum())
