@@ -180,3 +180,16 @@ def test_non_finite_features_fail_the_slide_by_name_and_the_cohort_goes_on(qc_sl
     assert s.exit_code == 1
     fs = open_store(tmp_path / "s.zarr", "r")
     assert fs.item_attrs("wsi", s.encoder_id, "P2", "bad") is None  # nothing written for the bad slide
+
+
+def test_without_the_new_options_the_encoder_id_is_what_it_was(tmp_path: Path) -> None:
+    """Stores made before these options existed keep their items: the default id is computed from exactly the
+    parameters it was computed from before (encoder params + mpp, patch size, min tissue, tissue settings)."""
+    from mmcli.features.encoders.registry import create_encoder
+    from mmcli.features.wsi import WsiOptions
+    from mmcli.pipeline.fingerprint import make_encoder_id
+
+    opts = WsiOptions.build(QC)
+    enc = create_encoder(opts.encoder, seed=opts.seed)
+    old = {**enc.params(), "mpp": 0.5, "patch_size": 64, "min_tissue": 0.25, "tissue": opts.tissue_params().to_dict()}
+    assert make_spec(tmp_path / "s.zarr", **QC).encoder_id == make_encoder_id(enc.name, enc.weights.sha256, old)
