@@ -1,6 +1,11 @@
 """WSI extraction: one slide -> tissue mask -> mpp-aware tile plan -> tiles decoded in threads ahead of the
 encoder -> (features, coords) for the store, plus a QC image beside the store.
 
+Between plan and encoder the optional before-encoding steps run (:mod:`mmcli.features.qc`): a learned tissue
+mask, the annotation filter and GrandQC's artefact mask act on the plan before any tile is read; artefact
+checks and stain normalisation act on each batch in the reader threads. Removed tiles are never encoded; every
+tile's fate and scores go to the per-tile record beside the store.
+
 :class:`WsiOptions` holds every option with its unit and range; :func:`make_spec` validates them once, names the
 store group (``encoder_id``) without loading the network and carries the options as JSON to
 :class:`WSIExtractor`, which the runner builds once per process (each dask worker loads its encoder once and
@@ -22,25 +27,17 @@ from mmcli.features.encoders.image import ImageEncoder
 from mmcli.features.encoders.registry import create_encoder, resolve
 from mmcli.features.encoders.runtime import INT8, PRECISIONS, RUNTIMES, load_state_dict, resolve_backend, resolve_device
 from mmcli.features.modalities import ExtractorOptions, coerce, register
-from mmcli.features.qc.annotations import AnnotationError, annotation_path, read_annotation
-from mmcli.features.qc.artifacts import CHECKS
+from mmcli.features.qc.annotations import AnnotationError
 from mmcli.features.qc.prep import TilePrep
-from mmcli.features.qc.record import OUTSIDE, TileSelection, record_path, save_record
-from mmcli.features.qc.resolve import artifact_params, id_params, load_segmenter, resolve_prep, stain_normalizer
+from mmcli.features.qc.record import TileSelection, record_path, save_record
+from mmcli.features.qc.resolve import artifact_params, id_params, resolve_prep, stain_normalizer
 from mmcli.features.qc.segmentation import ARTIFACT_MODEL, file_sha256
+from mmcli.features.qc.steps import grandqc_artifacts, model_tissue_mask, restrict_to_annotation
 from mmcli.features.readers import READER_CHOICES, SlideError, open_slide, slide_opener
 from mmcli.features.runner import ExtractorSpec, ItemError, ItemExtractor, ItemResult, ProgressFn, set_torch_threads
 from mmcli.features.tileplan import PlanCache, SlidePlan, plan_key, plans_dir_for
-from mmcli.features.tiling import TilePlan, default_read_threads, iter_tile_batches, plan_tiles, tissue_fractions
-from mmcli.features.tissue import (
-    TissueMask,
-    TissueParams,
-    clean_mask,
-    qc_image,
-    save_png_atomic,
-    thumbnail_mpp,
-    tissue_mask,
-)
+from mmcli.features.tiling import TilePlan, default_read_threads, iter_tile_batches, plan_tiles
+from mmcli.features.tissue import TissueParams, qc_image, save_png_atomic, tissue_mask
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import make_encoder_id, source_fingerprint
 from mmcli.pipeline.manifest import ManifestRow
@@ -366,7 +363,9 @@ def slide_plan(reader: Any, fingerprint: dict[str, Any], slide_mpp: float, opts:
     tissue = opts.tissue_params()
     try:
         if opts.tissue_model:
-            mask, thumb = model_tissue_mask(reader, slide_mpp, opts)
+            mask, thumb = model_tissue_mask(reader, slide_mpp, opts.patch_size * opts.mpp, tissue,
+                                            str(opts.tissue_model), str(opts.tissue_weights),
+                                            resolve_device(opts.device))
         else:
             mask, thumb = tissue_mask(reader, slide_mpp, opts.patch_size * opts.mpp, tissue)
         DETECTIONS["tissue"] += 1
@@ -382,19 +381,6 @@ def slide_plan(reader: Any, fingerprint: dict[str, Any], slide_mpp: float, opts:
         cache.save(key, sp)  # the plan last: a plan on disk always has its QC image
     del thumb
     return sp, "computed"
-
-
-def model_tissue_mask(reader: Any, slide_mpp: float, opts: WsiOptions) -> tuple[TissueMask, np.ndarray]:
-    """The tissue mask of ``--tissue-model`` on the tissue-mask grid (the thumbnail's), cleaned like the default
-    mask (small holes filled, small pieces dropped); returns it and the thumbnail (for the QC image)."""
-    from mmcli.features.qc.segmentation import segment_slide
-
-    p = opts.tissue_params()
-    mpp = thumbnail_mpp(slide_mpp, reader.dimensions, opts.patch_size * opts.mpp, p)
-    thumb, scale = reader.thumbnail(mpp / slide_mpp, strip_pixels=1 << 21)
-    seg = load_segmenter(str(opts.tissue_model), str(opts.tissue_weights), resolve_device(opts.device))
-    share = segment_slide(reader, slide_mpp, seg, thumb.shape[:2], scale)
-    return TissueMask(clean_mask(share >= 0.5, mpp, p), scale, seg.threshold, mpp), thumb
 
 
 class WSIExtractor(ItemExtractor):
@@ -514,33 +500,22 @@ class WSIExtractor(ItemExtractor):
         """``--tissue-geojson``: tiles whose centre is outside the slide's annotation are not read."""
         if "annotations" not in self.prep:
             return None
-        path = annotation_path(self.prep["annotations"]["folder"], row.path)
         try:
-            ann = read_annotation(path, tuple(self.options.geojson_classes))
+            ann, warning = restrict_to_annotation(self.prep["annotations"]["folder"],
+                                                  tuple(self.options.geojson_classes), row.path, plan.coords,
+                                                  plan.patch_size_level0, sel)
         except AnnotationError as e:
             raise ItemError(str(e)) from e
-        inside = ann.contains_centres(plan.coords, plan.patch_size_level0)
-        sel.code[~inside] = OUTSIDE
-        if ann.n_features == 0:
-            want = ",".join(self.options.geojson_classes) or "any"
-            warnings.append(f"{path.name}: no polygon of class {want} (classes in the file: "
-                            f"{', '.join(ann.classes) or 'none'}): stored with 0 tiles")
+        warnings += [warning] if warning else []
         return ann
 
     def _grandqc(self, reader: Any, slide_mpp: float, sp: SlidePlan, sel: TileSelection) -> None:
-        """``--remove-artifacts grandqc``: GrandQC's artefact share of every tile, from its mask on the tissue
-        grid; tiles at or above ``--artifact-max`` are not read."""
+        """``--remove-artifacts grandqc``: tiles GrandQC's artefact model covers are not read."""
         if self.artifacts is None or "grandqc" not in self.artifacts.checks or sp.plan.n == 0:
             return
-        from mmcli.features.qc.segmentation import segment_slide
-
-        seg = load_segmenter(ARTIFACT_MODEL, str(self.options.artifact_weights),
-                             resolve_device(self.encoder.device))
-        share = segment_slide(reader, slide_mpp, seg, sp.mask.shape, sp.mask_scale)
-        frac = tissue_fractions(share >= 0.5, sp.mask_scale, sp.plan.coords, sp.plan.patch_size_level0)
-        sel.scores["grandqc_fraction"] = frac.astype(np.float32)
-        bad = (frac >= self.artifacts.grandqc_max) & (sel.code == 0)
-        sel.code[bad] = CHECKS.index("grandqc") + 1
+        grandqc_artifacts(reader, slide_mpp, sp.mask.shape, sp.mask_scale, sp.plan.coords,
+                          sp.plan.patch_size_level0, sel, self.artifacts.grandqc_max,
+                          str(self.options.artifact_weights), resolve_device(self.encoder.device))
 
     def _reader_kwargs(self) -> dict[str, Any]:
         """cuCIM options (other readers take none): decode on the GPU when the encoder runs there."""

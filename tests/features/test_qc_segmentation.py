@@ -159,6 +159,7 @@ def test_hest_segments_the_slide_and_is_recorded(tmp_path: Path) -> None:
     assert len(r2.coords) == 0
 
 
+@pytest.mark.filterwarnings("ignore:`timm-` encoders are deprecated:DeprecationWarning")  # TRIDENT's own call
 def test_grandqc_tissue_layout_and_forward_as_trident(tmp_path: Path) -> None:
     ck = grandqc_checkpoint(tmp_path / "Tissue_Detection_MPP10.pth")
     seg = Segmenter("grandqc", ck)
