@@ -10,6 +10,13 @@ read-side share: in ``mmcli extract`` at the default runtime, the seconds the en
     seconds on the same slide (item attrs ``read_wait_seconds``, ``read_cpu_seconds``,
     ``encoder_compute_seconds``); also the reader alone (no encoder) in tiles/s
 
+(f) before a tile is encoded: ``mmcli extract`` tiles/s with ``--stain-norm macenko``, ``--stain-norm reinhard``
+    and ``--remove-artifacts blur,pen,dark``, each ÷ the same run without (slide item seconds, tile plan reused,
+    configurations interleaved, ``--rounds`` rounds, medians; also per CPU second of the process, the figure that
+    a busy shared machine does not blur); and the blur detector's calibration: the
+    sharpness score of 64-px tiles of real tissue texture (scikit-image's IHC image drawn as H&E, sensor
+    noise, JPEG q90) at Gaussian blurs of 0-3 px (percentiles)
+
 (a), (b), (e) use the default encoder (``resnet50_trunc``, 224 px at 0.5 µm/px) on the same slide and tiles.
 (c) runs each slide in a fresh subprocess with a tiny encoder (``timm:test_resnet``, 32 px tiles at 2 µm/px,
 i.e. 128 level-0 px per tile) so that 50k tiles finish in minutes on a laptop CPU; memory does not depend on
@@ -269,6 +276,88 @@ def read_share(args: argparse.Namespace, work: Path) -> dict:
     return {"median": med, "rounds": rounds}
 
 
+# ---- (f) before a tile is encoded ------------------------------------------------------------------------------
+QC_CONFIGS = {"macenko": {"stain_norm": "macenko"}, "reinhard": {"stain_norm": "reinhard"},
+              "artifacts": {"remove_artifacts": "blur,pen,dark"}}
+
+
+def qc_overhead(args: argparse.Namespace, work: Path) -> dict:
+    """Throughput of the before-encoding steps relative to the plain run, measured interleaved in one process."""
+    from mmcli.stages.extract import extract
+
+    side = int(np.ceil((np.sqrt(args.qc_tiles) + 2) * args.patch_size / TILE)) + 4
+    slide = write_bench_slide(work / "qc.svs", side, side)
+    warm = write_bench_slide(work / "qcwarm.svs", 8, 8)
+    m, mw = _manifest(work, slide), _manifest(work, warm, "W")
+    common = dict(encoder=args.encoder, patch_size=args.patch_size, mpp=0.5, batch_size=args.batch_size,
+                  qc=True, progress=False)
+    store = work / "qc.zarr"
+    configs = {"plain": {}, **QC_CONFIGS}
+    for kw in configs.values():  # load the encoder, fit the references, plan the slides
+        extract("wsi", mw, store, **common, **kw)
+        extract("wsi", m, store, **common, **kw)
+    rounds = []
+    names = list(configs)
+    for r in range(args.rounds):
+        rec = {}
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order every round
+            cpu0 = _cpu_s()
+            eid = extract("wsi", m, store, force=True, **common, **configs[name]).encoder_id
+            cpu = _cpu_s() - cpu0
+            attrs, coords, _ = _item(store, eid, "P1", slide.stem)
+            read = attrs.get("tile_qc", {}).get("candidates", len(coords))
+            rec[name] = {"tiles_read": read, "tiles_kept": len(coords), "seconds": attrs["seconds"],
+                         "tiles_per_s": round(_rate(read, attrs["seconds"]), 2),
+                         "tiles_per_cpu_s": round(_rate(read, cpu), 3)}
+        rec["ratio"] = {k: round(rec[k]["tiles_per_s"] / rec["plain"]["tiles_per_s"], 3) for k in QC_CONFIGS}
+        rec["cpu_ratio"] = {k: round(rec[k]["tiles_per_cpu_s"] / rec["plain"]["tiles_per_cpu_s"], 3)
+                            for k in QC_CONFIGS}
+        print(json.dumps(rec), flush=True)
+        rounds.append(rec)
+    med = {k: float(np.median([r["ratio"][k] for r in rounds])) for k in QC_CONFIGS}
+    cpu = {k: float(np.median([r["cpu_ratio"][k] for r in rounds])) for k in QC_CONFIGS}
+    return {"tiles": rounds[0]["plain"]["tiles_read"], "encoder": args.encoder, "median_ratio_to_plain": med,
+            "median_cpu_ratio_to_plain": cpu,
+            "rounds": rounds, "blur_calibration": blur_calibration()}
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process, all threads (reader threads and encoder): the throughput a dedicated CPU
+    would see, where wall time on a shared machine also counts other processes."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def blur_calibration(tiles_side: int = 16, seed: int = 0) -> dict:
+    """Sharpness percentiles of 64-px tiles of real texture (the built-in stain reference, scikit-image's IHC image
+    drawn as H&E, mirror-tiled) with sensor noise (sd 1.5) and JPEG q90, sharp and Gaussian-blurred."""
+    import io
+
+    from scipy import ndimage
+
+    from mmcli.features.qc.artifacts import tile_scores
+    from mmcli.features.qc.stain import builtin_reference_image
+
+    ref = builtin_reference_image().astype(np.float32)
+    n = tiles_side * 64
+    img = np.pad(ref, ((0, n - 512), (0, n - 512), (0, 0)), mode="symmetric")
+    rng = np.random.default_rng(seed)
+    out = {}
+    for sigma in (0.0, 1.0, 1.5, 2.0, 3.0):
+        a = img if sigma == 0 else ndimage.gaussian_filter(img, (sigma, sigma, 0))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(a + rng.normal(0, 1.5, a.shape), 0, 255).astype(np.uint8)).save(buf, "JPEG",
+                                                                                                  quality=90)
+        a = np.asarray(Image.open(buf))
+        t = np.stack([a[y:y + 64, x:x + 64] for y in range(0, n, 64) for x in range(0, n, 64)])
+        sc = tile_scores(t)["sharpness"]
+        out[f"sigma_{sigma}"] = {q: round(float(np.percentile(sc, v)), 1)
+                                 for q, v in (("p10", 10), ("median", 50), ("p90", 90), ("max", 100))}
+    return out
+
+
 # ---- (d) memory --------------------------------------------------------------------------------------------
 _CHILD = """
 import json, sys, time
@@ -323,12 +412,15 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (it compiles for minutes)")
     ap.add_argument("--big-tiles", type=int, default=60_000, help="tiles of the big slide in (c)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the read-side share")
-    ap.add_argument("--skip", choices=["throughput", "read", "memory"], action="append", default=[])
+    ap.add_argument("--qc-tiles", type=int, default=128, help="about this many tissue tiles for (f)")
+    ap.add_argument("--skip", choices=["throughput", "read", "memory", "qc"], action="append", default=[])
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="mmcli-bench-"))
-    res: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    res: dict = {"machine": {"cpu_count": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
                              "python": platform.python_version()}}
     try:
         if "throughput" not in args.skip:
@@ -337,6 +429,10 @@ def main() -> None:
         if "read" not in args.skip:
             res["read_side"] = read_share(args, work)
             print(json.dumps(res["read_side"]["median"], indent=2), flush=True)
+        if "qc" not in args.skip:
+            res["f_before_encoding"] = qc_overhead(args, work)
+            print(json.dumps({k: v for k, v in res["f_before_encoding"].items() if k != "rounds"}, indent=2),
+                  flush=True)
         if "memory" not in args.skip:
             res["c_memory"] = memory(args, work)
             print(json.dumps(res["c_memory"], indent=2), flush=True)

@@ -51,6 +51,7 @@ class ItemResult:
     coords: np.ndarray | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)  # counts for the run record (e.g. tiles removed by QC)
 
 
 def set_torch_threads(n: int | None) -> None:
@@ -211,6 +212,7 @@ class ItemOutcome:
     nbytes: int = 0  # bytes of the arrays written (or meant to be written): sizes the disk-full estimate
     disk_full: str = ""  # the path that hit a full disk ("" when none)
     read_only: str = ""  # the path that could not be written: a read-only file system ("" when none)
+    record: dict[str, Any] = field(default_factory=dict)  # the extractor's counts (ItemResult.record)
 
 
 def process_item(
@@ -257,6 +259,7 @@ def process_item(
                 store.write_item(*key, result.features, result.coords, attrs)
                 fault("item.written")
                 out.status, out.n, out.warnings = "done", int(result.features.shape[0]), list(result.warnings)
+                out.record = dict(result.record)
             fault("item.after")
     except ItemInterrupted as e:
         out.status, out.reason = "interrupted", f"stopped by {e} before it finished; not written (a re-run redoes it)"

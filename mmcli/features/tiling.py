@@ -160,9 +160,14 @@ def iter_tile_batches(
     pin_memory: bool = False,
     max_bytes: int = 512 << 20,
     stats: dict[str, float] | None = None,
+    transform: Callable[[np.ndarray], Any] | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """Yield ``(start, batch)`` in tile order; ``batch`` is uint8 ``(b, P, P, 3)`` (numpy, or a pinned
     ``torch`` tensor with ``pin_memory``, or a CUDA tensor from a GPU-decoding reader).
+
+    ``transform``, when given, runs in the reader thread on the numpy batch (GPU tiles are copied to the host
+    first) and what it returns is yielded instead (no pinning: the caller does that); artefact QC and stain
+    normalisation run there, beside the encoder.
 
     ``threads`` reader threads (each with its own slide handle from ``opener``) decode whole batches ahead
     of the consumer; at most ``max_bytes`` of decoded batches (and at least two) are in flight.
@@ -205,11 +210,14 @@ def iter_tile_batches(
         if not isinstance(first, np.ndarray):  # GPU tiles (cuCIM + CUDA): stack and resize on the device
             import torch
 
-            return start, _resize_torch(torch.stack([first, *tiles]), p)
+            gpu = _resize_torch(torch.stack([first, *tiles]), p)
+            return start, gpu if transform is None else transform(gpu.cpu().numpy())
         out = np.empty((len(coords), p, p, 3), np.uint8)
         out[0] = _resize(first, p)
         for i, tile in enumerate(tiles, start=1):
             out[i] = _resize(tile, p)
+        if transform is not None:
+            return start, transform(out)
         if pin_memory:
             import torch
 

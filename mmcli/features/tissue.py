@@ -79,12 +79,19 @@ def detect_tissue(thumb: np.ndarray, mpp: float, params: TissueParams | None = N
         mask = _morph(ndimage.binary_closing, mask, r)
     if (r := _radius(p.open_um, mpp)) >= 1:
         mask = _morph(ndimage.binary_opening, mask, r)
+    return clean_mask(mask, mpp, p), thr
+
+
+def clean_mask(mask: np.ndarray, mpp: float, params: TissueParams | None = None) -> np.ndarray:
+    """Fill holes smaller than ``max_hole_um2`` and drop pieces smaller than ``min_area_um2`` of a mask whose
+    pixels are ``mpp`` µm wide (also applied to a learned segmenter's mask)."""
+    p = params or TissueParams()
     px_area = mpp * mpp
     if p.max_hole_um2 > 0:
         mask = fill_small_holes(mask, p.max_hole_um2 / px_area)
     if p.min_area_um2 > 0:
         mask = drop_small_components(mask, p.min_area_um2 / px_area)
-    return mask.astype(bool), thr
+    return mask.astype(bool)
 
 
 def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,10 +163,19 @@ def tissue_mask(reader: Any, slide_mpp: float, tile_um: float, params: TissuePar
     return TissueMask(mask, scale, thr, mpp), thumb
 
 
+KEPT_COLOUR = (30, 60, 220)
+REMOVED_COLOURS = {"blur": (255, 140, 0), "pen": (220, 0, 220), "dark": (40, 40, 40), "grandqc": (220, 30, 30)}
+ANNOTATION_COLOUR = (240, 200, 0)
+
+
 def qc_image(thumb: np.ndarray, mask: np.ndarray, coords: np.ndarray, tile_level0: int,
-             scale: tuple[float, float], max_side: int = 2048, min_side: int = 512) -> Image.Image:
-    """The thumbnail with tissue tinted green, its outline, and every kept tile outlined in blue
-    (scaled to between ``min_side`` and ``max_side`` pixels on the long side)."""
+             scale: tuple[float, float], max_side: int = 2048, min_side: int = 512,
+             removed: dict[str, np.ndarray] | None = None, rings: list[np.ndarray] | None = None) -> Image.Image:
+    """The thumbnail with tissue tinted green, its outline, every kept tile outlined in blue, the tiles that
+    artefact QC removed outlined in their check's colour (``removed``: check -> level-0 coords; colours in
+    :data:`REMOVED_COLOURS`: blur orange, pen magenta, dark black, grandqc red) and annotation ``rings``
+    (level-0 (K, 2) arrays) in yellow; scaled to between ``min_side`` and ``max_side`` pixels on the long
+    side."""
     from scipy import ndimage
 
     img = thumb.copy()
@@ -175,9 +191,14 @@ def qc_image(thumb: np.ndarray, mask: np.ndarray, coords: np.ndarray, tile_level
                          Image.BILINEAR if f < 1 else Image.NEAREST)
     draw = ImageDraw.Draw(out)
     sx, sy = scale[0] / f, scale[1] / f
-    for x, y in np.asarray(coords).reshape(-1, 2):
-        draw.rectangle((x / sx, y / sy, (x + tile_level0) / sx - 1, (y + tile_level0) / sy - 1),
-                       outline=(30, 60, 220))
+    for ring in rings or []:
+        if len(ring) >= 2:
+            draw.line([(float(x) / sx, float(y) / sy) for x, y in ring], fill=ANNOTATION_COLOUR, width=2)
+    groups = [(np.asarray(coords), KEPT_COLOUR)]
+    groups += [(np.asarray(c), REMOVED_COLOURS.get(k, (220, 30, 30))) for k, c in (removed or {}).items()]
+    for cs, colour in groups:
+        for x, y in cs.reshape(-1, 2):
+            draw.rectangle((x / sx, y / sy, (x + tile_level0) / sx - 1, (y + tile_level0) / sy - 1), outline=colour)
     return out
 
 
