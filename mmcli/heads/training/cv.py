@@ -260,8 +260,9 @@ def _on_dask(job: FoldJob, cohort: Cohort, splits: list[tuple[np.ndarray, np.nda
 
     client, cluster = connect(scheduler, workers)
     try:
-        data = client.scatter(cohort, broadcast=True)
-        futures = {client.submit(_fold_task, job, data, k, tr, te, retries=2, pure=False,
+        # the cohort travels with each task (bags as store references, read in the worker): a scattered copy
+        # would be lost with the worker that held it, and the fold could not be rerun elsewhere
+        futures = {client.submit(_fold_task, job, cohort, k, tr, te, retries=2, pure=False,
                                  key=f"mmcli-fold-{k}-{uuid.uuid4().hex[:8]}"): k
                    for k, (tr, te) in enumerate(splits)}
         results: dict[int, FoldResult] = {}
