@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 
 from mmcli import __version__
-from mmcli.pipeline.dask import connect
 from mmcli.pipeline.errors import DiskFullError, ItemError, ItemInterrupted
 from mmcli.pipeline.faults import fault
 from mmcli.pipeline.fingerprint import source_fingerprint
 from mmcli.pipeline.io import disk_full_message, is_disk_full, is_read_only, write_json
 from mmcli.pipeline.locks import PidLock
 from mmcli.pipeline.manifest import ManifestRow, file_problem
+from mmcli.pipeline.scale import connect
 from mmcli.pipeline.store import open_store
 
 ProgressFn = Callable[[int, int], None]  # (done, total) units of work inside one item, e.g. tiles

@@ -38,8 +38,8 @@ from mmcli.heads.evaluation.metrics import FoldPredictions, summarise
 from mmcli.heads.fitted import FittedModel
 from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.memory import resolve_budget
 from mmcli.pipeline.rundir import RunFolderError, RunWriter, load_run
+from mmcli.pipeline.scale import resolve_budget
 from mmcli.pipeline.store import open_store
 
 

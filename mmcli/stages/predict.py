@@ -24,8 +24,8 @@ from mmcli.heads.fitted import FittedModel
 from mmcli.heads.targets import read_labels
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import disk_full_as_error, write_csv
-from mmcli.pipeline.memory import resolve_budget
 from mmcli.pipeline.rundir import attention_frame
+from mmcli.pipeline.scale import resolve_budget
 from mmcli.pipeline.store import open_store
 
 

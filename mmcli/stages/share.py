@@ -31,9 +31,9 @@ from typing import Any
 import pandas as pd
 
 from mmcli.pipeline.errors import DiskFullError, InputError
+from mmcli.pipeline.ids import load_or_create_key, pseudonym
 from mmcli.pipeline.io import disk_full_message, write_csv
 from mmcli.pipeline.manifest import load_labels
-from mmcli.pipeline.pseudonym import load_or_create_key, pseudonym
 from mmcli.pipeline.store import backend_for, open_store
 
 # attrs that hold file locations: source paths, weights files / model folders, QC images

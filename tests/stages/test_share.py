@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from mmcli.cli import app
 from mmcli.pipeline.fingerprint import source_fingerprint
-from mmcli.pipeline.pseudonym import pseudonym
+from mmcli.pipeline.ids import pseudonym
 from mmcli.pipeline.store import open_store
 
 

@@ -38,7 +38,7 @@ def load_cohort(
     """Read ``sources`` for ``patients`` (default: every patient with any of them, sorted).
 
     ``memory_budget``: bytes the bags may hold in memory (None: no limit, every bag stays once read; the
-    CLI's default is a share of the available memory, see :mod:`mmcli.pipeline.memory`). ``scan``: read every
+    CLI's default is a share of the available memory, see :mod:`mmcli.pipeline.scale`). ``scan``: read every
     item once now (hash, bag means, fill the cache) or only when used (see module docstring)."""
     items_per: dict[str, dict[str, list[str]]] = {}
     if patients is None:

@@ -256,7 +256,7 @@ def _on_dask(job: FoldJob, cohort: Cohort, splits: list[tuple[np.ndarray, np.nda
     """Each fold as a dask task (retried twice when its worker dies); results in fold order."""
     from distributed import as_completed
 
-    from mmcli.pipeline.dask import connect
+    from mmcli.pipeline.scale import connect
 
     client, cluster = connect(scheduler, workers)
     try:

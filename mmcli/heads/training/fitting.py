@@ -53,8 +53,8 @@ from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.heads.training.cv import FoldResult, check_folds, check_postprocess, cross_validate, run_params
 from mmcli.heads.training.options import FitOptions
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.memory import resolve_budget
 from mmcli.pipeline.rundir import SURVIVAL, RunWriter, attention_frame, prediction_frame
+from mmcli.pipeline.scale import resolve_budget
 from mmcli.pipeline.store import open_store
 
 Say = Callable[[str], None]

@@ -64,7 +64,7 @@ class FitOptions(CohortOptions):
     @field_validator("memory_budget")
     @classmethod
     def _budget(cls, v: str | None) -> str | None:
-        from mmcli.pipeline.memory import parse_size
+        from mmcli.pipeline.scale import parse_size
 
         parse_size(v)
         return v

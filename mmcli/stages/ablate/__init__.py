@@ -320,7 +320,7 @@ def _run_on_dask(todo: Todo, say: Callable[[str], None], n_jobs: int, scheduler:
     """The fits as dask tasks (each retried twice when its worker dies), reported as they finish."""
     from distributed import as_completed
 
-    from mmcli.pipeline.dask import connect
+    from mmcli.pipeline.scale import connect
 
     assert scheduler is not None
     client, cluster = connect(scheduler, workers)

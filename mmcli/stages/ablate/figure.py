@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from mmcli.pipeline.figures import new_figure
-
 SINGLE_COLOUR, MULTI_COLOUR, BEST_COLOUR = "#9db4d3", "#4c72b0", "#dd8452"
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure on its own Agg canvas (no pyplot state, no display)."""
+    fig = Figure(figsize=(width, height), dpi=96, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _label(r: pd.Series, several_heads: bool) -> str:
