@@ -34,7 +34,7 @@ class CoxParams(HeadParams, VectorPrepParams):
     n_classes: int = Field(0, ge=0, description="0 for survival (set from the labels)")
     penalizer: float = Field(0.1, ge=0.0, description="shrinkage strength of the coefficients, >= 0")
     l1_ratio: float = Field(0.0, ge=0.0, le=1.0, description="elastic net mix: 0 = ridge, 1 = lasso, 0 <= x <= 1")
-    n_components: int = Field(8, ge=1, description="principal components kept per modality, >= 1")
+    n_components: int = Field(8, ge=1, le=100_000, description="principal components kept per modality, 1..100000")
 
 
 @register_head("cox")

@@ -86,20 +86,24 @@ class FusionMLPParams(TorchParams, VectorPrepParams):
     """:class:`~mmcli.heads.nn.torch_base.TorchParams` (smaller defaults), the fusion settings, and the
     imputation / batch correction of vector modalities (:class:`~mmcli.heads.preprocess.vector.VectorPrepParams`)."""
 
-    hidden: int = Field(32, ge=1, description="embedding size (units per layer), >= 1")
-    epochs: int = Field(40, ge=1, description="passes over the training patients (fixed: no inner validation "
+    hidden: int = Field(32, ge=1, le=65_536, description="embedding size (units per layer), 1..65536")
+    epochs: int = Field(40, ge=1, le=100_000,
+                        description="passes over the training patients (fixed: no inner validation "
                         "split, which small cohorts cannot afford), >= 1")
-    max_instances: int = Field(256, ge=1, description="per bag and training step, at most this many random "
+    max_instances: int = Field(256, ge=1, le=10_000_000,
+                               description="per bag and training step, at most this many random "
                                "instances (tiles; all of them at inference), >= 1")
     fusion: str = Field("concat", description=f"fusion operator: {_fusion_choices()}")
     pool: Literal["attention", "mean"] = Field("attention", description="how WSI bags are pooled: attention "
                                                "(gated) | mean")
     modality_dropout: float = Field(0.25, ge=0.0, lt=1.0, description="probability of hiding a present modality "
                                     "per patient and training step, 0 <= p < 1")
-    n_heads: int = Field(2, ge=1, description="attention heads of cross_attention, >= 1, dividing hidden")
-    bilinear_dim: int = Field(8, ge=1, description="low projection size (units) of bilinear (pairwise Kronecker "
+    n_heads: int = Field(2, ge=1, le=1024, description="attention heads of cross_attention, >= 1, dividing hidden")
+    bilinear_dim: int = Field(8, ge=1, le=4096,
+                              description="low projection size (units) of bilinear (pairwise Kronecker "
                               "of (d+1)-vectors), >= 1")
-    n_components: int | None = Field(32, ge=1, description="in-fold PCA size of vector modalities (MRI, text, "
+    n_components: int | None = Field(32, ge=1, le=100_000,
+                                     description="in-fold PCA size of vector modalities (MRI, text, "
                                      "tables) wider than this, >= 1; null = no PCA")
     init: str | None = Field(None, description="folder of `mmcli pretrain`: start each pretrained modality's "
                              "first layer from its contrastive encoder (those modalities skip the PCA); null = random")

@@ -41,8 +41,8 @@ class XGBoostParams(HeadParams, VectorPrepParams):
     """XGBoost settings (xgboost's own names in brackets where they differ), plus optional in-fold imputation
     with indicators / batch correction (:class:`VectorPrepParams`; by default missing values go to the trees)."""
 
-    n_estimators: int = Field(200, ge=1, description="boosting rounds, >= 1")
-    max_depth: int = Field(3, ge=1, description="maximum tree depth (levels), >= 1")
+    n_estimators: int = Field(200, ge=1, le=100_000, description="boosting rounds, 1..100000")
+    max_depth: int = Field(3, ge=1, le=64, description="maximum tree depth (levels), 1..64")
     learning_rate: float = Field(0.05, gt=0.0, le=1.0, description="shrinkage per round (eta), 0 < x <= 1")
     subsample: float = Field(0.8, gt=0.0, le=1.0, description="fraction of patients sampled per tree, 0 < x <= 1")
     colsample_bytree: float = Field(0.5, gt=0.0, le=1.0, description="fraction of features sampled per tree, "
@@ -51,7 +51,7 @@ class XGBoostParams(HeadParams, VectorPrepParams):
     reg_lambda: float = Field(1.0, ge=0.0, description="L2 penalty on leaf weights (lambda), >= 0")
     class_weight: Literal["balanced", "none"] | None = Field(
         "balanced", description="balanced (sample weights n / (K * count_k)) | none | null")
-    n_threads: int = Field(1, ge=1, description="xgboost threads, >= 1 (1: on small cohorts OpenMP "
+    n_threads: int = Field(1, ge=1, le=1024, description="xgboost threads, 1..1024 (1: on small cohorts OpenMP "
                            "synchronisation costs more than it saves, badly so on a busy machine)")
 
 

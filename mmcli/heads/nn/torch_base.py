@@ -51,12 +51,14 @@ def resolve_device(device: str) -> torch.device:
 class TorchParams(HeadParams):
     """Parameters shared by the torch heads (defaults as for ``attention_mil``; other heads override some)."""
 
-    hidden: int = Field(64, ge=1, description="embedding size (units per layer), >= 1")
-    attn_dim: int = Field(32, ge=1, description="hidden size of the attention networks (units), >= 1")
+    hidden: int = Field(64, ge=1, le=65_536, description="embedding size (units per layer), 1..65536")
+    attn_dim: int = Field(32, ge=1, le=65_536, description="hidden size of the attention networks (units), 1..65536")
     dropout: float = Field(0.25, ge=0.0, lt=1.0, description="dropout probability, 0 <= p < 1")
-    epochs: int = Field(30, ge=1, description="passes over the training patients (fixed: no inner validation "
+    epochs: int = Field(30, ge=1, le=100_000,
+                        description="passes over the training patients (fixed: no inner validation "
                         "split, which small cohorts cannot afford), >= 1")
-    batch_size: int = Field(32, ge=1, description="patients per mini-batch (survival: the Cox risk set is the "
+    batch_size: int = Field(32, ge=1, le=1_000_000,
+                            description="patients per mini-batch (survival: the Cox risk set is the "
                             "batch, keep it >= 16), >= 1")
     lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate, > 0")
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay, >= 0")
@@ -65,9 +67,11 @@ class TorchParams(HeadParams):
     focal_gamma: float = Field(2.0, ge=0.0, description="focal loss focusing parameter, >= 0")
     class_weight: Literal["balanced", "none"] | None = Field(
         "balanced", description="balanced (n / (K * count_k)) | none | null")
-    max_instances: int = Field(512, ge=1, description="per bag and training step, at most this many random "
+    max_instances: int = Field(512, ge=1, le=10_000_000,
+                               description="per bag and training step, at most this many random "
                                "instances (tiles; all of them at inference), >= 1")
-    n_threads: int = Field(1, ge=1, description="torch CPU threads, >= 1 (1: these models are small, and with "
+    n_threads: int = Field(1, ge=1, le=1024,
+                           description="torch CPU threads, 1..1024 (1: these models are small, and with "
                            "more threads than idle cores OpenMP synchronisation makes a step 10x slower)")
     device: str = Field("cpu", pattern=DEVICE_PATTERN, description="cpu | cuda | cuda:N | mps | auto")
     dp_epsilon: float | None = Field(None, gt=0.0, allow_inf_nan=False, description="DP-SGD privacy budget "
