@@ -28,17 +28,26 @@ DEVICE_PATTERN = r"^(cpu|auto|mps|cuda(:[0-9]+)?)$"
 
 @contextlib.contextmanager
 def torch_env(seed: int | None, n_threads: int) -> Iterator[None]:
-    """Fixed thread count, deterministic algorithms and (when ``seed`` is given) a seeded RNG; restored after."""
-    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    """Fixed thread count, deterministic algorithms (where a GPU is present) and (when ``seed`` is given) a seeded
+    RNG; restored after.
+
+    On the CPU the heads' operations are deterministic at a fixed thread count, and switching deterministic
+    algorithms on imports torch's compiler stack (``torch._inductor``: seconds of start-up per process), so it is
+    only switched on when CUDA is available."""
+    prev_threads = torch.get_num_threads()
+    cuda = torch.cuda.is_available()
+    prev_det = torch.are_deterministic_algorithms_enabled() if cuda else None
     torch.set_num_threads(max(1, int(n_threads)))
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if cuda:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if seed is not None:
         torch.manual_seed(seed)
     try:
         yield
     finally:
         torch.set_num_threads(prev_threads)
-        torch.use_deterministic_algorithms(prev_det)
+        if prev_det is not None:
+            torch.use_deterministic_algorithms(prev_det)
 
 
 def resolve_device(device: str) -> torch.device:

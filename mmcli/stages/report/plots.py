@@ -6,12 +6,35 @@ Curves come from scikit-learn (``roc_curve``, ``precision_recall_curve``, ``cali
 """
 from __future__ import annotations
 
+import base64
+import html
+import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-from mmcli.pipeline.figures import DPI, img_tag, new_figure, to_base64  # noqa: F401 - the report's figure API
+DPI = 96
+
+
+def new_figure(width: float = 5.0, height: float = 4.0) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def to_base64(fig: Figure) -> str:
+    """PNG bytes of ``fig`` as base64 text."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def img_tag(b64: str, alt: str) -> str:
+    """An ``<img>`` element with the PNG inline (``data:`` URI)."""
+    return f"<img src='data:image/png;base64,{b64}' alt='{html.escape(alt)}'>"
 
 
 def _ovr(classes: Sequence[str]) -> list[int]:

@@ -1,7 +1,10 @@
 """Decision curves: dcurves' net benefit against a hand computation; threshold parsing; survival at a horizon."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from mmcli.heads.evaluation.decision_curve import decision_curve, parse_thresholds
@@ -58,7 +61,6 @@ def test_survival_decision_curve_at_a_horizon():
 
 # ---- uncertainty (issue 24 item 8) -------------------------------------------------------------------------------
 def _table(outcome, prob, thresholds, **kw):
-    from mmcli.heads.evaluation.decision_curve import net_benefit_table
 
     t = net_benefit_table(outcome, prob, thresholds, **kw)
     return {m: t.loc[t["model"] == m].sort_values("threshold")["net_benefit"].to_numpy(float) for m in ("model", "all")}
@@ -135,3 +137,20 @@ def test_net_benefit_difference_interval_covers_the_truth_and_a_halved_one_does_
     mid, half = (lo + hi) / 2, (hi - lo) / 4
     assert np.mean((lo <= truth) & (truth <= hi)) >= 0.85
     assert np.mean((mid - half <= truth) & (truth <= mid + half)) < 0.85
+
+
+def net_benefit_table(outcome: np.ndarray, prob: np.ndarray, thresholds: np.ndarray, *,
+                      time: np.ndarray | None = None, horizon: float | None = None) -> pd.DataFrame:
+    """The reference: dcurves' own table (columns ``model``, ``threshold``, ``net_benefit``, ...) for ``model``,
+    ``all``, ``none``.
+
+    ``outcome``: 0/1 (binary) or the event indicator (survival, with ``time`` and ``horizon``)."""
+    import dcurves
+
+    data = pd.DataFrame({"outcome": np.asarray(outcome, dtype=int), "model": np.asarray(prob, dtype=np.float64)})
+    kwargs: dict[str, Any] = {}
+    if horizon is not None:
+        assert time is not None
+        data["time"] = np.asarray(time, dtype=np.float64)
+        kwargs = {"time": float(horizon), "time_to_outcome_col": "time"}
+    return dcurves.dca(data=data, outcome="outcome", modelnames=["model"], thresholds=list(thresholds), **kwargs)
