@@ -139,12 +139,12 @@ def share_store(
             _check_output(Path(out), flag)
     keys = list(src_store.iter_items())  # refuses a crafted source before anything is written
     tables = {t: src_store.read_table(t) for t in src_store.tables()}
+    df = load_labels(labels) if labels is not None else None  # a bad labels file, too, before any output
     key, created = _key(Path(key_file)) if key_file else (None, False)
     with _building(dst) as tmp:
         res = _copy(src_store, open_store(tmp, "a", backend=backend_for(dst)), keys, tables, key)
     ids = res.pop("ids")
-    if labels is not None:
-        df = load_labels(labels)
+    if df is not None:
         df.index = [pseudonym(key, str(p)) if key else str(p) for p in df.index]
         df.index.name = "patient_id"
         write_csv(labels_out, df, index=True)

@@ -10,35 +10,28 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from helpers.planted_data import make_store
+from helpers.serving import AUTH, KEY, KEY_BYTES, TOKEN, running
 from mmcli.cli import app as cli_app
 from mmcli.heads.card import build_card, model_sha256
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 from mmcli.stages.fit import fit
 from mmcli.stages.predict import predict
-from mmcli.stages.serve.app import bind, create_app, read_token, server_config
+from mmcli.stages.serve.app import bind, create_app, read_token
 from mmcli.stages.serve.audit import GENESIS, AuditChainError, AuditKey, AuditLog, log_files, verify_log
 from mmcli.stages.serve.options import ServeOptions
 from mmcli.stages.serve.service import ServedModel
 
-TOKEN = "Zq8vN3kR_x1LmP7tYb2WcH9dJf4Gs6Ae0UoIuVnKyTQ"  # as secrets.token_urlsafe(32) makes them
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 OPTS = ServeOptions(max_instances=64, max_body_mb=0.25, max_top_k=20, top_k=5)
-KEY_BYTES = b"4f1c2b9e8d7a6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a3928170f6e5d4c"
-KEY = AuditKey(KEY_BYTES)
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------
@@ -61,35 +54,13 @@ def key_file(tmp_path_factory) -> Path:
     return path
 
 
-@contextmanager
-def running(app, options: ServeOptions = OPTS) -> Iterator[str]:
-    """uvicorn serving ``app`` in a thread on a free loopback port, configured as `mmcli serve` configures it
-    (:func:`server_config`: limits and timeouts); stopped (and joined) on exit."""
-    sock = bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(server_config(app, options, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
-        assert not thread.is_alive()
-
-
 @pytest.fixture(scope="module")
 def server(planted, tmp_path_factory):
     p, d = planted
     audit_path = tmp_path_factory.mktemp("audit") / "audit.log"
     served = ServedModel(d / "run", p.store)
     audit = AuditLog(audit_path, KEY, max_bytes=4096)  # small: the module's requests rotate it several times
-    with running(create_app(served, TOKEN, audit, OPTS)) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with running(create_app(served, TOKEN, audit, OPTS), OPTS) as url, httpx.Client(base_url=url, timeout=60) as client:
         yield client, served, audit_path
     audit.close()
 
