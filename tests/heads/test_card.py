@@ -155,7 +155,7 @@ def test_hostile_class_labels_are_shown_as_text_not_run(tmp_path):
     from markdown_it import MarkdownIt
 
     from helpers.serving import FIT_ARGS, TABLE_IDS, table_store
-    from mmcli.stages.card import write_card
+    from mmcli.heads.card import write_card
 
     store, labels = table_store(tmp_path)
     pd.DataFrame({"patient_id": TABLE_IDS, "y": [HOSTILE[i % 2] for i in range(len(TABLE_IDS))]}).to_csv(
@@ -177,7 +177,7 @@ def test_hostile_class_labels_are_shown_as_text_not_run(tmp_path):
 def test_markdown_escaping_keeps_plain_labels_readable():
     from markdown_it import MarkdownIt
 
-    from mmcli.stages.card import _fenced, _md
+    from mmcli.heads.card import _fenced, _md
 
     for text in ("a_b*c_d", "x | y", "#1 `code`", "~~no~~", "a&b"):
         html = MarkdownIt("commonmark").render(f"- {_md(text)}")
