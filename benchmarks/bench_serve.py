@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=30, help="requests per size for --by-id-scaling")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from mmcli.stages.serve.audit import AuditKey, log_files, verify_log
+    from mmcli.stages.serve.audit import AuditKey, log_files
+    from mmcli.stages.serve.verify import verify_log
 
     if args.by_id_scaling:
         with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:

@@ -16,7 +16,7 @@ SERVING = "Listening, limits and timeouts"
 
 
 def _serve_log(kw: dict[str, Any]) -> Path | None:
-    from mmcli.stages.serve.app import default_audit_log
+    from mmcli.stages.serve.server import default_audit_log
 
     try:
         audit = kw["audit_log"] or default_audit_log(kw["model"])
@@ -42,7 +42,7 @@ def serve(
     **options: Any,
 ) -> None:
     """Serve a fitted run over HTTP: GET /health, GET /model (model card), POST /predict, GET /openapi.json."""
-    from mmcli.stages.serve.app import serve as run_serve
+    from mmcli.stages.serve.server import serve as run_serve
 
     opts = ServeOptions.build(options)
     if opts.host not in ("127.0.0.1", "localhost", "::1"):
@@ -64,7 +64,8 @@ def audit_verify(
 ) -> None:
     """Check the signed hash chain of an audit log; exit 1 naming the first edited, forged, missing or reordered
     line."""
-    from mmcli.stages.serve.audit import AuditKey, default_key_path, parse_anchor, verify_log
+    from mmcli.stages.serve.audit import AuditKey, default_key_path
+    from mmcli.stages.serve.verify import parse_anchor, verify_log
 
     at = parse_anchor(anchor) if anchor is not None else None
     secret, _ = AuditKey.load(key or default_key_path(), flag="--key")

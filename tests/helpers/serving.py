@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import uvicorn
 
-from mmcli.stages.serve.app import bind, server_config
 from mmcli.stages.serve.audit import AuditKey
 from mmcli.stages.serve.options import ServeOptions
+from mmcli.stages.serve.server import bind, server_config
 
 TOKEN = "Zq8vN3kR_x1LmP7tYb2WcH9dJf4Gs6Ae0UoIuVnKyTQ"  # as secrets.token_urlsafe(32) makes them
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -26,10 +26,13 @@ from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 from mmcli.stages.fit import fit
 from mmcli.stages.predict import predict
-from mmcli.stages.serve.app import bind, create_app, read_token
-from mmcli.stages.serve.audit import GENESIS, AuditChainError, AuditKey, AuditLog, log_files, verify_log
+from mmcli.stages.serve.app import create_app
+from mmcli.stages.serve.audit import GENESIS, AuditChainError, AuditKey, AuditLog, log_files
+from mmcli.stages.serve.auth import read_token
 from mmcli.stages.serve.options import ServeOptions
+from mmcli.stages.serve.server import bind
 from mmcli.stages.serve.service import ServedModel
+from mmcli.stages.serve.verify import verify_log
 
 OPTS = ServeOptions(max_instances=64, max_body_mb=0.25, max_top_k=20, top_k=5)
 
@@ -469,7 +472,7 @@ def test_a_weak_token_is_refused_with_a_hint(tmp_path, weak):
 def test_random_tokens_pass_the_strength_check():
     import secrets
 
-    from mmcli.stages.serve.app import MIN_TOKEN_BITS, token_bits
+    from mmcli.stages.serve.auth import MIN_TOKEN_BITS, token_bits
 
     for _ in range(200):  # the hint's token, and a 256-bit hex token
         for token in (secrets.token_urlsafe(32), secrets.token_hex(32)):

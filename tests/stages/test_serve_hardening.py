@@ -21,10 +21,13 @@ from mmcli.cli import app as cli_app
 from mmcli.pipeline.errors import InputError, RunFolderError
 from mmcli.pipeline.rundir import RunWriter
 from mmcli.stages.serve import audit as audit_mod
-from mmcli.stages.serve.app import AuthThrottle, create_app, default_audit_log
-from mmcli.stages.serve.audit import AuditLog, AuditUnavailable, log_files, verify_log
+from mmcli.stages.serve.app import create_app
+from mmcli.stages.serve.audit import AuditLog, AuditUnavailable, log_files
+from mmcli.stages.serve.auth import AuthThrottle
 from mmcli.stages.serve.options import ServeOptions
+from mmcli.stages.serve.server import default_audit_log
 from mmcli.stages.serve.service import ServedModel
+from mmcli.stages.serve.verify import verify_log
 
 ROOT = Path(__file__).resolve().parents[2]
 

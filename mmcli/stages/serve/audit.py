@@ -1,4 +1,4 @@
-"""The append-only, keyed, hash-chained audit log of ``mmcli serve``, and ``mmcli audit verify``.
+"""The append-only, keyed, hash-chained audit log of ``mmcli serve`` (checked by :mod:`.verify`).
 
 One JSON object per line (keys sorted, no spaces), written whole and ``fdatasync``'d before the response
 leaves the server::
@@ -39,7 +39,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,7 +165,7 @@ def log_files(path: str | Path) -> list[Path]:
     return files
 
 
-def _head_path(path: Path) -> Path:
+def head_path(path: Path) -> Path:
     return path.with_name(path.name + HEAD_SUFFIX)
 
 
@@ -177,9 +177,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _read_head(path: Path, key: AuditKey) -> dict[str, Any] | None:
+def read_head(path: Path, key: AuditKey) -> dict[str, Any] | None:
     """The head record (None when there is none); AuditChainError when it is unreadable or not signed by ``key``."""
-    head = _head_path(path)
+    head = head_path(path)
     if not head.is_file():
         return None
     try:
@@ -265,8 +265,8 @@ class AuditLog:
         except OSError as e:
             raise InputError(f"{self.path}: cannot open the audit log ({e.strerror}).", flag=flag) from e
         self._size = os.fstat(self._fd).st_size
-        if self._head_fd < 0 and _head_path(self.path).exists():
-            self._head_fd = os.open(_head_path(self.path), os.O_WRONLY)
+        if self._head_fd < 0 and head_path(self.path).exists():
+            self._head_fd = os.open(head_path(self.path), os.O_WRONLY)
         elif self._head_fd < 0:  # a new log: its head exists from the start, so removing every line is noticed
             self._write_head(0, GENESIS)
         _fsync_dir(self.path.parent)  # the new file names (log, head) survive a crash
@@ -276,13 +276,13 @@ class AuditLog:
         fix = (f"run `mmcli audit verify {self.path}`; to start a new log, move the old files "
                f"({self.path.name}*) aside or pass another --audit-log.")
         try:
-            head = _read_head(self.path, self.key)
+            head = read_head(self.path, self.key)
         except AuditChainError as e:
             raise InputError(str(e), fix=fix) from None
         if not files and head is None:
             return 0, GENESIS
         if head is None:
-            raise InputError(f"{self.path}: audit log without its head file {_head_path(self.path).name}: it "
+            raise InputError(f"{self.path}: audit log without its head file {head_path(self.path).name}: it "
                              "cannot be continued safely.", fix=fix)
         if head["seq"] == 0 and head["hash"] == GENESIS and all(f.stat().st_size == 0 for f in files):
             return 0, GENESIS
@@ -320,7 +320,7 @@ class AuditLog:
 
     def _check(self) -> str | None:
         if self._broken is None:
-            for fd, p, what in ((self._fd, self.path, "log file"), (self._head_fd, _head_path(self.path), "head")):
+            for fd, p, what in ((self._fd, self.path, "log file"), (self._head_fd, head_path(self.path), "head")):
                 try:
                     same = fd >= 0 and os.path.samestat(os.fstat(fd), os.stat(p))
                 except OSError:
@@ -391,7 +391,7 @@ class AuditLog:
         """Overwrite the head in place: one fixed-size record (well under a disk sector, so written whole),
         fdatasync'd; about half the cost of a write-rename-fsync on every request."""
         if self._head_fd < 0:
-            self._head_fd = os.open(_head_path(self.path), os.O_WRONLY | os.O_CREAT, 0o600)
+            self._head_fd = os.open(head_path(self.path), os.O_WRONLY | os.O_CREAT, 0o600)
         record = json.dumps({"seq": seq, "hash": last, "mac": head_mac(seq, last, self.key)}).encode("ascii")
         _write_all(self._head_fd, record.ljust(HEAD_BYTES), offset=0)
         os.fdatasync(self._head_fd)
@@ -422,94 +422,3 @@ def _last_line(path: Path, block: int = 65536) -> str | None:
             if b"\n" in body:
                 return body.rsplit(b"\n", 1)[1].decode("utf-8", "replace")
         return (data[:-1] if data.endswith(b"\n") else data).decode("utf-8", "replace")
-
-
-# ---- verifying -------------------------------------------------------------------------------------------
-@dataclass
-class Verified:
-    """An intact log: its line count, files (oldest first), last hash, and notes (e.g. a lagging head)."""
-
-    lines: int
-    files: list[Path]
-    last_hash: str
-    notes: list[str] = field(default_factory=list)
-
-
-def _lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
-    """(line number from 1, bytes without the newline, ended by a newline) of each line."""
-    with open(path, "rb") as fh:
-        for n, raw in enumerate(fh, start=1):
-            yield n, raw.rstrip(b"\n"), raw.endswith(b"\n")
-
-
-def parse_anchor(text: str) -> tuple[int, str]:
-    """``SEQ:HASH`` (as ``mmcli audit verify`` prints it) -> (seq, hash)."""
-    seq, _, digest = text.partition(":")
-    if not (seq.isdigit() and int(seq) >= 1 and re.fullmatch(r"[0-9a-f]{64}", digest)):
-        raise InputError(f"--anchor {text!r}: expected SEQ:HASH, e.g. 812:{'ab' * 32} (from an earlier "
-                         "`mmcli audit verify`).", flag="--anchor")
-    return int(seq), digest
-
-
-def verify_log(path: str | Path, key: AuditKey, anchor: tuple[int, str] | None = None) -> Verified:
-    """Walk the chain over every file of log ``path``, checking each line's signature under ``key``;
-    :class:`AuditChainError` names the first bad line. ``anchor`` (seq, hash), recorded earlier outside the
-    log's folder, must still be in the chain: that catches a log cut back to an older, saved head."""
-    path = Path(path)
-    files = log_files(path)
-    if not files:
-        raise InputError(f"{path}: no audit log here (no {path.name} and no {path.name}.NNNNNN files).",
-                         fix="pass the --audit-log of `mmcli serve` (default RUN.audit/audit.log beside the run).")
-    head = _read_head(path, key)
-    seq, prev = 0, GENESIS
-    head_hash_at_seq = GENESIS if head is not None and head["seq"] == 0 else None
-    for f in files:
-        for n, raw, ended in _lines(f):
-            where = f"{f}:{n}"
-            if not ended:
-                raise AuditChainError(f"{where}: incomplete last line (the file was cut mid-line).")
-            try:
-                entry = json.loads(raw)
-            except ValueError as e:
-                raise AuditChainError(f"{where}: not a JSON line ({e}); the line was edited or damaged.") from e
-            if not isinstance(entry, dict) or not isinstance(entry.get("hash"), str):
-                raise AuditChainError(f"{where}: not an audit entry (no hash); the line was edited.")
-            if entry.get("key_id") != key.id:
-                raise AuditChainError(f"{where}: signed with key id {entry.get('key_id')!r}, the --key given has id "
-                                      f"{key.id}: the wrong key, or a forged line.")
-            if not hmac.compare_digest(entry_hash(entry, key), entry["hash"]):
-                raise AuditChainError(f"{where}: content does not match its signature: this line was edited "
-                                      "or forged.")
-            if entry.get("seq") != seq + 1:
-                what = "lines were removed before it" if isinstance(entry.get("seq"), int) and entry["seq"] > seq + 1 \
-                    else "lines are out of order or repeated"
-                raise AuditChainError(f"{where}: seq {entry.get('seq')!r} where {seq + 1} was expected: {what}.")
-            if entry.get("prev") != prev:
-                first = seq == 0
-                raise AuditChainError(
-                    f"{where}: does not chain to the line before ("
-                    + ("the first line must chain to the genesis value: earlier files were removed"
-                       if first else "that line was rewritten, or lines were removed or reordered") + ").")
-            seq, prev = entry["seq"], entry["hash"]
-            if anchor is not None and seq == anchor[0] and prev != anchor[1]:
-                raise AuditChainError(f"{where}: seq {seq} has another hash than the anchor {anchor[0]}:"
-                                      f"{anchor[1][:16]}...: the log was replaced or rewritten since.")
-            if head is not None and seq == head["seq"]:
-                head_hash_at_seq = prev
-    notes: list[str] = []
-    if head is None:
-        raise AuditChainError(f"{_head_path(path)}: missing, so a log cut at a line boundary cannot be told "
-                              f"from an intact one (the chain itself holds for {seq} lines).")
-    if seq < head["seq"]:
-        raise AuditChainError(f"{files[-1]}: the log ends at seq {seq} but its head records seq {head['seq']}: "
-                              f"{head['seq'] - seq} line(s) at the end were cut or a newest file removed.")
-    if head_hash_at_seq != head["hash"]:
-        raise AuditChainError(f"{_head_path(path)}: line seq {head['seq']} has another hash than the head "
-                              "records: that line was rewritten.")
-    if anchor is not None and seq < anchor[0]:
-        raise AuditChainError(f"{files[-1]}: the log ends at seq {seq}, before the anchor's seq {anchor[0]}: "
-                              f"{anchor[0] - seq} or more line(s) at the end were cut (and an older head put back).")
-    if seq > head["seq"]:
-        notes.append(f"{seq - head['seq']} line(s) after the head's seq {head['seq']} (the server stopped "
-                     "between writing a line and moving the head); they chain correctly.")
-    return Verified(seq, files, prev, notes)
