@@ -62,7 +62,7 @@ def create_app(served: ServedModel, token: str, audit: AuditLog, options: ServeO
             parts = [p for p in e.get("loc", ()) if p != "body"]
             in_features = len(parts) >= 3 and parts[0] == "features" and parts[1] in dims
             if in_features and e.get("type") in ("less_than_equal", "greater_than_equal"):
-                msg += f" [feature values must fit float32: |x| <= {FLOAT32_MAX:.7g}]"
+                msg = f"value beyond the float32 range the model computes in (|x| <= {FLOAT32_MAX:.7g})"
             elif in_features and parts[2] == "features":
                 s = dims[parts[1]]
                 shape = f"(N, {s.dim})" if s.kind == "bag" else f"({s.dim},)"
