@@ -1,13 +1,24 @@
 # mmcli on CPU, serving a fitted run: `make docker` builds it (where Docker exists).
 #
-#   docker run --rm -p 8000:8000 \
-#     -v "$PWD/runs/fusion:/model:ro" -v "$PWD/token.txt:/run/secrets/mmcli_token:ro" -v "$PWD/audit:/audit" \
+#   docker run --rm -p 127.0.0.1:8000:8000 \
+#     -v "$PWD/runs/fusion:/model:ro" \
+#     -v "$PWD/secrets/token.txt:/run/secrets/mmcli_token:ro" \
+#     -v "$PWD/secrets/audit.key:/run/secrets/mmcli_audit_key:ro" \
+#     -v "$PWD/audit:/audit" \
 #     mmcli:latest
 #
-# /model: a run folder of `mmcli fit` (read-only); /run/secrets/mmcli_token: the bearer token file;
-# /audit: where the hash-chained audit log is written (keep it on a volume). Any other verb works too:
+# /model: a run folder of `mmcli fit` (read-only); /run/secrets/mmcli_token: the bearer token file (at least 32
+# random characters: python -c "import secrets; print(secrets.token_urlsafe(32))"); /run/secrets/mmcli_audit_key:
+# the key that signs the audit log (python -c "import secrets; print(secrets.token_hex(32))"), kept apart from
+# the log and needed by `mmcli audit verify --key`; /audit: the audit log (keep it on a volume).
+#
+# Plain HTTP. Inside the container the server must listen on 0.0.0.0 to be reachable through the published
+# port, so publish it on the host's loopback only (`-p 127.0.0.1:8000:8000`, as above), never `-p 8000:8000`
+# (every interface), and reach it from elsewhere only through a TLS-terminating reverse proxy (nginx, Caddy,
+# Traefik) on the host or in the same Docker network; see docs/serving.md.
+#
+# Any other verb works too:
 #   docker run --rm -v "$PWD:/work" -w /work mmcli:latest predict --model run --store s.zarr --out p.csv
-# Plain HTTP inside the container: terminate TLS in front of it.
 FROM python:3.11-slim
 
 # Optional: a PyTorch CPU-only wheel index URL, which makes the image several GB smaller than the default
@@ -40,4 +51,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
 
 ENTRYPOINT ["mmcli"]
 CMD ["serve", "--model", "/model", "--token-file", "/run/secrets/mmcli_token", "--host", "0.0.0.0", \
-     "--port", "8000", "--audit-log", "/audit/audit.log"]
+     "--port", "8000", "--audit-log", "/audit/audit.log", "--audit-key", "/run/secrets/mmcli_audit_key"]

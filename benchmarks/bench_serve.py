@@ -15,6 +15,14 @@ timeout per request and ``--max-seconds`` for the whole run; the server is stopp
 Not a test: figures depend on the machine and its load.
 
     python benchmarks/bench_serve.py --requests 2000 --concurrency 8
+
+``--by-id-scaling 60,2000`` instead measures, in-process and without HTTP, what one by-id request costs to read
+its patient as the store grows: the served read (the patient's own group) against the read before issue 25
+(``load_cohort`` over the store, which lists every item of the modality), for a known and an unknown id, on
+stores of each size (one 8 x 16 ``wsi`` item per patient and a 5-column table; an xgboost run fit on 60 of
+them). Both reads alternate in every round, so the ratio is measured under the same load.
+
+    python benchmarks/bench_serve.py --by-id-scaling 60,2000 --rounds 30
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -93,8 +102,9 @@ def start_server(run: Path, store: Path, work: Path) -> tuple[subprocess.Popen, 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "mmcli.cli", "serve", "--model", str(run), "--store", str(store),
                              "--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file),
-                             "--audit-log", str(audit)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                             "--audit-log", str(audit), "--audit-key", str(work / "keys" / "audit.key"),
+                             "--max-concurrency", "1000"],  # the load test's own connections are not the limit
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
     line = ""
     while "serving" not in line:
@@ -139,6 +149,64 @@ async def load(url: str, token: str, bodies: list[dict], n: int, concurrency: in
     return latencies, statuses, wall
 
 
+def _reads(served: Any, pid: str) -> list[tuple[str, Any]]:
+    """The four timed reads of one round: served and listing, for ``pid`` and for an unknown id."""
+    from mmcli.heads.data import load_cohort
+
+    def listing(p: str) -> Any:  # what from_store did before issue 25
+        return served.head.align(load_cohort(served.store, served.sources, [p], n_threads=1))
+
+    return [("served", lambda: served.from_store(pid)), ("listing", lambda: listing(pid)),
+            ("served_unknown", lambda: served.from_store("NOPE")), ("listing_unknown", lambda: listing("NOPE"))]
+
+
+def by_id_scaling(work: Path, sizes: list[int], rounds: int, seed: int) -> dict:
+    """Median ms per by-id read (served vs the earlier whole-store listing) for stores of ``sizes`` patients."""
+    from mmcli.pipeline.store import open_store
+    from mmcli.stages.fit import fit
+    from mmcli.stages.serve.service import NotFound, ServedModel
+
+    rng = np.random.default_rng(seed)
+    biggest = max(sizes)
+    ids = [f"S{i:05d}" for i in range(biggest)]
+    feats = rng.normal(size=(biggest, 8, 16)).astype(np.float32)
+    coords = np.stack([np.arange(8) * 224, np.zeros(8)], 1).astype(np.int64)
+    genes = pd.DataFrame(rng.normal(size=(biggest, 5)), index=pd.Index(ids, name="patient_id"),
+                         columns=[f"g{j}" for j in range(5)])
+    stores = {}
+    for n in sizes:
+        fs = open_store(work / f"s{n}.zarr", "a")
+        for i in range(n):
+            fs.write_item("wsi", "bench-wsi", ids[i], "slide0", feats[i], coords)
+        fs.write_table("genes", genes.iloc[:n])
+        stores[n] = work / f"s{n}.zarr"
+    small = min(sizes)
+    labels = pd.DataFrame({"patient_id": ids[:small], "label": ["neg", "pos"] * (small // 2) + ["neg"] * (small % 2)})
+    fit("xgboost", stores[small], labels, work / "run", target="label", folds=2, n_boot=2, seed=seed,
+        params={"n_estimators": 3, "max_depth": 1})
+    out: dict = {}
+    for n in sizes:
+        served = ServedModel(work / "run", stores[n])
+        pids = [ids[int(j)] for j in rng.integers(0, n, size=rounds)]
+        times: dict[str, list[float]] = {"served": [], "listing": [], "served_unknown": [], "listing_unknown": []}
+        for pid in pids:
+            for name, read in _reads(served, pid):
+                t = time.perf_counter()
+                try:
+                    read()
+                except NotFound:
+                    pass
+                times[name].append((time.perf_counter() - t) * 1000.0)
+        med = {k: round(float(np.median(v)), 2) for k, v in times.items()}
+        out[str(n)] = {**{f"{k}_ms": v for k, v in med.items()},
+                       "ratio_listing_over_served": round(med["listing"] / med["served"], 1),
+                       "ratio_unknown": round(med["listing_unknown"] / med["served_unknown"], 1)}
+        print(f"{n} patients: served {med['served']} ms vs listing {med['listing']} ms "
+              f"({out[str(n)]['ratio_listing_over_served']}x); unknown id {med['served_unknown']} ms vs "
+              f"{med['listing_unknown']} ms", file=sys.stderr)
+    return {"by_id_scaling": out, "rounds": rounds, "cpus": os.cpu_count()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=2000)
@@ -152,9 +220,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--store", type=Path)
     ap.add_argument("--max-seconds", type=float, default=900.0, help="stop sending after this long")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--by-id-scaling", help="comma list of store sizes (patients): measure the by-id read instead")
+    ap.add_argument("--rounds", type=int, default=30, help="requests per size for --by-id-scaling")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from mmcli.stages.serve.audit import log_files, verify_log
+    from mmcli.stages.serve.audit import AuditKey, log_files
+    from mmcli.stages.serve.verify import verify_log
+
+    if args.by_id_scaling:
+        with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+            res = by_id_scaling(Path(tmp), [int(x) for x in args.by_id_scaling.split(",")], args.rounds, args.seed)
+        print(json.dumps(res, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+        return res
 
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         work = Path(tmp)
@@ -178,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=60)
         entries = [json.loads(x) for f in log_files(audit) for x in f.read_text().splitlines()]
-        verified = verify_log(audit).lines
+        verified = verify_log(audit, AuditKey.load(work / "keys" / "audit.key")[0]).lines
     a = np.asarray(lat)
     server = np.asarray([e["latency_ms"] for e in entries[3:]])  # without the warm-up requests
     ok = sum(s == 200 for s in status)

@@ -65,14 +65,14 @@ def test_unexpected_exception_is_one_line_and_the_traceback_goes_to_the_log(tmp_
 
 
 def test_internal_error_without_an_output_folder_logs_to_the_fallback(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
 
     def body() -> None:
         raise RuntimeError("nope")
 
     r = CliRunner().invoke(_app(body, tmp_path / "never" / "cmd.log"), ["boom"])
     assert r.exit_code == 1 and "Traceback" not in r.output
-    logs = list((tmp_path / "tmp" / "mmcli-logs").glob("boom-*.log"))
+    logs = list((tmp_path / "state" / "mmcli" / "logs").glob("boom-*.log"))  # per user, mode 0700 (test_security)
     assert len(logs) == 1 and str(logs[0]) in r.output and "RuntimeError: nope" in logs[0].read_text()
     assert not (tmp_path / "never").exists()
 

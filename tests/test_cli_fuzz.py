@@ -18,6 +18,8 @@ import csv
 import io
 import json
 import math
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -326,7 +328,8 @@ def test_undefined_metrics_print_as_na(store: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
     undefined = [k for k, m in metrics.items() if m["mean"] is None]
-    assert undefined and all(f"{k:18s} n/a" in r.output for k in undefined)
+    # the metrics table: value, then each interval (the columns after the headline-interval rework)
+    assert undefined and all(re.search(rf"^\s+{k}\s+n/a\s+\[n/a, n/a\]", r.output, re.M) for k in undefined)
 
 
 @pytest.mark.slow
@@ -465,3 +468,253 @@ def test_fuzz_helpers_render_what_they_claim(tmp_path: Path) -> None:
     assert expected_outcome(t) == ("ok", set(STORE_IDS))
     text = t.render().decode("utf-16")
     assert text.count('"left, breast"') == 12 and text.splitlines()[0] == ",,"
+
+
+# ---- serve, audit verify, store share: the option space (issue 25, item 9) ---------------------------------------
+# Each drawn option is (its argv, whether it is valid, what a refusal must name). The property: exit 0 exactly
+# when every option is valid, else exit 2 naming one of the invalid ones; never an internal error or a traceback.
+Opt = tuple[list[str], bool, str]
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A fitted xgboost run on a one-table store, a strong token, and a store with items (for share)."""
+    from helpers.planted_data import make_store
+    from helpers.serving import TOKEN, table_run
+
+    d = tmp_path_factory.mktemp("serve_fuzz")
+    run, store, labels = table_run(d)
+    token = d / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    items = make_store(d / "items.zarr", n=6, task="binary", seed=3, tiles=(2, 4)).store
+    return {"run": run, "store": store, "labels": labels, "token": token, "items": items, "root": d}
+
+
+def _number(flag: str, valid: list[str], invalid: list[str], clean: bool) -> st.SearchStrategy[Opt]:
+    """The option left out (its default), a valid value, or (unless ``clean``) an invalid one (out of range, NaN,
+    inf, text)."""
+    good = [st.just(([], True, flag)), st.sampled_from(valid).map(lambda v: ([flag, v], True, flag))]
+    return st.one_of(*good) if clean else st.one_of(*good, st.sampled_from(invalid).map(lambda v: ([flag, v],
+                                                                                                   False, flag)))
+
+
+def _kinds(draw: st.DrawFn, choices: list[tuple[str, bool]], clean: bool) -> tuple[str, bool]:
+    return draw(st.sampled_from([c for c in choices if c[1] or not clean]))
+
+
+SERVE_NUMBERS = {
+    "--port": (["0"], ["99999", "-1", "65536", "80.5", "nan", "x"]),
+    "--max-body-mb": (["0.5", "1", "64", "1e3"], ["nan", "inf", "-inf", "0", "-1", "1e9", "abc"]),
+    "--max-instances": (["1", "500", "20000"], ["0", "-3", "1e3", "nan", "99999999999"]),
+    "--top-k": (["0", "5", "250"], ["-1", "x"]),
+    "--max-concurrency": (["1", "64"], ["0", "-1", "100001"]),
+    "--request-timeout-s": (["0.5", "30", "3600"], ["0", "-2", "nan", "inf", "3601"]),
+    "--keep-alive-s": (["1", "5.5"], ["0", "nan", "-inf"]),
+    "--auth-failures": (["1", "20"], ["0", "-5", "2.5"]),
+    "--audit-max-mb": (["0.001", "64"], ["0", "nan", "1e12", "-1"]),
+}
+
+
+@st.composite
+def serve_args(draw: st.DrawFn) -> list[Opt]:
+    clean = draw(st.booleans())  # half the examples draw only valid values (else few would be all valid)
+    opts = [draw(_number(flag, *vals, clean)) for flag, vals in SERVE_NUMBERS.items()]
+    opts.append(draw(st.sampled_from([([], True, "--host"), (["--host", "127.0.0.1"], True, "--host")]
+                                     + ([] if clean else [(["--host", ""], False, "--host")]))))
+    opts.append(_kinds(draw, [("token", True), ("weak", False), ("missing", False), ("dir", False)], clean))
+    opts.append(_kinds(draw, [("log_new", True), ("log_dir", False), ("log_under_file", False)], clean))
+    opts.append(_kinds(draw, [("key_new", True), ("key_dir", False), ("key_in_log_folder", False),
+                              ("key_short", False)], clean))
+    opts.append(_kinds(draw, [("model", True), ("model_missing", False), ("model_file", False)], clean))
+    opts.append(_kinds(draw, [("store_none", True), ("store", True), ("store_missing", False)], clean))
+    return opts
+
+
+def _serve_paths(kind: str, valid: bool, env: dict[str, Path], work: Path) -> Opt:
+    """Paths for the non-numeric options of serve, made in ``work``."""
+    if kind in ("token", "weak", "missing", "dir"):
+        path = {"token": env["token"], "weak": work / "weak", "missing": work / "none", "dir": work}[kind]
+        if kind == "weak":
+            path.write_text("hunter2")
+        return ["--token-file", str(path)], valid, "--token-file"
+    if kind.startswith("log_"):
+        (work / "afile").write_text("x")
+        path = {"log_new": work / "logs" / "audit.log", "log_dir": work,
+                "log_under_file": work / "afile" / "audit.log"}[kind]
+        return ["--audit-log", str(path)], valid, "--audit-log"
+    if kind.startswith("key_"):
+        (work / "short.key").write_bytes(b"abc")
+        path = {"key_new": work / "keys" / "audit.key", "key_dir": work, "key_in_log_folder": work / "logs" / "k",
+                "key_short": work / "short.key"}[kind]
+        return ["--audit-key", str(path)], valid, "--audit-key"
+    if kind.startswith("model"):
+        (work / "afile").write_text("x")
+        path = {"model": env["run"], "model_missing": work / "norun", "model_file": work / "afile"}[kind]
+        return ["--model", str(path)], valid, str(path)
+    path = {"store": env["store"], "store_missing": work / "none.zarr"}.get(kind)
+    return (["--store", str(path)] if path else []), valid, "--store"
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(drawn=serve_args())
+def test_serve_option_space(served_run: dict[str, Path], monkeypatch: pytest.MonkeyPatch, drawn: list) -> None:
+    """Every option of `mmcli serve` over valid, boundary and invalid values: exit 0 (the server set up and
+    stopped at once: uvicorn's run loop is replaced) exactly when all are valid, else exit 2 naming one."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    work = Path(tempfile.mkdtemp(dir=served_run["root"]))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(work / "config"))
+    opts = [o if isinstance(o[0], list) else _serve_paths(o[0], o[1], served_run, work) for o in drawn]
+    args = ["serve"] + [a for o in opts for a in o[0]]
+    if "--audit-log" not in args:
+        args += ["--audit-log", str(work / "logs" / "audit.log")]
+    r = _invoke(args)
+    invalid = [name for _, ok, name in opts if not ok]
+    event(f"serve: {'valid' if not invalid else 'invalid'}")
+    assert "internal error" not in r.output, r.output
+    if not invalid:
+        assert r.exit_code == 0 and "serving xgboost" in r.output and "stopped; audit log" in r.output, r.output
+    else:
+        assert r.exit_code == 2, (invalid, r.output)
+        assert any(name in r.output for name in invalid), (invalid, r.output)
+
+
+@st.composite
+def verify_args(draw: st.DrawFn) -> tuple[str, str, str]:
+    return (draw(st.sampled_from(["log", "log", "missing", "dir", "edited"])),
+            draw(st.sampled_from(["right", "right", "wrong", "missing", "dir", "short"])),
+            draw(st.sampled_from(["none", "none", "right", "wrong_hash", "later", "garbage", "zero"])))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(drawn=verify_args())
+def test_audit_verify_option_space(tmp_path: Path, drawn: tuple[str, str, str]) -> None:
+    """`mmcli audit verify LOG --key K --anchor A`: exit 0 for an intact log, the right key and a matching (or
+    no) anchor; 1 when the log, the key or the anchor do not match (named); 2 for unusable arguments."""
+    from helpers.serving import KEY, KEY_BYTES
+    from mmcli.stages.serve.audit import AuditLog
+
+    log_kind, key_kind, anchor_kind = drawn
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    log = work / "logs" / "audit.log"
+    audit = AuditLog(log, KEY)
+    entries = [audit.append({"request_id": f"r{i}", "output": {"risk": i}}) for i in range(4)]
+    audit.close()
+    if log_kind == "edited":
+        log.write_text(log.read_text().replace('"risk":2', '"risk":3'))
+    keys = {"right": KEY_BYTES, "wrong": b"w" * 64, "short": b"abc"}
+    key = work / f"{key_kind}.key" if key_kind in keys else (work / "none.key" if key_kind == "missing" else work)
+    if key_kind in keys:
+        key.write_bytes(keys[key_kind])
+    anchor = {"none": None, "right": f"2:{entries[1]['hash']}", "wrong_hash": f"2:{'0' * 64}",
+              "later": f"9:{entries[1]['hash']}", "garbage": "two:xyz", "zero": f"0:{entries[0]['hash']}"}[anchor_kind]
+    target = {"log": log, "edited": log, "missing": work / "nolog", "dir": work / "logs" / "sub"}[log_kind]
+    (work / "logs" / "sub").mkdir()
+    args = ["audit", "verify", str(target), "--key", str(key)] + (["--anchor", anchor] if anchor else [])
+    r = _invoke(args)
+    assert "internal error" not in r.output, r.output
+    usage = anchor_kind in ("garbage", "zero") or key_kind in ("missing", "dir", "short") \
+        or log_kind in ("missing", "dir")
+    if usage:
+        assert r.exit_code == 2, (drawn, r.output)
+    elif key_kind == "wrong" or log_kind == "edited" or anchor_kind in ("wrong_hash", "later"):
+        assert r.exit_code == 1 and "error:" in r.output, (drawn, r.output)
+    else:
+        assert r.exit_code == 0 and "ok: 4 lines" in r.output, (drawn, r.output)
+
+
+@st.composite
+def share_args(draw: st.DrawFn) -> dict[str, str]:
+    clean = draw(st.booleans())
+    labels = draw(st.sampled_from(["none", "ok"] if clean else ["none", "ok", "missing"]))
+    return {"src": draw(st.sampled_from(["store"] if clean else ["store", "missing", "file"])),
+            "dst": draw(st.sampled_from(["new", "new_h5"] if clean else ["new", "new_h5", "exists", "missing_dir"])),
+            "key": draw(st.sampled_from(["none", "new", "existing"] + ([] if clean else ["dir", "short"]))),
+            "labels": labels,
+            "labels_out": draw(st.sampled_from((["new"] if labels != "none" else ["none", "new"]) if clean
+                                               else ["none", "new", "dir", "missing_dir"])),
+            "mapping": draw(st.sampled_from(["none", "new"] if clean else ["none", "new", "dir"]))}
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(drawn=share_args())
+def test_store_share_option_space(served_run: dict[str, Path], drawn: dict[str, str]) -> None:
+    """`mmcli store share SRC DST [--pseudonymize K] [--labels L --labels-out O] [--mapping M]`: exit 0 exactly
+    when every argument is usable, else 2 naming it, and then no destination is left behind."""
+    work = Path(tempfile.mkdtemp(dir=served_run["root"]))
+    (work / "afile").write_text("x")
+    (work / "exists.zarr").mkdir()
+    (work / "short.key").write_bytes(b"abc")
+    (work / "existing.key").write_bytes(b"k" * 64)
+    src = {"store": served_run["items"], "missing": work / "none.zarr", "file": work / "afile"}[drawn["src"]]
+    dst = {"new": work / "out.zarr", "new_h5": work / "out.h5", "exists": work / "exists.zarr",
+           "missing_dir": work / "no" / "out.zarr"}[drawn["dst"]]
+    key = {"none": None, "new": work / "new.key", "existing": work / "existing.key", "dir": work,
+           "short": work / "short.key"}[drawn["key"]]
+    labels = {"none": None, "ok": served_run["labels"], "missing": work / "none.csv"}[drawn["labels"]]
+    labels_out = {"none": None, "new": work / "labels_out.csv", "dir": work,
+                  "missing_dir": work / "no" / "l.csv"}[drawn["labels_out"]]
+    mapping = {"none": None, "new": work / "map.csv", "dir": work}[drawn["mapping"]]
+    args = ["store", "share", str(src), str(dst)]
+    for flag, value in (("--pseudonymize", key), ("--labels", labels), ("--labels-out", labels_out),
+                        ("--mapping", mapping)):
+        if value is not None:
+            args += [flag, str(value)]
+    r = _invoke(args)
+    assert "internal error" not in r.output, r.output
+    bad = [drawn["src"] != "store", drawn["dst"] in ("exists", "missing_dir"), drawn["key"] in ("dir", "short"),
+           drawn["labels"] == "missing", drawn["labels"] != "none" and drawn["labels_out"] == "none",
+           drawn["labels_out"] in ("dir", "missing_dir"), drawn["mapping"] == "dir"]
+    event(f"share: {'valid' if not any(bad) else 'invalid'}")
+    if any(bad):
+        assert r.exit_code == 2, (drawn, r.output)
+        if drawn["dst"] != "exists":
+            assert not dst.exists(), (drawn, r.output)
+    else:
+        assert r.exit_code == 0 and f"shared store {dst}" in r.output, (drawn, r.output)
+
+
+# ---- explicit cases of the probe (issue 25, item 9) ----------------------------------------------------------------
+def test_the_probes_user_errors_exit_2_with_a_message(served_run: dict[str, Path], tmp_path: Path) -> None:
+    run, token = str(served_run["run"]), str(served_run["token"])
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["serve", "--model", run, "--token-file", token, "--max-body-mb", "nan"], "--max-body-mb"),
+        (["serve", "--model", run, "--token-file", token, "--audit-log", str(tmp_path)], "--audit-log"),
+        (["serve", "--model", run, "--token-file", token, "--audit-log", str(tmp_path / "afile" / "a.log")],
+         "--audit-log"),
+        (["serve", "--model", run, "--token-file", token, "--port", "99999"], "--port"),
+        (["store", "share", str(served_run["items"]), str(tmp_path / "o.zarr"), "--pseudonymize", str(tmp_path)],
+         "--pseudonymize"),
+    ]
+    for args, flag in cases:
+        r = _invoke(args)
+        assert r.exit_code == 2 and flag in r.output and "internal error" not in r.output, (args, r.output)
+    (tmp_path / "t.csv").write_text("patient_id,a,b\nP1,1,2\nP2,1e308,3\n")
+    r = _invoke(["extract", "--modality", "tabular", "--table", str(tmp_path / "t.csv"), "--name", "clin",
+                 "--store", str(tmp_path / "s.zarr")])
+    assert r.exit_code == 2 and "line 3: column 'a': value 1e308 is beyond the float32 range" in r.output, r.output
+
+
+@pytest.mark.parametrize("argv", [["store", "info", "{items}"], ["--help"], ["serve", "--help"]])
+def test_a_closed_stdout_is_not_an_internal_error(served_run: dict[str, Path], argv: list[str]) -> None:
+    """`mmcli ... | head`: the reader leaves before mmcli writes. No "internal error", no traceback; exit 1 as
+    click's standalone mode (and Python's docs) do for a broken pipe."""
+    import subprocess
+
+    args = [a.format(items=served_run["items"]) for a in argv]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "mmcli.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # nobody reads: the first write gets EPIPE
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert proc.returncode == 1 and "internal error" not in err and "Traceback" not in err, err
+    assert "Broken pipe" not in err and "Exception ignored" not in err, err

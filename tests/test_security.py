@@ -341,3 +341,83 @@ def test_shared_store_of_a_real_extraction_leaks_no_ids_or_paths(tmp_path: Path)
     assert item.features.shape[0] == item.coords.shape[0] > 0
     # issue 13: size / mtime / head hash would link the item back to its slide; only an HMAC under the key is kept
     assert item.attrs["weights_sha256"] and set(item.attrs["source_fingerprint"]) == {"hmac_sha256"}
+
+
+# ---- (e) side files: crash logs, the report, the Dockerfile (issue 25, items 8 and 10) ---------------------------
+def _crash(log_path: Path | None) -> tuple[str, Path]:
+    """Run a command that crashes inside `handled` with no output folder; (its console output, its crash log)."""
+    import re
+
+    import typer
+
+    from mmcli.cli import handled
+
+    crash_app = typer.Typer()
+
+    @crash_app.command()
+    @handled(log=lambda kw: log_path)
+    def boom() -> None:
+        raise RuntimeError("patient P0042 broke it")
+
+    @crash_app.command()
+    def other() -> None:  # two commands, so `boom` is addressed by name
+        pass
+
+    r = CliRunner().invoke(crash_app, ["boom"])
+    assert r.exit_code == 1 and "internal error" in r.output
+    return r.output, Path(re.search(r"traceback in (\S+\.log)", r.output).group(1))
+
+
+def test_crash_logs_go_to_a_private_per_user_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """They were written to a world-readable /tmp/mmcli-logs (0755 / 0644) with the patient ids in them."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    _, log = _crash(tmp_path / "never" / "cmd.log")
+    assert log.parent == tmp_path / "state" / "mmcli" / "logs" and "P0042" in log.read_text()
+    assert log.parent.stat().st_mode & 0o777 == 0o700 and log.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_planted_shared_tmp_folder_is_never_written_into(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No usable home: the fallback is $TMPDIR/mmcli-logs-<uid>; a link planted there by someone else is skipped,
+    and an existing folder of ours that others could read is closed (0700)."""
+    import os
+
+    (tmp_path / "notadir").write_text("x")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "notadir"))  # cannot hold a folder
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "attacker").mkdir()
+    planted = tmp_path / "tmp" / f"mmcli-logs-{os.getuid()}"
+    planted.symlink_to(tmp_path / "attacker")
+    _, log = _crash(None)
+    assert not any((tmp_path / "attacker").iterdir()) and log.parent != planted
+    assert log.parent.parent == tmp_path / "tmp" and log.parent.stat().st_mode & 0o777 == 0o700
+    planted.unlink()
+    planted.mkdir(mode=0o755)
+    planted.chmod(0o755)
+    _, log = _crash(None)
+    assert log.parent == planted and planted.stat().st_mode & 0o777 == 0o700
+
+
+def test_report_html_holds_no_absolute_paths(fitted: Path, tmp_path: Path) -> None:
+    """report.html embedded the run folder's absolute path (and the store's and the labels'): a shared report
+    told where the data lives."""
+    import shutil
+
+    run = tmp_path / "xgb"
+    shutil.copytree(fitted / "runs" / "xgboost", run)
+    r = _invoke(["report", "--run", run])
+    assert r.exit_code == 0, r.output
+    html = (run / "report.html").read_text()
+    for root in {str(fitted), str(tmp_path), str(fitted.resolve()), str(Path.home())}:
+        assert root not in html, root
+    assert "cls.zarr" in html and "cls.csv" in html  # the names stay, as provenance
+
+
+def test_dockerfile_publishes_on_loopback_and_signs_the_audit_log() -> None:
+    text = (PKG.parent / "Dockerfile").read_text()
+    runs = [line for line in text.splitlines() if "docker run" in line and "-p " in line]
+    assert runs and all("-p 127.0.0.1:" in line for line in runs)
+    assert "-p 8000:8000" not in text.replace("never `-p 8000:8000`", "")
+    assert "TLS-terminating reverse proxy" in text and "docs/serving.md" in text
+    cmd = text[text.index("CMD ["):]
+    assert '"--audit-key"' in cmd and '"--token-file"' in cmd

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -133,6 +134,11 @@ def handled(log: LogPath | None = None) -> Callable[[Callable[..., Any]], Callab
                 except MmcliError as e:
                     clog.file_only(f"error: {e}", logging.ERROR)
                     fail(e)
+                except BrokenPipeError:
+                    # the reader of stdout went away (`mmcli ... | head`): not an error of the command; click's
+                    # standalone mode quiets the stream and exits 1, as Python's docs recommend
+                    clog.file_only("stdout was closed by its reader (broken pipe)", logging.DEBUG)
+                    raise
                 except (Interrupted, KeyboardInterrupt) as e:
                     stop = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
                     clog.file_only(f"error: {stop}", logging.ERROR)
@@ -156,3 +162,7 @@ def main() -> None:
     except MmcliError as e:  # raised outside a command's own handler
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(e.exit_code)
+    except BrokenPipeError:  # stdout's reader left before click could quiet it: no traceback at exit either
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_ITEM_FAILURES)

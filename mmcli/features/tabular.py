@@ -5,7 +5,8 @@ Conventions:
 - one row per patient; ids validated as in the manifest (safe characters, no duplicates) with the CSV line named;
 - **missing values stay NaN** (empty cells and the usual tokens ``NA``, ``NaN``, ``null``, ``N/A``, ``None``...);
   no scaling or imputation here: that happens inside each training fold at fit time;
-- numeric columns are stored as float64; ``inf`` is refused (it is not "missing");
+- numeric columns are stored as float64; ``inf`` is refused (it is not "missing"), and so is a finite value
+  beyond the float32 range (``1e308``): the heads read tables as float32, where it would become ``inf``;
 - text columns are **categorical** when they have at most ``max_levels`` distinct values (compared
   case-insensitively): two levels become one 0/1 column (``negative``/``positive``-style words map to 0/1,
   otherwise levels in sorted order), more levels become one-hot columns ``<col>=<level>``; a missing category
@@ -34,6 +35,7 @@ from mmcli.pipeline.options import Options
 NA_VALUES = ["", "NA", "N/A", "n/a", "na", "NaN", "nan", "NAN", "null", "NULL", "None", "none", "#N/A", "-", "."]
 NEGATIVE = {"negative", "neg", "no", "false", "absent", "0", "-"}
 POSITIVE = {"positive", "pos", "yes", "true", "present", "1", "+"}
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the heads read tables as float32: a larger value becomes inf
 
 
 class TabularOptions(Options):
@@ -135,6 +137,13 @@ def encode_columns(df: pd.DataFrame, path: Path, max_levels: int = 20, categoric
                 i = num.index[np.isinf(num)][0]
                 raise InputError(f"{path}: line {lines.get(i, '?')}: column {name!r}: infinite value. "
                                  "Fix: leave the cell empty for a missing value.")
+            huge = num.abs() > FLOAT32_MAX
+            if huge.any():
+                i = num.index[huge][0]
+                raise InputError(f"{path}: line {lines.get(i, '?')}: column {name!r}: value {df.at[i, name]} is "
+                                 f"beyond the float32 range the heads compute in (|x| <= {FLOAT32_MAX:.4g}). Fix: "
+                                 "rescale the column (e.g. other units or a log), or leave the cell empty if it "
+                                 "is a placeholder for a missing value.")
             out[name] = num.astype(np.float64)
             continue
         col = col.str.casefold()  # "Positive" and "positive" are one level

@@ -11,6 +11,8 @@ relative paths, each as ``path NUL size NUL bytes`` (so a renamed, added or chan
 from __future__ import annotations
 
 import hashlib
+import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -232,49 +234,73 @@ def build_card(path: str | Path) -> dict[str, Any]:
     return jsonable(card)
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#!|~])")
+
+
+def _md(v: Any) -> str:
+    """``v`` as literal Markdown text: Markdown punctuation backslash-escaped and HTML escaped (``<``, ``>``,
+    ``&``, quotes), so a class label such as ``<img src=x onerror=...>`` or ``[x](javascript:...)`` is shown as
+    text by any renderer, never run or linked; newlines become spaces (one table cell, one list item)."""
+    text = " ".join(str(v).splitlines())
+    return html.escape(_MD_SPECIAL.sub(r"\\\1", text), quote=True)
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
         return f"{v:.3f}"
-    return str(v).replace("|", "\\|")
+    if isinstance(v, (list, tuple)):
+        return _md(", ".join(map(str, v)))
+    return _md(v)
+
+
+def _fenced(text: str, lang: str = "json") -> str:
+    """``text`` in a code fence longer than any backtick run inside it (a label cannot close the fence)."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text}\n{fence}"
 
 
 def card_markdown(card: dict[str, Any]) -> str:
-    """The card as Markdown (the same content as the JSON)."""
+    """The card as Markdown (the same content as the JSON). Every value that comes from the data or the config
+    (labels, column and modality names, free text) is escaped (:func:`_md`)."""
     m, d = card["model"], card["data"]
-    lines = [f"# Model card: {m['head']} ({m['task']})", "",
-             f"mmcli {card['mmcli_version']} (fitted with {m['fitted_with_mmcli']}), created {m['created']}", "",
-             "## Intended use", "", card["intended_use"], "",
+    lines = [f"# Model card: {_md(m['head'])} ({_md(m['task'])})", "",
+             f"mmcli {_md(card['mmcli_version'])} (fitted with {_md(m['fitted_with_mmcli'])}), created "
+             f"{_md(m['created'])}", "",
+             "## Intended use", "", _md(card["intended_use"]), "",
              "## Model", "", "| field | value |", "| --- | --- |"]
     for key in ("head", "target", "time", "event", "classes", "risk_convention", "seed",
                 "model_sha256", "features_sha256"):
         if key in m and m[key] is not None:
             lines.append(f"| {key} | {_cell(m[key])} |")
-    lines += ["", "## Data", "", f"- patients: {d.get('n_patients')}"]
+    lines += ["", "## Data", "", f"- patients: {_md(d.get('n_patients'))}"]
     for c, k in (d.get("classes") or {}).items():
-        lines.append(f"- class {c}: {k}")
+        lines.append(f"- class {_md(c)}: {_md(k)}")
     if d.get("survival"):
         s = d["survival"]
-        unit = f" {s['time_unit']}" if s.get("time_unit") else ""
+        unit = f" {_md(s['time_unit'])}" if s.get("time_unit") else ""
         lines.append(f"- events: {s['events']}, censored: {s['censored']}, median time {s['median_time']:.3g}{unit}")
     cov = d.get("coverage") or {}
-    lines.append("- modalities: " + ", ".join(f"{n} ({cov[n]} patients)" if n in cov else n for n in d["modalities"]))
+    lines.append("- modalities: " + ", ".join(f"{_md(n)} ({cov[n]} patients)" if n in cov else _md(n)
+                                              for n in d["modalities"]))
     for reason, k in (d.get("excluded_patients") or {}).items():
-        lines.append(f"- excluded ({reason}): {k}")
+        lines.append(f"- excluded ({_md(reason)}): {_md(k)}")
     synth = {True: "yes (mmcli synth)", False: "no", None: "unknown"}[d.get("synthetic")]
     lines += [f"- synthetic data: {synth}", "", "## Encoders", "", "| modality | encoder_id | encoder | pretrained |",
               "| --- | --- | --- | --- |"]
-    lines += [f"| {e['modality']} | {_cell(e['encoder_id'])} | {_cell(e['encoder'])} | {_cell(e['pretrained'])} |"
-              for e in card["encoders"]]
+    lines += [f"| {_cell(e['modality'])} | {_cell(e['encoder_id'])} | {_cell(e['encoder'])} | "
+              f"{_cell(e['pretrained'])} |" for e in card["encoders"]]
     v = card["validation"]
-    lines += ["", "## Metrics", "", f"{v['scheme']}; {v['folds']} folds, {v['n_boot']} bootstrap resamples.", ""]
+    lines += ["", "## Metrics", "", f"{_md(v['scheme'])}; {_md(v['folds'])} folds, {_md(v['n_boot'])} bootstrap "
+              "resamples.", ""]
     lines += _metric_rows(card["metrics"] or {})
     for key, title in (("calibration", "Calibration"), ("operating_point", "Operating point"),
                        ("subgroups", "Subgroups")):
         lines += ["", f"## {title}", ""]
-        lines.append("not computed for this run" if card[key] is None else f"```json\n{_pretty(card[key])}\n```")
-    lines += ["", "## Limitations", ""] + [f"- {x}" for x in card["limitations"]]
+        lines.append("not computed for this run" if card[key] is None else _fenced(_pretty(card[key])))
+    lines += ["", "## Limitations", ""] + [f"- {_md(x)}" for x in card["limitations"]]
     return "\n".join(lines) + "\n"
 
 

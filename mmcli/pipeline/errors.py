@@ -29,9 +29,12 @@ every subclass of :class:`MmcliError` in mmcli is named here)::
     │   └── SlideError                a slide that cannot be opened or read
     ├── LockHeld (2)                  a lock file held by another live process; the caller words it
     │                                 (pipeline/locks.py)
-    ├── AuditChainError (1)           the serve audit log was edited, reordered or cut (stages/serve/audit.py)
+    ├── AuditChainError (1)           the serve audit log was edited, forged, reordered or cut (stages/serve/audit.py)
+    ├── AuditUnavailable (1)          serve: the audit log cannot take a line now (HTTP 503; stages/serve/audit.py)
+    ├── StoreUnavailable (2)          serve: the store cannot give a patient's features (HTTP 503;
+    │                                 stages/serve/service.py)
     └── _Stopped (2)                  serve: uvicorn stopped on a signal; control flow, never shown
-                                      (stages/serve/app.py)
+                                      (stages/serve/server.py)
 """
 from __future__ import annotations
 

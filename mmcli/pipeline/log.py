@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import stat
 import sys
 import tempfile
 import traceback
@@ -38,8 +39,30 @@ def get_logger(name: str | None = None) -> logging.Logger:
 
 
 def fallback_dir() -> Path:
-    """Where a log goes whose command never created its output folder: ``$TMPDIR/mmcli-logs``."""
-    return Path(tempfile.gettempdir()) / "mmcli-logs"
+    """Where a log goes whose command never created its output folder (it may hold patient ids and paths): a
+    folder only its user can open (mode 0700), ``$XDG_STATE_HOME/mmcli/logs`` (``~/.local/state/mmcli/logs``),
+    else ``$TMPDIR/mmcli-logs-<uid>``, else a new ``$TMPDIR/mmcli-logs-XXXX``. A candidate that is a link, or
+    belongs to another user, is skipped (a planted folder in a shared /tmp is never written into)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    for folder in (Path(state) / "mmcli" / "logs", Path(tempfile.gettempdir()) / f"mmcli-logs-{uid}"):
+        if _private_dir(folder):
+            return folder
+    return Path(tempfile.mkdtemp(prefix="mmcli-logs-"))
+
+
+def _private_dir(folder: Path) -> bool:
+    """Make ``folder`` (mode 0700) or check an existing one: a real folder of this user, closed to others."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(folder)
+        if not stat.S_ISDIR(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
+            return False
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(folder, 0o700)
+        return True
+    except OSError:
+        return False
 
 
 def stamp() -> str:
@@ -74,8 +97,12 @@ class DeferredFileHandler(logging.Handler):
         self._closed = False
         self.setFormatter(logging.Formatter(FILE_FORMAT))
 
-    def _open(self, path: Path) -> None:
-        self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 - kept open for the command's length
+    def _open(self, path: Path, private: bool = False) -> None:
+        if private:  # a new file only its user can read, never through a planted link
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            self._fh = open(fd, "w", encoding="utf-8")  # noqa: SIM115 - kept open for the command's length
+        else:
+            self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 - kept open for the command's length
         self.written_to = path
         for line in self._buffer:
             self._fh.write(line + "\n")
@@ -109,8 +136,7 @@ class DeferredFileHandler(logging.Handler):
                 if self.path is not None and self.path.parent.is_dir():
                     self._open(self.path)
                 elif fallback is not None:
-                    fallback.parent.mkdir(parents=True, exist_ok=True)
-                    self._open(fallback)
+                    self._open(fallback, private=True)
             if self._fh is not None:
                 self._fh.close()
         except OSError:
@@ -138,6 +164,7 @@ class CommandLog:
         self.console.addFilter(_console_filter)
         self.crashed = False
         self._fallback_stamp = stamp()
+        self._fallback: Path | None = None
 
     @property
     def path(self) -> Path | None:
@@ -160,7 +187,9 @@ class CommandLog:
             return self.file.written_to
         if self.path is not None and self.path.parent.is_dir():
             return self.path
-        return fallback_dir() / f"{self.command}-{self._fallback_stamp}.log"
+        if self._fallback is None:  # chosen once: the message and the file must name the same place
+            self._fallback = fallback_dir() / f"{self.command.replace(' ', '-')}-{self._fallback_stamp}.log"
+        return self._fallback
 
 
 @contextmanager

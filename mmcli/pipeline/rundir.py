@@ -393,6 +393,31 @@ def check_out(out: Path, overwrite: bool) -> None:
     if not any(n in RUN_MARKERS for n in entries):
         raise RunFolderError(f"{out}: is not a run folder of `mmcli fit` (none of {list(RUN_MARKERS)}); "
                              "--overwrite only replaces run folders. Fix: choose another --out.")
+    logs = audit_logs_in(out)
+    if logs:
+        raise RunFolderError(f"{out}: holds the audit log of `mmcli serve` ({logs[0]}); --overwrite would delete "
+                             "it. Fix: move the log's files (LOG, LOG.NNNNNN, LOG.head, LOG.lock) out of the run "
+                             "folder and pass the new path to `mmcli serve --audit-log` (the default is "
+                             "RUN.audit/ beside the run); or choose another --out.")
+
+
+def audit_logs_in(folder: Path) -> list[Path]:
+    """Audit logs of ``mmcli serve`` anywhere under ``folder``, found by their head file ``LOG.head`` (a small
+    JSON record with ``seq`` and ``hash``); symlinks are not followed."""
+    found = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if not name.endswith(".head"):
+                continue
+            head = Path(root) / name
+            try:
+                with open(head, "rb") as fh:
+                    doc = json.loads(fh.read(1024))
+            except (OSError, ValueError):
+                continue
+            if isinstance(doc, dict) and "seq" in doc and "hash" in doc:
+                found.append(head.with_name(name[: -len(".head")]))
+    return sorted(found)
 
 
 class RunWriter:

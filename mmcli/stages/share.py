@@ -98,6 +98,27 @@ def _building(dst: Path) -> Iterator[Path]:
         lock.unlink(missing_ok=True)
 
 
+def _key(path: Path) -> tuple[bytes, bool]:
+    """The pseudonymisation key of ``--pseudonymize`` (created when absent); InputError naming the flag."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a key file.", flag="--pseudonymize",
+                         fix="pass a file path (a new random key is created there when it does not exist)")
+    try:
+        return load_or_create_key(path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read or create the key file ({e.strerror or e}).", flag="--pseudonymize",
+                         fix="pass a key file you can read, or a new path in a folder you can write") from e
+
+
+def _check_output(path: Path, flag: str) -> None:
+    """An output file path must not be a folder and its folder must exist (checked before any work)."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; {flag} takes a file path.", flag=flag)
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: its folder {path.parent} does not exist.", flag=flag,
+                         fix="create the folder first, or choose another path")
+
+
 def share_store(
     src: str | Path,
     dst: str | Path,
@@ -113,14 +134,17 @@ def share_store(
         raise InputError(f"{dst} already exists. Fix: choose a new path for the shared store.")
     if labels is not None and labels_out is None:
         raise InputError("--labels needs --labels-out (where to write the pseudonymised labels).")
+    for flag, out in (("--labels-out", labels_out), ("--mapping", mapping)):
+        if out is not None:
+            _check_output(Path(out), flag)
     keys = list(src_store.iter_items())  # refuses a crafted source before anything is written
     tables = {t: src_store.read_table(t) for t in src_store.tables()}
-    key, created = load_or_create_key(key_file) if key_file else (None, False)
+    df = load_labels(labels) if labels is not None else None  # a bad labels file, too, before any output
+    key, created = _key(Path(key_file)) if key_file else (None, False)
     with _building(dst) as tmp:
         res = _copy(src_store, open_store(tmp, "a", backend=backend_for(dst)), keys, tables, key)
     ids = res.pop("ids")
-    if labels is not None:
-        df = load_labels(labels)
+    if df is not None:
         df.index = [pseudonym(key, str(p)) if key else str(p) for p in df.index]
         df.index.name = "patient_id"
         write_csv(labels_out, df, index=True)

@@ -144,3 +144,44 @@ def test_survival_card_counts_events_and_a_model_folder_alone_works(tmp_path):
     assert bare["model"]["features_sha256"] == card["model"]["features_sha256"]
     with pytest.raises(InputError, match="not a run folder or model folder"):
         build_card(tmp_path)
+
+
+HOSTILE = ["<img src=x onerror=alert(1)>", "[click](javascript:alert(1))"]
+
+
+def test_hostile_class_labels_are_shown_as_text_not_run(tmp_path):
+    """Issue 25 (10): model_card.md wrote class labels unescaped, so `<img src=x onerror=...>` ran when the card
+    was rendered. Rendered with raw HTML allowed (as GitHub and most viewers do), the labels now stay text."""
+    from markdown_it import MarkdownIt
+
+    from helpers.serving import FIT_ARGS, TABLE_IDS, table_store
+    from mmcli.heads.card import write_card
+
+    store, labels = table_store(tmp_path)
+    pd.DataFrame({"patient_id": TABLE_IDS, "y": [HOSTILE[i % 2] for i in range(len(TABLE_IDS))]}).to_csv(
+        labels, index=False)
+    res = CliRunner().invoke(cli_app, ["fit", "--store", str(store), "--labels", str(labels), "--out",
+                                       str(tmp_path / "run"), *FIT_ARGS])
+    assert res.exit_code == 0, res.output
+    md_path, js_path = write_card(tmp_path / "run")
+    assert sorted(json.loads(js_path.read_text())["model"]["classes"]) == sorted(HOSTILE)  # JSON keeps them as-is
+    md = md_path.read_text()
+    outside_code = "".join(md.split("```")[::2])  # the JSON blocks are code: shown verbatim
+    assert "<img" not in outside_code and "](javascript" not in outside_code
+    html = MarkdownIt("commonmark", {"html": True}).render(md)
+    assert "<img" not in html and "href=" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html  # shown, as text
+    assert "[click](javascript:alert(1))" in html
+
+
+def test_markdown_escaping_keeps_plain_labels_readable():
+    from markdown_it import MarkdownIt
+
+    from mmcli.heads.card import _fenced, _md
+
+    for text in ("a_b*c_d", "x | y", "#1 `code`", "~~no~~", "a&b"):
+        html = MarkdownIt("commonmark").render(f"- {_md(text)}")
+        assert html == f"<ul>\n<li>{text.replace('&', '&amp;')}</li>\n</ul>\n", (text, html)
+    block = _fenced('{"label": "```\\n<img src=x>"}')
+    html = MarkdownIt("commonmark", {"html": True}).render(block)
+    assert "<img" not in html and html.startswith("<pre><code")

@@ -1,6 +1,7 @@
 """``mmcli serve`` against a real uvicorn server on loopback: health, model card, predictions by payload and by
-store id (equal to ``mmcli predict``), auth, input validation, and the hash-chained audit log with
-``mmcli audit verify`` (intact, edited, cut, reordered, rotated)."""
+store id (equal to ``mmcli predict``), auth, input validation, and the signed hash-chained audit log with
+``mmcli audit verify`` (intact, edited, forged, cut, reordered, rotated). The hardening of issue 25 (audit log
+under overwrite, disk full, forgery and two writers; limits, timeouts and auth) is in test_serve_hardening.py."""
 from __future__ import annotations
 
 import json
@@ -9,33 +10,31 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from helpers.planted_data import make_store
+from helpers.serving import AUTH, KEY, KEY_BYTES, TOKEN, running
 from mmcli.cli import app as cli_app
 from mmcli.heads.card import build_card, model_sha256
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 from mmcli.stages.fit import fit
 from mmcli.stages.predict import predict
-from mmcli.stages.serve.app import bind, create_app, read_token
-from mmcli.stages.serve.audit import GENESIS, AuditChainError, AuditLog, log_files, verify_log
-from mmcli.stages.serve.schemas import Limits
+from mmcli.stages.serve.app import create_app
+from mmcli.stages.serve.audit import GENESIS, AuditChainError, AuditKey, AuditLog, log_files
+from mmcli.stages.serve.auth import read_token
+from mmcli.stages.serve.options import ServeOptions
+from mmcli.stages.serve.server import bind
 from mmcli.stages.serve.service import ServedModel
+from mmcli.stages.serve.verify import verify_log
 
-TOKEN = "s3cret-token_for-tests"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-LIMITS = Limits(max_instances=64, max_body_bytes=256 * 1024, max_top_k=20, default_top_k=5)
+OPTS = ServeOptions(max_instances=64, max_body_mb=0.25, max_top_k=20, top_k=5)
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------
@@ -49,25 +48,13 @@ def planted(tmp_path_factory):
     return p, d
 
 
-@contextmanager
-def running(app) -> Iterator[str]:
-    """uvicorn serving ``app`` in a thread on a free loopback port; stopped (and joined) on exit."""
-    sock = bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off", ws="none"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
-        assert not thread.is_alive()
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory) -> Path:
+    """The audit key on disk (outside every log folder), for `mmcli audit verify --key`."""
+    path = tmp_path_factory.mktemp("keys") / "audit.key"
+    path.write_bytes(KEY_BYTES)
+    path.chmod(0o600)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +62,8 @@ def server(planted, tmp_path_factory):
     p, d = planted
     audit_path = tmp_path_factory.mktemp("audit") / "audit.log"
     served = ServedModel(d / "run", p.store)
-    audit = AuditLog(audit_path, max_bytes=4096)  # small: the module's requests rotate it several times
-    with running(create_app(served, TOKEN, audit, LIMITS)) as url, httpx.Client(base_url=url, timeout=60) as client:
+    audit = AuditLog(audit_path, KEY, max_bytes=4096)  # small: the module's requests rotate it several times
+    with running(create_app(served, TOKEN, audit, OPTS), OPTS) as url, httpx.Client(base_url=url, timeout=60) as client:
         yield client, served, audit_path
     audit.close()
 
@@ -150,7 +137,7 @@ def test_predict_by_store_id_and_by_payload_match_mmcli_predict(server, planted,
         assert by_id.json()["input_sha256"] == by_payload.json()["input_sha256"]  # same features, same hash
         if by_id.json()["modalities_present"]["wsi"]:
             tiles_id, tiles_pl = by_id.json()["attention"]["wsi"], by_payload.json()["attention"]["wsi"]
-            assert len(tiles_id) == LIMITS.default_top_k
+            assert len(tiles_id) == OPTS.top_k
             att = [t["attention"] for t in tiles_id]
             assert att == sorted(att, reverse=True) and all(0 < a <= 1 for a in att)
             assert tiles_id[0]["item_id"].startswith("slide") and tiles_id[0]["coords"] is not None
@@ -170,14 +157,14 @@ def test_a_patient_with_only_some_modalities_is_flagged(server):
 
 
 def test_predict_needs_the_right_token(server):
-    client, *_ = server
+    client, served, _ = server
     body = {"patient_id": "P000"}
     assert client.post("/predict", json=body).status_code == 401
     r = client.post("/predict", json=body, headers={"Authorization": f"Bearer {TOKEN}x"})
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert client.post("/predict", json=body, headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
     # the token is checked before the body is read: an unauthenticated oversize body is a 401, not a 413
-    assert client.post("/predict", content=b"x" * (LIMITS.max_body_bytes + 10)).status_code == 401
+    assert client.post("/predict", content=b"x" * (OPTS.body_limit(served.specs) + 10)).status_code == 401
 
 
 @pytest.mark.parametrize(("body", "where", "text"), [
@@ -210,11 +197,34 @@ def test_non_finite_values_are_a_422(server, token):
     assert r.json()["detail"][0]["loc"] == "features.mri.features[0]"
 
 
-def test_an_oversize_body_is_refused_before_parsing(server):
+@pytest.mark.parametrize(("value", "modality"), [
+    (b"1e39", "mri"), (b"-1e39", "mri"), (b"1e308", "mri"), (b"3.5e38", "genes"), (b"1e39", "wsi")])
+def test_values_beyond_float32_are_a_422_not_an_inf(server, value, modality):
+    """Issue 25 (6): 1e39 is finite in JSON and Python but inf in float32, where the heads compute."""
     client, *_ = server
+    row = b"[%s, 0, 0, 0, 0, 0, 0, 0]" % value
+    body = {"mri": b'{"mri": {"features": %s}}' % row,
+            "genes": b'{"genes": {"features": [%s, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]}}' % value,
+            "wsi": b'{"wsi": {"features": [[%s, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]}}' % value}[modality]
+    r = client.post("/predict", content=b'{"features": %s}' % body,
+                    headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "beyond the float32 range" in r.json()["message"]
+    assert r.json()["detail"][0]["loc"].startswith(f"features.{modality}")
+    # the largest float32 itself is accepted as input
+    ok = client.post("/predict", json={"features": {"mri": {"features": [3.4e38] + [0.0] * 7}}, "top_k": 0},
+                     headers=AUTH)
+    assert ok.status_code in (200, 422) and ok.status_code != 500, ok.text
+
+
+def test_an_oversize_body_is_refused_before_parsing(server):
+    client, served, _ = server
+    limit = OPTS.body_limit(served.specs)
+    # the limit follows the model: 64 instances x (16 + 2 coords) + 8 + 12 numbers at 40 bytes, plus 64 KiB
+    assert limit == (64 * 18 + 8 + 12) * 40 + 64 * 1024 < 0.25 * 1024 * 1024
     big = {"features": {"wsi": {"features": [[0.123456789] * 16] * 2000}}}
     r = client.post("/predict", json=big, headers=AUTH)
-    assert r.status_code == 413 and "limit of 262144 bytes" in r.json()["message"]
+    assert r.status_code == 413 and f"limit of {limit} bytes" in r.json()["message"]
 
     def chunks():  # no Content-Length: counted while streaming
         for _ in range(100):
@@ -228,26 +238,28 @@ def test_unknown_store_patient_is_a_404_and_a_model_without_store_says_so(server
     r = client.post("/predict", json={"patient_id": "NOPE1"}, headers=AUTH)
     assert r.status_code == 404 and "none of the model's modalities" in r.json()["message"]
     served = ServedModel(planted[1] / "run")  # no --store
-    audit = AuditLog(planted[1] / "nostore" / "a.log")
+    audit = AuditLog(planted[1] / "nostore" / "a.log", KEY)
     with running(create_app(served, TOKEN, audit)) as url:
         r = httpx.post(url + "/predict", json={"patient_id": "P000"}, headers=AUTH, timeout=30)
     audit.close()
     assert r.status_code == 422 and "no --store" in r.json()["message"]
 
 
-def test_openapi_docs_show_the_models_dims(server):
+def test_openapi_is_behind_the_token_and_shows_the_models_dims(server):
     client, *_ = server
-    assert client.get("/docs").status_code == 200
-    spec = client.get("/openapi.json").json()
+    # no Swagger UI page (it loads its JavaScript from a CDN) and no open schema (it lists column names)
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    assert client.get("/openapi.json").status_code == 401
+    spec = client.get("/openapi.json", headers=AUTH).json()
     row = spec["components"]["schemas"]["Bag_wsi"]["properties"]["features"]["items"]
     assert row["minItems"] == row["maxItems"] == 16
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
 
 
-def test_audit_log_is_written_without_patient_ids_and_verifies(server, tmp_path):
+def test_audit_log_is_written_without_patient_ids_and_verifies(server, key_file):
     client, served, audit_path = server
     n_before = sum(1 for f in log_files(audit_path) for _ in f.open())
-    pids = [f"P{i:03d}" for i in range(2, 14)]  # 12 lines of about 450 bytes: over 4 KB, so rotated at least once
+    pids = [f"P{i:03d}" for i in range(2, 14)]  # 12 lines of about 470 bytes: over 4 KB, so rotated at least once
     for pid in pids:
         assert client.post("/predict", json={"patient_id": pid, "top_k": 0}, headers=AUTH).status_code == 200
     assert client.post("/predict", json={"features": {"mri": {"features": [0.0] * 7}}}, headers=AUTH).status_code == 422
@@ -256,30 +268,37 @@ def test_audit_log_is_written_without_patient_ids_and_verifies(server, tmp_path)
     lines = [json.loads(x) for f in files for x in f.read_text().splitlines()]
     assert len(lines) == n_before + len(pids)  # one line per answered prediction, none for the refused one
     assert [e["seq"] for e in lines] == list(range(1, len(lines) + 1)) and lines[0]["prev"] == GENESIS
-    assert {e["model_sha256"] for e in lines} == {served.sha256}
+    assert {e["model_sha256"] for e in lines} == {served.sha256} and {e["key_id"] for e in lines} == {KEY.id}
     assert set(lines[-1]) == {"time", "request_id", "model_sha256", "input_sha256", "source", "output",
-                              "latency_ms", "seq", "prev", "hash"}
+                              "latency_ms", "key_id", "seq", "prev", "hash"}
     assert lines[-1]["output"]["predicted_class"] in ("neg", "pos") and lines[-1]["latency_ms"] > 0
     text = "".join(f.read_text() for f in files)
     assert not re.search(r"P0\d\d|NOPE|slide\d|s\.zarr|run/", text)  # no ids, item ids or paths
-    res = CliRunner().invoke(cli_app, ["audit", "verify", str(audit_path)])
+    assert KEY_BYTES.decode() not in text  # the key itself is nowhere in the log
+    res = CliRunner().invoke(cli_app, ["audit", "verify", str(audit_path), "--key", str(key_file)])
     assert res.exit_code == 0, res.output
-    assert f"ok: {len(lines)} lines in {len(files)} file(s)" in res.output
+    assert f"ok: {len(lines)} lines in {len(files)} file(s), chain intact and signed with key id {KEY.id}" in res.output
 
 
 # ---- the audit log's chain ------------------------------------------------------------------------------------
+def _entry(i: int) -> dict:
+    return {"request_id": f"r{i}", "model_sha256": "m", "input_sha256": f"{i:064x}",
+            "output": {"predicted_class": "pos" if i % 2 else "neg", "risk": i / 10}, "latency_ms": 1.0}
+
+
 def _log(tmp_path: Path, n: int = 6, max_bytes: int = 1 << 20) -> Path:
     path = tmp_path / "a.log"
-    audit = AuditLog(path, max_bytes=max_bytes)
+    audit = AuditLog(path, KEY, max_bytes=max_bytes)
     for i in range(n):
-        audit.append({"request_id": f"r{i}", "model_sha256": "m", "input_sha256": f"{i:064x}",
-                      "output": {"risk": i / 10}, "latency_ms": 1.0})
+        audit.append(_entry(i))
     audit.close()
     return path
 
 
-def _verify(path: Path) -> tuple[int, str]:
-    res = CliRunner().invoke(cli_app, ["audit", "verify", str(path)])
+def _verify(path: Path, *more: str) -> tuple[int, str]:
+    key = path.parent.parent / f"{path.parent.name}.key"  # outside the log's folder
+    key.write_bytes(KEY_BYTES)
+    res = CliRunner().invoke(cli_app, ["audit", "verify", str(path), "--key", str(key), *more])
     return res.exit_code, res.output
 
 
@@ -290,21 +309,65 @@ def test_verify_names_an_edited_line(tmp_path):
     lines[2] = lines[2].replace('"risk":0.2', '"risk":0.9')
     path.write_text("".join(lines))
     code, out = _verify(path)
-    assert code == 1 and f"{path}:3: content does not match its hash: this line was edited" in out
+    assert code == 1 and f"{path}:3: content does not match its signature: this line was edited or forged" in out
 
 
-def test_verify_catches_a_rewritten_line_with_a_fresh_hash(tmp_path):
-    from mmcli.stages.serve.audit import canonical, entry_hash
+def test_a_forger_without_the_key_cannot_rewrite_the_log(tmp_path):
+    """Issue 25 (5): flipping every predicted class and recomputing the hashes passed the unkeyed chain. Each
+    line is now an HMAC under a key outside the log's folder: recomputing with sha256, or signing with another
+    key, fails at the first line; only the key's holder can write lines that verify."""
+    import hashlib
+
+    from mmcli.stages.serve.audit import canonical, entry_hash, head_mac
 
     path = _log(tmp_path)
-    lines = path.read_text().splitlines()
-    e = json.loads(lines[1])
-    e["output"]["risk"] = 0.99
-    e["hash"] = entry_hash(e)
-    lines[1] = canonical(e)
-    path.write_text("\n".join(lines) + "\n")
+    good = path.read_text().splitlines()
+
+    def rewrite(sign) -> None:
+        prev, out = GENESIS, []
+        for raw in good:
+            e = json.loads(raw)
+            e["output"]["predicted_class"] = {"pos": "neg", "neg": "pos"}[e["output"]["predicted_class"]]
+            e["prev"] = prev
+            e["hash"] = prev = sign(e)
+            out.append(canonical(e))
+        path.write_text("\n".join(out) + "\n")
+
+    rewrite(lambda e: hashlib.sha256(canonical({k: v for k, v in e.items() if k != "hash"}).encode()).hexdigest())
     code, out = _verify(path)
-    assert code == 1 and f"{path}:3: does not chain to the line before" in out
+    assert code == 1 and f"{path}:1: content does not match its signature" in out
+    other = AuditKey(b"another key of at least sixteen bytes")
+    rewrite(lambda e: entry_hash(e, other))
+    code, out = _verify(path)
+    assert code == 1 and f"{path}:1: content does not match its signature" in out
+    rewrite(lambda e: entry_hash({**e, "key_id": other.id}, other))  # a line naming the forger's key
+    code, out = _verify(path)
+    assert code == 1 and f"{path}:1: content does not match its signature" in out
+    with pytest.raises(AuditChainError, match="signed with key id"):  # and with that key_id: "the wrong key"
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+        lines[0]["key_id"] = other.id
+        path.write_text("\n".join(canonical(e) for e in lines) + "\n")
+        verify_log(path, KEY)
+    # what verify does not prove: whoever holds the key can sign anything (docs/serving.md says so); the head,
+    # signed for the old last line, catches re-signed lines only until it is re-signed too
+    rewrite(lambda e: entry_hash(e, KEY))
+    assert "has another hash than the head" in _verify(path)[1]
+    last = json.loads(path.read_text().splitlines()[-1])
+    (tmp_path / "a.log.head").write_text(json.dumps({"seq": last["seq"], "hash": last["hash"],
+                                                     "mac": head_mac(last["seq"], last["hash"], KEY)}))
+    assert _verify(path)[0] == 0
+
+
+def test_a_wrong_or_missing_key_is_named(tmp_path):
+    path = _log(tmp_path)
+    bad = tmp_path.parent / "wrong.key"
+    bad.write_bytes(b"x" * 64)
+    res = CliRunner().invoke(cli_app, ["audit", "verify", str(path), "--key", str(bad)])
+    assert res.exit_code == 1 and "signature does not match the key" in res.output and "head" in res.output
+    res = CliRunner().invoke(cli_app, ["audit", "verify", str(path), "--key", str(tmp_path / "none.key")])
+    assert res.exit_code == 2 and "--key" in res.output and "no audit key here" in res.output
+    with pytest.raises(InputError, match="written with another --audit-key"):  # never continued with another key
+        AuditLog(path, AuditKey(b"x" * 64))
 
 
 def test_verify_catches_cut_removed_and_reordered_lines(tmp_path):
@@ -328,18 +391,46 @@ def test_verify_catches_cut_removed_and_reordered_lines(tmp_path):
     assert code == 1 and "ends at seq 0" in out
 
 
+def test_a_head_put_back_from_an_old_copy_is_caught_by_an_anchor(tmp_path):
+    """The head is signed, so a cut log cannot get a made-up head; a head copied earlier and put back after
+    cutting the lines written since is only caught against an anchor kept outside the log's folder."""
+    path = tmp_path / "a.log"
+    audit = AuditLog(path, KEY)
+    for i in range(3):
+        audit.append(_entry(i))
+    old_head, cut_at = (tmp_path / "a.log.head").read_bytes(), path.stat().st_size
+    for i in range(3, 6):
+        audit.append(_entry(i))
+    audit.close()
+    code, out = _verify(path)
+    assert code == 0
+    anchor = re.search(r"anchor (\d+:[0-9a-f]{64})", out).group(1)
+    assert anchor.startswith("6:")
+    forged = json.loads(old_head)
+    forged["seq"] = 5  # a made-up head for another line: its signature no longer matches
+    (tmp_path / "a.log.head").write_text(json.dumps(forged))
+    assert "its signature does not match" in _verify(path)[1]
+    with open(path, "r+b") as fh:  # the replay: lines 4-6 cut, the head of line 3 put back
+        fh.truncate(cut_at)
+    (tmp_path / "a.log.head").write_bytes(old_head)
+    assert _verify(path)[0] == 0  # the chain alone cannot tell ...
+    code, out = _verify(path, "--anchor", anchor)  # ... the anchor can
+    assert code == 1 and "before the anchor's seq 6" in out
+    assert _verify(path, "--anchor", "6:xyz")[0] == 2
+
+
 def test_rotation_chains_across_files_and_a_reopened_log_continues(tmp_path):
     path = _log(tmp_path, n=40, max_bytes=1024)
     files = log_files(path)
     assert [f.name for f in files[:2]] == ["a.log.000001", "a.log.000002"] and files[-1] == path
     assert all(f.stat().st_size <= 1024 for f in files)
-    assert verify_log(path).lines == 40
+    assert verify_log(path, KEY).lines == 40
     first_of_second = json.loads(files[1].read_text().splitlines()[0])
     assert first_of_second["prev"] == json.loads(files[0].read_text().splitlines()[-1])["hash"]
-    audit = AuditLog(path, max_bytes=1024)  # a restarted server continues the same chain
+    audit = AuditLog(path, KEY, max_bytes=1024)  # a restarted server continues the same chain
     audit.append({"request_id": "again", "output": {}})
     audit.close()
-    assert verify_log(path).lines == 41
+    assert verify_log(path, KEY).lines == 41
     files[0].unlink()  # the oldest file removed
     code, out = _verify(path)
     assert code == 1 and f"a.log.000002:1: seq {first_of_second['seq']} where 1 was expected" in out
@@ -349,13 +440,13 @@ def test_a_damaged_log_is_not_continued_and_a_missing_head_fails_verify(tmp_path
     path = _log(tmp_path)
     path.write_bytes(path.read_bytes()[:-2] + b"x\n")
     with pytest.raises(InputError, match="last line does not match its head"):
-        AuditLog(path)
+        AuditLog(path, KEY)
     other = _log(tmp_path / "other")
     (tmp_path / "other" / "a.log.head").unlink()
     with pytest.raises(InputError, match="without its head file"):
-        AuditLog(other)
+        AuditLog(other, KEY)
     with pytest.raises(AuditChainError, match="missing, so a log cut at a line boundary cannot be told"):
-        verify_log(other)
+        verify_log(other, KEY)
 
 
 # ---- the command --------------------------------------------------------------------------------------------
@@ -370,13 +461,33 @@ def test_token_file_must_exist_and_hold_a_token(planted, tmp_path):
     assert read_token(tmp_path / "tok") == TOKEN
 
 
+@pytest.mark.parametrize("weak", ["x", "hunter2", "a" * 64, "password" * 4, "ab" * 40])
+def test_a_weak_token_is_refused_with_a_hint(tmp_path, weak):
+    """Issue 25 (8): a one-character token was accepted."""
+    (tmp_path / "tok").write_text(weak)
+    with pytest.raises(InputError, match="token is too weak") as e:
+        read_token(tmp_path / "tok")
+    assert "secrets.token_urlsafe(32)" in str(e.value) and "--token-file" in str(e.value)
+
+
+def test_random_tokens_pass_the_strength_check():
+    import secrets
+
+    from mmcli.stages.serve.auth import MIN_TOKEN_BITS, token_bits
+
+    for _ in range(200):  # the hint's token, and a 256-bit hex token
+        for token in (secrets.token_urlsafe(32), secrets.token_hex(32)):
+            assert len(token) >= 32 and token_bits(token) >= MIN_TOKEN_BITS
+
+
 def test_mmcli_serve_command_serves_and_stops_on_sigterm(planted, tmp_path):
     p, d = planted
     token = tmp_path / "token"
     token.write_text(TOKEN)
     token.chmod(0o600)
     audit = tmp_path / "logs" / "audit.log"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+           "XDG_CONFIG_HOME": str(tmp_path / "config")}  # the default --audit-key is created there
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmcli.cli", "serve", "--model", str(d / "run"), "--store", str(p.store),
          "--port", "0", "--token-file", str(token), "--audit-log", str(audit)],
@@ -399,7 +510,10 @@ def test_mmcli_serve_command_serves_and_stops_on_sigterm(planted, tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert verify_log(audit).lines == 1
+    key = tmp_path / "config" / "mmcli" / "audit.key"
+    assert "created a new audit key" in err and key.stat().st_mode & 0o777 == 0o600
+    assert (key.parent.stat().st_mode & 0o777) == 0o700
+    assert verify_log(audit, AuditKey.load(key)[0]).lines == 1
     logs = list((tmp_path / "logs").glob("serve-*.log"))
     assert logs and "POST /predict" in logs[0].read_text()  # uvicorn's access log goes to the file
     assert "Traceback" not in err

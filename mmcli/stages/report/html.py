@@ -89,10 +89,15 @@ def _task_params(run: Run) -> Any:
     return {k: v for k, v in params.items() if k not in CLASSIFICATION_ONLY_PARAMS}
 
 
+def _name(path: Any) -> str | None:
+    """The file or folder name of a recorded path, without the folders above it (no absolute paths in a report)."""
+    return Path(str(path)).name or None if path else None
+
+
 def _header(run: Run) -> str:
     cfg, met = run.config, run.metrics or {}
     rows: list[tuple[str, Any]] = [
-        ("run dir", run.path.resolve()),
+        ("run", run.path.resolve().name),  # names only: the report is shared, the folders it came from are not
         ("head", run.head),
         ("head params", _task_params(run)),
         ("task", run.task),
@@ -109,8 +114,8 @@ def _header(run: Run) -> str:
                                                    None if run.predictions is None else len(run.predictions)))),
         ("folds", cfg.get("folds", met.get("folds"))),
         ("seed", cfg.get("seed", met.get("seed"))),
-        ("store", run.store),
-        ("labels", cfg.get("labels")),
+        ("store", _name(run.store)),
+        ("labels", _name(cfg.get("labels"))),
         ("schema version", run.schema_version),
         ("features sha256", cfg.get("features_sha256")),
         ("mmcli version", cfg.get("mmcli_version")),

@@ -1,46 +1,32 @@
 """Request and response models of ``mmcli serve`` (pydantic). The request model is built per served model,
-so the OpenAPI page (``/docs``) shows each modality's exact feature dim and every bad input is a 422 that
-names the field: a wrong dim, a non-finite value, too many instances, an unknown modality."""
+so the OpenAPI document (``/openapi.json``, behind the token) shows each modality's exact feature dim and
+every bad input is a 422 that names the field: a wrong dim, a value that is not finite or beyond the float32
+range, too many instances, an unknown modality."""
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, create_model, field_validator, model_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from mmcli.heads.data import TABLE_SOURCE, ModalitySpec
-from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.ids import id_problem
+from mmcli.stages.serve.options import ServeOptions
 
-
-@dataclass(frozen=True)
-class Limits:
-    """Size limits of one request (``mmcli serve --max-instances / --max-body-mb / --max-top-k``)."""
-
-    max_instances: int = 20_000
-    max_body_bytes: int = 64 * 1024 * 1024
-    max_top_k: int = 100
-    default_top_k: int = 10
-
-    def check(self) -> Limits:
-        for flag, value, low in (("--max-instances", self.max_instances, 1), ("--max-body-mb", self.max_body_bytes, 1),
-                                 ("--max-top-k", self.max_top_k, 0), ("--top-k", self.default_top_k, 0)):
-            if value < low:
-                raise InputError(f"{flag} {value}: must be at least {low}.", flag=flag)
-        if self.default_top_k > self.max_top_k:
-            raise InputError(f"--top-k {self.default_top_k} is above --max-top-k {self.max_top_k}.", flag="--top-k")
-        return self
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# a feature value: finite and inside float32 (the heads compute in float32; 1e39 would become inf there)
+Value = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 
 def _ident(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
-def _bag_model(spec: ModalitySpec, limits: Limits) -> type[BaseModel]:
-    row = Annotated[list[FiniteFloat], Field(min_length=spec.dim, max_length=spec.dim)]
-    coord = Annotated[list[FiniteFloat], Field(min_length=2, max_length=2)]
+def _bag_model(spec: ModalitySpec, limits: ServeOptions) -> type[BaseModel]:
+    row = Annotated[list[Value], Field(min_length=spec.dim, max_length=spec.dim)]
+    coord = Annotated[list[Value], Field(min_length=2, max_length=2)]
 
     def check(self: Any) -> Any:
         if self.coords is not None and len(self.coords) != len(self.features):
@@ -55,7 +41,7 @@ def _bag_model(spec: ModalitySpec, limits: Limits) -> type[BaseModel]:
         __doc__=f"A bag of {spec.name} instances (e.g. tiles): features (N, {spec.dim}), optional coords (N, 2).",
         __validators__={"check": model_validator(mode="after")(check)},
         features=(Annotated[list[row], Field(min_length=1, max_length=limits.max_instances,
-                                             description=f"(N, {spec.dim}) finite numbers, "
+                                             description=f"(N, {spec.dim}) finite float32 numbers, "
                                              f"1 <= N <= {limits.max_instances}")], ...),
         coords=(Annotated[list[coord], Field(max_length=limits.max_instances)] | None,
                 Field(None, description="(N, 2) level-0 pixel (x, y) of each instance, returned with attention")),
@@ -65,10 +51,10 @@ def _bag_model(spec: ModalitySpec, limits: Limits) -> type[BaseModel]:
 
 def _vector_model(spec: ModalitySpec) -> type[BaseModel]:
     table = spec.source == TABLE_SOURCE
-    value = FiniteFloat | None if table else FiniteFloat
+    value = Value | None if table else Value
     what = (f"{spec.dim} values in the model's column order ({', '.join((spec.columns or ())[:8])}"
             f"{', ...' if len(spec.columns or ()) > 8 else ''}); null = missing (imputed as in training)"
-            if table else f"{spec.dim} finite numbers (the pooled feature vector)")
+            if table else f"{spec.dim} finite float32 numbers (the pooled feature vector)")
 
     def check(self: Any) -> Any:
         _check_encoder(spec, self.encoder_id)
@@ -92,7 +78,7 @@ def _check_encoder(spec: ModalitySpec, given: str | None) -> None:
                          f"{spec.encoder_id or 'tabular'!r}")
 
 
-def request_model(specs: Sequence[ModalitySpec], limits: Limits) -> type[BaseModel]:
+def request_model(specs: Sequence[ModalitySpec], limits: ServeOptions) -> type[BaseModel]:
     """``PredictRequest`` for a model with modalities ``specs``: ``features`` (one entry per modality given;
     a modality left out is missing) or ``patient_id`` (a patient of the server's ``--store``), and ``top_k``."""
     fields: dict[str, Any] = {}
@@ -125,7 +111,7 @@ def request_model(specs: Sequence[ModalitySpec], limits: Limits) -> type[BaseMod
                         "safe_id": field_validator("patient_id")(safe_id)},
         features=(features | None, None),
         patient_id=(str | None, Field(None, description="id of a patient in the server's --store")),
-        top_k=(int, Field(limits.default_top_k, ge=0, le=limits.max_top_k,
+        top_k=(int, Field(limits.top_k, ge=0, le=limits.top_k_limit,
                           description="top-attention instances returned per bag modality (0: none)")),
     )
 
@@ -167,6 +153,8 @@ class PredictResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "unavailable"] = Field(description="unavailable (HTTP 503): the server cannot write its "
+                                                 "audit log, so it answers no prediction")
     mmcli_version: str
     model_sha256: str
+    reason: str | None = Field(None, description="why it is unavailable (no paths)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,8 @@ from mmcli.heads.base import Head
 from mmcli.heads.card import build_card
 from mmcli.heads.data import Cohort, ModalityData, ModalitySpec, Source, load_cohort
 from mmcli.heads.fitted import FittedModel
-from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.store import FeatureStore, open_store
+from mmcli.pipeline.errors import InputError, MmcliError, StoreError
+from mmcli.pipeline.store import FeatureStore, ItemKey, open_store
 
 PAYLOAD_ITEM = "payload"
 
@@ -34,6 +34,15 @@ class NotFound(InputError):
 
 class Unprocessable(InputError):
     """A request that is well-formed but cannot be scored, e.g. a modality the head cannot do without (422)."""
+
+
+class StoreUnavailable(MmcliError):
+    """The store cannot be read for this patient (a corrupt chunk, a planted link, an I/O error): HTTP 503.
+    ``str()`` is a short reason without paths (sent to the client); ``detail`` is for the server's log."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.detail = detail or reason
 
 
 @dataclass
@@ -121,20 +130,27 @@ class ServedModel:
         return cohort_from_payload(self.specs, payload)
 
     def from_store(self, patient_id: str) -> Prepared:
-        """The patient's features as ``mmcli predict`` reads them (same loaders, same table alignment)."""
+        """The patient's features as ``mmcli predict`` reads them (same loaders, same table alignment), reading
+        only this patient's items (:class:`_OnePatient`). A store that cannot be read for this patient (a
+        corrupt item, a planted link, an I/O error) is :class:`StoreUnavailable`."""
         if self.store is None:
             raise Unprocessable("this server has no --store: send the patient's features instead of an id.")
-        cohort = self.head.align(load_cohort(self.store, self.sources, [patient_id], n_threads=1))
-        instances: dict[str, list[tuple[str | None, int, list[float] | None]]] = {}
-        for s in self.specs:
-            m = cohort.modalities[s.name]
-            if s.kind != "bag" or not m.present[0]:
-                continue
-            rows = []
-            for item_id, n in (m.items or [[]])[0]:
-                coords = self.store.read_item(s.name, s.encoder_id or "", patient_id, item_id).coords
-                rows += [(item_id, i, coords[i].tolist() if coords is not None else None) for i in range(n)]
-            instances[s.name] = rows
+        try:
+            one = _OnePatient(self.store, patient_id)
+            cohort = self.head.align(load_cohort(one, self.sources, [patient_id], n_threads=1))  # type: ignore[arg-type]
+            instances: dict[str, list[tuple[str | None, int, list[float] | None]]] = {}
+            for s in self.specs:
+                m = cohort.modalities[s.name]
+                if s.kind != "bag" or not m.present[0]:
+                    continue
+                rows = []
+                for item_id, n in (m.items or [[]])[0]:
+                    coords = self.store.read_item(s.name, s.encoder_id or "", patient_id, item_id).coords
+                    rows += [(item_id, i, coords[i].tolist() if coords is not None else None) for i in range(n)]
+                instances[s.name] = rows
+        except (StoreError, OSError) as e:
+            raise StoreUnavailable("store unavailable: this patient's features cannot be read",
+                                   f"patient {patient_id!r}: {type(e).__name__}: {e}") from e
         if not cohort.presence().any():
             raise NotFound(f"patient {patient_id!r} has none of the model's modalities "
                            f"{[s.name for s in self.specs]} in the store.")
@@ -156,6 +172,9 @@ class ServedModel:
         # the columns of fit's prediction_frame (risk | prob_<class>, y_pred = argmax) without a DataFrame:
         # building one costs more than the forward pass of a small head
         pred = np.asarray(pred, dtype=np.float64)
+        if not np.isfinite(pred).all():  # e.g. values near the float32 limit, far outside what the model saw
+            raise Unprocessable("the model's output is not finite for these inputs (values far outside the range "
+                                "it was trained on).")
         if self.task == "survival":
             out["risk"] = float(pred.reshape(-1)[0])
         else:
@@ -170,6 +189,37 @@ class ServedModel:
             out["attention"] = {name: _top_tiles(values[0], prep.instances.get(name, []), top_k)
                                 for name, values in att.items()}
         return out
+
+
+def _items_of(store: FeatureStore, modality: str, encoder_id: str, patient_id: str) -> list[ItemKey]:
+    """The complete items of one patient, sorted, reading only that patient's group (``iter_items`` lists every
+    item of the modality, which made each by-id request cost O(store)). A corrupt item is a StoreError here,
+    not skipped as in ``items_of``: a served prediction must not silently drop part of a patient."""
+    keys = []
+    for key in store.items_of(modality, encoder_id, patient_id, include_incomplete=True):
+        state = store.item_state(modality, encoder_id, patient_id, key.item_id)
+        if state.status == "corrupt":
+            raise StoreError(f"{store.path}: item /{key.path} is corrupt: {state.why}")
+        if state.status == "ok":
+            keys.append(key)
+    return keys
+
+
+class _OnePatient:
+    """The store as :func:`~mmcli.heads.data.load_cohort` sees it for one patient: ``iter_items`` yields only
+    that patient's items (:func:`_items_of`); everything else is the store's own."""
+
+    def __init__(self, store: FeatureStore, patient_id: str) -> None:
+        self._store, self._patient = store, patient_id
+
+    def iter_items(self, modality: str | None = None, encoder_id: str | None = None,
+                   include_incomplete: bool = False) -> Iterator[ItemKey]:
+        if modality is None or encoder_id is None or include_incomplete:  # not what load_cohort asks
+            raise TypeError("_OnePatient.iter_items needs a modality and an encoder id")
+        yield from _items_of(self._store, modality, encoder_id, self._patient)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
 
 class _Zeros:
