@@ -212,6 +212,12 @@ class FoldJob:
             pred = h.predict(X_te)
         else:
             pred, attention = h.predict_explained(X_te)
+        if not np.isfinite(pred).all():
+            bad = [target.patients[te[i]] for i in np.flatnonzero(~np.isfinite(pred).reshape(len(te), -1).all(1))]
+            raise InputError(f"fold {k + 1}: the {self.head} head gave non-finite predictions for {len(bad)} test "
+                             f"patient(s) ({', '.join(bad[:5])}): their features hold values too large to "
+                             "standardise (beyond the float32 range). Fix: check those patients' tables "
+                             "(`mmcli store info`), re-ingest them, or leave them out.")
         raw_pred, calibrator, threshold = None, None, None
         if self.calibrate != "none" or self.operating_point is not None:
             tgt_tr = target.subset([target.patients[i] for i in tr])
