@@ -156,13 +156,22 @@ def escape_cell(value: Any) -> Any:
     return value
 
 
+def _escape_column(col: Any) -> Any:
+    """``col`` with its text cells escaped, each distinct value looked at once (an attention table repeats a
+    patient id for each of its thousands of tiles)."""
+    import pandas as pd
+
+    changed = {v: e for v in pd.unique(col) for e in [escape_cell(v)] if e is not v}
+    return col.map(lambda v: changed.get(v, v)) if changed else col
+
+
 def safe_frame(df: Any) -> Any:
     """A copy of DataFrame ``df`` with text cells, the header and a text index escaped (see module doc)."""
     out = df.copy()
     out.columns = [escape_cell(str(c)) if isinstance(c, str) else c for c in out.columns]
     for col in out.columns:
         if out[col].dtype == object or str(out[col].dtype) in ("string", "category"):
-            out[col] = out[col].map(escape_cell)
+            out[col] = _escape_column(out[col])
     if out.index.dtype == object:
         out.index = out.index.map(escape_cell)
         if isinstance(out.index.name, str):

@@ -45,16 +45,20 @@ class BagCache:
                 self._items.move_to_end(key)
             return arr
 
-    def put(self, key: tuple[int, int], arr: np.ndarray) -> None:
-        """Keep ``arr`` if it fits (evicting the least recently used); a bag larger than the budget is not kept."""
+    def put(self, key: tuple[int, int], arr: np.ndarray) -> bool:
+        """Keep ``arr`` if it fits (evicting the least recently used); a bag larger than the budget is not kept.
+        Returns whether it was kept."""
         with self._lock:
-            if key in self._items or (self.capacity is not None and arr.nbytes > self.capacity):
-                return
+            if key in self._items:
+                return True
+            if self.capacity is not None and arr.nbytes > self.capacity:
+                return False
             self._items[key] = arr
             self.used += arr.nbytes
             while self.capacity is not None and self.used > self.capacity:
                 _, old = self._items.popitem(last=False)
                 self.used -= old.nbytes
+            return True
 
     def __len__(self) -> int:
         return len(self._items)

@@ -2,8 +2,10 @@
 :class:`~mmcli.heads.data.bags.BagList` under a memory budget.
 
 The first pass (``scan=True``, what ``fit`` and ``evaluate`` do) reads every item once, in threads (decompression
-releases the GIL): it hashes every byte used into ``features_sha256`` (modality, encoder, patient, item id,
-dtype, shape, values, in a fixed order, for audit), keeps each bag's mean (for the heads that pool bags) and
+releases the GIL): it hashes what was used into ``features_sha256`` (modality, encoder, patient, item id,
+dtype, shape and the values: each item's recorded CRC-32C of its features, which the read has just checked
+against the bytes, or the bytes themselves for items written before checksums; a fixed order, for audit), keeps
+each bag's mean (for the heads that pool bags) and
 leaves in the cache the bags that fit the budget. ``scan=False`` (a dask worker, one patient of ``serve``)
 reads only metadata until a bag is used.
 """
@@ -126,7 +128,11 @@ def _read_patient(store: FeatureStore, name: str, enc: str, pid: str, ids: list[
         h.update(f"{iid}:{f.dtype}:{f.shape}".encode())
         if w is not None:
             h.update(w.tobytes())
-        h.update(np.ascontiguousarray(f).tobytes())
+        crc = (it.attrs.get("checksums") or {}).get("features")
+        if crc:  # the CRC-32C of these bytes, recorded at writing and checked by read_item: no second pass
+            h.update(f"features:{crc}".encode())
+        else:  # an item written before checksums: its bytes
+            h.update(np.ascontiguousarray(f).tobytes())
     dims = {f.shape[1] for f in r.feats}
     if len(dims) > 1:
         raise InputError(f"{store.path}: /{name}/{enc}/{pid}: items disagree on feature dim {sorted(dims)}. "
@@ -155,8 +161,8 @@ def _load_store_modality(store: FeatureStore, src: Source, patients: list[str], 
         r = read(patients[j])
         if bag_source is not None and r.present:
             rows = r.rows()
-            bag_source.means[j] = rows.mean(axis=0, dtype=np.float64)
-            cache.put((slot, j), rows)
+            if not cache.put((slot, j), rows):  # not kept: keep its mean, so pooling never reads it again
+                bag_source.means[j] = rows.mean(axis=0, dtype=np.float64)
             r.feats = []  # the cache holds it (or not: then it is read again when used)
         return r
 
@@ -181,8 +187,8 @@ def _load_store_modality(store: FeatureStore, src: Source, patients: list[str], 
             for j, r in enumerate(results):
                 if r.present:
                     rows = r.rows()
-                    bag_source.means[j] = rows.mean(axis=0, dtype=np.float64)
-                    cache.put((slot, j), rows)
+                    if not cache.put((slot, j), rows):
+                        bag_source.means[j] = rows.mean(axis=0, dtype=np.float64)
         bag_source.items = [r.info for r in results]
         bag_source.dtype = _bag_dtype(store, name, enc, patients, results)
         return ModalityData(spec, present, bags=BagList(bag_source), items=[r.info for r in results])
