@@ -48,6 +48,7 @@ from mmcli.heads.evaluation.evidence import Postprocess, classification_evidence
 from mmcli.heads.evaluation.metrics import center_risks_by_fold, summarise
 from mmcli.heads.evaluation.operating_point import choose_threshold
 from mmcli.heads.fitted import FittedModel
+from mmcli.heads.preprocess.leakage import check_covariates
 from mmcli.heads.registry import head_class
 from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.heads.training.cv import FoldResult, check_folds, check_postprocess, cross_validate, run_params
@@ -103,8 +104,9 @@ def read_inputs(opts: FitOptions, say: Say) -> FitInputs:
         raise InputError(f"head {opts.head!r} supports {list(cls.tasks)}; the labels give a {tgt.task} task. "
                          "Fix: choose another --head or other label columns.")
     columns = opts.covariate_columns()
-    if columns:  # refuse a missing batch column before the run folder is touched
-        covariates_for(columns, table, fs)
+    if columns:  # refuse a missing batch column, or one derived from the outcome, before the run folder is touched
+        check_covariates(covariates_for(columns, table, fs), tgt, getattr(opts.head_params, "batch_column", None),
+                         getattr(opts.head_params, "batch_keep", None) or [])
     tgt, excluded = _align(fs, sources, tgt, say, opts.strict_match)
     return FitInputs(opts, cls, fs, sources, table, tgt, excluded)
 

@@ -98,7 +98,17 @@ class FitOptions(CohortOptions):
         if type(self.params) is not want:
             raise InputError(f"params are a {type(self.params).__name__}, head {self.head!r} takes {want.__name__}")
         self.evidence.check()  # the text options (operating point, thresholds, subgroups) parse now
+        self._outcome_not_a_covariate()
         return self
+
+    def _outcome_not_a_covariate(self) -> None:
+        """``--batch-column`` / ``--batch-keep`` naming --target / --time / --event: InputError (issue 24 item 1;
+        columns derived from the outcome are refused by content once the labels are read)."""
+        from mmcli.heads.preprocess.leakage import outcome_named
+
+        batch, keep = getattr(self.params, "batch_column", None), getattr(self.params, "batch_keep", None) or []
+        named = [("--batch-column", batch)] if batch else []
+        outcome_named([*named, *[("--batch-keep", c) for c in keep]], (self.target, self.time, self.event))
 
     @field_serializer("params")
     def _params_json(self, v: Any) -> dict[str, Any] | None:
