@@ -143,6 +143,10 @@ def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float, progr
 
     clock = _time.perf_counter()
     final = cls(run_params(opts.head, tgt, opts.seed, opts.head_params)).fit(cohort, tgt.y)
+    if getattr(final, "privacy_", None):  # DP-SGD: calibrator / threshold are outside epsilon; say so
+        from mmcli.heads.nn.privacy import with_postprocess
+
+        final.privacy_ = with_postprocess(final.privacy_, ev.calibrate, ev.op() is not None)
     t_refit = _time.perf_counter() - clock
 
     writer.begin()
@@ -169,7 +173,7 @@ def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float, progr
         "n_patients": len(tgt.patients), "metrics": metrics, "encoder_ids": encoder_ids, "seed": opts.seed,
         "created": created, **evidence_doc}
     if getattr(final, "privacy_", None):  # DP-SGD: the accountant's spent budget, final model and per fold
-        metrics_doc["privacy"] = {**final.privacy_, "per_fold": [getattr(r.head, "privacy_", None) for r in results]}
+        metrics_doc["privacy"] = {**final.privacy_, "per_fold": [_spent(r.head) for r in results]}
     audit = _batch_audit(_audit(results, tgt), results, tgt, cohort, say)
     predictions = _predictions_frame(results, tgt)
     if ev.op() is not None:
@@ -374,6 +378,12 @@ def _batch_audit(audit: dict[str, Any], results: list[FoldResult], tgt: Target, 
             say(f"note: fold {r.fold + 1}: {len(left)} test patient(s) left without batch correction (batch "
                 f"missing or not in the training fold): {_some(left)}")
     return audit
+
+
+def _spent(head: Head) -> dict[str, Any] | None:
+    """A fold model's privacy record without the scope text (the final model's record states it once)."""
+    rec = getattr(head, "privacy_", None)
+    return None if rec is None else {k: v for k, v in rec.items() if k not in ("covers", "not_covered")}
 
 
 def _uncorrected(audit: dict[str, Any]) -> list[str] | None:

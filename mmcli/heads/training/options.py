@@ -99,6 +99,10 @@ class FitOptions(CohortOptions):
             raise InputError(f"params are a {type(self.params).__name__}, head {self.head!r} takes {want.__name__}")
         self.evidence.check()  # the text options (operating point, thresholds, subgroups) parse now
         self._outcome_not_a_covariate()
+        if getattr(self.params, "dp_epsilon", None) is not None and self.evidence.calibrate == "isotonic":
+            raise InputError("--calibrate isotonic with --param dp_epsilon: the isotonic calibrator saves training "
+                             "patients' out-of-fold probabilities and labels as its steps, outside the DP guarantee. "
+                             "Fix: --calibrate platt (two coefficients, recorded as not covered) or none.")
         return self
 
     def _outcome_not_a_covariate(self) -> None:
