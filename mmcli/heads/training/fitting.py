@@ -15,7 +15,9 @@ swapped in whole)::
                          operating point
     folds.json           {patient_id: fold}
     cv_audit.json        per fold: the patients each preprocessing step was fit on, and their overlap with the
-                         fold's test patients (0); likewise the fold's calibrator / threshold (``calibrator_fit_on``)
+                         fold's test patients (0); likewise the fold's calibrator / threshold (``calibrator_fit_on``);
+                         with --init: the pretraining's patients and their overlap with the fold's test patients
+                         (``pretraining``; metrics.json ``pretraining`` sums it up in a note)
     model/               final model refit on all patients: config.json, weights, preprocess.{json,safetensors},
                          postprocess.json (with --calibrate / --operating-point: calibrator and threshold fitted on
                          the out-of-fold probabilities of all patients; applied by predict)
@@ -134,7 +136,7 @@ def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float, progr
     results = cross_validate(opts.head, cohort, tgt, opts.folds, opts.seed, opts.head_params,
                              explain=opts.explain, log=say, calibrate=ev.calibrate, operating_point=ev.op(),
                              inner_folds=ev.inner_folds, scheduler=opts.scheduler, workers=opts.workers,
-                             progress=progress)
+                             progress=progress, fold_init=_fold_init(opts))
     t_cv = _time.perf_counter() - clock
     clock = _time.perf_counter()
     metrics = summarise([r.eval for r in results], n_boot=opts.n_boot, seed=opts.seed)
@@ -175,6 +177,7 @@ def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float, progr
     if getattr(final, "privacy_", None):  # DP-SGD: the accountant's spent budget, final model and per fold
         metrics_doc["privacy"] = {**final.privacy_, "per_fold": [_spent(r.head) for r in results]}
     audit = _batch_audit(_audit(results, tgt), results, tgt, cohort, say)
+    _pretraining_audit(audit, metrics_doc, results, tgt, opts, say)
     predictions = _predictions_frame(results, tgt)
     if ev.op() is not None:
         predictions["decision"] = _decisions(results, tgt, predictions)
@@ -356,6 +359,32 @@ def _audit(results: list[FoldResult], tgt: Target) -> dict[str, Any]:
             folds[-1]["calibrator_fit_on"] = r.calibrator.fitted_patients
             folds[-1]["calibrator_overlap_with_test"] = len(test & set(r.calibrator.fitted_patients))
     return {"folds": folds}
+
+
+def _fold_init(opts: FitOptions) -> Any:
+    """``--init-in-fold``: the per-fold pretraining hook of cross-validation (None without it)."""
+    if not opts.init_in_fold:
+        return None
+    from mmcli.heads.training.pretrain import FoldPretraining
+
+    return FoldPretraining(str(Path(opts.store).resolve()), str(opts.head_params.init))
+
+
+def _pretraining_audit(audit: dict[str, Any], metrics_doc: dict[str, Any], results: list[FoldResult], tgt: Target,
+                       opts: FitOptions, say: Say) -> None:
+    """With ``--init DIR``: per fold, the pretraining's patients and their overlap with the fold's test patients
+    (cv_audit.json ``pretraining``), and the note of metrics.json ``pretraining``."""
+    init = getattr(opts.head_params, "init", None)
+    if not init:
+        return
+    from mmcli.heads.training.pretrain import overlap_audit
+
+    tests = [[tgt.patients[i] for i in r.test_idx] for r in results]
+    folds, note = overlap_audit(str(init), tests, [r.pretraining for r in results] if opts.init_in_fold else None)
+    for entry, fold in zip(audit["folds"], folds):
+        entry["pretraining"] = fold
+    metrics_doc["pretraining"] = note
+    say(f"note: pretraining ({init}): {note['note']}")
 
 
 def _batch_audit(audit: dict[str, Any], results: list[FoldResult], tgt: Target, cohort: Cohort, say: Say

@@ -52,6 +52,10 @@ class FitOptions(CohortOptions):
                                 "one per core)")
     evidence: EvidenceOptions = Field(default_factory=EvidenceOptions, description="calibration, operating "
                                       "point, decision curve and subgroups")
+    init_in_fold: bool = Field(False, description="with --init DIR: rerun DIR's pretraining inside every fold, on "
+                               "the store's patients minus that fold's test patients (its training patients and "
+                               "the unlabelled ones), so no test patient shaped the encoders; the final model "
+                               "starts from DIR")
 
     @field_validator("head")
     @classmethod
@@ -99,6 +103,9 @@ class FitOptions(CohortOptions):
             raise InputError(f"params are a {type(self.params).__name__}, head {self.head!r} takes {want.__name__}")
         self.evidence.check()  # the text options (operating point, thresholds, subgroups) parse now
         self._outcome_not_a_covariate()
+        if self.init_in_fold and not getattr(self.params, "init", None):
+            raise InputError("--init-in-fold needs the pretraining folder whose settings it reruns: --init DIR "
+                             "(fusion_mlp).")
         if getattr(self.params, "dp_epsilon", None) is not None and self.evidence.calibrate == "isotonic":
             raise InputError("--calibrate isotonic with --param dp_epsilon: the isotonic calibrator saves training "
                              "patients' out-of-fold probabilities and labels as its steps, outside the DP guarantee. "
