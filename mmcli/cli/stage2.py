@@ -88,6 +88,8 @@ def fit(
                                       "cross_attention | bilinear  (default: concat)", rich_help_panel=HEAD_FLAGS),
     init: Path | None = typer.Option(None, "--init", help="fusion_mlp: start the per-modality projections from the "
                                      "encoders of `mmcli pretrain --out DIR`.", rich_help_panel=HEAD_FLAGS),
+    init_in_fold: bool = typer.Option(False, "--init-in-fold", help=help_of(
+        FitOptions, "init_in_fold", default=False), rich_help_panel=HEAD_FLAGS),
     calibrate: str = typer.Option("none", "--calibrate", help=help_of(EvidenceOptions, "calibrate", default=False),
                                   rich_help_panel=EVIDENCE),
     operating_point: str | None = typer.Option(None, "--operating-point", help=help_of(
@@ -113,7 +115,8 @@ def fit(
         modalities=csv_list(modalities), encoders=parse_encoders(encoder), folds=folds, seed=seed,
         params=parse_params(param), n_boot=n_boot, drop_unmatched=drop_unmatched, explain=explain, impute=impute,
         batch_correct=batch_correct, batch_column=batch_column, batch_keep=csv_list(batch_keep), fusion=fusion,
-        init=init, overwrite=overwrite, memory_budget=memory_budget, scheduler=scheduler, workers=workers,
+        init=init, init_in_fold=init_in_fold, overwrite=overwrite, memory_budget=memory_budget, scheduler=scheduler,
+        workers=workers,
         evidence=dict(calibrate=calibrate, operating_point=operating_point, subgroups=subgroups,
                       min_subgroup=min_subgroup, dca_thresholds=dca_thresholds, horizon=horizon,
                       inner_folds=inner_folds)))

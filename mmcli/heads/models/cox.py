@@ -2,9 +2,12 @@
 
 Per modality: pooled vector (bags mean-pooled) -> median imputation -> standardisation -> PCA to at most
 ``n_components`` components, all fit on the training patients only (a patient missing a modality gets the
-training medians, i.e. lands near the centre of that modality's components). The components of all
-modalities are the Cox covariates. Risk = the linear predictor ``(z - mean_train) · beta`` = lifelines'
-log partial hazard: higher = shorter survival. Saved as coefficients JSON.
+training medians, i.e. lands near the centre of that modality's components). PCA is skipped for a modality of
+at most ``2 * n_components`` features (a clinical table, a small panel): it enters whole, as its standardised
+columns named ``<modality>:<column>``, because a PCA there discards some of few, interpretable columns to save
+little. The components (or columns) of all modalities are the Cox covariates. Risk = the linear predictor
+``(z - mean_train) · beta`` = lifelines' log partial hazard: higher = shorter survival. Saved as coefficients
+JSON.
 """
 from __future__ import annotations
 
@@ -34,7 +37,10 @@ class CoxParams(HeadParams, VectorPrepParams):
     n_classes: int = Field(0, ge=0, description="0 for survival (set from the labels)")
     penalizer: float = Field(0.1, ge=0.0, description="shrinkage strength of the coefficients, >= 0")
     l1_ratio: float = Field(0.0, ge=0.0, le=1.0, description="elastic net mix: 0 = ridge, 1 = lasso, 0 <= x <= 1")
-    n_components: int = Field(8, ge=1, le=100_000, description="principal components kept per modality, 1..100000")
+    n_components: int = Field(8, ge=1, le=100_000, description="principal components kept per modality wider "
+                              "than 2 x n_components features, 1..100000; a modality of at most 2 x n_components "
+                              "features (e.g. a clinical table) enters whole, as its standardised columns, without "
+                              "PCA")
 
 
 @register_head("cox")
@@ -64,7 +70,8 @@ class CoxHead(VectorPrepHead, Head):
             assert isinstance(prep, VectorPreprocessor)
             z = prep.transform(X.modalities[s.name].pooled(), X.patients, X.covariates)
             cols.append(z)
-            names += [f"{s.name}_pc{i + 1}" for i in range(z.shape[1])]
+            names += ([f"{s.name}_pc{i + 1}" for i in range(z.shape[1])] if prep.components_ is not None
+                      else prep.feature_names(s.feature_names()))
         return np.concatenate(cols, axis=1), names
 
     def _fit(self, X: Cohort, y: np.ndarray) -> None:
@@ -76,7 +83,8 @@ class CoxHead(VectorPrepHead, Head):
             if len(keep) < 2:
                 raise InputError(f"modality {name!r}: fewer than 2 training patients have it. "
                                  "Fix: drop it from --modalities.")
-            self.preprocessors_[name] = vector_preprocessor(self, self.n_components).fit(
+            wide = m.spec.dim > 2 * self.n_components  # small tables enter whole (module docstring)
+            self.preprocessors_[name] = vector_preprocessor(self, self.n_components if wide else None).fit(
                 m.pooled()[keep], [X.patients[i] for i in keep], X.covariates)
         Z, names = self._covariates(X)
         df = pd.DataFrame(Z, columns=names)

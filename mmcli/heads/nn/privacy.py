@@ -19,12 +19,21 @@ What DP-SGD needs of the model, and how the heads meet it:
   without class weights are; balanced class weights are computed from the training labels outside the
   accountant, and the Cox partial likelihood couples every patient of the batch's risk set, so both are
   refused (:func:`check_dp_task`).
+
+What epsilon covers (the privacy record's ``covers`` / ``not_covered``, :func:`privacy_scope`): the network
+weights only, given the preprocessing. Everything else the saved model holds was fit on the training patients
+without noise: imputation medians (each one patient's value, or the mean of two), standardisation means and
+scales, PCA bases, ComBat's per-batch estimates, the bag tile scaler, the class names and the number of
+patients (the sampling rate is ``batch_size / n``), and with ``--calibrate platt`` / ``--operating-point`` the
+calibrator's two coefficients and a threshold that is one patient's out-of-fold probability
+(:func:`with_postprocess`). Preprocessing that stores training rows (``--impute knn|iterative``) and isotonic
+calibration (its steps are training points) are refused with ``dp_epsilon``.
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -144,6 +153,52 @@ def dp_train(
             "delta": float(delta), "max_grad_norm": float(max_grad_norm),
             "noise_multiplier": float(dp_opt.noise_multiplier), "sample_rate": float(1 / len(loader)),
             "steps": steps, "accountant": ACCOUNTANT, "unit": "patient"}
+
+
+COVERS = ("weights.safetensors (the network): every training step clips each patient's gradient to max_grad_norm "
+          "and adds Gaussian noise, so epsilon bounds what these weights reveal about any one training patient "
+          "(all of its tiles, vectors and its label), at delta, given the preprocessing below")
+_ARRAYS = {  # preprocess.safetensors array -> what it holds
+    "median": "per-feature imputation medians / means (a median is one patient's value, or the mean of two)",
+    "indicator": "which features had missing training values (missingness indicators)",
+    "mean": "per-feature standardisation means", "scale": "per-feature standardisation scales",
+    "components": "the PCA basis", "pca_mean": "the PCA centre",
+    "combat.grand_mean": "ComBat's grand mean", "combat.pooled_var": "ComBat's pooled variance",
+    "combat.gamma": "ComBat's per-batch locations", "combat.delta": "ComBat's per-batch scales",
+    "combat.beta": "ComBat's protected-covariate effects",
+}
+
+
+def privacy_scope(preprocessors: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"covers": str, "not_covered": [str]}``: what the spent epsilon covers in a saved DP model and what
+    the model holds outside it (each of ``preprocessors``' saved arrays, fit on the training patients without
+    noise; the labels' classes and the patient count). Calibration is added by :func:`with_postprocess`."""
+    rows = []
+    for name, prep in preprocessors.items():
+        meta, arrays = prep.state()
+        if meta.get("type") == "instance":
+            what = ["per-feature means and scales of the training bags' tiles (up to "
+                    f"{meta.get('max_per_bag')} tiles per patient)"]
+        else:
+            what = [_ARRAYS.get(k, k) for k in arrays]
+        rows.append(f"preprocess.safetensors {name}: {'; '.join(what)}, fit on the {meta.get('n_fitted')} training "
+                    "patients without noise")
+    rows += ["config.json: the class names and their number, and n_patients (the sampling rate batch_size / n "
+             "uses it); class_weight is none, so the label counts do not enter the loss",
+             "the run folder outside model/ (predictions.csv, folds.json, metrics.json, explanations): per-patient "
+             "results of the fold models, not private; the fold models spend their own budgets on the same patients"]
+    return {"covers": COVERS, "not_covered": rows}
+
+
+def with_postprocess(record: dict[str, Any], calibrate: str, operating_point: bool) -> dict[str, Any]:
+    """``record`` with the final model's output policy (``postprocess.json``) added to ``not_covered``."""
+    extra = []
+    if calibrate not in (None, "none"):
+        extra.append(f"postprocess.json calibrator ({calibrate}): fit on the out-of-fold probabilities and labels "
+                     "of all patients without noise")
+    if operating_point:
+        extra.append("postprocess.json threshold: one patient's out-of-fold probability, chosen with the labels")
+    return {**record, "not_covered": [*record.get("not_covered", []), *extra]} if extra else record
 
 
 def per_patient_loss(out: torch.Tensor, y: torch.Tensor, loss: str, gamma: float) -> torch.Tensor:

@@ -217,7 +217,7 @@ class TorchHead(Head):
         The preprocessing (scalers, PCA) is fit on the training patients outside the accountant, as in
         Opacus' own examples: the guarantee covers the network's weights given that preprocessing.
         """
-        from mmcli.heads.nn.privacy import check_dp_task, check_module, dp_train, per_patient_loss
+        from mmcli.heads.nn.privacy import check_dp_task, check_module, dp_train, per_patient_loss, privacy_scope
 
         context = f"head {self.name!r}"
         check_dp_task(survival=self.is_survival, class_weight=self.class_weight, context=context)
@@ -234,6 +234,7 @@ class TorchHead(Head):
         self.privacy_ = dp_train(self.module_, opt, len(X), batch_size=self.batch_size, epochs=self.epochs,
                                  target_epsilon=self.dp_epsilon, delta=self.dp_delta,
                                  max_grad_norm=self.dp_max_grad_norm, seed=self.seed, step_loss=step_loss)
+        self.privacy_.update(privacy_scope(self.preprocessors_))  # what epsilon covers, and what it does not
 
     # ---- inference -------------------------------------------------------------------------------------------
     def _run(self, X: Cohort) -> tuple[np.ndarray, list[dict[str, Any]], np.ndarray]:

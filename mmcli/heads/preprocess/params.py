@@ -37,6 +37,16 @@ class VectorPrepParams(Options):
             raise ValueError("batch_column / batch_keep do nothing without batch_correct (--batch-correct combat)")
         return self
 
+    @model_validator(mode="after")
+    def _dp_keeps_no_training_rows(self) -> VectorPrepParams:
+        """knn / iterative imputation save the imputer's training matrix with the model (element-wise the
+        patients' features), which DP-SGD's epsilon (``dp_epsilon`` of the torch heads) does not cover."""
+        if getattr(self, "dp_epsilon", None) is not None and self.impute in ("knn", "iterative"):
+            raise ValueError(f"--impute {self.impute} saves the training patients' feature rows with the model, "
+                             "outside the DP guarantee of dp_epsilon. Fix: --impute mean or median (or leave it "
+                             "out) with --param dp_epsilon")
+        return self
+
     def covariate_columns(self) -> list[str]:
         """The batch column and the protected covariates batch correction reads (none when it is off)."""
         if self.batch_correct == "none" or not self.batch_column:

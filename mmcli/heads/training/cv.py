@@ -96,6 +96,7 @@ class FoldResult:
     raw_pred: np.ndarray | None = None  # the head's probabilities before recalibration (None: not recalibrated)
     calibrator: Calibrator | None = None  # fitted on the training fold's inner out-of-fold probabilities
     threshold: float | None = None  # operating-point threshold chosen on the same (after calibration)
+    pretraining: dict[str, Any] | None = None  # the fold's own pretraining (fold_init), for the audit
 
 
 def run_params(head: str, target: Target, seed: int, params: HeadParams | Mapping[str, Any] | None) -> HeadParams:
@@ -139,7 +140,7 @@ def cross_validate(
     params: HeadParams | Mapping[str, Any] | None = None,
     explain: bool | str = True, log: Callable[[str], None] | None = None, *, calibrate: str = "none",
     operating_point: OperatingPoint | None = None, inner_folds: int = 5, scheduler: str | None = None,
-    workers: int | None = None, progress: bool = False,
+    workers: int | None = None, progress: bool = False, fold_init: Any = None,
 ) -> list[FoldResult]:
     """Fit a fresh ``head`` per fold on the training patients; predict the test patients.
 
@@ -149,7 +150,10 @@ def cross_validate(
     prediction pass, modality weights, SHAP, integrated gradients of heads without bag inputs) | ``full`` (also
     integrated gradients through bags: per tile for bag heads; costly); ``True`` / ``False`` = default / none.
     ``scheduler``: None runs the folds here, one after another; ``"local"`` or a dask scheduler address runs
-    them as dask tasks (a worker lost mid-fold is retried; the same seed gives the same numbers)."""
+    them as dask tasks (a worker lost mid-fold is retried; the same seed gives the same numbers).
+    ``fold_init``: a per-fold hook, ``fold_init(k, test_patient_ids, params)`` a context manager giving the fold's
+    head parameters and a record for the audit (in-fold pretraining:
+    :class:`~mmcli.heads.training.pretrain.FoldPretraining`); None: every fold gets ``params``."""
     if list(cohort.patients) != list(target.patients):
         raise ValueError("cohort and target must list the same patients in the same order")
     level = explain_level(explain)
@@ -159,7 +163,7 @@ def cross_validate(
     grid = None
     if target.task == "survival":  # one evaluation grid shared by every fold
         grid = survival_grid(target.y["time"], target.y["event"], [te for _, te in splits])
-    job = FoldJob(head, hp, target, grid, level, calibrate, operating_point, inner_folds, seed)
+    job = FoldJob(head, hp, target, grid, level, calibrate, operating_point, inner_folds, seed, fold_init)
     if scheduler is not None:
         return _on_dask(job, cohort, splits, scheduler, workers, log)
     results = []
@@ -194,16 +198,26 @@ class FoldJob:
     operating_point: OperatingPoint | None
     inner_folds: int
     seed: int
+    fold_init: Any = None  # per-fold hook (see cross_validate)
 
     def run(self, cohort: Cohort, k: int, tr: np.ndarray, te: np.ndarray,
             on_epoch: Callable[[int, int], None] | None = None) -> FoldResult:
         """Fit fold ``k`` on ``tr``, predict ``te`` (with the explanations of :attr:`explain`)."""
+        if self.fold_init is None:
+            return self._run(cohort, k, tr, te, on_epoch, self.params)
+        with self.fold_init(k, [self.target.patients[i] for i in te], self.params) as (params, record):
+            res = self._run(cohort, k, tr, te, on_epoch, params)
+        res.pretraining = record
+        return res
+
+    def _run(self, cohort: Cohort, k: int, tr: np.ndarray, te: np.ndarray,
+             on_epoch: Callable[[int, int], None] | None, params: HeadParams) -> FoldResult:
         import time as _time
 
         fault("cv.fold")
         t0 = _time.perf_counter()
         target = self.target
-        h = head_class(self.head)(self.params)
+        h = head_class(self.head)(params)
         h.on_epoch = on_epoch
         h.fit(cohort.subset(tr), target.y[tr])
         X_te = cohort.subset(te)
@@ -221,7 +235,7 @@ class FoldJob:
         raw_pred, calibrator, threshold = None, None, None
         if self.calibrate != "none" or self.operating_point is not None:
             tgt_tr = target.subset([target.patients[i] for i in tr])
-            inner = inner_oof(self.head, cohort.subset(tr), tgt_tr, self.params, self.inner_folds, self.seed)
+            inner = inner_oof(self.head, cohort.subset(tr), tgt_tr, params, self.inner_folds, self.seed)
             calibrator = Calibrator(self.calibrate).fit(inner, tgt_tr.y, tgt_tr.patients)
             if self.operating_point is not None:
                 threshold = choose_threshold(tgt_tr.y, calibrator.transform(inner)[:, 1], self.operating_point)

@@ -15,7 +15,9 @@ swapped in whole)::
                          operating point
     folds.json           {patient_id: fold}
     cv_audit.json        per fold: the patients each preprocessing step was fit on, and their overlap with the
-                         fold's test patients (0); likewise the fold's calibrator / threshold (``calibrator_fit_on``)
+                         fold's test patients (0); likewise the fold's calibrator / threshold (``calibrator_fit_on``);
+                         with --init: the pretraining's patients and their overlap with the fold's test patients
+                         (``pretraining``; metrics.json ``pretraining`` sums it up in a note)
     model/               final model refit on all patients: config.json, weights, preprocess.{json,safetensors},
                          postprocess.json (with --calibrate / --operating-point: calibrator and threshold fitted on
                          the out-of-fold probabilities of all patients; applied by predict)
@@ -48,6 +50,7 @@ from mmcli.heads.evaluation.evidence import Postprocess, classification_evidence
 from mmcli.heads.evaluation.metrics import center_risks_by_fold, summarise
 from mmcli.heads.evaluation.operating_point import choose_threshold
 from mmcli.heads.fitted import FittedModel
+from mmcli.heads.preprocess.leakage import check_covariates
 from mmcli.heads.registry import head_class
 from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.heads.training.cv import FoldResult, check_folds, check_postprocess, cross_validate, run_params
@@ -103,8 +106,9 @@ def read_inputs(opts: FitOptions, say: Say) -> FitInputs:
         raise InputError(f"head {opts.head!r} supports {list(cls.tasks)}; the labels give a {tgt.task} task. "
                          "Fix: choose another --head or other label columns.")
     columns = opts.covariate_columns()
-    if columns:  # refuse a missing batch column before the run folder is touched
-        covariates_for(columns, table, fs)
+    if columns:  # refuse a missing batch column, or one derived from the outcome, before the run folder is touched
+        check_covariates(covariates_for(columns, table, fs), tgt, getattr(opts.head_params, "batch_column", None),
+                         getattr(opts.head_params, "batch_keep", None) or [])
     tgt, excluded = _align(fs, sources, tgt, say, opts.strict_match)
     return FitInputs(opts, cls, fs, sources, table, tgt, excluded)
 
@@ -132,7 +136,7 @@ def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float, progr
     results = cross_validate(opts.head, cohort, tgt, opts.folds, opts.seed, opts.head_params,
                              explain=opts.explain, log=say, calibrate=ev.calibrate, operating_point=ev.op(),
                              inner_folds=ev.inner_folds, scheduler=opts.scheduler, workers=opts.workers,
-                             progress=progress)
+                             progress=progress, fold_init=_fold_init(opts))
     t_cv = _time.perf_counter() - clock
     clock = _time.perf_counter()
     metrics = summarise([r.eval for r in results], n_boot=opts.n_boot, seed=opts.seed)
@@ -141,6 +145,10 @@ def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float, progr
 
     clock = _time.perf_counter()
     final = cls(run_params(opts.head, tgt, opts.seed, opts.head_params)).fit(cohort, tgt.y)
+    if getattr(final, "privacy_", None):  # DP-SGD: calibrator / threshold are outside epsilon; say so
+        from mmcli.heads.nn.privacy import with_postprocess
+
+        final.privacy_ = with_postprocess(final.privacy_, ev.calibrate, ev.op() is not None)
     t_refit = _time.perf_counter() - clock
 
     writer.begin()
@@ -167,8 +175,9 @@ def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float, progr
         "n_patients": len(tgt.patients), "metrics": metrics, "encoder_ids": encoder_ids, "seed": opts.seed,
         "created": created, **evidence_doc}
     if getattr(final, "privacy_", None):  # DP-SGD: the accountant's spent budget, final model and per fold
-        metrics_doc["privacy"] = {**final.privacy_, "per_fold": [getattr(r.head, "privacy_", None) for r in results]}
+        metrics_doc["privacy"] = {**final.privacy_, "per_fold": [_spent(r.head) for r in results]}
     audit = _batch_audit(_audit(results, tgt), results, tgt, cohort, say)
+    _pretraining_audit(audit, metrics_doc, results, tgt, opts, say)
     predictions = _predictions_frame(results, tgt)
     if ev.op() is not None:
         predictions["decision"] = _decisions(results, tgt, predictions)
@@ -352,6 +361,32 @@ def _audit(results: list[FoldResult], tgt: Target) -> dict[str, Any]:
     return {"folds": folds}
 
 
+def _fold_init(opts: FitOptions) -> Any:
+    """``--init-in-fold``: the per-fold pretraining hook of cross-validation (None without it)."""
+    if not opts.init_in_fold:
+        return None
+    from mmcli.heads.training.pretrain import FoldPretraining
+
+    return FoldPretraining(str(Path(opts.store).resolve()), str(opts.head_params.init))
+
+
+def _pretraining_audit(audit: dict[str, Any], metrics_doc: dict[str, Any], results: list[FoldResult], tgt: Target,
+                       opts: FitOptions, say: Say) -> None:
+    """With ``--init DIR``: per fold, the pretraining's patients and their overlap with the fold's test patients
+    (cv_audit.json ``pretraining``), and the note of metrics.json ``pretraining``."""
+    init = getattr(opts.head_params, "init", None)
+    if not init:
+        return
+    from mmcli.heads.training.pretrain import overlap_audit
+
+    tests = [[tgt.patients[i] for i in r.test_idx] for r in results]
+    folds, note = overlap_audit(str(init), tests, [r.pretraining for r in results] if opts.init_in_fold else None)
+    for entry, fold in zip(audit["folds"], folds):
+        entry["pretraining"] = fold
+    metrics_doc["pretraining"] = note
+    say(f"note: pretraining ({init}): {note['note']}")
+
+
 def _batch_audit(audit: dict[str, Any], results: list[FoldResult], tgt: Target, cohort: Cohort, say: Say
                  ) -> dict[str, Any]:
     """Per fold with batch correction: the batches the harmoniser was fit on, and the test patients it left
@@ -372,6 +407,12 @@ def _batch_audit(audit: dict[str, Any], results: list[FoldResult], tgt: Target, 
             say(f"note: fold {r.fold + 1}: {len(left)} test patient(s) left without batch correction (batch "
                 f"missing or not in the training fold): {_some(left)}")
     return audit
+
+
+def _spent(head: Head) -> dict[str, Any] | None:
+    """A fold model's privacy record without the scope text (the final model's record states it once)."""
+    rec = getattr(head, "privacy_", None)
+    return None if rec is None else {k: v for k, v in rec.items() if k not in ("covers", "not_covered")}
 
 
 def _uncorrected(audit: dict[str, Any]) -> list[str] | None:

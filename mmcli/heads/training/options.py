@@ -52,6 +52,10 @@ class FitOptions(CohortOptions):
                                 "one per core)")
     evidence: EvidenceOptions = Field(default_factory=EvidenceOptions, description="calibration, operating "
                                       "point, decision curve and subgroups")
+    init_in_fold: bool = Field(False, description="with --init DIR: rerun DIR's pretraining inside every fold, on "
+                               "the store's patients minus that fold's test patients (its training patients and "
+                               "the unlabelled ones), so no test patient shaped the encoders; the final model "
+                               "starts from DIR")
 
     @field_validator("head")
     @classmethod
@@ -98,7 +102,24 @@ class FitOptions(CohortOptions):
         if type(self.params) is not want:
             raise InputError(f"params are a {type(self.params).__name__}, head {self.head!r} takes {want.__name__}")
         self.evidence.check()  # the text options (operating point, thresholds, subgroups) parse now
+        self._outcome_not_a_covariate()
+        if self.init_in_fold and not getattr(self.params, "init", None):
+            raise InputError("--init-in-fold needs the pretraining folder whose settings it reruns: --init DIR "
+                             "(fusion_mlp).")
+        if getattr(self.params, "dp_epsilon", None) is not None and self.evidence.calibrate == "isotonic":
+            raise InputError("--calibrate isotonic with --param dp_epsilon: the isotonic calibrator saves training "
+                             "patients' out-of-fold probabilities and labels as its steps, outside the DP guarantee. "
+                             "Fix: --calibrate platt (two coefficients, recorded as not covered) or none.")
         return self
+
+    def _outcome_not_a_covariate(self) -> None:
+        """``--batch-column`` / ``--batch-keep`` naming --target / --time / --event: InputError (issue 24 item 1;
+        columns derived from the outcome are refused by content once the labels are read)."""
+        from mmcli.heads.preprocess.leakage import outcome_named
+
+        batch, keep = getattr(self.params, "batch_column", None), getattr(self.params, "batch_keep", None) or []
+        named = [("--batch-column", batch)] if batch else []
+        outcome_named([*named, *[("--batch-keep", c) for c in keep]], (self.target, self.time, self.event))
 
     @field_serializer("params")
     def _params_json(self, v: Any) -> dict[str, Any] | None:

@@ -1,9 +1,13 @@
-"""Calibration: intercept / slope against known answers and scikit-learn; calibrators fitted in-fold only."""
+"""Calibration: intercept / slope against known answers and scikit-learn; calibrators fitted in-fold only (a fold's
+calibrator does not change when only its test patients do)."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from helpers.perturb import hold_splits
 from helpers.planted_data import make_store
 from mmcli.heads.data import load_cohort, resolve_sources
 from mmcli.heads.evaluation.calibration import (
@@ -15,7 +19,7 @@ from mmcli.heads.evaluation.calibration import (
     logit,
 )
 from mmcli.heads.targets import build_target
-from mmcli.heads.training.cv import cross_validate
+from mmcli.heads.training.cv import cross_validate, make_splits
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 
@@ -95,22 +99,37 @@ def test_multiclass_calibrator_rows_sum_to_one_and_bad_method_is_input_error():
         Calibrator("sigmoid")
 
 
-def test_calibrator_of_each_fold_never_saw_that_folds_patients(tmp_path):
-    """The calibrator records the patients it was fitted on; for every fold they are exactly the training
-    patients (its inner out-of-fold probabilities), disjoint from the test patients."""
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_calibrator_of_a_fold_is_unchanged_when_only_its_test_patients_change(tmp_path, monkeypatch, method):
+    """Perturbation (issue 24 item 9): flip the labels and replace the features of one fold's test patients; that
+    fold's calibrator (its saved maps) must be identical, while the other folds' calibrators, fitted on those
+    patients' inner out-of-fold probabilities, change."""
     p = make_store(tmp_path / "s.zarr", n=36, task="binary", seed=4)
     fs = open_store(p.store, "r")
     tgt = build_target(p.labels, target="label")
     cohort = load_cohort(fs, resolve_sources(fs, ["genes", "mri"]), tgt.patients)
-    results = cross_validate("xgboost", cohort, tgt, folds=3, seed=0, params={"n_estimators": 15},
-                             explain=False, calibrate="platt", inner_folds=3)
-    for r in results:
-        test = {tgt.patients[i] for i in r.test_idx}
-        train = {tgt.patients[i] for i in r.train_idx}
-        seen = set(r.calibrator.fitted_patients)
-        assert seen == train and not seen & test
+    splits = make_splits(tgt, 3, 0)
+    hold_splits(monkeypatch, tgt.patients, splits)
+
+    def run(cohort, tgt):
+        return cross_validate("xgboost", cohort, tgt, folds=3, seed=0, params={"n_estimators": 15},
+                              explain=False, calibrate=method, inner_folds=3)
+
+    base = run(cohort, tgt)
+    for r in base:
         np.testing.assert_allclose(r.pred, r.calibrator.transform(r.raw_pred))
         assert not np.allclose(r.pred, r.raw_pred)
+    for k, (_, te) in enumerate(splits):
+        rng = np.random.default_rng(k)
+        y2 = tgt.y.copy()
+        y2[te] = 1 - y2[te]
+        cohort2 = cohort.subset(np.arange(len(cohort)))
+        for m in cohort2.modalities.values():
+            m.vectors = m.vectors.copy()
+            m.vectors[te] = rng.normal(0, 3, m.vectors[te].shape)
+        again = run(cohort2, replace(tgt, y=y2))
+        assert again[k].calibrator.to_json() == base[k].calibrator.to_json(), k
+        assert any(again[j].calibrator.to_json() != base[j].calibrator.to_json() for j in range(3) if j != k)
 
 
 def test_calibration_intervals_follow_the_one_validity_rule():

@@ -1,9 +1,12 @@
 """Operating points: parsing, the threshold rule, nested choice on training folds, bootstrap metrics."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from helpers.perturb import hold_splits
 from helpers.planted_data import make_store
 from mmcli.heads.data import load_cohort, resolve_sources
 from mmcli.heads.evaluation.operating_point import (
@@ -13,7 +16,7 @@ from mmcli.heads.evaluation.operating_point import (
     threshold_metrics,
 )
 from mmcli.heads.targets import build_target
-from mmcli.heads.training.cv import cross_validate, inner_oof, run_params
+from mmcli.heads.training.cv import cross_validate, inner_oof, make_splits, run_params
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 
@@ -57,22 +60,35 @@ def test_threshold_from_training_data_reaches_the_target_on_held_out_data():
         assert achieved["ci_low"] < achieved["value"] < achieved["ci_high"]
 
 
-def test_fold_thresholds_are_chosen_on_the_training_fold_only(tmp_path):
-    """Each fold's threshold equals the one recomputed from its training patients alone."""
+def test_fold_thresholds_are_chosen_on_the_training_fold_only(tmp_path, monkeypatch):
+    """Each fold's threshold equals the one recomputed from its training patients alone; and (perturbation,
+    issue 24 item 9) flipping the labels of one fold's test patients leaves that fold's threshold unchanged while
+    some other fold's, chosen on those patients, moves."""
     p = make_store(tmp_path / "s.zarr", n=36, task="binary", seed=6)
     fs = open_store(p.store, "r")
     tgt = build_target(p.labels, target="label")
     cohort = load_cohort(fs, resolve_sources(fs, ["genes", "mri"]), tgt.patients)
     params = {"n_estimators": 15}
     op = OperatingPoint("sens", 0.9)
-    results = cross_validate("xgboost", cohort, tgt, folds=3, seed=0, params=params, explain=False,
-                             operating_point=op, inner_folds=3)
+    splits = make_splits(tgt, 3, 0)
+    hold_splits(monkeypatch, tgt.patients, splits)
+
+    def run(tgt):
+        return cross_validate("xgboost", cohort, tgt, folds=3, seed=0, params=params, explain=False,
+                              operating_point=op, inner_folds=3)
+
+    results = run(tgt)
     hp = run_params("xgboost", tgt, 0, params)
     for r in results:
         sub = tgt.subset([tgt.patients[i] for i in r.train_idx])
         inner = inner_oof("xgboost", cohort.subset(r.train_idx), sub, hp, 3, 0)
         assert r.threshold == choose_threshold(sub.y, inner[:, 1], op)
-        assert set(r.calibrator.fitted_patients) == set(sub.patients)
+    for k, (_, te) in enumerate(splits):
+        y2 = tgt.y.copy()
+        y2[te] = 1 - y2[te]
+        again = run(replace(tgt, y=y2))
+        assert again[k].threshold == results[k].threshold, k
+        assert any(again[j].threshold != results[j].threshold for j in range(3) if j != k)
 
 
 def test_operating_point_needs_a_binary_task(tmp_path):

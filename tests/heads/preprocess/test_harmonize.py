@@ -1,5 +1,6 @@
 """ComBat batch correction: combatlearn's result, a planted site effect removed with the signal kept, fit inside
-each training fold only (the audit lists training patients), saved with the model, unseen batches reported."""
+each training fold only (perturbing only a fold's test patients leaves that fold's fit unchanged), saved with the
+model, unseen batches reported; protected covariates derived from the outcome are refused (issue 24 item 1)."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,11 @@ from combatlearn.core import ComBatModel
 from sklearn.metrics import roc_auc_score
 
 from helpers.cohorts import binary_target, table_cohort
+from helpers.perturb import hold_splits, preprocessor_state, states_equal
 from mmcli.heads import create_head, load_head
 from mmcli.heads.preprocess.combat import ComBatHarmoniser
 from mmcli.heads.preprocess.vector import VectorPreprocessor, load_preprocessors, save_preprocessors
-from mmcli.heads.training.cv import cross_validate
+from mmcli.heads.training.cv import cross_validate, make_splits
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 
@@ -88,15 +90,151 @@ def test_unseen_and_missing_batches_are_left_uncorrected_and_reported(tmp_path):
 
 
 @pytest.mark.parametrize("head", ["xgboost", "fusion_mlp"])
-def test_combat_is_fit_inside_each_training_fold_only(head):
+def test_combat_of_a_fold_is_unchanged_when_only_its_test_patients_change(head, monkeypatch):
+    """Perturbation (issue 24 item 9): replace one fold's test patients' features, batch, protected covariate and
+    label; that fold's fitted ComBat, imputer, scaler and model must be bit-identical (the other folds, which
+    train on those patients, must change: the comparison can see a difference)."""
     X, y, pids, cov = planted(n=60)
-    cohort, target = table_cohort(X, pids, covariates=cov), binary_target(y, pids)
+    target = binary_target(y, pids)
+    splits = make_splits(target, 3, 0)
+    hold_splits(monkeypatch, pids, splits)
     params = {"batch_correct": "combat", "batch_column": "site", "batch_keep": ["age"],
               **({"n_estimators": 20} if head == "xgboost" else {"epochs": 3})}
-    for r in cross_validate(head, cohort, target, folds=3, seed=0, params=params, explain=False):
-        train, test = {pids[i] for i in r.train_idx}, {pids[i] for i in r.test_idx}
-        seen = set(r.preprocessing_patients["prot/combat"])
-        assert seen == train and not seen & test
+
+    def run(X, y, cov):
+        return cross_validate(head, table_cohort(X, pids, covariates=cov), binary_target(y, pids), folds=3, seed=0,
+                              params=params, explain=False)
+
+    base = run(X, y, cov)
+    for k, (tr, te) in enumerate(splits):
+        rng = np.random.default_rng(k)
+        X2, y2, cov2 = X.copy(), y.copy(), cov.copy()
+        X2[te] = rng.normal(10, 5, X2[te].shape)
+        y2[te] = 1 - y2[te]
+        cov2.iloc[te, cov2.columns.get_loc("age")] = rng.normal(30, 5, len(te))
+        cov2.iloc[te, cov2.columns.get_loc("site")] = rng.permutation(cov2["site"].to_numpy()[te])
+        again = run(X2, y2, cov2)
+        assert states_equal(preprocessor_state(again[k].head), preprocessor_state(base[k].head)), k
+        train = table_cohort(X, pids, covariates=cov).subset(tr)
+        np.testing.assert_array_equal(again[k].head.predict(train), base[k].head.predict(train))
+        assert all(not states_equal(preprocessor_state(again[j].head), preprocessor_state(base[j].head))
+                   for j in range(3) if j != k)
+
+
+def _labelled_store(tmp_path, n=90, seed=0):
+    X, y, pids, cov = planted(n=n, seed=seed)
+    fs = open_store(tmp_path / "s.zarr", "a")
+    fs.write_table("prot", pd.DataFrame(X, index=pd.Index(pids, name="patient_id"),
+                                        columns=[f"p{i}" for i in range(X.shape[1])]))
+    labels = cov.assign(label=np.where(y == 1, "pos", "neg")).reset_index()
+    return tmp_path / "s.zarr", labels
+
+
+@pytest.mark.parametrize("keep,reason", [
+    ("label", "is an outcome column"),
+    ("dx", "one value per class"),  # a recoding of the target
+    ("subtype", "determines the class"),  # a finer diagnosis: the target is a function of it
+    ("score", "separates the two classes"),  # the target is a threshold of it
+])
+def test_batch_keep_derived_from_the_target_exits_2(tmp_path, keep, reason):
+    """Issue 24 item 1: ComBat reads protected covariates for the test patients, so a protected copy of the label
+    corrects each test patient with its own label. Refused by name and by content, exit 2, before --out exists."""
+    from typer.testing import CliRunner
+
+    from mmcli.cli import app
+
+    store, labels = _labelled_store(tmp_path)
+    rng = np.random.default_rng(1)
+    pos = labels["label"].eq("pos").to_numpy()
+    labels["dx"] = np.where(pos, 1, 0)
+    labels["subtype"] = np.where(pos, rng.choice(["p1", "p2", "p3"], len(pos)), rng.choice(["n1", "n2"], len(pos)))
+    labels["score"] = np.where(pos, rng.uniform(5, 9, len(pos)), rng.uniform(0, 4, len(pos)))
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    r = CliRunner().invoke(app, ["fit", "--head", "xgboost", "--store", str(store), "--labels",
+                                 str(tmp_path / "labels.csv"), "--target", "label", "--out", str(tmp_path / "run"),
+                                 "--batch-correct", "combat", "--batch-column", "site", "--batch-keep", f"age,{keep}"])
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert f"--batch-keep {keep}" in text and reason in text and "Fix:" in text
+    assert not (tmp_path / "run").exists()
+    r = CliRunner().invoke(app, ["fit", "--head", "xgboost", "--store", str(store), "--labels",
+                                 str(tmp_path / "labels.csv"), "--target", "label", "--out", str(tmp_path / "run"),
+                                 "--batch-correct", "combat", "--batch-column", "label"])
+    assert r.exit_code == 2 and "--batch-column label" in " ".join(r.output.split())
+
+
+def test_leak_check_refuses_survival_copies_and_not_chance_agreement():
+    from mmcli.heads.preprocess.leakage import leak_reason
+    from mmcli.heads.targets import build_target
+
+    rng = np.random.default_rng(0)
+    n = 60
+    time, event = rng.exponential(30, n).round(3) + 0.1, rng.integers(0, 2, n)
+    pids = [f"P{i:02d}" for i in range(n)]
+    surv = build_target(pd.DataFrame({"t": time, "e": event}, index=pd.Index(pids, name="patient_id")),
+                        time="t", event="e")
+    col = lambda v: pd.Series(v, index=pids)  # noqa: E731
+    assert "monotone function of the survival time" in leak_reason(col(np.log(time) * 2), surv)
+    assert "event status" in leak_reason(col(np.where(event == 1, "dead", "alive")), surv)
+    for unrelated in (rng.normal(60, 10, n), rng.choice(["A", "B", "C"], n), np.round(rng.normal(60, 10, n))):
+        assert leak_reason(col(unrelated), surv) is None
+    # ten patients: a 2-valued covariate that happens to match the label is not evidence of a copy
+    y10 = np.r_[np.zeros(5, int), np.ones(5, int)]
+    small = binary_target(y10, pids[:10])
+    assert leak_reason(pd.Series(np.where(y10 == 1, "m", "f"), index=pids[:10]), small) is None
+    # unknown values are ignored, not counted as a class
+    y = rng.integers(0, 2, n)
+    copy = np.where(y == 1, 1.0, 0.0)
+    copy[:5] = np.nan
+    assert "one value per class" in leak_reason(col(copy), binary_target(y, pids))
+
+
+def test_changing_only_the_test_patients_label_cannot_move_their_probabilities(tmp_path, monkeypatch):
+    """Issue 24 item 1, the perturbation form: for every --batch-keep the fit accepts, flipping the label of one
+    fold's test patients (the target and its copy ``dx`` in the labels file) leaves their out-of-fold
+    probabilities identical. Before the fix ``--batch-keep dx`` was accepted and moved them."""
+    from mmcli.heads.targets import build_target
+    from mmcli.stages.fit import fit
+
+    store, labels = _labelled_store(tmp_path, n=90)
+    labels["dx"] = labels["label"].map({"pos": 1, "neg": 0})
+    pids = list(labels["patient_id"])
+    splits = make_splits(build_target(labels.set_index("patient_id"), target="label"), 3, 0)
+    hold_splits(monkeypatch, pids, splits)
+    test = [pids[i] for i in splits[0][1]]
+    flipped = labels.copy()
+    rows = flipped["patient_id"].isin(test)
+    flipped.loc[rows, "label"] = flipped.loc[rows, "label"].map({"pos": "neg", "neg": "pos"})
+    flipped.loc[rows, "dx"] = 1 - flipped.loc[rows, "dx"]
+    accepted = 0
+    for keep in (["age"], ["age", "dx"]):
+        probs = []
+        for name, table in (("a", labels), ("b", flipped)):
+            try:
+                fit("xgboost", store, table, tmp_path / f"{name}{len(keep)}", target="label", folds=3, n_boot=5,
+                    params={"n_estimators": 30}, batch_correct="combat", batch_column="site", batch_keep=keep,
+                    explain="none")
+            except InputError as e:
+                assert keep == ["age", "dx"] and "--batch-keep dx" in str(e)
+                break
+            pred = pd.read_csv(tmp_path / f"{name}{len(keep)}" / "predictions.csv").set_index("patient_id")
+            probs.append(pred.loc[test, "prob_pos"].to_numpy())
+        else:
+            accepted += 1
+            np.testing.assert_array_equal(probs[0], probs[1], err_msg=f"--batch-keep {keep}")
+    assert accepted >= 1
+
+
+def test_a_protected_label_copy_would_move_the_test_probabilities():
+    """What the refusal prevents, at the preprocessing level (where nothing refuses it): ComBat with the label
+    protected gives a test patient other features when only its label is changed."""
+    X, y, pids, cov = planted(n=90)
+    cov = cov.assign(dx=y)
+    prep = VectorPreprocessor(harmoniser=ComBatHarmoniser("site", ["age", "dx"])).fit(X[:60], pids[:60], cov)
+    flipped = cov.copy()
+    flipped.loc[pids[60:], "dx"] = 1 - flipped.loc[pids[60:], "dx"]
+    moved = np.abs(prep.transform(X[60:], pids[60:], cov) - prep.transform(X[60:], pids[60:], flipped))
+    assert moved[:, :3].mean() > 0.1
 
 
 def test_fit_stage_records_combat_in_the_audit_and_predict_applies_it(tmp_path):

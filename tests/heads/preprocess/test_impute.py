@@ -1,4 +1,5 @@
-"""Imputation with missingness indicators: the scikit-learn result, fit in-fold only, saved without pickle."""
+"""Imputation with missingness indicators: the scikit-learn result, fit in-fold only (a fold's imputer does not
+change when only its test patients do), saved without pickle."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +7,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from helpers.cohorts import binary_target, table_cohort
+from helpers.perturb import hold_splits, preprocessor_state, states_equal
 from mmcli.heads import create_head, load_head
 from mmcli.heads.preprocess.vector import VectorPreprocessor, _sk_imputer, load_preprocessors, save_preprocessors
-from mmcli.heads.training.cv import cross_validate
+from mmcli.heads.training.cv import cross_validate, make_splits
 from mmcli.pipeline.errors import InputError
 
 STRATEGIES = ["mean", "median", "knn", "iterative"]
@@ -56,18 +58,37 @@ def test_default_preprocessing_has_no_indicators():
 
 
 @pytest.mark.parametrize("head", ["xgboost", "fusion_mlp"])
-def test_imputation_is_fit_inside_each_training_fold_and_saved_with_the_model(tmp_path, head):
+def test_imputation_is_fit_inside_each_training_fold_and_saved_with_the_model(tmp_path, monkeypatch, head):
+    """Perturbation (issue 24 item 9): replace one fold's test patients' values and missingness and flip their
+    labels; that fold's imputer (knn: its training matrix), indicators, scaler and model are bit-identical, the
+    other folds' (which train on those patients) are not."""
     X = _data(n=48)
     pids = [f"P{i:02d}" for i in range(48)]
     y = (np.nan_to_num(X[:, 3]) > 3).astype(int)
-    cohort, target = table_cohort(X, pids), binary_target(y, pids)
+    target = binary_target(y, pids)
+    splits = make_splits(target, 3, 0)
+    hold_splits(monkeypatch, pids, splits)
     params = {"impute": "knn", **({"n_estimators": 20} if head == "xgboost" else {"epochs": 5})}
-    res = cross_validate(head, cohort, target, folds=3, seed=0, params=params, explain=False)
-    for r in res:
-        train = {pids[i] for i in r.train_idx}
-        assert set(r.preprocessing_patients["prot"]) == train
-        assert not train & {pids[i] for i in r.test_idx}
-        assert r.head.preprocessors_["prot"].n_indicators == 3
+
+    def run(X, y):
+        return cross_validate(head, table_cohort(X, pids), binary_target(y, pids), folds=3, seed=0, params=params,
+                              explain=False)
+
+    base = run(X, y)
+    assert all(r.head.preprocessors_["prot"].n_indicators == 3 for r in base)
+    for k, (tr, te) in enumerate(splits):
+        rng = np.random.default_rng(k)
+        X2, y2 = X.copy(), y.copy()
+        X2[te] = rng.normal(20, 5, X2[te].shape)
+        X2[te, 4] = np.nan  # a missingness pattern the training patients never had
+        y2[te] = 1 - y2[te]
+        again = run(X2, y2)
+        assert states_equal(preprocessor_state(again[k].head), preprocessor_state(base[k].head)), k
+        train = table_cohort(X, pids).subset(tr)
+        np.testing.assert_array_equal(again[k].head.predict(train), base[k].head.predict(train))
+        assert all(not states_equal(preprocessor_state(again[j].head), preprocessor_state(base[j].head))
+                   for j in range(3) if j != k)
+    cohort = table_cohort(X, pids)
     model = create_head(head, task="binary", n_classes=2, **params).fit(cohort, target.y)
     back = load_head(model.save(tmp_path / "m"))
     assert back.get_params()["impute"] == "knn"

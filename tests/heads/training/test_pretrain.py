@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -141,21 +142,94 @@ def test_pretrainer_reads_no_labels_and_uses_unlabelled_patients(planted):
     assert model.preprocessors_["genes"].fitted_patients == list(cohort.patients)
 
 
-def test_cli_pretrain_then_fit_with_init(planted, tmp_path):
+def _pairs_in_store(store, names=("mri", "genes")) -> set[str]:
+    """Patients with features of both modalities, read from the store directly (items, table rows)."""
+    fs = open_store(store, "r")
+    sets = []
+    for name in names:
+        if name in fs.tables():
+            t = fs.read_table(name)
+            sets.append({str(p) for p, row in t.iterrows() if row.notna().any()})
+        else:
+            (enc,) = fs.encoders(name)
+            sets.append(set(fs.patients(name, enc)))
+    return set.intersection(*sets)
+
+
+def test_cli_pretrain_then_fit_with_init_audits_the_overlap(planted, tmp_path):
+    """Issue 24 item 5: pretrain.json lists the patients it saw; fit --init writes, per fold, how many of the fold's
+    test patients they include (cv_audit.json) and a note (metrics.json); --init-in-fold pretrains each fold
+    without its test patients. The numbers are recomputed from the store and folds.json."""
     p, d = planted
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     mmcli = str(Path(sys.executable).with_name("mmcli"))
     pre = subprocess.run([mmcli, "pretrain", "--store", str(p.store), "--modalities", "mri,genes", "--out",
                           str(tmp_path / "pre"), "--epochs", "5"], capture_output=True, text=True, env=env)
     assert pre.returncode == 0, pre.stderr
-    fit = subprocess.run([mmcli, "fit", "--head", "fusion_mlp", "--store", str(p.store), "--labels",
-                          str(d / "labels.csv"), "--target", "label", "--modalities", "mri,genes", "--out",
-                          str(tmp_path / "run"), "--folds", "3", "--n-boot", "5", "--param", "epochs=2",
-                          "--init", str(tmp_path / "pre")], capture_output=True, text=True, env=env)
-    assert fit.returncode == 0, fit.stderr
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["params"]["init"] == str((tmp_path / "pre").resolve())
+    both = _pairs_in_store(p.store)
+    assert 0 < len(both) < 48
+    assert set(json.loads((tmp_path / "pre" / "pretrain.json").read_text())["patients"]) == both
+    base = [mmcli, "fit", "--head", "fusion_mlp", "--store", str(p.store), "--labels", str(d / "labels.csv"),
+            "--target", "label", "--modalities", "mri,genes", "--folds", "3", "--n-boot", "5", "--param",
+            "epochs=2", "--init", str(tmp_path / "pre")]
+    for name, extra in (("run", []), ("infold", ["--init-in-fold"])):
+        fit = subprocess.run([*base, "--out", str(tmp_path / name), *extra], capture_output=True, text=True,
+                             env=env)
+        assert fit.returncode == 0, fit.stderr
+        run = tmp_path / name
+        config = json.loads((run / "config.json").read_text())
+        assert config["params"]["init"] == str((tmp_path / "pre").resolve())
+        folds = json.loads((run / "folds.json").read_text())
+        audit = json.loads((run / "cv_audit.json").read_text())["folds"]
+        note = json.loads((run / "metrics.json").read_text())["pretraining"]
+        for f in audit:
+            test = {q for q, k in folds.items() if k == f["fold"]}
+            pre_f = f["pretraining"]
+            if extra:  # the fold's own pretraining: the store's pairs minus the fold's test patients
+                assert set(pre_f["patients"]) == both - test and pre_f["overlap_with_test"] == 0
+            else:
+                assert pre_f["overlap_with_test"] == len(both & test) > 0
+                assert set(pre_f["test_patients_seen"]) == both & test
+        assert note["in_fold"] == bool(extra)
+        assert note["overlap_with_test_per_fold"] == [f["pretraining"]["overlap_with_test"] for f in audit]
+        assert ("transductive" in note["note"]) != bool(extra)
+        # the headline AUROC is the mean of the per-fold AUROCs of predictions.csv (recomputed with scikit-learn)
+        from sklearn.metrics import roc_auc_score
+
+        pred = pd.read_csv(run / "predictions.csv")
+        per_fold = [roc_auc_score(g["y_true"] == "pos", g["prob_pos"]) for _, g in pred.groupby("fold")]
+        auroc = json.loads((run / "metrics.json").read_text())["metrics"]["auroc"]
+        np.testing.assert_allclose(auroc["per_fold"], per_fold, atol=1e-12)
     one = subprocess.run([mmcli, "pretrain", "--store", str(p.store), "--modalities", "mri", "--out",
                           str(tmp_path / "x")], capture_output=True, text=True, env=env)
     assert one.returncode == 2 and "at least two" in one.stderr + one.stdout
-    assert np.isfinite(json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]["auroc"]["mean"])
+    bad = subprocess.run([*base[:-2], "--out", str(tmp_path / "bad"), "--init-in-fold"], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and "--init-in-fold needs" in bad.stderr + bad.stdout
+
+
+def test_in_fold_pretraining_does_not_change_when_only_the_test_patients_do(planted, tmp_path):
+    """Perturbation: two stores that differ only in one fold's test patients' genes give that fold bit-identical
+    pretrained encoders and standardisation; without leaving the test patients out (whole-store pretraining) they
+    differ, so the comparison can see a change."""
+    from mmcli.heads.training.pretrain import FoldPretraining
+
+    p, d = planted
+    pretrain(p.store, ["mri", "genes"], d / "pre_fold", hidden=8, epochs=3, seed=0)
+    other = make_store(tmp_path / "s2.zarr", n=48, task="binary", seed=5, mri_missing=0.25)
+    test = sorted(_pairs_in_store(p.store))[::4]
+    fs2 = open_store(other.store, "a")
+    genes = fs2.read_table("genes")
+    genes.loc[test] = np.random.default_rng(0).normal(5, 3, (len(test), genes.shape[1]))
+    fs2.write_table("genes", genes)
+
+    def fold_files(store, left_out):
+        params = create_head("fusion_mlp", task="binary", n_classes=2).params_
+        with FoldPretraining(str(store), str(d / "pre_fold"))(0, left_out, params) as (fold_params, record):
+            root = Path(fold_params.init)
+            return {f.name: f.read_bytes() for f in root.iterdir() if f.suffix == ".safetensors"}, record
+
+    a, rec = fold_files(p.store, test)
+    b, _ = fold_files(other.store, test)
+    assert a == b and rec["overlap_with_test"] == 0 and not set(rec["patients"]) & set(test)
+    assert fold_files(p.store, [])[0] != fold_files(other.store, [])[0]
