@@ -12,8 +12,9 @@ assumption), imports it with ``mmcli import --format clam`` and then measures, i
   1e-4, 32 bags a step with at most 512 sampled tiles, balanced cross-entropy, one torch thread), full bags at
   inference (one at a time), a refit on all bags; the AUROC of both from the out-of-fold predictions;
 * **memory**: peak RSS of ``mmcli fit ... --memory-budget BUDGET`` on the small and on the large cohort;
-* **dask**: ``mmcli ablate --heads xgboost --modalities wsi,genes`` in-process against ``--scheduler local
-  --workers 2`` on the small cohort (plus a genes table), wall time of each.
+* **dask**: ``mmcli ablate --heads fusion_mlp --fusions concat,gated --modalities wsi,genes`` (4 fits)
+  in-process against ``--scheduler local --workers 2`` on the small cohort (plus a genes table), wall time of
+  each, and whether the two tables are equal.
 
 Peak RSS comes from ``/usr/bin/time -f %M`` around each command (the process and nothing else).
 
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "dask" not in args.skip:
         folder, store = stores["small"]
         base = [*MMCLI, "ablate", "--store", str(store), "--labels", str(folder / "labels.csv"), "--target", "label",
-                "--modalities", "wsi,genes", "--heads", "xgboost", "--folds", "5", "--n-boot", str(args.n_boot),
+                "--modalities", "wsi,genes", "--heads", "fusion_mlp", "--fusions", "concat,gated",
+                "--param", f"epochs={args.epochs}", "--folds", str(args.folds), "--n-boot", str(args.n_boot),
                 "--seed", str(args.seed), "--force", "--no-compare"]
         t_here, _, _ = timed([*base, "--out", str(work / "ablate_here")], work / "ablate_here.log")
         t_dask, _, _ = timed([*base, "--out", str(work / "ablate_dask"), "--scheduler", "local", "--workers", "2"],
