@@ -59,6 +59,7 @@ def fit(
     target: str | None = typer.Option(None, "--target", help=TargetH),
     time: str | None = typer.Option(None, "--time", help=TimeH),
     event: str | None = typer.Option(None, "--event", help=EventH),
+    task: str | None = typer.Option(None, "--task", help=help_of(FitOptions, "task")),
     modalities: ModalitiesOpt = None,
     encoder: EncoderIdOpt = [],  # noqa: B006 - typer reads the default; never mutated
     param: ParamOpt = [],  # noqa: B006
@@ -112,6 +113,7 @@ def fit(
 
     options = build_fit_options(dict(
         head=HEADS.canonical(head), store=store, labels=labels, out=out, target=target, time=time, event=event,
+        task=task,
         modalities=csv_list(modalities), encoders=parse_encoders(encoder), folds=folds, seed=seed,
         params=parse_params(param), n_boot=n_boot, drop_unmatched=drop_unmatched, explain=explain, impute=impute,
         batch_correct=batch_correct, batch_column=batch_column, batch_keep=csv_list(batch_keep), fusion=fusion,
@@ -307,8 +309,9 @@ def ablate(
     param: ParamOpt = [],  # noqa: B006
     folds: int = typer.Option(5, "--folds", help=help_of(FitOptions, "folds", default=False)),
     seed: int = typer.Option(0, "--seed", help=help_of(CohortOptions, "seed", default=False)),
+    task: str | None = typer.Option(None, "--task", help=help_of(FitOptions, "task")),
     metric: str | None = typer.Option(None, "--metric", help="Metric of the table  (default: auroc for "
-                                      "classification, c_index for survival)"),
+                                      "classification, c_index for survival, r2 for regression)"),
     n_boot: int = typer.Option(1000, "--n-boot", help=help_of(CohortOptions, "n_boot", default=False)),
     keep_unmatched: bool = typer.Option(False, "--keep-unmatched", help="Stop instead of dropping patients "
                                         "that lack a subset's modalities."),
@@ -334,7 +337,7 @@ def ablate(
         params=parse_params(param, head_names) or None,
         max_subset_size=max_subset_size, subsets=parse_subsets(subsets) if subsets else None, metric=metric,
         force=force, compare_best=not no_compare, n_boot=n_boot, drop_unmatched=not keep_unmatched,
-        echo=say, scheduler=scheduler, workers=workers, memory_budget=memory_budget)
+        echo=say, scheduler=scheduler, workers=workers, memory_budget=memory_budget, task=task)
     say(format_ablation(table))
     say(f"wrote {out / 'ablation.csv'}, {out / 'ablation.png'} and {out / 'ablation_summary.json'}")
     failed = table["status"].astype(str).str.startswith("failed").any() if "status" in table else False

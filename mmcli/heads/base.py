@@ -3,13 +3,16 @@
 Conventions (all heads):
 
 * ``X`` is a :class:`~mmcli.heads.data.Cohort`; the modalities it holds are the ones the head uses.
-* ``task``: ``classification`` (binary when ``n_classes == 2``, else multiclass) or ``survival``; the one
-  vocabulary of the labels (:class:`~mmcli.heads.targets.Target`), the head parameters and the run files.
+* ``task``: ``classification`` (binary when ``n_classes == 2``, else multiclass), ``survival`` or
+  ``regression``; the one vocabulary of the labels (:class:`~mmcli.heads.targets.Target`), the head parameters
+  and the run files.
 * ``y``: classification -> int class codes ``0..n_classes-1`` (n,); survival -> a structured array with
   fields ``event`` (bool, True = event observed) and ``time`` (float, any unit) as made by
   :func:`~mmcli.heads.targets.survival_target` (scikit-survival's layout).
 * ``predict(X)``: classification -> class probabilities (n, n_classes); survival -> risk (n,), a log
-  hazard ratio: **higher risk = higher hazard = shorter expected survival**.
+  hazard ratio: **higher risk = higher hazard = shorter expected survival**; regression -> the predicted value
+  (n,) in the target's unit. A regression head fits the target standardised in-fold (the training patients'
+  mean and standard deviation, ``target_scaler`` in config.json); :meth:`Head.predict` maps back.
 * ``predict_survival(X, times)``: survival probabilities (n, T) from a Breslow baseline fit on the training
   data's risks (the same for every head, so ``ibs`` is comparable across heads).
 * ``save(dir)`` / ``Head.load(dir)``: ``config.json`` + weights + preprocessing, never pickle.
@@ -37,7 +40,7 @@ from mmcli.pipeline.options import Options, explain
 from mmcli.pipeline.rundir import damaged, model_file
 
 TASKS = ("classification", "survival")
-Task = Literal["classification", "survival"]
+Task = Literal["classification", "survival", "regression"]
 CONFIG = "config.json"
 RUN_PARAMS = ("task", "n_classes", "seed")  # set by the run (labels, --seed); never a --param
 
@@ -51,7 +54,8 @@ class HeadParams(Options):
     head gets it with the run's values (:meth:`for_run`), never re-validated."""
 
     flag_prefix: str = "--param "
-    task: Task = Field("classification", description="classification | survival (set from the labels)")
+    task: Task = Field("classification", description="classification | survival | regression (set from the labels "
+                       "and --task)")
     n_classes: int = Field(2, ge=0, description="number of classes, >= 2 (set from the labels; 0 for survival)")
     seed: int = Field(0, ge=0, description="random seed of weights, shuffling and sampling, >= 0")
 
@@ -177,6 +181,10 @@ class Head(ABC):
     def is_binary(self) -> bool:
         return self.task == "classification" and self.n_classes == 2
 
+    @property
+    def is_regression(self) -> bool:
+        return self.task == "regression"
+
     # ---- fit / predict ----------------------------------------------------------------------------------
     def fit(self: H, X: Cohort, y: np.ndarray) -> H:
         """Fit on cohort ``X`` with targets ``y`` (see module docstring); all preprocessing is fit here."""
@@ -187,14 +195,27 @@ class Head(ABC):
         self.spec_: list[ModalitySpec] = X.specs()
         self.fitted_patients_: list[str] = list(X.patients)
         self.preprocessors_: dict[str, VectorPreprocessor | InstanceScaler] = {}
+        if self.is_regression:  # standardised in-fold: the training patients' mean and standard deviation
+            y = np.asarray(y, dtype=np.float64)
+            sd = float(y.std())
+            self.target_scaler_ = (float(y.mean()), sd if sd > 0 else 1.0)
+            y = (y - self.target_scaler_[0]) / self.target_scaler_[1]
         self._fit(X, y)
         if self.is_survival:
             self.baseline_ = BreslowBaseline().fit(self._predict(X), y)
         return self
 
     def predict(self, X: Cohort) -> np.ndarray:
-        """Class probabilities (n, n_classes), or survival risk (n,) (higher = shorter survival)."""
-        return self._predict(self.align(X))
+        """Class probabilities (n, n_classes), survival risk (n,) (higher = shorter survival), or the predicted
+        value (n,) in the target's unit (regression)."""
+        return self._to_unit(self._predict(self.align(X)))
+
+    def _to_unit(self, out: np.ndarray) -> np.ndarray:
+        """A regression head's standardised output in the target's unit (other tasks: as is)."""
+        if not self.is_regression:
+            return out
+        mean, scale = self.target_scaler_
+        return np.asarray(out, dtype=np.float64).reshape(-1) * scale + mean
 
     def predict_proba(self, X: Cohort) -> np.ndarray:
         if self.is_survival:
@@ -307,6 +328,9 @@ class Head(ABC):
         }
         if self.is_survival:
             config["baseline"] = self.baseline_.to_json()
+        if self.is_regression:
+            config["target_scaler"] = {"mean": self.target_scaler_[0], "scale": self.target_scaler_[1],
+                                       "note": "the head fits (y - mean) / scale; predictions are mapped back"}
         self._save(path)
         save_preprocessors(path, self.preprocessors_)
         write_json(path / CONFIG, config)
@@ -332,6 +356,8 @@ class Head(ABC):
             self.spec_ = [ModalitySpec.from_json(s) for s in config["modalities"]]
             if self.is_survival:
                 self.baseline_ = BreslowBaseline.from_json(config["baseline"])
+            if self.is_regression:
+                self.target_scaler_ = (float(config["target_scaler"]["mean"]), float(config["target_scaler"]["scale"]))
         self.fitted_patients_ = []
         self.preprocessors_ = load_preprocessors(path)
         self._load(path)  # each head reads its own files through model_file (errors name the file)

@@ -6,10 +6,11 @@ alignment and its policy on missing modalities, the covariates its preprocessing
 columns, so a patient gets the same numbers from each of them.
 
 Output columns (:meth:`FittedModel.predict_frame`): ``patient_id`` + ``y_pred, prob_<class>...``
-(classification; recalibrated when the run was fitted with ``--calibrate``) or ``risk`` (survival: log hazard
-ratio, higher = shorter survival); ``decision`` (with ``--operating-point``: ``classes[1]`` where
-P(classes[1]) >= the stored threshold); ``missing_modalities`` (``;``-separated); ``batch_corrected`` (for a
-batch-corrected model: False where the patient's batch is missing or unseen in training, left uncorrected).
+(classification; recalibrated when the run was fitted with ``--calibrate``), ``risk`` (survival: log hazard
+ratio, higher = shorter survival) or ``y_pred`` (regression: the predicted value in the target's unit);
+``decision`` (with ``--operating-point``: ``classes[1]`` where P(classes[1]) >= the stored threshold);
+``missing_modalities`` (``;``-separated); ``batch_corrected`` (for a batch-corrected model: False where the
+patient's batch is missing or unseen in training, left uncorrected).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from mmcli.heads.data import Cohort, ModalitySpec, Source, covariates_for, load_
 from mmcli.heads.evaluation.evidence import Postprocess
 from mmcli.heads.registry import load_head
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.rundir import SURVIVAL, damaged, prediction_frame, resolve_model_dir
+from mmcli.pipeline.rundir import damaged, prediction_frame, resolve_model_dir
 
 
 @dataclass
@@ -49,7 +50,7 @@ class FittedModel:
         head = load_head(mdir)
         run = dict(config.get("run") or {})
         classes = None
-        if not head.is_survival:
+        if head.task == "classification":
             classes = [str(c) for c in (run.get("classes") or range(head.n_classes))]
             if len(classes) != head.n_classes:
                 raise damaged(mdir / CONFIG, f"its \"run\" block lists {len(classes)} classes {classes[:5]}, the "
@@ -109,10 +110,10 @@ class FittedModel:
     def predict(self, cohort: Cohort) -> tuple[np.ndarray, np.ndarray]:
         """``(raw, output)``: the head's prediction, and after the saved recalibration (classification)."""
         raw = self.head.predict(cohort)
-        return raw, (raw if self.head.is_survival else self.post.calibrate(raw))
+        return raw, (raw if self.head.task != "classification" else self.post.calibrate(raw))
 
     def decisions(self, output: np.ndarray) -> list[str] | None:
-        return None if self.head.is_survival else self.post.decisions(output)
+        return None if self.head.task != "classification" else self.post.decisions(output)
 
     def batch_corrected(self, cohort: Cohort) -> list[bool] | None:
         """Per patient, whether batch correction applied (its batch was seen in training); None without it."""
@@ -128,8 +129,7 @@ class FittedModel:
         """The prediction columns of ``cohort`` (module docstring); ``output`` when already computed."""
         if output is None:
             output = self.predict(cohort)[1]
-        df = prediction_frame(cohort.patients, output, SURVIVAL if self.head.is_survival else "classification",
-                              self.classes)
+        df = prediction_frame(cohort.patients, output, self.head.task, self.classes)
         decisions = self.decisions(output)
         if decisions is not None:
             df["decision"] = decisions

@@ -1,4 +1,5 @@
-"""Prediction targets from a labels table, validated: classification (``--target``) or survival
+"""Prediction targets from a labels table, validated: classification (``--target``), regression (``--target``
+with ``--task regression``: a continuous value such as a biomarker level, in the column's own unit) or survival
 (``--time``/``--event``).
 
 Every problem is an :class:`~mmcli.pipeline.errors.InputError` naming the file, the column, the rows
@@ -35,7 +36,7 @@ class Target:
     ``classes[1]`` is the positive class.
     """
 
-    task: str  # classification | survival (binary: n_classes == 2)
+    task: str  # classification | survival | regression (binary: n_classes == 2)
     patients: list[str]
     y: np.ndarray
     classes: list[str] | None = None
@@ -55,7 +56,11 @@ class Target:
 
     def strata(self) -> np.ndarray:
         """What CV stratifies on: the class, or the event indicator."""
-        return self.y["event"].astype(int) if self.task == "survival" else np.asarray(self.y)
+        if self.task == "survival":
+            return self.y["event"].astype(int)
+        if self.task == "regression":  # quintiles of the value: every fold sees the whole range
+            return _quantile_bins(np.asarray(self.y, dtype=np.float64))
+        return np.asarray(self.y)
 
     def subset(self, patients: Sequence[str]) -> Target:
         pos = {p: i for i, p in enumerate(self.patients)}
@@ -99,14 +104,22 @@ def _is_missing(s: pd.Series) -> pd.Series:
 
 
 def build_target(labels: pd.DataFrame, *, target: str | None = None, time: str | None = None,
-                 event: str | None = None, drop_missing: bool = False) -> Target:
+                 event: str | None = None, drop_missing: bool = False, task: str | None = None) -> Target:
     """Validate the label columns and build a :class:`Target`.
 
-    Exactly one of ``target`` (classification) or ``time`` + ``event`` (survival; ``event`` 1 = observed,
-    0 = censored; ``time`` > 0 in any unit) must be given. Rows with a missing value are an error unless
-    ``drop_missing`` (then they are dropped and listed in ``Target.dropped["missing_label"]``).
+    Exactly one of ``target`` (classification, or regression with ``task="regression"``) or ``time`` +
+    ``event`` (survival; ``event`` 1 = observed, 0 = censored; ``time`` > 0 in any unit) must be given. Rows with
+    a missing value are an error unless ``drop_missing`` (then they are dropped and listed in
+    ``Target.dropped["missing_label"]``). A numeric target with many distinct values and no ``task`` is refused
+    with a hint to ``--task regression`` rather than becoming hundreds of classes.
     """
     src = labels.attrs.get("source", "labels")
+    if task is not None and task not in ("classification", "survival", "regression"):
+        raise InputError(f"--task {task!r}: one of classification | survival | regression.")
+    if task == "survival" and target is not None:
+        raise InputError("--task survival takes --time COL --event COL, not --target.")
+    if task in ("classification", "regression") and target is None:
+        raise InputError(f"--task {task} needs --target COL.")
     if (target is None) == (time is None and event is None):
         raise InputError("give either a classification target (--target COL) or survival columns "
                          "(--time COL --event COL), not both or neither.")
@@ -127,16 +140,45 @@ def build_target(labels: pd.DataFrame, *, target: str | None = None, time: str |
         dropped["missing_label"] = bad
     df = labels.loc[~missing]
     pids = [str(p) for p in df.index]
+    if target is not None and task == "regression":
+        return _regression(df, target, pids, src, dropped)
     if target is not None:
-        return _classification(df, target, pids, src, dropped)
+        return _classification(df, target, pids, src, dropped, explicit=task == "classification")
     assert time is not None and event is not None
     return _survival(df, time, event, pids, src, dropped)
 
 
-def _classification(df: pd.DataFrame, col: str, pids: list[str], src: str, dropped: dict) -> Target:
+MAX_INFERRED_CLASSES = 20  # a numeric target with more distinct values and no --task is refused (regression?)
+
+
+def _regression(df: pd.DataFrame, col: str, pids: list[str], src: str, dropped: dict) -> Target:
+    values = pd.to_numeric(df[col], errors="coerce")
+    bad = [str(p) for p in df.index[values.isna() | ~np.isfinite(values.fillna(0).to_numpy(dtype=float))]]
+    if bad:
+        raise InputError(f"{src}: column {col!r} (regression target) is not a finite number at {_where(df, bad)}. "
+                         "Fix: give numbers (in one unit), or leave the cell empty and pass --drop-unmatched.")
+    y = values.to_numpy(dtype=np.float64)
+    if len(np.unique(y)) < 3:
+        raise InputError(f"{src}: column {col!r} has {len(np.unique(y))} distinct value(s); a regression needs a "
+                         "continuous target. Fix: use a classification --task for a label with few values.")
+    return Target("regression", pids, y, None, target=col, source=src, dropped=dropped)
+
+
+def _quantile_bins(y: np.ndarray, k: int = 5) -> np.ndarray:
+    """Quantile bins of a continuous target (0..k-1), fewer when there are few distinct values."""
+    edges = np.unique(np.quantile(y, np.linspace(0, 1, k + 1)[1:-1]))
+    return np.searchsorted(edges, y, side="right")
+
+
+def _classification(df: pd.DataFrame, col: str, pids: list[str], src: str, dropped: dict,
+                    explicit: bool = False) -> Target:
     values = df[col].map(lambda v: str(v).strip())
     uniq = sorted(values.unique())
     num = pd.to_numeric(pd.Series(uniq), errors="coerce")
+    if num.notna().all() and len(uniq) > MAX_INFERRED_CLASSES and not explicit:
+        raise InputError(f"{src}: column {col!r} is numeric with {len(uniq)} distinct values: as classes that "
+                         f"would be {len(uniq)} classes. Fix: pass --task regression to predict the value, or "
+                         "--task classification if these really are classes.")
     if num.notna().all():
         uniq = [u for _, u in sorted(zip(num, uniq))]
     if len(uniq) < 2:

@@ -60,6 +60,7 @@ from mmcli.pipeline.signals import Interrupted, critical
 SCHEMA_VERSION = 1
 CLASSIFICATION = "classification"
 SURVIVAL = "survival"
+REGRESSION = "regression"
 PROB_PREFIX = "prob_"
 _log = get_logger("rundir")
 CONFIG, METRICS, PREDICTIONS = "config.json", "metrics.json", "predictions.csv"
@@ -121,8 +122,9 @@ class Run:
         task = self._get("task")
         if task is None and self.predictions is not None:
             task = SURVIVAL if "risk" in self.predictions.columns else CLASSIFICATION
-        if task not in (CLASSIFICATION, SURVIVAL):
-            raise RunFolderError(f"{self.path}: unknown task {task!r} (expected classification or survival)")
+        if task not in (CLASSIFICATION, SURVIVAL, REGRESSION):
+            raise RunFolderError(f"{self.path}: unknown task {task!r} (expected classification, survival or "
+                                 "regression)")
         return task
 
     @property
@@ -164,13 +166,15 @@ class Run:
     @property
     def endpoint(self) -> dict[str, Any]:
         """What is predicted: ``{"target": ...}`` or ``{"time": ..., "event": ...}`` (None when unrecorded)."""
-        if self.task == CLASSIFICATION:
+        if self.task in (CLASSIFICATION, REGRESSION):
             return {"target": self.config.get("target")}
         return {"time": self.config.get("time"), "event": self.config.get("event")}
 
     @property
     def classes(self) -> list[str]:
-        """Class labels as text, in the order of the probability columns."""
+        """Class labels as text, in the order of the probability columns (none for survival and regression)."""
+        if self.task == REGRESSION:
+            return []
         if self.config.get("classes") is not None:
             return [str(c) for c in self.config["classes"]]
         if self.predictions is None:
@@ -209,9 +213,11 @@ class Run:
 
     def score(self) -> np.ndarray:
         """One score per patient for ranking: P(positive class) for binary, max probability for multiclass,
-        risk for survival."""
+        risk for survival, the predicted value for regression."""
         if self.task == SURVIVAL:
             return self.require_predictions()["risk"].to_numpy(dtype=float)
+        if self.task == REGRESSION:
+            return self.require_predictions()["y_pred"].to_numpy(dtype=float)
         p = self.prob_matrix()
         return p[:, 1] if p.shape[1] == 2 else p.max(axis=1)
 
@@ -220,6 +226,8 @@ def _check_predictions(run: Run, pred: pd.DataFrame, where: Path) -> None:
     need = ["patient_id"]
     if run.task == SURVIVAL:
         need += ["time", "event", "risk"]
+    elif run.task == REGRESSION:
+        need += ["y_true", "y_pred"]
     else:
         need += ["y_true"] + [PROB_PREFIX + c for c in run.classes]
         if len(run.classes) < 2:
@@ -233,7 +241,8 @@ def _check_predictions(run: Run, pred: pd.DataFrame, where: Path) -> None:
     dup = pred["patient_id"][pred["patient_id"].duplicated()].unique().tolist()
     if dup:
         raise RunFolderError(f"{where}: patients appear more than once: {dup[:5]} (expected one OOF row each)")
-    numeric = ["time", "event", "risk"] if run.task == SURVIVAL else [PROB_PREFIX + c for c in run.classes]
+    numeric = (["time", "event", "risk"] if run.task == SURVIVAL else ["y_true", "y_pred"] if run.task == REGRESSION
+               else [PROB_PREFIX + c for c in run.classes])
     for c in numeric:
         values = pd.to_numeric(pred[c], errors="coerce")
         if values.isna().any():
@@ -607,10 +616,14 @@ class RunWriter:
 # ---- the frames a run folder owns (written by fit, predict and evaluate) ------------------------------------
 def prediction_frame(patients: Sequence[str], pred: np.ndarray, task: str, classes: Sequence[str] | None
                      ) -> pd.DataFrame:
-    """``patient_id`` + ``y_pred, prob_<class>...`` (classification) or ``risk`` (survival)."""
+    """``patient_id`` + ``y_pred, prob_<class>...`` (classification), ``risk`` (survival) or ``y_pred`` (the
+    predicted value of a regression, in the target's unit)."""
     df = pd.DataFrame({"patient_id": list(patients)})
     if task == SURVIVAL:
         df["risk"] = pred
+        return df
+    if task == REGRESSION:
+        df["y_pred"] = np.asarray(pred, dtype=np.float64)
         return df
     assert classes is not None
     df["y_pred"] = [classes[i] for i in np.asarray(pred).argmax(axis=1)]

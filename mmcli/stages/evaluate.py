@@ -31,6 +31,7 @@ from mmcli.heads.evaluation.drift import modality_drift
 from mmcli.heads.evaluation.evidence import (
     EvidenceOptions,
     classification_evidence,
+    regression_evidence,
     store_tables,
     survival_evidence,
 )
@@ -78,9 +79,10 @@ def evaluate(
     fs = open_store(Path(store), "r")
     sources = fitted.sources(fs)
     table = read_labels(labels)
-    tgt = build_target(table, target=target, time=time, event=event, drop_missing=drop_unmatched)
+    tgt = build_target(table, target=target, time=time, event=event, drop_missing=drop_unmatched,
+                       task=fitted.task)
     classes = list(fitted.classes or [])
-    if not survival:
+    if fitted.task == "classification":
         tgt = _recode(tgt, classes)
     in_store = patients_in(fs, sources)
     keep = [p for p in tgt.patients if p in in_store]
@@ -111,6 +113,8 @@ def evaluate(
     if survival:
         df.insert(1, "time", tgt.y["time"])
         df.insert(2, "event", tgt.y["event"].astype(int))
+    elif fitted.task == "regression":
+        df.insert(1, "y_true", np.asarray(tgt.y, dtype=np.float64))
     else:
         df.insert(1, "y_true", [classes[c] for c in tgt.y])
     names = cohort.names
@@ -237,6 +241,11 @@ def _metrics(fitted: FittedModel, cohort: Cohort, tgt: Target, raw: np.ndarray, 
             "no recorded grid of the fit run: ibs and td_auc are not computed" if fit_grid is None else
             f"the fit run's evaluation grid ({len(fit_grid)} times), clipped to the external follow-up: "
             f"{0 if times is None else len(times)} times kept")
+        return summarise([fold], n_boot=n_boot, seed=seed), ev
+    if tgt.task == "regression":
+        fold = FoldPredictions(y=np.asarray(tgt.y, dtype=np.float64), value=np.asarray(pred, dtype=np.float64))
+        ev = regression_evidence(tgt.y, pred, opts=opts, patients=tgt.patients, labels=table, tables=tables,
+                                 n_boot=n_boot, seed=seed)
         return summarise([fold], n_boot=n_boot, seed=seed), ev
     fold = FoldPredictions(y=np.asarray(tgt.y, dtype=int), probs=pred)
     thresholds = None if post.threshold is None else np.full(len(tgt.y), post.threshold, dtype=float)

@@ -50,9 +50,13 @@ def _cohort(kind: str, n: int = 36, seed: int = 0) -> tuple[Cohort, np.ndarray]:
 def _head(name: str, task: str, y: np.ndarray):
     cls = head_class(name)
     fast = {k: v for k, v in FAST.items() if k in cls.Params.fields()}
-    params = cls.user_params(fast).for_run(task=task, n_classes=0 if task == "survival" else 2, seed=0)
-    target = survival_target(1.0 + 10.0 * (1 - y) + np.arange(len(y)) % 5, (np.arange(len(y)) % 3 > 0)) \
-        if task == "survival" else y
+    params = cls.user_params(fast).for_run(task=task, n_classes=2 if task == "classification" else 0, seed=0)
+    if task == "survival":
+        target = survival_target(1.0 + 10.0 * (1 - y) + np.arange(len(y)) % 5, (np.arange(len(y)) % 3 > 0))
+    elif task == "regression":
+        target = 50.0 + 20.0 * y + np.arange(len(y)) % 7  # a value in its own unit, higher in positives
+    else:
+        target = y
     return cls(params), target
 
 
@@ -66,6 +70,9 @@ def test_fit_predict_save_load(name, task, tmp_path):
     if task == "survival":
         assert pred.shape == (len(y),) and np.isfinite(pred).all()
         assert np.corrcoef(pred, y)[0, 1] > 0  # positives die sooner here: higher risk
+    elif task == "regression":
+        assert pred.shape == (len(y),) and np.isfinite(pred).all()
+        assert np.corrcoef(pred, y)[0, 1] > 0 and 40 < pred.mean() < 80  # learnt, in the target's unit
     else:
         assert pred.shape == (len(y), 2) and np.allclose(pred.sum(1), 1) and (pred >= 0).all()
         assert pred[y == 1, 1].mean() > pred[y == 0, 1].mean()  # the planted signal is learnt at all

@@ -45,15 +45,17 @@ import pandas as pd
 
 from mmcli.heads.evaluation.bootstrap import finite_or_none
 from mmcli.heads.evaluation.metrics import auroc, center_risks_by_fold
+from mmcli.heads.evaluation.regression import regression_metrics
 from mmcli.heads.evaluation.stats import (
     auroc_bootstrap,
     cindex_bootstrap,
     concordance,
     corrected_t_test,
     delong_test,
+    paired_bootstrap,
 )
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.rundir import CLASSIFICATION, SURVIVAL, Run, load_run
+from mmcli.pipeline.rundir import CLASSIFICATION, REGRESSION, SURVIVAL, Run, load_run
 
 
 def _check_compatible(a: Run, b: Run) -> None:
@@ -160,12 +162,33 @@ def _survival(a: Run, b: Run, pa: pd.DataFrame, pb: pd.DataFrame, n_boot: int, s
             "risk_centring": "each run's risks minus the mean of its fold's out-of-fold risks"}
 
 
+def _r2(y: np.ndarray, pred: np.ndarray) -> float:
+    return float(regression_metrics(y, pred)["r2"])
+
+
+def _regression(a: Run, b: Run, pa: pd.DataFrame, pb: pd.DataFrame, n_boot: int, seed: int,
+                alpha: float) -> dict[str, Any]:
+    ids = pa["patient_id"]
+    ya, yb = pa["y_true"].to_numpy(float), pb["y_true"].to_numpy(float)
+    _check_same_labels("y_true", ya, yb, ids, a, b)
+    va, vb = pa["y_pred"].to_numpy(float), pb["y_pred"].to_numpy(float)
+    boot = paired_bootstrap(lambda i: _r2(ya[i], va[i]), lambda i: _r2(ya[i], vb[i]), len(ya), n_boot=n_boot,
+                            seed=seed, alpha=alpha)
+    return {"metric": "r2", "method": "paired_bootstrap", "value_a": boot.estimate_a, "value_b": boot.estimate_b,
+            "difference": boot.difference, "ci_low": finite_or_none(boot.ci_low),
+            "ci_high": finite_or_none(boot.ci_high), "p_value": finite_or_none(boot.p_value), "n_boot": n_boot,
+            "n_valid": boot.n_valid, "seed": seed, "message": boot.message}
+
+
 # ---- the procedures: corrected paired t over the per-fold differences -----------------------------------------
-FOLD_MEAN_KEY = {"auroc": "auroc", "auroc_macro_ovr": "auroc", "c_index": "c_index"}  # compare -> metrics.json
+FOLD_MEAN_KEY = {"auroc": "auroc", "auroc_macro_ovr": "auroc", "c_index": "c_index", "r2": "r2"}  # -> metrics.json
 
 
 def _fold_metric(a: Run, pa: pd.DataFrame, rows: np.ndarray, metric: str) -> float:
     """The compared metric of run ``a`` on the rows ``rows`` of its matched predictions ``pa``."""
+    if metric == "r2":
+        part = pa.iloc[rows]
+        return _r2(part["y_true"].to_numpy(float), part["y_pred"].to_numpy(float))
     if metric == "c_index":
         part = pa.iloc[rows]
         if part["event"].sum() == 0:
@@ -219,7 +242,7 @@ def compare(run_a: str | Path, run_b: str | Path, *, n_boot: int = 2000, seed: i
     a, b = load_run(run_a), load_run(run_b)
     _check_compatible(a, b)
     pa, pb, only_a, only_b = _matched(a, b)
-    fn = _survival if a.task == SURVIVAL else _classification
+    fn = {SURVIVAL: _survival, REGRESSION: _regression}.get(a.task, _classification)
     with warnings.catch_warnings():  # small-class warnings travel in the result's "message" fields instead
         warnings.simplefilter("ignore", UserWarning)
         res = fn(a, b, pa, pb, n_boot, seed, alpha)

@@ -18,6 +18,7 @@ from mmcli.heads.evaluation.decision_curve import decision_curve
 from mmcli.heads.evaluation.metrics import FoldPredictions, weighted_classification_metrics
 from mmcli.heads.evaluation.operating_point import OperatingPoint, threshold_metrics
 from mmcli.heads.evaluation.options import EvidenceOptions
+from mmcli.heads.evaluation.regression import weighted_regression_metrics
 from mmcli.heads.evaluation.subgroups import subgroup_report
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_json
@@ -145,3 +146,22 @@ def _share(W: np.ndarray, hit: np.ndarray, among: np.ndarray) -> np.ndarray:
 def store_tables(fs: Any) -> dict[str, Any]:
     """``{table name: loader}`` of a store's tables (read only when a subgroup column is looked up)."""
     return {name: (lambda name=name: fs.read_table(name)) for name in fs.tables()}
+
+
+def regression_evidence(y: np.ndarray, value: np.ndarray, *, opts: EvidenceOptions, patients: Sequence[str],
+                        labels: pd.DataFrame | None, tables: dict[str, Any], n_boot: int, seed: int
+                        ) -> dict[str, Any]:
+    """``subgroups`` (r2, mae per group) for a regression; calibration, operating points and decision curves are
+    for probabilities and say so."""
+    y, value = np.asarray(y, dtype=np.float64), np.asarray(value, dtype=np.float64)
+    out: dict[str, Any] = {"decision_curve": {"skipped": "decision curves are for probabilities (classification) "
+                                                         "or survival at --horizon; this is a regression"}}
+    specs = opts.subgroup_specs()
+    if specs:
+        def metric_fn(rows: np.ndarray, W: np.ndarray) -> dict[str, np.ndarray]:
+            m = weighted_regression_metrics(y[rows], value[rows], W)
+            return {"r2": m["r2"], "mae": m["mae"]}
+
+        out["subgroups"] = subgroup_report(specs, patients, labels, tables, metric_fn, min_size=opts.min_subgroup,
+                                           n_boot=n_boot, seed=seed)
+    return out

@@ -19,6 +19,9 @@ Survival (``risk`` (n,), higher = shorter survival; ``event`` 1 = observed):
     cohort's observed times, below every fold's last test time. Every fold is scored on the same times, so
     the fold values average one quantity; the grid is recorded in metrics.json (``eval_times``).
 
+Regression (``value`` (n,) predicted, ``y`` the observed values): r2, mae, rmse, pearson, spearman
+    (:mod:`.regression`).
+
 Summary (:func:`summarise`), per metric:
     ``per_fold`` the metric on each fold's test patients; ``mean`` their mean (the cross-validation estimate;
     ``null`` when any fold is undefined: never an average over the folds that happened to be defined).
@@ -50,6 +53,7 @@ import pandas as pd
 
 from mmcli.heads.evaluation.bootstrap import finite_or_nan, finite_or_none, percentile_interval, resample_weights
 from mmcli.heads.evaluation.headline import CI_BOOT, CI_T, headline_for
+from mmcli.heads.evaluation.regression import BOUNDS, weighted_regression_metrics
 
 CLASSIFICATION_METRICS = ("auroc", "auprc", "f1_macro", "balanced_accuracy", "brier")
 SURVIVAL_METRICS = ("c_index", "c_index_uno", "ibs", "td_auc")
@@ -354,8 +358,9 @@ class FoldPredictions:
     predicted survival probabilities at it; ``train_time``/``train_event`` give the censoring distribution.
     """
 
-    y: np.ndarray | None = None  # classification codes
+    y: np.ndarray | None = None  # classification codes, or a regression's observed values
     probs: np.ndarray | None = None  # (n, K)
+    value: np.ndarray | None = None  # regression: the predicted values (n,), in the target's unit
     time: np.ndarray | None = None
     event: np.ndarray | None = None
     risk: np.ndarray | None = None
@@ -372,6 +377,10 @@ class FoldPredictions:
     def is_survival(self) -> bool:
         return self.y is None
 
+    @property
+    def is_regression(self) -> bool:
+        return self.value is not None
+
     def metrics(self, rows: np.ndarray | None = None) -> dict[str, float]:
         """The metrics on the fold's test patients, or on rows ``rows`` (with repeats, as a resample)."""
         w = np.ones(len(self)) if rows is None else np.bincount(np.asarray(rows), minlength=len(self))
@@ -380,6 +389,9 @@ class FoldPredictions:
     def replicate_metrics(self, W: np.ndarray) -> dict[str, np.ndarray]:
         """Every metric for each row of multiplicities ``W`` (B, n) at once; NaN where undefined."""
         W = np.atleast_2d(np.asarray(W, dtype=np.float64))
+        if self.is_regression:
+            assert self.y is not None and self.value is not None
+            return weighted_regression_metrics(self.y, self.value, W)
         if not self.is_survival:
             assert self.y is not None and self.probs is not None
             return weighted_classification_metrics(self.y, self.probs, W)
@@ -389,6 +401,8 @@ class FoldPredictions:
 
     def strata(self) -> np.ndarray:
         """Resampling strata that keep every replicate evaluable (see the module docstring)."""
+        if self.is_regression:  # every resample is evaluable: plain resampling
+            return np.zeros(len(self), dtype=int)
         if not self.is_survival:
             return np.asarray(self.y, dtype=int)
         t, e = np.asarray(self.time, dtype=np.float64), np.asarray(self.event).astype(bool)
@@ -449,14 +463,15 @@ def center_risks_by_fold(pred: pd.DataFrame, fold_col: str = "fold", risk_col: s
     return out
 
 
-def interval_descriptions(survival: bool, n_folds: int | None = None) -> dict[str, str]:
+def interval_descriptions(survival: bool, n_folds: int | None = None, regression: bool = False) -> dict[str, str]:
     """What ``ci_low/ci_high`` and ``ci_t_low/ci_t_high`` cover, and (given ``n_folds``) which is the headline
     (written into every metric of metrics.json)."""
     strata = ("events at or before the first grid time / patients followed past the last grid time / the rest"
               if survival else "class")
+    how = "not stratified" if regression else f"stratified by {strata}, so every replicate is evaluable"
     out = {
         "ci": "percentile bootstrap of the mean over folds: each fold's test patients resampled with replacement "
-              f"(stratified by {strata}, so every replicate is evaluable); fold models, training data and "
+              f"({how}); fold models, training data and "
               "evaluation grid held fixed: covers test-patient variability of these fitted models, not training "
               "variability",
         "ci_t": "corrected resampled t-interval (Nadeau & Bengio 2003) over the per-fold values, variance "
@@ -499,14 +514,14 @@ def summarise(folds: Sequence[FoldPredictions], n_boot: int = 1000, seed: int = 
         boot += np.stack([reps[k] for k in names], axis=1)
     boot /= len(folds)
     sizes = [len(f) for f in folds]
-    intervals = interval_descriptions(survival, len(folds))
+    intervals = interval_descriptions(survival, len(folds), regression=folds[0].is_regression)
     headline = headline_for(len(folds))
     out: dict[str, dict[str, Any]] = {}
     for j, k in enumerate(names):
         pf = np.array([m[k] for m in per_fold], dtype=np.float64)
         mean = float(pf.mean()) if np.isfinite(pf).all() else math.nan
         ci = percentile_interval(boot[:, j], alpha, estimate=mean)
-        t_lo, t_hi = corrected_t_interval(pf, sizes, alpha)
+        t_lo, t_hi = corrected_t_interval(pf, sizes, alpha, bounds=BOUNDS.get(k, (0.0, 1.0)))
         entry: dict[str, Any] = {
             "mean": finite_or_none(mean), **ci.json(CI_BOOT), "per_fold": [finite_or_none(v) for v in pf],
             "n_boot": n_boot, "n_valid": ci.n_valid, "ci_t_low": finite_or_none(t_lo),

@@ -43,6 +43,7 @@ class ABMIL(nn.Module):
 class AttentionMILHead(TorchHead):
     """Gated attention MIL over one bag modality; parameters: :class:`~mmcli.heads.nn.torch_base.TorchParams`."""
 
+    tasks = ("classification", "survival", "regression")
     Params = TorchParams
     input_kind = "bag"
     needs_every_modality = True  # a patient without its bag has nothing to attend to

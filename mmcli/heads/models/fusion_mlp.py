@@ -144,6 +144,7 @@ class FusionMLPHead(VectorPrepHead, TorchHead):
     """
 
     Params = FusionMLPParams
+    tasks = ("classification", "survival", "regression")
     input_kind = "mixed"
     fusion: str
     pool: str

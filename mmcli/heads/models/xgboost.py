@@ -51,6 +51,10 @@ class XGBoostParams(HeadParams, VectorPrepParams):
     reg_lambda: float = Field(1.0, ge=0.0, description="L2 penalty on leaf weights (lambda), >= 0")
     class_weight: Literal["balanced", "none"] | None = Field(
         "balanced", description="balanced (sample weights n / (K * count_k)) | none | null")
+    regression_loss: Literal["mse", "huber"] = Field("mse", description="regression objective on the in-fold "
+                                                     "standardised target: mse (squared error) | huber (pseudo-Huber)")
+    huber_delta: float = Field(1.0, gt=0.0, le=100.0, description="huber: slope of the pseudo-Huber loss, in "
+                               "standard deviations of the training target, > 0")
     n_threads: int = Field(1, ge=1, le=1024, description="xgboost threads, 1..1024 (1: on small cohorts OpenMP "
                            "synchronisation costs more than it saves, badly so on a busy machine)")
 
@@ -60,6 +64,7 @@ class XGBoostHead(VectorPrepHead, Head):
     """XGBoost on pooled features; parameters: :class:`XGBoostParams`."""
 
     Params = XGBoostParams
+    tasks = ("classification", "survival", "regression")
     input_kind = "vector"
     n_estimators: int
     max_depth: int
@@ -69,6 +74,8 @@ class XGBoostHead(VectorPrepHead, Head):
     min_child_weight: float
     reg_lambda: float
     class_weight: str | None
+    regression_loss: str
+    huber_delta: float
     n_threads: int
 
     impute: str | None
@@ -116,6 +123,11 @@ class XGBoostHead(VectorPrepHead, Head):
         }
         if self.task == "survival":
             p.update(objective="survival:cox", eval_metric="cox-nloglik")
+        elif self.is_regression:  # on the in-fold standardised target (Head.fit)
+            if self.regression_loss == "huber":
+                p.update(objective="reg:pseudohubererror", huber_slope=self.huber_delta, eval_metric="mphe")
+            else:
+                p.update(objective="reg:squarederror", eval_metric="rmse")
         elif self.is_binary:
             p.update(objective="binary:logistic", eval_metric="logloss")
         else:
@@ -131,6 +143,8 @@ class XGBoostHead(VectorPrepHead, Head):
         if self.is_survival:
             label = np.where(y["event"], y["time"], -y["time"]).astype(np.float64)
             weight = None
+        elif self.is_regression:
+            label, weight = np.asarray(y, dtype=np.float64), None
         else:
             label = np.asarray(y, dtype=np.float64)
             weight = class_weights(np.asarray(y), self.n_classes, self.class_weight)[np.asarray(y)]
@@ -140,11 +154,14 @@ class XGBoostHead(VectorPrepHead, Head):
         d = self._dmatrix(X)
         if self.is_survival:
             return self.booster_.predict(d, output_margin=True).astype(np.float64)
+        if self.is_regression:  # standardised; Head.predict maps it to the target's unit
+            return self.booster_.predict(d).astype(np.float64)
         p = self.booster_.predict(d).astype(np.float64)
         return np.stack([1.0 - p, p], axis=1) if self.is_binary else p
 
     def contributions(self, X: Cohort) -> pd.DataFrame:
-        """SHAP contributions to the output margin (log-odds / log hazard ratio), one column per feature.
+        """SHAP contributions to the output margin (log-odds / log hazard ratio / the standardised value of a
+        regression), one column per feature.
 
         Multiclass: the contributions to the margin of each patient's predicted class. The bias term is
         left out (it is the same for every patient)."""

@@ -42,14 +42,15 @@ MAX_IG_FLOATS = 1 << 25  # bag elements per captum forward (128 MB of float32) f
 
 
 def output_kind(head: Any) -> str:
-    """``survival``, ``binary`` or ``multiclass``: which margin of the head's output is attributed."""
-    if head.is_survival:
-        return "survival"
+    """``scalar`` (survival risk, a regression's standardised value), ``binary`` or ``multiclass``: which margin
+    of the head's output is attributed."""
+    if head.is_survival or head.is_regression:
+        return "scalar"
     return "binary" if head.is_binary else "multiclass"
 
 
 def _margin(out: torch.Tensor, task: str, target: torch.Tensor | None) -> torch.Tensor:
-    if task == "survival":
+    if task == "scalar":
         return out[:, 0]
     if task == "binary":
         return out[:, 1] - out[:, 0]

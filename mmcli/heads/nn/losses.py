@@ -76,3 +76,13 @@ def cox_ph_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> 
     group_end = torch.repeat_interleave(torch.cumsum(counts, 0) - 1, counts)
     log_risk_set = log_cum[group_end]
     return -((r - log_risk_set) * e).sum() / e.sum()
+
+
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", delta: float = 1.0) -> torch.Tensor:
+    """Mean squared error, or the Huber loss (quadratic within ``delta``, linear beyond: robust to outliers),
+    on the in-fold standardised target."""
+    import torch.nn.functional as F
+
+    if kind == "huber":
+        return F.huber_loss(pred, target, delta=delta)
+    return F.mse_loss(pred, target)

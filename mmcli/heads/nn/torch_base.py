@@ -18,7 +18,8 @@ from torch import nn
 from mmcli.heads.base import CONFIG, Head, HeadParams, read_model_config
 from mmcli.heads.data import Cohort
 from mmcli.heads.data.bags import inference_batches
-from mmcli.heads.nn.losses import class_weights, cox_ph_loss, focal_loss
+from mmcli.heads.nn.losses import class_weights, cox_ph_loss, focal_loss, regression_loss
+from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.io import write_json
 from mmcli.pipeline.rundir import damaged, model_file
 
@@ -73,6 +74,10 @@ class TorchParams(HeadParams):
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay, >= 0")
     loss: Literal["ce", "focal"] = Field("ce", description="classification loss: ce (cross-entropy) | focal "
                                          "(survival always uses the Cox partial likelihood)")
+    regression_loss: Literal["mse", "huber"] = Field("mse", description="regression loss on the in-fold "
+                                                     "standardised target: mse | huber")
+    huber_delta: float = Field(1.0, gt=0.0, le=100.0, description="huber: where the loss turns linear, in standard "
+                               "deviations of the training target, > 0")
     focal_gamma: float = Field(2.0, ge=0.0, description="focal loss focusing parameter, >= 0")
     class_weight: Literal["balanced", "none"] | None = Field(
         "balanced", description="balanced (n / (K * count_k)) | none | null")
@@ -133,7 +138,7 @@ class TorchHead(Head):
 
     @property
     def n_out(self) -> int:
-        return 1 if self.is_survival else self.n_classes
+        return 1 if self.is_survival or self.is_regression else self.n_classes
 
     # ---- subclass hooks ---------------------------------------------------------------------------------
     @abstractmethod
@@ -183,6 +188,8 @@ class TorchHead(Head):
         if self.is_survival:
             t_all = torch.as_tensor(np.ascontiguousarray(y["time"], dtype=np.float32))
             e_all = torch.as_tensor(np.ascontiguousarray(y["event"], dtype=np.float32))
+        elif self.is_regression:  # y standardised in-fold by Head.fit
+            v_all = torch.as_tensor(np.asarray(y, dtype=np.float32))
         else:
             y_all = torch.as_tensor(np.asarray(y), dtype=torch.long)
             cw = torch.as_tensor(class_weights(np.asarray(y), self.n_classes, self.class_weight)).to(dev)
@@ -199,6 +206,8 @@ class TorchHead(Head):
                 ti = torch.as_tensor(idx)
                 if self.is_survival:
                     loss = cox_ph_loss(out[:, 0], t_all[ti].to(dev), e_all[ti].to(dev))
+                elif self.is_regression:
+                    loss = regression_loss(out[:, 0], v_all[ti].to(dev), self.regression_loss, self.huber_delta)
                 elif self.loss == "focal":
                     loss = focal_loss(out, y_all[ti].to(dev), self.focal_gamma, cw)
                 else:
@@ -220,6 +229,9 @@ class TorchHead(Head):
         from mmcli.heads.nn.privacy import check_dp_task, check_module, dp_train, per_patient_loss, privacy_scope
 
         context = f"head {self.name!r}"
+        if self.is_regression:
+            raise InputError(f"{context}: DP-SGD (--param dp_epsilon) is for classification here; a regression "
+                             "would need a bounded loss per patient. Fix: drop dp_epsilon.")
         check_dp_task(survival=self.is_survival, class_weight=self.class_weight, context=context)
         check_module(self.module_, context)
         assert self.dp_epsilon is not None
@@ -257,7 +269,8 @@ class TorchHead(Head):
         return outs, extras, np.concatenate(batches) if batches else np.zeros(0, dtype=int)
 
     def _to_prediction(self, outs: np.ndarray) -> np.ndarray:
-        return outs[:, 0] if self.is_survival else softmax(outs, axis=1)
+        """Risk (survival), the standardised value (regression) or class probabilities."""
+        return outs[:, 0] if self.is_survival or self.is_regression else softmax(outs, axis=1)
 
     def _predict(self, X: Cohort) -> np.ndarray:
         return self._to_prediction(self._run(X)[0])
@@ -275,7 +288,7 @@ class TorchHead(Head):
         """:meth:`predict` and :meth:`attention` from one pass over the bags."""
         X = self.align(X)
         outs, extras, _ = self._run(X)
-        return self._to_prediction(outs), self._attention(X, extras)
+        return self._to_unit(self._to_prediction(outs)), self._attention(X, extras)
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

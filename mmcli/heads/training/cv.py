@@ -42,6 +42,11 @@ def check_folds(target: Target, folds: int, *, after: str = "") -> None:
     if folds < 2:
         raise InputError(f"--folds must be >= 2, got {folds}.")
     n = len(target.patients)
+    if target.task == "regression":
+        if n < 2 * folds:
+            raise InputError(f"{target.source}: {n} patient(s){after}; {folds}-fold CV needs at least "
+                             f"{2 * folds} so that every training fold has 2. Fix: lower --folds or add patients.")
+        return
     if target.task == "survival":
         if n < 2 * folds:
             raise InputError(f"{target.source}: {n} patient(s){after}; {folds}-fold CV needs at least "
@@ -126,11 +131,11 @@ def inner_oof(head: str, cohort: Cohort, target: Target, hp: HeadParams, folds: 
 
 def check_postprocess(target: Target, calibrate: str, operating_point: OperatingPoint | None) -> None:
     """Refuse recalibration for survival and operating points outside binary tasks, naming the flag."""
-    if calibrate != "none" and target.task == "survival":
+    if calibrate != "none" and target.task != "classification":
         raise InputError(f"--calibrate {calibrate}: recalibration is for classification probabilities; this is a "
-                         "survival task. Fix: drop --calibrate.")
+                         f"{target.task} task. Fix: drop --calibrate.")
     if operating_point is not None and not target.binary:
-        what = "survival" if target.task == "survival" else f"{target.n_classes}-class"
+        what = target.task if target.task != "classification" else f"{target.n_classes}-class"
         raise InputError(f"--operating-point {operating_point}: needs a binary target; this is a {what} task. "
                          "Fix: drop --operating-point or use a binary --target.")
 
@@ -245,6 +250,8 @@ class FoldJob:
             ev = FoldPredictions(time=y_te["time"], event=y_te["event"], risk=pred,
                                  surv=h.predict_survival(X_te, self.grid, risk=pred), times=self.grid,
                                  train_time=y_tr["time"], train_event=y_tr["event"])
+        elif target.task == "regression":
+            ev = FoldPredictions(y=np.asarray(target.y[te], dtype=np.float64), value=np.asarray(pred, np.float64))
         else:
             ev = FoldPredictions(y=np.asarray(target.y[te]), probs=pred)
         fitted = {n: list(p.fitted_patients) for n, p in h.preprocessors_.items()}

@@ -10,7 +10,8 @@ swapped in whole)::
     metrics.json         {"head","task","modalities","folds","n_patients","metrics":{name:{mean,ci_low,ci_high,
                          per_fold}},"encoder_ids","seed","created"} + the evidence blocks
                          (see :mod:`mmcli.heads.evaluation.metrics`)
-    predictions.csv      out-of-fold: patient_id,fold,y_true,y_pred,prob_<class>...  |  patient_id,fold,time,event,
+    predictions.csv      out-of-fold: patient_id,fold,y_true,y_pred,prob_<class>...  |  patient_id,fold,y_true,y_pred
+                         (regression, in the target's unit)  |  patient_id,fold,time,event,
                          risk (centred per fold); batch_corrected with batch correction; decision with an
                          operating point
     folds.json           {patient_id: fold}
@@ -46,7 +47,13 @@ from mmcli import __version__
 from mmcli.heads.base import Head
 from mmcli.heads.data import Cohort, Source, covariates_for, load_cohort, patients_in, resolve_sources
 from mmcli.heads.evaluation.calibration import Calibrator
-from mmcli.heads.evaluation.evidence import Postprocess, classification_evidence, store_tables, survival_evidence
+from mmcli.heads.evaluation.evidence import (
+    Postprocess,
+    classification_evidence,
+    regression_evidence,
+    store_tables,
+    survival_evidence,
+)
 from mmcli.heads.evaluation.metrics import center_risks_by_fold, summarise
 from mmcli.heads.evaluation.operating_point import choose_threshold
 from mmcli.heads.fitted import FittedModel
@@ -56,7 +63,7 @@ from mmcli.heads.targets import Target, build_target, read_labels
 from mmcli.heads.training.cv import FoldResult, check_folds, check_postprocess, cross_validate, run_params
 from mmcli.heads.training.options import FitOptions
 from mmcli.pipeline.errors import InputError
-from mmcli.pipeline.rundir import SURVIVAL, RunWriter, attention_frame, prediction_frame
+from mmcli.pipeline.rundir import REGRESSION, SURVIVAL, RunWriter, attention_frame, prediction_frame
 from mmcli.pipeline.scale import resolve_budget
 from mmcli.pipeline.store import open_store
 
@@ -99,7 +106,7 @@ def read_inputs(opts: FitOptions, say: Say) -> FitInputs:
     sources = resolve_sources(fs, names, opts.encoders or None)
     table = read_labels(opts.labels)
     tgt = build_target(table, target=opts.target, time=opts.time, event=opts.event,
-                       drop_missing=opts.drop_unmatched)
+                       drop_missing=opts.drop_unmatched, task=opts.task)
     _check_classes_finite(table, tgt)
     check_postprocess(tgt, opts.evidence.calibrate, opts.evidence.op())
     if tgt.task not in cls.tasks:
@@ -281,6 +288,10 @@ def _evidence(results: list[FoldResult], tgt: Target, cohort: Cohort, inp: FitIn
     patients = [tgt.patients[i] for i in order]
     y = tgt.y[order]
     tables = store_tables(inp.fs)
+    if tgt.task == REGRESSION:
+        value = np.concatenate([np.asarray(r.pred, dtype=np.float64) for r in results])
+        return Postprocess(), regression_evidence(y, value, opts=ev, patients=patients, labels=inp.table,
+                                                  tables=tables, n_boot=n_boot, seed=seed)
     if tgt.task == SURVIVAL:
         # risks centred per fold, as in predictions.csv: each fold model's risks carry an arbitrary offset
         risk = np.concatenate([r.pred - np.mean(r.pred) for r in results])
@@ -335,6 +346,8 @@ def _predictions_frame(results: list[FoldResult], tgt: Target) -> pd.DataFrame:
             y = tgt.y[r.test_idx]
             df.insert(2, "time", y["time"])
             df.insert(3, "event", y["event"].astype(int))
+        elif tgt.task == REGRESSION:
+            df.insert(2, "y_true", np.asarray(tgt.y[r.test_idx], dtype=np.float64))
         else:
             assert tgt.classes is not None
             df.insert(2, "y_true", [tgt.classes[c] for c in tgt.y[r.test_idx]])

@@ -28,6 +28,9 @@ class FitOptions(CohortOptions):
     """Everything ``mmcli fit`` needs, validated once (errors name the flag)."""
 
     head: str = Field(..., description="the head (`mmcli heads` lists them with their parameters)")
+    task: Literal["classification", "survival", "regression"] | None = Field(
+        None, description="classification | survival | regression (default: survival with --time/--event, else "
+        "classification; a numeric --target with many values needs --task regression)")
     params: Any = Field(None, description="the head's parameters (--param KEY=VALUE), validated by its Params "
                         "model")
     out: Path = Field(..., description="run folder (config, metrics.json, predictions.csv, model/)")

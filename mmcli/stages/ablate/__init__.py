@@ -43,7 +43,7 @@ DEFAULT_HEAD = "fusion_mlp"
 SINGLE = "single"
 SINGLE_FUSION = "concat"  # what a single-modality fit of a fusing head runs with
 NO_FUSION = "-"
-DEFAULT_METRIC = {"classification": "auroc", "survival": "c_index"}
+DEFAULT_METRIC = {"classification": "auroc", "survival": "c_index", "regression": "r2"}
 JOB_FILE = "ablation_job.json"
 SELECTION_NOTE = ("the best single and best multimodal fits are picked on the same out-of-fold predictions "
                   "they are compared on; with many fits, read the p-value as exploratory")
@@ -207,6 +207,7 @@ def ablate(
     scheduler: str | None = None,
     workers: int | None = None,
     memory_budget: str | None = None,
+    task: str | None = None,
 ) -> pd.DataFrame:
     """Fit every planned subset x fusion (see the module doc) and return the ablation table.
 
@@ -226,7 +227,7 @@ def ablate(
     for what, p in (("feature store", store), ("labels table", labels)):
         if not Path(p).exists():
             raise InputError(f"{what} not found: {p}")
-    task = "classification" if target is not None else "survival"
+    task = task or ("classification" if target is not None else "survival")
     metric = metric or DEFAULT_METRIC[task]
     say = echo or (lambda s: None)
     if modalities is None:
@@ -239,6 +240,7 @@ def ablate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     common = {"store": str(Path(store).resolve()), "labels": str(Path(labels).resolve()), "target": target,
+              "task": task,
               "time": time, "event": event, "encoders": dict(encoders or {}), "folds": folds, "seed": seed,
               "n_boot": n_boot, "drop_unmatched": drop_unmatched}
     rows: dict[int, dict[str, Any]] = {}
@@ -259,7 +261,7 @@ def ablate(
                 modalities=list(job.subset), encoders=encoders, folds=folds, seed=seed,
                 params=job.fit_params(params), n_boot=n_boot, drop_unmatched=drop_unmatched,
                 strict_match=not drop_unmatched, explain="none", overwrite=True,  # not reusable: replaced whole
-                memory_budget=memory_budget))
+                memory_budget=memory_budget, task=task))
         except MmcliError as e:
             rows[k] = _failed(out, job, run_dir, metric, prefix, e, say)
             continue

@@ -24,7 +24,15 @@ import numpy as np
 from mmcli import __version__
 from mmcli.heads.evaluation import headline
 from mmcli.pipeline.io import atomic_write_text
-from mmcli.pipeline.rundir import CLASSIFICATION, WINDOW_ATTRIBUTIONS, Run, load_run, read_csv, read_json
+from mmcli.pipeline.rundir import (
+    CLASSIFICATION,
+    REGRESSION,
+    WINDOW_ATTRIBUTIONS,
+    Run,
+    load_run,
+    read_csv,
+    read_json,
+)
 from mmcli.stages.report import evidence, plots
 from mmcli.stages.report.attention import attention_section
 from mmcli.stages.report.attributions import attributions_section, note_windows_section
@@ -104,6 +112,8 @@ def _header(run: Run) -> str:
     ]
     if run.task == CLASSIFICATION:
         rows += [("target", cfg.get("target")), ("classes", ", ".join(run.classes))]
+    elif run.task == REGRESSION:
+        rows += [("target", f"{cfg.get('target')} (a value, in its own unit)")]
     else:
         rows += [("time / event", f"{cfg.get('time')} / {cfg.get('event')} (event 1 = observed)")]
     enc = run.encoder_ids
@@ -220,9 +230,24 @@ def _survival_figs(run: Run) -> str:
     return "".join(parts)
 
 
+def _regression_figs(run: Run) -> str:
+    pred = run.require_predictions()
+    y, value = pred["y_true"].to_numpy(float), pred["y_pred"].to_numpy(float)
+    what = "predictions of the fitted model" if evidence.is_evaluation(run) else "out-of-fold predictions"
+    target = run.config.get("target") or "target"
+    figs = [plots.img_tag(plots.observed_figure(y, value, target), "predicted against observed"),
+            plots.img_tag(plots.residual_figure(y, value, target), "residuals against predicted")]
+    resid = y - value
+    return (f"<p class='note'>{len(y)} patients, {what}, in the unit of <code>{_esc(target)}</code>. Residual "
+            f"(observed - predicted): mean {_fmt(resid.mean())}, standard deviation {_fmt(resid.std())}; the "
+            "dashed line is perfect agreement.</p><div class='figs'>" + "".join(figs) + "</div>")
+
+
 def _predictions_section(run: Run) -> str:
     if run.predictions is None:
         return _absent("No <code>predictions.csv</code> in this run: no curves can be drawn.")
+    if run.task == REGRESSION:
+        return _regression_figs(run)
     return _classification_figs(run) if run.task == CLASSIFICATION else _survival_figs(run)
 
 

@@ -182,3 +182,28 @@ def bar_figure(names: Sequence[str], values: Sequence[float], *, title: str, xla
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set(xlabel=xlabel, title=title)
     return to_base64(fig)
+
+
+def observed_figure(y: np.ndarray, value: np.ndarray, target: str) -> str:
+    """Predicted against observed values, with the line of perfect agreement."""
+    fig = new_figure()
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(y, value, s=12, alpha=0.6, color="#4c72b0", edgecolors="none")
+    lo, hi = float(min(y.min(), value.min())), float(max(y.max(), value.max()))
+    ax.plot([lo, hi], [lo, hi], linestyle="--", color="#555555", linewidth=1)
+    ax.set_xlabel(f"observed {target}")
+    ax.set_ylabel(f"predicted {target}")
+    ax.set_title("Predicted vs observed")
+    return to_base64(fig)
+
+
+def residual_figure(y: np.ndarray, value: np.ndarray, target: str) -> str:
+    """Residuals (observed - predicted) against the prediction, with zero marked."""
+    fig = new_figure()
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(value, y - value, s=12, alpha=0.6, color="#dd8452", edgecolors="none")
+    ax.axhline(0.0, linestyle="--", color="#555555", linewidth=1)
+    ax.set_xlabel(f"predicted {target}")
+    ax.set_ylabel("residual (observed - predicted)")
+    ax.set_title("Residuals")
+    return to_base64(fig)

@@ -141,10 +141,11 @@ class PredictResponse(BaseModel):
     request_id: str
     model_sha256: str
     input_sha256: str = Field(description="sha256 of the canonical input features (as in the audit log)")
-    task: Literal["classification", "survival"]
+    task: Literal["classification", "survival", "regression"]
     probabilities: dict[str, float] | None = Field(None, description="per class (classification)")
     predicted_class: str | None = None
     risk: float | None = Field(None, description="log hazard ratio; higher = shorter survival (survival)")
+    value: float | None = Field(None, description="the predicted value, in the target's unit (regression)")
     missing_modalities: list[str]
     modalities_present: dict[str, bool]
     attention: dict[str, list[Tile]] | None = Field(None, description="top-k tiles per bag modality "

@@ -169,7 +169,7 @@ class ServedModel:
             pred = self.head.predict(cohort)
             att = self.head.attention(cohort) if top_k > 0 else None
         out: dict[str, Any] = {"task": self.task, "missing_modalities": missing, "modalities_present": present}
-        # the columns of fit's prediction_frame (risk | prob_<class>, y_pred = argmax) without a DataFrame:
+        # the columns of fit's prediction_frame (risk | value | prob_<class>, y_pred = argmax) without a DataFrame:
         # building one costs more than the forward pass of a small head
         pred = np.asarray(pred, dtype=np.float64)
         if not np.isfinite(pred).all():  # e.g. values near the float32 limit, far outside what the model saw
@@ -177,6 +177,8 @@ class ServedModel:
                                 "it was trained on).")
         if self.task == "survival":
             out["risk"] = float(pred.reshape(-1)[0])
+        elif self.task == "regression":
+            out["value"] = float(pred.reshape(-1)[0])
         else:
             pred = self.post.calibrate(pred)
             out["probabilities"] = {c: float(p) for c, p in zip(self.classes, pred[0])}
