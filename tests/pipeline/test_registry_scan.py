@@ -30,8 +30,10 @@ class C: ...
 @register(NAME)
 def d(): ...
 '''
-    assert decorated_names(source, "register") == ["wsi", "mri"]
-    assert decorated_names(source, "register_head") == ["not_this_decorator"]
+    assert decorated_names(source, "register") == [("wsi", ()), ("mri", ())]
+    assert decorated_names(source, "register_head") == [("not_this_decorator", ())]
+    aliased = '@register_head("attention_mil", aliases=("abmil", "gated_abmil"))\nclass A: ...\n'
+    assert decorated_names(aliased, "register_head") == [("attention_mil", ("abmil", "gated_abmil"))]
 
 
 @pytest.mark.parametrize("module,registry", [("mmcli.heads.registry", "HEADS"),

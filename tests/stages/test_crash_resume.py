@@ -112,10 +112,10 @@ def test_fault_spec_parsing() -> None:
     for bad in ("nowhere:1", "item.after:0", "item.after:1:explode", "item.after:x"):
         with pytest.raises(ValueError):
             parse(bad)
-    # the extraction points, fit's two (run.model, run.staged: see tests/stages/test_fit_faults.py) and the lock
-    # files' (lock.created: tests/pipeline/test_locks.py)
+    # the extraction points, fit's two (run.model, run.staged: see tests/stages/test_fit_faults.py), the lock
+    # files' (lock.created: tests/pipeline/test_locks.py) and a fold's (cv.fold: tests/heads/training/test_cv_dask.py)
     assert {"item.locked", "item.progress", "store.staged", "item.written", "item.after", "run.model",
-            "run.staged", "lock.created"} == set(POINTS)
+            "run.staged", "lock.created", "cv.fold"} == set(POINTS)
     assert parse("store.staged:1:erofs") == {"store.staged": (1, "erofs")}
 
 

@@ -107,7 +107,7 @@ def test_a_stopped_extraction_stops_the_demo(tmp_path: Path, monkeypatch: pytest
     import mmcli.stages.extract as extract_stage
     import mmcli.stages.synth as synth_stage
     from mmcli.features.runner import RunSummary
-    from mmcli.stages import demo as demo_stage
+    from mmcli.workflows import demo as demo_stage
 
     calls = []
     monkeypatch.setattr(synth_stage, "synth", lambda out, **_: SimpleNamespace(
