@@ -183,3 +183,16 @@ def test_failed_fit_writes_no_run_folder(tmp_path: Path) -> None:
                                      str(tmp_path / "labels.csv"), "--target", "nope", "--out", str(run)])
     assert r.exit_code == 2 and r.output.count("error:") == 1 and "Traceback" not in r.output
     assert not run.exists()
+
+
+def test_fit_refuses_bad_run_options_with_exit_2(tmp_path: Path) -> None:
+    """Issue 25 item 9: `fit --n-boot 0` (and other out-of-range run options) is exit 2 naming the flag, before
+    anything is read or written."""
+    for flag, value, want in (("--n-boot", "0", "--n-boot"), ("--n-boot", "-5", "--n-boot"),
+                              ("--folds", "1", "--folds"), ("--memory-budget", "lots", "--memory-budget"),
+                              ("--task", "ranking", "--task")):
+        r = CliRunner().invoke(cli.app, ["fit", "--head", "xgboost", "--store", str(tmp_path / "s.zarr"), "--labels",
+                                         str(tmp_path / "l.csv"), "--target", "y", "--out", str(tmp_path / "run"),
+                                         flag, value])
+        assert r.exit_code == 2 and want in r.output and "Traceback" not in r.output, (flag, r.output)
+        assert not (tmp_path / "run").exists()

@@ -201,6 +201,7 @@ def build_card(path: str | Path) -> dict[str, Any]:
     endpoint = ({"time": config.get("time"), "event": config.get("event")} if task == SURVIVAL
                 else {"target": config.get("target")})
     what = (f"survival risk ({endpoint['time']}, {endpoint['event']})" if task == SURVIVAL
+            else f"the value of {endpoint['target']}" if task == "regression"
             else f"{endpoint['target']} ({', '.join(map(str, config.get('classes') or []))})")
     card: dict[str, Any] = {
         "schema": CARD_SCHEMA,
