@@ -323,6 +323,7 @@ def ablate(
                                          "default: in this process.", rich_help_panel=SCALE),
     workers: int | None = typer.Option(None, "--workers", help=help_of(FitOptions, "workers"),
                                        rich_help_panel=SCALE),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide each fit's fold / epoch progress bars."),
 ) -> None:
     """Fit modality subsets x fusion operators; write a table and a bar chart with CIs."""
     from mmcli.stages.ablate import ablate as run_ablate
@@ -337,7 +338,8 @@ def ablate(
         params=parse_params(param, head_names) or None,
         max_subset_size=max_subset_size, subsets=parse_subsets(subsets) if subsets else None, metric=metric,
         force=force, compare_best=not no_compare, n_boot=n_boot, drop_unmatched=not keep_unmatched,
-        echo=say, scheduler=scheduler, workers=workers, memory_budget=memory_budget, task=task)
+        echo=say, scheduler=scheduler, workers=workers, memory_budget=memory_budget, task=task,
+        progress=not no_progress)
     say(format_ablation(table))
     say(f"wrote {out / 'ablation.csv'}, {out / 'ablation.png'} and {out / 'ablation_summary.json'}")
     failed = table["status"].astype(str).str.startswith("failed").any() if "status" in table else False

@@ -69,7 +69,7 @@ class FakeFit:
         self.calls: list[dict[str, Any]] = []
         self.fail_on = fail_on
 
-    def __call__(self, opts: Any, say: Any = None) -> dict[str, Any]:
+    def __call__(self, opts: Any, say: Any = None, progress: bool = False) -> dict[str, Any]:
         kw = {**dict(opts), "params": opts.head_params.given()}
         self.calls.append(kw)
         mods = kw["modalities"]

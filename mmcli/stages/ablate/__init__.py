@@ -208,6 +208,7 @@ def ablate(
     workers: int | None = None,
     memory_budget: str | None = None,
     task: str | None = None,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Fit every planned subset x fusion (see the module doc) and return the ablation table.
 
@@ -266,8 +267,9 @@ def ablate(
             rows[k] = _failed(out, job, run_dir, metric, prefix, e, say)
             continue
         todo.append((k, job, opts, spec))
-    runner = _run_on_dask if scheduler is not None else _run_here
-    for k, job, _opts, spec, result, error in runner(todo, say, len(jobs), scheduler, workers):
+    runs = (_run_on_dask(todo, say, len(jobs), scheduler, workers) if scheduler is not None
+            else _run_here(todo, say, len(jobs), progress))
+    for k, job, _opts, spec, result, error in runs:
         run_dir, prefix = out / job.name, f"[{k}/{len(jobs)}] {job.name}"
         if error is not None:
             rows[k] = _failed(out, job, run_dir, metric, prefix, error, say)
@@ -301,13 +303,13 @@ def _failed(out: Path, job: Job, run_dir: Path, metric: str, prefix: str, e: Bas
 Todo = list[tuple[int, Job, Any, dict[str, Any]]]
 
 
-def _run_here(todo: Todo, say: Callable[[str], None], n_jobs: int, scheduler: str | None, workers: int | None
+def _run_here(todo: Todo, say: Callable[[str], None], n_jobs: int, progress: bool = False
               ) -> Iterator[tuple[int, Job, Any, dict[str, Any], dict[str, Any] | None, BaseException | None]]:
-    """The fits one after another in this process."""
+    """The fits one after another in this process (with ``progress``: each fit's fold and epoch bars)."""
     for k, job, opts, spec in todo:
         say(f"[{k}/{n_jobs}] {job.name}: fitting {job.head}" + (f" ({job.fusion})" if job.fuses else ""))
         try:
-            yield k, job, opts, spec, fit_run(opts), None
+            yield k, job, opts, spec, fit_run(opts, progress=progress), None
         except Exception as e:  # noqa: BLE001 - one failing fit is reported, the ablation goes on
             yield k, job, opts, spec, None, e
 
