@@ -13,6 +13,17 @@ import numpy as np
 
 from mmcli.pipeline.figures import DPI, img_tag, new_figure, to_base64  # noqa: F401 - the report's figure API
 
+# Kaplan-Meier groups, low to high risk: blue, amber, red (high risk in a warning colour; ColorBrewer RdYlBu ends)
+RISK_COLOURS = {"low risk": "#2166ac", "intermediate risk": "#e08214", "high risk": "#b2182b"}
+
+
+def legend_below(fig: Any, ax: Any, ncol: int = 2, fontsize: float = 8) -> None:
+    """The axes' legend under the plot (constrained layout makes room), so it never covers a curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(handles)), fontsize=fontsize,
+                   frameon=False)
+
 
 def _ovr(classes: Sequence[str]) -> list[int]:
     """Classes to draw one-vs-rest curves for: the positive class for binary, every class otherwise."""
@@ -34,7 +45,7 @@ def roc_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> str:
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (out-of-fold)",
            xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(fontsize=8, loc="lower right")
+    legend_below(fig, ax)
     return to_base64(fig)
 
 
@@ -54,7 +65,7 @@ def pr_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> str:
         ax.axhline(yc.mean(), ls=":", lw=0.8, c=line.get_color())
     ax.set(xlabel="recall", ylabel="precision", title="Precision-recall (dotted: prevalence)",
            xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=8, loc="lower left")
+    legend_below(fig, ax)
     return to_base64(fig)
 
 
@@ -74,7 +85,7 @@ def calibration_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str],
         ax.plot(mean_pred, frac, marker="o", ms=3, lw=1.4, label=classes[c])
     ax.set(xlabel="mean predicted probability", ylabel="observed fraction", title="Calibration (quantile bins)",
            xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=8, loc="upper left")
+    legend_below(fig, ax)
     return to_base64(fig)
 
 
@@ -131,7 +142,8 @@ def km_figure(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
         m = groups == g
         KaplanMeierFitter(label=f"{names[g]} (n={int(m.sum())}, events={int(event[m].sum())})").fit(
             time[m], event[m]).plot_survival_function(ax=ax, ci_show=True, show_censors=True,
-                                                      censor_styles={"ms": 4, "marker": "|"})
+                                                      censor_styles={"ms": 4, "marker": "|"},
+                                                      color=RISK_COLOURS.get(names[g]))
     info: dict[str, Any] = {"groups": [names[g] for g in used], "sizes": [int((groups == g).sum()) for g in used],
                             "events": [int(event[groups == g].sum()) for g in used], "logrank_p": None,
                             "test": "log-rank" if len(used) == 2 else "multivariate log-rank"}
@@ -142,7 +154,9 @@ def km_figure(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
     else:
         ax.set_title("Kaplan-Meier (all risks equal: one group)")
     ax.set(xlabel=f"time{f' ({time_unit})' if time_unit else ''}", ylabel="survival probability", ylim=(0, 1.02))
-    ax.legend(fontsize=8, loc="upper right")
+    if ax.get_legend() is not None:  # lifelines draws one inside the axes
+        ax.get_legend().remove()
+    legend_below(fig, ax, ncol=1)
     return to_base64(fig), info
 
 
