@@ -171,10 +171,13 @@ def export_cmd(
                                      rich_help_panel=HEATMAPS),
     **options: object,
 ) -> None:
-    """Export stored tile features as CLAM / TRIDENT / STAMP h5 files, one per slide; an item the target tool
-    could not read (no coords, unknown tile size or magnification) is refused by name (exit 1). --format heatmap
-    writes high-resolution attention heatmaps of a fitted run instead (overlapping tiles re-encoded and averaged,
-    as CLAM's create_heatmaps)."""
+    """Export stored tile features (CLAM / TRIDENT / STAMP h5, QuPath GeoJSON), or a fitted run's
+    high-resolution attention heatmaps (--format heatmap).
+
+    Feature files: one per slide; an item the target tool could not read (no coords, unknown tile size or
+    magnification) is refused by name (exit 1). Heatmaps: overlapping tiles re-encoded, scored by the run's model
+    and averaged per pixel, as CLAM's create_heatmaps (PNG, pyramidal OME-TIFF, scores).
+    """
     from mmcli.cli.flags import csv_list
 
     if fmt.lower() == "heatmap":
@@ -211,8 +214,9 @@ def export_cmd(
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
 ) -> None:
-    """Check this machine: slide readers, devices (CUDA, CPU bf16/VNNI), runtimes, store backends, the Hugging
-    Face cache and which presets have weights locally. Exit 1 (with a fix for each) when something is wrong."""
+    """Check this machine: slide readers, devices (CUDA, CPU bf16/VNNI), runtimes, store backends, whether the
+    default encoders find pretrained weights (a warning when not), the Hugging Face cache and which presets have
+    weights locally. Exit 1 (with a fix for each) when something is wrong."""
     from mmcli.stages.doctor import doctor as run_doctor
 
     report = run_doctor()

@@ -59,9 +59,10 @@ class HeatmapOptions(Options):
                                                           "slide) and/or tiff (pyramidal OME-TIFF, and the float "
                                                           "scores)")
     alpha: float = Field(0.5, ge=0, le=1, description="opacity of the colour map over the slide, 0..1")
-    cmap: str = Field("jet", description="matplotlib colour map (CLAM's heatmaps: jet)")
-    normalise: Literal["percentile", "raw"] = Field("percentile", description="percentile (within-slide "
-                                                    "percentiles in (0, 1], as CLAM) | raw (the model's attention)")
+    cmap: str = Field("jet", description="the matplotlib colour map (CLAM's heatmaps: jet)")
+    normalise: Literal["percentile", "raw"] = Field("percentile", description="the scores drawn: percentile "
+                                                    "(within-slide percentiles in (0, 1], as CLAM) | raw (the "
+                                                    "model's attention)")
     max_tiles: int = Field(100_000, ge=1, description="refuse a slide with more overlapping tiles than this "
                            "(lower --overlap or give a --region)")
     batch_size: int = Field(64, ge=1, description="tiles per encoder batch")
