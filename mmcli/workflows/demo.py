@@ -83,22 +83,23 @@ def _cell(v: dict[str, Any] | None) -> str:
     return f"{v['mean']:.3f}{ci}"
 
 
-def tables(res: StudyResult) -> list[Table]:
-    """One table per task: metrics as rows, runs as columns, cells ``mean`` over ``[headline 95% CI]``."""
+def tables(res: StudyResult) -> list[tuple[str, Table]]:
+    """``(caption, table)`` per task: metrics as rows, runs as columns, cells ``mean`` over ``[headline 95%
+    CI]``."""
     out = []
     for task, names in (("classification", CLASSIFICATION_METRICS), ("survival", SURVIVAL_METRICS)):
         runs = {n: r for n, r in res.fits.items() if r.get("task") == task}
         if not runs:
             continue
-        table = Table(title=f"{task}: out-of-fold, mean over folds [95% CI, corrected t over folds]",
-                      title_justify="left")
+        caption = f"{task}: out-of-fold mean over folds [95% CI: corrected t over folds]"
+        table = Table()
         table.add_column("metric", no_wrap=True)
         for name in runs:
             table.add_column(name, justify="right", overflow="fold", min_width=12)
         for m in names:
             if any(m in (r.get("metrics") or {}) for r in runs.values()):
                 table.add_row(m, *(_cell((r.get("metrics") or {}).get(m)) for r in runs.values()))
-        out.append(table)
+        out.append((caption, table))
     return out
 
 
@@ -116,7 +117,8 @@ def fit_and_report(head: str, store: Path, labels: str | Path, run_dir: Path, ta
 
 
 def print_tables(res: StudyResult) -> None:
-    for table in tables(res):
+    for caption, table in tables(res):
+        console.print(caption, markup=False, highlight=False)
         console.print(table)
     if res.reports:
         console.print("reports:", highlight=False)

@@ -250,6 +250,6 @@ def test_survival_attention_mil_report_has_heatmaps(tmp_path: Path) -> None:
                      (events[-1], "event, lowest predicted risk #1 (missed)")], shown
     said = re.findall(r"<p class='said'>(.*?)</p>", text)
     assert len(said) == 3 and "✗ missed" in said[2] and "✗" not in said[0] + said[1]
-    assert all(re.search(r"risk [-0-9.e]+ \(log hazard ratio; \d+th percentile of the 16 out-of-fold risks, higher = "
-                         r"shorter predicted survival\) · event at [0-9.]+", x) for x in said), said
+    assert all(re.search(r"risk [-0-9.e]+ \(log hazard ratio; \d+(st|nd|rd|th) percentile of the 16 out-of-fold "
+                         r"risks, higher = shorter predicted survival\) · event at [0-9.]+", x) for x in said), said
     assert f"attention heatmap {events[0]}/slide1" in text

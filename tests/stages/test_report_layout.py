@@ -244,3 +244,19 @@ def test_report_renders_in_chromium_with_the_headline_on_the_first_screen(tmp_pa
     assert near((0xFD, 0xEC, 0xEA)) > 20_000  # the banner's background
     assert near((0xF0, 0xF6, 0xFB)) > 20_000  # the headline box's background
     assert near((0xB2, 0x18, 0x2B)) > 500 and near((0x2C, 0x7F, 0xB8)) > 500  # their left borders
+
+
+def test_in_sample_patients_of_an_evaluation_are_said_in_the_box(tmp_path: Path) -> None:
+    run = classification_run(tmp_path / "run")
+    met = json.loads((run / "metrics.json").read_text())
+    met["training_overlap"] = {"checked": True, "n": 7, "patients": [f"P{i:04d}" for i in range(7)]}
+    (run / "metrics.json").write_text(json.dumps(met))
+    box = report(run).read_text().split("class='headline'")[1].split("</div>\n")[0]
+    assert "7 of these patients were in the training cohort" in box and "optimistic" in box
+
+
+def test_percentile_ordinals() -> None:
+    from mmcli.stages.report.attention import _ordinal
+
+    assert [_ordinal(k) for k in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 97, 100)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "97th", "100th"]

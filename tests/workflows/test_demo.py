@@ -96,7 +96,7 @@ def test_demo_survival_attention_report_has_heatmaps(demo: dict[str, Path]) -> N
     assert len({pid for pid, _ in heatmaps}) == 3  # three patients, each with every slide it has
     tops = re.findall(r"alt='top attention tiles ([^/']+)/([^']+)'", text)
     assert tops == heatmaps  # the slides are reachable: tile images for every heatmap
-    assert re.search(r"risk [-0-9.e]+ \(log hazard ratio; \d+th percentile", text)
+    assert re.search(r"risk [-0-9.e]+ \(log hazard ratio; \d+(st|nd|rd|th) percentile", text)
     assert "slide file not reachable" not in text
 
 
@@ -148,7 +148,8 @@ def test_the_headline_tables_fit_80_columns() -> None:
                             "attention_mil_survival": {"task": "survival", "metrics": surv}})
     for width in (80, 120):
         console = Console(width=width, record=True, color_system=None)
-        for t in tables(res):
+        for caption, t in tables(res):
+            console.print(caption)
             console.print(t)
         text = console.export_text()
         assert "…" not in text and max(len(line) for line in text.splitlines()) <= width

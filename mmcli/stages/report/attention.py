@@ -186,6 +186,12 @@ def _classification_showcase(run: Run, pid: np.ndarray, with_att: np.ndarray, n:
     return out
 
 
+def _ordinal(k: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ``11th``, ``12th``, ``13th``, ``21st``, ..."""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
 def _survival_showcase(run: Run, pid: np.ndarray, with_att: np.ndarray, n: int) -> list[Showcased]:
     """Half (rounded up) the highest-risk patients who had the event (the model's hits), half the lowest-risk
     patients who had the event anyway (its misses); censored patients fill in where those run short. The risk
@@ -206,9 +212,9 @@ def _survival_showcase(run: Run, pid: np.ndarray, with_att: np.ndarray, n: int) 
     others = _ranked(by_risk, with_att & ~event)[: n - n_hit - n_miss]
 
     def said(i: int) -> str:
-        pct = percentileofscore(risk, risk[i], kind="weak")
+        pct = _ordinal(round(percentileofscore(risk, risk[i], kind="weak")))
         outcome = f"event at {time[i]:g}{unit}" if event[i] else f"censored at {time[i]:g}{unit} (no event seen)"
-        return (f"risk {risk[i]:.3g} (log hazard ratio; {pct:.0f}th percentile of the {len(risk)} out-of-fold "
+        return (f"risk {risk[i]:.3g} (log hazard ratio; {pct} percentile of the {len(risk)} out-of-fold "
                 f"risks, higher = shorter predicted survival) · {outcome}")
 
     out = [Showcased(pid[i], f"event, highest predicted risk #{k + 1}", said(i)) for k, i in enumerate(hits[:n_hit])]

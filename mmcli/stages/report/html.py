@@ -194,7 +194,8 @@ def _classification_figs(run: Run) -> str:
         y_pred = probs.argmax(axis=1)
     note = (f"Positive class: <code>{_esc(classes[1])}</code>." if len(classes) == 2
             else "Multiclass: one curve per class (one-vs-rest).")
-    figs = [plots.img_tag(plots.roc_figure(y, probs, classes), "ROC curve"),
+    figs = [plots.img_tag(plots.roc_figure(y, probs, classes, "external cohort" if evidence.is_evaluation(run)
+                                           else "out-of-fold"), "ROC curve"),
             plots.img_tag(plots.pr_figure(y, probs, classes), "precision-recall curve"),
             plots.img_tag(plots.confusion_figure(y, y_pred, classes), "confusion matrix")]
     if not (run.metrics or {}).get("calibration"):  # else the Calibration section draws the reliability diagram

@@ -30,7 +30,7 @@ def _ovr(classes: Sequence[str]) -> list[int]:
     return [1] if len(classes) == 2 else list(range(len(classes)))
 
 
-def roc_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> str:
+def roc_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], what: str = "out-of-fold") -> str:
     """ROC curve(s): binary (positive = ``classes[1]``) or one-vs-rest per class, with AUROC in the legend."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -43,7 +43,7 @@ def roc_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> str:
         fpr, tpr, _ = roc_curve(yc, probs[:, c])
         ax.plot(fpr, tpr, lw=1.6, label=f"{classes[c]} (AUROC {roc_auc_score(yc, probs[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (out-of-fold)",
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({what})",
            xlim=(0, 1), ylim=(0, 1.01))
     legend_below(fig, ax)
     return to_base64(fig)

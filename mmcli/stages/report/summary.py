@@ -157,4 +157,14 @@ def headline_box(run: Run) -> str:
         f"<p>{source}; 95% CI by {_esc(covers)}.</p>"
         f"<p>{_cohort_line(run)}.</p>"
         f"<p class='reading'>{reading(run, name, m.get('mean'), lo, hi)}</p>"
-        "</div>")
+        f"{_overlap_note(run)}</div>")
+
+
+def _overlap_note(run: Run) -> str:
+    """``mmcli evaluate --allow-overlap``: patients that the model was trained on score in-sample."""
+    ov = (run.metrics or {}).get("training_overlap") or {}
+    n = ov.get("n") or 0
+    if not n:
+        return ""
+    return (f"<p class='wrong'>{int(n)} of these patients were in the training cohort: their predictions are "
+            "in-sample, so this number is optimistic.</p>")
