@@ -281,8 +281,8 @@ EVIDENCE = (  # (metrics.json block, section title, builder, what to do to get i
     ("calibration", "Calibration", evidence.calibration_section,
      "calibration (classification runs of this version; <code>--calibrate platt|isotonic</code> recalibrates)"),
     ("operating_point", "Operating point", evidence.operating_point_section,
-     "an operating point (binary tasks: fit with <code>--operating-point sens=0.9</code> or <code>spec=0.9</code>)"),
-    ("decision_curve", "Decision curve", evidence.decision_curve_section, "a decision curve"),
+     "operating point (binary tasks: fit with <code>--operating-point sens=0.9</code> or <code>spec=0.9</code>)"),
+    ("decision_curve", "Decision curve", evidence.decision_curve_section, "decision curve"),
     ("subgroups", "Subgroups", evidence.subgroups_section,
      "subgroup metrics (fit with <code>--subgroups COL[,COL]</code>)"),
 )
