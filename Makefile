@@ -4,16 +4,24 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?= -q
+# a PyTorch wheel index to take torch and torchvision from first (install-cpu sets PyTorch's CPU index)
+TORCH_INDEX_URL ?=
+CPU_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test test-fast lint lint-imports bench docker clean
+.PHONY: install install-cpu demo test test-fast lint lint-imports bench docker clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
+	$(if $(TORCH_INDEX_URL),$(BIN)/pip install --index-url $(TORCH_INDEX_URL) torch torchvision)
 	$(BIN)/pip install -e ".[dev]"
 	touch $(STAMP)
+
+# CPU only: torch and torchvision from PyTorch's CPU wheels (no CUDA libraries), then mmcli as `make install`
+install-cpu:
+	$(MAKE) install TORCH_INDEX_URL=$(CPU_INDEX_URL)
 
 demo: $(STAMP)
 	$(BIN)/mmcli demo --out demo_out

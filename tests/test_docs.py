@@ -39,6 +39,7 @@ PENDING_FLAGS: dict[tuple[str, str], str] = {}
 EXTERNAL_FLAGS = {
     "--scheduler-file", "--no-dashboard", "--nthreads", "--nworkers", "--protocol",  # dask scheduler / worker
     "--gres",  # SLURM, in the dask-jobqueue example
+    "--index-url",  # pip, in the CPU-only install
 }
 
 FENCE = re.compile(r"^(```|~~~)")

@@ -8,7 +8,7 @@ loaded only when invoked (its flags come from the modality option models, which 
 """
 from __future__ import annotations
 
-from mmcli.cli import demo, serve, stage1, stage2  # noqa: F401 - registering the commands
+from mmcli.cli import demo, serve, stage1, stage2, study  # noqa: F401 - registering the commands
 from mmcli.cli.app import app, handled, main
 
 __all__ = ["app", "handled", "main"]

@@ -15,7 +15,8 @@ def demo(
     patients: int = typer.Option(120, "--patients", help="Patients in the synthetic cohort."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """synth -> extract every modality -> fit every head -> report, then print a heads x metrics table."""
+    """synth -> extract every modality -> fit every head -> report -> ablation: the study
+    mmcli/workflows/demo.yaml (resolved copy in OUT/study.yaml), one line per run with its report, then tables."""
     from mmcli.workflows.demo import run_demo
 
     code = run_demo(out, patients=patients, seed=seed)

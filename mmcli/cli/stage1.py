@@ -8,7 +8,9 @@ from pathlib import Path
 import typer
 
 from mmcli.cli.app import app, handled, runs_log, say, store_app
-from mmcli.cli.flags import JsonOpt, SchedulerOpt, StoreOpt, WorkersOpt
+from mmcli.cli.flags import JsonOpt, SchedulerOpt, StoreOpt, WorkersOpt, model_options
+from mmcli.pipeline.errors import InputError
+from mmcli.stages.heatmap import HeatmapOptions
 
 
 @app.command()
@@ -137,12 +139,17 @@ def import_cmd(
     raise typer.Exit(summary.exit_code)
 
 
+HEATMAPS = "Heatmaps (--format heatmap)"
+
+
 @app.command("export")
 @handled()
+@model_options((HeatmapOptions, HEATMAPS))
 def export_cmd(
     fmt: str = typer.Option(..., "--format", help="Layout to write: clam (h5_files/, pt_files/, patches/), "
-                            "trident (<mag>x_<size>px_0px_overlap/features_<encoder>/), stamp (<encoder>/) or "
-                            "geojson (QuPath: <slide>.geojson with tissue outline and tiles)."),
+                            "trident (<mag>x_<size>px_0px_overlap/features_<encoder>/), stamp (<encoder>/), "
+                            "geojson (QuPath: <slide>.geojson with tissue outline and tiles) or heatmap "
+                            "(high-resolution attention heatmaps of --run: PNG, pyramidal OME-TIFF, scores)."),
     store: Path = typer.Option(..., "--store", help="Feature store to read."),
     out: Path = typer.Option(..., "--out", help="Output folder (also gets manifest.csv for mmcli import)."),
     modality: str = typer.Option("wsi", "--modality", help="Modality to export."),
@@ -155,9 +162,39 @@ def export_cmd(
     scores: Path | None = typer.Option(None, "--scores", help="geojson: per-tile scores CSV (patient_id,item_id,"
                                        "index + numeric columns, e.g. attention.csv of a fit run) written as "
                                        "tile measurements."),
+    run: Path | None = typer.Option(None, "--run", help="heatmap: the fit run whose model scores the tiles "
+                                    "(attention_mil, or fusion_mlp with pool=attention).", rich_help_panel=HEATMAPS),
+    patients: str | None = typer.Option(None, "--patients", help="heatmap: comma list of patients, every slide of "
+                                        "each  (default: the 3 with the highest out-of-fold score)",
+                                        rich_help_panel=HEATMAPS),
+    items: str | None = typer.Option(None, "--items", help="heatmap: comma list of PATIENT_ID/ITEM_ID slides.",
+                                     rich_help_panel=HEATMAPS),
+    **options: object,
 ) -> None:
-    """Export stored tile features as CLAM / TRIDENT / STAMP h5 files, one per slide; an item the target tool
-    could not read (no coords, unknown tile size or magnification) is refused by name (exit 1)."""
+    """Export stored tile features (CLAM / TRIDENT / STAMP h5, QuPath GeoJSON), or a fitted run's
+    high-resolution attention heatmaps (--format heatmap).
+
+    Feature files: one per slide; an item the target tool could not read (no coords, unknown tile size or
+    magnification) is refused by name (exit 1). Heatmaps: overlapping tiles re-encoded, scored by the run's model
+    and averaged per pixel, as CLAM's create_heatmaps (PNG, pyramidal OME-TIFF, scores).
+    """
+    from mmcli.cli.flags import csv_list
+
+    if fmt.lower() == "heatmap":
+        from mmcli.stages.heatmap import export_heatmaps
+
+        if run is None:
+            raise InputError("--format heatmap needs --run RUN_DIR (a fit with attention).")
+        res = export_heatmaps(run, out, patients=csv_list(patients), items=csv_list(items),
+                              options=HeatmapOptions.build(options), store=store, log=say)
+        say(f"heatmaps of {len(res.slides)} slide(s) -> {out}")
+        for item, reason in res.failed:
+            say(f"  failed: {item}: {reason}")
+        raise typer.Exit(res.exit_code)
+    heatmap_only = [f for f, v in (("--run", run), ("--patients", patients), ("--items", items)) if v is not None]
+    heatmap_only += [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
+    if heatmap_only:
+        raise InputError(f"{', '.join(heatmap_only)} go(es) with --format heatmap.")
     from mmcli.features.interop.exporter import n_files
     from mmcli.stages.export import export
 
@@ -172,14 +209,14 @@ def export_cmd(
     raise typer.Exit(res.exit_code)
 
 
-
 @app.command()
 @handled()
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
 ) -> None:
-    """Check this machine: slide readers, devices (CUDA, CPU bf16/VNNI), runtimes, store backends, the Hugging
-    Face cache and which presets have weights locally. Exit 1 (with a fix for each) when something is wrong."""
+    """Check this machine: slide readers, devices (CUDA, CPU bf16/VNNI), runtimes, store backends, whether the
+    default encoders find pretrained weights (a warning when not), the Hugging Face cache and which presets have
+    weights locally. Exit 1 (with a fix for each) when something is wrong."""
     from mmcli.stages.doctor import doctor as run_doctor
 
     report = run_doctor()

@@ -6,6 +6,7 @@ stage; help texts come from the options models' field descriptions (:mod:`mmcli.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -406,8 +407,9 @@ def heads_cmd(
         say(f"{n}: {d['summary']}")
         say(f"  tasks: {', '.join(d['tasks'])}; input: {d['input']}"
             + (f"; aliases: {', '.join(d['aliases'])}" if d["aliases"] else ""))
+        width = max((len(f"{p['name']}={p['default']}") for p in d["params"]), default=0)
         for p in d["params"]:
-            say(f"  --param {p['name']}={p['default']!s:<10} {p['description']}")
+            say(f"  --param {p['name'] + '=' + str(p['default']):<{width}}  {p['description']}")
         say("")
 
 
@@ -423,7 +425,7 @@ def head_doc(cls: Any) -> dict[str, Any]:
         default = info.get_default(call_default_factory=True)
         params.append({"name": f, "default": json.dumps(default) if not isinstance(default, str) else default,
                        "description": info.description or ""})
-    doc = (cls.__doc__ or "").strip().splitlines()
+    doc = re.sub(r";? *parameters: :class:`[^`]*`\.?", ".", (cls.__doc__ or "").strip()).splitlines()
     aliases = sorted(a for a, n in HEADS.aliases().items() if n == cls.name)
     return {"summary": doc[0] if doc else "", "tasks": list(cls.tasks), "input": cls.input_kind,
             "aliases": aliases, "params": params}

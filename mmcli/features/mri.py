@@ -324,9 +324,9 @@ def make_spec(store: str | Path | None = None, options: MriOptions | None = None
     elif opts.weights and not Path(opts.weights).is_file():
         raise InputError(f"{opts.weights}: weights file not found. Fix: check --weights.")
     elif not opts.weights and opts.encoder == DEFAULT_ENCODER:
-        from mmcli.features.encoders.runtime import warn_random_init
+        from mmcli.features.encoders.runtime import r3d18_weights_fix, warn_random_init
 
         warn_random_init(DEFAULT_ENCODER, opts.seed, "no --weights given",
-                         "--weights FILE (safetensors or a torch state dict of r3d_18).")
+                         r3d18_weights_fix() + ".")
     encoder_id, _ = mri_encoder_id(opts.encoder, opts.weights, opts.params(), opts.seed)
     return ExtractorSpec("mmcli.features.mri:MriExtractor", {"options": opts.to_json()}, "mri", encoder_id)

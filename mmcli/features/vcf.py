@@ -3,8 +3,10 @@
 Read with cyvcf2 (htslib). Conventions:
 
 - **samples are patient ids**, validated like the manifest's (safe characters); a sample found in two files
-  is refused. Multi-sample VCFs and per-patient VCFs (a glob) both work; every VCF must be bgzipped and
-  indexed (``.tbi`` or ``.csi``), as ``--regions`` queries need, and a file that is not is named (exit 2);
+  is refused. Multi-sample VCFs and per-patient VCFs (a glob) both work, plain text (``.vcf``), gzip or bgzip
+  (``.vcf.gz``) or BCF: without ``--regions`` each file is read once from start to end, so no index is needed;
+  ``--regions`` queries the index (``.tbi`` or ``.csi`` beside a bgzipped file), and a file without one is
+  named (exit 2) with the command that makes it;
 - a value is the **alt-allele dosage**: the number of non-reference alleles of the genotype (0, 1, 2 for a
   diploid call; multi-allelic sites count every alt allele);
 - a **missing genotype** (``./.``) is NaN; a gene / region sum over its variants is NaN for a patient with a
@@ -42,12 +44,17 @@ def vcf_files(spec: str | Path) -> list[Path]:
     return paths
 
 
-def _open(path: Path) -> Any:
+def _open(path: Path, indexed: bool = False) -> Any:
+    """An open cyvcf2 reader of ``path``; ``indexed``: the caller queries regions, so an index must exist."""
     from cyvcf2 import VCF
 
-    if not any(Path(f"{path}{ext}").is_file() for ext in (".tbi", ".csi")):
-        raise InputError(f"{path}: VCF has no index ({path.name}.tbi or .csi). Fix: bgzip it and run "
-                         f"`tabix -p vcf {path.name}` (or `bcftools index -t`).")
+    if indexed and not any(Path(f"{path}{ext}").is_file() for ext in (".tbi", ".csi")):
+        plain = not path.name.endswith((".gz", ".bgz", ".bcf"))
+        raise InputError(f"{path}: --regions needs an indexed VCF and there is no {path.name}.tbi or .csi. Fix: "
+                         + (f"`bgzip {path.name} && tabix -p vcf {path.name}.gz`" if plain else
+                            f"`tabix -p vcf {path.name}` (or `bcftools index -t`; a plain-gzip file must be "
+                            "recompressed with bgzip first)")
+                         + ", or leave out --regions to read the file from start to end.")
     try:
         vcf = VCF(str(path), gts012=False, lazy=True)
         _ = vcf.raw_header
@@ -171,7 +178,7 @@ def vcf_matrix(paths: Sequence[Path], regions: list[tuple[str, int, int, str]] |
     owner: dict[str, Path] = {}
     annotated = False
     for path in paths:
-        vcf = _open(path)
+        vcf = _open(path, indexed=regions is not None)
         samples = _samples(vcf, path)
         for s in samples:
             if s in owner:

@@ -19,6 +19,11 @@ every subclass of :class:`MmcliError` in mmcli is named here)::
     │   ├── ModalityNotAvailable      no extractor for a modality (also a NotImplementedError)
     │   ├── SynthInputError           bad arguments to ``synth`` (also a ValueError)
     │   ├── RunFolderError            a run folder that is missing, malformed or of a newer schema
+    │   ├── StudyError                a study file that does not read or validate; names each key's path
+    │   │                             (workflows/study_file.py)
+    │   ├── AnnotationError           a GeoJSON / CSV annotation that cannot be used (features/qc/annotations.py)
+    │   ├── SegmentationError         a segmentation checkpoint that cannot be loaded (features/qc/segmentation.py)
+    │   ├── StainError                a stain reference image that cannot serve (features/qc/stain.py)
     │   ├── NotFound                  serve: a patient the server does not have, HTTP 404 (stages/serve/service.py)
     │   └── Unprocessable             serve: a request that cannot be scored, HTTP 422 (stages/serve/service.py)
     ├── StoreError (2)                the feature store is missing, unreadable or inconsistent

@@ -44,8 +44,9 @@ class Options(BaseModel):
             raise InputError(explain(e, cls, context)) from None
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-safe dict of every field (paths as strings)."""
-        return json.loads(self.model_dump_json(exclude={"flag_prefix"}))
+        """JSON-safe dict of every field (paths as strings), nested options included; no ``flag_prefix``
+        (a spelling for messages, not a value)."""
+        return _without_prefix(json.loads(self.model_dump_json()))
 
     @classmethod
     def from_json(cls: type[OptT], doc: Mapping[str, Any], *, context: str = "") -> OptT:
@@ -61,6 +62,14 @@ class Options(BaseModel):
         """What a field takes, for messages: its description (units, ranges, choices)."""
         info = cls.model_fields[field]
         return info.description or str(info.annotation)
+
+
+def _without_prefix(doc: Any) -> Any:
+    if isinstance(doc, dict):
+        return {k: _without_prefix(v) for k, v in doc.items() if k != "flag_prefix"}
+    if isinstance(doc, list):
+        return [_without_prefix(v) for v in doc]
+    return doc
 
 
 def explain(e: ValidationError, cls: type[Options], context: str = "") -> str:

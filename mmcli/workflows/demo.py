@@ -1,5 +1,6 @@
-"""``mmcli demo``: synth -> extract every modality -> fit every head -> report -> a small pre-specified ablation
--> a QuPath GeoJSON of one slide with its attention, then a heads x metrics table.
+"""``mmcli demo``: the study in :data:`DEMO_STUDY` (``demo.yaml`` beside this module) run into ``--out``:
+synth -> extract every modality -> fit every head, each with its report -> a small pre-specified ablation -> a
+QuPath GeoJSON of one slide with its attention, then the headline tables.
 
 Besides one fit per head (classification of ``subtype`` where the head classifies, else survival), attention_mil
 is fitted once more on ``time``/``event`` (``runs/attention_mil_survival``), so a survival report with attention
@@ -7,145 +8,105 @@ heatmaps and top tiles is part of the demo. The slide with the most tiles is exp
 classification run's out-of-fold attention per tile (``qupath/<slide>.geojson``) and drawn back over its
 thumbnail (``qupath/<slide>.png``).
 
-Every step calls the same stage functions as the CLI verbs; the demo never fabricates a result.
+Everything runs through :func:`mmcli.workflows.study.run_study`, the same steps as ``mmcli run``; the demo never
+fabricates a result. It prints one line per run with its headline metric and its report's path as the run
+finishes (each fit's own progress lines pass through, indented), and at the end one table per task (metrics as
+rows, runs as columns, so it fits an 80-column terminal) and the list of reports.
 
-The ablation is fixed in advance (``ABLATION_SUBSETS``: each single modality, and all modalities together, with
-``concat`` fusion) so that "fusion vs the best single modality" is one planned comparison, not the best of many
-fits; ``mmcli ablate`` runs the full grid.
+The ablation is fixed in advance (each single modality, and all modalities together, with ``concat`` fusion) so
+that "fusion vs the best single modality" is one planned comparison, not the best of many fits; ``mmcli ablate``
+runs the full grid.
 """
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from mmcli.pipeline.errors import MmcliError
 from mmcli.pipeline.io import atomic_write_text
+from mmcli.workflows.exports import export_attention_geojson  # noqa: F401 - the demo's export, re-exported
+from mmcli.workflows.study import StudyResult, results_doc, run_study
+from mmcli.workflows.study_file import load_study, read_yaml
 
-console = Console(stderr=False)
-if not console.is_terminal:  # piped output (a log, CI) would be cut at 80 columns
-    console = Console(stderr=False, width=200)
-
-HEADS = ("attention_mil", "fusion_mlp", "xgboost", "cox")
-SURVIVAL = dict(time="time", event="event")
-EXTRA_FITS = (("attention_mil_survival", "attention_mil", SURVIVAL),)  # (run name, head, task) beyond HEADS
+DEMO_STUDY = Path(__file__).with_name("demo.yaml")
 CLASSIFICATION_METRICS = ("auroc", "auprc", "f1_macro", "balanced_accuracy", "brier")
 SURVIVAL_METRICS = ("c_index", "ibs", "td_auc")
-ABLATION_FUSIONS = ("concat",)
+EXTRA_FITS = (("attention_mil_survival", "attention_mil", dict(time="time", event="event")),)
+
+console = Console(stderr=False)
+if not console.is_terminal:  # piped output (a log, CI): no terminal width to fit, but keep lines readable
+    console = Console(stderr=False, width=120)
 
 
-def _step(title: str) -> None:
-    console.rule(f"[bold]{title}")
+def demo_study(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5) -> Any:
+    """The demo's study with ``out``, the cohort size and seed and the folds set (validated like any study)."""
+    doc = read_yaml(DEMO_STUDY)
+    doc["cohort"]["synth"] = {"patients": patients, "seed": seed}
+    doc["fit_defaults"] = {**doc.get("fit_defaults", {}), "folds": folds, "seed": seed}
+    doc["ablations"] = [{**a, "folds": folds, "seed": seed} for a in doc.get("ablations", [])]
+    return load_study(doc, out=out, base=Path.cwd())
 
 
-def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5) -> int:
-    """Run the whole demo into ``out``; returns the exit code (0 ok, 1 if any step had item failures)."""
-    from mmcli.features.tabular import ingest_table
-    from mmcli.heads import head_class
-    from mmcli.stages.ablate import ablate, format_ablation
-    from mmcli.stages.extract import extract
-    from mmcli.stages.synth import synth
+def run_demo(out: str | Path, patients: int = 120, seed: int = 0, folds: int = 5, *, progress: bool = True) -> int:
+    """Run the demo into ``out``; returns the exit code (0 ok, 1 if any step had item failures, a stop's code)."""
+    study = demo_study(out, patients, seed, folds)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    code = 0
-    timings: dict[str, float] = {}
-
-    _step("1/6 synth: synthetic multimodal cohort")
-    t = time.perf_counter()
-    cohort = synth(out / "cohort", patients=patients, seed=seed)
-    timings["synth"] = time.perf_counter() - t
-    console.print(f"cohort in {cohort.out_dir} ({timings['synth']:.1f}s)")
-
-    _step("2/6 extract: every modality into the feature store")
-    store = out / "features.zarr"
-    extracted: list[str] = []
-    t = time.perf_counter()
-    for modality in ("wsi", "mri", "text"):
-        try:
-            summary = extract(modality=modality, manifest=cohort.manifest, store=store, progress=True)
-        except (ValueError, KeyError, NotImplementedError) as e:
-            console.print(f"[yellow]skipped {modality}: {e}[/yellow]")
-            continue
-        extracted.append(modality)
-        console.print(f"{modality}: done={summary.count('done')} cached={summary.count('cached')} "
-                      f"failed={len(summary.problems)}")
-        code = max(code, summary.exit_code)
-        if summary.stopped:  # SIGINT/SIGTERM or a full disk stopped the run: the demo stops with it
-            console.print(f"[red]stopped: {summary.stopped}[/red]")
-            return summary.exit_code
-    for name, table in cohort.tables.items():
-        ingest_table(table=table, name=name, store=store)
-        extracted.append(name)
-    timings["extract"] = time.perf_counter() - t
-    console.print(f"extracted {extracted} in {timings['extract']:.1f}s")
-
-    _step("3/6 fit: every head on the cached features")
-    results: dict[str, dict[str, Any]] = {}
-    if not extracted:
-        console.print("[yellow]skipped: nothing was extracted[/yellow]")
-    else:
-        t = time.perf_counter()
-        fits = [(head, head, dict(target="subtype") if {"binary", "multiclass"} & set(head_class(head).tasks)
-                 else SURVIVAL) for head in HEADS]
-        for name, head, task in [*fits, *EXTRA_FITS]:
-            tf = time.perf_counter()
-            results[name] = fit_and_report(head, store, cohort.labels, out / "runs" / name, task, folds=folds,
-                                           seed=seed)
-            timings[f"fit {name}"] = time.perf_counter() - tf
-        timings["fit"] = time.perf_counter() - t
-
-    _step("4/6 ablate: each single modality vs all of them fused (pre-specified)")
-    ablation = None
-    if len(extracted) < 2:
-        console.print("[yellow]skipped: fewer than two modalities were extracted[/yellow]")
-    else:
-        t = time.perf_counter()
-        subsets = [(m,) for m in extracted] + [tuple(extracted)]
-        table = ablate(store, cohort.labels, out / "ablation", target="subtype", subsets=subsets,
-                       fusions=ABLATION_FUSIONS, folds=folds, seed=seed, n_boot=200,
-                       echo=lambda line: console.print(line, markup=False, highlight=False))
-        timings["ablate"] = time.perf_counter() - t
-        console.print(format_ablation(table), markup=False, highlight=False)
-        ablation = table.attrs.get("summary")
-
-    _step("5/6 QuPath GeoJSON: one slide with its out-of-fold attention per tile")
-    geojson: dict[str, str] | None = None
-    att_run = out / "runs" / "attention_mil"
-    if not (att_run / "attention.csv").is_file():
-        console.print("[yellow]skipped: no attention_mil run with attention.csv[/yellow]")
-    else:
-        t = time.perf_counter()
-        try:
-            gj, png = export_attention_geojson(store, att_run, out / "qupath")
-        except (MmcliError, RuntimeError) as e:
-            console.print(f"[red]GeoJSON export failed: {e}[/red]")
-            code = max(code, 1)
+    def echo(line: str) -> None:
+        if line.startswith("== "):
+            console.rule(f"[bold]{line[3:]}")
         else:
-            geojson = {"geojson": str(gj), "preview": str(png)}
-            console.print(f"QuPath GeoJSON {gj} (File > Import objects from file), drawn over the slide in {png}")
-        timings["geojson"] = time.perf_counter() - t
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-    _step("6/6 results")
-    if results:
-        _print_table(results)
-        atomic_write_text(out / "demo_results.json", json.dumps(
-            {"results": results, "ablation": ablation, "geojson": geojson, "timings_s": timings,
-             "extracted": extracted}, indent=2, default=str))
-    timings["total"] = time.perf_counter() - t0
-    console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-    return code
+    res = run_study(study, echo=echo, progress=progress)
+    if res.stopped:
+        return res.code
+    if res.fits:
+        print_tables(res)
+        atomic_write_text(study.out / "demo_results.json", json.dumps(results_doc(res), indent=2))
+    console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()), highlight=False)
+    console.print(f"the study, resolved: {study.out / 'study.yaml'} (replay: mmcli run {study.out / 'study.yaml'})",
+                  markup=False, highlight=False, soft_wrap=True)
+    return res.code
+
+
+def _cell(v: dict[str, Any] | None) -> str:
+    """``0.812`` over ``[0.75, 0.86]`` (two lines: a column stays 12 characters wide)."""
+    if not isinstance(v, dict) or v.get("mean") is None:
+        return "-"
+    from mmcli.heads.evaluation import headline
+
+    lo, hi, _ = headline.headline_interval(v)
+    ci = f"\n[{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+    return f"{v['mean']:.3f}{ci}"
+
+
+def tables(res: StudyResult) -> list[tuple[str, Table]]:
+    """``(caption, table)`` per task: metrics as rows, runs as columns, cells ``mean`` over ``[headline 95%
+    CI]``."""
+    out = []
+    for task, names in (("classification", CLASSIFICATION_METRICS), ("survival", SURVIVAL_METRICS)):
+        runs = {n: r for n, r in res.fits.items() if r.get("task") == task}
+        if not runs:
+            continue
+        caption = f"{task}: out-of-fold mean over folds [95% CI: corrected t over folds]"
+        table = Table()
+        table.add_column("metric", no_wrap=True)
+        for name in runs:
+            table.add_column(name, justify="right", overflow="fold", min_width=12)
+        for m in names:
+            if any(m in (r.get("metrics") or {}) for r in runs.values()):
+                table.add_row(m, *(_cell((r.get("metrics") or {}).get(m)) for r in runs.values()))
+        out.append((caption, table))
+    return out
 
 
 def fit_and_report(head: str, store: Path, labels: str | Path, run_dir: Path, task: dict[str, str], *,
                    folds: int = 5, seed: int = 0, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fit ``head`` on ``task`` (``target=...`` or ``time=..., event=...``) into ``run_dir`` (replaced on a
-    re-run) and write its ``report.html``; returns fit's summary."""
+    """One demo fit outside a study: ``head`` on ``task`` (``target=...`` or ``time=..., event=...``) into
+    ``run_dir`` (replaced on a re-run) with its ``report.html``; returns fit's summary."""
     from mmcli.stages.fit import fit
     from mmcli.stages.report import report
 
@@ -155,43 +116,13 @@ def fit_and_report(head: str, store: Path, labels: str | Path, run_dir: Path, ta
     return result
 
 
-def export_attention_geojson(store: Path, run_dir: Path, out_dir: Path) -> tuple[Path, Path]:
-    """QuPath GeoJSON of the slide with the most tiles in ``run_dir``'s ``attention.csv``, its tiles carrying
-    their out-of-fold attention, and a PNG of the written file drawn over the slide thumbnail.
-    Returns ``(geojson, png)``."""
-    import pandas as pd
-
-    from mmcli.features.interop.geojson import export_geojson, render_preview
-    from mmcli.pipeline.rundir import load_run
-    from mmcli.pipeline.store import open_store
-
-    scores = run_dir / "attention.csv"
-    att = pd.read_csv(scores, dtype={"patient_id": str, "item_id": str})
-    counts = att.groupby(["patient_id", "item_id"]).size()
-    pid, item = counts[counts == counts.max()].index[0]  # first by id among the largest slides
-    eid = load_run(run_dir).encoder_ids.get("wsi")
-    summary = export_geojson(store, out_dir, "wsi", eid, scores, items={(pid, item)})
-    if summary.failed or not summary.written:
-        raise RuntimeError(f"GeoJSON export of {pid}/{item} failed: {summary.failed}")
-    gj = Path(summary.written[0])
-    attrs = open_store(store, "r").item_attrs("wsi", summary.encoder_id, pid, item) or {}
-    slide = (attrs.get("source_fingerprint") or {}).get("path")
-    png = render_preview(gj, gj.with_suffix(".png"), slide if slide and Path(slide).is_file() else None)
-    return gj, png
-
-
-def _print_table(results: dict[str, dict[str, Any]]) -> None:
-    table = Table(title="heads x metrics (out-of-fold, mean [95% CI])")
-    table.add_column("head")
-    table.add_column("task")
-    names = [m for m in CLASSIFICATION_METRICS + SURVIVAL_METRICS
-             if any(m in r.get("metrics", {}) for r in results.values())]
-    for m in names:
-        table.add_column(m)
-    for head, r in results.items():
-        cells = []
-        for m in names:
-            v = r.get("metrics", {}).get(m)
-            cells.append(f"{v['mean']:.3f} [{v['ci_low']:.2f}, {v['ci_high']:.2f}]" if v else "-")
-        table.add_row(head, r.get("task", "?"), *cells)
-    console.print(table)
+def print_tables(res: StudyResult) -> None:
+    for caption, table in tables(res):
+        console.print(caption, markup=False, highlight=False)
+        console.print(table)
+    if res.reports:
+        console.print("reports:", highlight=False)
+        for name, path in res.reports.items():
+            console.print(f"  {name}: {path}", markup=False, highlight=False, soft_wrap=True)
+    for name, why in res.failed.items():
+        console.print(f"  {name}: FAILED: {why}", markup=False, highlight=False, soft_wrap=True)

@@ -59,6 +59,23 @@ def test_random_init_is_loud_seeded_and_recorded(capsys: pytest.CaptureFixture[s
     assert prov["pretrained"] is False and prov["init_seed"] == 1 and prov["weights_sha256"] is None
 
 
+def test_random_init_warning_names_the_weights_and_where_to_put_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 29 item 1: the default encoder's warning names timm's resnet50.tv_in1k, the command that fetches it,
+    the cache folder it goes into and --weights."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    runtime._WARNED.clear()
+    enc = create_encoder("resnet50_trunc", seed=5, precision="fp32")
+    assert enc.weights.kind == "random-init" and enc.weights.repo == "timm/resnet50.tv_in1k"
+    enc.warn_if_random()
+    said = " ".join((capsys.readouterr().err + caplog.text).split())
+    assert "NO PRETRAINED WEIGHTS for encoder 'resnet50_trunc'" in said
+    assert "resnet50.tv_in1k (timm/resnet50.tv_in1k)" in said
+    assert "hf download timm/resnet50.tv_in1k model.safetensors" in said
+    assert f"models--timm--resnet50.tv_in1k into {tmp_path / 'hub'}" in said and "--weights FILE" in said
+
+
 def test_resnet50_trunc_is_layer3_avgpool(tmp_path: Path) -> None:
     torch.manual_seed(0)
     full = timm.create_model("resnet50", pretrained=False, num_classes=1000)

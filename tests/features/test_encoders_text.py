@@ -97,3 +97,21 @@ def test_checkpoint_missing_weights_is_said_loudly(tiny_bert: Path, tmp_path: Pa
     assert "encoder.layer.1.output.dense.weight" in said
     assert enc.provenance()["pretrained"] is False
     assert create_encoder(str(tiny_bert), device="cpu", precision="fp32").provenance()["pretrained"] is True
+
+
+def test_the_loss_type_notice_is_silenced(tiny_bert: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Issue 29 item 13: tracing the model (OpenVINO, torch.compile) reads ``loss_function``, and transformers then
+    printed "`loss_type=None` was set in the config but it is unrecognized" during note encoding. The encoder
+    installs a filter for that one message on transformers' logger; other messages still pass."""
+    import logging
+
+    enc = create_encoder(f"hf:{tiny_bert}", device="cpu")
+    logger = logging.getLogger("transformers.modeling_utils")
+
+    def record(msg: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, None, None)
+
+    assert not logger.filter(record("`loss_type=None` was set in the config but it is unrecognized."))
+    assert logger.filter(record("some other warning"))
+    _ = enc.model.loss_function  # what tracing does
+    assert "loss_type" not in capfd.readouterr().err

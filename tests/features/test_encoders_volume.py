@@ -37,6 +37,8 @@ def test_random_init_is_loud_seeded_and_reproducible(capsys: pytest.CaptureFixtu
     R3D18Encoder(device="cpu", precision="fp32", seed=4711)
     said = capsys.readouterr().err + caplog.text
     assert said.count("NO PRETRAINED WEIGHTS for encoder 'r3d18'") == 1 and "seed 4711" in said
+    # issue 29 item 1: which weights to fetch, from where, and how mmcli takes them
+    assert "--weights FILE" in said and "https://download.pytorch.org/models/r3d_18-" in " ".join(said.split())
     b = R3D18Encoder(device="cpu", precision="fp32", seed=4711, quiet=True)
     c = R3D18Encoder(device="cpu", precision="fp32", seed=4712, quiet=True)
     np.testing.assert_array_equal(a.encode(X), b.encode(X))

@@ -84,12 +84,43 @@ def test_per_patient_vcfs_glob_absent_variant_is_zero(tmp_path):
     assert t.loc["P2", "chr1:100:A:G"] == 0 and np.isnan(t.loc["P2", "chr1:5000:G:A"])
 
 
+def _vcf_text(samples, rows):
+    lines = [HEADER.format(samples="\t".join(samples))]
+    for chrom, pos, ref, alt, info, gts in rows:
+        lines.append("\t".join([chrom, str(pos), ".", ref, alt, ".", "PASS", info, "GT", *gts]) + "\n")
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("kind", ["plain", "gzip", "bgzip"])
+def test_unindexed_vcfs_are_read_sequentially(multi, tmp_path, kind):
+    """Issue 29 item 11: a small VCF that is plain text, plain gzip or bgzipped without an index is read from start
+    to end and gives the same table as the indexed file; only --regions needs the index, and says so."""
+    text = _vcf_text(["P1", "P2", "P3"], ROWS)
+    path = tmp_path / ("calls.vcf" if kind == "plain" else "calls.vcf.gz")
+    if kind == "plain":
+        path.write_text(text)
+    elif kind == "gzip":
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        (tmp_path / "calls.vcf").write_text(text)
+        pysam.tabix_compress(str(tmp_path / "calls.vcf"), str(path), force=True)
+    assert not list(tmp_path.glob("calls.vcf*.tbi")) and not list(tmp_path.glob("calls.vcf*.csi"))
+    indexed = vcf_matrix([Path(multi)])
+    pd.testing.assert_frame_equal(vcf_matrix([path]), indexed)
+    pd.testing.assert_frame_equal(vcf_matrix([path], genes=["TP53", "KRAS"]),
+                                  vcf_matrix([Path(multi)], genes=["TP53", "KRAS"]))
+    bed = [("chr1", 0, 1000, "TP53_region")]
+    with pytest.raises(InputError, match=r"calls\.vcf(\.gz)?: --regions needs an indexed VCF.*Fix: .*tabix"):
+        vcf_matrix([path], regions=bed)
+
+
 def test_unindexed_bad_and_duplicate_vcfs_are_input_errors_naming_the_file(multi, tmp_path):
     plain = tmp_path / "plain.vcf.gz"
     with gzip.open(plain, "wt") as f:
         f.write(HEADER.format(samples="P1"))
-    with pytest.raises(InputError, match="plain.vcf.gz: VCF has no index"):
-        vcf_matrix([plain])
+    with pytest.raises(InputError, match="plain.vcf.gz: --regions needs an indexed VCF"):
+        vcf_matrix([plain], regions=[("chr1", 0, 10, "r")])
     bad = tmp_path / "bad.vcf.gz"
     bad.write_bytes(b"not a vcf at all")
     (tmp_path / "bad.vcf.gz.tbi").write_bytes(b"junk")
@@ -102,7 +133,7 @@ def test_unindexed_bad_and_duplicate_vcfs_are_input_errors_naming_the_file(multi
         vcf_matrix(vcf_files(unsafe))
 
 
-def test_cli_extract_vcf_writes_the_table_and_exits_2_on_an_unindexed_file(multi, tmp_path):
+def test_cli_extract_vcf_writes_the_table_and_exits_2_on_regions_of_an_unindexed_file(multi, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [str(Path(sys.executable).with_name("mmcli")), "extract", "--modality", "tabular",
            "--store", str(tmp_path / "s.zarr"), "--name", "variants"]
@@ -110,5 +141,7 @@ def test_cli_extract_vcf_writes_the_table_and_exits_2_on_an_unindexed_file(multi
     assert ok.returncode == 0, ok.stderr
     assert list(open_store(tmp_path / "s.zarr", "r").read_table("variants").columns) == ["TP53", "KRAS"]
     os.remove(multi + ".tbi")
-    bad = subprocess.run([*cmd, "--vcf", multi], capture_output=True, text=True, env=env)
+    bed = tmp_path / "r.bed"
+    bed.write_text("chr1\t0\t1000\tTP53\n")
+    bad = subprocess.run([*cmd, "--vcf", multi, "--regions", str(bed)], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "cohort.vcf.gz" in bad.stderr + bad.stdout

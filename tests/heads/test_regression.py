@@ -103,3 +103,17 @@ def test_attention_mil_regresses_on_bags():
     got = head.predict(cohort)
     assert got.shape == (n,) and np.corrcoef(got, value)[0, 1] > 0.7
     assert abs(got.mean() - value.mean()) < 1.0  # in the target's unit, not standardised
+
+
+def test_report_of_a_regression_run_leads_with_r2(table_store, tmp_path):
+    from mmcli.stages.report import report
+
+    d, labels = table_store
+    doc = fit("xgboost", d / "s.zarr", labels, tmp_path / "run", target="level", task="regression", folds=3,
+              n_boot=50, params={"n_estimators": 40})
+    page = report(tmp_path / "run").read_text()
+    head = page[page.index("class='headline'"):page.index("</div>", page.index("class='reading'"))]
+    assert "R\u00b2" in head and f"{doc['metrics']['r2']['mean']:.3f}" in head
+    assert "variance of level" in head and "above 0" in head  # the planted signal: interval above predicting the mean
+    assert "predicted against observed" in page and "residuals against predicted" in page
+    assert "No calibration" not in page and "No decision curve" not in page  # probability evidence does not apply

@@ -35,9 +35,9 @@ def test_all_fine_exits_0_and_lists_everything(tmp_path: Path, monkeypatch: pyte
     res = CliRunner().invoke(app, ["doctor"])
     assert res.exit_code == 0, res.output
     for word in ("openslide", "tiffslide", "cucim", "cuda", "cpu", "torch", "openvino", "zarr", "h5py",
-                 str(tmp_path / "hub"), "uni2-h", "conch-v1.5", "all fine"):
+                 str(tmp_path / "hub"), "uni2-h", "conch-v1.5", "no problems; 2 warning(s)"):
         assert word in res.output
-    assert "ok  uni: weights" in res.output and "pytorch_model.bin" in res.output
+    assert "ok   uni: weights" in res.output and "pytorch_model.bin" in res.output
     # issue 27: every preset's licence and access terms, found or not
     assert "uni: weights" in res.output and "licence CC-BY-NC-ND-4.0 (gated)" in res.output
     assert "h-optimus-0: no model.safetensors / pytorch_model.bin of bioptimus/H-optimus-0" in res.output
@@ -60,6 +60,39 @@ def test_problems_exit_1_with_a_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(doc, "_try_import", broken)
     res = CliRunner().invoke(app, ["doctor"])
     assert res.exit_code == 1
-    assert "ERR zarr" in res.output and "fix: pip install 'zarr>=3'" in res.output
-    assert "ERR any reader" in res.output and "fix: pip install openslide-python" in res.output
+    assert "ERR  zarr" in res.output and "fix: pip install 'zarr>=3'" in res.output
+    assert "ERR  any reader" in res.output and "fix: pip install openslide-python" in res.output
     assert "2 problem(s)" in res.output
+
+
+def _cached(hub: Path, repo: str, name: str) -> None:
+    snap = hub / f"models--{repo.replace('/', '--')}"
+    (snap / "snapshots" / "abc").mkdir(parents=True)
+    (snap / "snapshots" / "abc" / name).write_bytes(b"x")
+    (snap / "refs").mkdir()
+    (snap / "refs" / "main").write_text("abc")
+
+
+def test_random_default_encoders_are_warnings_with_the_weights_to_place(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29 item 1: doctor said all was fine while the default WSI and MRI encoders would run on random
+    weights. Now each is a WARN line (exit code still 0) naming the weights and how to place them; with
+    resnet50.tv_in1k in the cache the WSI line is ok."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "hub").mkdir()
+    res = CliRunner().invoke(app, ["doctor"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "WARN wsi resnet50_trunc: RANDOM weights" in text and "WARN mri r3d18: RANDOM weights" in text
+    assert "hf download timm/resnet50.tv_in1k model.safetensors" in text
+    assert f"models--timm--resnet50.tv_in1k into {tmp_path / 'hub'}" in text and "r3d_18" in text
+    assert "ok text minilm-l6: pretrained" in text
+    assert text.endswith("no problems; 2 warning(s): wsi resnet50_trunc, mri r3d18") and "all fine" not in text
+    data = json.loads(CliRunner().invoke(app, ["doctor", "--json"]).output)
+    warned = [c["name"] for c in data["checks"] if c["warn"]]
+    assert warned == ["wsi resnet50_trunc", "mri r3d18"] and data["exit_code"] == 0
+
+    _cached(tmp_path / "hub", "timm/resnet50.tv_in1k", "model.safetensors")
+    text = " ".join(CliRunner().invoke(app, ["doctor"]).output.split())
+    assert "ok wsi resnet50_trunc: pretrained: timm/resnet50.tv_in1k" in text
+    assert text.endswith("no problems; 1 warning(s): mri r3d18")

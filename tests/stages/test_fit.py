@@ -313,3 +313,20 @@ def test_cli_bad_param_exits_2_naming_the_key_before_reading_anything(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stderr
         assert expect in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_subgroup_column_no_table_has_stops_before_the_first_fold(small, tmp_path, monkeypatch):
+    """Issue 29 item 6: ``--subgroups age`` where ``age`` is in neither the labels nor a store table failed only
+    after the whole cross-validation; it is now an InputError naming the column, before any fold runs and before
+    the run folder exists. A column that is there passes."""
+    import mmcli.heads.training.fitting as fitting
+
+    f = _labels(tmp_path, _rows(small, lambda i, p: f"{p},{'a' if i % 2 else 'b'},{i % 3}"),
+                header="patient_id,label,site")
+    monkeypatch.setattr(fitting, "cross_validate", lambda *a, **k: pytest.fail("a fold ran"))
+    with pytest.raises(InputError, match=r"--subgroups: no column 'age' .*mmcli extract --modality tabular"):
+        fit("xgboost", small.store, f, tmp_path / "r", target="label", folds=2,
+            evidence={"subgroups": "site,age"})
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(pytest.fail.Exception, match="a fold ran"):  # site is a labels column: on to the folds
+        fit("xgboost", small.store, f, tmp_path / "r", target="label", folds=2, evidence={"subgroups": "site"})

@@ -48,6 +48,20 @@ def _add_wsi(tmp_path: Path, run: Path, patients: list[str], with_slide: bool = 
     return store_path
 
 
+def _showcase(pred: pd.DataFrame, with_attention: list[str], n: int) -> list[str]:
+    """Independent pandas recomputation of the binary attention showcase: the true positives with the highest
+    P(pos) (half, rounded up), then the errors with the most confident predicted class."""
+    p = pred[pred["patient_id"].isin(with_attention)].copy()
+    p["conf"] = p[["prob_neg", "prob_pos"]].max(axis=1)
+    right = p["y_true"] == p["y_pred"]
+    tp = p[right & (p["y_true"] == "pos")].sort_values("prob_pos", ascending=False, kind="stable")["patient_id"]
+    err = p[~right].sort_values("conf", ascending=False, kind="stable")["patient_id"]
+    n_bad = min(len(err), n // 2)
+    n_good = min(len(tp), n - n_bad)
+    n_bad = min(len(err), n - n_good)
+    return tp.tolist()[:n_good] + err.tolist()[:n_bad]
+
+
 @pytest.mark.slow
 def test_binary_report_with_every_artefact(tmp_path: Path) -> None:
     run = classification_run(tmp_path / "run", head="fusion_mlp", modalities=("wsi", "omics"))
@@ -73,14 +87,15 @@ def test_binary_report_with_every_artefact(tmp_path: Path) -> None:
     assert all(alt in text for alt in ("ROC curve", "precision-recall curve", "calibration curve",
                                        "confusion matrix", "modality weights", "SHAP summary"))
     assert "0.700" in text and "0.300" in text  # modality weights table
-    for pid in top3:  # the top-3 patients by P(pos) get a heatmap and their top tiles read from the slide
+    shown = _showcase(pred, top3 + ["P0100"], 3)  # true positives by P(pos), then the most confident error
+    for pid in shown:  # each gets a heatmap and its top tiles read from the slide
         assert f"attention heatmap {pid}/slide1" in text and f"top attention tiles {pid}/slide1" in text
-    assert "P0100" not in text
+    assert re.findall(r"<h3>Patient (P\d+) ", text) == shown
     # the Attention section only: the report's later sections (attributions, note windows) may say what is absent
     assert "absent" not in text.split("<h2>Attention</h2>")[1].split("<h2>")[0]
     assert text.count("data:image/png;base64,") == 6 + 2 * 3
     one = report(run, out=tmp_path / "one.html", attention_patients=1, top_tiles=2).read_text()
-    assert one.count("alt='attention heatmap") == 1 and f"attention heatmap {top3[0]}/slide1" in one
+    assert one.count("alt='attention heatmap") == 1 and f"attention heatmap {shown[0]}/slide1" in one
     assert not (run / "one.html").exists() and (run / "report.html").exists()
 
 
@@ -119,7 +134,7 @@ def test_survival_report_leaves_out_classification_loss_params(tmp_path: Path) -
     cfg = json.loads(cfg_path.read_text())
     cfg["params"] = {"lr": 0.001, "loss": "ce", "focal_gamma": 2.0, "class_weight": "balanced"}
     cfg_path.write_text(json.dumps(cfg))
-    header = report(run).read_text().split("<h2>Metrics</h2>")[0]
+    header = report(run).read_text().split("<h2>Provenance</h2>")[1]
     assert "lr" in header and not any(k in header for k in ("focal_gamma", "class_weight", "balanced"))
 
 
@@ -226,8 +241,15 @@ def test_survival_attention_mil_report_has_heatmaps(tmp_path: Path) -> None:
     text = report(run, attention_patients=3, top_tiles=4).read_text()
     _assert_self_contained(text)
     assert text.count("alt='attention heatmap") == 3 and text.count("alt='top attention tiles") == 3
-    pred = pd.read_csv(run / "predictions.csv").sort_values("risk", ascending=False)
-    first = pred["patient_id"].iloc[0]
-    assert "highest out-of-fold risk" in text, text[text.find("Attention"):][:600]
-    assert f"attention heatmap {first}/slide1" in text, (first, re.findall(r"Patient P\d+", text))
-    assert re.search(r"risk [-0-9.e]+; time [0-9.]+, (event|censored)", text)
+    # issue 29 item 2: the two highest-risk patients with an event (hits) and the lowest-risk one with an event
+    # (a miss), each labelled, the risk given with its scale (log hazard ratio, percentile) and the outcome
+    pred = pd.read_csv(run / "predictions.csv", dtype={"patient_id": str})
+    events = pred[pred["event"] == 1].sort_values("risk", ascending=False)["patient_id"].tolist()
+    shown = re.findall(r"<h3>Patient (P\d+) <small>· ([^<]+)</small>", text)
+    assert shown == [(events[0], "event, highest predicted risk #1"), (events[1], "event, highest predicted risk #2"),
+                     (events[-1], "event, lowest predicted risk #1 (missed)")], shown
+    said = re.findall(r"<p class='said'>(.*?)</p>", text)
+    assert len(said) == 3 and "✗ missed" in said[2] and "✗" not in said[0] + said[1]
+    assert all(re.search(r"risk [-0-9.e]+ \(log hazard ratio; \d+(st|nd|rd|th) percentile of the 16 out-of-fold "
+                         r"risks, higher = shorter predicted survival\) · event at [0-9.]+", x) for x in said), said
+    assert f"attention heatmap {events[0]}/slide1" in text

@@ -243,6 +243,23 @@ def test_rerun_replaces_previous_output(tmp_path: Path) -> None:
     assert "BRCA-0009" not in set(_labels(res).patient_id)
 
 
+def test_rerun_leaves_identical_files_alone(tmp_path: Path) -> None:
+    """Issue 29 item 7: synth run again with the same seed rewrites nothing (same bytes, same mtimes, so a later
+    extract sees unchanged sources); a file that differs (edited by hand) is replaced, and only that one."""
+    out = tmp_path / "cohort"
+    first = synth(out, patients=8, seed=3, workers=2)
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MARKER)
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in files}
+    note = next(p for p in files if p.suffix == ".txt")
+    note.write_text("edited by hand")
+    again = synth(out, patients=8, seed=3, workers=2)
+    assert first.written == len(files) and first.unchanged == 0
+    assert (again.written, again.unchanged) == (1, len(files) - 1)
+    changed = [p for p in files if (p.stat().st_mtime_ns, p.stat().st_ino) != before[p]]
+    assert changed == [note] and note.read_text() != "edited by hand"
+    assert not [p for p in out.rglob("*.new")]  # no temporary file left behind
+
+
 # --- planted signal -----------------------------------------------------------------------------
 
 def _auc(scores: pd.Series, positive: pd.Series) -> float:

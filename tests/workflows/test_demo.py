@@ -91,12 +91,12 @@ def test_demo_survival_attention_report_has_heatmaps(demo: dict[str, Path]) -> N
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["task"] == "survival" and cfg["time"] == "time" and cfg["event"] == "event"
     text = (run / "report.html").read_text()
-    assert "highest out-of-fold risk" in text
+    assert "the highest-risk patients who had the event" in text
     heatmaps = re.findall(r"alt='attention heatmap ([^/']+)/([^']+)'", text)
     assert len({pid for pid, _ in heatmaps}) == 3  # three patients, each with every slide it has
     tops = re.findall(r"alt='top attention tiles ([^/']+)/([^']+)'", text)
     assert tops == heatmaps  # the slides are reachable: tile images for every heatmap
-    assert re.search(r"risk [-0-9.e]+; time [0-9.]+, (event|censored)", text)
+    assert re.search(r"risk [-0-9.e]+ \(log hazard ratio; \d+(st|nd|rd|th) percentile", text)
     assert "slide file not reachable" not in text
 
 
@@ -105,20 +105,56 @@ def test_a_stopped_extraction_stops_the_demo(tmp_path: Path, monkeypatch: pytest
     fitting every head on a partial store (seen: a SIGTERM mid-WSI left 84 of 177 slides unextracted and the demo
     went on to the next modality)."""
     import mmcli.stages.extract as extract_stage
+    import mmcli.stages.fit as fit_stage
     import mmcli.stages.synth as synth_stage
     from mmcli.features.runner import RunSummary
     from mmcli.workflows import demo as demo_stage
 
     calls = []
     monkeypatch.setattr(synth_stage, "synth", lambda out, **_: SimpleNamespace(
-        out_dir=Path(out), manifest=Path(out) / "manifest.csv", labels=Path(out) / "labels.csv", tables={}))
+        out_dir=Path(out), manifest=Path(out) / "manifest.csv", labels=Path(out) / "labels.csv", tables={},
+        patients=8, written=0, unchanged=0))
 
-    def stopped(modality: str, **_: object) -> RunSummary:
+    def stopped(modality: str, *_: object, **__: object) -> RunSummary:
         calls.append(modality)
         return RunSummary(modality, "enc", "s.zarr", [], 1.0, "in-process", stopped="SIGTERM: 0 item(s) abandoned "
                           "unwritten, 84 not started.", signal=15)
 
     monkeypatch.setattr(extract_stage, "extract", stopped)
-    monkeypatch.setattr(demo_stage, "fit_and_report", lambda *a, **k: pytest.fail("fitted after a stop"))
+    monkeypatch.setattr(fit_stage, "fit", lambda *a, **k: pytest.fail("fitted after a stop"))
     assert demo_stage.run_demo(tmp_path / "demo", patients=8) == 143
     assert calls == ["wsi"] and not (tmp_path / "demo" / "demo_results.json").exists()
+
+
+def test_the_headline_tables_fit_80_columns() -> None:
+    """Issue 29 item 5: the heads x metrics table was cut at 80-120 columns ("attentio…", intervals cut). The
+    demo's tables (one per task, metrics as rows, runs as columns) render at 80 columns with every value and
+    interval whole and no ellipsis."""
+    from rich.console import Console
+
+    from mmcli.workflows.demo import tables
+    from mmcli.workflows.study import StudyResult
+
+    def m(v: float) -> dict:
+        return {"mean": v, "ci_low": v - 0.1, "ci_high": v + 0.1, "ci_t_low": v - 0.05, "ci_t_high": v + 0.05,
+                "per_fold": [v] * 5, "headline": "ci_t"}
+
+    cls = {k: m(0.5 + i / 10) for i, k in enumerate(("auroc", "auprc", "f1_macro", "balanced_accuracy", "brier"))}
+    surv = {k: m(0.6) for k in ("c_index", "ibs", "td_auc")}
+    res = StudyResult(fits={"attention_mil": {"task": "classification", "metrics": cls},
+                            "fusion_mlp": {"task": "classification", "metrics": cls},
+                            "xgboost": {"task": "classification", "metrics": cls},
+                            "cox": {"task": "survival", "metrics": surv},
+                            "attention_mil_survival": {"task": "survival", "metrics": surv}})
+    for width in (80, 120):
+        console = Console(width=width, record=True, color_system=None)
+        for caption, t in tables(res):
+            console.print(caption)
+            console.print(t)
+        text = console.export_text()
+        assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
+        for value in ("0.500", "[0.45, 0.55]", "0.900", "[0.85, 0.95]", "0.600", "[0.55, 0.65]"):
+            assert value in text, (width, value)
+        flat = text.replace("│", " ").split()
+        for name in ("attention_mil", "fusion_mlp", "xgboost", "cox", "balanced_accuracy"):
+            assert name in flat, (width, name)

@@ -34,6 +34,7 @@ from mmcli.features.encoders.runtime import (
     autocast,
     hf_cache_dir,
     hf_file,
+    hub_weights_fix,
     load_state_dict,
     resolve_backend,
     resolve_device,
@@ -56,7 +57,8 @@ _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 # ---- weights ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WeightsSource:
-    """Where an encoder's weights come from: ``file``, ``hf-cache`` or ``random-init``."""
+    """Where an encoder's weights come from: ``file``, ``hf-cache`` or ``random-init`` (``repo``: the hub repo
+    whose weights were used, or were looked for and are missing)."""
 
     kind: str
     path: str | None = None
@@ -160,10 +162,13 @@ class ImageEncoder(Encoder):
         }
 
     def warn_if_random(self) -> None:
-        """Say loudly (once per process) that this encoder has no pretrained weights."""
+        """Say loudly (once per process) that this encoder has no pretrained weights, naming the weights to place
+        offline (the hub repo it looked for) and how."""
         if not self.weights.pretrained:
-            warn_random_init(self.name, self.seed, "none given, none in the Hugging Face cache",
-                             "--weights FILE (safetensors/.pth) or put the model in the Hugging Face cache.")
+            repo = self.weights.repo
+            fix = (hub_weights_fix(repo, what=f"{repo.split('/', 1)[-1]} ({repo})") if repo else
+                   "pass --weights FILE (safetensors/.pth state dict of this architecture)")
+            warn_random_init(self.name, self.seed, "none given, none in the Hugging Face cache", fix + ".")
 
     # ---- network --------------------------------------------------------------------------------------------
     @property
@@ -381,7 +386,7 @@ def _resolve_weights(name: str, weights: str | Path | None, hub_repo: str | None
         path = hf_file(hub_repo, hub_files)
         if path:
             return WeightsSource("hf-cache", path, file_sha256(path), hub_repo)
-    return WeightsSource("random-init")
+    return WeightsSource("random-init", repo=hub_repo)  # the repo looked for: the warning names it
 
 
 @register_encoder("resnet50_trunc", "wsi")

@@ -288,6 +288,29 @@ def hf_snapshot(repo: str) -> Path:
 
 
 # ---- the one random-init warning -----------------------------------------------------------------------
+def hub_weights_fix(repo: str, filename: str = HF_WEIGHT_FILES[0], what: str = "") -> str:
+    """How to place ``repo``'s ``filename`` where mmcli looks offline (the fix of a random-init warning)."""
+    cache = hf_cache_dir()
+    name = what or f"the weights {repo}"
+    return (f"place {name} in the offline Hugging Face cache ({cache}): on a machine with internet run "
+            f"`hf download {repo} {filename}` and copy its folder models--{repo.replace('/', '--')} into {cache} "
+            f"(or set HF_HUB_CACHE to a copied cache); or pass --weights FILE ({filename} or another state dict of "
+            "this architecture)")
+
+
+def r3d18_weights_fix() -> str:
+    """Where torchvision's Kinetics-400 R3D-18 weights come from and how mmcli takes them."""
+    try:
+        from torchvision.models.video import R3D_18_Weights
+
+        url = R3D_18_Weights.KINETICS400_V1.url
+    except Exception:  # noqa: BLE001 - torchvision without video models: name the weights without the URL
+        url = "torchvision's R3D_18_Weights.KINETICS400_V1"
+    return (f"pass --weights FILE with torchvision's Kinetics-400 r3d_18 weights ({url}, fetched on a machine with "
+            "internet; its 3-channel stem is folded to MRI's one channel), or a safetensors / torch state dict of "
+            "r3d_18 pretrained on MRI")
+
+
 def warn_random_init(encoder: str, seed: int | None, why: str, fix: str) -> None:
     """Say loudly, once per process and (encoder, seed), that features come from random weights.
 

@@ -44,6 +44,25 @@ from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.fingerprint import make_encoder_id
 
 POOLINGS = ("mean", "cls")
+
+
+class _NoLossNotice:
+    """Drops transformers' "`loss_type=None` was set in the config but it is unrecognized" notice: tracing the
+    model for OpenVINO or torch.compile reads every attribute, ``loss_function`` among them, and a frozen
+    encoder never computes a loss (a logging filter on that one logger; every other message passes)."""
+
+    @staticmethod
+    def filter(record: Any) -> bool:
+        return "loss_type=" not in str(record.msg)
+
+
+def silence_loss_notice() -> None:
+    """Install :class:`_NoLossNotice` once on ``transformers.modeling_utils``'s logger."""
+    import logging
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, _NoLossNotice) for f in logger.filters):
+        logger.addFilter(_NoLossNotice())
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
@@ -162,6 +181,7 @@ class HFTextEncoder(Encoder):
             raise InputError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         hf_logging.disable_progress_bar()
+        silence_loss_notice()
         self.folder = resolve_model_dir(model)
         self.name = name or display_name(model)
         self.device, self.precision, self.backend = resolve_execution(device, precision, runtime)

@@ -28,6 +28,7 @@ from mmcli.features.encoders.registry import Encoder, register_encoder
 from mmcli.features.encoders.runtime import (
     autocast,
     load_state_dict,
+    r3d18_weights_fix,
     resolve_execution,
     runtime_version,
     warn_random_init,
@@ -127,7 +128,7 @@ class R3D18Encoder(Encoder):
             _, self.notes = adapt_r3d18_state(load_weights(weights), self.model)
         elif not quiet:
             warn_random_init(self.name, self.seed, "no --weights given",
-                             "--weights FILE (safetensors or a torch state dict of r3d_18).")
+                             r3d18_weights_fix() + ".")
         self.model.eval().requires_grad_(False).to(self.device)
         # channels_last_3d helps oneDNN / cuDNN convolutions under bf16/fp16 (OpenVINO picks its own layout)
         self.channels_last = self.precision != "fp32" and self.backend != "openvino"

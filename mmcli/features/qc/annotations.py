@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from mmcli.pipeline.errors import InputError
 
-class AnnotationError(ValueError):
+
+class AnnotationError(InputError, ValueError):
     """An annotation file that cannot be used; the message names the file and the fix."""
 
 

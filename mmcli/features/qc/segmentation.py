@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from mmcli.pipeline.errors import InputError
+
 TISSUE_MODELS = ("hest", "grandqc")
 ARTIFACT_MODEL = "grandqc-artifact"
 ARTIFACT_CLASSES = (2, 3, 4, 5, 6)
@@ -37,7 +39,7 @@ PEN_CLASS = 4
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class SegmentationError(ValueError):
+class SegmentationError(InputError, ValueError):
     """A segmentation checkpoint that cannot be loaded (missing, unreadable or of another layout)."""
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from mmcli.pipeline.errors import InputError
+
 METHODS = ("macenko", "reinhard")
 BUILTIN = "builtin:ihc-as-he-v1"
 IO, ALPHA, BETA = 240.0, 1.0, 0.15  # torchstain's defaults: transmitted light, angle percentile, OD floor
@@ -47,7 +49,7 @@ _GAMMA_LUT = (np.clip(np.where(_g > 0.0031308, 1.055 * _g ** (1 / 2.4) - 0.055, 
 del _g
 
 
-class StainError(ValueError):
+class StainError(InputError, ValueError):
     """A reference image that cannot serve (unreadable, no stained pixels)."""
 
 

@@ -109,7 +109,8 @@ def column_values(column: str, patients: Sequence[str], labels: pd.DataFrame | N
             return s.reindex(list(patients)), f"store table {name!r}"
     where = list(labels.columns) if labels is not None else []
     raise InputError(f"--subgroups: no column {column!r} in the labels (columns {where}) or in the store's "
-                     f"tables {list(tables)}. Fix: name a labels column or a column of a store table.")
+                     f"tables {list(tables)}. Fix: name a labels column or a column of a store table, or load the "
+                     "table that holds it first (mmcli extract --modality tabular --table CSV --name NAME).")
 
 
 def assign_groups(values: pd.Series, spec: SubgroupSpec) -> tuple[np.ndarray, dict[str, Any]]:

@@ -116,8 +116,21 @@ def read_inputs(opts: FitOptions, say: Say) -> FitInputs:
     if columns:  # refuse a missing batch column, or one derived from the outcome, before the run folder is touched
         check_covariates(covariates_for(columns, table, fs), tgt, getattr(opts.head_params, "batch_column", None),
                          getattr(opts.head_params, "batch_keep", None) or [])
+    _check_subgroup_columns(opts, table, fs)
     tgt, excluded = _align(fs, sources, tgt, say, opts.strict_match)
     return FitInputs(opts, cls, fs, sources, table, tgt, excluded)
+
+
+def _check_subgroup_columns(opts: FitOptions, table: pd.DataFrame, fs: Any) -> None:
+    """Every ``--subgroups`` column must be in the labels or a store table: an InputError now, before the first
+    fold, not after the cross-validation (issue 29: ``--subgroups age`` with no table holding ``age``)."""
+    from mmcli.heads.evaluation.subgroups import column_values
+
+    specs = opts.evidence.subgroup_specs()
+    if specs:
+        tables = store_tables(fs)
+        for spec in specs:
+            column_values(spec.column, [], table, tables)
 
 
 def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float, progress: bool = False

@@ -10,6 +10,7 @@ help from these field descriptions at start-up.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,6 +97,17 @@ class FitOptions(CohortOptions):
         if not isinstance(head, str):
             return data
         return {**data, "params": head_class(head).user_params(dict(data.get("params") or {}))}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], *, context: str = "") -> FitOptions:
+        """Re-validate what :meth:`to_json` wrote: the run-set parameters (task, n_classes, seed) it records in
+        ``params`` come from the labels and ``--seed`` again, not from the file."""
+        from mmcli.heads.base import RUN_PARAMS
+
+        data = dict(doc)
+        if isinstance(data.get("params"), Mapping):
+            data["params"] = {k: v for k, v in data["params"].items() if k not in RUN_PARAMS}
+        return cls.build(data, context=context)
 
     @model_validator(mode="after")
     def _params_of_head(self) -> FitOptions:

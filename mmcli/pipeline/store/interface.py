@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from mmcli.pipeline.errors import StoreError
+from mmcli.pipeline.fingerprint import same_source
 from mmcli.pipeline.ids import check_id, id_problem
 from mmcli.pipeline.io import disk_full_as_error
 from mmcli.pipeline.registry import Registry
@@ -263,7 +264,8 @@ class FeatureStore(Verifiable, ABC):
         *, check_data: bool = False,
     ) -> bool:
         """True when the item is complete, its arrays exist with the recorded shapes (and every chunk file, for
-        an item written with checksums), and (if given) its ``source_fingerprint`` equals ``fingerprint``.
+        an item written with checksums), and (if given) its ``source_fingerprint`` is the same source as
+        ``fingerprint`` (:func:`~mmcli.pipeline.fingerprint.same_source`: a rewritten file with identical bytes is).
 
         Metadata only, unless ``check_data``: then the arrays are also read whole and checked against their
         checksums, so a chunk that was damaged or swapped is not cached either (the runner's resume check:
@@ -271,7 +273,7 @@ class FeatureStore(Verifiable, ABC):
         state = self.item_state(modality, encoder_id, patient_id, item_id)
         if state.status != "ok":
             return False
-        if fingerprint is not None and state.attrs.get("source_fingerprint") != jsonable(fingerprint):
+        if fingerprint is not None and not same_source(state.attrs.get("source_fingerprint"), jsonable(fingerprint)):
             return False
         if check_data:
             key_path = ItemKey(modality, encoder_id, patient_id, item_id).path

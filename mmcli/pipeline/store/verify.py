@@ -130,9 +130,9 @@ class Verifiable:
         dims.setdefault(int(f.shape[1]), where)
         fp = attrs.get("source_fingerprint")
         if check_sources and isinstance(fp, dict) and isinstance(fp.get("path"), str) and Path(fp["path"]).is_file():
-            from mmcli.pipeline.fingerprint import source_fingerprint
+            from mmcli.pipeline.fingerprint import same_source, source_fingerprint
 
-            if source_fingerprint(fp["path"]) != fp:
+            if not same_source(fp, source_fingerprint(fp["path"])):
                 out.append(Problem(where, f"source {fp['path']} changed since extraction (stale features)"))
         return out
 

@@ -136,39 +136,130 @@ def _top_tiles(sa: SlideAttention, size0: int, slide: SlideReader, top_k: int) -
     return to_base64(fig)
 
 
-def _patient_notes(run: Run) -> dict[str, str]:
-    """Per patient, what the header of its heatmaps says: out-of-fold risk with time/event (survival) or
-    P(positive)/max probability with the true class (classification)."""
-    pred = run.predictions
-    if pred is None:
-        return {}
-    try:
-        scores = run.score()
-    except Exception:  # noqa: BLE001 - no scores: no notes
-        return {}
-    notes = {}
-    for i, pid in enumerate(pred["patient_id"].astype(str)):
-        row = pred.iloc[i]
-        if run.task == "survival":
-            ev = "event" if int(row["event"]) == 1 else "censored"
-            notes[pid] = f"risk {scores[i]:.3g}; time {row['time']:g}, {ev}"
-        else:
-            notes[pid] = f"score {scores[i]:.3g}; true class {row.get('y_true', '?')}"
-    return notes
+@dataclass
+class Showcased:
+    """A patient the attention section shows: why it was chosen, and what the model said against the truth."""
+
+    patient_id: str
+    why: str  # e.g. "most confident correct call", "most confident error"
+    said: str  # "predicted TNBC (p = 0.93) · true TNBC"; survival: the risk with its scale, and the outcome
+    wrong: bool = False
 
 
-def _choose_patients(run: Run, att: pd.DataFrame, n: int) -> list[str]:
-    """Top ``n`` patients with attention by out-of-fold score (P(positive)/max prob/risk), else by id."""
-    with_att = set(att["patient_id"])
-    if run.predictions is not None:
+def _ranked(order: np.ndarray, keep: np.ndarray) -> list[int]:
+    return [int(i) for i in order if keep[i]]
+
+
+def _classification_showcase(run: Run, pid: np.ndarray, with_att: np.ndarray, n: int) -> list[Showcased]:
+    """Half (rounded up) the most confident correct calls, half the most confident errors, each labelled; where one
+    kind runs short the other fills in. Binary: the correct calls are true positives (highest P(positive))."""
+    pred = run.require_predictions()
+    classes = run.classes
+    probs = run.prob_matrix()
+    predicted = probs.argmax(axis=1)
+    if "y_pred" in pred:
+        lookup = {c: i for i, c in enumerate(classes)}
+        given = pred["y_pred"].astype(str).map(lookup)
+        if given.notna().all():
+            predicted = given.to_numpy(dtype=int)
+    truth = run.class_index()
+    conf = probs[np.arange(len(probs)), predicted]
+    right = predicted == truth
+    binary = len(classes) == 2
+    good_keep = with_att & right & ((truth == 1) if binary else True)
+    if binary and not good_keep.any():  # no true positive has attention: correct calls of either class
+        good_keep = with_att & right
+    good = _ranked(np.argsort(-(probs[:, 1] if binary else conf), kind="stable"), good_keep)
+    bad = _ranked(np.argsort(-conf, kind="stable"), with_att & ~right)
+    n_bad = min(len(bad), n // 2)
+    n_good = min(len(good), n - n_bad)
+    n_bad = min(len(bad), n - n_good)
+    good_why = "true positive" if binary and good and truth[good[0]] == 1 else "correct call"
+    out = []
+    for k, i in enumerate(good[:n_good]):
+        out.append(Showcased(pid[i], f"{good_why}, most confident #{k + 1}",
+                             f"predicted {classes[predicted[i]]} (p = {conf[i]:.2f}) · true {classes[truth[i]]}"))
+    for k, i in enumerate(bad[:n_bad]):
+        out.append(Showcased(pid[i], f"error, most confident #{k + 1}",
+                             f"predicted {classes[predicted[i]]} (p = {conf[i]:.2f}) · true {classes[truth[i]]}",
+                             wrong=True))
+    return out
+
+
+def _ordinal(k: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ``11th``, ``12th``, ``13th``, ``21st``, ..."""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def _survival_showcase(run: Run, pid: np.ndarray, with_att: np.ndarray, n: int) -> list[Showcased]:
+    """Half (rounded up) the highest-risk patients who had the event (the model's hits), half the lowest-risk
+    patients who had the event anyway (its misses); censored patients fill in where those run short. The risk
+    is shown with its scale: the log hazard ratio and its percentile among this run's out-of-fold risks."""
+    from scipy.stats import percentileofscore
+
+    pred = run.require_predictions()
+    risk = pred["risk"].to_numpy(dtype=float)
+    event = pred["event"].to_numpy(dtype=int) == 1
+    time = pred["time"].to_numpy(dtype=float)
+    unit = f" {run.time_unit}" if run.time_unit else ""
+    by_risk = np.argsort(-risk, kind="stable")
+    hits = _ranked(by_risk, with_att & event)
+    misses = _ranked(by_risk[::-1], with_att & event)
+    n_miss = min(len(misses), n // 2)
+    hits = [i for i in hits if i not in set(misses[:n_miss])]
+    n_hit = min(len(hits), n - n_miss)
+    others = _ranked(by_risk, with_att & ~event)[: n - n_hit - n_miss]
+
+    def said(i: int) -> str:
+        pct = _ordinal(round(percentileofscore(risk, risk[i], kind="weak")))
+        outcome = f"event at {time[i]:g}{unit}" if event[i] else f"censored at {time[i]:g}{unit} (no event seen)"
+        return (f"risk {risk[i]:.3g} (log hazard ratio; {pct} percentile of the {len(risk)} out-of-fold "
+                f"risks, higher = shorter predicted survival) · {outcome}")
+
+    out = [Showcased(pid[i], f"event, highest predicted risk #{k + 1}", said(i)) for k, i in enumerate(hits[:n_hit])]
+    out += [Showcased(pid[i], f"event, lowest predicted risk #{k + 1} (missed)", said(i), wrong=True)
+            for k, i in enumerate(misses[:n_miss])]
+    out += [Showcased(pid[i], f"censored, highest predicted risk #{k + 1}", said(i)) for k, i in enumerate(others)]
+    return out
+
+
+def _regression_showcase(run: Run, pid: np.ndarray, with_att: np.ndarray, n: int) -> list[Showcased]:
+    """Half (rounded up) the closest predictions, half the largest errors (absolute residual), in the target's
+    unit."""
+    pred = run.require_predictions()
+    y, value = pred["y_true"].to_numpy(dtype=float), pred["y_pred"].to_numpy(dtype=float)
+    err = np.abs(y - value)
+    worst = _ranked(np.argsort(-err, kind="stable"), with_att)
+    n_bad = min(len(worst), n // 2)
+    best = [i for i in _ranked(np.argsort(err, kind="stable"), with_att) if i not in set(worst[:n_bad])]
+    n_good = min(len(best), n - n_bad)
+    target = run.config.get("target") or "target"
+
+    def said(i: int) -> str:
+        return f"predicted {target} {value[i]:.3g} · observed {y[i]:.3g} (error {value[i] - y[i]:+.3g})"
+
+    out = [Showcased(pid[i], f"closest prediction #{k + 1}", said(i)) for k, i in enumerate(best[:n_good])]
+    out += [Showcased(pid[i], f"largest error #{k + 1}", said(i), wrong=True) for k, i in enumerate(worst[:n_bad])]
+    return out
+
+
+def showcase(run: Run, att: pd.DataFrame, n: int) -> list[Showcased]:
+    """The patients (with attention) the section shows, chosen deliberately and labelled (module functions
+    above); by id, unlabelled, when the run has no usable predictions."""
+    with_ids = set(att["patient_id"].astype(str))
+    if run.predictions is not None and n > 0:
         try:
-            scores = pd.Series(run.score(), index=run.predictions["patient_id"])
-            ranked = [p for p in scores.sort_values(ascending=False).index if p in with_att]
-            if ranked:
-                return ranked[:n]
-        except Exception:  # noqa: BLE001 - fall back to id order when scores cannot be formed
+            pid = run.predictions["patient_id"].astype(str).to_numpy()
+            keep = np.array([p in with_ids for p in pid])
+            pick = {"survival": _survival_showcase, "regression": _regression_showcase}.get(
+                run.task, _classification_showcase)
+            chosen = pick(run, pid, keep, n)
+            if chosen:
+                return chosen
+        except Exception:  # noqa: BLE001 - unusable predictions: fall back to id order
             pass
-    return sorted(with_att)[:n]
+    return [Showcased(p, "by patient id (no usable predictions)", "") for p in sorted(with_ids)[:n]]
 
 
 def _find_item(store: Any, run: Run, pid: str, item: str) -> tuple[str, Any] | None:
@@ -217,16 +308,24 @@ def attention_section(run: Run, *, n_patients: int = 3, top_k: int = 8) -> str:
     except Exception as e:  # noqa: BLE001
         return f"<p class='absent'>feature store {html.escape(str(store_path))} could not be opened: " \
                f"{html.escape(str(e))}</p>"
-    what = "risk (survival: the patients the model deems most at risk)" if run.task == "survival" else \
-        "score (P(positive), or the largest class probability)"
-    parts = [f"<p>Patients with the highest out-of-fold {what}, {n_patients} at most; per slide the "
-             f"attention heatmap (within-slide percentiles) and the {top_k} highest-attention tiles.</p>"]
-    notes = _patient_notes(run)
-    for pid in _choose_patients(run, att, n_patients):
-        note = f" <small>({html.escape(notes[pid])})</small>" if pid in notes else ""
-        parts.append(f"<h3>Patient {html.escape(pid)}{note}</h3>")
-        for item, rows in att[att["patient_id"] == pid].groupby("item_id", sort=True):
-            parts.append(_slide_block(store, run, pid, str(item), rows, top_k))
+    how = ("the highest-risk patients who had the event (the model's hits) and the lowest-risk patients who had it "
+           "anyway (its misses); risk is the out-of-fold log hazard ratio, shown with its percentile in this run"
+           if run.task == "survival" else
+           "the closest out-of-fold predictions and the largest errors (absolute, in the target's unit)"
+           if run.task == "regression" else
+           "the most confident correct calls (binary: true positives, highest P(positive)) and the most confident "
+           "errors, each with its out-of-fold prediction against the truth")
+    parts = [f"<p>{n_patients} patients at most, chosen as {how}; per slide the attention heatmap (within-slide "
+             f"percentiles) and the {top_k} highest-attention tiles. Attention shows where the model looked, not "
+             "that what it saw there is right.</p>"]
+    att = att.assign(patient_id=att["patient_id"].astype(str))
+    for sc in showcase(run, att, n_patients):
+        wrong_word = {"survival": "missed", "regression": "far off"}.get(run.task, "misclassified")
+        mark = f"<span class='wrong'>✗ {wrong_word}</span> " if sc.wrong else ""
+        parts.append(f"<h3>Patient {html.escape(sc.patient_id)} <small>· {html.escape(sc.why)}</small></h3>"
+                     + (f"<p class='said'>{mark}{html.escape(sc.said)}</p>" if sc.said else ""))
+        for item, rows in att[att["patient_id"] == sc.patient_id].groupby("item_id", sort=True):
+            parts.append(_slide_block(store, run, sc.patient_id, str(item), rows, top_k))
     return "\n".join(parts)
 
 

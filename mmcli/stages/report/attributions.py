@@ -96,18 +96,27 @@ def attributions_section(run: Run) -> str:
     ig["attribution"] = pd.to_numeric(ig["attribution"], errors="coerce")
     ig = ig.dropna(subset=["attribution"])
     shares = modality_shares(ig)
-    rows = "".join(f"<tr><td>{_esc(m)}</td><td class='num'>{int(r.n_patients)}</td>"
-                   f"<td class='num'>{_num(r.share)}</td><td class='num'>{_num(r.mean_abs)}</td>"
-                   f"<td class='num'>{_num(r.mean_net)}</td></tr>" for m, r in shares.iterrows())
-    png = plots.bar_figure(list(shares.index), shares["share"].to_numpy(), title="Attribution share per modality",
-                           xlabel="share of mean |attribution| (out-of-fold IG)")
+    intro = (f"<p class='note'>{ig['patient_id'].nunique()} patients, integrated gradients on each patient's "
+             f"held-out fold. {_units(run)} A modality's attribution is the sum over its features (a table's columns, "
+             "an embedding's dimensions, a bag's tiles)")
+    if len(shares) == 1:  # a share over one modality is 1 by construction: say so instead of drawing a full bar
+        (m, r), = shares.iterrows()
+        overview = (f"{intro}. One modality (<code>{_esc(m)}</code>): its share is 1 by construction, so no share "
+                    f"is drawn; its mean |attribution| is {_num(r.mean_abs)} and its mean signed attribution "
+                    f"{_num(r.mean_net)} over {int(r.n_patients)} patients.</p>")
+    else:
+        rows = "".join(f"<tr><td>{_esc(m)}</td><td class='num'>{int(r.n_patients)}</td>"
+                       f"<td class='num'>{_num(r.share)}</td><td class='num'>{_num(r.mean_abs)}</td>"
+                       f"<td class='num'>{_num(r.mean_net)}</td></tr>" for m, r in shares.iterrows())
+        png = plots.bar_figure(list(shares.index), shares["share"].to_numpy(),
+                               title="Attribution share per modality",
+                               xlabel="share of mean |attribution| (out-of-fold IG)")
+        overview = (f"{intro}; its share is its mean |attribution| over the patients that have it, normalised over "
+                    "modalities.</p><table><tr><th>modality</th><th>patients</th><th>share</th><th>mean "
+                    f"|attribution|</th><th>mean attribution</th></tr>{rows}</table>"
+                    f"{plots.img_tag(png, 'attribution shares')}")
     parts = [
-        f"<p class='note'>{ig['patient_id'].nunique()} patients, integrated gradients on each patient's held-out "
-        f"fold. {_units(run)} A modality's attribution is the sum over its features (a table's columns, an "
-        "embedding's dimensions, a bag's tiles); its share is its mean |attribution| over the patients that have "
-        "it, normalised over modalities.</p>",
-        "<table><tr><th>modality</th><th>patients</th><th>share</th><th>mean |attribution|</th>"
-        f"<th>mean attribution</th></tr>{rows}</table>{plots.img_tag(png, 'attribution shares')}",
+        overview,
         "<h3>Top features per class</h3><p class='note'>For biological review: table columns (genes, proteins, "
         "clinical variables, <code>&lt;col&gt;__missing</code> indicators) by name; embeddings and tile bags are "
         "not interpretable per dimension and appear as one summed row. Mean over the patients that have the "

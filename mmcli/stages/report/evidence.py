@@ -56,7 +56,7 @@ def reliability_figure(per_class: dict[str, Any]) -> str:
         ax.scatter(x, y, s=8 + 60 * sizes / max(sizes.max(), 1), alpha=0.35)
     ax.set(xlabel="mean predicted probability (quantile bins)", ylabel="observed frequency",
            title="Reliability diagram", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=7, loc="upper left")
+    plots.legend_below(fig, ax, ncol=1, fontsize=7)
     return plots.to_base64(fig)
 
 
@@ -121,7 +121,7 @@ def decision_figure(dc: dict[str, Any]) -> str:
     top = np.nanmax(np.r_[model, alln, 0.01])
     ax.set(xlabel="threshold probability", ylabel="net benefit", title="Decision curve", xlim=(t.min(), t.max()),
            ylim=(-0.05 * max(top, 0.1), top * 1.1 + 0.01))
-    ax.legend(fontsize=8)
+    plots.legend_below(fig, ax, ncol=2)
     return plots.to_base64(fig)
 
 

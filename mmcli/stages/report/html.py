@@ -1,14 +1,25 @@
 """``mmcli report --run DIR``: a self-contained ``DIR/report.html`` for one run dir.
 
 Self-contained means one file: figures are inline base64 PNGs, the CSS is inline, there is no script and no
-external link, so the report can be mailed or archived as is. Sections: run header; metrics with 95% CIs and
-per-fold values; classification ROC / precision-recall / calibration / confusion matrix, or survival
-Kaplan-Meier curves of out-of-fold risk groups with the log-rank p; fusion modality weights; xgboost SHAP
-summary; attention heatmaps and top tiles; integrated-gradients attributions per modality and top features per
-class, and the note windows that drive a few patients' predictions (:mod:`mmcli.stages.report.attributions`);
-calibration, operating point, decision curve and subgroups (from
-metrics.json, :mod:`mmcli.stages.report.evidence`), plus drift and missing data for ``mmcli evaluate`` folders. A
-missing optional artefact gives a section that says it is absent.
+external link, so the report can be mailed or archived as is. The page leads with the answer and ends with the
+provenance:
+
+1. a banner when the features came from encoders without pretrained weights, and the headline box (the primary
+   metric, its interval and what that interval covers, the patients, the events or classes, a one-line reading;
+   :mod:`mmcli.stages.report.summary`);
+2. the metrics table (every metric, both 95% intervals labelled, per-fold values);
+3. the plots: classification ROC / precision-recall / confusion matrix (and a calibration curve only when
+   metrics.json has no calibration block, whose reliability diagram comes next), or survival Kaplan-Meier curves
+   of out-of-fold risk groups with the log-rank p; the evidence blocks of metrics.json that the run has
+   (calibration, operating point, decision curve, subgroups; :mod:`mmcli.stages.report.evidence`), drift and
+   missing data for ``mmcli evaluate`` folders; fusion modality weights; xgboost SHAP summary; attention heatmaps
+   and top tiles (:mod:`mmcli.stages.report.attention`); integrated-gradients attributions and the note windows
+   that drive a few patients' predictions (:mod:`mmcli.stages.report.attributions`);
+4. one list of what this run does not have (artefacts other heads write, evidence not asked for), with how to
+   get it;
+5. the provenance table (run dir, head and parameters, encoders, store, labels, seed, versions).
+
+A broken optional artefact costs its own section (which says why), never the report.
 """
 from __future__ import annotations
 
@@ -33,7 +44,7 @@ from mmcli.pipeline.rundir import (
     read_csv,
     read_json,
 )
-from mmcli.stages.report import evidence, plots
+from mmcli.stages.report import evidence, plots, summary
 from mmcli.stages.report.attention import attention_section
 from mmcli.stages.report.attributions import attributions_section, note_windows_section
 
@@ -51,6 +62,13 @@ text-align:left;vertical-align:top}th{background:#f4f4f6}td.num{text-align:right
 img{max-width:100%;margin:.3em .5em .3em 0;vertical-align:top}.figs{display:flex;flex-wrap:wrap}
 code{background:#f4f4f6;padding:0 .25em;border-radius:3px}td.pos{color:#b2182b}td.neg{color:#2166ac}
 q{font-family:Georgia,serif;font-size:.92em}footer{margin-top:2.5em;color:#888;font-size:.85em}
+.headline{border-left:6px solid #2c7fb8;background:#f0f6fb;padding:.7em 1.1em;margin:1em 0 1.4em;border-radius:4px}
+.headline p{margin:.35em 0}.headline .metric{font-size:1.15em}.headline .value{font-size:2em;font-weight:600;
+margin:0 .25em;font-variant-numeric:tabular-nums}.headline .ci{font-size:1.1em;color:#333}
+.headline .reading{font-weight:500}
+.banner{border-left:6px solid #b2182b;background:#fdecea;color:#5c0a12;padding:.7em 1.1em;margin:1em 0;
+border-radius:4px}ul.lacking li{margin:.25em 0;color:#555}.wrong{color:#b2182b;font-weight:700}
+p.said{font-size:1.05em;margin:.2em 0 .6em}h3 small{font-weight:normal;color:#555}
 """
 
 
@@ -191,10 +209,12 @@ def _classification_figs(run: Run) -> str:
         y_pred = probs.argmax(axis=1)
     note = (f"Positive class: <code>{_esc(classes[1])}</code>." if len(classes) == 2
             else "Multiclass: one curve per class (one-vs-rest).")
-    figs = [plots.img_tag(plots.roc_figure(y, probs, classes), "ROC curve"),
+    figs = [plots.img_tag(plots.roc_figure(y, probs, classes, "external cohort" if evidence.is_evaluation(run)
+                                           else "out-of-fold"), "ROC curve"),
             plots.img_tag(plots.pr_figure(y, probs, classes), "precision-recall curve"),
-            plots.img_tag(plots.calibration_figure(y, probs, classes), "calibration curve"),
             plots.img_tag(plots.confusion_figure(y, y_pred, classes), "confusion matrix")]
+    if not (run.metrics or {}).get("calibration"):  # else the Calibration section draws the reliability diagram
+        figs.insert(2, plots.img_tag(plots.calibration_figure(y, probs, classes), "calibration curve"))
     what = "predictions of the fitted model" if evidence.is_evaluation(run) else "out-of-fold predictions"
     return f"<p class='note'>{len(y)} patients, {what}. {note}</p><div class='figs'>" \
            + "".join(figs) + "</div>"
@@ -287,42 +307,78 @@ def _shap_section(run: Run) -> str:
             f"<code>pred_contribs</code> on each patient's held-out fold.</p>{plots.img_tag(png, 'SHAP summary')}")
 
 
+EVIDENCE = (  # (metrics.json block, section title, builder, what to do to get it)
+    ("calibration", "Calibration", evidence.calibration_section,
+     "calibration (classification runs of this version; <code>--calibrate platt|isotonic</code> recalibrates)"),
+    ("operating_point", "Operating point", evidence.operating_point_section,
+     "operating point (binary tasks: fit with <code>--operating-point sens=0.9</code> or <code>spec=0.9</code>)"),
+    ("decision_curve", "Decision curve", evidence.decision_curve_section, "decision curve"),
+    ("subgroups", "Subgroups", evidence.subgroups_section,
+     "subgroup metrics (fit with <code>--subgroups COL[,COL]</code>)"),
+)
+PROBABILITY_ONLY = ("calibration", "operating_point", "decision_curve")
+OPTIONAL = (  # (run file, section title, what writes it)
+    ("modality_weights.json", "Fusion modality weights", "modality weights: fusion_mlp"),
+    ("shap.csv", "SHAP summary (xgboost)", "SHAP: xgboost"),
+    ("attention.csv", "Attention", "attention: attention heads, or <code>mmcli predict --attention</code>"),
+    ("attributions.csv", "Attributions (integrated gradients)", "attributions: torch heads"),
+    (WINDOW_ATTRIBUTIONS, "Note windows that drive predictions", "note windows: fusion_mlp on windowed notes"),
+)
+
+
+def _evidence_present(run: Run, key: str) -> str | None:
+    """None when the block is there to draw, else why not (a skipped block's own reason)."""
+    block = (run.metrics or {}).get(key)
+    if not block:
+        return ""
+    if isinstance(block, dict) and block.get("skipped"):
+        return str(block["skipped"])
+    return None
+
+
 def _render(run: Run, attention_patients: int, top_tiles: int) -> str:
     external = evidence.is_evaluation(run)
     title = f"mmcli {'external validation' if external else 'report'}: {run.head} ({run.task})"
+    optional_builders = {
+        "modality_weights.json": lambda: _weights_section(run),
+        "shap.csv": lambda: _shap_section(run),
+        "attention.csv": lambda: attention_section(run, n_patients=attention_patients, top_k=top_tiles),
+        "attributions.csv": lambda: attributions_section(run),
+        WINDOW_ATTRIBUTIONS: lambda: note_windows_section(run),
+    }
     sections = [
-        _section("Run", lambda: _header(run)),
         _section("Metrics", lambda: _metrics_table(run)),
         _section("Predictions (external cohort)" if external else "Out-of-fold predictions",
                  lambda: _predictions_section(run)),
-        _section("Calibration", lambda: evidence.calibration_section(run)),
-        _section("Operating point", lambda: evidence.operating_point_section(run)),
-        _section("Decision curve", lambda: evidence.decision_curve_section(run)),
-        _section("Subgroups", lambda: evidence.subgroups_section(run)),
     ]
+    lacking: list[str] = []
+    for key, name, build, how in EVIDENCE:
+        if run.task == REGRESSION and key in PROBABILITY_ONLY:
+            continue  # a value, not a probability: nothing to calibrate, threshold or weigh as a net benefit
+        why = _evidence_present(run, key)
+        if why is None:
+            sections.append(_section(name, lambda build=build: build(run)))
+        else:
+            lacking.append(f"No {how}" + (f": {_esc(why)}" if why else "") + ".")
     if external:
         sections += [_section("Drift (training vs this cohort)", lambda: evidence.drift_section(run)),
                      _section("Missing patients and modalities", lambda: evidence.missing_section(run))]
-    # head-specific artefacts: a section when the run has the file, one line listing those it lacks
-    optional = [
-        ("modality_weights.json", "Fusion modality weights", lambda: _weights_section(run)),
-        ("shap.csv", "SHAP summary (xgboost)", lambda: _shap_section(run)),
-        ("attention.csv", "Attention",
-         lambda: attention_section(run, n_patients=attention_patients, top_k=top_tiles)),
-        ("attributions.csv", "Attributions (integrated gradients)", lambda: attributions_section(run)),
-        (WINDOW_ATTRIBUTIONS, "Note windows that drive predictions", lambda: note_windows_section(run)),
-    ]
-    sections += [_section(title, build) for name, title, build in optional if run.optional(name) is not None]
-    lacking = [name for name, _, _ in optional if run.optional(name) is None]
+    for name, heading, who in OPTIONAL:
+        if run.optional(name) is not None:
+            sections.append(_section(heading, optional_builders[name]))
+        else:
+            lacking.append(f"No <code>{_esc(name)}</code> ({who}).")
     if lacking:
-        sections.append(_section("Not in this run", lambda: _absent(
-            "Artefacts other heads write, so their sections are left out: "
-            + ", ".join(f"No <code>{_esc(n)}</code>" for n in lacking)
-            + " (modality weights: fusion_mlp; SHAP: xgboost; attention: attention heads; attributions: torch "
-              "heads; note windows: fusion_mlp on windowed notes).")))
+        sections.append("<section><h2>Not in this run</h2>\n<ul class='lacking'>"
+                        + "".join(f"<li>{item}</li>" for item in lacking) + "</ul>\n</section>")
+    sections.append(_section("Provenance", lambda: _header(run)))
+    try:
+        top = summary.banner(run) + summary.headline_box(run)
+    except Exception as e:  # noqa: BLE001 - a broken box costs the box, not the report
+        top = _absent(f"the headline could not be drawn: {_esc(type(e).__name__)}: {_esc(e)}")
     now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n<h1>{_esc(title)}</h1>\n" + "\n".join(sections)
+            f"<style>{_CSS}</style></head><body>\n<h1>{_esc(title)}</h1>\n{top}\n" + "\n".join(sections)
             + f"\n<footer>Generated by mmcli {_esc(__version__)} on {_esc(now)}.</footer>\n</body></html>\n")
 
 

@@ -36,13 +36,24 @@ def img_tag(b64: str, alt: str) -> str:
     """An ``<img>`` element with the PNG inline (``data:`` URI)."""
     return f"<img src='data:image/png;base64,{b64}' alt='{html.escape(alt)}'>"
 
+# Kaplan-Meier groups, low to high risk: blue, amber, red (high risk in a warning colour; ColorBrewer RdYlBu ends)
+RISK_COLOURS = {"low risk": "#2166ac", "intermediate risk": "#e08214", "high risk": "#b2182b"}
+
+
+def legend_below(fig: Any, ax: Any, ncol: int = 2, fontsize: float = 8) -> None:
+    """The axes' legend under the plot (constrained layout makes room), so it never covers a curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(handles)), fontsize=fontsize,
+                   frameon=False)
+
 
 def _ovr(classes: Sequence[str]) -> list[int]:
     """Classes to draw one-vs-rest curves for: the positive class for binary, every class otherwise."""
     return [1] if len(classes) == 2 else list(range(len(classes)))
 
 
-def roc_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> str:
+def roc_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], what: str = "out-of-fold") -> str:
     """ROC curve(s): binary (positive = ``classes[1]``) or one-vs-rest per class, with AUROC in the legend."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -55,9 +66,9 @@ def roc_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> str:
         fpr, tpr, _ = roc_curve(yc, probs[:, c])
         ax.plot(fpr, tpr, lw=1.6, label=f"{classes[c]} (AUROC {roc_auc_score(yc, probs[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (out-of-fold)",
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({what})",
            xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(fontsize=8, loc="lower right")
+    legend_below(fig, ax)
     return to_base64(fig)
 
 
@@ -77,7 +88,7 @@ def pr_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> str:
         ax.axhline(yc.mean(), ls=":", lw=0.8, c=line.get_color())
     ax.set(xlabel="recall", ylabel="precision", title="Precision-recall (dotted: prevalence)",
            xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=8, loc="lower left")
+    legend_below(fig, ax)
     return to_base64(fig)
 
 
@@ -97,7 +108,7 @@ def calibration_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str],
         ax.plot(mean_pred, frac, marker="o", ms=3, lw=1.4, label=classes[c])
     ax.set(xlabel="mean predicted probability", ylabel="observed fraction", title="Calibration (quantile bins)",
            xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=8, loc="upper left")
+    legend_below(fig, ax)
     return to_base64(fig)
 
 
@@ -154,7 +165,8 @@ def km_figure(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
         m = groups == g
         KaplanMeierFitter(label=f"{names[g]} (n={int(m.sum())}, events={int(event[m].sum())})").fit(
             time[m], event[m]).plot_survival_function(ax=ax, ci_show=True, show_censors=True,
-                                                      censor_styles={"ms": 4, "marker": "|"})
+                                                      censor_styles={"ms": 4, "marker": "|"},
+                                                      color=RISK_COLOURS.get(names[g]))
     info: dict[str, Any] = {"groups": [names[g] for g in used], "sizes": [int((groups == g).sum()) for g in used],
                             "events": [int(event[groups == g].sum()) for g in used], "logrank_p": None,
                             "test": "log-rank" if len(used) == 2 else "multivariate log-rank"}
@@ -165,7 +177,9 @@ def km_figure(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
     else:
         ax.set_title("Kaplan-Meier (all risks equal: one group)")
     ax.set(xlabel=f"time{f' ({time_unit})' if time_unit else ''}", ylabel="survival probability", ylim=(0, 1.02))
-    ax.legend(fontsize=8, loc="upper right")
+    if ax.get_legend() is not None:  # lifelines draws one inside the axes
+        ax.get_legend().remove()
+    legend_below(fig, ax, ncol=1)
     return to_base64(fig), info
 
 

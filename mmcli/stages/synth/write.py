@@ -71,6 +71,10 @@ Determinism: the same ``seed`` and ``patients`` give byte-identical files (fixed
 gzip ``mtime=0``, no timestamps); each patient draws from its own generator
 (``SeedSequence(seed, spawn_key=(1, index, stream))``), so its content does not depend on the order
 of generation or the number of worker threads.
+
+Re-runs: a file whose new bytes equal the bytes already on disk is left alone (not rewritten, its mtime kept),
+so running synth again into the same folder (``make demo`` twice) changes nothing that a later ``extract``
+would see; files of an earlier run that this run does not write (fewer patients) are removed.
 """
 from __future__ import annotations
 
@@ -79,7 +83,9 @@ import math
 import numbers
 import os
 import shutil
+import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +105,7 @@ MIN_PATIENTS = 8
 MAX_PATIENTS = 100_000
 # What a synth run writes; only these are removed when a previous synth output is overwritten.
 OUTPUTS: tuple[str, ...] = ("slides", "mri", "notes", "tables", "manifest.csv", "labels.csv", MARKER)
+DIRS: tuple[str, ...] = ("slides", "mri", "notes", "tables")
 MANIFEST_COLUMNS: tuple[str, ...] = ("patient_id", "modality", "path", "item_id")
 LABEL_COLUMNS: tuple[str, ...] = ("patient_id", "subtype", "time", "event")
 
@@ -118,13 +125,52 @@ class SynthResult:
     notes: int
     proteomics_rows: int
     subtypes: dict[str, int] = field(default_factory=dict)
+    written: int = 0  # files whose bytes changed (or were new)
+    unchanged: int = 0  # files already there with the same bytes, left alone
 
 
-def _write_table(path: Path, header: tuple[str, ...] | list[str], rows: list[list[object]]) -> None:
-    """A CSV of ``rows`` (None / NaN -> empty cell), through the one formula-escaping CSV writer."""
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether files ``a`` and ``b`` hold the same bytes (sizes first, then the content in blocks)."""
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def _write_if_changed(path: Path, write: Callable[[Path], object]) -> bool:
+    """``write(p)`` writes the file at ``p`` (atomically); it goes to a sibling temporary name first, and
+    replaces ``path`` only when its bytes differ from what ``path`` holds. Returns whether ``path`` changed."""
+    fresh = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.new")
+    try:
+        write(fresh)
+        if path.is_file() and not path.is_symlink() and _same_bytes(fresh, path):
+            return False
+        os.replace(fresh, path)
+        return True
+    finally:
+        fresh.unlink(missing_ok=True)
+
+
+def _bytes_if_changed(path: Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` atomically unless ``path`` already holds exactly these bytes."""
+    if path.is_file() and not path.is_symlink() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
+    atomic_write_bytes(path, data)
+    return True
+
+
+def _write_table(path: Path, header: tuple[str, ...] | list[str], rows: list[list[object]]) -> bool:
+    """A CSV of ``rows`` (None / NaN -> empty cell), through the one formula-escaping CSV writer; left alone when
+    the file already holds the same bytes. Returns whether it changed."""
     import pandas as pd
 
-    write_csv(path, pd.DataFrame(rows, columns=list(header), dtype=object), float_format=None)
+    frame = pd.DataFrame(rows, columns=list(header), dtype=object)
+    return _write_if_changed(path, lambda p: write_csv(p, frame, float_format=None))
 
 
 def _fmt(values: list[float], digits: int = 3) -> list[object]:
@@ -171,12 +217,18 @@ def _prepare_out(out: Path) -> None:
         raise SynthInputError(
             f"{out} is not empty and holds no {MARKER} from an earlier 'mmcli synth' run; refusing to write "
             "into it. Fix: choose a new or empty directory.")
-    for name in OUTPUTS:
+    for name in OUTPUTS:  # an earlier run's files stay until compared; only foreign kinds of entry go now
         p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+        if p.is_symlink() or (p.exists() and p.is_dir() != (name in DIRS)):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _remove_stale(out: Path, keep: set[Path]) -> None:
+    """Remove what an earlier synth run left in the output folders that this run did not write."""
+    for sub in DIRS:
+        for p in sorted((out / sub).iterdir()):
+            if p not in keep:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _marker_bytes(seed: int, patients: int, complete: bool) -> bytes:
@@ -185,25 +237,28 @@ def _marker_bytes(seed: int, patients: int, complete: bool) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def _write_patient(out: Path, seed: int, patient: Patient) -> list[list[str]]:
-    """Write one patient's slides, MRI and note; return their manifest rows."""
+def _write_patient(out: Path, seed: int, patient: Patient) -> tuple[list[list[str]], int]:
+    """Write one patient's slides, MRI and note (each left alone when unchanged); return their manifest rows
+    and how many files changed."""
     rows: list[list[str]] = []
+    changed = 0
     pid = patient.patient_id
     for k, spec in enumerate(plan_slides(seed, patient)):
         img = render_slide(seed, patient, k, spec)
-        write_svs(out / "slides" / f"{spec.slide_id}.svs", img, spec, seed, patient.index, k)
+        changed += _write_if_changed(out / "slides" / f"{spec.slide_id}.svs",
+                                     lambda p, img=img, spec=spec, k=k: write_svs(p, img, spec, seed, patient.index, k))
         rows.append([pid, "wsi", f"slides/{spec.slide_id}.svs", spec.slide_id])
     if patient.has_mri:
         for seq, data in render_mri(seed, patient).items():
-            atomic_write_bytes(out / "mri" / f"{pid}_{seq}.nii.gz", data)
+            changed += _bytes_if_changed(out / "mri" / f"{pid}_{seq}.nii.gz", data)
             rows.append([pid, "mri", f"mri/{pid}_{seq}.nii.gz", seq])
     if patient.has_note:
-        atomic_write_bytes(out / "notes" / f"{pid}.txt", render_note(seed, patient).encode("utf-8"))
+        changed += _bytes_if_changed(out / "notes" / f"{pid}.txt", render_note(seed, patient).encode("utf-8"))
         rows.append([pid, "text", f"notes/{pid}.txt", "note"])
-    return rows
+    return rows, changed
 
 
-def _write_patient_task(args: tuple[str, int, Patient]) -> list[list[str]]:
+def _write_patient_task(args: tuple[str, int, Patient]) -> tuple[list[list[str]], int]:
     out, seed, patient = args
     return _write_patient(Path(out), seed, patient)
 
@@ -215,7 +270,7 @@ def synth(out: str | Path, patients: int = 120, seed: int = 0, *, workers: int |
     threads render the patients' files (default: the CPU count, at most 8; the heavy work in Pillow,
     the JPEG and zlib codecs releases the GIL); the output does not depend on it. ``out`` is created;
     an existing non-empty ``out`` must hold an earlier synth output (its ``.mmcli_synth.json``
-    marker), whose files are replaced.
+    marker), whose files are replaced where their bytes differ and left alone where they do not.
     Raises :class:`SynthInputError` (a ``ValueError``) on bad arguments or a foreign ``out``.
     """
     patients, seed, workers = _check_args(patients, seed, workers)
@@ -233,24 +288,29 @@ def synth(out: str | Path, patients: int = 120, seed: int = 0, *, workers: int |
             per_patient = list(pool.map(_write_patient_task, tasks))
     else:
         per_patient = [_write_patient_task(t) for t in tasks]
-    manifest_rows = [row for rows in per_patient for row in rows]
+    manifest_rows = [row for rows, _ in per_patient for row in rows]
+    changed = sum(n for _, n in per_patient)
 
     tables = {"genes": out / "tables" / "genes.csv", "proteomics": out / "tables" / "proteomics.csv",
               "clinical": out / "tables" / "clinical.csv"}
-    _write_table(tables["genes"], ["patient_id", *GENES], [[p.patient_id, *_fmt(gene_row(seed, p))] for p in cohort])
+    changed += _write_table(tables["genes"], ["patient_id", *GENES],
+                            [[p.patient_id, *_fmt(gene_row(seed, p))] for p in cohort])
     prot = [[p.patient_id, *_fmt(protein_row(seed, p))] for p in cohort if p.has_proteomics]
-    _write_table(tables["proteomics"], ["patient_id", *PROTEINS], prot)
-    _write_table(tables["clinical"], ["patient_id", *CLINICAL_COLUMNS],
-                 [[p.patient_id, *clinical_row(seed, p)] for p in cohort])
+    changed += _write_table(tables["proteomics"], ["patient_id", *PROTEINS], prot)
+    changed += _write_table(tables["clinical"], ["patient_id", *CLINICAL_COLUMNS],
+                            [[p.patient_id, *clinical_row(seed, p)] for p in cohort])
     manifest, labels = out / "manifest.csv", out / "labels.csv"
-    _write_table(manifest, MANIFEST_COLUMNS, manifest_rows)
-    _write_table(labels, LABEL_COLUMNS, [[p.patient_id, p.subtype, f"{p.time_months:.1f}", p.event] for p in cohort])
+    changed += _write_table(manifest, MANIFEST_COLUMNS, manifest_rows)
+    changed += _write_table(labels, LABEL_COLUMNS,
+                            [[p.patient_id, p.subtype, f"{p.time_months:.1f}", p.event] for p in cohort])
+    _remove_stale(out, {out / row[2] for row in manifest_rows} | set(tables.values()))
     atomic_write_bytes(out / MARKER, _marker_bytes(seed, patients, complete=True))
+    n_files = len(manifest_rows) + len(tables) + 2
 
     counts = Counter(row[1] for row in manifest_rows)
     subtypes = Counter(p.subtype for p in cohort)
     return SynthResult(
         out_dir=out, marker=out / MARKER, manifest=manifest, labels=labels, tables=tables, patients=patients,
         slides=counts["wsi"], mri_volumes=counts["mri"], notes=counts["text"], proteomics_rows=len(prot),
-        subtypes={s: subtypes[s] for s in SUBTYPES},
+        subtypes={s: subtypes[s] for s in SUBTYPES}, written=changed, unchanged=n_files - changed,
     )
