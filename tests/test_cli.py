@@ -127,7 +127,7 @@ def test_help_keeps_bracketed_and_parenthesised_defaults() -> None:
     assert "(default: concat)" in fit_help and "gated]" not in fit_help
     assert "(default: all the head can use)" in fit_help and "[default: 5]" in fit_help
     ablate_help = _help("ablate")
-    assert "(default: auroc for classification, c_index for survival)" in ablate_help
+    assert "(default: auroc for classification, c_index for survival, r2 for regression)" in ablate_help
     assert "(default: singles, pairs and the full set)" in ablate_help
     report_help = _help("report")
     assert "(default: RUN/report.html)" in report_help
