@@ -28,7 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
-PAGES = ("index", "extract", "fit-and-evaluate", "statistics", "serving", "privacy", "operations", "formats",
+PAGES = ("index", "extract", "heads", "fit-and-evaluate", "statistics", "serving", "privacy", "operations", "formats",
          "benchmarks", "development")
 MAX_README_LINES = 300
 

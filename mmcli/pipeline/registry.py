@@ -118,8 +118,8 @@ class Registry(Generic[T]):
             return self._aliases[name.lower()]
         choices = self.names()
         close = difflib.get_close_matches(name.lower(), [*choices, *self._aliases], n=3, cutoff=0.6)
-        hint = f" Did you mean {' or '.join(repr(self._aliases.get(c, c)) for c in dict.fromkeys(close))}?" \
-            if close else ""
+        meant = dict.fromkeys(self._aliases.get(c, c) for c in close)  # a name and its alias: one suggestion
+        hint = f" Did you mean {' or '.join(repr(c) for c in meant)}?" if close else ""
         raise InputError(f"unknown {self.kind} {name!r}.{hint} Fix: {self.flag} takes one of {choices}.")
 
     def declared(self) -> list[str]:

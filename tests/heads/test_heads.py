@@ -15,7 +15,10 @@ from mmcli.heads.training.cv import cross_validate
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 
-FAST = {"attention_mil": {"epochs": 15}, "fusion_mlp": {"epochs": 40}, "xgboost": {"n_estimators": 60}, "cox": {}}
+FAST = {"attention_mil": {"epochs": 15}, "fusion_mlp": {"epochs": 40}, "xgboost": {"n_estimators": 60}, "cox": {},
+        "clam_sb": {"epochs": 15}, "clam_mb": {"epochs": 15}, "dsmil": {"epochs": 15}, "transmil": {"epochs": 10}}
+BAG_HEADS = ("attention_mil", "clam_sb", "clam_mb", "dsmil", "transmil")
+SLOW = pytest.mark.slow
 
 
 def _cohort(planted, names=None):
@@ -41,7 +44,8 @@ def _oof_auroc(head, cohort, target):
 
 
 def test_registry_lists_heads_and_refuses_unknown_names_and_params():
-    assert list_heads() == ["attention_mil", "cox", "fusion_mlp", "xgboost"]
+    assert list_heads() == ["attention_mil", "clam_mb", "clam_sb", "cox", "dsmil", "fusion_mlp", "transmil",
+                            "xgboost"]
     with pytest.raises(InputError, match="unknown head 'nope'"):
         create_head("nope")
     with pytest.raises(InputError, match="no parameter.*'hiden'"):
@@ -49,9 +53,10 @@ def test_registry_lists_heads_and_refuses_unknown_names_and_params():
     assert create_head("fusion_mlp", fusion="bilinear").get_params()["fusion"] == "bilinear"
 
 
-@pytest.mark.parametrize("head", ["attention_mil", "fusion_mlp", "xgboost"])
+@pytest.mark.parametrize("head", ["attention_mil", "fusion_mlp", "xgboost", "clam_sb", "clam_mb", "dsmil",
+                                  pytest.param("transmil", marks=SLOW)])
 def test_classification_heads_learn_planted_signal_and_sit_at_chance_on_shuffled_labels(binary, head):
-    names = ["wsi"] if head == "attention_mil" else None
+    names = ["wsi"] if head in BAG_HEADS else None
     cohort = _cohort(binary, names)
     real = build_target(binary.labels, target="label")
     noise = build_target(shuffled(binary.labels), target="label")
@@ -59,9 +64,10 @@ def test_classification_heads_learn_planted_signal_and_sit_at_chance_on_shuffled
     assert 0.2 < _oof_auroc(head, cohort, noise) < 0.8
 
 
-@pytest.mark.parametrize("head", ["cox", "xgboost", "fusion_mlp", "attention_mil"])
+@pytest.mark.parametrize("head", ["cox", "xgboost", "fusion_mlp", "attention_mil", "clam_sb", "clam_mb", "dsmil",
+                                  pytest.param("transmil", marks=SLOW)])
 def test_survival_heads_rank_planted_risk_and_not_shuffled_times(survival, head):
-    names = ["wsi"] if head == "attention_mil" else None
+    names = ["wsi"] if head in BAG_HEADS else None
     cohort = _cohort(survival, names)
 
     def c_index(labels):
@@ -79,10 +85,12 @@ def test_survival_heads_rank_planted_risk_and_not_shuffled_times(survival, head)
     assert 0.35 < c_index(shuffled(survival.labels)) < 0.65
 
 
-def test_attention_concentrates_on_planted_key_instances(binary):
+@pytest.mark.parametrize("head", ["attention_mil", "clam_sb", "clam_mb", "dsmil", pytest.param("transmil", marks=SLOW)])
+def test_attention_concentrates_on_planted_key_instances(binary, head):
     cohort = _cohort(binary, ["wsi"])
     target = build_target(binary.labels, target="label")
-    head = create_head("attention_mil", task="binary", n_classes=2, epochs=30).fit(cohort, target.y)
+    epochs = 60 if head == "clam_mb" else 30  # one branch per class: each learns from fewer gradient steps
+    head = create_head(head, task="binary", n_classes=2, epochs=epochs).fit(cohort, target.y)
     att = head.attention(cohort)["wsi"]
     items = cohort.modalities["wsi"].items
     mass, frac = [], []
@@ -118,10 +126,12 @@ def test_every_fusion_operator_predicts_patients_missing_modalities(tmp_path, fu
 
 @pytest.mark.parametrize("head,task", [("attention_mil", "binary"), ("fusion_mlp", "multiclass"),
                                        ("xgboost", "multiclass"), ("xgboost", "survival"), ("cox", "survival"),
-                                       ("fusion_mlp", "survival")])
+                                       ("fusion_mlp", "survival"), ("clam_sb", "multiclass"), ("clam_mb", "survival"),
+                                       ("clam_mb", "multiclass"), ("dsmil", "binary"), ("dsmil", "survival"),
+                                       ("transmil", "multiclass"), ("transmil", "survival")])
 def test_saved_head_reloads_with_identical_predictions(tmp_path, head, task):
     planted = make_store(tmp_path / "s.zarr", n=36, task=task, seed=4)
-    cohort = _cohort(planted, ["wsi"] if head == "attention_mil" else None)
+    cohort = _cohort(planted, ["wsi"] if head in BAG_HEADS else None)
     kw = {"time": "time", "event": "event"} if task == "survival" else {"target": "label"}
     target = build_target(planted.labels, **kw)
     h = create_head(head, task=target.task, n_classes=target.n_classes, **FAST[head]).fit(cohort, target.y)
@@ -133,7 +143,7 @@ def test_saved_head_reloads_with_identical_predictions(tmp_path, head, task):
     if task == "survival":
         times = np.array([5.0, 10.0, 20.0])
         np.testing.assert_array_equal(h.predict_survival(cohort, times), h2.predict_survival(cohort, times))
-    if head == "attention_mil":
+    if head in BAG_HEADS:
         for a, b in zip(h.attention(cohort)["wsi"], h2.attention(cohort)["wsi"]):
             np.testing.assert_array_equal(a, b)
 
@@ -150,8 +160,9 @@ def test_same_seed_same_model_and_other_seed_differs(binary):
 def test_head_refuses_unsuitable_inputs(binary):
     cohort = _cohort(binary)
     target = build_target(binary.labels, target="label")
-    with pytest.raises(InputError, match="exactly one bag modality"):
-        create_head("attention_mil").fit(cohort, target.y)
+    for head in BAG_HEADS:
+        with pytest.raises(InputError, match=f"{head} works on exactly one bag modality"):
+            create_head(head).fit(cohort, target.y)
     with pytest.raises(InputError, match="survival"):
         create_head("cox", task="binary", n_classes=2).fit(cohort, target.y)
     with pytest.raises(InputError, match="unknown fusion"):

@@ -18,6 +18,7 @@ from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 
 REPO = Path(__file__).resolve().parents[2]
+MIL_HEADS = ("clam_sb", "clam_mb", "dsmil", "transmil")  # the bag heads besides attention_mil
 
 
 def _imports_after(code: str) -> set[str]:
@@ -30,7 +31,8 @@ def _imports_after(code: str) -> set[str]:
 
 def test_importing_heads_imports_no_head_and_xgboost_needs_no_torch():
     mods = _imports_after("import mmcli.heads")
-    heads = {f"mmcli.heads.models.{m}" for m in ("attention_mil", "cox", "fusion_mlp", "xgboost")}
+    heads = {f"mmcli.heads.models.{m}" for m in ("attention_mil", "clam", "cox", "dsmil", "fusion_mlp", "transmil",
+                                                 "xgboost")}
     assert not mods & heads
     assert "torch" not in mods and "sklearn" not in mods
     mods = _imports_after("from mmcli.heads import head_class; head_class('xgboost')")
@@ -42,9 +44,13 @@ def test_importing_heads_imports_no_head_and_xgboost_needs_no_torch():
 
 def test_registry_describes_heads_with_their_policy():
     desc = HEADS.describe()
-    assert sorted(desc) == list_heads() == ["attention_mil", "cox", "fusion_mlp", "xgboost"]
+    assert sorted(desc) == list_heads() == ["attention_mil", "clam_mb", "clam_sb", "cox", "dsmil", "fusion_mlp",
+                                            "transmil", "xgboost"]
     assert desc["cox"]["tasks"] == ("survival",) and desc["attention_mil"]["input_kind"] == "bag"
     assert desc["xgboost"]["input_kind"] == "vector" and desc["fusion_mlp"]["input_kind"] == "mixed"
+    for mil in MIL_HEADS:
+        assert desc[mil]["input_kind"] == "bag" and desc[mil]["tasks"] == ("classification", "survival", "regression")
+        assert head_class(mil).needs_every_modality
     assert head_class("attention_mil").needs_every_modality
     assert not any(head_class(h).needs_every_modality for h in ("cox", "fusion_mlp", "xgboost"))
 
@@ -52,7 +58,8 @@ def test_registry_describes_heads_with_their_policy():
 def test_default_modalities_and_usable_patients_come_from_the_head_class():
     assert head_class("xgboost").default_modalities(["mri", "wsi"], ["genes"]) == ["mri", "wsi", "genes"]
     assert head_class("fusion_mlp").default_modalities(["mri"], ["genes"]) == ["mri", "genes"]
-    assert head_class("attention_mil").default_modalities(["mri", "wsi"], ["genes"]) == ["wsi"]
+    for h in ("attention_mil", *MIL_HEADS):
+        assert head_class(h).default_modalities(["mri", "wsi"], ["genes"]) == ["wsi"]
     with pytest.raises(InputError, match=r"s\.zarr: attention_mil needs a bag modality.*--modalities.*'mri'"):
         head_class("attention_mil").default_modalities(["mri"], ["genes"], "s.zarr")
     pres = np.array([[True, True], [True, False], [False, False]])
@@ -85,6 +92,14 @@ def test_no_stage_branches_on_a_head_name():
     ("fusion_mlp", {"fusion": "sum"}, r"--param fusion='sum': .*unknown fusion 'sum'.*bilinear \| concat"),
     ("fusion_mlp", {"fusion": "cross_attention", "hidden": 30, "n_heads": 4}, r"n_heads=4: .*divisible"),
     ("fusion_mlp", {"dropout": 1.0}, r"--param dropout=1\.0: .*less than 1"),
+    ("clam_sb", {"k_sample": 0}, r"--param k_sample=0: .*greater than or equal to 1"),
+    ("clam_mb", {"k_sample": 10**6}, r"--param k_sample=1000000: .*less than or equal to 4096"),
+    ("clam_sb", {"bag_weight": 0.0}, r"--param bag_weight=0\.0: .*greater than 0"),
+    ("dsmil", {"max_weight": 1.0}, r"--param max_weight=1\.0: .*less than 1"),
+    ("dsmil", {"attn_dim": 10**5}, r"--param attn_dim=100000: .*less than or equal to 8192"),
+    ("transmil", {"hidden": 30, "n_heads": 8}, r"n_heads=8: .*transmil needs hidden \(30\) divisible"),
+    ("transmil", {"pinv_iterations": 500}, r"--param pinv_iterations=500: .*less than or equal to 50"),
+    ("transmil", {"n_landmarks": 0}, r"--param n_landmarks=0: .*greater than or equal to 1"),
 ])
 def test_bad_parameter_values_are_input_errors_naming_the_key_and_what_it_takes(head, params, match):
     with pytest.raises(InputError, match=match):
@@ -152,3 +167,10 @@ def test_edited_bad_param_in_a_saved_model_names_the_file_and_the_fix(saved, tmp
     assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
     assert str(bad / "config.json") in r.stderr and "Fix:" in r.stderr
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_a_misspelt_head_is_suggested_once_even_when_an_alias_matches_too():
+    with pytest.raises(InputError, match=r"unknown head 'trnasmil'\. Did you mean 'transmil' or 'dsmil'\?") as e:
+        create_head("trnasmil")  # close to both transmil and its alias trans_mil
+    assert str(e.value).count("'transmil'") == 2  # the suggestion, and the list of choices
+    assert head_class("CLAM") is head_class("clam_sb") and head_class("trans_mil") is head_class("transmil")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -185,6 +186,7 @@ class TorchHead(Head):
                       dev: torch.device, epochs: int, penalty: Callable[[], torch.Tensor] | None = None) -> None:
         """``epochs`` passes of shuffled mini-batches over ``X``; ``penalty()`` (e.g. FedProx's proximal term)
         is added to every batch loss. Used by :meth:`_fit` and by federated local training."""
+        cw = None  # class weights: classification only
         if self.is_survival:
             t_all = torch.as_tensor(np.ascontiguousarray(y["time"], dtype=np.float32))
             e_all = torch.as_tensor(np.ascontiguousarray(y["event"], dtype=np.float32))
@@ -202,16 +204,19 @@ class TorchHead(Head):
                 if len(idx) < 2:  # a lone patient: no risk set, no batch statistics worth a step
                     continue
                 inputs = {k: v.to(dev) for k, v in self._inputs(X, idx, rng).items()}
-                out, _ = self._forward(inputs, train=True)
+                out, extras = self._forward(inputs, train=True)
                 ti = torch.as_tensor(idx)
                 if self.is_survival:
-                    loss = cox_ph_loss(out[:, 0], t_all[ti].to(dev), e_all[ti].to(dev))
+                    yb: Any = (t_all[ti].to(dev), e_all[ti].to(dev))
                 elif self.is_regression:
-                    loss = regression_loss(out[:, 0], v_all[ti].to(dev), self.regression_loss, self.huber_delta)
-                elif self.loss == "focal":
-                    loss = focal_loss(out, y_all[ti].to(dev), self.focal_gamma, cw)
+                    yb = v_all[ti].to(dev)
                 else:
-                    loss = F.cross_entropy(out, y_all[ti].to(dev), weight=cw)
+                    yb = y_all[ti].to(dev)
+                task_loss = partial(self._task_loss, y=yb, weight=cw)
+                loss = task_loss(out)
+                aux = self._aux_loss(extras, yb, task_loss)
+                if aux is not None:
+                    loss = loss + aux
                 if penalty is not None:
                     loss = loss + penalty()
                 opt.zero_grad(set_to_none=True)
@@ -219,6 +224,30 @@ class TorchHead(Head):
                 opt.step()
             if self.on_epoch is not None:
                 self.on_epoch(epoch + 1, epochs)
+
+    def _task_loss(self, out: torch.Tensor, y: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                   weight: torch.Tensor | None) -> torch.Tensor:
+        """The task's loss of outputs ``out`` (B, n_out): Cox partial likelihood on ``y = (time, event)``; squared
+        error or Huber on standardised targets ``y`` (B,) for regression; else focal or cross-entropy on class
+        codes ``y`` (B,) with class weights ``weight`` (K,)."""
+        if self.is_survival:
+            assert isinstance(y, tuple)
+            return cox_ph_loss(out[:, 0], y[0], y[1])
+        assert isinstance(y, torch.Tensor)
+        if self.is_regression:
+            return regression_loss(out[:, 0], y, self.regression_loss, self.huber_delta)
+        if self.loss == "focal":
+            return focal_loss(out, y, self.focal_gamma, weight)
+        return F.cross_entropy(out, y, weight=weight)
+
+    def _aux_loss(self, extras: dict[str, Any], y: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                  task_loss: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+        """An auxiliary loss added to each training batch's task loss; none by default.
+
+        ``extras``: what ``_forward(..., train=True)`` returned beside the outputs; ``y``: the batch's targets as
+        :meth:`_task_loss` takes them; ``task_loss(out)``: the batch's task loss of other outputs (B, n_out).
+        Heads with one (CLAM's instance clustering, DSMIL's max-instance stream) cannot train under DP-SGD."""
+        return None
 
     def _fit_private(self, X: Cohort, y: np.ndarray, opt: torch.optim.Optimizer, dev: torch.device) -> None:
         """DP-SGD training (:mod:`mmcli.heads.nn.privacy`); records the spent budget in ``privacy_``.
@@ -232,6 +261,10 @@ class TorchHead(Head):
         if self.is_regression:
             raise InputError(f"{context}: DP-SGD (--param dp_epsilon) is for classification here; a regression "
                              "would need a bounded loss per patient. Fix: drop dp_epsilon.")
+        if type(self)._aux_loss is not TorchHead._aux_loss:  # a batch-level term outside the per-patient losses
+            raise InputError(f"{context}: DP-SGD (--param dp_epsilon) clips per-patient gradients of the task loss "
+                             "and cannot account for this head's auxiliary loss. Fix: drop --param dp_epsilon, or "
+                             "use --head attention_mil.")
         check_dp_task(survival=self.is_survival, class_weight=self.class_weight, context=context)
         check_module(self.module_, context)
         assert self.dp_epsilon is not None
