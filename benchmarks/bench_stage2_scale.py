@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
                  "folds": args.folds, "epochs": args.epochs, "n_boot": args.n_boot, "budget": args.budget,
                  "cpu": os.cpu_count(), "work": str(work)}
     stores = {}
+    need = {"small": not {"memory", "dask"} <= set(args.skip), "large": not {"time", "memory"} <= set(args.skip)}
     for name, n in (("small", args.bags_small), ("large", args.bags_large)):
+        if not need[name]:  # a cohort no requested part reads is not built
+            continue
         folder = work / name
         build_cohort(folder, n, args.tiles, args.dim, args.seed)
         store = folder / "features.zarr"

@@ -29,6 +29,7 @@ CARD_SCHEMA = "mmcli-model-card/1"
 SYNTH_MARKER = ".mmcli_synth.json"  # mmcli.stages.synth.MARKER (not imported: that pulls the image writers in)
 SMALL_N = 100  # below this many patients the card says the intervals are wide
 FEW_PER_CLASS = 10
+OPEN_LICENCES = ("Apache-2.0", "MIT", "BSD-3-Clause", "BSD-2-Clause")  # no condition a card must repeat
 FEW_EVENTS = 30
 
 
@@ -69,18 +70,23 @@ def _open_store(store: str | Path | None) -> Any:
         return None
 
 
-def _pretrained(fs: Any, modality: str, encoder_id: str | None) -> tuple[Any, str | None]:
-    """(pretrained: True / False / "unknown" / "not applicable", encoder name) of one modality."""
+def _encoder(recorded: dict[str, Any] | None, fs: Any, modality: str, encoder_id: str | None) -> dict[str, Any]:
+    """An encoder's entry: name, pretrained (True / False / "unknown" / "not applicable") and licence, from what
+    fit recorded in the run (``encoder_provenance``), else from the training store's encoder attrs if reachable."""
     if encoder_id is None:
-        return "not applicable", None
-    if fs is None:
-        return "unknown", None
-    try:
-        attrs = fs.encoder_attrs(modality, encoder_id)
-    except Exception:  # noqa: BLE001
-        return "unknown", None
+        return {"encoder": None, "pretrained": "not applicable", "licence": None, "licence_terms": None,
+                "gated": None}
+    attrs = recorded
+    if not attrs and fs is not None:  # runs fitted before fit recorded it, or nothing recorded
+        try:
+            attrs = fs.encoder_attrs(modality, encoder_id)
+        except Exception:  # noqa: BLE001 - an unreadable store only makes the card say "unknown"
+            attrs = None
+    attrs = attrs or {}
     value = attrs.get("pretrained")
-    return (value if isinstance(value, bool) else "unknown"), attrs.get("encoder")
+    return {"encoder": attrs.get("encoder"), "pretrained": value if isinstance(value, bool) else "unknown",
+            "licence": attrs.get("licence"), "licence_terms": attrs.get("licence_terms"),
+            "gated": attrs.get("gated")}
 
 
 def _coverage(fs: Any, specs: list[dict[str, Any]], patients: list[str]) -> dict[str, int] | None:
@@ -147,6 +153,11 @@ def _limitations(card: dict[str, Any]) -> list[str]:
     if unknown:
         out.append(f"Whether the encoders for {unknown} were pretrained is unknown (the training store is "
                    "not reachable or does not record it).")
+    restricted = [f"{e['modality']}: {e['encoder']} ({e['licence']}: {e.get('licence_terms') or 'see its card'})"
+                  for e in card["encoders"] if e.get("licence") and e["licence"] not in OPEN_LICENCES]
+    if restricted:
+        out.append(f"Encoder licences with conditions: {'; '.join(restricted)}. Check them before any use beyond "
+                   "academic research; some count models trained on their outputs, this one included, as derivatives.")
     synthetic = card["data"].get("synthetic")
     if synthetic:
         out.append("Trained on synthetic data (`mmcli synth`): the numbers show the pipeline works, "
@@ -186,10 +197,10 @@ def build_card(path: str | Path) -> dict[str, Any]:
     specs = list(model_cfg.get("modalities") or [])
     fs = _open_store(config.get("store"))
     encoders = []
+    recorded = config.get("encoder_provenance") or {}
     for s in specs:
-        pretrained, name = _pretrained(fs, s["name"], s.get("encoder_id"))
         encoders.append({"modality": s["name"], "encoder_id": s.get("encoder_id") or "tabular",
-                         "encoder": name, "pretrained": pretrained})
+                         **_encoder(recorded.get(s["name"]), fs, s["name"], s.get("encoder_id"))})
     task = config.get("task") or ("survival" if model_cfg["params"].get("task") == "survival" else "classification")
     folds_doc = (run.path / "folds.json") if run is not None else None
     patients = list(read_json(folds_doc)) if folds_doc is not None and folds_doc.is_file() else []
@@ -289,10 +300,10 @@ def card_markdown(card: dict[str, Any]) -> str:
     for reason, k in (d.get("excluded_patients") or {}).items():
         lines.append(f"- excluded ({_md(reason)}): {_md(k)}")
     synth = {True: "yes (mmcli synth)", False: "no", None: "unknown"}[d.get("synthetic")]
-    lines += [f"- synthetic data: {synth}", "", "## Encoders", "", "| modality | encoder_id | encoder | pretrained |",
-              "| --- | --- | --- | --- |"]
+    lines += [f"- synthetic data: {synth}", "", "## Encoders", "",
+              "| modality | encoder_id | encoder | pretrained | licence |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {_cell(e['modality'])} | {_cell(e['encoder_id'])} | {_cell(e['encoder'])} | "
-              f"{_cell(e['pretrained'])} |" for e in card["encoders"]]
+              f"{_cell(e['pretrained'])} | {_cell(e.get('licence'))} |" for e in card["encoders"]]
     v = card["validation"]
     lines += ["", "## Metrics", "", f"{_md(v['scheme'])}; {_md(v['folds'])} folds, {_md(v['n_boot'])} bootstrap "
               "resamples.", ""]

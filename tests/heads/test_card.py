@@ -97,7 +97,7 @@ def test_random_init_encoders_and_synthetic_data_are_limitations(xgb_run, tmp_pa
     run = _copy_run(d / "run", tmp_path / "run", store=str(store), labels=str(tmp_path / "cohort" / "labels.csv"))
     card = build_card(run)
     assert card["encoders"][0] == {"modality": "wsi", "encoder_id": "enc-wsi", "encoder": "resnet50_trunc",
-                                   "pretrained": False}
+                                   "pretrained": False, "licence": None, "licence_terms": None, "gated": None}
     assert card["data"]["synthetic"] is True
     text = " ".join(card["limitations"])
     assert "Random-init encoders for ['wsi']" in text and "Trained on synthetic data" in text
@@ -113,6 +113,30 @@ def test_unreachable_store_makes_pretraining_and_provenance_unknown(xgb_run, tmp
     assert card["data"]["synthetic"] is None
     assert "Data provenance unknown" in " ".join(card["limitations"])
     assert card["model"]["model_sha256"] == model_sha256(d / "run" / "model")  # location does not matter
+
+
+def test_encoder_licence_is_recorded_at_fit_and_shown_without_the_store(xgb_run, tmp_path):
+    """Issue 27 item 11: the encoder's licence reaches the model card (and serve's /model, which returns it) from
+    what fit recorded, so it survives the training store going away; a restrictive licence is a limitation."""
+    p, d = xgb_run
+    store = tmp_path / "s.zarr"
+    shutil.copytree(p.store, store)
+    terms = "non-commercial academic research only"
+    open_store(store, "a").set_encoder_attrs("wsi", "enc-wsi", {
+        "encoder": "uni", "pretrained": True, "licence": "CC-BY-NC-ND-4.0", "licence_terms": terms, "gated": True})
+    fit("xgboost", store, d / "labels" / "labels.csv", tmp_path / "run", target="label", folds=2, n_boot=5,
+        params={"n_estimators": 5})
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["encoder_provenance"]
+    assert recorded == {"wsi": {"encoder": "uni", "pretrained": True, "licence": "CC-BY-NC-ND-4.0",
+                                "licence_terms": terms, "gated": True}, "genes": {}}
+    shutil.rmtree(store)
+    card = build_card(tmp_path / "run")
+    wsi = card["encoders"][0]
+    assert (wsi["encoder"], wsi["pretrained"], wsi["licence"], wsi["gated"]) == ("uni", True, "CC-BY-NC-ND-4.0", True)
+    assert card["encoders"][1]["licence"] is None
+    text = " ".join(card["limitations"])
+    assert f"wsi: uni (CC-BY-NC-ND-4.0: {terms})" in text and "derivatives" in text
+    assert "| wsi | enc-wsi | uni | True | CC-BY-NC-ND-4.0 |" in card_markdown(card)
 
 
 def test_model_sha256_follows_the_model_files(xgb_run, tmp_path):

@@ -1,7 +1,8 @@
 """``clam_sb`` / ``clam_mb``: CLAM, clustering-constrained attention MIL (Lu et al. 2021, "Data-efficient and
 weakly supervised computational pathology on whole-slide images", Nat. Biomed. Eng. 5:555-570).
 
-Ported from the reference code, mahmoodlab/CLAM ``models/model_clam.py`` (commit 53e2409d4a81, 2025-04-14):
+Written from the paper's definitions with the tensor layout of the reference code, mahmoodlab/CLAM
+``models/model_clam.py`` (commit 53e2409d4a81), whose GPL-3.0 code is not copied into this Apache-2.0 module:
 instances are embedded (Linear-ReLU-Dropout), scored by gated attention (``attention_a`` tanh, ``attention_b``
 sigmoid, ``attention_c``) with one branch (``clam_sb``: one attention map, one linear bag classifier) or one
 branch per class (``clam_mb``: class ``c``'s attention pools its own bag embedding, scored by its own
@@ -23,8 +24,7 @@ Where this port differs, and why:
   smooth-topk research code, which is not on PyPI).
 * Instance classifiers exist for the K classes of a classification task (binary: 2, as in the reference).
   Survival (the Cox loss on one risk output, as ``attention_mil``) and regression (one standardised value) have
-  no classes to cluster, so they train
-  without the clustering loss; ``clam_mb`` then has one branch.
+  no classes to cluster, so they train without the clustering loss; ``clam_mb`` then has one branch.
 * The embedding and attention sizes are ``hidden`` / ``attn_dim`` (the reference's "small" is 512 / 256; the
   defaults here suit small cohorts on a CPU), the optimiser is AdamW for a fixed number of epochs
   (:class:`~mmcli.heads.nn.torch_base.TorchHead`).

@@ -5,7 +5,8 @@ Run folder (``FitOptions.out``, written through :class:`~mmcli.pipeline.rundir.R
 swapped in whole)::
 
     config.json          head, params, task, target / time+event, classes, modalities, encoder_ids, folds, seed,
-                         store, labels, features_sha256, excluded patients, options (the resolved FitOptions),
+                         store, labels, features_sha256, excluded patients, encoder_provenance (encoder, pretrained,
+                         licence per modality), options (the resolved FitOptions),
                          timings, mmcli version, created
     metrics.json         {"head","task","modalities","folds","n_patients","metrics":{name:{mean,ci_low,ci_high,
                          per_fold}},"encoder_ids","seed","created"} + the evidence blocks
@@ -183,7 +184,8 @@ def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float, progr
         "features_sha256": cohort.features_sha256, "n_patients": len(tgt.patients),
         "excluded_patients": {**tgt.dropped, **excluded},
         "risk_convention": "risk = log hazard ratio; higher = shorter survival" if tgt.task == SURVIVAL else None,
-        "n_boot": opts.n_boot, "mmcli_version": __version__, "created": created,
+        "encoder_provenance": encoder_provenance(opts.store, encoder_ids), "n_boot": opts.n_boot,
+        "mmcli_version": __version__, "created": created,
         "evidence": ev.to_json(), "options": opts.to_json(),
     }
     if tgt.task == SURVIVAL:  # the one evaluation grid of the folds, for evaluate to score new cohorts on
@@ -222,6 +224,26 @@ def _fit_into(writer: RunWriter, inp: FitInputs, say: Say, t_start: float, progr
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
+PROVENANCE_KEYS = ("encoder", "pretrained", "weights_source", "licence", "licence_terms", "gated", "source_repo")
+
+
+def encoder_provenance(store: str | Path, encoder_ids: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per modality, what the store records of its encoder (name, pretrained, licence and terms, gating), so a
+    model card or ``serve``'s ``/model`` can state them without the training store. ``{}`` per modality where
+    the store has none (tables, or metadata lost)."""
+    from mmcli.pipeline.store import open_store
+
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        fs = open_store(Path(store), "r")
+    except Exception:  # noqa: BLE001 - provenance is informational; fit already read the features
+        return out
+    for modality, eid in encoder_ids.items():
+        attrs = {} if eid == "tabular" else fs.encoder_attrs(modality, eid)
+        out[modality] = {k: attrs[k] for k in PROVENANCE_KEYS if k in attrs}
+    return out
+
+
 def _labels_ref(labels: Any) -> str:
     return str(Path(labels).resolve()) if isinstance(labels, (str, Path)) else "<DataFrame>"
 
