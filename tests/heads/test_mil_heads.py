@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers.planted_data import make_store
+from helpers.planted_data import assert_attention_per_tile, make_store
 from mmcli.heads import create_head
 from mmcli.heads.data import load_cohort, resolve_sources
 from mmcli.heads.nn.torch_base import torch_env
@@ -102,13 +102,7 @@ def test_fit_writes_attention_and_predict_exports_it_per_tile(tmp_path, head):
     else:
         assert err.max() < 5e-2  # completeness, per bag
     predict(tmp_path / "run", p.store, tmp_path / "pred.csv", attention=True)
-    att = pd.read_csv(tmp_path / "pred.attention.csv")
-    assert list(att.columns) == ["patient_id", "item_id", "index", "attention"]
-    fs = open_store(p.store, "r")
-    for pid, g in att.groupby("patient_id"):
-        assert abs(g["attention"].sum() - 1) < 1e-5
-        for iid, gi in g.groupby("item_id"):
-            assert sorted(gi["index"]) == list(range(fs.read_item("wsi", "enc-wsi", pid, iid).features.shape[0]))
+    assert_attention_per_tile(tmp_path / "pred.attention.csv", p.store, tol=1e-5)
 
 
 # ---- issue 26's done-when on MNIST-bags, small ---------------------------------------------------------------------

@@ -96,3 +96,16 @@ def shuffled(labels: pd.DataFrame, seed: int = 123) -> pd.DataFrame:
     out = labels.copy()
     out[:] = labels.to_numpy()[rng.permutation(len(labels))]
     return out
+
+
+def assert_attention_per_tile(csv: Path, store: Path, tol: float = 1e-6) -> pd.DataFrame:
+    """``predict --attention``'s per-tile file: its columns, each patient's attention summing to 1, and one row per
+    tile of each item (indices 0..N-1 of the store's ``wsi`` features). Returns the frame."""
+    att = pd.read_csv(csv)
+    assert list(att.columns) == ["patient_id", "item_id", "index", "attention"]
+    fs = open_store(store, "r")
+    for pid, g in att.groupby("patient_id"):
+        assert abs(g["attention"].sum() - 1) < tol
+        for iid, gi in g.groupby("item_id"):
+            assert sorted(gi["index"]) == list(range(fs.read_item("wsi", "enc-wsi", pid, iid).features.shape[0]))
+    return att

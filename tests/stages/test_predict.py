@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers.planted_data import make_store
+from helpers.planted_data import assert_attention_per_tile, make_store
 from mmcli.pipeline.errors import InputError
 from mmcli.pipeline.store import open_store
 from mmcli.stages.fit import fit
@@ -38,14 +38,7 @@ def test_attention_csv_maps_to_item_rows(abmil_run, tmp_path):
     p, run = abmil_run
     out = tmp_path / "pred.csv"
     predict(run, p.store, out, attention=True)
-    att = pd.read_csv(tmp_path / "pred.attention.csv")
-    assert list(att.columns) == ["patient_id", "item_id", "index", "attention"]
-    fs = open_store(p.store, "r")
-    for pid, g in att.groupby("patient_id"):
-        assert abs(g["attention"].sum() - 1) < 1e-6
-        for iid, gi in g.groupby("item_id"):
-            n = fs.read_item("wsi", "enc-wsi", pid, iid).features.shape[0]
-            assert sorted(gi["index"]) == list(range(n))
+    att = assert_attention_per_tile(tmp_path / "pred.attention.csv", p.store)
     is_key = [(r.item_id, r.index) in p.key.get(r.patient_id, set()) for r in att.itertuples()]
     pos = att[att["patient_id"].isin(list(p.key))].assign(key=np.array(is_key)[att["patient_id"].isin(list(p.key))])
     mass = pos.groupby("patient_id").apply(lambda g: g.loc[g["key"], "attention"].sum(), include_groups=False)
