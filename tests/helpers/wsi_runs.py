@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,18 @@ def child_env(**extra: str | None) -> dict[str, str]:
         if v is not None:
             env[k] = v
     return env
+
+
+def wait_stopped(p: subprocess.Popen, limit_s: float = 300) -> None:
+    """Block until child ``p`` has stopped itself (``MMCLI_FAULT=...:stop``); fail if it exits or never gets there."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(p.pid, os.WUNTRACED | os.WNOHANG)
+        if pid:
+            assert os.WIFSTOPPED(status), f"the child ended (status {status}) instead of stopping at its fault point"
+            return
+        time.sleep(0.05)
+    raise AssertionError("the child never reached its stop point")
 
 
 def extract_cmd(manifest: Path, store: Path, *args: str) -> list[str]:

@@ -26,6 +26,7 @@ from helpers.wsi_runs import (
     lock_files,
     record_of,
     verify_cli,
+    wait_stopped,
 )
 from mmcli.features.runner import lock_dir
 
@@ -47,18 +48,6 @@ def clean(wsi_clean: Mapping) -> Mapping:
     return wsi_clean
 
 
-def _wait_stopped(p: subprocess.Popen, limit_s: float = 300) -> None:
-    """Block until child ``p`` has stopped itself (SIGSTOP); fail if it exits or never gets there."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        pid, status = os.waitpid(p.pid, os.WUNTRACED | os.WNOHANG)
-        if pid:
-            assert os.WIFSTOPPED(status), f"writer ended (status {status}) instead of stopping mid-slide"
-            return
-        time.sleep(0.05)
-    raise AssertionError("writer never reached its stop point")
-
-
 def _end(p: subprocess.Popen) -> None:
     if p.poll() is None:
         os.kill(p.pid, signal.SIGCONT)
@@ -74,7 +63,7 @@ def test_a_live_writer_holds_only_its_own_item(cohort: Path, clean: dict, tmp_pa
     a = subprocess.Popen(extract_cmd(cohort, store), env=child_env(MMCLI_FAULT="item.progress:1:stop"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_stopped(a)
+        wait_stopped(a)
         (lock,) = lock_files(store)
         assert lock == lock_dir(store) / "wsi" / lock.parent.parent.name / "P0" / "a.lock"
         held = json.loads(lock.read_text())
