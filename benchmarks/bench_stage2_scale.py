@@ -12,9 +12,10 @@ assumption), imports it with ``mmcli import --format clam`` and then measures, i
   1e-4, 32 bags a step with at most 512 sampled tiles, balanced cross-entropy, one torch thread), full bags at
   inference (one at a time), a refit on all bags; the AUROC of both from the out-of-fold predictions;
 * **memory**: peak RSS of ``mmcli fit ... --memory-budget BUDGET`` on the small and on the large cohort;
-* **dask**: ``mmcli ablate --heads fusion_mlp --fusions concat,gated --modalities wsi,genes`` (4 fits)
-  in-process against ``--scheduler local --workers 2`` on the small cohort (plus a genes table), wall time of
-  each, and whether the two tables are equal.
+* **dask**: ``mmcli ablate --heads fusion_mlp --fusions concat,gated,attention --modalities wsi,genes`` (5 fits:
+  each modality alone and three fusions; ``--ablate-folds`` folds, ``--ablate-epochs`` epochs) in-process against
+  ``--scheduler local --workers 2`` on the small cohort (plus a genes table), wall time of each, and whether the
+  two tables are equal.
 
 Peak RSS comes from ``/usr/bin/time -f %M`` around each command (the process and nothing else).
 
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=2, help="alternating bare / fit rounds of the time comparison "
                     "(medians reported)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the cohorts and runs (kept)")
+    ap.add_argument("--ablate-epochs", type=int, default=20, help="epochs of each ablation fit (dask part)")
+    ap.add_argument("--ablate-folds", type=int, default=5, help="folds of each ablation fit (dask part)")
     ap.add_argument("--skip", action="append", default=[], choices=["time", "memory", "dask"])
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -247,15 +250,17 @@ def main(argv: list[str] | None = None) -> dict:
     if "dask" not in args.skip:
         folder, store = stores["small"]
         base = [*MMCLI, "ablate", "--store", str(store), "--labels", str(folder / "labels.csv"), "--target", "label",
-                "--modalities", "wsi,genes", "--heads", "fusion_mlp", "--fusions", "concat,gated",
-                "--param", f"epochs={args.epochs}", "--folds", str(args.folds), "--n-boot", str(args.n_boot),
+                "--modalities", "wsi,genes", "--heads", "fusion_mlp", "--fusions", "concat,gated,attention",
+                "--param", f"epochs={args.ablate_epochs}", "--folds", str(args.ablate_folds),
+                "--n-boot", str(args.n_boot),
                 "--seed", str(args.seed), "--force", "--no-compare"]
         t_here, _, _ = timed([*base, "--out", str(work / "ablate_here")], work / "ablate_here.log")
         t_dask, _, _ = timed([*base, "--out", str(work / "ablate_dask"), "--scheduler", "local", "--workers", "2"],
                              work / "ablate_dask.log")
         same = (pd.read_csv(work / "ablate_here" / "ablation.csv")[["subset", "mean", "ci_low", "ci_high"]]
                 .equals(pd.read_csv(work / "ablate_dask" / "ablation.csv")[["subset", "mean", "ci_low", "ci_high"]]))
-        out["dask"] = {"ablate_in_process_s": round(t_here, 1), "ablate_2_workers_s": round(t_dask, 1),
+        out["dask"] = {"fits": 5, "epochs": args.ablate_epochs, "folds": args.ablate_folds,
+                       "ablate_in_process_s": round(t_here, 1), "ablate_2_workers_s": round(t_dask, 1),
                        "ratio": round(t_dask / t_here, 3), "same_table": bool(same)}
         print(json.dumps(out["dask"], indent=1), flush=True)
     if args.json:
