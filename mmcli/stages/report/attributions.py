@@ -14,7 +14,6 @@ the patient's predicted class (multiclass) or the risk (survival); see :mod:`mmc
 """
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +22,14 @@ import pandas as pd
 
 from mmcli.pipeline.rundir import CLASSIFICATION, WINDOW_ATTRIBUTIONS, Run, read_csv
 from mmcli.stages.report import plots
+from mmcli.stages.report.markup import absent, esc, num
 
 TOP_FEATURES = 10
 SNIPPET_CHARS = 600
 SUM = "(sum)"
 
 
-def _esc(x: Any) -> str:
-    return html.escape(str(x))
 
-
-def _num(v: float, digits: int = 3) -> str:
-    return f"{v:.{digits}f}" if np.isfinite(v) else "–"
-
-
-def _absent(text: str) -> str:
-    return f"<p class='absent'>{text}</p>"
 
 
 def _label(feature: str, modality: str) -> str:
@@ -88,11 +79,11 @@ def top_features(ig: pd.DataFrame, run: Run, k: int = TOP_FEATURES) -> list[tupl
 def attributions_section(run: Run) -> str:
     path = run.optional("attributions.csv")
     if path is None:
-        return _absent("No <code>attributions.csv</code> (out-of-fold integrated gradients, written by "
+        return absent("No <code>attributions.csv</code> (out-of-fold integrated gradients, written by "
                        "<code>fusion_mlp</code> and <code>attention_mil</code> runs).")
     ig = read_csv(path)
     if ig.empty:
-        return _absent("<code>attributions.csv</code> has no rows.")
+        return absent("<code>attributions.csv</code> has no rows.")
     ig["attribution"] = pd.to_numeric(ig["attribution"], errors="coerce")
     ig = ig.dropna(subset=["attribution"])
     shares = modality_shares(ig)
@@ -101,13 +92,13 @@ def attributions_section(run: Run) -> str:
              "an embedding's dimensions, a bag's tiles)")
     if len(shares) == 1:  # a share over one modality is 1 by construction: say so instead of drawing a full bar
         (m, r), = shares.iterrows()
-        overview = (f"{intro}. One modality (<code>{_esc(m)}</code>): its share is 1 by construction, so no share "
-                    f"is drawn; its mean |attribution| is {_num(r.mean_abs)} and its mean signed attribution "
-                    f"{_num(r.mean_net)} over {int(r.n_patients)} patients.</p>")
+        overview = (f"{intro}. One modality (<code>{esc(m)}</code>): its share is 1 by construction, so no share "
+                    f"is drawn; its mean |attribution| is {num(r.mean_abs)} and its mean signed attribution "
+                    f"{num(r.mean_net)} over {int(r.n_patients)} patients.</p>")
     else:
-        rows = "".join(f"<tr><td>{_esc(m)}</td><td class='num'>{int(r.n_patients)}</td>"
-                       f"<td class='num'>{_num(r.share)}</td><td class='num'>{_num(r.mean_abs)}</td>"
-                       f"<td class='num'>{_num(r.mean_net)}</td></tr>" for m, r in shares.iterrows())
+        rows = "".join(f"<tr><td>{esc(m)}</td><td class='num'>{int(r.n_patients)}</td>"
+                       f"<td class='num'>{num(r.share)}</td><td class='num'>{num(r.mean_abs)}</td>"
+                       f"<td class='num'>{num(r.mean_net)}</td></tr>" for m, r in shares.iterrows())
         png = plots.bar_figure(list(shares.index), shares["share"].to_numpy(),
                                title="Attribution share per modality",
                                xlabel="share of mean |attribution| (out-of-fold IG)")
@@ -123,10 +114,10 @@ def attributions_section(run: Run) -> str:
         "feature; a positive <em>toward</em> value pushes the output toward the column's class.</p>",
     ]
     for title, table in top_features(ig, run):
-        body = "".join(f"<tr><td>{_esc(r.label)}</td><td>{_esc(r.modality)}</td><td class='num'>{_num(r.toward)}"
-                       f"</td><td class='num'>{_num(r.mean_abs)}</td><td class='num'>{int(r.n)}</td></tr>"
+        body = "".join(f"<tr><td>{esc(r.label)}</td><td>{esc(r.modality)}</td><td class='num'>{num(r.toward)}"
+                       f"</td><td class='num'>{num(r.mean_abs)}</td><td class='num'>{int(r.n)}</td></tr>"
                        for r in table.itertuples())
-        parts.append(f"<h4>{_esc(title)}</h4><table><tr><th>feature</th><th>modality</th><th>toward</th>"
+        parts.append(f"<h4>{esc(title)}</h4><table><tr><th>feature</th><th>modality</th><th>toward</th>"
                      f"<th>mean |attribution|</th><th>patients</th></tr>{body}</table>")
     return "\n".join(parts)
 
@@ -135,7 +126,7 @@ def _units(run: Run) -> str:
     if run.task != CLASSIFICATION:
         return "Units: the model's risk (log hazard ratio)."
     if len(run.classes) == 2:
-        return f"Units: log-odds of class {_esc(run.classes[1])}."
+        return f"Units: log-odds of class {esc(run.classes[1])}."
     return "Units: the logit of each patient's predicted class."
 
 
@@ -222,12 +213,12 @@ class NoteReader:
 def note_windows_section(run: Run, n_patients: int = 6, top_k: int = 3) -> str:
     path = run.optional(WINDOW_ATTRIBUTIONS)
     if path is None:
-        return _absent(f"No <code>{WINDOW_ATTRIBUTIONS}</code>: written by <code>fusion_mlp</code> runs with a "
+        return absent(f"No <code>{WINDOW_ATTRIBUTIONS}</code>: written by <code>fusion_mlp</code> runs with a "
                        "note modality extracted as per-window rows (<code>mmcli extract --modality text</code> "
                        "of this version).")
     win = read_csv(path)
     if win.empty:
-        return _absent(f"<code>{WINDOW_ATTRIBUTIONS}</code> has no rows.")
+        return absent(f"<code>{WINDOW_ATTRIBUTIONS}</code> has no rows.")
     win["patient_id"] = win["patient_id"].astype(str)
     win["item_id"] = win["item_id"].astype(str)
     for c in ("attribution", "char_start", "char_end", "tokens", "window"):
@@ -241,8 +232,8 @@ def note_windows_section(run: Run, n_patients: int = 6, top_k: int = 3) -> str:
     for pid, why in pick_patients(run, set(win["patient_id"]), n_patients):
         rows = win[win["patient_id"] == pid]
         total = rows.groupby("modality")["attribution"].sum()
-        head = ", ".join(f"{_esc(m)} total {_num(v)}" for m, v in total.items())
-        parts.append(f"<h4>{_esc(pid)}</h4><p class='note'>{_esc(why)}; {head}; {len(rows)} windows.</p>")
+        head = ", ".join(f"{esc(m)} total {num(v)}" for m, v in total.items())
+        parts.append(f"<h4>{esc(pid)}</h4><p class='note'>{esc(why)}; {head}; {len(rows)} windows.</p>")
         body = []
         for r in rows.reindex(rows["attribution"].abs().sort_values(ascending=False).index).head(top_k).itertuples():
             text, reason = reader.note(str(r.modality), encoders.get(str(r.modality), ""), pid, str(r.item_id))
@@ -250,12 +241,12 @@ def note_windows_section(run: Run, n_patients: int = 6, top_k: int = 3) -> str:
             if text is not None and 0 <= start < end <= len(text):
                 snippet = text[start:end]
                 cut = len(snippet) > SNIPPET_CHARS
-                shown = f"<q>{_esc(snippet[:SNIPPET_CHARS])}{'…' if cut else ''}</q>"
+                shown = f"<q>{esc(snippet[:SNIPPET_CHARS])}{'…' if cut else ''}</q>"
             else:
-                shown = f"<span class='absent'>offsets only: {_esc(reason or 'offsets outside the note')}</span>"
+                shown = f"<span class='absent'>offsets only: {esc(reason or 'offsets outside the note')}</span>"
             sign = "pos" if r.attribution > 0 else "neg"
-            body.append(f"<tr><td>{_esc(r.item_id)}#{int(r.window)}</td><td class='num {sign}'>"
-                        f"{_num(r.attribution)}</td><td class='num'>{start}–{end}</td><td class='num'>"
+            body.append(f"<tr><td>{esc(r.item_id)}#{int(r.window)}</td><td class='num {sign}'>"
+                        f"{num(r.attribution)}</td><td class='num'>{start}–{end}</td><td class='num'>"
                         f"{int(r.tokens)}</td><td>{shown}</td></tr>")
         parts.append("<table><tr><th>window</th><th>attribution</th><th>chars</th><th>tokens</th><th>text</th>"
                      f"</tr>{''.join(body)}</table>")

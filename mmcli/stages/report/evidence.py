@@ -3,37 +3,22 @@ slope), operating point, decision curve, subgroups, and, for ``mmcli evaluate``,
 Everything is drawn from metrics.json (no recomputation), so the report shows exactly what was stored."""
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import numpy as np
 
 from mmcli.pipeline.rundir import Run
 from mmcli.stages.report import plots
-
-
-def _esc(x: Any) -> str:
-    return html.escape(str(x))
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return "–"
-    return "–" if not np.isfinite(f) else f"{f:.{digits}f}"
+from mmcli.stages.report.markup import absent, esc, num
 
 
 def _ci(d: dict[str, Any] | None, key: str = "value") -> str:
     """``value [low, high]``; a null interval of a defined value says why (the bootstrap's validity rule)."""
     d = d or {}
     if d.get("ci_low") is None and d.get(key) is not None and d.get("n_valid") is not None:
-        return f"{_fmt(d.get(key))} [no CI: {d['n_valid']} valid resamples, under 95%]"
-    return f"{_fmt(d.get(key))} [{_fmt(d.get('ci_low'))}, {_fmt(d.get('ci_high'))}]"
+        return f"{num(d.get(key))} [no CI: {d['n_valid']} valid resamples, under 95%]"
+    return f"{num(d.get(key))} [{num(d.get('ci_low'))}, {num(d.get('ci_high'))}]"
 
-
-def _absent(text: str) -> str:
-    return f"<p class='absent'>{text}</p>"
 
 
 def _block(run: Run, key: str) -> Any:
@@ -50,7 +35,7 @@ def reliability_figure(per_class: dict[str, Any]) -> str:
         x, y = rel.get("mean_predicted"), rel.get("observed")
         if not x:
             continue
-        label = (f"{name}: intercept {_fmt(c['intercept']['value'], 2)}, slope {_fmt(c['slope']['value'], 2)}")
+        label = (f"{name}: intercept {num(c['intercept']['value'], 2)}, slope {num(c['slope']['value'], 2)}")
         sizes = np.asarray(rel.get("n") or [20] * len(x), dtype=float)
         ax.plot(x, y, marker="o", lw=1.4, label=label)
         ax.scatter(x, y, s=8 + 60 * sizes / max(sizes.max(), 1), alpha=0.35)
@@ -63,19 +48,19 @@ def reliability_figure(per_class: dict[str, Any]) -> str:
 def calibration_section(run: Run) -> str:
     cal = _block(run, "calibration")
     if not cal:
-        return _absent("No calibration block in <code>metrics.json</code> (survival runs, or runs written before "
+        return absent("No calibration block in <code>metrics.json</code> (survival runs, or runs written before "
                        "it existed).")
     per_class = cal.get("classes") or {}
     rows = "".join(
-        f"<tr><td>{_esc(k)}</td><td class='num'>{_ci(c['intercept'])}</td><td class='num'>{_ci(c['slope'])}</td>"
-        f"<td class='num'>{_fmt(c.get('brier'))}</td><td class='num'>{_fmt(c.get('mean_predicted'))}</td>"
-        f"<td class='num'>{_fmt(c.get('observed_rate'))}</td><td class='num'>{c.get('n')}</td></tr>"
+        f"<tr><td>{esc(k)}</td><td class='num'>{_ci(c['intercept'])}</td><td class='num'>{_ci(c['slope'])}</td>"
+        f"<td class='num'>{num(c.get('brier'))}</td><td class='num'>{num(c.get('mean_predicted'))}</td>"
+        f"<td class='num'>{num(c.get('observed_rate'))}</td><td class='num'>{c.get('n')}</td></tr>"
         for k, c in per_class.items())
     before = cal.get("brier_before_recalibration")
-    extra = f" Brier before recalibration: {_fmt(before)}." if before is not None else ""
-    return (f"<p class='note'>Recalibration: <code>{_esc(cal.get('method'))}</code>; assessed on "
-            f"{_esc(cal.get('what'))}. Intercept: {_esc(cal.get('intercept_definition'))}; slope: "
-            f"{_esc(cal.get('slope_definition'))}. {_esc(cal.get('ci'))}.{_esc(extra)}</p>"
+    extra = f" Brier before recalibration: {num(before)}." if before is not None else ""
+    return (f"<p class='note'>Recalibration: <code>{esc(cal.get('method'))}</code>; assessed on "
+            f"{esc(cal.get('what'))}. Intercept: {esc(cal.get('intercept_definition'))}; slope: "
+            f"{esc(cal.get('slope_definition'))}. {esc(cal.get('ci'))}.{esc(extra)}</p>"
             "<table><tr><th>class</th><th>intercept [95% CI]</th><th>slope [95% CI]</th><th>Brier</th>"
             f"<th>mean predicted</th><th>observed rate</th><th>patients</th></tr>{rows}</table>"
             f"<div class='figs'>{plots.img_tag(reliability_figure(per_class), 'reliability diagram')}</div>")
@@ -85,20 +70,20 @@ def calibration_section(run: Run) -> str:
 def operating_point_section(run: Run) -> str:
     op = _block(run, "operating_point")
     if not op:
-        return _absent("No operating point (fit with <code>--operating-point sens=0.9</code> or "
+        return absent("No operating point (fit with <code>--operating-point sens=0.9</code> or "
                        "<code>spec=0.9</code>, binary tasks).")
     m = op["metrics"]
-    rows = "".join(f"<tr><td>{_esc(k)}</td><td class='num'>{_ci(m[k])}</td></tr>"
+    rows = "".join(f"<tr><td>{esc(k)}</td><td class='num'>{_ci(m[k])}</td></tr>"
                    for k in ("sensitivity", "specificity", "ppv", "npv"))
     c = m.get("counts") or {}
     target = (op.get("target") or {}).get("text", "–")
     thr = op.get("final_threshold", op.get("threshold"))
     per_fold = op.get("threshold_per_fold")
     folds = (f" Per-fold thresholds (each chosen on its training patients): "
-             f"{', '.join(_fmt(t) for t in per_fold)}." if per_fold else "")
-    return (f"<p class='note'>Target <code>{_esc(target)}</code>; positive class <code>"
-            f"{_esc(op.get('positive_class'))}</code> when P &ge; threshold. Model threshold: <b>{_fmt(thr, 4)}"
-            f"</b> (chosen on {_esc(op.get('chosen_on', '–'))}).{_esc(folds)}</p>"
+             f"{', '.join(num(t) for t in per_fold)}." if per_fold else "")
+    return (f"<p class='note'>Target <code>{esc(target)}</code>; positive class <code>"
+            f"{esc(op.get('positive_class'))}</code> when P &ge; threshold. Model threshold: <b>{num(thr, 4)}"
+            f"</b> (chosen on {esc(op.get('chosen_on', '–'))}).{esc(folds)}</p>"
             f"<table><tr><th>measure</th><th>value [95% CI]</th></tr>{rows}</table>"
             f"<p class='note'>TP {c.get('tp')}, FP {c.get('fp')}, TN {c.get('tn')}, FN {c.get('fn')}.</p>")
 
@@ -128,9 +113,9 @@ def decision_figure(dc: dict[str, Any]) -> str:
 def decision_curve_section(run: Run) -> str:
     dc = _block(run, "decision_curve")
     if not dc:
-        return _absent("No decision curve in <code>metrics.json</code>.")
+        return absent("No decision curve in <code>metrics.json</code>.")
     if "skipped" in dc:
-        return _absent(_esc(dc["skipped"]))
+        return absent(esc(dc["skipped"]))
     beats = dc.get("model_beats_both_at") or []
     span = (f"{len(beats)} of {len(dc['thresholds'])} thresholds, between {beats[0]:g} and {beats[-1]:g}"
             if beats else "no threshold")
@@ -141,7 +126,7 @@ def decision_curve_section(run: Run) -> str:
     else:
         where = ", ".join(f"{r['from']:g}–{r['to']:g}" for r in ranges) or "no threshold"
         claim = (f"The model beats treat-all and treat-none, with the pointwise 95% CI of the net-benefit "
-                 f"difference above 0, at: <b>{_esc(where)}</b> (point estimates alone: {_esc(span)}).")
+                 f"difference above 0, at: <b>{esc(where)}</b> (point estimates alone: {esc(span)}).")
     diff = dc.get("net_benefit_difference") or {}
     lows, highs = diff.get("ci_low"), diff.get("ci_high")
     t = np.asarray(dc["thresholds"], dtype=float)
@@ -150,15 +135,15 @@ def decision_curve_section(run: Run) -> str:
     def gap(i: int) -> str:
         v = (diff.get("value") or [None] * len(t))[i]
         if lows is None:
-            return f"<td class='num'>{_fmt(v)}</td>"
-        return f"<td class='num'>{_fmt(v)} [{_fmt(lows[i])}, {_fmt(highs[i])}]</td>"
+            return f"<td class='num'>{num(v)}</td>"
+        return f"<td class='num'>{num(v)} [{num(lows[i])}, {num(highs[i])}]</td>"
 
-    rows = "".join(f"<tr><td class='num'>{t[i]:g}</td><td class='num'>{_fmt(dc['net_benefit']['model'][i])}</td>"
-                   f"<td class='num'>{_fmt(dc['net_benefit']['treat_all'][i])}</td><td class='num'>0</td>{gap(i)}</tr>"
+    rows = "".join(f"<tr><td class='num'>{t[i]:g}</td><td class='num'>{num(dc['net_benefit']['model'][i])}</td>"
+                   f"<td class='num'>{num(dc['net_benefit']['treat_all'][i])}</td><td class='num'>0</td>{gap(i)}</tr>"
                    for i in show)
-    return (f"<p class='note'>{_esc(dc.get('method'))}: net benefit = TP/n − FP/n · pt/(1 − pt) of treating "
-            f"patients whose predicted risk ({_esc(dc.get('what'))}) is at least the threshold pt; "
-            f"prevalence {_fmt(dc.get('prevalence'))}, {dc.get('n')} patients. {claim}</p>"
+    return (f"<p class='note'>{esc(dc.get('method'))}: net benefit = TP/n − FP/n · pt/(1 − pt) of treating "
+            f"patients whose predicted risk ({esc(dc.get('what'))}) is at least the threshold pt; "
+            f"prevalence {num(dc.get('prevalence'))}, {dc.get('n')} patients. {claim}</p>"
             f"<div class='figs'>{plots.img_tag(decision_figure(dc), 'decision curve')}"
             "<table><tr><th>threshold</th><th>model</th><th>treat all</th><th>treat none</th>"
             "<th>model − best of the two [95% CI]</th></tr>"
@@ -169,26 +154,26 @@ def decision_curve_section(run: Run) -> str:
 def subgroups_section(run: Run) -> str:
     sg = _block(run, "subgroups")
     if not sg:
-        return _absent("No subgroup analysis (pass <code>--subgroups COL[,COL]</code>).")
-    parts = [f"<p class='note'>{_esc(sg.get('what'))}; {_esc(sg.get('ci'))}; {_esc(sg.get('method'))}. "
+        return absent("No subgroup analysis (pass <code>--subgroups COL[,COL]</code>).")
+    parts = [f"<p class='note'>{esc(sg.get('what'))}; {esc(sg.get('ci'))}; {esc(sg.get('method'))}. "
              f"Groups under {sg.get('min_size')} patients are listed as too small.</p>"]
     for col, c in (sg.get("columns") or {}).items():
         names = list((c.get("overall") or {}).keys())
-        how = (f"numeric, bins at {', '.join(f'{e:g}' for e in c.get('edges', []))} ({_esc(c.get('binning'))})"
+        how = (f"numeric, bins at {', '.join(f'{e:g}' for e in c.get('edges', []))} ({esc(c.get('binning'))})"
                if c.get("kind") == "numeric" else "categorical")
-        head = "".join(f"<th>{_esc(n)} [95% CI]<br>gap to overall</th>" for n in names)
-        overall = "".join(f"<td class='num'>{_fmt(c['overall'][n])}</td>" for n in names)
+        head = "".join(f"<th>{esc(n)} [95% CI]<br>gap to overall</th>" for n in names)
+        overall = "".join(f"<td class='num'>{num(c['overall'][n])}</td>" for n in names)
         rows = [f"<tr><td><b>overall</b></td><td class='num'>{sum(g['n'] for g in c['groups'])}</td>{overall}</tr>"]
         for g in c["groups"]:
             if g.get("too_small"):
-                rows.append(f"<tr><td>{_esc(g['group'])}</td><td class='num'>{g['n']}</td>"
+                rows.append(f"<tr><td>{esc(g['group'])}</td><td class='num'>{g['n']}</td>"
                             f"<td colspan='{len(names)}' class='absent'>too small (&lt; {sg.get('min_size')})"
                             "</td></tr>")
                 continue
             cells = "".join(
                 f"<td class='num'>{_ci(g['metrics'][n])}<br>{_gap(g['metrics'][n])}</td>" for n in names)
-            rows.append(f"<tr><td>{_esc(g['group'])}</td><td class='num'>{g['n']}</td>{cells}</tr>")
-        parts.append(f"<h3>{_esc(col)}</h3><p class='note'>from {_esc(c.get('source'))}; {how}</p>"
+            rows.append(f"<tr><td>{esc(g['group'])}</td><td class='num'>{g['n']}</td>{cells}</tr>")
+        parts.append(f"<h3>{esc(col)}</h3><p class='note'>from {esc(c.get('source'))}; {how}</p>"
                      f"<table><tr><th>group</th><th>patients</th>{head}</tr>{''.join(rows)}</table>")
     return "".join(parts)
 
@@ -197,26 +182,26 @@ def _gap(m: dict[str, Any]) -> str:
     g = m.get("gap")
     sign = "+" if g is not None and g >= 0 else ""
     if g is not None and m.get("gap_ci_low") is None and m.get("gap_n_valid") is not None:
-        return f"<span class='note'>{sign}{_fmt(g)} [no CI: {m['gap_n_valid']} valid resamples]</span>"
-    return (f"<span class='note'>{sign}{_fmt(g)} [{_fmt(m.get('gap_ci_low'))}, "
-            f"{_fmt(m.get('gap_ci_high'))}]</span>")
+        return f"<span class='note'>{sign}{num(g)} [no CI: {m['gap_n_valid']} valid resamples]</span>"
+    return (f"<span class='note'>{sign}{num(g)} [{num(m.get('gap_ci_low'))}, "
+            f"{num(m.get('gap_ci_high'))}]</span>")
 
 
 # ---- external validation -----------------------------------------------------------------------------------------
 def drift_section(run: Run) -> str:
     dr = _block(run, "drift")
     if not dr:
-        return _absent("No drift block (written by <code>mmcli evaluate</code>).")
+        return absent("No drift block (written by <code>mmcli evaluate</code>).")
     if "skipped" in dr:
-        return _absent(_esc(dr["skipped"]))
+        return absent(esc(dr["skipped"]))
     rows = "".join(
-        f"<tr><td>{_esc(name)}</td><td class='num'>{d.get('n_train')}</td><td class='num'>{d.get('n_new')}</td>"
-        f"<td class='num'>{d.get('n_features')}</td><td class='num'>{_fmt(d.get('auroc'))}</td>"
-        f"<td class='num'>{_fmt(d.get('p_value'), 4)}</td><td class='num'>{_fmt(d.get('mean_smd'))}</td>"
-        f"<td class='num'>{_fmt(d.get('max_smd'))} ({_esc(d.get('max_feature'))})</td>"
+        f"<tr><td>{esc(name)}</td><td class='num'>{d.get('n_train')}</td><td class='num'>{d.get('n_new')}</td>"
+        f"<td class='num'>{d.get('n_features')}</td><td class='num'>{num(d.get('auroc'))}</td>"
+        f"<td class='num'>{num(d.get('p_value'), 4)}</td><td class='num'>{num(d.get('mean_smd'))}</td>"
+        f"<td class='num'>{num(d.get('max_smd'))} ({esc(d.get('max_feature'))})</td>"
         f"<td>{'<b>shift</b>' if d.get('shift_detected') else 'no evidence of shift'}</td></tr>"
         for name, d in (dr.get("modalities") or {}).items())
-    return (f"<p class='note'>{_esc(dr.get('method'))}. Training store: <code>{_esc(dr.get('training_store'))}"
+    return (f"<p class='note'>{esc(dr.get('method'))}. Training store: <code>{esc(dr.get('training_store'))}"
             f"</code> ({dr.get('n_train_patients')} patients).</p>"
             "<table><tr><th>modality</th><th>train</th><th>new</th><th>features</th><th>AUROC</th><th>p</th>"
             f"<th>mean SMD</th><th>max SMD</th><th></th></tr>{rows}</table>")
@@ -225,17 +210,17 @@ def drift_section(run: Run) -> str:
 def missing_section(run: Run) -> str:
     miss = _block(run, "missing")
     if not miss:
-        return _absent("No missing-data block (written by <code>mmcli evaluate</code>).")
+        return absent("No missing-data block (written by <code>mmcli evaluate</code>).")
     rows = []
     for key, v in miss.items():
         if key == "modality_missing":
             for name, n in v.items():
-                rows.append(f"<tr><td>patients without {_esc(name)}</td><td class='num'>{n}</td><td></td></tr>")
+                rows.append(f"<tr><td>patients without {esc(name)}</td><td class='num'>{n}</td><td></td></tr>")
             continue
         ids = v.get("patients") or []
         more = f" and {len(ids) - 8} more" if len(ids) > 8 else ""
-        rows.append(f"<tr><td>{_esc(key.replace('_', ' '))}</td><td class='num'>{v.get('n')}</td>"
-                    f"<td>{_esc(', '.join(ids[:8]) + more)}</td></tr>")
+        rows.append(f"<tr><td>{esc(key.replace('_', ' '))}</td><td class='num'>{v.get('n')}</td>"
+                    f"<td>{esc(', '.join(ids[:8]) + more)}</td></tr>")
     return f"<table><tr><th>what</th><th>patients</th><th>examples</th></tr>{''.join(rows)}</table>"
 
 

@@ -24,7 +24,6 @@ A broken optional artefact costs its own section (which says why), never the rep
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +46,7 @@ from mmcli.pipeline.rundir import (
 from mmcli.stages.report import evidence, plots, summary
 from mmcli.stages.report.attention import attention_section
 from mmcli.stages.report.attributions import attributions_section, note_windows_section
+from mmcli.stages.report.markup import absent, esc, num
 
 REPORT_NAME = "report.html"
 SHAP_TOP = 20
@@ -72,9 +72,6 @@ p.said{font-size:1.05em;margin:.2em 0 .6em}h3 small{font-weight:normal;color:#55
 """
 
 
-def _esc(x: Any) -> str:
-    return html.escape(str(x))
-
 
 def _text(v: Any) -> str:
     """Header cell text: dicts as compact sorted JSON, everything else as ``str``."""
@@ -82,15 +79,13 @@ def _text(v: Any) -> str:
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
+    """A number as :func:`~.markup.num` gives it; anything that is not numeric as escaped text."""
     try:
-        f = float(v)
+        float(v)
     except (TypeError, ValueError):
-        return _esc(v)
-    return "–" if not np.isfinite(f) else f"{f:.{digits}f}"
+        return esc(v)
+    return num(v, digits)
 
-
-def _absent(text: str) -> str:
-    return f"<p class='absent'>{text}</p>"
 
 
 def _section(title: str, build: Callable[[], str]) -> str:
@@ -98,8 +93,8 @@ def _section(title: str, build: Callable[[], str]) -> str:
     try:
         body = build()
     except Exception as e:  # noqa: BLE001 - a broken artefact costs its section, not the report
-        body = _absent(f"this section could not be drawn: {_esc(type(e).__name__)}: {_esc(e)}")
-    return f"<section><h2>{_esc(title)}</h2>\n{body}\n</section>"
+        body = absent(f"this section could not be drawn: {esc(type(e).__name__)}: {esc(e)}")
+    return f"<section><h2>{esc(title)}</h2>\n{body}\n</section>"
 
 
 # ---- sections -----------------------------------------------------------------------------------------
@@ -152,7 +147,7 @@ def _header(run: Run) -> str:
     excluded = {k: len(v) for k, v in (cfg.get("excluded_patients") or {}).items() if v}
     if excluded:
         rows.append(("excluded patients", ", ".join(f"{k}: {n}" for k, n in excluded.items())))
-    body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_text(v))}</td></tr>" for k, v in rows
+    body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(_text(v))}</td></tr>" for k, v in rows
                    if v not in (None, "", {}, []))
     return f"<table>{body}</table>"
 
@@ -161,33 +156,33 @@ def _metrics_table(run: Run) -> str:
     """Metric, its value (fold mean or the one evaluation set's value), both 95% intervals labelled, the headline
     one first (:mod:`mmcli.heads.evaluation.headline`), and the per-fold values."""
     if run.metrics is None:
-        return _absent("No <code>metrics.json</code> in this run.")
+        return absent("No <code>metrics.json</code> in this run.")
     metrics = run.metrics.get("metrics") or {}
     if not metrics:
-        return _absent("<code>metrics.json</code> holds no metrics.")
+        return absent("<code>metrics.json</code> holds no metrics.")
     entries = [m for m in metrics.values() if isinstance(m, dict)]
     n_folds = max((len(m.get("per_fold") or []) for m in entries), default=0)
     key = headline.headline_key(entries[0]) if entries else headline.CI_BOOT
     other = headline.CI_BOOT if key == headline.CI_T else None
     what = headline.scope(entries[0]) if entries else "value"
     head = "".join(f"<th>fold {i + 1}</th>" for i in range(n_folds)) if n_folds > 1 else ""
-    ci_heads = f"<th>95% CI: {_esc(headline.short_label(key, what))}</th>" + (
-        f"<th>95% CI: {_esc(headline.SHORT[other])}</th>" if other else "")
-    out = [f"<table><tr><th>metric</th><th>{_esc(what)}</th>{ci_heads}{head}</tr>"]
+    ci_heads = f"<th>95% CI: {esc(headline.short_label(key, what))}</th>" + (
+        f"<th>95% CI: {esc(headline.SHORT[other])}</th>" if other else "")
+    out = [f"<table><tr><th>metric</th><th>{esc(what)}</th>{ci_heads}{head}</tr>"]
     blank = "<td></td>" * ((2 if other else 1) + (n_folds if n_folds > 1 else 0))
     for name, m in metrics.items():
         if not isinstance(m, dict):
-            out.append(f"<tr><td>{_esc(name)}</td><td class='num'>{_fmt(m)}</td>{blank}</tr>")
+            out.append(f"<tr><td>{esc(name)}</td><td class='num'>{_fmt(m)}</td>{blank}</tr>")
             continue
         folds = list(m.get("per_fold") or []) if n_folds > 1 else []
         cells = "".join(f"<td class='num'>{_fmt(v)}</td>" for v in folds)
         cells += "<td></td>" * ((n_folds - len(folds)) if n_folds > 1 else 0)
         cis = "".join(f"<td class='num'>{_ci_pair(*headline.interval(m, k))}</td>"
                       for k in ((headline.headline_key(m), other) if other else (headline.headline_key(m),)))
-        out.append(f"<tr><td>{_esc(name)}</td><td class='num'>{_fmt(m.get('mean'))}</td>{cis}{cells}</tr>")
+        out.append(f"<tr><td>{esc(name)}</td><td class='num'>{_fmt(m.get('mean'))}</td>{cis}{cells}</tr>")
     legend = "; ".join(headline.legend(key, what))
     note = run.metrics.get("metrics_note") or "Mean of the per-fold values, each on a held-out fold."
-    out.append(f"</table><p class='note'>{_esc(note)} 95% CIs: {_esc(legend)} (coverage measured by "
+    out.append(f"</table><p class='note'>{esc(note)} 95% CIs: {esc(legend)} (coverage measured by "
                "benchmarks/bench_coverage.py).</p>")
     return "".join(out)
 
@@ -207,7 +202,7 @@ def _classification_figs(run: Run) -> str:
                   else probs.argmax(axis=1))
     else:
         y_pred = probs.argmax(axis=1)
-    note = (f"Positive class: <code>{_esc(classes[1])}</code>." if len(classes) == 2
+    note = (f"Positive class: <code>{esc(classes[1])}</code>." if len(classes) == 2
             else "Multiclass: one curve per class (one-vs-rest).")
     figs = [plots.img_tag(plots.roc_figure(y, probs, classes, "external cohort" if evidence.is_evaluation(run)
                                            else "out-of-fold"), "ROC curve"),
@@ -225,24 +220,24 @@ def _survival_figs(run: Run) -> str:
     time, event = pred["time"].to_numpy(float), pred["event"].to_numpy(int)
     risk = pred["risk"].to_numpy(float)
     if event.sum() == 0:
-        return _absent("No observed events among the out-of-fold predictions: Kaplan-Meier groups are "
+        return absent("No observed events among the out-of-fold predictions: Kaplan-Meier groups are "
                        "not informative.")
     png, info = plots.km_figure(time, event, risk, time_unit=run.time_unit or "")
     from mmcli.heads.evaluation.stats import concordance
 
     c_oof = concordance(time, event, risk)
     cm = ((run.metrics or {}).get("metrics") or {}).get("c_index") or {}
-    rows = "".join(f"<tr><td>{_esc(g)}</td><td class='num'>{n}</td><td class='num'>{e}</td></tr>"
+    rows = "".join(f"<tr><td>{esc(g)}</td><td class='num'>{n}</td><td class='num'>{e}</td></tr>"
                    for g, n, e in zip(info["groups"], info["sizes"], info["events"]))
     p = info["logrank_p"]
     parts = [
         f"<p class='note'>Patients split by out-of-fold predicted risk "
         f"({'tertiles' if len(info['groups']) == 3 else 'median split'}; higher risk = shorter predicted "
-        f"survival). {_esc(info['test'])} p = {_fmt(p, 4) if p is not None else '–'}. "
+        f"survival). {esc(info['test'])} p = {_fmt(p, 4) if p is not None else '–'}. "
         f"Harrell's c-index of the pooled out-of-fold risk: {_fmt(c_oof)}"
-        + (f"; {_esc(headline.scope(cm))} {_fmt(cm.get('mean'))} [95% CI {_fmt(headline.headline_interval(cm)[0])}, "
+        + (f"; {esc(headline.scope(cm))} {_fmt(cm.get('mean'))} [95% CI {_fmt(headline.headline_interval(cm)[0])}, "
            f"{_fmt(headline.headline_interval(cm)[1])}, "
-           f"{_esc(headline.short_label(headline.headline_key(cm), headline.scope(cm)))}]"
+           f"{esc(headline.short_label(headline.headline_key(cm), headline.scope(cm)))}]"
            if cm else "") + ".</p>",
         f"<table><tr><th>group</th><th>patients</th><th>events</th></tr>{rows}</table>",
         f"<div class='figs'>{plots.img_tag(png, 'Kaplan-Meier curves by risk group')}</div>",
@@ -258,14 +253,14 @@ def _regression_figs(run: Run) -> str:
     figs = [plots.img_tag(plots.observed_figure(y, value, target), "predicted against observed"),
             plots.img_tag(plots.residual_figure(y, value, target), "residuals against predicted")]
     resid = y - value
-    return (f"<p class='note'>{len(y)} patients, {what}, in the unit of <code>{_esc(target)}</code>. Residual "
+    return (f"<p class='note'>{len(y)} patients, {what}, in the unit of <code>{esc(target)}</code>. Residual "
             f"(observed - predicted): mean {_fmt(resid.mean())}, standard deviation {_fmt(resid.std())}; the "
             "dashed line is perfect agreement.</p><div class='figs'>" + "".join(figs) + "</div>")
 
 
 def _predictions_section(run: Run) -> str:
     if run.predictions is None:
-        return _absent("No <code>predictions.csv</code> in this run: no curves can be drawn.")
+        return absent("No <code>predictions.csv</code> in this run: no curves can be drawn.")
     if run.task == REGRESSION:
         return _regression_figs(run)
     return _classification_figs(run) if run.task == CLASSIFICATION else _survival_figs(run)
@@ -274,10 +269,10 @@ def _predictions_section(run: Run) -> str:
 def _weights_section(run: Run) -> str:
     path = run.optional("modality_weights.json")
     if path is None:
-        return _absent("No <code>modality_weights.json</code> (written by <code>fusion_mlp</code> runs).")
+        return absent("No <code>modality_weights.json</code> (written by <code>fusion_mlp</code> runs).")
     raw = read_json(path)
     if not isinstance(raw, dict) or not raw:
-        return _absent("<code>modality_weights.json</code> is empty or not a {modality: weight} object.")
+        return absent("<code>modality_weights.json</code> is empty or not a {modality: weight} object.")
     names, means, sds = [], [], []
     for m, w in raw.items():
         vals = np.atleast_1d(np.asarray(w, dtype=float)).ravel()
@@ -285,7 +280,7 @@ def _weights_section(run: Run) -> str:
         means.append(float(vals.mean()))
         sds.append(float(vals.std(ddof=1)) if len(vals) > 1 else 0.0)
     errors = sds if any(sds) else None
-    rows = "".join(f"<tr><td>{_esc(n)}</td><td class='num'>{_fmt(v)}</td></tr>" for n, v in zip(names, means))
+    rows = "".join(f"<tr><td>{esc(n)}</td><td class='num'>{_fmt(v)}</td></tr>" for n, v in zip(names, means))
     png = plots.bar_figure(names, means, errors=errors, title="Learnt modality weights",
                            xlabel="weight" + (" (mean ± sd over folds)" if errors else ""))
     return f"<table><tr><th>modality</th><th>weight</th></tr>{rows}</table>{plots.img_tag(png, 'modality weights')}"
@@ -294,11 +289,11 @@ def _weights_section(run: Run) -> str:
 def _shap_section(run: Run) -> str:
     path = run.optional("shap.csv")
     if path is None:
-        return _absent("No <code>shap.csv</code> (written by <code>xgboost</code> runs).")
+        return absent("No <code>shap.csv</code> (written by <code>xgboost</code> runs).")
     df = read_csv(path)
     feats = [c for c in df.columns if c.lower() not in _NON_FEATURE]
     if not feats or df.empty:
-        return _absent("<code>shap.csv</code> has no feature columns.")
+        return absent("<code>shap.csv</code> has no feature columns.")
     vals = df[feats].apply(lambda s: np.abs(s.astype(float))).mean(axis=0)
     top = vals.sort_values(ascending=False).head(SHAP_TOP)
     png = plots.bar_figure(list(top.index), top.to_numpy(), title=f"Top {len(top)} features by mean |SHAP|",
@@ -359,7 +354,7 @@ def _render(run: Run, attention_patients: int, top_tiles: int) -> str:
         if why is None:
             sections.append(_section(name, lambda build=build: build(run)))
         else:
-            lacking.append(f"No {how}" + (f": {_esc(why)}" if why else "") + ".")
+            lacking.append(f"No {how}" + (f": {esc(why)}" if why else "") + ".")
     if external:
         sections += [_section("Drift (training vs this cohort)", lambda: evidence.drift_section(run)),
                      _section("Missing patients and modalities", lambda: evidence.missing_section(run))]
@@ -367,7 +362,7 @@ def _render(run: Run, attention_patients: int, top_tiles: int) -> str:
         if run.optional(name) is not None:
             sections.append(_section(heading, optional_builders[name]))
         else:
-            lacking.append(f"No <code>{_esc(name)}</code> ({who}).")
+            lacking.append(f"No <code>{esc(name)}</code> ({who}).")
     if lacking:
         sections.append("<section><h2>Not in this run</h2>\n<ul class='lacking'>"
                         + "".join(f"<li>{item}</li>" for item in lacking) + "</ul>\n</section>")
@@ -375,11 +370,11 @@ def _render(run: Run, attention_patients: int, top_tiles: int) -> str:
     try:
         top = summary.banner(run) + summary.headline_box(run)
     except Exception as e:  # noqa: BLE001 - a broken box costs the box, not the report
-        top = _absent(f"the headline could not be drawn: {_esc(type(e).__name__)}: {_esc(e)}")
+        top = absent(f"the headline could not be drawn: {esc(type(e).__name__)}: {esc(e)}")
     now = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n<h1>{_esc(title)}</h1>\n{top}\n" + "\n".join(sections)
-            + f"\n<footer>Generated by mmcli {_esc(__version__)} on {_esc(now)}.</footer>\n</body></html>\n")
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n<h1>{esc(title)}</h1>\n{top}\n" + "\n".join(sections)
+            + f"\n<footer>Generated by mmcli {esc(__version__)} on {esc(now)}.</footer>\n</body></html>\n")
 
 
 def report(run_dir: str | Path, *, out: str | Path | None = None, attention_patients: int = 3,

@@ -11,14 +11,12 @@ say, give no banner.
 """
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mmcli.heads.evaluation import headline
 from mmcli.pipeline.rundir import CLASSIFICATION, REGRESSION, Run
+from mmcli.stages.report.markup import esc, num
 
 PRIMARY = {"classification": "auroc", "survival": "c_index", "regression": "r2"}
 NAMES = {"auroc": "AUROC", "c_index": "c-index (Harrell)", "r2": "R\u00b2"}
@@ -26,16 +24,9 @@ CHANCE = 0.5  # AUROC and c-index of a score unrelated to the outcome
 R2_CHANCE = 0.0  # R^2 of predicting every patient the mean
 
 
-def _esc(x: Any) -> str:
-    return html.escape(str(x))
-
 
 def _num(v: Any, digits: int = 3) -> str:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return "n/a"
-    return f"{f:.{digits}f}" if np.isfinite(f) else "n/a"
+    return num(v, digits, missing="n/a")
 
 
 # ---- unpretrained encoders -------------------------------------------------------------------------------------
@@ -70,7 +61,7 @@ def banner(run: Run) -> str:
     found = unpretrained_encoders(run)
     if not found:
         return ""
-    names = "; ".join(f"{_esc(e['modality'])}: <code>{_esc(e['encoder'])}</code>" for e in found)
+    names = "; ".join(f"{esc(e['modality'])}: <code>{esc(e['encoder'])}</code>" for e in found)
     return ("<div class='banner' role='alert'><strong>Features from encoders without pretrained weights</strong> "
             f"({names}). These encoders ran on a seeded random initialisation, so their features are random "
             "projections, not learned representations: the numbers below say nothing about what a pretrained "
@@ -98,16 +89,16 @@ def _cohort_line(run: Run) -> str:
         return parts[0]
     if run.task == CLASSIFICATION and "y_true" in pred:
         counts = pred["y_true"].astype(str).value_counts()
-        parts.append(", ".join(f"{_esc(c)} {int(counts.get(c, 0))}" for c in run.classes))
+        parts.append(", ".join(f"{esc(c)} {int(counts.get(c, 0))}" for c in run.classes))
     elif run.task == REGRESSION and "y_true" in pred:
         y = pred["y_true"].to_numpy(dtype=float)
-        parts.append(f"{_esc(run.config.get('target') or 'target')}: mean {_num(y.mean())}, sd {_num(y.std(ddof=1))}"
+        parts.append(f"{esc(run.config.get('target') or 'target')}: mean {_num(y.mean())}, sd {_num(y.std(ddof=1))}"
                      f", range {_num(y.min())} to {_num(y.max())}")
     elif "event" in pred:
         events = int(pred["event"].sum())
         unit = f" {run.time_unit}" if run.time_unit else ""
         parts.append(f"{events} events ({100 * events / max(len(pred), 1):.0f}%), {len(pred) - events} censored; "
-                     f"follow-up up to {_num(pred['time'].max(), 1)}{_esc(unit)}")
+                     f"follow-up up to {_num(pred['time'].max(), 1)}{esc(unit)}")
     return "; ".join(parts)
 
 
@@ -121,7 +112,7 @@ def reading(run: Run, name: str, value: Any, lo: Any, hi: Any) -> str:
         multi = run.task == CLASSIFICATION and len(run.classes) > 2
         what = (f"For a patient of one class and a patient of another, the model scores the first higher for its "
                 f"class {100 * v:.0f}% of the time (macro average over the {len(run.classes)} classes, one vs rest)"
-                if multi else f"A random patient of class {_esc(run.classes[1] if len(run.classes) > 1 else '?')} "
+                if multi else f"A random patient of class {esc(run.classes[1] if len(run.classes) > 1 else '?')} "
                 f"is scored above a random patient of the other class {100 * v:.0f}% of the time")
     elif name == "c_index":
         what = (f"Of the patient pairs whose order of events is known, the patient with the higher predicted risk "
@@ -129,7 +120,7 @@ def reading(run: Run, name: str, value: Any, lo: Any, hi: Any) -> str:
     elif name == "r2":
         return _r2_reading(run, v, lo, hi)
     else:
-        return f"{_esc(name)} = {_num(v)}."
+        return f"{esc(name)} = {_num(v)}."
     if lo is None or hi is None:
         chance = "there is no interval to compare with chance (0.5)"
     elif float(lo) > CHANCE:
@@ -142,7 +133,7 @@ def reading(run: Run, name: str, value: Any, lo: Any, hi: Any) -> str:
 
 
 def _r2_reading(run: Run, v: float, lo: Any, hi: Any) -> str:
-    target = _esc(run.config.get("target") or "the target")
+    target = esc(run.config.get("target") or "the target")
     what = (f"The predictions explain {100 * v:.0f}% of the variance of {target} across patients" if v >= 0 else
             f"The predictions are further from {target} than its mean would be (R\u00b2 below 0)")
     if lo is None or hi is None:
@@ -166,16 +157,16 @@ def headline_box(run: Run) -> str:
     covers = headline.legend(key, what)[0]
     evaluation = len(m.get("per_fold") or []) < 2
     source = ("On this evaluation cohort (the fitted model, held fixed)" if evaluation else
-              f"Out-of-fold, {_esc(what)}")
+              f"Out-of-fold, {esc(what)}")
     label = NAMES.get(name, name)
     if name == "auroc" and run.task == CLASSIFICATION and len(run.classes) > 2:
         label = "macro AUROC (one vs rest)"
     return (
         "<div class='headline'>"
-        f"<div class='metric'><span class='name'>{_esc(label)}</span> "
+        f"<div class='metric'><span class='name'>{esc(label)}</span> "
         f"<span class='value'>{_num(m.get('mean'))}</span> "
         f"<span class='ci'>95% CI [{_num(lo)}, {_num(hi)}]</span></div>"
-        f"<p>{source}; 95% CI by {_esc(covers)}.</p>"
+        f"<p>{source}; 95% CI by {esc(covers)}.</p>"
         f"<p>{_cohort_line(run)}.</p>"
         f"<p class='reading'>{reading(run, name, m.get('mean'), lo, hi)}</p>"
         f"{_overlap_note(run)}</div>")
