@@ -31,7 +31,7 @@ FAST = [
                                          "--precision", "fp32"]),
     (r"^mmcli extract --modality (wsi|mri|text) ", ["--no-progress"]),
     (r"^mmcli fit ", ["--folds", "2", "--n-boot", "50"]),
-    (r"^mmcli fit --head (attention_mil|fusion_mlp) ", ["--param", "epochs=2"]),
+    (r"^mmcli fit --head (attention_mil|fusion_mlp|clam_sb) ", ["--param", "epochs=2"]),
     (r"^mmcli compare ", ["--n-boot", "50"]),
     (r"^mmcli export --format heatmap ", ["--heatmap-mpp", "8"]),
 ]
@@ -92,6 +92,8 @@ def test_every_tour_command_runs_and_leaves_nothing_untracked(tmp_path: Path) ->
         assert "Traceback" not in r.stderr, cmd
     assert (root / "runs" / "fusion" / "report.html").is_file() and (root / "scores.csv").is_file()
     assert list((root / "heatmaps").rglob("*.heatmap.png"))
+    assert '"r2"' in (root / "runs" / "size" / "metrics.json").read_text()  # the regression example
+    assert (root / "runs" / "clam" / "model").is_dir()
     sub = (root / "runs" / "xgb" / "metrics.json").read_text()
     assert '"subgroups"' in sub and '"age"' in sub  # the subgroups of the clinical table's age were computed
     if git:
